@@ -1,0 +1,1 @@
+"""Torch backend: the only subpackage that imports torch."""

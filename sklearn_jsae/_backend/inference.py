@@ -1,0 +1,70 @@
+"""Batched inference from numpy in, numpy out: encode, MLP outputs, Jacobian blocks.
+
+Nothing here keeps more than one batch of (B, k, d_mlp) intermediates alive,
+so memory grows with n_samples · k (codes) or n_samples · k² (Jacobians) only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .jacobian import jacobian_blocks
+from .mlp import placed
+from .sae import SAEParams, encode
+from .train import _Rows
+
+# Upper bound on the elements of one (B, k, d_mlp) intermediate of the Jacobian.
+_JACOBIAN_CHUNK_ELEMENTS = 1 << 25
+
+
+def _as_tensor_params(params: SAEParams, device, dtype) -> SAEParams:
+    return params.to(device=device, dtype=dtype)
+
+
+def jacobian_batch_size(k_out: int, k_in: int, width: int) -> int:
+    """Rows per batch so that one (B, max(k), width) intermediate stays under the bound."""
+    return max(1, _JACOBIAN_CHUNK_ELEMENTS // (max(k_out, k_in) * max(1, width)))
+
+
+@torch.no_grad()
+def encode_rows(params: SAEParams, X: np.ndarray, k: int, device="cpu", batch_size=4096, mlp_map=None):
+    """Codes of ``X`` (or of ``mlp_map(X)``) as numpy ``(values (n, k) float32, indices (n, k) int64)``."""
+    params = _as_tensor_params(params, device, torch.float32)
+    mlp_map = None if mlp_map is None else placed(mlp_map, device, torch.float32)
+    rows = _Rows(X, device, torch.float32)
+    values, indices = [], []
+    for x in rows.batches(batch_size):
+        v, i = encode(params, x if mlp_map is None else mlp_map(x), k)
+        values.append(v.cpu().numpy())
+        indices.append(i.cpu().numpy())
+    return np.concatenate(values), np.concatenate(indices)
+
+
+@torch.no_grad()
+def map_rows(mlp_map, X: np.ndarray, device="cpu", batch_size=4096) -> np.ndarray:
+    """``mlp_map(X)`` as float32 numpy (n, d_out)."""
+    mlp_map = placed(mlp_map, device, torch.float32)
+    rows = _Rows(X, device, torch.float32)
+    return np.concatenate([mlp_map(x).cpu().numpy() for x in rows.batches(batch_size)])
+
+
+def iter_jacobian_blocks(mlp_map, params_x: SAEParams, params_y: SAEParams, X: np.ndarray, k: int,
+                         device="cpu", batch_size=None):
+    """Yield ``(J (B, k, k), indices_y (B, k), indices_x (B, k))`` numpy batches over the rows of X.
+
+    ``J[t, a, b] = ∂ s_y[indices_y[t, a]] / ∂ s_x[indices_x[t, b]]`` at the true input.
+    """
+    mlp_map = placed(mlp_map, device, torch.float32)
+    px = _as_tensor_params(params_x, device, torch.float32)
+    py = _as_tensor_params(params_y, device, torch.float32)
+    projection = getattr(mlp_map, "input_projection", None)
+    width = projection.shape[1] if projection is not None else max(mlp_map.d_in, mlp_map.d_out)
+    batch_size = batch_size or jacobian_batch_size(k, k, width)
+    rows = _Rows(X, device, torch.float32)
+    for x in rows.batches(batch_size):
+        with torch.no_grad():
+            _, idx_x = encode(px, x, k)
+            _, idx_y = encode(py, mlp_map(x), k)
+            J = jacobian_blocks(mlp_map, x, px.W_dec, idx_x, py.W_enc, idx_y)
+        yield J.cpu().numpy(), idx_y.cpu().numpy(), idx_x.cpu().numpy()

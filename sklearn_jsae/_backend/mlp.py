@@ -1,0 +1,411 @@
+"""MLP maps with a known Jacobian structure, and a wrapper for any torch callable.
+
+Every map is a frozen ``nn.Module`` taking ``x`` of shape (B, d_in) to
+``y`` of shape (B, d_out).  Maps with a closed-form Jacobian expose it through
+two pieces that :mod:`sklearn_jsae._backend.jacobian` contracts:
+
+* ``input_projection``  ``P_in``  (d_in, r * d_mlp): the linear map into the hidden layer(s);
+* ``output_projection`` ``P_out`` (d_mlp, d_out): the linear map out of it;
+* ``local_weights(x)``  ``w``  (B, r, d_mlp): per-sample diagonal factors, so that
+
+      J_f(x_t) = P_in · diag(concat_r(w_t[r])) · tile_r(P_out)      (row-vector convention,
+                                                                  dy = dx · J_f)
+
+  i.e. ``r = 1`` and ``w = φ'(z)`` for ``φ(x W_in + b_in) W_out + b_out``, and ``r = 2``,
+  ``w = (act'(g) ⊙ u, act(g))`` with ``P_in = [W_g, W_u]`` for the gated MLP
+  ``(act(x W_g + b_g) ⊙ (x W_u + b_u)) W_d + b_d``.
+
+Weights are stored in the row-vector orientation used throughout the backend
+(``y = x @ W``), not in ``nn.Linear``'s (out, in) layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "tanh", "sigmoid")
+
+_SQRT_2 = math.sqrt(2.0)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def activation(name: str, z: torch.Tensor) -> torch.Tensor:
+    """φ(z) for ``name`` in :data:`ACTIVATIONS`; any shape."""
+    if name == "gelu":
+        return F.gelu(z)
+    if name == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if name == "relu":
+        return F.relu(z)
+    if name == "silu":
+        return F.silu(z)
+    if name == "tanh":
+        return torch.tanh(z)
+    if name == "sigmoid":
+        return torch.sigmoid(z)
+    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+
+
+def activation_derivative(name: str, z: torch.Tensor) -> torch.Tensor:
+    """φ'(z), written out (no autograd), for ``name`` in :data:`ACTIVATIONS`; any shape."""
+    if name == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(z / _SQRT_2))
+        pdf = torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+        return cdf + z * pdf
+    if name == "gelu_tanh":
+        inner = _SQRT_2_OVER_PI * (z + 0.044715 * z**3)
+        t = torch.tanh(inner)
+        d_inner = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * z * z)
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * d_inner
+    if name == "relu":
+        return (z > 0).to(z.dtype)
+    if name == "silu":
+        s = torch.sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    if name == "tanh":
+        return 1.0 - torch.tanh(z) ** 2
+    if name == "sigmoid":
+        s = torch.sigmoid(z)
+        return s * (1.0 - s)
+    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+
+
+def _activation_of_module(module: nn.Module) -> str | None:
+    """The activation name of a torch activation module, or None if unsupported."""
+    if isinstance(module, nn.GELU):
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    for cls, name in ((nn.ReLU, "relu"), (nn.SiLU, "silu"), (nn.Tanh, "tanh"), (nn.Sigmoid, "sigmoid")):
+        if isinstance(module, cls):
+            return name
+    return None
+
+
+class _FrozenMap(nn.Module):
+    """Base: weights are buffers, never parameters, so optimisers never see them."""
+
+    d_in: int
+    d_out: int
+    has_closed_form = True
+
+    def rescaled(self, input_scale: float, output_scale: float) -> "_FrozenMap":
+        """The map ``x' ↦ f(input_scale · x') / output_scale`` of the same kind."""
+        raise NotImplementedError
+
+
+class AffineMap(_FrozenMap):
+    """``y = x @ W + b``; ``W`` (d_in, d_out), ``b`` (d_out,).  ``W=None`` is the identity."""
+
+    def __init__(self, d_in: int, W: torch.Tensor | None = None, b: torch.Tensor | None = None):
+        super().__init__()
+        self.d_in = d_in
+        self.d_out = d_in if W is None else W.shape[1]
+        self.register_buffer("W", None if W is None else W.detach().clone())
+        self.register_buffer("b", None if b is None else b.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x if self.W is None else x @ self.W
+        return y if self.b is None else y + self.b
+
+    def rescaled(self, input_scale, output_scale):
+        W = torch.eye(self.d_in) if self.W is None else self.W
+        b = None if self.b is None else self.b / output_scale
+        return AffineMap(self.d_in, W * (input_scale / output_scale), b)
+
+
+class ElementwiseMLP(_FrozenMap):
+    """``y = φ(x @ W_in + b_in) @ W_out + b_out``.
+
+    Shapes: ``W_in`` (d_in, d_mlp), ``b_in`` (d_mlp,), ``W_out`` (d_mlp, d_out), ``b_out`` (d_out,).
+    ``activation`` is one of :data:`ACTIVATIONS` (``"gelu"`` is the exact erf GELU).
+    """
+
+    def __init__(self, W_in, b_in, W_out, b_out, activation: str):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is not supported; use one of {ACTIVATIONS}")
+        self.activation = activation
+        self.d_in, self.d_mlp = W_in.shape
+        self.d_out = W_out.shape[1]
+        for name, t in (("W_in", W_in), ("b_in", b_in), ("W_out", W_out), ("b_out", b_out)):
+            self.register_buffer(name, None if t is None else torch.as_tensor(t).detach().clone())
+
+    @classmethod
+    def from_sequential(cls, seq: nn.Sequential) -> "ElementwiseMLP | None":
+        """Convert ``nn.Sequential(nn.Linear, activation, nn.Linear)``; None if not of that form."""
+        if not isinstance(seq, nn.Sequential) or len(seq) != 3:
+            return None
+        first, act, second = seq
+        name = _activation_of_module(act)
+        if not (isinstance(first, nn.Linear) and isinstance(second, nn.Linear)) or name is None:
+            return None
+        if second.in_features != first.out_features:
+            raise ValueError(
+                f"mlp is inconsistent: its second nn.Linear has in_features={second.in_features} but "
+                f"its first produces out_features={first.out_features}; fix the module's layer sizes."
+            )
+        return cls(
+            first.weight.T, first.bias, second.weight.T, second.bias, name
+        )
+
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """z (B, d_mlp)."""
+        z = x @ self.W_in
+        return z if self.b_in is None else z + self.b_in
+
+    def forward(self, x):
+        y = activation(self.activation, self.pre_activation(x)) @ self.W_out
+        return y if self.b_out is None else y + self.b_out
+
+    @property
+    def input_projection(self):
+        return self.W_in
+
+    @property
+    def output_projection(self):
+        return self.W_out
+
+    def local_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """φ'(z) as (B, 1, d_mlp)."""
+        return activation_derivative(self.activation, self.pre_activation(x)).unsqueeze(1)
+
+    def rescaled(self, input_scale, output_scale):
+        return ElementwiseMLP(
+            self.W_in * input_scale,
+            self.b_in,
+            self.W_out / output_scale,
+            None if self.b_out is None else self.b_out / output_scale,
+            self.activation,
+        )
+
+
+class GatedMLP(_FrozenMap):
+    """``y = (act(x @ W_gate + b_gate) ⊙ (x @ W_up + b_up)) @ W_down + b_down`` (LLaMA-style).
+
+    Shapes: ``W_gate``, ``W_up`` (d_in, d_mlp); ``W_down`` (d_mlp, d_out); biases optional
+    (None means zero, as in LLaMA, Mistral, Qwen and SmolLM2).  ``activation`` defaults to SiLU.
+    """
+
+    def __init__(self, W_gate, W_up, W_down, b_gate=None, b_up=None, b_down=None, activation: str = "silu"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is not supported; use one of {ACTIVATIONS}")
+        self.activation = activation
+        self.d_in, self.d_mlp = W_gate.shape
+        self.d_out = W_down.shape[1]
+        for name, t in (
+            ("W_gate", W_gate), ("W_up", W_up), ("W_down", W_down),
+            ("b_gate", b_gate), ("b_up", b_up), ("b_down", b_down),
+        ):
+            self.register_buffer(name, None if t is None else torch.as_tensor(t).detach().clone())
+
+    def _gate_up(self, x):
+        g = x @ self.W_gate
+        u = x @ self.W_up
+        if self.b_gate is not None:
+            g = g + self.b_gate
+        if self.b_up is not None:
+            u = u + self.b_up
+        return g, u
+
+    def forward(self, x):
+        g, u = self._gate_up(x)
+        y = (activation(self.activation, g) * u) @ self.W_down
+        return y if self.b_down is None else y + self.b_down
+
+    @property
+    def input_projection(self):
+        return torch.cat([self.W_gate, self.W_up], dim=1)
+
+    @property
+    def output_projection(self):
+        return self.W_down
+
+    def local_weights(self, x):
+        """(act'(g) ⊙ u, act(g)) stacked as (B, 2, d_mlp)."""
+        g, u = self._gate_up(x)
+        return torch.stack([activation_derivative(self.activation, g) * u, activation(self.activation, g)], dim=1)
+
+    def rescaled(self, input_scale, output_scale):
+        return GatedMLP(
+            self.W_gate * input_scale,
+            self.W_up * input_scale,
+            self.W_down / output_scale,
+            self.b_gate,
+            self.b_up,
+            None if self.b_down is None else self.b_down / output_scale,
+            self.activation,
+        )
+
+
+class CallableMap(_FrozenMap):
+    """Any differentiable torch callable ``(B, d_in) -> (B, d_out)``; Jacobians by forward-mode AD.
+
+    The callable must treat rows independently (one token per row), as an MLP does.
+    """
+
+    has_closed_form = False
+
+    def __init__(self, fn, d_in: int, d_out: int, input_scale: float = 1.0, output_scale: float = 1.0):
+        super().__init__()
+        self.fn = fn
+        self.d_in, self.d_out = d_in, d_out
+        self.input_scale, self.output_scale = float(input_scale), float(output_scale)
+
+    def forward(self, x):
+        if self.input_scale == 1.0 and self.output_scale == 1.0:
+            return self.fn(x)
+        return self.fn(x * self.input_scale) / self.output_scale
+
+    def rescaled(self, input_scale, output_scale):
+        return CallableMap(
+            self.fn, self.d_in, self.d_out, self.input_scale * input_scale, self.output_scale * output_scale
+        )
+
+
+def frozen_copy(module):
+    """A deep copy with ``requires_grad=False`` everywhere and eval mode, on CPU."""
+    clone = copy.deepcopy(module)
+    if isinstance(clone, nn.Module):
+        clone = clone.to("cpu").eval()
+        for p in clone.parameters():
+            p.requires_grad_(False)
+    return clone
+
+
+def as_map(mlp, d_in: int, d_out: int) -> _FrozenMap:
+    """The backend map for a user's ``mlp`` (already a frozen copy), see module docstring."""
+    if mlp is None:
+        return AffineMap(d_in)
+    if isinstance(mlp, _FrozenMap):
+        return mlp
+    if isinstance(mlp, nn.Linear):
+        return AffineMap(d_in, mlp.weight.T, mlp.bias)
+    if isinstance(mlp, nn.Identity):
+        return AffineMap(d_in)
+    if isinstance(mlp, nn.Sequential):
+        closed = ElementwiseMLP.from_sequential(mlp)
+        if closed is not None:
+            return closed
+    return CallableMap(mlp, d_in, d_out)
+
+
+def placed(mlp_map: _FrozenMap, device, dtype) -> _FrozenMap:
+    """``mlp_map`` on ``device`` in ``dtype``: the same object if it already is, else a moved copy
+    (``nn.Module.to`` works in place, and the estimator's own copy must stay on the CPU)."""
+    device = torch.device(device)
+    tensors = list(mlp_map.buffers()) + list(mlp_map.parameters())
+    if all(
+        t.device.type == device.type and (not t.is_floating_point() or t.dtype == dtype) for t in tensors
+    ):
+        return mlp_map
+    return copy.deepcopy(mlp_map).to(device=device, dtype=dtype)
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _declared_out_features(mlp) -> int | None:
+    """The output width an mlp claims: ``out_features``, or its last ``nn.Linear``'s."""
+    declared = getattr(mlp, "out_features", None)
+    if isinstance(declared, int):
+        return declared
+    if isinstance(mlp, nn.Sequential) and len(mlp) and isinstance(mlp[-1], nn.Linear):
+        return mlp[-1].out_features
+    return None
+
+
+def _declared_in_features(mlp) -> int | None:
+    declared = getattr(mlp, "in_features", None)
+    if isinstance(declared, int):
+        return declared
+    if isinstance(mlp, nn.Sequential) and len(mlp) and isinstance(mlp[0], nn.Linear):
+        return mlp[0].in_features
+    if isinstance(mlp, _FrozenMap):
+        return mlp.d_in
+    return None
+
+
+def resolve_mlp(mlp, X_probe) -> tuple[object, _FrozenMap, int]:
+    """Check a user's ``mlp`` against a few rows of X and freeze it.
+
+    Returns ``(frozen CPU copy or None, backend map, d_out)``.  Raises TypeError /
+    ValueError naming ``mlp`` or ``X``, the offending value and the fix.
+    """
+    d_in = X_probe.shape[1]
+    if mlp is None:
+        return None, AffineMap(d_in), d_in
+    if not callable(mlp):
+        raise TypeError(
+            f"mlp must be None (identity), a torch nn.Module or a differentiable torch callable "
+            f"(n, d_in) -> (n, d_out); got {type(mlp).__name__} ({mlp!r:.80}), which is not callable."
+        )
+    declared_in = _declared_in_features(mlp)
+    if declared_in is not None and declared_in != d_in:
+        raise ValueError(
+            f"X has {d_in} features, but mlp expects in_features={declared_in}. X must hold the "
+            f"MLP's inputs, one row per token: pass X with {declared_in} columns or the matching mlp."
+        )
+    frozen = frozen_copy(mlp)
+    probe = torch.as_tensor(X_probe, dtype=torch.float32)
+    probe_map = as_map(frozen, d_in, 0)
+    probe_fn = placed(probe_map, "cpu", torch.float32) if isinstance(probe_map, _FrozenMap) else probe_map
+    try:
+        with torch.no_grad():
+            out = probe_fn(probe)
+    except Exception as exc:  # the user's code: report what failed and how to fix it
+        raise ValueError(
+            f"mlp failed on a float32 torch tensor of shape {tuple(probe.shape)} taken from X: "
+            f"{type(exc).__name__}: {exc}. mlp must map (n, {d_in}) torch tensors to (n, d_out) "
+            f"torch tensors; numpy functions are not supported (Jacobians need torch autograd)."
+        ) from exc
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"mlp must return a torch.Tensor, got {type(out).__name__}. Write the MLP with torch "
+            f"operations so that its Jacobian can be computed (numpy callables are not supported)."
+        )
+    if out.ndim != 2 or out.shape[0] != probe.shape[0]:
+        raise ValueError(
+            f"mlp must map (n, {d_in}) to (n, d_out); on an input of shape {tuple(probe.shape)} it "
+            f"returned shape {tuple(out.shape)}. Make it return one output row per input row."
+        )
+    d_out = out.shape[1]
+    declared_out = _declared_out_features(mlp)
+    if declared_out is not None and declared_out != d_out:
+        raise ValueError(
+            f"mlp declares out_features={declared_out} but returned {d_out} columns on X; fix the "
+            f"module so that its declared and actual output widths agree."
+        )
+    if not torch.isfinite(out).all():
+        raise ValueError("mlp returned NaN or inf on rows of X; check the MLP and the input scale.")
+    backend_map = as_map(frozen, d_in, d_out)
+    if isinstance(backend_map, CallableMap):
+        backend_map.d_out = d_out
+        _check_differentiable(backend_map, probe)
+    return frozen, backend_map, d_out
+
+
+def _check_differentiable(backend_map: CallableMap, probe: torch.Tensor) -> None:
+    from torch.func import jvp
+
+    direction = torch.randn(probe.shape, generator=torch.Generator().manual_seed(0))
+    try:
+        _, tangent = jvp(backend_map, (probe,), (direction,))
+    except Exception as exc:
+        raise ValueError(
+            f"mlp is not differentiable with torch.func.jvp ({type(exc).__name__}: {exc}). The JSAE "
+            f"needs d mlp(x) / dx: use torch operations only, without .detach(), .numpy() or in-place "
+            f"tricks that break forward-mode autograd."
+        ) from exc
+    if tangent is None or not torch.isfinite(tangent).all():
+        raise ValueError("mlp's Jacobian is not finite on rows of X; the JSAE needs a differentiable mlp.")
+    if not tangent.abs().sum() > 0:
+        raise ValueError(
+            "mlp's output does not depend differentiably on its input (its Jacobian is zero on rows "
+            "of X): a .detach(), .numpy() round trip or integer cast cuts the gradient; remove it."
+        )

@@ -1,0 +1,67 @@
+"""``(values, indices)`` TopK results and Jacobian blocks -> canonical SciPy sparse arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+
+def topk_to_csr(values: np.ndarray, indices: np.ndarray, n_columns: int) -> sp.csr_array:
+    """Codes ``values``/``indices`` (n, k) -> canonical CSR (n, n_columns).
+
+    Column indices are sorted within each row and explicit zeros (kept latents
+    whose ReLU output is 0) are dropped, so each row stores at most k entries.
+    """
+    n, k = indices.shape
+    order = np.argsort(indices, axis=1, kind="stable")
+    indices = np.take_along_axis(indices, order, axis=1)
+    values = np.take_along_axis(values, order, axis=1)
+    keep = values != 0
+    counts = keep.sum(axis=1)
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    out = sp.csr_array((values[keep], indices[keep], indptr), shape=(n, n_columns))
+    out.has_canonical_format = True
+    return out
+
+
+def blocks_to_coo(blocks, shape: tuple[int, int, int]) -> sp.coo_array:
+    """Jacobian batches ``[(J (B, k_out, k_in), idx_out (B, k_out), idx_in (B, k_in)), ...]`` ->
+    3-D COO array of ``shape`` = (n_samples, n_out, n_in) holding every active-block entry."""
+    samples, rows, cols, data = [], [], [], []
+    offset = 0
+    for J, idx_out, idx_in in blocks:
+        B, k_out, k_in = J.shape
+        samples.append(np.repeat(np.arange(offset, offset + B), k_out * k_in))
+        rows.append(np.repeat(idx_out, k_in, axis=1).ravel())
+        cols.append(np.tile(idx_in, (1, k_out)).ravel())
+        data.append(J.ravel())
+        offset += B
+    if not data:
+        empty = np.zeros(0, dtype=np.int64)
+        return sp.coo_array((np.zeros(0, dtype=np.float32), (empty, empty, empty)), shape=shape)
+    coords = tuple(np.concatenate(c) for c in (samples, rows, cols))
+    return sp.coo_array((np.concatenate(data), coords), shape=shape)
+
+
+class AbsJacobianSum:
+    """Running Σ_t |J_t| as an (n_out, n_in) CSR array, built batch by batch (never dense)."""
+
+    def __init__(self, n_out: int, n_in: int):
+        self.shape = (n_out, n_in)
+        self.total = sp.csr_array(self.shape, dtype=np.float64)
+        self.n_samples = 0
+
+    def add(self, J: np.ndarray, idx_out: np.ndarray, idx_in: np.ndarray) -> None:
+        B, k_out, k_in = J.shape
+        rows = np.repeat(idx_out, k_in, axis=1).ravel()
+        cols = np.tile(idx_in, (1, k_out)).ravel()
+        batch = sp.coo_array((np.abs(J).ravel().astype(np.float64), (rows, cols)), shape=self.shape).tocsr()
+        self.total = self.total + batch
+        self.n_samples += B
+
+    def mean(self) -> sp.csr_array:
+        out = (self.total / max(1, self.n_samples)).astype(np.float32).tocsr()
+        out.eliminate_zeros()
+        out.sum_duplicates()
+        return out

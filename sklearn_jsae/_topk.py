@@ -1,0 +1,280 @@
+"""TopKSparseAutoencoder: one TopK SAE as a scikit-learn transformer (the "traditional" SAE)."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.utils import check_array, check_random_state
+
+from ._sklearn_compat import Interval, StrOptions, _fit_context, check_is_fitted, validate_data
+from ._sparse import topk_to_csr
+from ._validation import check_k, resolve_device
+
+_INFERENCE_BATCH = 4096
+
+
+def _keep_state_on_error(fit):
+    """Run ``fit``; on any error or interrupt restore the estimator's previous ``__dict__``,
+    so that a failed fit never leaves a half-fitted estimator or damages a fitted one."""
+
+    def wrapper(self, *args, **kwargs):
+        snapshot = dict(self.__dict__)
+        try:
+            return fit(self, *args, **kwargs)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(snapshot)
+            raise
+
+    wrapper.__name__, wrapper.__doc__, wrapper.__wrapped__ = fit.__name__, fit.__doc__, fit
+    return wrapper
+
+
+_COMMON_CONSTRAINTS = {
+    "n_components": [Interval(numbers.Integral, 1, None, closed="left")],
+    "k": [Interval(numbers.Integral, 1, None, closed="left")],
+    "learning_rate": [Interval(numbers.Real, 0, None, closed="neither")],
+    "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
+    "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
+    "aux_coef": [Interval(numbers.Real, 0, None, closed="left")],
+    "device": [StrOptions({"cpu", "cuda", "auto"})],
+    "random_state": ["random_state"],
+    "verbose": ["verbose"],
+    "warm_start": ["boolean"],
+}
+
+
+def _validate_X(estimator, X, reset: bool):
+    return validate_data(
+        estimator,
+        X,
+        reset=reset,
+        dtype=[np.float32, np.float64],
+        ensure_all_finite=True,
+        ensure_min_samples=1,
+    )
+
+
+def _draw_seed(random_state) -> int:
+    return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
+
+
+class TopKSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    r"""TopK sparse autoencoder (Gao et al. 2024): the "traditional" SAE.
+
+    .. math::
+
+        s = \mathrm{ReLU}(\mathrm{TopK}_k((x - b_{dec}) W_{enc}^T + b_{enc})), \qquad
+        \hat x = s\, W_{dec} + b_{dec}
+
+    with unit-norm decoder rows ``W_dec`` (``components_``).  Trained with Adam
+    on the mean squared error of normalised data (see the User Guide), with the
+    learning-rate schedule of Farnik et al. (2025) and the AuxK dead-latent loss.
+
+    Parameters
+    ----------
+    n_components : int, default=2048
+        Number of latents (dictionary size).
+    k : int, default=32
+        Active latents per sample; must be ``<= n_components``.
+    learning_rate : float, default=5e-4
+        Adam step size (warm-up over the first 1% of steps, linear decay to 0 over the last 20%).
+    max_iter : int, default=30
+        Epochs (full passes over X).
+    batch_size : int, default=256
+        Samples per minibatch.
+    aux_coef : float, default=1/32
+        Weight of the AuxK loss that revives dead latents (0 disables it).
+    device : {"cpu", "cuda", "auto"}, default="cpu"
+        Where to train and transform; fitted state is always numpy.
+    random_state : int, RandomState instance or None, default=None
+        Seeds initialisation and shuffling (same seed and device -> identical model).
+    verbose : int, default=0
+        Print the loss terms after every epoch when > 0.
+    warm_start : bool, default=False
+        Continue from the fitted weights on the next ``fit`` (with a fresh schedule).
+
+    Attributes
+    ----------
+    components_ : ndarray of shape (n_components, n_features_in_)
+        Unit-norm decoder rows ``W_dec``.
+    encoder_ : ndarray of shape (n_components, n_features_in_)
+        Encoder rows ``W_enc``.
+    encoder_bias_ : ndarray of shape (n_components,)
+    decoder_bias_ : ndarray of shape (n_features_in_,)
+    scale_ : float
+        Root-mean-square of the centred training data per feature; training ran on ``X / scale_``.
+    history_ : list of dict
+        Per-epoch loss terms (``loss``, ``mse_input``, ``aux_input``, ``dead_fraction_input``, ...).
+    dead_fraction_ : float
+        Fraction of latents that never fired during the last epoch.
+    n_iter_ : int
+        Epochs run by the last ``fit``.
+    n_features_in_ : int
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Defined only when X has string feature names.
+
+    See Also
+    --------
+    JacobianSparseAutoencoder : a pair of these around an MLP, with a sparse Jacobian.
+
+    References
+    ----------
+    L. Gao et al., "Scaling and evaluating sparse autoencoders", 2024.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn_jsae import TopKSparseAutoencoder
+    >>> X = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
+    >>> sae = TopKSparseAutoencoder(n_components=16, k=4, max_iter=5, random_state=0).fit(X)
+    >>> codes = sae.transform(X)
+    >>> codes.shape, int(codes.getnnz(axis=1).max()) <= 4
+    ((200, 16), True)
+    """
+
+    _parameter_constraints: dict = dict(_COMMON_CONSTRAINTS)
+
+    def __init__(
+        self,
+        n_components=2048,
+        *,
+        k=32,
+        learning_rate=5e-4,
+        max_iter=30,
+        batch_size=256,
+        aux_coef=1 / 32,
+        device="cpu",
+        random_state=None,
+        verbose=0,
+        warm_start=False,
+    ):
+        self.n_components = n_components
+        self.k = k
+        self.learning_rate = learning_rate
+        self.max_iter = max_iter
+        self.batch_size = batch_size
+        self.aux_coef = aux_coef
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+        self.warm_start = warm_start
+
+    # ---- fitting -------------------------------------------------------------------------
+    @_keep_state_on_error
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Fit the SAE on X of shape (n_samples, n_features); ``y`` is ignored."""
+        from ._backend.train import TrainConfig, train
+
+        warm = self.warm_start and hasattr(self, "components_")
+        X = _validate_X(self, X, reset=not warm)
+        check_k(self.k, self.n_components)
+        init = None
+        if warm:
+            _check_warm_shape(self.components_.shape[0], self.n_components, "n_components")
+            init = (self._params(), None, self.scale_, None)
+        config = TrainConfig(
+            n_components=self.n_components,
+            n_output_components=None,
+            k=self.k,
+            learning_rate=self.learning_rate,
+            max_iter=self.max_iter,
+            batch_size=self.batch_size,
+            aux_coef=self.aux_coef,
+            device=resolve_device(self.device),
+            seed=_draw_seed(self.random_state),
+            verbose=self.verbose,
+        )
+        result = train(X, None, config, init=init)
+        self._set_params_from(result.input_params, result.input_scale)
+        self.history_ = (self.history_ if warm else []) + result.history
+        self.dead_fraction_ = result.dead_fraction_input
+        self.n_iter_ = len(result.history)
+        return self
+
+    def _set_params_from(self, params, scale):
+        """Store backend ``SAEParams`` (raw units) as numpy fitted attributes."""
+        self.encoder_ = params.W_enc.numpy().astype(np.float32)
+        self.encoder_bias_ = params.b_enc.numpy().astype(np.float32)
+        self.components_ = params.W_dec.numpy().astype(np.float32)
+        self.decoder_bias_ = params.b_dec.numpy().astype(np.float32)
+        self.scale_ = float(scale)
+
+    def _params(self):
+        import torch
+
+        from ._backend.sae import SAEParams
+
+        return SAEParams(
+            *(torch.from_numpy(np.array(a, dtype=np.float32)) for a in
+              (self.encoder_, self.encoder_bias_, self.components_, self.decoder_bias_))
+        )
+
+    # ---- inference ---------------------------------------------------------------------
+    def _codes(self, X):
+        """(values, indices) numpy arrays (n, k) for validated X."""
+        from ._backend.inference import encode_rows
+
+        return encode_rows(self._params(), X, self.k, resolve_device(self.device), _INFERENCE_BATCH)
+
+    def transform(self, X):
+        """Sparse codes, CSR of shape (n_samples, n_components) with at most k non-zeros per row."""
+        check_is_fitted(self)
+        X = _validate_X(self, X, reset=False)
+        values, indices = self._codes(X)
+        return topk_to_csr(values, indices, self.components_.shape[0])
+
+    def inverse_transform(self, X):
+        """Decode codes of shape (n_samples, n_components) (sparse or dense) to (n_samples, n_features)."""
+        check_is_fitted(self)
+        return _decode(X, self.components_, self.decoder_bias_, "X")
+
+    def score(self, X, y=None):
+        """Explained variance of the reconstruction, ``1 - ||X - X̂||² / ||X - mean(X)||²`` (higher is better)."""
+        check_is_fitted(self)
+        X = _validate_X(self, X, reset=False)
+        return explained_variance(X, self.inverse_transform(self.transform(X)))
+
+    @property
+    def _n_features_out(self):
+        return self.components_.shape[0]
+
+    def __sklearn_is_fitted__(self):
+        return hasattr(self, "components_")
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float32"]
+        return tags
+
+
+def _check_warm_shape(fitted: int, requested: int, name: str) -> None:
+    if fitted != requested:
+        raise ValueError(
+            f"warm_start=True but {name}={requested} differs from the fitted model's {fitted}; "
+            f"set warm_start=False to refit from scratch or restore {name}={fitted}."
+        )
+
+
+def _decode(codes, components, bias, name):
+    codes = check_array(codes, accept_sparse=("csr", "csc", "coo"), dtype=[np.float32, np.float64], input_name=name)
+    if codes.shape[1] != components.shape[0]:
+        raise ValueError(
+            f"{name} has {codes.shape[1]} columns but the dictionary has n_components="
+            f"{components.shape[0]}; pass codes from this estimator's transform."
+        )
+    out = codes @ components.astype(codes.dtype, copy=False)
+    out = out.toarray() if sp.issparse(out) else np.asarray(out)
+    return out + bias
+
+
+def explained_variance(X, X_hat) -> float:
+    """``1 - ||X - X_hat||² / ||X - mean(X)||²`` over all entries (1 - FVU)."""
+    X = np.asarray(X, dtype=np.float64)
+    residual = ((X - X_hat) ** 2).sum()
+    total = ((X - X.mean(axis=0)) ** 2).sum()
+    return float(1.0 - residual / total) if total > 0 else float(residual == 0)
