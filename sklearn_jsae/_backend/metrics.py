@@ -1,0 +1,269 @@
+"""Torch kernels behind :mod:`sklearn_jsae.metrics`: reconstruction statistics, latent sweeps
+and unit interventions, batch by batch, numpy in and numpy out.
+
+Notation (one TopK SAE, :mod:`sklearn_jsae._backend.sae`)::
+
+    pre(z) = (z - b_dec) W_enc^T + b_enc          (R, n)
+    e(z)[i] = ReLU(pre(z)[i]) if i ∈ TopK_k(pre(z)) else 0
+
+``e`` is the full encoder, TopK included: a latent that leaves the top k reads exactly 0.
+Every function here evaluates the output SAE through ``e`` on the true MLP output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .mlp import placed
+from .sae import SAEParams, decode, encode, pre_activations
+from .train import _Rows
+
+
+def _tensor_params(params: SAEParams, device, dtype=torch.float32) -> SAEParams:
+    return params.to(device=device, dtype=dtype)
+
+
+def latent_values(params: SAEParams, z: torch.Tensor, k: int, latents: torch.Tensor) -> torch.Tensor:
+    """``e(z)[latents]`` under the full TopK encoder.
+
+    z (R, d), latents (R, m) int64 -> (R, m): ``ReLU(pre[i])`` where latent i is among the
+    top k of its row, else exactly 0.
+    """
+    pre = pre_activations(params, z)
+    top = pre.topk(k, dim=1, sorted=False).indices
+    kept = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, top, True)
+    values = F.relu(pre.gather(1, latents))
+    return torch.where(kept.gather(1, latents), values, torch.zeros_like(values))
+
+
+@torch.no_grad()
+def reconstruction_statistics(params_x: SAEParams, params_y: SAEParams | None, mlp_map, X: np.ndarray,
+                              k_x: int, k_y: int | None, device="cpu", batch_size=4096) -> dict:
+    """One pass over the rows of X: per side, the sums that FVU, L0 and dead fractions need.
+
+    Returns ``{"input": stats, "output": stats}`` (no "output" when ``params_y`` is None) with
+    ``stats = dict(n, residual, total, l0, fired)``: ``residual = Σ ||z - ẑ||²``,
+    ``total = Σ ||z - mean(z)||²`` (float64, shifted by the first batch's mean for accuracy),
+    ``l0 = Σ_rows #{latents with value > 0}`` and ``fired`` (n_latents,) bool, True for every
+    latent with a value > 0 on some row.
+    """
+    sides = {"input": (params_x, k_x)}
+    if params_y is not None:
+        sides["output"] = (params_y, k_y)
+        mlp_map = placed(mlp_map, device, torch.float32)
+    tensors = {name: _tensor_params(p, device) for name, (p, _) in sides.items()}
+    acc = {
+        name: dict(n=0, residual=0.0, shift=None, s1=None, s2=None, l0=0,
+                   fired=torch.zeros(p.W_dec.shape[0], dtype=torch.bool, device=device))
+        for name, p in tensors.items()
+    }
+    rows = _Rows(X, device, torch.float32)
+    for x in rows.batches(batch_size):
+        data = {"input": x}
+        if "output" in sides:
+            data["output"] = mlp_map(x)
+        for name, z in data.items():
+            params, k = tensors[name], sides[name][1]
+            values, indices = encode(params, z, k)
+            z_hat = decode(params, values, indices)
+            a = acc[name]
+            z64 = z.double()
+            if a["shift"] is None:
+                a["shift"] = z64.mean(0)
+                a["s1"] = torch.zeros_like(a["shift"])
+                a["s2"] = torch.zeros_like(a["shift"])
+            centred = z64 - a["shift"]
+            a["s1"] += centred.sum(0)
+            a["s2"] += (centred * centred).sum(0)
+            a["residual"] += float(((z64 - z_hat.double()) ** 2).sum())
+            a["n"] += z.shape[0]
+            active = values > 0
+            a["l0"] += int(active.sum())
+            a["fired"][indices[active]] = True
+    out = {}
+    for name, a in acc.items():
+        total = float((a["s2"] - a["s1"] * a["s1"] / a["n"]).clamp_min(0).sum())
+        out[name] = dict(n=a["n"], residual=a["residual"], total=total, l0=a["l0"], fired=a["fired"].cpu().numpy())
+    return out
+
+
+@torch.no_grad()
+def sweep_curves(mlp_map, params_x: SAEParams, params_y: SAEParams, k_y: int, x: np.ndarray,
+                 current: np.ndarray, in_latent: np.ndarray, out_latent: np.ndarray, grid: np.ndarray,
+                 device="cpu", max_rows=1 << 15) -> np.ndarray:
+    """Output latent values along input-latent sweeps.
+
+    For pair p: ``x_p(v) = x[p] + (v - current[p]) · W_dec_x[in_latent[p]]`` at each grid value
+    ``v = grid[p, m]``, and the curve is ``e_y(mlp(x_p(v)))[out_latent[p]]``.
+
+    x (P, d_in), current (P,), in_latent (P,), out_latent (P,), grid (P, M) -> curves (P, M).
+    """
+    mlp_map = placed(mlp_map, device, torch.float32)
+    px, py = _tensor_params(params_x, device), _tensor_params(params_y, device)
+    n_pairs, n_points = grid.shape
+    step = max(1, max_rows // n_points)
+    curves = []
+    for start in range(0, n_pairs, step):
+        sl = slice(start, start + step)
+        xb = torch.as_tensor(x[sl], dtype=torch.float32, device=device)
+        gb = torch.as_tensor(grid[sl], dtype=torch.float32, device=device)
+        cb = torch.as_tensor(current[sl], dtype=torch.float32, device=device)
+        direction = px.W_dec[torch.as_tensor(in_latent[sl], device=device)]  # (P, d_in)
+        shift = gb - cb[:, None]  # (P, M)
+        points = xb[:, None, :] + shift[..., None] * direction[:, None, :]  # (P, M, d_in)
+        y = mlp_map(points.reshape(-1, points.shape[-1]))
+        latents = torch.as_tensor(out_latent[sl], device=device).repeat_interleave(n_points)[:, None]
+        curves.append(latent_values(py, y, k_y, latents).reshape(shift.shape).cpu().numpy())
+    return np.concatenate(curves) if curves else np.zeros((0, n_points), dtype=np.float32)
+
+
+@torch.no_grad()
+def unit_interventions(mlp_map, params_x: SAEParams, params_y: SAEParams, k_x: int, k_y: int,
+                       X: np.ndarray, delta: float = 1.0, device="cpu", batch_size=None):
+    """Yield, per batch of rows, the Jacobian blocks and the observed effect of removing
+    ``delta`` units of each active input latent.
+
+    For row t with active sets I_x (k_x) and I_y (k_y)::
+
+        observed[t, a, b] = e_y(f(x_t))[I_y[a]] - e_y(f(x_t - delta · W_dec_x[I_x[b]]))[I_y[a]]
+
+    which the Jacobian predicts as ``delta · J[t, a, b]``.
+
+    Yields numpy ``(J (B, k_y, k_x), observed (B, k_y, k_x), idx_y (B, k_y), idx_x (B, k_x))``.
+    """
+    from .jacobian import jacobian_blocks
+
+    mlp_map = placed(mlp_map, device, torch.float32)
+    px, py = _tensor_params(params_x, device), _tensor_params(params_y, device)
+    n_out = py.W_dec.shape[0]
+    batch_size = batch_size or max(1, (1 << 22) // max(1, k_x * max(n_out, mlp_map.d_in)))
+    rows = _Rows(X, device, torch.float32)
+    for x in rows.batches(batch_size):
+        _, idx_x = encode(px, x, k_x)
+        y = mlp_map(x)
+        _, idx_y = encode(py, y, k_y)
+        J = jacobian_blocks(mlp_map, x, px.W_dec, idx_x, py.W_enc, idx_y)
+        base = latent_values(py, y, k_y, idx_y)  # (B, k_y)
+        moved = x[:, None, :] - delta * px.W_dec[idx_x]  # (B, k_x, d_in)
+        y_moved = mlp_map(moved.reshape(-1, x.shape[1]))
+        after = latent_values(py, y_moved, k_y, idx_y.repeat_interleave(k_x, dim=0))  # (B·k_x, k_y)
+        after = after.reshape(x.shape[0], k_x, k_y).transpose(1, 2)
+        observed = base[:, :, None] - after
+        yield J.cpu().numpy(), observed.cpu().numpy(), idx_y.cpu().numpy(), idx_x.cpu().numpy()
+
+
+# ---------------------------------------------------------------------------- randomised control
+
+
+def redraw_matrices_(module: torch.nn.Module, generator: torch.Generator) -> list[str]:
+    """Replace, in place, every floating parameter or buffer with ``ndim >= 2`` of ``module``
+    by i.i.d. standard normal entries rescaled to the original Frobenius norm.
+
+    Tensors with ``ndim < 2`` (biases, norm gains) are untouched.  Returns the names redrawn.
+    """
+    redrawn = []
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    seen = set()
+    for name, tensor in named:
+        if tensor is None or id(tensor) in seen or not tensor.is_floating_point() or tensor.ndim < 2:
+            continue
+        seen.add(id(tensor))
+        with torch.no_grad():
+            draw = torch.randn(tensor.shape, generator=generator, dtype=torch.float64)
+            norm = tensor.detach().double().norm()
+            draw_norm = draw.norm()
+            scaled = draw * (norm / draw_norm) if draw_norm > 0 else draw * 0
+            tensor.copy_(scaled.to(device=tensor.device, dtype=tensor.dtype))
+        redrawn.append(name)
+    return redrawn
+
+
+# ------------------------------------------------------------------------ splicing into a model
+
+
+def _first_tensor(args, kwargs):
+    if args and isinstance(args[0], torch.Tensor):
+        return "arg", 0
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            return "kw", key
+    raise ValueError("the MLP input module was called without a tensor argument; pass module=... explicitly")
+
+
+def _reconstruct(params: SAEParams, k: int, z: torch.Tensor) -> torch.Tensor:
+    """SAE reconstruction of z (..., d) in z's dtype and device."""
+    flat = z.reshape(-1, z.shape[-1]).to(params.W_dec.dtype)
+    values, indices = encode(params, flat, k)
+    return decode(params, values, indices).reshape(z.shape).to(z.dtype)
+
+
+@torch.no_grad()
+def spliced_cross_entropies(model, input_module, output_module, params_x: SAEParams, k_x: int,
+                            params_y: SAEParams, k_y: int, input_ids: torch.Tensor,
+                            attention_mask: torch.Tensor | None, batch_size: int = 8) -> dict:
+    """Mean next-token cross-entropy of ``model`` over ``input_ids`` under four interventions
+    on one MLP: ``clean``, ``zero`` (MLP output replaced by 0), ``input`` (MLP input replaced
+    by the input SAE's reconstruction) and ``output`` (MLP output replaced by the output SAE's
+    reconstruction of the true output).
+
+    input_ids (n_seq, T) int64; attention_mask (n_seq, T) or None.  Targets are positions
+    1..T-1 whose mask is 1 (and whose predicting position is also 1).  Returns
+    ``{"clean", "zero", "input", "output", "n_tokens"}``.
+    """
+    parameter = next(iter(model.parameters()), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    px = _tensor_params(params_x, device)
+    py = _tensor_params(params_y, device)
+    mode = {"value": "clean"}
+
+    def pre_hook(module, args, kwargs):
+        if mode["value"] != "input":
+            return None
+        where, key = _first_tensor(args, kwargs)
+        if where == "arg":
+            args = (_reconstruct(px, k_x, args[0]),) + tuple(args[1:])
+        else:
+            kwargs = dict(kwargs)
+            kwargs[key] = _reconstruct(px, k_x, kwargs[key])
+        return args, kwargs
+
+    def post_hook(module, args, output):
+        if mode["value"] not in ("zero", "output"):
+            return None
+        tensor = output[0] if isinstance(output, tuple) else output
+        replaced = torch.zeros_like(tensor) if mode["value"] == "zero" else _reconstruct(py, k_y, tensor)
+        return (replaced,) + tuple(output[1:]) if isinstance(output, tuple) else replaced
+
+    handles = [
+        input_module.register_forward_pre_hook(pre_hook, with_kwargs=True),
+        output_module.register_forward_hook(post_hook),
+    ]
+    was_training = model.training
+    model.eval()
+    sums = dict(clean=0.0, zero=0.0, input=0.0, output=0.0)
+    n_tokens = 0
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[start : start + batch_size].to(device)
+            mask = None if attention_mask is None else attention_mask[start : start + batch_size].to(device)
+            valid = torch.ones_like(ids[:, 1:], dtype=torch.bool) if mask is None else (
+                (mask[:, 1:] > 0) & (mask[:, :-1] > 0))
+            n_tokens += int(valid.sum())
+            for name in sums:
+                mode["value"] = name
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+                losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                         reduction="none").reshape(valid.shape)
+                sums[name] += float(losses[valid].double().sum())
+    finally:
+        mode["value"] = "clean"
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if n_tokens == 0:
+        raise ValueError("input_ids has no next-token targets: pass sequences of at least 2 unmasked tokens.")
+    out = {name: value / n_tokens for name, value in sums.items()}
+    out["n_tokens"] = n_tokens
+    return out

@@ -1,0 +1,261 @@
+"""Scorers and a ``refit`` rule for choosing ``l1`` with scikit-learn's model selection tools.
+
+An l1 sweep trades reconstruction for Jacobian sparsity.  The scorers here follow
+scikit-learn's convention that higher is better, so quantities where lower is better carry
+a ``neg_`` prefix (as ``neg_mean_squared_error`` does):
+
+==============================  ===============================================================
+``explained_variance``          mean explained variance of the two SAEs (= ``estimator.score``)
+``explained_variance_input``    explained variance of the input SAE on X
+``explained_variance_output``   explained variance of the output SAE on mlp(X)
+``neg_jacobian_sparsity``       minus the mean fraction of active Jacobian entries with |J| > τ
+``neg_l0``                      minus the mean number of non-zero latents per row (both SAEs)
+``neg_dead_fraction``           minus the fraction of latents (both SAEs) never active on X
+==============================  ===============================================================
+
+:func:`make_scoring` returns one callable that computes all of them in a single pass over
+the test fold (one reconstruction pass, one Jacobian pass), usable directly as
+``GridSearchCV(scoring=make_scoring())``; the ``*_scorer`` objects compute one each.
+:func:`sparsest_within_tolerance` is a ``refit`` callable that picks the sparsest Jacobian
+among the candidates whose reconstruction is within a tolerance of the best.
+
+Examples
+--------
+>>> import numpy as np, torch
+>>> from sklearn.model_selection import GridSearchCV
+>>> from sklearn_jsae import JacobianSparseAutoencoder
+>>> from sklearn_jsae.model_selection import make_scoring, sparsest_within_tolerance
+>>> torch.manual_seed(0) and None
+>>> mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+>>> X = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+>>> search = GridSearchCV(
+...     JacobianSparseAutoencoder(mlp, n_components=32, k=4, max_iter=3, random_state=0),
+...     {"l1": [0.0, 0.5, 5.0]}, cv=2,
+...     scoring=make_scoring(threshold=0.01),
+...     refit=sparsest_within_tolerance(tolerance=0.05),
+... ).fit(X)
+>>> search.best_params_["l1"] in (0.0, 0.5, 5.0), hasattr(search.best_estimator_, "jacobian_")
+(True, True)
+>>> sorted(k for k in search.cv_results_ if k.startswith("mean_test_"))[:2]
+['mean_test_explained_variance', 'mean_test_explained_variance_input']
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .metrics import _check_jsae, jacobian_sparsity, reconstruction_metrics
+
+__all__ = [
+    "explained_variance_scorer",
+    "make_jacobian_sparsity_scorer",
+    "make_scoring",
+    "neg_dead_fraction_scorer",
+    "neg_jacobian_sparsity_scorer",
+    "neg_l0_scorer",
+    "sparsest_within_tolerance",
+]
+
+
+def _reconstruction_scores(estimator, X) -> dict:
+    metrics = reconstruction_metrics(estimator, X)
+    x, y = metrics["input"], metrics["output"]
+    n_x = estimator.input_sae_.components_.shape[0]
+    n_y = estimator.output_sae_.components_.shape[0]
+    return {
+        "explained_variance": (x["explained_variance"] + y["explained_variance"]) / 2,
+        "explained_variance_input": x["explained_variance"],
+        "explained_variance_output": y["explained_variance"],
+        "neg_l0": -(x["l0"] + y["l0"]) / 2,
+        "neg_dead_fraction": -(x["dead_fraction"] * n_x + y["dead_fraction"] * n_y) / (n_x + n_y),
+    }
+
+
+def _check_threshold(threshold) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not threshold >= 0:
+        raise ValueError(f"threshold must be a number >= 0, got {threshold!r}.")
+    return float(threshold)
+
+
+class _JSAEScoring:
+    """Callable ``(estimator, X, y=None) -> dict`` of every score (see module docstring)."""
+
+    def __init__(self, threshold):
+        self.threshold = _check_threshold(threshold)
+
+    def __call__(self, estimator, X, y=None):
+        _check_jsae(estimator)
+        scores = _reconstruction_scores(estimator, X)
+        scores["neg_jacobian_sparsity"] = -jacobian_sparsity(estimator, X, [self.threshold])[self.threshold]
+        return scores
+
+    def __repr__(self):
+        return f"make_scoring(threshold={self.threshold!r})"
+
+
+def make_scoring(threshold=0.01):
+    """All JSAE scores in one pass, for ``GridSearchCV(scoring=...)`` / ``cross_validate``.
+
+    Parameters
+    ----------
+    threshold : float, default=0.01
+        τ of ``neg_jacobian_sparsity`` (minus the mean fraction of active entries with |J| > τ).
+
+    Returns
+    -------
+    scoring : callable
+        ``scoring(estimator, X, y=None)`` returns a dict with the keys ``explained_variance``,
+        ``explained_variance_input``, ``explained_variance_output``, ``neg_jacobian_sparsity``,
+        ``neg_l0`` and ``neg_dead_fraction``; scikit-learn records each as
+        ``mean_test_<key>`` in ``cv_results_``.  With a dict-returning scorer, ``refit`` must
+        be a key or a callable such as :func:`sparsest_within_tolerance`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn_jsae import JacobianSparseAutoencoder
+    >>> from sklearn_jsae.model_selection import make_scoring
+    >>> X = np.random.default_rng(0).normal(size=(100, 4)).astype(np.float32)
+    >>> jsae = JacobianSparseAutoencoder(n_components=8, k=2, max_iter=2, random_state=0).fit(X)
+    >>> scores = make_scoring()(jsae, X)
+    >>> bool(np.isclose(scores["explained_variance"], jsae.score(X), atol=1e-5))
+    True
+    >>> -1 <= scores["neg_jacobian_sparsity"] <= 0
+    True
+    """
+    return _JSAEScoring(threshold)
+
+
+class _SingleScorer:
+    def __init__(self, name, fn):
+        self.name, self._fn = name, fn
+
+    def __call__(self, estimator, X, y=None):
+        _check_jsae(estimator)
+        return float(self._fn(estimator, X))
+
+    def __repr__(self):
+        return f"<sklearn_jsae scorer {self.name}>"
+
+
+def make_jacobian_sparsity_scorer(threshold=0.01):
+    """Scorer ``-jacobian_sparsity(estimator, X, [τ])[τ]``: higher (closer to 0) is sparser.
+
+    Parameters
+    ----------
+    threshold : float, default=0.01
+
+    Returns
+    -------
+    scorer : callable ``(estimator, X, y=None) -> float`` in [-1, 0].
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn_jsae import JacobianSparseAutoencoder
+    >>> from sklearn_jsae.model_selection import make_jacobian_sparsity_scorer
+    >>> X = np.random.default_rng(0).normal(size=(100, 4)).astype(np.float32)
+    >>> jsae = JacobianSparseAutoencoder(n_components=8, k=2, max_iter=2, random_state=0).fit(X)
+    >>> -1.0 <= make_jacobian_sparsity_scorer(0.01)(jsae, X) <= 0.0
+    True
+    """
+    tau = _check_threshold(threshold)
+    return _SingleScorer(f"neg_jacobian_sparsity(τ={tau:g})", lambda est, X: -jacobian_sparsity(est, X, [tau])[tau])
+
+
+#: Mean explained variance of the two SAEs (higher is better).
+explained_variance_scorer = _SingleScorer(
+    "explained_variance", lambda est, X: _reconstruction_scores(est, X)["explained_variance"])
+#: Minus the mean fraction of active Jacobian entries with |J| > 0.01.
+neg_jacobian_sparsity_scorer = make_jacobian_sparsity_scorer(0.01)
+#: Minus the mean L0 of the two SAEs.
+neg_l0_scorer = _SingleScorer("neg_l0", lambda est, X: _reconstruction_scores(est, X)["neg_l0"])
+#: Minus the fraction of latents of the two SAEs never active on X.
+neg_dead_fraction_scorer = _SingleScorer(
+    "neg_dead_fraction", lambda est, X: _reconstruction_scores(est, X)["neg_dead_fraction"])
+
+
+class _SparsestWithinTolerance:
+    def __init__(self, tolerance, reconstruction, sparsity, relative):
+        self.tolerance = tolerance
+        self.reconstruction = reconstruction
+        self.sparsity = sparsity
+        self.relative = relative
+
+    def _column(self, cv_results, name):
+        key = f"mean_test_{name}"
+        if key not in cv_results:
+            available = sorted(k[len("mean_test_"):] for k in cv_results if k.startswith("mean_test_"))
+            raise KeyError(
+                f"cv_results_ has no {key!r}: the search's scoring must produce a score named "
+                f"{name!r} (available: {available}). Use scoring=make_scoring() or pass "
+                f"reconstruction=/sparsity= names that exist."
+            )
+        return np.asarray(cv_results[key], dtype=np.float64)
+
+    def __call__(self, cv_results):
+        recon = self._column(cv_results, self.reconstruction)
+        sparse = self._column(cv_results, self.sparsity)
+        finite = np.isfinite(recon) & np.isfinite(sparse)
+        if not finite.any():
+            raise ValueError("every candidate has a NaN score; check the search's error_score and warnings.")
+        best = recon[finite].max()
+        margin = self.tolerance * abs(best) if self.relative else self.tolerance
+        eligible = finite & (recon >= best - margin)
+        candidates = np.flatnonzero(eligible)
+        # sparsest first; among equally sparse candidates the better reconstruction wins
+        order = np.lexsort((-recon[candidates], -sparse[candidates]))
+        return int(candidates[order[0]])
+
+    def __repr__(self):
+        return (f"sparsest_within_tolerance(tolerance={self.tolerance!r}, reconstruction={self.reconstruction!r}, "
+                f"sparsity={self.sparsity!r}, relative={self.relative!r})")
+
+
+def sparsest_within_tolerance(tolerance=0.02, *, reconstruction="explained_variance",
+                              sparsity="neg_jacobian_sparsity", relative=False):
+    """A ``refit`` callable: the sparsest Jacobian among candidates that reconstruct well enough.
+
+    Among the candidates whose mean test ``reconstruction`` score is at least
+    ``best - tolerance`` (``best`` is the highest over all candidates), pick the one with the
+    highest mean test ``sparsity`` score (scores are higher-is-better, so this is the sparsest
+    Jacobian); ties go to the better reconstruction, then to the earlier candidate.  This is
+    the choice a user makes from an l1 sweep: give up at most ``tolerance`` explained
+    variance, and take the sparsest computation that remains.
+
+    Parameters
+    ----------
+    tolerance : float, default=0.02
+        Allowed drop of the reconstruction score below the best (0.02 = two points of
+        explained variance).
+    reconstruction : str, default="explained_variance"
+        Scorer name whose ``mean_test_<name>`` measures reconstruction (higher is better).
+    sparsity : str, default="neg_jacobian_sparsity"
+        Scorer name whose ``mean_test_<name>`` measures sparsity (higher is sparser).
+    relative : bool, default=False
+        If True the allowed drop is ``tolerance · |best|``.
+
+    Returns
+    -------
+    refit : callable
+        ``refit(cv_results) -> int`` index of the chosen candidate, for
+        ``GridSearchCV(refit=...)``.
+
+    Examples
+    --------
+    >>> from sklearn_jsae.model_selection import sparsest_within_tolerance
+    >>> cv_results = {"mean_test_explained_variance": [0.90, 0.89, 0.85, 0.60],
+    ...               "mean_test_neg_jacobian_sparsity": [-0.40, -0.10, -0.05, -0.01]}
+    >>> sparsest_within_tolerance(0.02)(cv_results)   # 0.85 is more than 0.02 below 0.90
+    1
+    >>> sparsest_within_tolerance(0.1)(cv_results)
+    2
+    """
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not tolerance >= 0:
+        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}.")
+    for name, value in (("reconstruction", reconstruction), ("sparsity", sparsity)):
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a scorer name (str), got {type(value).__name__}.")
+    return _SparsestWithinTolerance(float(tolerance), reconstruction, sparsity, bool(relative))
