@@ -726,7 +726,8 @@ def harvest(
                 tok = ids.to(keep.device)[keep].cpu().numpy().astype(np.int32)
                 if n_tokens is not None:
                     x, y, tok = x[: n_tokens - written], y[: n_tokens - written], tok[: n_tokens - written]
-                x_store, y_store = x.astype(store), y.astype(store)
+                with np.errstate(over="ignore"):  # float16 overflow is reported just below
+                    x_store, y_store = x.astype(store), y.astype(store)
                 if store == np.float16 and not (np.isfinite(x_store).all() and np.isfinite(y_store).all()):
                     raise ValueError(
                         f"MLP activations of layer {layout.layer} exceed the float16 range (max |x| "

