@@ -22,6 +22,7 @@ Weights are stored in the row-vector orientation used throughout the backend
 from __future__ import annotations
 
 import copy
+import numpy as np
 import math
 
 import torch
@@ -352,7 +353,7 @@ def resolve_mlp(mlp, X_probe) -> tuple[object, _FrozenMap, int]:
             f"MLP's inputs, one row per token: pass X with {declared_in} columns or the matching mlp."
         )
     frozen = frozen_copy(mlp)
-    probe = torch.as_tensor(X_probe, dtype=torch.float32)
+    probe = torch.from_numpy(np.array(X_probe, dtype=np.float32))
     probe_map = as_map(frozen, d_in, 0)
     probe_fn = placed(probe_map, "cpu", torch.float32) if isinstance(probe_map, _FrozenMap) else probe_map
     try:

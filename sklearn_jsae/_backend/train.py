@@ -75,7 +75,8 @@ class _Rows:
         self.n = X.shape[0]
         self.device, self.dtype = device, dtype
         in_memory = not isinstance(X, np.memmap) and X.nbytes <= _IN_MEMORY_BYTES
-        self.tensor = torch.as_tensor(np.ascontiguousarray(X)).to(device=device, dtype=dtype) if in_memory else None
+        # np.array copies, so read-only inputs (memmaps, frozen arrays) never alias a tensor.
+        self.tensor = torch.from_numpy(np.array(X)).to(device=device, dtype=dtype) if in_memory else None
         self.X = X
 
     def take(self, index: torch.Tensor) -> torch.Tensor:
@@ -151,7 +152,13 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
         continue from (warm start), or None for a fresh initialisation.
     """
     device, dtype = torch.device(config.device), config.dtype
-    generator = torch.Generator().manual_seed(config.seed)
+    # One generator per purpose, so that the input side of a JSAE with l1=0 sees exactly the
+    # initialisation and batch order of a single TopK SAE fitted with the same seed.
+    input_init = torch.Generator().manual_seed(config.seed)
+    # The output SAE starts from the same seed: a TopK SAE fitted on mlp(X) with that seed is then
+    # exactly the l1 = 0 output side too.
+    output_init = torch.Generator().manual_seed(config.seed)
+    shuffling = torch.Generator().manual_seed(config.seed + 1)
     rows = _Rows(X, device, dtype)
     pair = config.n_output_components is not None
     d_in = X.shape[1]
@@ -165,15 +172,15 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
         scale_y = init[3] if pair else None
     normalised_map = mlp_map.rescaled(scale_x, scale_y) if pair else None
 
-    def fresh(n, mean, scale):
+    def fresh(n, mean, scale, generator):
         return SAEParams.initialise(n, mean.shape[0], (mean / scale).to(dtype), generator).to(device)
 
     if init is not None:
         side_x = init[0].scaled(1.0 / scale_x).to(device, dtype).detached()
         side_y = init[1].scaled(1.0 / scale_y).to(device, dtype).detached() if pair else None
     else:
-        side_x = fresh(config.n_components, mean_x, scale_x)
-        side_y = fresh(config.n_output_components, mean_y, scale_y) if pair else None
+        side_x = fresh(config.n_components, mean_x, scale_x, input_init)
+        side_y = fresh(config.n_output_components, mean_y, scale_y, output_init) if pair else None
     sides = [side_x] + ([side_y] if pair else [])
     for side in sides:
         side.requires_grad_()
@@ -195,7 +202,7 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
         started = time.perf_counter()
         sums = dict(loss=0.0, mse_input=0.0, mse_output=0.0, jacobian_l1=0.0, aux_input=0.0, aux_output=0.0)
         fired_epoch = [torch.zeros_like(s, dtype=torch.bool) for s in since_fired]
-        order = torch.randperm(rows.n, generator=generator)
+        order = torch.randperm(rows.n, generator=shuffling)
         for x in rows.batches(config.batch_size, order):
             lr_factor, l1_factor = _schedule(step, total, config)
             for group in optimiser.param_groups:
@@ -220,7 +227,8 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
                     terms["jacobian_l1"] = penalty
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(tensors, config.max_grad_norm)
+            for side in sides:  # per SAE, so that l1 = 0 leaves the two SAEs independent
+                torch.nn.utils.clip_grad_norm_(side.tensors(), config.max_grad_norm)
             optimiser.step()
             for side in sides:
                 normalise_decoder_(side)

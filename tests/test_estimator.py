@@ -1,0 +1,215 @@
+"""scikit-learn citizenship and the estimators' behaviour."""
+
+import pickle
+
+import joblib
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import make_pipeline
+from sklearn.utils.estimator_checks import check_param_validation, parametrize_with_checks
+
+from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
+
+# Small, fast settings for the common checks.  k=1 because several checks set n_components=1,
+# and k > n_components is (rightly) an error.
+FAST = dict(n_components=12, k=1, max_iter=2, batch_size=16)
+
+# Every expected failure of the common checks, with the reason (none so far).
+EXPECTED_FAILED_CHECKS = {}
+
+
+def _estimators():
+    return [TopKSparseAutoencoder(**FAST), JacobianSparseAutoencoder(**FAST)]
+
+
+@parametrize_with_checks(_estimators(), expected_failed_checks=lambda est: EXPECTED_FAILED_CHECKS)
+def test_sklearn_compatible(estimator, check):
+    check(estimator)
+
+
+@pytest.mark.parametrize("estimator", _estimators(), ids=lambda e: type(e).__name__)
+def test_param_validation(estimator):
+    check_param_validation(type(estimator).__name__, estimator)
+
+
+@pytest.fixture(scope="module")
+def gelu_mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(10, 40), torch.nn.GELU(), torch.nn.Linear(40, 10))
+
+
+@pytest.fixture(scope="module")
+def X():
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(30, 10))
+    codes = rng.exponential(size=(600, 30)) * (rng.random((600, 30)) < 0.1)
+    return (codes @ basis).astype(np.float32)
+
+
+def _small(mlp, **kw):
+    return JacobianSparseAutoencoder(mlp=mlp, **{**dict(n_components=32, k=4, max_iter=4, batch_size=64,
+                                                     random_state=0), **kw})
+
+
+def test_default_call_api_shapes(X, gelu_mlp):
+    jsae = _small(gelu_mlp, n_output_components=24).fit(X)
+    S = jsae.transform(X)
+    assert isinstance(S, sp.csr_array) and S.shape == (600, 32) and S.has_canonical_format
+    assert np.diff(S.indptr).max() <= 4
+    J = jsae.jacobian(X[:50])
+    assert isinstance(J, sp.coo_array) and J.shape == (50, 24, 32)
+    assert isinstance(jsae.jacobian_, sp.csr_array) and jsae.jacobian_.shape == (24, 32)
+    assert jsae.input_sae_.components_.shape == (32, 10)
+    assert jsae.output_sae_.components_.shape == (24, 10)
+    np.testing.assert_allclose(np.linalg.norm(jsae.input_sae_.components_, axis=1), 1, rtol=1e-5)
+    assert jsae.inverse_transform(S).shape == X.shape
+    assert list(jsae.get_feature_names_out()[:2]) == ["jacobiansparseautoencoder0", "jacobiansparseautoencoder1"]
+    assert jsae.n_features_in_ == 10 and jsae.n_output_features_ == 10
+    assert len(jsae.history_) == 4 and {"mse_input", "mse_output", "jacobian_l1", "l1"} <= set(jsae.history_[0])
+    assert len(jsae.input_sae_.history_) == 4 and "mse" in jsae.input_sae_.history_[0]
+
+
+def test_identity_default_call_works():
+    X = np.random.default_rng(1).normal(size=(300, 6)).astype(np.float32)
+    jsae = JacobianSparseAutoencoder(k=3, l1=1e-2, n_components=16, max_iter=2).fit(X)
+    assert jsae.mlp_ is None
+    np.testing.assert_allclose(jsae.mlp_outputs(X), X)
+
+
+def test_jacobian_mean_matches_blocks(X, gelu_mlp):
+    jsae = _small(gelu_mlp).fit(X)
+    J = jsae.jacobian(X)
+    dense_mean = np.abs(J.toarray()).mean(axis=0)
+    np.testing.assert_allclose(jsae.jacobian_.toarray(), dense_mean, rtol=1e-4, atol=1e-7)
+
+
+def test_at_most_k_squared_jacobian_entries_per_sample(X, gelu_mlp):
+    jsae = _small(gelu_mlp).fit(X)
+    J = jsae.jacobian(X[:40])
+    per_sample = np.bincount(J.coords[0], minlength=40)
+    assert per_sample.max() <= 16 and per_sample.min() == 16
+
+
+def test_same_seed_same_model_and_different_seed_differs(X, gelu_mlp):
+    a, b, c = (_small(gelu_mlp, random_state=s).fit(X) for s in (3, 3, 4))
+    np.testing.assert_array_equal(a.input_sae_.components_, b.input_sae_.components_)
+    np.testing.assert_array_equal(a.output_sae_.encoder_, b.output_sae_.encoder_)
+    assert not np.allclose(a.input_sae_.components_, c.input_sae_.components_)
+
+
+def test_l1_zero_is_two_ordinary_topk_saes(X, gelu_mlp):
+    settings = dict(n_components=32, k=4, max_iter=3, batch_size=64, random_state=5)
+    jsae = JacobianSparseAutoencoder(mlp=gelu_mlp, l1=0.0, **settings).fit(X)
+    sae = TopKSparseAutoencoder(**settings).fit(X)
+    for name in ("components_", "encoder_", "encoder_bias_", "decoder_bias_"):
+        np.testing.assert_array_equal(getattr(jsae.input_sae_, name), getattr(sae, name))
+    Y = jsae.mlp_outputs(X)
+    sae_y = TopKSparseAutoencoder(**settings).fit(Y)
+    assert jsae.output_sae_.score(Y) == pytest.approx(sae_y.score(Y), abs=2e-3)
+
+
+def test_penalty_sparsifies_jacobian_on_synthetic_mlp(X, gelu_mlp):
+    common = dict(n_components=48, k=4, max_iter=15, batch_size=64, random_state=0)
+    traditional = JacobianSparseAutoencoder(mlp=gelu_mlp, l1=0.0, **common).fit(X)
+    sparse = JacobianSparseAutoencoder(mlp=gelu_mlp, l1=2.0, **common).fit(X)
+    X_eval = X[:300]
+
+    def above(est, tau=0.01):
+        J = est.jacobian(X_eval)
+        return (np.abs(J.data) > tau).sum() / (X_eval.shape[0] * est.k**2)
+
+    assert above(sparse) < 0.8 * above(traditional)
+    assert sparse.history_[-1]["jacobian_l1"] < traditional.history_[-1]["jacobian_l1"]
+
+
+def test_rows_are_independent_of_the_batch(X, gelu_mlp):
+    jsae = _small(gelu_mlp).fit(X)
+    full, part = jsae.transform(X), jsae.transform(X[100:137])
+    np.testing.assert_array_equal(full[100:137].toarray(), part.toarray())
+    J_full, J_part = jsae.jacobian(X[:30]).toarray(), jsae.jacobian(X[10:20]).toarray()
+    np.testing.assert_allclose(J_full[10:20], J_part, rtol=1e-5, atol=1e-7)
+
+
+def test_pickle_and_joblib_round_trips(tmp_path, X, gelu_mlp):
+    jsae = _small(gelu_mlp).fit(X)
+    restored = pickle.loads(pickle.dumps(jsae))
+    joblib.dump(jsae, tmp_path / "jsae.joblib")
+    loaded = joblib.load(tmp_path / "jsae.joblib")
+    for other in (restored, loaded):
+        np.testing.assert_array_equal(other.transform(X).toarray(), jsae.transform(X).toarray())
+        np.testing.assert_array_equal(other.jacobian(X[:5]).toarray(), jsae.jacobian(X[:5]).toarray())
+
+
+def test_clone_gives_unfitted_copy_with_same_params(X, gelu_mlp):
+    jsae = _small(gelu_mlp).fit(X)
+    copy = clone(jsae)
+    assert copy.get_params()["k"] == 4
+    assert torch.equal(copy.get_params()["mlp"][0].weight, gelu_mlp[0].weight)
+    assert not hasattr(copy, "input_sae_")
+    copy.set_params(l1=0.25)
+    assert copy.l1 == 0.25 and jsae.l1 != 0.25
+
+
+def test_fit_never_modifies_the_users_mlp(X, gelu_mlp):
+    before = [p.detach().clone() for p in gelu_mlp.parameters()]
+    jsae = _small(gelu_mlp).fit(X)
+    for p, q in zip(before, gelu_mlp.parameters()):
+        assert torch.equal(p, q)
+    assert jsae.mlp_ is not gelu_mlp
+    assert not any(p.requires_grad for p in jsae.mlp_.parameters())
+
+
+def test_pipeline_with_logistic_regression(X, gelu_mlp):
+    y = (X[:, 0] > np.median(X[:, 0])).astype(int)
+    pipe = make_pipeline(_small(gelu_mlp), LogisticRegression(max_iter=500)).fit(X, y)
+    assert pipe.score(X, y) > 0.6
+
+
+def test_grid_search_over_l1_in_parallel(X, gelu_mlp):
+    search = GridSearchCV(_small(gelu_mlp, max_iter=2), {"l1": [0.0, 1.0]}, cv=2, n_jobs=2).fit(X)
+    assert set(search.cv_results_["param_l1"]) == {0.0, 1.0}
+    assert np.all(np.isfinite(search.cv_results_["mean_test_score"]))
+    assert search.best_estimator_.l1 in (0.0, 1.0)
+
+
+def test_score_is_higher_for_a_better_model(X, gelu_mlp):
+    short = _small(gelu_mlp, max_iter=1, learning_rate=1e-5).fit(X)
+    longer = _small(gelu_mlp, max_iter=10, learning_rate=2e-3).fit(X)
+    assert longer.score(X) > short.score(X)
+    assert longer.score(X) <= 1.0
+
+
+def test_warm_start_continues_and_extends_history(X, gelu_mlp):
+    jsae = _small(gelu_mlp, max_iter=2, warm_start=True).fit(X)
+    first = jsae.input_sae_.components_.copy()
+    jsae.fit(X)
+    assert len(jsae.history_) == 4 and jsae.n_iter_ == 2
+    assert not np.array_equal(first, jsae.input_sae_.components_)
+    with pytest.raises(ValueError, match="warm_start=True but n_components=64"):
+        jsae.set_params(n_components=64).fit(X)
+
+
+def test_dead_latents_are_reported_and_auxk_revives_them(X):
+    common = dict(n_components=256, k=2, max_iter=6, batch_size=64, random_state=0)
+    without = TopKSparseAutoencoder(aux_coef=0.0, **common).fit(X)
+    with_aux = TopKSparseAutoencoder(aux_coef=1 / 32, **common).fit(X)
+    assert 0.0 <= with_aux.dead_fraction_ <= 1.0
+    assert without.dead_fraction_ > 0
+    assert with_aux.dead_fraction_ < without.dead_fraction_
+
+
+def test_topk_inverse_transform_accepts_dense_codes(X):
+    sae = TopKSparseAutoencoder(n_components=16, k=3, max_iter=2, random_state=0).fit(X)
+    codes = sae.transform(X)
+    np.testing.assert_allclose(sae.inverse_transform(codes), sae.inverse_transform(codes.toarray()),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_verbose_prints_epochs(X, capsys):
+    TopKSparseAutoencoder(n_components=16, k=3, max_iter=2, verbose=1, random_state=0).fit(X)
+    assert "epoch 2/2" in capsys.readouterr().out

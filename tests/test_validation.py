@@ -1,0 +1,186 @@
+"""Bad input gets a clear error naming the parameter or array, the value and the fix,
+and a failed or interrupted fit never leaves a half-fitted or damaged estimator."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.exceptions import NotFittedError
+
+from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
+
+SMALL = dict(n_components=16, k=2, max_iter=1, batch_size=32, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def X():
+    return np.random.default_rng(0).normal(size=(64, 6)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.GELU(), torch.nn.Linear(12, 5))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_X_names_X(X, bad):
+    X_bad = X.copy()
+    X_bad[3, 2] = bad
+    with pytest.raises(ValueError, match="X contains"):
+        JacobianSparseAutoencoder(**SMALL).fit(X_bad)
+
+
+def test_wrong_feature_count_for_mlp_names_both(X, mlp):
+    with pytest.raises(ValueError, match=r"X has 4 features, but mlp expects in_features=6"):
+        JacobianSparseAutoencoder(mlp=mlp, **SMALL).fit(X[:, :4])
+
+
+def test_wrong_feature_count_for_callable_reports_the_failure(X):
+    weight = torch.randn(6, 3)
+    with pytest.raises(ValueError, match=r"mlp failed on a float32 torch tensor of shape \(8, 5\)"):
+        JacobianSparseAutoencoder(mlp=lambda x: x @ weight, **SMALL).fit(X[:, :5])
+
+
+class _LyingWidth(torch.nn.Module):
+    out_features = 7
+
+    def forward(self, x):
+        return torch.tanh(x[:, :3])
+
+
+def test_mlp_whose_output_width_differs_from_its_claim(X):
+    with pytest.raises(ValueError, match="declares out_features=7 but returned 3 columns"):
+        JacobianSparseAutoencoder(mlp=_LyingWidth(), **SMALL).fit(X)
+
+
+def test_mlp_returning_wrong_rows(X):
+    with pytest.raises(ValueError, match=r"returned shape \(1, 6\)"):
+        JacobianSparseAutoencoder(mlp=lambda x: x.sum(0, keepdim=True), **SMALL).fit(X)
+
+
+def test_non_torch_mlp(X):
+    with pytest.raises(TypeError, match="mlp must return a torch.Tensor, got ndarray"):
+        JacobianSparseAutoencoder(mlp=lambda x: np.tanh(np.asarray(x)), **SMALL).fit(X)
+
+
+def test_non_callable_mlp_is_a_parameter_error(X):
+    with pytest.raises(ValueError, match="'mlp' parameter"):
+        JacobianSparseAutoencoder(mlp="gelu", **SMALL).fit(X)
+
+
+def test_non_differentiable_mlp(X):
+    with pytest.raises(ValueError, match="does not depend differentiably"):
+        JacobianSparseAutoencoder(mlp=lambda x: torch.tanh(x.detach()), **SMALL).fit(X)
+
+
+@pytest.mark.parametrize("Estimator", [JacobianSparseAutoencoder, TopKSparseAutoencoder])
+def test_k_larger_than_n_components(X, Estimator):
+    with pytest.raises(ValueError, match="k=20 must be <= n_components=16"):
+        Estimator(**{**SMALL, "k": 20}).fit(X)
+
+
+def test_k_larger_than_n_output_components(X):
+    with pytest.raises(ValueError, match="k=4 must be <= n_output_components=3"):
+        JacobianSparseAutoencoder(**{**SMALL, "k": 4, "n_output_components": 3}).fit(X)
+
+
+@pytest.mark.parametrize("Estimator", [JacobianSparseAutoencoder, TopKSparseAutoencoder])
+def test_k_below_one(X, Estimator):
+    with pytest.raises(ValueError, match="The 'k' parameter of .* must be an int in the range"):
+        Estimator(**{**SMALL, "k": 0}).fit(X)
+
+
+def test_empty_X(X):
+    with pytest.raises(ValueError, match="Found array with 0 sample"):
+        JacobianSparseAutoencoder(**SMALL).fit(X[:0])
+
+
+def test_one_dimensional_X(X):
+    with pytest.raises(ValueError, match="Expected 2D array, got 1D array"):
+        JacobianSparseAutoencoder(**SMALL).fit(X[:, 0])
+
+
+def test_integer_and_float64_X_work(X, mlp):
+    ints = np.round(X * 3).astype(np.int64)
+    jsae = JacobianSparseAutoencoder(mlp=mlp, **SMALL).fit(ints)
+    assert jsae.transform(ints).dtype == np.float32
+    jsae64 = JacobianSparseAutoencoder(mlp=mlp, **SMALL).fit(X.astype(np.float64))
+    np.testing.assert_allclose(
+        jsae64.transform(X.astype(np.float64)).toarray(),
+        JacobianSparseAutoencoder(mlp=mlp, **SMALL).fit(X).transform(X).toarray(),
+        rtol=1e-4, atol=1e-5,
+    )
+
+
+def test_read_only_memmap_works_and_is_untouched(tmp_path, X, mlp):
+    path = tmp_path / "X.npy"
+    np.save(path, X)
+    X_map = np.load(path, mmap_mode="r")
+    jsae = JacobianSparseAutoencoder(mlp=mlp, **SMALL).fit(X_map)
+    assert jsae.transform(X_map).shape == (64, 16)
+    np.testing.assert_array_equal(np.load(path), X)
+
+
+def test_transform_with_wrong_width_after_fit(X, mlp):
+    jsae = JacobianSparseAutoencoder(mlp=mlp, **SMALL).fit(X)
+    with pytest.raises(ValueError, match="X has 5 features, but JacobianSparseAutoencoder is expecting 6"):
+        jsae.transform(X[:, :5])
+
+
+def test_unfitted_methods_raise_not_fitted(X):
+    jsae = JacobianSparseAutoencoder(**SMALL)
+    for method in (jsae.transform, jsae.jacobian, jsae.transform_output, jsae.score):
+        with pytest.raises(NotFittedError):
+            method(X)
+
+
+def test_cuda_request_without_cuda_is_clear(X):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the error path is for CPU-only machines")
+    with pytest.raises(ValueError, match="device='cuda' but torch.cuda.is_available"):
+        JacobianSparseAutoencoder(**{**SMALL, "device": "cuda"}).fit(X)
+
+
+def test_failed_first_fit_does_not_claim_fitted(X):
+    jsae = JacobianSparseAutoencoder(mlp=lambda x: np.asarray(x), **SMALL)
+    with pytest.raises(TypeError):
+        jsae.fit(X)
+    assert not hasattr(jsae, "n_features_in_")
+    with pytest.raises(NotFittedError):
+        jsae.transform(X)
+
+
+def test_failed_refit_keeps_the_fitted_model(X, mlp):
+    jsae = JacobianSparseAutoencoder(mlp=mlp, **SMALL).fit(X)
+    before = jsae.transform(X).toarray()
+    X_bad = X.copy()
+    X_bad[0, 0] = np.nan
+    with pytest.raises(ValueError):
+        jsae.fit(X_bad)
+    np.testing.assert_array_equal(jsae.transform(X).toarray(), before)
+    assert jsae.n_features_in_ == 6
+
+
+class _InterruptAfter(torch.nn.Module):
+    """An MLP that raises KeyboardInterrupt on its n-th call, like a user pressing Ctrl-C."""
+
+    def __init__(self, inner, calls):
+        super().__init__()
+        self.inner, self.calls = inner, calls
+
+    def forward(self, x):
+        self.calls -= 1
+        if self.calls < 0:
+            raise KeyboardInterrupt
+        return self.inner(x)
+
+
+def test_interrupted_warm_start_keeps_the_fitted_model(X, mlp):
+    jsae = JacobianSparseAutoencoder(mlp=mlp, warm_start=True, **SMALL).fit(X)
+    before = jsae.input_sae_.components_.copy()
+    history = list(jsae.history_)
+    jsae.set_params(mlp=_InterruptAfter(torch.nn.Sequential(*mlp), calls=5))
+    with pytest.raises(KeyboardInterrupt):
+        jsae.fit(X)
+    np.testing.assert_array_equal(jsae.input_sae_.components_, before)
+    assert jsae.history_ == history
