@@ -17,8 +17,8 @@ prints; nothing from the reference goes into the bundled files.
 
 Text pipeline: each topic of ``pydoc_data.topics`` is split into paragraphs at blank lines;
 headings (a line underlined with ``*``, ``=``, ``-``, ``~`` or ``^``), reST literal blocks
-(every line indented by 3 or more spaces: code, doctest, grammar) and paragraphs under 20
-characters are dropped; the rest is whitespace-normalised, lower-cased, WordPiece-tokenised by
+(every line indented by 3 or more spaces: code, doctest, grammar), tables (a line starting with
+``+-``, ``+=`` or ``|``, or a ``=== ===`` rule) and paragraphs under 20 characters are dropped; the rest is whitespace-normalised, lower-cased, WordPiece-tokenised by
 the model's tokenizer, concatenated in topic order and cut into sequences of
 ``[CLS]`` + 126 word pieces + ``[SEP]`` (128 tokens, no padding).  ``--n-sequences`` of them,
 evenly spaced over the whole stream, are kept.
@@ -50,6 +50,9 @@ SEQ_LEN = 128
 NAME = "minilm_l6_layer3"
 
 
+_TABLE_LINE = re.compile(r"^(\+[-=+]+\+?|\|.*|=+( +=+)+)$")
+
+
 def prose_paragraphs(topic: str):
     """Yield the prose paragraphs of one pydoc topic, whitespace-normalised."""
     for paragraph in topic.split("\n\n"):
@@ -60,6 +63,8 @@ def prose_paragraphs(topic: str):
             continue  # heading
         if all(line.startswith("   ") for line in lines):
             continue  # literal block: code, doctest, grammar
+        if any(_TABLE_LINE.match(line.strip()) for line in lines):
+            continue  # grid or simple table: its borders tokenise to runs of "-", "=", "|"
         text = " ".join(paragraph.split())
         if len(text) < 20:
             continue  # "See also:", "* Else:", version notes
@@ -183,7 +188,7 @@ def main(argv=None) -> None:
         "text_source": f"pydoc_data.topics of Python {sys.version.split()[0]} (the Python documentation)",
         "text_license": "PSF License Version 2 (see LICENSE-python-docs)",
         "text_pipeline": "paragraphs at blank lines; headings, reST literal blocks (all lines indented >= 3 "
-        "spaces: code, doctest, grammar) and paragraphs under 20 characters dropped; lower-cased, WordPiece "
+        "spaces: code, doctest, grammar), tables and paragraphs under 20 characters dropped; lower-cased, WordPiece "
         "(the model's tokenizer), concatenated in topic order, cut into [CLS] + 126 pieces + [SEP]",
         "sequences_in_stream": int(len(sequences)),
         "sequences_kept": chosen.tolist(),
@@ -207,7 +212,9 @@ def main(argv=None) -> None:
         },
         "generator": "scripts/make_minilm_dataset.py",
     }
-    (args.out / f"{NAME}.json").write_text(json.dumps(metadata, indent=1) + "\n")
+    text = json.dumps(metadata, indent=1)
+    text = re.sub(r"\[\s+([\d,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    (args.out / f"{NAME}.json").write_text(text + "\n")
     size = sum((args.out / f"{NAME}.{ext}").stat().st_size for ext in ("npz", "json"))
     print(f"wrote {args.out}/{NAME}.npz + .json: {len(X)} tokens from {len(chosen)} of {len(sequences)} "
           f"sequences, {size / 1e6:.2f} MB")
