@@ -22,6 +22,15 @@ per distinct active latent, which is never more work than the authors' route
 (all n latents) nor than the per-sample route (B·k rows).  Maps without a
 closed form use k forward-mode JVPs.  :func:`jacobian_blocks_reference` is the
 plain per-sample autograd twin that the tests pin the fast path to.
+
+Training penalty (:func:`jacobian_penalty`): ``mean_t Σ_ab |J_t[a, b]|`` with a
+hand-written backward.  Since ``∂|J|/∂J = sign(J)`` is known as soon as a chunk
+of blocks is formed, the gradients with respect to the per-latent products
+(``dA = sign(J)^T (C ⊙ w)``, ``dC = (sign(J) A) ⊙ w``) are accumulated chunk by
+chunk during the forward pass into buffers of the size of the products, so no
+(B, k, d_mlp) tensor ever exists beyond one chunk and nothing of that size is
+kept for the backward pass.  :func:`jacobian_penalty_reference` is its plain
+autograd twin (``jacobian_blocks(...).abs().sum((1, 2)).mean()``).
 """
 
 from __future__ import annotations
@@ -31,6 +40,18 @@ import torch
 from .mlp import AffineMap, CallableMap
 
 
+# Elements of one (chunk, k, width) intermediate of the fused penalty.  Small on the CPU,
+# so that the chunk's gathers and products stay in cache and its buffers are reused; large
+# on accelerators, where few big batched matmuls beat many small ones.
+_CPU_CHUNK_ELEMENTS = 1 << 18
+_ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
+
+
+def default_chunk_elements(device: torch.device) -> int:
+    """Elements of one (chunk, k, width) intermediate for tensors on ``device``."""
+    return _CPU_CHUNK_ELEMENTS if torch.device(device).type == "cpu" else _ACCELERATOR_CHUNK_ELEMENTS
+
+
 def _project_active(rows: torch.Tensor, indices: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
     """``(rows[indices]) @ projection`` computed once per distinct index.
 
@@ -38,6 +59,17 @@ def _project_active(rows: torch.Tensor, indices: torch.Tensor, projection: torch
     """
     unique, inverse = torch.unique(indices, return_inverse=True)
     return (rows[unique] @ projection)[inverse]
+
+
+def _unique_products(rows: torch.Tensor, indices: torch.Tensor, projection: torch.Tensor | None):
+    """``rows[U] @ projection`` for the distinct indices U, and where each index sits in U.
+
+    rows (n, d), indices (B, k), projection (d, m) or None (identity) ->
+    (products (|U|, m), inverse (B, k) int64 into the products).
+    """
+    unique, inverse = torch.unique(indices, return_inverse=True)
+    active = rows[unique]
+    return (active if projection is None else active @ projection), inverse
 
 
 def _jvp_columns(mlp, x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
@@ -61,6 +93,7 @@ def jacobian_blocks(
     indices_x: torch.Tensor,
     W_enc_y: torch.Tensor,
     indices_y: torch.Tensor,
+    chunk_elements: int | None = None,
 ) -> torch.Tensor:
     """Active Jacobian blocks, fast path.
 
@@ -72,19 +105,29 @@ def jacobian_blocks(
     indices_x : (B, k_in) active input latents.
     W_enc_y : (n_out, d_out) output SAE encoder rows.
     indices_y : (B, k_out) active output latents.
+    chunk_elements : int or None
+        Without autograd (inference), the per-sample products are formed a chunk of
+        samples at a time in reused buffers holding about this many elements (None:
+        :func:`default_chunk_elements`), so memory is O(B · k² + |U| · d_mlp).  With
+        autograd the blocks are formed in one batched product.
 
     Returns
     -------
     J : (B, k_out, k_in), ``J[t, a, b] = ∂ s_y[indices_y[t, a]] / ∂ s_x[indices_x[t, b]]``.
     """
+    differentiable = torch.is_grad_enabled() and (W_dec_x.requires_grad or W_enc_y.requires_grad)
+    if isinstance(mlp, CallableMap) or not getattr(mlp, "has_closed_form", False):
+        columns = _jvp_columns(mlp, x, W_dec_x[indices_x])  # (B, k_in, d_out)
+        return torch.bmm(W_enc_y[indices_y], columns.transpose(1, 2))
+    if not differentiable:
+        PA, inverse_x, PC, inverse_y, weights = _closed_form_factors(mlp, x, W_dec_x, indices_x, W_enc_y, indices_y)
+        chunk = _chunk_samples(indices_x, indices_y, PA.shape[1], x.device, chunk_elements)
+        return _blocks_chunked(PA, inverse_x, PC, inverse_y, weights, chunk)
     if isinstance(mlp, AffineMap):
         projection = torch.eye(mlp.d_in, dtype=x.dtype, device=x.device) if mlp.W is None else mlp.W
         A = _project_active(W_dec_x, indices_x, projection)  # (B, k_in, d_out)
         E = W_enc_y[indices_y]  # (B, k_out, d_out)
         return torch.bmm(E, A.transpose(1, 2))
-    if isinstance(mlp, CallableMap) or not getattr(mlp, "has_closed_form", False):
-        columns = _jvp_columns(mlp, x, W_dec_x[indices_x])  # (B, k_in, d_out)
-        return torch.bmm(W_enc_y[indices_y], columns.transpose(1, 2))
     weights = mlp.local_weights(x)  # (B, r, d_mlp)
     batch, r, d_mlp = weights.shape
     A = _project_active(W_dec_x, indices_x, mlp.input_projection)  # (B, k_in, r·d_mlp)
@@ -94,6 +137,64 @@ def jacobian_blocks(
     else:
         weighted = (C.unsqueeze(2) * weights.unsqueeze(1)).reshape(batch, C.shape[1], r * d_mlp)
     return torch.bmm(weighted, A.transpose(1, 2))
+
+
+def _closed_form_factors(mlp, x, W_dec_x, indices_x, W_enc_y, indices_y, weights=None):
+    """Per-latent products, inverse indices and local weights of a closed-form map.
+
+    Returns ``(PA (U_x, r·m), inverse_x (B, k_in), PC (U_y, m), inverse_y (B, k_out),
+    weights (B, r, m) or None)`` with ``J_t = (PC[inverse_y[t]] ⊙ w_t) · PA[inverse_x[t]]^T``.
+    """
+    if isinstance(mlp, AffineMap):
+        PA, inverse_x = _unique_products(W_dec_x, indices_x, mlp.W)
+        PC, inverse_y = _unique_products(W_enc_y, indices_y, None)
+        return PA, inverse_x, PC, inverse_y, None
+    if weights is None:
+        weights = mlp.local_weights(x)
+    PA, inverse_x = _unique_products(W_dec_x, indices_x, mlp.input_projection)
+    PC, inverse_y = _unique_products(W_enc_y, indices_y, mlp.output_projection.T)
+    return PA, inverse_x, PC, inverse_y, weights.detach()
+
+
+def _chunk_samples(indices_x, indices_y, width, device, chunk_elements=None) -> int:
+    """Samples per chunk so that one (chunk, k, width) intermediate holds about ``chunk_elements``."""
+    chunk_elements = chunk_elements or default_chunk_elements(device)
+    k = max(indices_x.shape[1], indices_y.shape[1])
+    return max(1, chunk_elements // (k * width))
+
+
+def _weighted(C, w, r, out):
+    """``C ⊙ w`` for one chunk: C (nb, k_out, m), w (nb, r, m) or None -> (nb, k_out, r·m)."""
+    nb, k_out, m = C.shape
+    if w is None:
+        return C
+    if r == 1:
+        return torch.mul(C, w, out=out[:nb])
+    Cw = torch.mul(C.unsqueeze(2), w.unsqueeze(1), out=out[:nb].view(nb, k_out, r, m))
+    return Cw.view(nb, k_out, r * m)
+
+
+@torch.no_grad()
+def _blocks_chunked(PA, inverse_x, PC, inverse_y, weights, chunk) -> torch.Tensor:
+    """All blocks ``J (B, k_out, k_in)`` formed ``chunk`` samples at a time in reused buffers."""
+    batch, k_in = inverse_x.shape
+    k_out = inverse_y.shape[1]
+    width, m = PA.shape[1], PC.shape[1]
+    r = width // m
+    size = min(batch, chunk)
+    J = PA.new_empty(batch, k_out, k_in)
+    buf_a = PA.new_empty(size * k_in, width)
+    buf_c = PC.new_empty(size * k_out, m)
+    buf_cw = PC.new_empty(size, k_out, width) if weights is not None else None
+    for start in range(0, batch, chunk):
+        stop = min(batch, start + chunk)
+        nb = stop - start
+        A = torch.index_select(PA, 0, inverse_x[start:stop].reshape(-1), out=buf_a[: nb * k_in])
+        C = torch.index_select(PC, 0, inverse_y[start:stop].reshape(-1), out=buf_c[: nb * k_out])
+        w = None if weights is None else weights[start:stop]
+        Cw = _weighted(C.view(nb, k_out, m), w, r, buf_cw)
+        torch.bmm(Cw, A.view(nb, k_in, width).transpose(1, 2), out=J[start:stop])
+    return J
 
 
 def jacobian_blocks_reference(
@@ -115,3 +216,163 @@ def jacobian_blocks_reference(
         J_f = jacrev(lambda row: mlp(row.unsqueeze(0)).squeeze(0))(x[t])  # (d_out, d_in)
         blocks.append(W_enc_y[indices_y[t]] @ J_f @ W_dec_x[indices_x[t]].T)
     return torch.stack(blocks)
+
+
+class _AbsJacobianSum(torch.autograd.Function):
+    """``mean_t Σ_ab |J_t[a, b]|`` from per-latent products, gradients formed in the forward pass.
+
+    Inputs: ``PA`` (U_x, r·m) input-side products, ``inverse_x`` (B, k_in) rows of ``PA`` per
+    sample, ``PC`` (U_y, m) output-side products, ``inverse_y`` (B, k_out), ``weights``
+    (B, r, m) or None (all ones, r = 1), ``chunk`` samples per step.  The weights are
+    constants (the paper's φ'), so no gradient flows to them.
+    """
+
+    @staticmethod
+    def forward(ctx, PA, inverse_x, PC, inverse_y, weights, chunk):
+        batch, k_in = inverse_x.shape
+        k_out = inverse_y.shape[1]
+        width, m = PA.shape[1], PC.shape[1]
+        r = width // m
+        need_a, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        grad_a = torch.zeros_like(PA) if need_a else None
+        grad_c = torch.zeros_like(PC) if need_c else None
+        total = torch.zeros((), dtype=torch.float64, device=PA.device)
+        size = min(batch, chunk)
+        # One set of buffers reused by every chunk: no fresh allocation per chunk.
+        buf_a = PA.new_empty(size * k_in, width)
+        buf_c = PC.new_empty(size * k_out, m)
+        buf_cw = PC.new_empty(size, k_out, width) if weights is not None else None
+        buf_j = PA.new_empty(size, k_out, k_in)
+        buf_grad = PA.new_empty(size * max(k_in, k_out) * width) if (need_a or need_c) else None
+        for start in range(0, batch, chunk):
+            stop = min(batch, start + chunk)
+            nb = stop - start
+            rows_a = inverse_x[start:stop].reshape(-1)
+            rows_c = inverse_y[start:stop].reshape(-1)
+            A = torch.index_select(PA, 0, rows_a, out=buf_a[: nb * k_in]).view(nb, k_in, width)
+            C = torch.index_select(PC, 0, rows_c, out=buf_c[: nb * k_out]).view(nb, k_out, m)
+            w = None if weights is None else weights[start:stop]  # (nb, r, m)
+            Cw = _weighted(C, w, r, buf_cw)
+            J = torch.bmm(Cw, A.transpose(1, 2), out=buf_j[:nb])  # (nb, k_out, k_in)
+            total += J.abs().sum(dtype=torch.float64)
+            sign = J.sign_()
+            if need_a:
+                dA = torch.bmm(sign.transpose(1, 2), Cw, out=buf_grad[: nb * k_in * width].view(nb, k_in, width))
+                grad_a.index_add_(0, rows_a, dA.view(nb * k_in, width))
+            if need_c:
+                dCw = torch.bmm(sign, A, out=buf_grad[: nb * k_out * width].view(nb, k_out, width))
+                if w is None:
+                    dC = dCw
+                elif r == 1:
+                    dC = dCw.mul_(w)
+                else:
+                    dC = (dCw.view(nb, k_out, r, m) * w.unsqueeze(1)).sum(2)
+                grad_c.index_add_(0, rows_c, dC.reshape(nb * k_out, m))
+        ctx.batch = batch
+        ctx.save_for_backward(grad_a, grad_c)
+        return (total / batch).to(PA.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        grad_a, grad_c = ctx.saved_tensors
+        scale = grad_output / ctx.batch
+        return (
+            None if grad_a is None else grad_a * scale,
+            None,
+            None if grad_c is None else grad_c * scale,
+            None,
+            None,
+            None,
+        )
+
+
+def jacobian_penalty(
+    mlp,
+    x: torch.Tensor,
+    W_dec_x: torch.Tensor,
+    indices_x: torch.Tensor,
+    W_enc_y: torch.Tensor,
+    indices_y: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    chunk_elements: int | None = None,
+) -> torch.Tensor:
+    """The training penalty ``mean_t Σ_ab |J_t[a, b]|``, fused and chunked.
+
+    Equal to :func:`jacobian_penalty_reference` (its plain twin) in value and in its
+    gradients with respect to ``W_dec_x`` and ``W_enc_y``; the MLP factors are
+    constants.  The per-latent products (one per distinct active latent) stay in
+    autograd; everything per sample is formed ``chunk`` samples at a time, and the
+    gradient of ``|J|`` with respect to those products is accumulated in the forward
+    pass, so memory is O(|U| · d_mlp + chunk · k · d_mlp) instead of O(B · k · d_mlp).
+    Maps without a closed form fall back to the plain route.
+
+    Parameters
+    ----------
+    mlp : backend map (AffineMap, ElementwiseMLP, GatedMLP or CallableMap), d_in -> d_out.
+    x : (B, d_in) true MLP inputs.
+    W_dec_x : (n_in, d_in) input SAE decoder rows.
+    indices_x : (B, k_in) active input latents.
+    W_enc_y : (n_out, d_out) output SAE encoder rows.
+    indices_y : (B, k_out) active output latents.
+    weights : (B, r, d_mlp) or None
+        ``mlp.local_weights(x)`` if already computed (see :func:`map_and_local_weights`);
+        None computes it.
+    chunk_elements : int or None
+        Bound on the elements of one (chunk, k, width) intermediate; None picks
+        :func:`default_chunk_elements` for the device.
+
+    Returns
+    -------
+    penalty : () scalar tensor, differentiable in ``W_dec_x`` and ``W_enc_y``
+        (not twice differentiable).
+    """
+    if isinstance(mlp, CallableMap) or not getattr(mlp, "has_closed_form", False):
+        return jacobian_penalty_reference(mlp, x, W_dec_x, indices_x, W_enc_y, indices_y)
+    PA, inverse_x, PC, inverse_y, weights = _closed_form_factors(
+        mlp, x, W_dec_x, indices_x, W_enc_y, indices_y, weights
+    )
+    chunk = _chunk_samples(indices_x, indices_y, PA.shape[1], x.device, chunk_elements)
+    return _AbsJacobianSum.apply(PA, inverse_x, PC, inverse_y, weights, chunk)
+
+
+def jacobian_penalty_reference(
+    mlp,
+    x: torch.Tensor,
+    W_dec_x: torch.Tensor,
+    indices_x: torch.Tensor,
+    W_enc_y: torch.Tensor,
+    indices_y: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    chunk_elements: int | None = None,
+) -> torch.Tensor:
+    """Plain twin of :func:`jacobian_penalty`: ``jacobian_blocks(...).abs().sum((1, 2)).mean()``.
+
+    Same arguments (``weights`` and ``chunk_elements`` are ignored); plain autograd,
+    O(B · k · d_mlp) memory.  Returns a () scalar tensor.
+    """
+    J = jacobian_blocks(mlp, x, W_dec_x, indices_x, W_enc_y, indices_y)
+    return J.abs().sum(dim=(1, 2)).mean()
+
+
+def map_and_local_weights(mlp, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(mlp(x), mlp.local_weights(x))`` sharing one pass through the hidden layer.
+
+    x (B, d_in) -> y (B, d_out), weights (B, r, d_mlp) or None for maps without
+    local weights (affine maps and callables).  No gradient.
+    """
+    from .mlp import ElementwiseMLP, GatedMLP, activation, activation_derivative
+
+    with torch.no_grad():
+        if isinstance(mlp, ElementwiseMLP):
+            z = mlp.pre_activation(x)
+            y = activation(mlp.activation, z) @ mlp.W_out
+            y = y if mlp.b_out is None else y + mlp.b_out
+            return y, activation_derivative(mlp.activation, z).unsqueeze(1)
+        if isinstance(mlp, GatedMLP):
+            g, u = mlp._gate_up(x)
+            act = activation(mlp.activation, g)
+            y = (act * u) @ mlp.W_down
+            y = y if mlp.b_down is None else y + mlp.b_down
+            return y, torch.stack([activation_derivative(mlp.activation, g) * u, act], dim=1)
+        return mlp(x), None

@@ -10,6 +10,12 @@ Model (Gao et al. 2024; Farnik et al. 2025)::
 ``W_enc`` (n, d) holds encoder ROWS (the transpose of the paper's ``W_enc``) so
 that both dictionaries are gathered by row.  Decoder rows have unit L2 norm.
 TopK results travel as ``(values, indices)`` pairs, which map straight onto CSR.
+
+Training uses :func:`encode_with_grad`: the dense pre-activations that TopK needs
+anyway are computed once without autograd, the k active values are read from
+them, and a hand-written backward scatters the gradient into the k active rows
+of ``W_enc`` per sample (O(B·k·d) work, no (B, k, d) tensor beyond one chunk).
+Its plain twin is ``select_topk`` + :func:`active_values` under autograd.
 """
 
 from __future__ import annotations
@@ -83,6 +89,90 @@ def active_values(params: SAEParams, x: torch.Tensor, indices: torch.Tensor) -> 
     rows = params.W_enc[indices]  # (B, k, d)
     pre = torch.einsum("bd,bkd->bk", x - params.b_dec, rows) + params.b_enc[indices]
     return F.relu(pre)
+
+
+# Elements of one (chunk, k, d) intermediate of the encoder backward (see jacobian.py).
+_CPU_CHUNK_ELEMENTS = 1 << 18
+_ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
+
+
+class _ActiveValues(torch.autograd.Function):
+    """``ReLU(pre_active)`` with the gradient of ``pre_active = (x - b_dec) · W_enc[I] + b_enc[I]``.
+
+    Inputs: W_enc (n, d), b_enc (n,), b_dec (d,), x (B, d), indices (B, k),
+    pre_active (B, k) (the pre-activations at ``indices``, already computed).
+    """
+
+    @staticmethod
+    def forward(ctx, W_enc, b_enc, b_dec, x, indices, pre_active):
+        ctx.save_for_backward(W_enc, b_dec, x, indices, pre_active)
+        return F.relu(pre_active)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_values):
+        W_enc, b_dec, x, indices, pre_active = ctx.saved_tensors
+        need_w, need_b_enc, need_b_dec, need_x = ctx.needs_input_grad[:4]
+        g = grad_values * (pre_active > 0)  # (B, k): ReLU passes where the pre-activation is > 0
+        batch, k = indices.shape
+        n, d = W_enc.shape
+        flat = indices.reshape(-1)
+        grad_w = grad_b_enc = grad_b_dec = grad_x = None
+        if need_w:
+            # grad W_enc[i] = Σ_{t, a : I[t, a] = i} g[t, a] (x_t - b_dec), chunk by chunk.
+            centred = x - b_dec
+            grad_w = torch.zeros_like(W_enc)
+            elements = _CPU_CHUNK_ELEMENTS if W_enc.device.type == "cpu" else _ACCELERATOR_CHUNK_ELEMENTS
+            chunk = max(1, elements // (k * d))
+            buffer = W_enc.new_empty(min(batch, chunk), k, d)
+            for start in range(0, batch, chunk):
+                stop = min(batch, start + chunk)
+                rows = torch.mul(g[start:stop, :, None], centred[start:stop, None, :], out=buffer[: stop - start])
+                grad_w.index_add_(0, flat[start * k : stop * k], rows.view(-1, d))
+        if need_b_enc or need_b_dec:
+            per_latent = torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, flat, g.reshape(-1))
+            grad_b_enc = per_latent if need_b_enc else None
+            grad_b_dec = -(per_latent @ W_enc) if need_b_dec else None
+        if need_x:
+            grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=g, mode="sum")
+        return grad_w, grad_b_enc, grad_b_dec, grad_x, None, None
+
+
+def encode_with_grad(params: SAEParams, x: torch.Tensor, k: int):
+    """TopK codes for training: values carry gradients to the k active encoder rows only.
+
+    Fast twin of ``select_topk(pre_activations(params, x), k)`` followed by
+    :func:`active_values`: the values are read from the dense pre-activations
+    (computed once, without autograd) and the backward is hand-written.
+
+    Parameters
+    ----------
+    params : SAEParams with W_enc (n, d), b_enc (n,), b_dec (d,).
+    x : (B, d) inputs.
+    k : active latents per sample.
+
+    Returns
+    -------
+    values : (B, k) ReLU of the active pre-activations, differentiable in W_enc, b_enc,
+        b_dec and x (once).
+    indices : (B, k) int64 active latents, unordered.
+    pre : (B, n) pre-activations, no gradient (for AuxK's dead-latent selection).
+    """
+    with torch.no_grad():
+        pre = pre_activations(params, x)
+        indices = select_topk(pre, k)
+    return active_values_from_pre(params, x, indices, pre), indices, pre
+
+
+def active_values_from_pre(params: SAEParams, x: torch.Tensor, indices: torch.Tensor, pre: torch.Tensor):
+    """Fast twin of :func:`active_values` when the dense pre-activations are at hand.
+
+    x (B, d), indices (B, k), pre (B, n) = ``pre_activations(params, x)`` (no gradient)
+    -> values (B, k) = ``ReLU(pre[indices])``, differentiable in W_enc, b_enc, b_dec and x
+    through a hand-written backward that touches the k active rows only.
+    """
+    pre_active = pre.detach().gather(1, indices)
+    return _ActiveValues.apply(params.W_enc, params.b_enc, params.b_dec, x, indices, pre_active)
 
 
 def decode(params: SAEParams, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
