@@ -45,23 +45,32 @@ def blocks_to_coo(blocks, shape: tuple[int, int, int]) -> sp.coo_array:
 
 
 class AbsJacobianSum:
-    """Running Σ_t |J_t| as an (n_out, n_in) CSR array, built batch by batch (never dense)."""
+    """Running Σ_t |J_t| over (n_out, n_in), built batch by batch.
 
-    def __init__(self, n_out: int, n_in: int):
+    A dense float64 accumulator (fast ``np.bincount``) when n_out · n_in is at most
+    ``dense_limit`` entries, else a running CSR sum, so memory never exceeds either bound.
+    """
+
+    def __init__(self, n_out: int, n_in: int, dense_limit: int = 1 << 25):
         self.shape = (n_out, n_in)
-        self.total = sp.csr_array(self.shape, dtype=np.float64)
+        self.dense = n_out * n_in <= dense_limit
+        self.total = np.zeros(n_out * n_in) if self.dense else sp.csr_array(self.shape, dtype=np.float64)
         self.n_samples = 0
 
     def add(self, J: np.ndarray, idx_out: np.ndarray, idx_in: np.ndarray) -> None:
         B, k_out, k_in = J.shape
         rows = np.repeat(idx_out, k_in, axis=1).ravel()
         cols = np.tile(idx_in, (1, k_out)).ravel()
-        batch = sp.coo_array((np.abs(J).ravel().astype(np.float64), (rows, cols)), shape=self.shape).tocsr()
-        self.total = self.total + batch
+        magnitudes = np.abs(J).ravel().astype(np.float64)
+        if self.dense:
+            self.total += np.bincount(rows * self.shape[1] + cols, magnitudes, minlength=self.total.size)
+        else:
+            self.total = self.total + sp.coo_array((magnitudes, (rows, cols)), shape=self.shape).tocsr()
         self.n_samples += B
 
     def mean(self) -> sp.csr_array:
-        out = (self.total / max(1, self.n_samples)).astype(np.float32).tocsr()
+        total = self.total.reshape(self.shape) if self.dense else self.total
+        out = sp.csr_array(total / max(1, self.n_samples), dtype=np.float32)
         out.eliminate_zeros()
         out.sum_duplicates()
         return out

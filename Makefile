@@ -1,0 +1,38 @@
+# `make run` trains a JSAE on the bundled real data and prints a report; `make test` runs the tests.
+# Both create the virtual environment on first use.  torch is pinned to the CPU wheel 2.13.0 and
+# installed first, so that no later requirement pulls a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test evaluate bench docs clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test,hf,plot]"
+	touch $@
+
+$(VENV)/.models: $(VENV)/.installed scripts/install_test_models.sh
+	PYTHON=$(PY) bash scripts/install_test_models.sh
+	touch $@
+
+run: $(VENV)/.installed
+	$(PY) -m sklearn_jsae
+
+evaluate: $(VENV)/.installed
+	$(PY) -m sklearn_jsae evaluate
+
+test: $(VENV)/.installed $(VENV)/.models
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/run.py
+
+docs: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[docs]"
+	$(PY) -m sphinx -b html docs docs/_build/html
+
+clean:
+	rm -rf $(VENV) docs/_build
