@@ -1,0 +1,82 @@
+"""(values, indices) -> SciPy conversions and the SAE's sparse fast paths against plain twins."""
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from sklearn_jsae._backend.sae import SAEParams, active_values, decode, decode_dense, encode, pre_activations
+from sklearn_jsae._sparse import AbsJacobianSum, blocks_to_coo, topk_to_csr
+
+
+@st.composite
+def topk_codes(draw):
+    n, n_columns = draw(st.integers(1, 8)), draw(st.integers(1, 12))
+    k = draw(st.integers(1, n_columns))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    indices = np.stack([rng.permutation(n_columns)[:k] for _ in range(n)])
+    values = np.maximum(rng.normal(size=(n, k)), 0).astype(np.float32)  # ReLU: some exact zeros
+    return values, indices, n_columns
+
+
+@settings(max_examples=50, deadline=None)
+@given(codes=topk_codes())
+def test_topk_to_csr_is_canonical_and_matches_dense_scatter(codes):
+    values, indices, n_columns = codes
+    csr = topk_to_csr(values, indices, n_columns)
+    dense = np.zeros((values.shape[0], n_columns), dtype=np.float32)
+    np.put_along_axis(dense, indices, values, axis=1)
+    np.testing.assert_array_equal(csr.toarray(), dense)
+    assert csr.has_canonical_format
+    for row in range(csr.shape[0]):
+        cols = csr.indices[csr.indptr[row]:csr.indptr[row + 1]]
+        assert np.all(np.diff(cols) > 0)
+    assert np.diff(csr.indptr).max() <= indices.shape[1]
+    assert np.all(csr.data != 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    J=arrays(np.float32, st.tuples(st.integers(1, 5), st.integers(1, 3), st.integers(1, 3)),
+             elements=st.floats(-3, 3, width=32)),
+    seed=st.integers(0, 1000),
+)
+def test_jacobian_blocks_to_coo_and_running_mean(J, seed):
+    rng = np.random.default_rng(seed)
+    B, k_out, k_in = J.shape
+    n_out, n_in = 6, 7
+    idx_out = np.stack([rng.permutation(n_out)[:k_out] for _ in range(B)])
+    idx_in = np.stack([rng.permutation(n_in)[:k_in] for _ in range(B)])
+    dense = np.zeros((B, n_out, n_in), dtype=np.float32)
+    for t in range(B):
+        dense[t][np.ix_(idx_out[t], idx_in[t])] = J[t]
+    coo = blocks_to_coo([(J[:2], idx_out[:2], idx_in[:2]), (J[2:], idx_out[2:], idx_in[2:])], (B, n_out, n_in))
+    np.testing.assert_array_equal(coo.toarray(), dense)
+    for limit in (0, 1 << 20):  # sparse and dense accumulators
+        total = AbsJacobianSum(n_out, n_in, dense_limit=limit)
+        total.add(J[:2], idx_out[:2], idx_in[:2])
+        total.add(J[2:], idx_out[2:], idx_in[2:])
+        np.testing.assert_allclose(total.mean().toarray(), np.abs(dense).mean(0), rtol=1e-6, atol=1e-7)
+
+
+def _params(seed, n=10, d=5):
+    g = torch.Generator().manual_seed(seed)
+    params = SAEParams.initialise(n, d, torch.randn(d, generator=g, dtype=torch.float64), g)
+    params.b_enc = torch.randn(n, generator=g, dtype=torch.float64)
+    return params
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 10), batch=st.integers(1, 6))
+def test_sparse_decode_and_active_values_equal_plain_twins(seed, k, batch):
+    params = _params(seed)
+    x = torch.randn(batch, 5, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    values, indices = encode(params, x, k)
+    assert values.shape == indices.shape == (batch, k) and bool((values >= 0).all())
+    torch.testing.assert_close(decode(params, values, indices), decode_dense(params, values, indices))
+    dense_pre = pre_activations(params, x)
+    torch.testing.assert_close(active_values(params, x, indices), torch.relu(dense_pre.gather(1, indices)))
+    # the kept latents are the k largest pre-activations
+    assert bool((dense_pre.gather(1, indices).min(1).values >= dense_pre.topk(k).values.min(1).values).all())
