@@ -403,8 +403,10 @@ def classify_curves(grid, curves, tol=0.01):
 
     - ``"linear"``: every residual of the least-squares line through all points is < ``tol``;
     - ``"jumprelu"``: otherwise, if the points that are exactly 0 form one contiguous run
-      containing the first or the last grid point, at least 2 points remain, and the
-      least-squares line through the remaining points has every residual < ``tol``;
+      containing the first or the last grid point and the least-squares line through the
+      remaining points has every residual < ``tol`` (a single remaining point counts as
+      linear: the authors' script calls that case "other", although it is a ReLU whose kink
+      falls between the first two grid points);
     - ``"other"``: everything else.
 
     Parameters
@@ -438,7 +440,7 @@ def classify_curves(grid, curves, tol=0.01):
     position = np.arange(n_points)
     prefix = (zero | (position[None, :] >= n_zero[:, None])).all(axis=1)
     suffix = (zero | (position[None, :] < (n_points - n_zero)[:, None])).all(axis=1)
-    candidate = (n_zero > 0) & (n_points - n_zero >= 2) & (prefix | suffix)
+    candidate = (n_zero > 0) & (n_zero < n_points) & (prefix | suffix)
     rest_linear = _line_residuals(grid, curves, (~zero).astype(np.float64)) < tol
     labels[candidate & rest_linear] = "jumprelu"
     labels[linear] = "linear"

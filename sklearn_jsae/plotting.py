@@ -1,0 +1,313 @@
+"""Figures for Jacobian sparse autoencoders (matplotlib is optional: ``pip install sklearn-jsae[plot]``).
+
+====================================  ========================================================
+:func:`plot_jacobian_histogram`       distribution of |J| over active entries, several models
+:func:`plot_l1_pareto`                reconstruction vs Jacobian density of an l1 sweep
+:func:`plot_jacobian_block`           the k_out × k_in Jacobian of one sample, latent labels
+:func:`plot_top_edges`                the strongest input latents feeding one output latent
+====================================  ========================================================
+
+Every function draws on ``ax`` (a new figure when None) and returns the axes.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from ._topk import _validate_X
+from .metrics import _check_jsae, global_jacobian_sparsity
+
+__all__ = ["plot_jacobian_block", "plot_jacobian_histogram", "plot_l1_pareto", "plot_top_edges"]
+
+
+def _pyplot():
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - exercised by monkeypatching in the tests
+        raise ImportError(
+            "sklearn_jsae.plotting needs matplotlib, an optional dependency: "
+            "pip install 'sklearn-jsae[plot]' (or pip install matplotlib)."
+        ) from exc
+    return plt
+
+
+def _axes(ax):
+    if ax is not None:
+        return ax
+    return _pyplot().subplots()[1]
+
+
+def _label(labels, latent):
+    if labels is None:
+        return str(int(latent))
+    try:
+        return str(labels[int(latent)])
+    except (KeyError, IndexError, TypeError):
+        return str(int(latent))
+
+
+def _named(models):
+    if isinstance(models, dict):
+        return list(models.items())
+    if isinstance(models, (list, tuple)):
+        return [(f"model {i}", m) for i, m in enumerate(models)]
+    return [(type(models).__name__, models)]
+
+
+def plot_jacobian_histogram(models, X, *, thresholds=(0.01,), bins=60, min_value=1e-5, ax=None):
+    """Histogram of |J| over the active Jacobian entries of one or several fitted models.
+
+    Log-spaced bins from ``min_value`` to the largest entry; entries below ``min_value``
+    (including exact zeros) are counted in the first bin.  Each curve is normalised to the
+    fraction of that model's entries, so models with different k compare directly.
+
+    Parameters
+    ----------
+    models : JacobianSparseAutoencoder, list of them, or dict {label: model}
+        Fitted models, e.g. ``{"JSAE": jsae, "traditional": trad}``.
+    X : array-like of shape (n_samples, n_features_in_)
+    thresholds : sequence of float, default=(0.01,)
+        Drawn as dashed vertical lines.
+    bins : int, default=60
+    min_value : float, default=1e-5
+    ax : matplotlib Axes, default=None
+
+    Returns
+    -------
+    ax : matplotlib Axes
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import numpy as np, torch
+    >>> from sklearn_jsae import JacobianSparseAutoencoder
+    >>> from sklearn_jsae.plotting import plot_jacobian_histogram
+    >>> mlp = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.GELU(), torch.nn.Linear(12, 6))
+    >>> X = np.random.default_rng(0).normal(size=(64, 6)).astype(np.float32)
+    >>> fit = lambda l1: JacobianSparseAutoencoder(mlp, n_components=16, k=3, l1=l1, max_iter=2,
+    ...                                            random_state=0).fit(X)
+    >>> ax = plot_jacobian_histogram({"JSAE": fit(1.0), "traditional": fit(0.0)}, X)
+    >>> [t.get_text() for t in ax.get_legend().get_texts()][:2]
+    ['JSAE', 'traditional']
+    """
+    named = _named(models)
+    values = {}
+    for label, model in named:
+        _check_jsae(model, "every model")
+        rows = _validate_X(model, X, reset=False)
+        values[label] = np.abs(np.concatenate([J.ravel() for J, _, _ in model._iter_blocks(rows)]))
+    top = max(max(float(v.max()) for v in values.values() if v.size), min_value * 10)
+    edges = np.geomspace(min_value, top * 1.0001, bins + 1)
+    ax = _axes(ax)
+    for label, v in values.items():
+        counts, _ = np.histogram(np.clip(v, min_value, None), bins=edges)
+        ax.stairs(counts / max(1, v.size), edges, linewidth=1.5, label=label)
+    for tau in thresholds:
+        ax.axvline(tau, color="grey", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("|J| over active entries (first bin: below %g)" % min_value)
+    ax.set_ylabel("fraction of entries")
+    ax.set_title("Jacobian magnitudes")
+    ax.legend()
+    return ax
+
+
+def _pareto_mask(cost, gain):
+    """True where no other point has cost <= and gain >= with one strict."""
+    mask = np.ones(cost.shape[0], dtype=bool)
+    for a in range(cost.shape[0]):
+        dominated = (cost <= cost[a]) & (gain >= gain[a]) & ((cost < cost[a]) | (gain > gain[a]))
+        mask[a] = not dominated.any()
+    return mask
+
+
+def plot_l1_pareto(search, *, reconstruction="explained_variance", sparsity="neg_jacobian_sparsity",
+                   param="l1", chosen=None, ax=None):
+    """Reconstruction against Jacobian density for every candidate of an l1 sweep.
+
+    The x axis is the Jacobian density (``-mean_test_<sparsity>``: the fraction of active
+    entries above τ, lower is sparser) and the y axis the mean test ``reconstruction`` score;
+    each point is labelled with its ``param`` value and the Pareto-optimal candidates are
+    joined by a line.  The chosen candidate (``best_index_`` of a fitted search, or
+    ``chosen``) is starred.
+
+    Parameters
+    ----------
+    search : fitted GridSearchCV / RandomizedSearchCV, or its ``cv_results_`` dict
+        Scored with :func:`sklearn_jsae.model_selection.make_scoring` (or scorers with the
+        names given below).
+    reconstruction : str, default="explained_variance"
+    sparsity : str, default="neg_jacobian_sparsity"
+    param : str, default="l1"
+    chosen : int or None, default=None
+        Candidate index to star; None uses ``search.best_index_`` if it exists.
+    ax : matplotlib Axes, default=None
+
+    Returns
+    -------
+    ax : matplotlib Axes
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> from sklearn_jsae.plotting import plot_l1_pareto
+    >>> cv_results = {"param_l1": [0.0, 0.5, 2.0, 8.0],
+    ...               "mean_test_explained_variance": [0.90, 0.89, 0.85, 0.60],
+    ...               "mean_test_neg_jacobian_sparsity": [-0.40, -0.10, -0.12, -0.01]}
+    >>> ax = plot_l1_pareto(cv_results, chosen=1)
+    >>> ax.get_lines()[0].get_xdata().tolist()   # the Pareto front: l1 = 0.0, 0.5, 8.0
+    [0.01, 0.1, 0.4]
+    """
+    cv_results = getattr(search, "cv_results_", search)
+    if chosen is None:
+        chosen = getattr(search, "best_index_", None)
+    keys = (f"mean_test_{reconstruction}", f"mean_test_{sparsity}")
+    missing = [key for key in keys if key not in cv_results]
+    if missing:
+        raise KeyError(f"cv_results has no {missing}; score the search with sklearn_jsae.model_selection.make_scoring().")
+    gain = np.asarray(cv_results[keys[0]], dtype=np.float64)
+    cost = -np.asarray(cv_results[keys[1]], dtype=np.float64)
+    values = list(cv_results.get(f"param_{param}", [None] * gain.size))
+    ax = _axes(ax)
+    front = _pareto_mask(cost, gain)
+    order = np.argsort(cost[front])
+    ax.plot(cost[front][order], gain[front][order], "-", color="tab:blue", label="Pareto front")
+    ax.scatter(cost, gain, color="tab:blue", zorder=3)
+    for a, value in enumerate(values):
+        if value is not None:
+            ax.annotate(f"{param}={value:g}" if isinstance(value, numbers.Real) else f"{param}={value}",
+                        (cost[a], gain[a]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if chosen is not None:
+        ax.scatter([cost[chosen]], [gain[chosen]], marker="*", s=250, color="tab:red", zorder=4, label="chosen")
+    ax.set_xlabel(f"Jacobian density (-{sparsity}; lower is sparser)")
+    ax.set_ylabel(reconstruction.replace("_", " "))
+    ax.set_title("l1 sweep")
+    ax.legend()
+    return ax
+
+
+def plot_jacobian_block(estimator, x, *, input_labels=None, output_labels=None, sort=True, cmap="RdBu_r", ax=None):
+    """Heatmap of the k_out × k_in Jacobian of one sample, rows and columns labelled by latent.
+
+    Parameters
+    ----------
+    estimator : fitted JacobianSparseAutoencoder
+    x : array-like of shape (n_features_in_,) or (1, n_features_in_)
+        One MLP input.
+    input_labels, output_labels : sequence or dict, default=None
+        Names of latents indexed by latent id (e.g. from auto-interpretation); missing
+        entries fall back to the id.
+    sort : bool, default=True
+        Order rows and columns by decreasing latent activation (else by position in TopK).
+    cmap : str, default="RdBu_r"
+        A diverging map, centred on 0.
+    ax : matplotlib Axes, default=None
+
+    Returns
+    -------
+    ax : matplotlib Axes
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import numpy as np
+    >>> from sklearn_jsae import JacobianSparseAutoencoder
+    >>> from sklearn_jsae.plotting import plot_jacobian_block
+    >>> X = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    >>> jsae = JacobianSparseAutoencoder(n_components=12, k=3, max_iter=2, random_state=0).fit(X)
+    >>> ax = plot_jacobian_block(jsae, X[0])
+    >>> ax.images[0].get_array().shape
+    (3, 3)
+    """
+    _check_jsae(estimator)
+    x = _validate_X(estimator, np.asarray(x).reshape(1, -1), reset=False)
+    (J, idx_y, idx_x), = list(estimator._iter_blocks(x))
+    J, idx_y, idx_x = J[0], idx_y[0], idx_x[0]
+    if sort:
+        s_x = estimator.transform(x).toarray()[0]
+        s_y = estimator.transform_output(x).toarray()[0]
+        rows = np.argsort(-s_y[idx_y], kind="stable")
+        cols = np.argsort(-s_x[idx_x], kind="stable")
+        J, idx_y, idx_x = J[np.ix_(rows, cols)], idx_y[rows], idx_x[cols]
+    ax = _axes(ax)
+    limit = float(np.abs(J).max()) or 1.0
+    image = ax.imshow(J, cmap=cmap, vmin=-limit, vmax=limit, aspect="auto")
+    ax.figure.colorbar(image, ax=ax, label="∂s_y/∂s_x")
+    ax.set_xticks(range(len(idx_x)))
+    ax.set_xticklabels([_label(input_labels, j) for j in idx_x], rotation=90, fontsize=7)
+    ax.set_yticks(range(len(idx_y)))
+    ax.set_yticklabels([_label(output_labels, i) for i in idx_y], fontsize=7)
+    ax.set_xlabel("active input latent")
+    ax.set_ylabel("active output latent")
+    ax.set_title("Jacobian of one sample")
+    return ax
+
+
+def plot_top_edges(estimator, X, output_latent, *, n_edges=10, input_labels=None, output_label=None, ax=None):
+    """The input latents with the largest mean |J| into one output latent (its strongest edges).
+
+    Uses the global mean ``G[i, j]`` of :func:`~sklearn_jsae.metrics.global_jacobian_sparsity`:
+    the mean of |J_t[i, j]| over the rows of X where output latent i is active.
+
+    Parameters
+    ----------
+    estimator : fitted JacobianSparseAutoencoder
+    X : array-like of shape (n_samples, n_features_in_)
+    output_latent : int
+    n_edges : int, default=10
+    input_labels : sequence or dict, default=None
+    output_label : str, default=None
+    ax : matplotlib Axes, default=None
+
+    Returns
+    -------
+    ax : matplotlib Axes
+        Horizontal bars, strongest edge on top.
+
+    Raises
+    ------
+    ValueError
+        If the output latent is out of range or never active on X.
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import numpy as np
+    >>> from sklearn_jsae import JacobianSparseAutoencoder
+    >>> from sklearn_jsae.plotting import plot_top_edges
+    >>> X = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    >>> jsae = JacobianSparseAutoencoder(n_components=12, k=3, max_iter=2, random_state=0).fit(X)
+    >>> latent = int(jsae.transform_output(X).indices[0])
+    >>> ax = plot_top_edges(jsae, X, latent, n_edges=4)
+    >>> 1 <= len(ax.patches) <= 4
+    True
+    """
+    _check_jsae(estimator)
+    n_out = estimator.output_sae_.components_.shape[0]
+    if not 0 <= int(output_latent) < n_out:
+        raise ValueError(f"output_latent={output_latent} is out of range: the output SAE has {n_out} latents.")
+    _, G = global_jacobian_sparsity(estimator, X, thresholds=[0.0], return_matrix=True)
+    row = G[[int(output_latent)], :].tocoo()
+    if row.nnz == 0:
+        raise ValueError(
+            f"output latent {output_latent} is never active on X (or all its Jacobian entries are 0); "
+            f"pick one that fires, e.g. from estimator.transform_output(X).indices."
+        )
+    cols = np.asarray(row.coords[1])
+    order = np.argsort(-row.data, kind="stable")[:n_edges]
+    latents, strengths = cols[order], row.data[order]
+    ax = _axes(ax)
+    positions = np.arange(len(latents))[::-1]
+    ax.barh(positions, strengths, color="tab:blue")
+    ax.set_yticks(positions)
+    ax.set_yticklabels([_label(input_labels, j) for j in latents], fontsize=8)
+    ax.set_xlabel("mean |J| when the output latent is active")
+    name = output_label if output_label is not None else f"output latent {int(output_latent)}"
+    ax.set_title(f"Strongest edges into {name}")
+    return ax

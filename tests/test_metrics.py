@@ -1,0 +1,554 @@
+"""Tests of sklearn_jsae.metrics: invariants (hypothesis), dense references, behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
+from sklearn_jsae._backend.mlp import AffineMap, ElementwiseMLP, GatedMLP
+from sklearn_jsae.metrics import (
+    classify_curves,
+    fraction_variance_unexplained,
+    global_jacobian_sparsity,
+    intervention_agreement,
+    jacobian_sparsity,
+    linearity,
+    randomize_mlp,
+    reconstruction_metrics,
+)
+
+FAST = settings(max_examples=12, deadline=None)
+ACTS = [torch.nn.GELU, torch.nn.ReLU, torch.nn.SiLU, torch.nn.Tanh]
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def make_mlp(d_in, d_hidden, d_out, act=torch.nn.GELU, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(d_in, d_hidden), act(), torch.nn.Linear(d_hidden, d_out))
+
+
+def set_sae(sae, W_enc, b_enc, W_dec, b_dec):
+    sae.encoder_ = np.asarray(W_enc, dtype=np.float32)
+    sae.encoder_bias_ = np.asarray(b_enc, dtype=np.float32)
+    sae.components_ = np.asarray(W_dec, dtype=np.float32)
+    sae.decoder_bias_ = np.asarray(b_dec, dtype=np.float32)
+
+
+def randomise_saes(jsae, seed):
+    """Give both SAEs random (untrained) parameters, so Jacobians are diverse."""
+    rng = np.random.default_rng(seed)
+    for sae in (jsae.input_sae_, jsae.output_sae_):
+        n, d = sae.components_.shape
+        W = rng.normal(size=(n, d))
+        W /= np.linalg.norm(W, axis=1, keepdims=True)
+        set_sae(sae, rng.normal(size=(n, d)), rng.normal(scale=0.3, size=n), W, rng.normal(scale=0.3, size=d))
+    return jsae
+
+
+def fitted(mlp, X, n_components, k, seed=0, randomise=True, **kwargs):
+    jsae = JacobianSparseAutoencoder(mlp, n_components=n_components, k=k, max_iter=1, random_state=seed,
+                                     **kwargs).fit(X)
+    return randomise_saes(jsae, seed) if randomise else jsae
+
+
+def reference_blocks(jsae, X):
+    """Dense reference: full n_out x n_in latent Jacobian per sample by autograd (float64),
+    restricted to the active sets found with a numpy TopK."""
+    def codes(sae, Z):
+        pre = (Z - sae.decoder_bias_.astype(np.float64)) @ sae.encoder_.T.astype(np.float64) + sae.encoder_bias_
+        return np.argsort(-pre, axis=1)[:, : sae.k]
+
+    mlp = jsae.mlp_.double() if isinstance(jsae.mlp_, torch.nn.Module) else jsae.mlp_
+    Xt = torch.as_tensor(X, dtype=torch.float64)
+    with torch.no_grad():
+        Y = mlp(Xt).numpy()
+    idx_x, idx_y = codes(jsae.input_sae_, X.astype(np.float64)), codes(jsae.output_sae_, Y)
+    W_dec_x = jsae.input_sae_.components_.astype(np.float64)
+    W_enc_y = jsae.output_sae_.encoder_.astype(np.float64)
+    full = []
+    for t in range(X.shape[0]):
+        J_f = torch.func.jacrev(lambda row: mlp(row[None])[0])(Xt[t]).numpy()  # (d_out, d_in)
+        full.append(W_enc_y @ J_f @ W_dec_x.T)
+    return np.stack(full), idx_y, idx_x
+
+
+def ambiguous_fraction(values, tau, eps=1e-4):
+    return np.mean(np.abs(np.abs(values) - tau) < eps)
+
+
+# ---------------------------------------------------------------------- per-sample Jacobian sparsity
+
+
+@FAST
+@given(
+    d_in=st.integers(2, 5), d_hidden=st.integers(3, 8), d_out=st.integers(2, 5),
+    n_components=st.integers(4, 10), k=st.integers(1, 3), act=st.sampled_from(ACTS),
+    seed=st.integers(0, 1000), taus=st.lists(st.floats(0.0, 2.0), min_size=1, max_size=4, unique=True),
+)
+def test_jacobian_sparsity_matches_dense_reference(d_in, d_hidden, d_out, n_components, k, act, seed, taus):
+    X = np.random.default_rng(seed).normal(size=(12, d_in)).astype(np.float32)
+    jsae = fitted(make_mlp(d_in, d_hidden, d_out, act, seed), X, n_components, k, seed)
+    full, idx_y, idx_x = reference_blocks(jsae, X)
+    blocks = np.stack([full[t][np.ix_(idx_y[t], idx_x[t])] for t in range(len(X))])
+    result = jacobian_sparsity(jsae, X, thresholds=taus)
+    assert list(result) == [float(t) for t in taus]
+    for tau, value in result.items():
+        expected = np.mean([(np.abs(b) > tau).mean() for b in blocks])
+        assert abs(value - expected) <= ambiguous_fraction(blocks, tau) + 1e-9
+        counts = jacobian_sparsity(jsae, X, thresholds=[tau], normalize=False)[tau]
+        assert counts == pytest.approx(value * k * k)
+
+
+@FAST
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 6), n_out=st.integers(1, 7), n_in=st.integers(1, 7),
+       taus=st.lists(st.floats(0.0, 3.0), min_size=1, max_size=6))
+def test_sparsities_are_bounded_and_monotone_in_tau(seed, n, n_out, n_in, taus):
+    rng = np.random.default_rng(seed)
+    dense = rng.normal(size=(n, n_out, n_in)) * (rng.random((n, n_out, n_in)) < 0.5)
+    t, i, j = np.nonzero(dense)
+    if t.size == 0:
+        return
+    J = sp.coo_array((dense[t, i, j], (t, i, j)), shape=dense.shape)
+    taus = sorted(taus)
+    for fn in (jacobian_sparsity, global_jacobian_sparsity):
+        values = list(fn(J, thresholds=taus).values())
+        assert all(0.0 <= v <= 1.0 for v in values)
+        assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_jacobian_sparsity_of_array_equals_estimator_path():
+    X = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+    jsae = fitted(make_mlp(4, 8, 3), X, 10, 3)
+    from_estimator = jacobian_sparsity(jsae, X)
+    from_array = jacobian_sparsity(jsae.jacobian(X))
+    assert from_array == pytest.approx(from_estimator)
+    assert global_jacobian_sparsity(jsae.jacobian(X)) == pytest.approx(global_jacobian_sparsity(jsae, X))
+
+
+def test_jacobian_sparsity_is_zero_above_the_largest_entry_and_one_below_the_smallest():
+    X = np.random.default_rng(1).normal(size=(20, 4)).astype(np.float32)
+    jsae = fitted(make_mlp(4, 8, 4), X, 8, 2)
+    values = np.abs(jsae.jacobian(X).data)
+    result = jacobian_sparsity(jsae, X, thresholds=[values.max(), values.min() / 2])
+    assert result[float(values.max())] == 0.0
+    assert result[float(values.min() / 2)] == 1.0
+
+
+def test_jacobian_sparsity_rejects_bad_thresholds_and_missing_X():
+    X = np.random.default_rng(0).normal(size=(10, 3)).astype(np.float32)
+    jsae = fitted(None, X, 6, 2)
+    with pytest.raises(ValueError, match="thresholds"):
+        jacobian_sparsity(jsae, X, thresholds=[-0.1])
+    with pytest.raises(ValueError, match="X is required"):
+        jacobian_sparsity(jsae)
+    with pytest.raises(TypeError, match="JacobianSparseAutoencoder"):
+        jacobian_sparsity(TopKSparseAutoencoder(n_components=6, k=2, max_iter=1).fit(X), X)
+    with pytest.raises(ValueError, match="features"):
+        jacobian_sparsity(jsae, X[:, :2])
+
+
+# ------------------------------------------------------------------------------ global sparsity
+
+
+@FAST
+@given(d=st.integers(2, 5), n_components=st.integers(4, 10), k=st.integers(1, 3), seed=st.integers(0, 1000),
+       taus=st.lists(st.floats(0.0, 1.5), min_size=1, max_size=4, unique=True))
+def test_global_sparsity_matches_dense_reference(d, n_components, k, seed, taus):
+    X = np.random.default_rng(seed).normal(size=(15, d)).astype(np.float32)
+    jsae = fitted(make_mlp(d, 6, d, torch.nn.Tanh, seed), X, n_components, k, seed)
+    full, idx_y, idx_x = reference_blocks(jsae, X)
+    total = np.zeros(full.shape[1:])
+    count = np.zeros(full.shape[1])
+    for t in range(len(X)):
+        mask = np.zeros(full.shape[1:], dtype=bool)
+        mask[np.ix_(idx_y[t], idx_x[t])] = True
+        total += np.abs(full[t]) * mask
+        count[idx_y[t]] += 1
+    G_ref = total / np.maximum(count, 1)[:, None]
+    fractions, G = global_jacobian_sparsity(jsae, X, thresholds=taus, return_matrix=True)
+    assert sp.issparse(G) and G.shape == G_ref.shape
+    np.testing.assert_allclose(G.toarray(), G_ref, atol=1e-4, rtol=1e-3)
+    for tau, value in fractions.items():
+        expected = np.mean(G_ref > tau)
+        assert abs(value - expected) <= ambiguous_fraction(G_ref, tau) + 1e-9
+
+
+def test_global_sparsity_never_forms_a_dense_pair_array():
+    # 60,000 x 60,000 latent pairs: a dense float64 array would need 28.8 GB.
+    X = np.random.default_rng(0).normal(size=(24, 3)).astype(np.float32)
+    jsae = JacobianSparseAutoencoder(n_components=60_000, k=2, max_iter=1, random_state=0).fit(X)
+    fractions, G = global_jacobian_sparsity(jsae, X, thresholds=[0.0], return_matrix=True)
+    assert G.shape == (60_000, 60_000)
+    assert G.nnz <= 24 * 2 * 2
+    assert 0.0 < fractions[0.0] <= 24 * 4 / 60_000**2
+
+
+# -------------------------------------------------------------------------------- reconstruction
+
+
+@FAST
+@given(seed=st.integers(0, 1000), d=st.integers(2, 6), n_components=st.integers(3, 12), k=st.integers(1, 3))
+def test_fvu_matches_numpy_reference(seed, d, n_components, k):
+    k = min(k, n_components)
+    X = np.random.default_rng(seed).normal(size=(30, d)).astype(np.float32) * 3 + 1
+    jsae = fitted(make_mlp(d, 7, d, seed=seed), X, n_components, k, seed)
+    Y = jsae.mlp_outputs(X).astype(np.float64)
+    X_hat = jsae.input_sae_.inverse_transform(jsae.transform(X))
+    Y_hat = jsae.output_sae_.inverse_transform(jsae.transform_output(X))
+
+    def fvu(Z, Z_hat):
+        return ((Z - Z_hat) ** 2).sum() / ((Z - Z.mean(0)) ** 2).sum()
+
+    result = fraction_variance_unexplained(jsae, X, batch_size=7)
+    assert result["input"] == pytest.approx(fvu(X.astype(np.float64), X_hat), rel=1e-4)
+    assert result["output"] == pytest.approx(fvu(Y, Y_hat), rel=1e-4)
+    assert result["input"] >= 0 and result["output"] >= 0
+
+
+def test_reconstruction_metrics_l0_and_dead_fraction_match_codes():
+    X = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    jsae = fitted(make_mlp(4, 8, 4), X, 16, 3, randomise=False)
+    metrics = reconstruction_metrics(jsae, X, batch_size=16)
+    for side, codes in (("input", jsae.transform(X)), ("output", jsae.transform_output(X))):
+        per_row = np.diff(codes.indptr)
+        per_latent = np.bincount(codes.indices[codes.data > 0], minlength=codes.shape[1])
+        assert metrics[side]["l0"] == pytest.approx(per_row.mean())
+        assert metrics[side]["l0"] <= 3
+        assert metrics[side]["dead_fraction"] == pytest.approx(np.mean(per_latent == 0))
+        assert metrics[side]["explained_variance"] == pytest.approx(1 - metrics[side]["fvu"])
+
+
+def test_fvu_is_zero_for_an_exact_autoencoder():
+    d = 4
+    X = np.random.default_rng(0).normal(size=(40, d)).astype(np.float32)
+    jsae = fitted(None, X, 2 * d, d, randomise=False)
+    basis = np.vstack([np.eye(d), -np.eye(d)])  # TopK_d of (x, -x) keeps |x_i|: exact
+    for sae in (jsae.input_sae_, jsae.output_sae_):
+        set_sae(sae, basis, np.zeros(2 * d), basis, np.zeros(d))
+    result = fraction_variance_unexplained(jsae, X)
+    assert result["input"] == pytest.approx(0.0, abs=1e-10)
+    assert result["output"] == pytest.approx(0.0, abs=1e-10)
+
+
+# ------------------------------------------------------------------------------------- linearity
+
+
+def test_classify_curves_rules():
+    v = np.tile(np.linspace(0, 5, 100), (7, 1))
+    curves = np.stack([
+        3 - 0.5 * v[0],                           # linear
+        np.zeros(100),                            # constant zero: linear
+        np.maximum(2 * v[2] - 3, 0),              # zeros touching the start: JumpReLU
+        np.maximum(3 - v[3], 0),                  # zeros touching the end: JumpReLU
+        np.where((v[4] > 2) & (v[4] < 3), 0.0, v[4] + 1),   # zeros in the middle: other
+        np.where((v[5] < 1) | (v[5] > 4), 0.0, v[5]),      # zeros at both ends: other
+        0.01 * v[6] ** 2,                        # curved: other
+    ])
+    single = np.where(v[0] > 0, 0.0, 0.3)[None]   # kink between the first two points: JumpReLU
+    assert classify_curves(v[:1], single).tolist() == ["jumprelu"]
+    assert classify_curves(v, curves).tolist() == [
+        "linear", "linear", "jumprelu", "jumprelu", "other", "other", "other"]
+    wobble = v[:1] + 0.004 * np.sin(20 * v[:1])
+    assert classify_curves(v[:1], wobble, tol=0.01).tolist() == ["linear"]
+    assert classify_curves(v[:1], wobble, tol=0.001).tolist() == ["other"]
+
+
+def test_linearity_of_an_affine_mlp_without_topk_is_never_other():
+    # k = n_components: nothing leaves the top k, so s_y[i](v) = ReLU(affine in v).
+    X = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+    torch.manual_seed(3)
+    jsae = fitted(torch.nn.Linear(4, 4), X, 6, 6, seed=3)
+    fractions = linearity(jsae, X, n_samples=20, random_state=0)
+    assert fractions["other"] == 0.0
+    assert fractions["linear"] + fractions["jumprelu"] == pytest.approx(1.0)
+
+
+def test_linearity_detects_a_curved_function():
+    def square(x):
+        return 3.0 * x**2
+
+    X = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
+    jsae = fitted(square, X, 5, 5, seed=1)
+    fractions = linearity(jsae, X, n_samples=20, random_state=0)
+    assert fractions["other"] > 0.5
+
+
+def test_linearity_sweep_follows_its_documented_definition():
+    X = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
+    jsae = fitted(make_mlp(4, 8, 4), X, 8, 3, seed=2)
+    fractions, details = linearity(jsae, X, n_samples=5, n_pairs=2, n_points=7, random_state=1,
+                                   return_curves=True)
+    assert details["curves"].shape == (10, 7) and details["grid"].shape == (10, 7)
+    assert sum(fractions.values()) == pytest.approx(1.0)
+    for p in (0, 9):
+        row, i, j = details["rows"][p], details["output_latent"][p], details["input_latent"][p]
+        s = jsae.transform(X[row : row + 1]).toarray()[0, j]
+        assert j in jsae.jacobian(X[row : row + 1]).coords[2]  # j is an active input latent
+        assert details["grid"][p, -1] == pytest.approx(max(5.0, s + 1.0))
+        d_j = jsae.input_sae_.components_[j]
+        points = X[row] + (details["grid"][p][:, None] - s) * d_j
+        expected = jsae.transform_output(points.astype(np.float32)).toarray()[:, i]
+        np.testing.assert_allclose(details["curves"][p], expected, atol=1e-4)
+    again = linearity(jsae, X, n_samples=5, n_pairs=2, n_points=7, random_state=1)
+    assert again == fractions
+
+
+def test_linearity_rejects_bad_parameters():
+    X = np.random.default_rng(0).normal(size=(10, 3)).astype(np.float32)
+    jsae = fitted(None, X, 6, 2)
+    with pytest.raises(ValueError, match="n_points"):
+        linearity(jsae, X, n_points=1)
+    with pytest.raises(ValueError, match="tol"):
+        linearity(jsae, X, tol=-1)
+
+
+# ------------------------------------------------------------------------------- interventions
+
+
+def test_intervention_agreement_is_exact_for_a_linear_latent_map():
+    # Identity MLP; the output SAE keeps every latent (k = n) with a large encoder bias, so
+    # s_y is affine in y and a unit removal changes it by exactly J.
+    d = 3
+    X = np.random.default_rng(0).normal(size=(25, d)).astype(np.float32)
+    jsae = fitted(None, X, 6, 6, seed=0)
+    sae = jsae.output_sae_
+    set_sae(sae, sae.encoder_, np.full(6, 100.0), sae.components_, sae.decoder_bias_)
+    agreement, details = intervention_agreement(jsae, X, tol=1e-3, return_details=True)
+    assert agreement == 1.0
+    np.testing.assert_allclose(details["observed"], details["jacobian"], atol=1e-3)
+
+
+@FAST
+@given(seed=st.integers(0, 1000), k=st.integers(1, 3), delta=st.sampled_from([0.5, 1.0, 2.0]))
+def test_intervention_details_match_a_public_api_reference(seed, k, delta):
+    X = np.random.default_rng(seed).normal(size=(6, 3)).astype(np.float32)
+    jsae = fitted(make_mlp(3, 6, 3, torch.nn.SiLU, seed), X, 7, k, seed)
+    agreement, details = intervention_agreement(jsae, X, delta=delta, return_details=True)
+    J = jsae.jacobian(X).todense()
+    for t in range(len(X)):
+        idx_y, idx_x = details["output_latent"][t], details["input_latent"][t]
+        np.testing.assert_allclose(details["jacobian"][t], J[t][np.ix_(idx_y, idx_x)], atol=1e-5)
+        moved = (X[t] - delta * jsae.input_sae_.components_[idx_x]).astype(np.float32)
+        base = jsae.transform_output(X[t : t + 1]).toarray()[0, idx_y]
+        after = jsae.transform_output(moved).toarray()[:, idx_y]  # (k_in, k_out)
+        np.testing.assert_allclose(details["observed"][t], base[:, None] - after.T, atol=1e-4)
+    expected = np.mean(np.abs(details["observed"] - delta * details["jacobian"]) <= 0.1)
+    assert agreement == pytest.approx(expected)
+    assert 0.0 <= agreement <= 1.0
+
+
+# --------------------------------------------------------------------------- randomised control
+
+
+@FAST
+@given(d_in=st.integers(1, 6), d_hidden=st.integers(1, 9), d_out=st.integers(1, 6), act=st.sampled_from(ACTS),
+       seed=st.integers(0, 10_000))
+def test_randomize_mlp_keeps_biases_and_matches_scale(d_in, d_hidden, d_out, act, seed):
+    mlp = make_mlp(d_in, d_hidden, d_out, act, seed)
+    before = {name: p.detach().clone() for name, p in mlp.named_parameters()}
+    rand = randomize_mlp(mlp, random_state=seed)
+    assert type(rand) is type(mlp) and type(rand[1]) is type(mlp[1])
+    for name, p in rand.named_parameters():
+        original = dict(mlp.named_parameters())[name]
+        assert torch.equal(original, before[name])  # the input is untouched
+        assert p.shape == original.shape and p.dtype == original.dtype
+        if p.ndim == 1:
+            assert torch.equal(p, original)
+        else:
+            assert torch.allclose(p.norm(), original.norm(), rtol=1e-5)
+            assert p.numel() == 1 or not torch.equal(p, original)
+    again = randomize_mlp(mlp, random_state=seed)
+    assert all(torch.equal(a, b) for a, b in zip(rand.parameters(), again.parameters()))
+
+
+def test_randomize_mlp_on_library_modules():
+    g = torch.Generator().manual_seed(0)
+    elementwise = ElementwiseMLP(torch.randn(4, 8, generator=g), torch.randn(8, generator=g),
+                                 torch.randn(8, 4, generator=g), torch.randn(4, generator=g), "gelu_tanh")
+    gated = GatedMLP(torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g), torch.randn(8, 4, generator=g))
+    x = torch.randn(5, 4, generator=g)
+    for mlp, matrices in ((elementwise, ("W_in", "W_out")), (gated, ("W_gate", "W_up", "W_down"))):
+        rand = randomize_mlp(mlp, random_state=1)
+        assert type(rand) is type(mlp) and rand.activation == mlp.activation
+        for name in matrices:
+            assert torch.allclose(getattr(rand, name).norm(), getattr(mlp, name).norm(), rtol=1e-5)
+            assert not torch.equal(getattr(rand, name), getattr(mlp, name))
+        for name in ("b_in", "b_out", "b_gate", "b_up", "b_down"):
+            if getattr(mlp, name, None) is not None:
+                assert torch.equal(getattr(rand, name), getattr(mlp, name))
+        assert not torch.allclose(rand(x), mlp(x))
+    X = x.numpy()
+    jsae = JacobianSparseAutoencoder(randomize_mlp(gated, 0), n_components=8, k=2, max_iter=1, random_state=0).fit(X)
+    assert jsae.jacobian(X).shape == (5, 8, 8)
+
+
+def test_randomize_mlp_uses_its_own_generator():
+    mlp = make_mlp(3, 4, 3)
+    state = torch.get_rng_state()
+    randomize_mlp(mlp, random_state=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    a = randomize_mlp(make_mlp(3, 4, 3), random_state=0)
+    b = randomize_mlp(make_mlp(3, 4, 3), random_state=1)
+    assert not torch.equal(a[0].weight, b[0].weight)
+
+
+def test_randomize_mlp_errors_are_clear():
+    with pytest.raises(TypeError, match="nn.Module"):
+        randomize_mlp(lambda x: x**2)
+    with pytest.raises(ValueError, match="no weight matrix"):
+        randomize_mlp(torch.nn.ReLU())
+    with pytest.raises(ValueError, match="no weight matrix"):
+        randomize_mlp(AffineMap(4))
+
+
+# ------------------------------------------------------------------------------ spliced CE score
+
+
+def tiny_llama(seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=48, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.4,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def mlp_inputs(model, layer, ids):
+    captured = []
+    mlp = model.model.layers[layer].mlp
+    handle = mlp.register_forward_pre_hook(lambda module, args: captured.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        model(input_ids=torch.as_tensor(ids))
+    handle.remove()
+    return torch.cat(captured).numpy()
+
+
+def gated_of(model, layer):
+    mlp = model.model.layers[layer].mlp
+    return GatedMLP(mlp.gate_proj.weight.T, mlp.up_proj.weight.T, mlp.down_proj.weight.T)
+
+
+@pytest.fixture(scope="module")
+def llama_setup():
+    model = tiny_llama()
+    ids = np.random.default_rng(0).integers(0, 48, size=(6, 20))
+    X = mlp_inputs(model, 1, ids)
+    jsae = JacobianSparseAutoencoder(gated_of(model, 1), n_components=16, k=8, max_iter=1, random_state=0).fit(X)
+    return model, ids, jsae
+
+
+def test_spliced_ce_score_is_one_for_exact_saes_and_zero_for_a_zero_output(llama_setup):
+    from sklearn_jsae.metrics import spliced_ce_score
+
+    model, ids, jsae = llama_setup
+    d = 8
+    basis = np.vstack([np.eye(d), -np.eye(d)])  # with k = d this SAE reconstructs exactly
+    for sae in (jsae.input_sae_, jsae.output_sae_):
+        set_sae(sae, basis, np.zeros(2 * d), basis, np.zeros(d))
+        sae.k = d
+    scores = spliced_ce_score(model, 1, jsae, ids, batch_size=4)
+    assert abs(scores["ce_zero"] - scores["ce_clean"]) > 1e-3  # the MLP matters in this model
+    assert scores["ce_input"] == pytest.approx(scores["ce_clean"], abs=1e-5)
+    assert scores["score_input"] == pytest.approx(1.0, abs=1e-3)
+    assert scores["score_output"] == pytest.approx(1.0, abs=1e-3)
+    assert scores["n_tokens"] == 6 * 19
+    with torch.no_grad():
+        reference = model(input_ids=torch.as_tensor(ids), labels=torch.as_tensor(ids)).loss.item()
+    assert scores["ce_clean"] == pytest.approx(reference, rel=1e-5)
+
+    # an output SAE whose codes are all zero and whose decoder bias is zero reconstructs 0
+    set_sae(jsae.output_sae_, basis, np.full(2 * d, -1e4), basis, np.zeros(d))
+    scores = spliced_ce_score(model, 1, jsae, ids)
+    assert scores["ce_output"] == pytest.approx(scores["ce_zero"], abs=1e-5)
+    assert scores["score_output"] == pytest.approx(0.0, abs=1e-3)
+    mlp = model.model.layers[1].mlp
+    assert not mlp._forward_hooks and not mlp._forward_pre_hooks  # hooks removed
+    assert not model.training
+
+
+def test_spliced_ce_score_ignores_masked_targets(llama_setup):
+    from sklearn_jsae.metrics import spliced_ce_score
+
+    model, ids, jsae = llama_setup
+    short = spliced_ce_score(model, 1, jsae, ids[:, :14])
+    padded_ids = ids.copy()
+    padded_ids[:, 14:] = 0
+    mask = np.ones_like(ids)
+    mask[:, 14:] = 0
+    padded = spliced_ce_score(model, 1, jsae, padded_ids, attention_mask=mask)
+    assert padded["n_tokens"] == short["n_tokens"] == 6 * 13
+    for key in ("ce_clean", "ce_zero", "ce_input", "ce_output"):
+        assert padded[key] == pytest.approx(short[key], rel=1e-4)
+
+
+def test_spliced_ce_score_rejects_mismatched_inputs(llama_setup):
+    from sklearn_jsae.metrics import spliced_ce_score
+
+    model, ids, jsae = llama_setup
+    other = JacobianSparseAutoencoder(n_components=8, k=2, max_iter=1).fit(np.zeros((4, 5), dtype=np.float32) + np.arange(5))
+    with pytest.raises(ValueError, match="hidden size"):
+        spliced_ce_score(model, 1, other, ids)
+    with pytest.raises(ValueError, match="2-D"):
+        spliced_ce_score(model, 1, jsae, ids[0])
+    with pytest.raises(ValueError, match="attention_mask"):
+        spliced_ce_score(model, 1, jsae, ids, attention_mask=np.ones((2, 2)))
+
+
+def _smollm2_folder():
+    import glob
+    import os
+
+    root = os.environ.get("SKLEARN_JSAE_MODELS", os.path.join(os.path.dirname(__file__), "..", ".models"))
+    converted = os.path.join(root, "smollm2-135m-instruct")
+    if os.path.isfile(os.path.join(converted, "model.safetensors")):
+        return converted, None
+    ggufs = glob.glob(os.path.join(root, "**", "SmolLM2-135M*.gguf"), recursive=True)
+    if ggufs:
+        return os.path.dirname(ggufs[0]), os.path.basename(ggufs[0])
+    pytest.skip("SmolLM2-135M is not installed; run scripts/install_test_models.sh")
+
+
+@pytest.mark.realmodel
+@pytest.mark.slow
+def test_spliced_ce_score_on_smollm2(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from sklearn_jsae.metrics import spliced_ce_score
+
+    folder, gguf = _smollm2_folder()
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+    text = ("Python is a high-level, general-purpose programming language. Its design philosophy emphasizes "
+            "code readability with the use of significant indentation. Python is dynamically typed and "
+            "garbage-collected. It supports multiple programming paradigms, including structured, "
+            "object-oriented and functional programming. It is often described as a batteries included "
+            "language due to its comprehensive standard library. Guido van Rossum began working on Python "
+            "in the late 1980s as a successor to the ABC programming language and first released it in 1991.")
+    ids = tokenizer(text, return_tensors="np")["input_ids"][:, :96].reshape(2, 48)
+    layer = 0  # deleting this MLP raises SmolLM2's CE from about 2.7 to 12 nats
+    X = mlp_inputs(model, layer, ids)
+    jsae = JacobianSparseAutoencoder(gated_of(model, layer), n_components=128, k=8, max_iter=10,
+                                     batch_size=32, random_state=0).fit(X)
+    scores = spliced_ce_score(model, layer, jsae, ids)
+    assert scores["ce_zero"] > scores["ce_clean"] + 1.0
+    assert 0.0 < scores["score_input"] <= 1.0 + 1e-3
+    assert 0.0 < scores["score_output"] <= 1.0 + 1e-3
+    d = model.config.hidden_size
+    basis = np.vstack([np.eye(d), -np.eye(d)])
+    exact = JacobianSparseAutoencoder(gated_of(model, layer), n_components=2 * d, k=2, max_iter=1,
+                                      random_state=0).fit(X[:8])
+    for sae in (exact.input_sae_, exact.output_sae_):
+        set_sae(sae, basis, np.zeros(2 * d), basis, np.zeros(d))
+        sae.k = d
+    exact_scores = spliced_ce_score(model, layer, exact, ids)
+    assert exact_scores["score_input"] == pytest.approx(1.0, abs=1e-2)
+    assert exact_scores["score_output"] == pytest.approx(1.0, abs=1e-2)

@@ -1,0 +1,137 @@
+"""Tests of sklearn_jsae.plotting (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from sklearn_jsae import JacobianSparseAutoencoder  # noqa: E402
+from sklearn_jsae.metrics import global_jacobian_sparsity  # noqa: E402
+from sklearn_jsae.plotting import (  # noqa: E402
+    plot_jacobian_block,
+    plot_jacobian_histogram,
+    plot_l1_pareto,
+    plot_top_edges,
+)
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(5, 20), torch.nn.GELU(), torch.nn.Linear(20, 5))
+    X = np.random.default_rng(0).normal(size=(80, 5)).astype(np.float32)
+    fit = lambda l1: JacobianSparseAutoencoder(mlp, n_components=16, k=3, l1=l1, max_iter=2,  # noqa: E731
+                                               random_state=0).fit(X)
+    return {"JSAE": fit(2.0), "traditional": fit(0.0)}, X
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def test_histogram_draws_one_normalised_curve_per_model(models):
+    named, X = models
+    ax = plot_jacobian_histogram(named, X, thresholds=(0.005, 0.01), bins=20)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["JSAE", "traditional"]
+    assert len(ax.patches) == 2  # one step histogram per model
+    for patch, jsae in zip(ax.patches, named.values()):
+        heights, edges, _ = patch.get_data()
+        assert heights.sum() == pytest.approx(1.0)  # every entry counted once, as a fraction
+        assert len(edges) == 21 and edges[0] == 1e-5
+        assert edges[-1] >= np.abs(jsae.jacobian(X).data).max()
+    assert len(ax.get_lines()) == 2 and ax.get_xscale() == "log"
+    lone = plot_jacobian_histogram(named["JSAE"], X)
+    assert len(lone.patches) == 1
+
+
+def test_pareto_front_joins_only_undominated_candidates():
+    cv_results = {
+        "param_l1": [0.0, 0.5, 1.0, 2.0, 8.0],
+        "mean_test_explained_variance": [0.90, 0.88, 0.80, 0.85, 0.60],
+        "mean_test_neg_jacobian_sparsity": [-0.40, -0.20, -0.25, -0.10, -0.02],
+    }
+    ax = plot_l1_pareto(cv_results, chosen=3)
+    front = ax.get_lines()[0]
+    assert front.get_xdata().tolist() == [0.02, 0.10, 0.20, 0.40]  # l1 = 1.0 is dominated by 0.5
+    assert front.get_ydata().tolist() == [0.60, 0.85, 0.88, 0.90]
+    assert any("l1=2" in t.get_text() for t in ax.texts) and len(ax.texts) == 5
+    assert len(ax.collections) == 2  # the candidates, and the starred choice
+
+
+def test_pareto_reads_a_fitted_search_and_names_missing_scores():
+    class Search:
+        cv_results_ = {"param_l1": [0.0, 1.0], "mean_test_explained_variance": [0.9, 0.8],
+                       "mean_test_neg_jacobian_sparsity": [-0.5, -0.1]}
+        best_index_ = 1
+
+    ax = plot_l1_pareto(Search())
+    starred = ax.collections[1].get_offsets()
+    assert np.allclose(starred, [[0.1, 0.8]])
+    with pytest.raises(KeyError, match="make_scoring"):
+        plot_l1_pareto({"mean_test_score": [1.0]})
+
+
+def test_jacobian_block_shows_the_sample_block_with_labels(models):
+    named, X = models
+    jsae = named["JSAE"]
+    labels = {i: f"in-{i}" for i in range(16)}
+    ax = plot_jacobian_block(jsae, X[3], input_labels=labels, sort=False)
+    image = ax.images[0].get_array()
+    J = jsae.jacobian(X[3:4])
+    idx_x = np.unique(J.coords[2])
+    assert image.shape == (3, 3)
+    assert np.allclose(np.sort(np.abs(image).ravel()), np.sort(np.abs(J.data)), atol=1e-6)
+    tick_labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert sorted(tick_labels) == sorted(f"in-{i}" for i in idx_x)
+    vmin, vmax = ax.images[0].get_clim()
+    assert vmin == -vmax  # centred colour scale
+
+
+def test_jacobian_block_sorts_by_activation(models):
+    named, X = models
+    jsae = named["traditional"]
+    ax = plot_jacobian_block(jsae, X[0])
+    s_x = jsae.transform(X[:1]).toarray()[0]
+    shown = [int(t.get_text()) for t in ax.get_xticklabels()]
+    assert list(s_x[shown]) == sorted(s_x[shown], reverse=True)
+
+
+def test_top_edges_are_the_largest_mean_jacobian_entries(models):
+    named, X = models
+    jsae = named["traditional"]
+    _, G = global_jacobian_sparsity(jsae, X, thresholds=[0.0], return_matrix=True)
+    latent = int(np.argmax(np.diff(G.indptr)))  # the output latent with the most edges
+    ax = plot_top_edges(jsae, X, latent, n_edges=3, output_label="my latent")
+    widths = [p.get_width() for p in ax.patches]
+    row = np.sort(G[[latent], :].toarray()[0])[::-1]
+    assert widths == pytest.approx(list(row[: len(widths)]))
+    assert len(widths) == min(3, np.count_nonzero(row))
+    assert "my latent" in ax.get_title()
+
+
+def test_top_edges_rejects_inactive_or_out_of_range_latents(models):
+    named, X = models
+    jsae = named["JSAE"]
+    with pytest.raises(ValueError, match="out of range"):
+        plot_top_edges(jsae, X, 99)
+    active = set(jsae.transform_output(X).indices.tolist())
+    silent = [i for i in range(16) if i not in active]
+    if silent:
+        with pytest.raises(ValueError, match="never active"):
+            plot_top_edges(jsae, X, silent[0])
+
+
+def test_missing_matplotlib_gives_an_install_hint(monkeypatch, models):
+    named, X = models
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(ImportError, match=r"sklearn-jsae\[plot\]"):
+        plot_jacobian_block(named["JSAE"], X[0])
