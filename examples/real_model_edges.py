@@ -35,7 +35,13 @@ def bundled(args):
     from sklearn_jsae.datasets import load_minilm_mlp
 
     data = load_minilm_mlp()
-    return data.X, data.mlp, data.tokens, data.positions, "bundled all-MiniLM-L6-v2 block 3 (sklearn_jsae.datasets)"
+    return (
+        data.X,
+        data.mlp,
+        data.tokens,
+        data.positions,
+        "bundled all-MiniLM-L6-v2 block 3 (sklearn_jsae.datasets)",
+    )
 
 
 def from_model(args):
@@ -55,8 +61,15 @@ def from_model(args):
         for p in topic.split("\n\n")
         if len(p) > 200 and not p.startswith("   ")
     ]
-    X, _, token_ids = harvest(model, args.layer, texts, tokenizer=tokenizer, n_tokens=args.n_tokens,
-                              batch_size=16, return_tokens=True)
+    X, _, token_ids = harvest(
+        model,
+        args.layer,
+        texts,
+        tokenizer=tokenizer,
+        n_tokens=args.n_tokens,
+        batch_size=16,
+        return_tokens=True,
+    )
     tokens = np.array(tokenizer.convert_ids_to_tokens(token_ids.tolist()))
     is_cls = token_ids == tokenizer.cls_token_id  # every sequence starts with [CLS]
     positions = np.arange(len(token_ids)) - np.flatnonzero(is_cls)[np.cumsum(is_cls) - 1]
@@ -81,7 +94,9 @@ def top_tokens(codes, latent, tokens, positions, n):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--from-model", action="store_true", help="harvest from the installed MiniLM")
     parser.add_argument("--layer", type=int, default=3)
     parser.add_argument("--n-tokens", type=int, default=6000)
@@ -95,23 +110,34 @@ def main(argv=None):
     print(f"data: {source}: X {X.shape}")
     t0 = time.perf_counter()
     jsae = JacobianSparseAutoencoder(
-        mlp=mlp, n_components=args.n_components, k=args.k, max_iter=args.max_iter, batch_size=256, random_state=0
+        mlp=mlp,
+        n_components=args.n_components,
+        k=args.k,
+        max_iter=args.max_iter,
+        batch_size=256,
+        random_state=0,
     ).fit(X)
-    print(f"trained JacobianSparseAutoencoder(n_components={args.n_components}, k={args.k}, "
-          f"l1={jsae.l1}) in {time.perf_counter() - t0:.0f} s; score (mean explained variance) "
-          f"{jsae.score(X):.3f}")
+    print(
+        f"trained JacobianSparseAutoencoder(n_components={args.n_components}, k={args.k}, "
+        f"l1={jsae.l1}) in {time.perf_counter() - t0:.0f} s; score (mean explained variance) "
+        f"{jsae.score(X):.3f}"
+    )
 
     S_in, S_out = jsae.transform(X), jsae.transform_output(X)
     G = jsae.jacobian_.tocoo()  # (n_output_components, n_components): mean |J| over training tokens
     order = np.argsort(-G.data)[: args.edges]
     share = G.data[order].sum() / G.data.sum()
-    print(f"\nThe Jacobian graph has {G.nnz} non-zero edges; the {len(order)} strongest carry "
-          f"{100 * share:.1f}% of the total mean |J|.\n")
+    print(
+        f"\nThe Jacobian graph has {G.nnz} non-zero edges; the {len(order)} strongest carry "
+        f"{100 * share:.1f}% of the total mean |J|.\n"
+    )
     for rank, e in enumerate(order, 1):
         i, j, strength = int(G.row[e]), int(G.col[e]), float(G.data[e])
         both = (S_in[:, [j]].toarray().ravel() > 0) & (S_out[:, [i]].toarray().ravel() > 0)
-        print(f"#{rank}  input latent {j} -> output latent {i}   mean |J| = {strength:.4f}   "
-              f"(both active on {both.sum()} tokens)")
+        print(
+            f"#{rank}  input latent {j} -> output latent {i}   mean |J| = {strength:.4f}   "
+            f"(both active on {both.sum()} tokens)"
+        )
         print(f"    input  {j:>5}: " + " | ".join(top_tokens(S_in, j, tokens, positions, 4)))
         print(f"    output {i:>5}: " + " | ".join(top_tokens(S_out, i, tokens, positions, 4)))
 

@@ -37,13 +37,13 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sklearn_jsae.hf import harvest, mlp_of  # noqa: E402
+from sklearn_jsae.hf import harvest, mlp_of
 
 LAYER = 3
 SEQ_LEN = 128
@@ -115,7 +115,9 @@ def cross_check(model, tokenizer, reference: Path) -> None:
     for name in ("W_in", "W_out", "b_in", "b_out"):
         ours = getattr(mlp, name).numpy()
         theirs = ref[name].T if name.startswith("W") else ref[name]
-        print(f"  {name} identical to the reference (transposed to nn.Linear layout): {np.array_equal(ours, theirs)}")
+        print(
+            f"  {name} identical to the reference (transposed to nn.Linear layout): {np.array_equal(ours, theirs)}"
+        )
     stream = token_sequences(tokenizer)
     n = min(len(stream), len(ids))
     matching = [i for i in range(n) if np.array_equal(stream[i], ids[i])]
@@ -126,7 +128,9 @@ def cross_check(model, tokenizer, reference: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n-sequences", type=int, default=48, help="sequences of 128 tokens to keep")
     parser.add_argument("--out", type=Path, default=ROOT / "sklearn_jsae" / "data")
     parser.add_argument("--reference", type=Path, default=None, help="npz to cross-check harvest against")
@@ -190,10 +194,10 @@ def main(argv=None) -> None:
         "text_pipeline": "paragraphs at blank lines; headings, reST literal blocks (all lines indented >= 3 "
         "spaces: code, doctest, grammar), tables and paragraphs under 20 characters dropped; lower-cased, WordPiece "
         "(the model's tokenizer), concatenated in topic order, cut into [CLS] + 126 pieces + [SEP]",
-        "sequences_in_stream": int(len(sequences)),
+        "sequences_in_stream": len(sequences),
         "sequences_kept": chosen.tolist(),
         "seq_len": SEQ_LEN,
-        "n_tokens": int(len(X)),
+        "n_tokens": len(X),
         "rows": "sequence by sequence (in stream order), position by position; [CLS] and [SEP] included",
         "X_dtype": "float16 (harvested in float32)",
         "capture": "sklearn_jsae.hf.harvest (forward hooks, eval mode, torch.no_grad, float32, CPU)",
@@ -216,8 +220,10 @@ def main(argv=None) -> None:
     text = re.sub(r"\[\s+([\d,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
     (args.out / f"{NAME}.json").write_text(text + "\n")
     size = sum((args.out / f"{NAME}.{ext}").stat().st_size for ext in ("npz", "json"))
-    print(f"wrote {args.out}/{NAME}.npz + .json: {len(X)} tokens from {len(chosen)} of {len(sequences)} "
-          f"sequences, {size / 1e6:.2f} MB")
+    print(
+        f"wrote {args.out}/{NAME}.npz + .json: {len(X)} tokens from {len(chosen)} of {len(sequences)} "
+        f"sequences, {size / 1e6:.2f} MB"
+    )
     print(f"mlp_of(X) vs captured Y (float32): {metadata['verify_mlp_vs_captured_Y_float32']}")
     print(f"mlp(float16 X) vs captured Y: {metadata['verify_Y_from_float16_X_vs_captured_Y']}")
 

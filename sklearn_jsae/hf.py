@@ -101,7 +101,11 @@ def _unwrap(model):
     auto = getattr(model, "auto_model", None)
     if isinstance(auto, nn.Module):
         return auto
-    if isinstance(model, nn.Sequential) and len(model) and isinstance(getattr(model[0], "auto_model", None), nn.Module):
+    if (
+        isinstance(model, nn.Sequential)
+        and len(model)
+        and isinstance(getattr(model[0], "auto_model", None), nn.Module)
+    ):
         return model[0].auto_model
     return model
 
@@ -191,7 +195,9 @@ def _affine(module: nn.Module, where: str) -> tuple[torch.Tensor, torch.Tensor |
         W = module.weight
     else:
         raise _Unsupported(
-            _unsupported_message(f"{where} is a {type(module).__name__}, not torch.nn.Linear or GPT-2's Conv1D.")
+            _unsupported_message(
+                f"{where} is a {type(module).__name__}, not torch.nn.Linear or GPT-2's Conv1D."
+            )
         )
     bias = getattr(module, "bias", None)
 
@@ -213,7 +219,9 @@ def _activation_name(act, where: str) -> str:
         z = z.to(torch.float64)
         for name in ACTIVATIONS:
             expected = activation(name, z)
-            if values.shape == expected.shape and torch.all((values - expected).abs() <= 1e-5 * (1 + expected.abs())):
+            if values.shape == expected.shape and torch.all(
+                (values - expected).abs() <= 1e-5 * (1 + expected.abs())
+            ):
                 return name
         break
     raise _Unsupported(
@@ -420,7 +428,9 @@ class _NpyWriter:
 
     def close(self) -> None:
         shape = (self.rows, *(self.width or ()))
-        header = repr({"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape})
+        header = repr(
+            {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
+        )
         prefix = b"\x93NUMPY\x01\x00"
         body_len = _HEADER_BYTES - len(prefix) - 2
         header = header.encode("latin1").ljust(body_len - 1) + b"\n"
@@ -520,7 +530,9 @@ def _text_batches(texts, tokenizer, batch_size, max_length):
 
     for text in texts:
         if not isinstance(text, str):
-            raise TypeError(f"texts must be strings; got an item of type {type(text).__name__}: {text!r:.60}.")
+            raise TypeError(
+                f"texts must be strings; got an item of type {type(text).__name__}: {text!r:.60}."
+            )
         batch.append(text)
         if len(batch) == batch_size:
             yield encode(batch)
@@ -533,19 +545,23 @@ def _id_batches(input_ids, attention_mask, batch_size):
     if isinstance(input_ids, (torch.Tensor, np.ndarray)):
         ids = input_ids if input_ids.ndim == 2 else input_ids.reshape(1, -1)
         if attention_mask is not None:
+            if not isinstance(attention_mask, (torch.Tensor, np.ndarray)):
+                attention_mask = np.asarray(attention_mask)
             attention_mask = attention_mask if attention_mask.ndim == 2 else attention_mask.reshape(1, -1)
             if tuple(attention_mask.shape) != tuple(ids.shape):
                 raise ValueError(
                     f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
                     f"{tuple(ids.shape)}; pass a mask of the same shape (1 = real token, 0 = padding)."
                 )
+
+        def rows(array, start):
+            block = array[start : start + batch_size]
+            block = block if isinstance(block, torch.Tensor) else torch.as_tensor(np.asarray(block))
+            return block.to(device="cpu", dtype=torch.long)
+
         for start in range(0, ids.shape[0], batch_size):
-            chunk = torch.as_tensor(np.asarray(ids[start : start + batch_size]), dtype=torch.long)
-            if attention_mask is None:
-                mask = torch.ones_like(chunk)
-            else:
-                mask = torch.as_tensor(np.asarray(attention_mask[start : start + batch_size]), dtype=torch.long)
-            yield chunk, mask
+            chunk = rows(ids, start)
+            yield chunk, torch.ones_like(chunk) if attention_mask is None else rows(attention_mask, start)
         return
     # a list of (possibly ragged) token-id sequences
     if attention_mask is not None:
@@ -662,7 +678,9 @@ def harvest(
             + ("neither." if texts is None else "both.")
         )
     if texts is not None and tokenizer is None:
-        raise ValueError("texts were given without a tokenizer: pass tokenizer=AutoTokenizer.from_pretrained(...).")
+        raise ValueError(
+            "texts were given without a tokenizer: pass tokenizer=AutoTokenizer.from_pretrained(...)."
+        )
     n_tokens = _check_positive_int(n_tokens, "n_tokens", allow_none=True)
     batch_size = _check_positive_int(batch_size, "batch_size")
     max_length = _check_positive_int(max_length, "max_length", allow_none=True)

@@ -18,8 +18,13 @@ def minilm():
 def test_bundled_files_are_small_and_carry_their_licences():
     sizes = {p.name: p.stat().st_size for p in DATA_DIR.iterdir() if p.is_file()}
     assert sum(sizes.values()) < 10e6, sizes
-    for name in ("minilm_l6_layer3.npz", "minilm_l6_layer3.json", "PROVENANCE.md",
-                 "LICENSE-all-MiniLM-L6-v2", "LICENSE-python-docs"):
+    for name in (
+        "minilm_l6_layer3.npz",
+        "minilm_l6_layer3.json",
+        "PROVENANCE.md",
+        "LICENSE-all-MiniLM-L6-v2",
+        "LICENSE-python-docs",
+    ):
         assert sizes.get(name, 0) > 0, name
     assert "Apache License" in (DATA_DIR / "LICENSE-all-MiniLM-L6-v2").read_text()
     assert "PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2" in (DATA_DIR / "LICENSE-python-docs").read_text()
@@ -41,12 +46,12 @@ def test_minilm_shapes_dtypes_and_metadata(minilm):
 
 def test_minilm_Y_is_the_exact_gelu_mlp_of_X(minilm):
     d = minilm
-    X = d.X.astype(np.float64)
+    X = d.X[:1024].astype(np.float64)
     Z = X @ d.W_in + d.b_in
     exact = (0.5 * Z * (1 + erf(Z / np.sqrt(2)))) @ d.W_out + d.b_out
     tanh = (0.5 * Z * (1 + np.tanh(np.sqrt(2 / np.pi) * (Z + 0.044715 * Z**3)))) @ d.W_out + d.b_out
-    err_exact = np.linalg.norm(d.Y - exact) / np.linalg.norm(exact)
-    err_tanh = np.linalg.norm(d.Y - tanh) / np.linalg.norm(exact)
+    err_exact = np.linalg.norm(d.Y[:1024] - exact) / np.linalg.norm(exact)
+    err_tanh = np.linalg.norm(d.Y[:1024] - tanh) / np.linalg.norm(exact)
     assert err_exact < 1e-6 < err_tanh
     assert isinstance(d.mlp, ElementwiseMLP) and d.mlp.activation == "gelu"
     np.testing.assert_array_equal(d.mlp.W_in.numpy(), d.W_in)
@@ -80,8 +85,9 @@ def test_minilm_bad_dtype():
 
 def test_jsae_trains_on_the_bundled_mlp(minilm):
     X = minilm.X[:384]
-    jsae = JacobianSparseAutoencoder(mlp=minilm.mlp, n_components=64, k=4, max_iter=1, batch_size=128,
-                                     random_state=0).fit(X)
+    jsae = JacobianSparseAutoencoder(
+        mlp=minilm.mlp, n_components=64, k=4, max_iter=1, batch_size=128, random_state=0
+    ).fit(X)
     S = jsae.transform(X[:10])
     assert S.shape == (10, 64) and (np.diff(S.indptr) <= 4).all()
     np.testing.assert_allclose(jsae.mlp_outputs(X[:10]), minilm.Y[:10], rtol=1e-4, atol=1e-4)
@@ -107,8 +113,9 @@ def test_make_synthetic_mlp_inputs_are_sparse_in_a_dictionary():
 
 
 def test_make_synthetic_gated_mlp():
-    X, mlp = make_synthetic_mlp(n_samples=50, n_features=5, n_hidden=9, gated=True, activation="silu",
-                                random_state=0)
+    X, mlp = make_synthetic_mlp(
+        n_samples=50, n_features=5, n_hidden=9, gated=True, activation="silu", random_state=0
+    )
     assert isinstance(mlp, GatedMLP) and mlp.b_gate is None
     x = torch.from_numpy(X)
     expected = (torch.nn.functional.silu(x @ mlp.W_gate) * (x @ mlp.W_up)) @ mlp.W_down

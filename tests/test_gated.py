@@ -108,9 +108,14 @@ def test_gated_jacobian_blocks_equal_jacrev_through_plain_function(case):
     g = torch.Generator().manual_seed(case["seed"])
     mlp = _gated(case, g)
     x, W_dec_x, idx_x, W_enc_y, idx_y = _sae_case(case, g)
-    act = {"silu": torch.nn.functional.silu, "relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
-           "gelu": torch.nn.functional.gelu,
-           "gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh")}[case["activation"]]
+    act = {
+        "silu": torch.nn.functional.silu,
+        "relu": torch.relu,
+        "tanh": torch.tanh,
+        "sigmoid": torch.sigmoid,
+        "gelu": torch.nn.functional.gelu,
+        "gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
+    }[case["activation"]]
 
     def plain(row):
         gate, up = row @ mlp.W_gate, row @ mlp.W_up
@@ -144,7 +149,11 @@ def test_gated_penalty_gradients_equal_autograd_reference(case):
 
 def test_gated_forward_matches_llama_formula_and_rescaling():
     g = torch.Generator().manual_seed(0)
-    W_gate, W_up, W_down = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g), torch.randn(10, 5, generator=g)
+    W_gate, W_up, W_down = (
+        torch.randn(6, 10, generator=g),
+        torch.randn(6, 10, generator=g),
+        torch.randn(10, 5, generator=g),
+    )
     mlp = GatedMLP(W_gate, W_up, W_down)
     x = torch.randn(7, 6, generator=g)
     expected = (torch.nn.functional.silu(x @ W_gate) * (x @ W_up)) @ W_down
@@ -159,8 +168,11 @@ def test_gated_forward_matches_llama_formula_and_rescaling():
 def test_jsae_with_gated_mlp_matches_the_autograd_path():
     """Same seed, same data: the closed form and the generic autograd path train the same model."""
     g = torch.Generator().manual_seed(1)
-    mlp = GatedMLP(torch.randn(8, 16, generator=g) / 8**0.5, torch.randn(8, 16, generator=g) / 8**0.5,
-                   torch.randn(16, 8, generator=g) / 4)
+    mlp = GatedMLP(
+        torch.randn(8, 16, generator=g) / 8**0.5,
+        torch.randn(8, 16, generator=g) / 8**0.5,
+        torch.randn(16, 8, generator=g) / 4,
+    )
     X = np.random.default_rng(0).standard_normal((96, 8)).astype(np.float32)
     settings_ = dict(n_components=24, k=3, l1=1.0, max_iter=2, batch_size=32, random_state=0)
     closed = JacobianSparseAutoencoder(mlp=mlp, **settings_).fit(X)

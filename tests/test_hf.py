@@ -25,13 +25,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 transformers = pytest.importorskip("transformers")  # the `hf` extra; CI installs it
 
-from sklearn_jsae._backend.jacobian import jacobian_blocks, jacobian_blocks_reference  # noqa: E402
-from sklearn_jsae.hf import SUPPORTED_ARCHITECTURES, harvest, mlp_hook_points, mlp_module, mlp_of  # noqa: E402
-from sklearn_jsae.mlp import ElementwiseMLP, GatedMLP  # noqa: E402
+from sklearn_jsae._backend.jacobian import jacobian_blocks, jacobian_blocks_reference
+from sklearn_jsae.hf import SUPPORTED_ARCHITECTURES, harvest, mlp_hook_points, mlp_module, mlp_of
+from sklearn_jsae.mlp import ElementwiseMLP, GatedMLP
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("SKLEARN_JSAE_MODELS", ROOT / ".models"))
-INSTALL_HINT = "run `bash scripts/install_test_models.sh` (PYTHON=.venv/bin/python) to install the test models"
+INSTALL_HINT = (
+    "run `bash scripts/install_test_models.sh` (PYTHON=.venv/bin/python) to install the test models"
+)
 
 # --------------------------------------------------------------------------- tiny models
 
@@ -45,16 +47,34 @@ def _tiny(name):
     small = dict(num_hidden_layers=2, num_attention_heads=2, vocab_size=V)
     if name in ("gpt2", "gpt2_relu"):
         act = "gelu_new" if name == "gpt2" else "relu"
-        cfg = t.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=V,
-                           bos_token_id=V - 1, eos_token_id=V - 1, activation_function=act)
+        cfg = t.GPT2Config(
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=64,
+            vocab_size=V,
+            bos_token_id=V - 1,
+            eos_token_id=V - 1,
+            activation_function=act,
+        )
         model = t.GPT2LMHeadModel(cfg)
         return model, lambda L: model.transformer.h[L], lambda b: b.ln_2
     if name == "gpt_neox":
         model = t.GPTNeoXForCausalLM(t.GPTNeoXConfig(hidden_size=32, intermediate_size=64, **small))
         return model, lambda L: model.gpt_neox.layers[L], lambda b: b.post_attention_layernorm
     if name == "gptj":
-        model = t.GPTJForCausalLM(t.GPTJConfig(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=V,
-                                               rotary_dim=8, bos_token_id=V - 1, eos_token_id=V - 1))
+        model = t.GPTJForCausalLM(
+            t.GPTJConfig(
+                n_embd=32,
+                n_layer=2,
+                n_head=2,
+                n_positions=64,
+                vocab_size=V,
+                rotary_dim=8,
+                bos_token_id=V - 1,
+                eos_token_id=V - 1,
+            )
+        )
         return model, lambda L: model.transformer.h[L], lambda b: b.ln_1
     if name == "phi":
         model = t.PhiForCausalLM(t.PhiConfig(hidden_size=32, intermediate_size=64, **small))
@@ -70,8 +90,9 @@ def _tiny(name):
         model = cls(config(hidden_size=32, intermediate_size=48, num_key_value_heads=1, **small, **extra))
         return model, lambda L: model.model.layers[L], lambda b: b.post_attention_layernorm
     if name == "gemma":
-        model = t.GemmaForCausalLM(t.GemmaConfig(hidden_size=32, intermediate_size=48, num_key_value_heads=1,
-                                                 head_dim=16, **small))
+        model = t.GemmaForCausalLM(
+            t.GemmaConfig(hidden_size=32, intermediate_size=48, num_key_value_heads=1, head_dim=16, **small)
+        )
         return model, lambda L: model.model.layers[L], lambda b: b.post_attention_layernorm
     if name in ("bert", "roberta"):
         cls, config = (t.BertModel, t.BertConfig) if name == "bert" else (t.RobertaModel, t.RobertaConfig)
@@ -155,7 +176,9 @@ def test_harvest_captures_normalised_input_and_mlp_output(name):
         lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).detach().clone())
     )
     try:
-        X, Y, tokens = harvest(model, layer, input_ids=ids, attention_mask=mask, return_tokens=True, progress=False)
+        X, Y, tokens = harvest(
+            model, layer, input_ids=ids, attention_mask=mask, return_tokens=True, progress=False
+        )
     finally:
         handle.remove()
     keep = mask.bool()
@@ -175,7 +198,10 @@ def test_library_jacobian_through_mlp_of_equals_autograd_through_hf_module(name)
     mlp = mlp_of(model, 1).to(torch.float64)
     g = torch.Generator().manual_seed(0)
     x = torch.from_numpy(X[:6]).to(torch.float64)
-    W_dec_x, W_enc_y = torch.randn(40, 32, generator=g, dtype=torch.float64), torch.randn(50, 32, generator=g, dtype=torch.float64)
+    W_dec_x, W_enc_y = (
+        torch.randn(40, 32, generator=g, dtype=torch.float64),
+        torch.randn(50, 32, generator=g, dtype=torch.float64),
+    )
     idx_x, idx_y = torch.randint(0, 40, (6, 5), generator=g), torch.randint(0, 50, (6, 4), generator=g)
     fast = jacobian_blocks(mlp, x, W_dec_x, idx_x, W_enc_y, idx_y)
     reference = jacobian_blocks_reference(_hf_mlp(block), x, W_dec_x, idx_x, W_enc_y, idx_y)
@@ -196,8 +222,16 @@ def test_harvest_rows_do_not_depend_on_padding_or_batching():
 def test_harvest_stops_after_n_tokens_and_warns_when_input_runs_out():
     model, _, _ = _tiny("llama")
     ids, mask = _ids(n_seq=4)
-    X, Y, tokens = harvest(model, 0, input_ids=ids, attention_mask=mask, n_tokens=17, batch_size=1,
-                           return_tokens=True, progress=False)
+    X, Y, tokens = harvest(
+        model,
+        0,
+        input_ids=ids,
+        attention_mask=mask,
+        n_tokens=17,
+        batch_size=1,
+        return_tokens=True,
+        progress=False,
+    )
     assert X.shape == (17, 32) and Y.shape == (17, 32)
     np.testing.assert_array_equal(tokens, ids[mask.bool()][:17].numpy())
     with pytest.warns(UserWarning, match=r"captured 44 tokens, fewer than n_tokens=1000"):
@@ -211,7 +245,9 @@ def test_harvest_excludes_special_tokens_from_config():
     ids[:, 0] = V - 1
     ids[1, 5] = V - 1
     X_all, _, tok_all = harvest(model, 0, input_ids=ids, return_tokens=True, progress=False)
-    X, _, tok = harvest(model, 0, input_ids=ids, exclude_special_tokens=True, return_tokens=True, progress=False)
+    X, _, tok = harvest(
+        model, 0, input_ids=ids, exclude_special_tokens=True, return_tokens=True, progress=False
+    )
     assert len(tok_all) == 20 and len(tok) == 17 and (tok != V - 1).all()
     np.testing.assert_array_equal(X, X_all[tok_all != V - 1])
 
@@ -219,17 +255,28 @@ def test_harvest_excludes_special_tokens_from_config():
 def test_harvest_streams_to_npy_memmaps(tmp_path):
     model, _, _ = _tiny("gpt_neox")
     ids, mask = _ids(n_seq=5)
-    X_mem, Y_mem, tok_mem = harvest(model, 1, input_ids=ids, attention_mask=mask, return_tokens=True, progress=False)
-    X, Y, tok = harvest(model, 1, input_ids=ids, attention_mask=mask, out=tmp_path / "acts", batch_size=2,
-                        return_tokens=True, progress=False)
+    X_mem, Y_mem, tok_mem = harvest(
+        model, 1, input_ids=ids, attention_mask=mask, return_tokens=True, progress=False
+    )
+    X, Y, tok = harvest(
+        model,
+        1,
+        input_ids=ids,
+        attention_mask=mask,
+        out=tmp_path / "acts",
+        batch_size=2,
+        return_tokens=True,
+        progress=False,
+    )
     assert isinstance(X, np.memmap) and isinstance(Y, np.memmap) and not X.flags.writeable
     np.testing.assert_allclose(X, X_mem, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(Y, Y_mem, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(tok, tok_mem)
     on_disk = np.load(tmp_path / "acts" / "Y.npy")  # plain .npy files, readable without this package
     assert on_disk.shape == Y_mem.shape and on_disk.dtype == np.float32
-    X16, _ = harvest(model, 1, input_ids=ids, attention_mask=mask, out=tmp_path / "half", dtype=np.float16,
-                     progress=False)
+    X16, _ = harvest(
+        model, 1, input_ids=ids, attention_mask=mask, out=tmp_path / "half", dtype=np.float16, progress=False
+    )
     assert X16.dtype == np.float16 and X16.shape == X_mem.shape
     np.testing.assert_allclose(X16, X_mem, rtol=1e-3, atol=1e-3)
 
@@ -279,7 +326,10 @@ def test_hook_points_and_mlp_module():
         (dict(input_ids=[[1, 2]], batch_size=1.5), "batch_size must be a positive int, got 1.5"),
         (dict(input_ids=[[1, 2]], dtype=np.float64), "dtype must be numpy.float32 or numpy.float16"),
         (dict(input_ids=[[1, 2]], attention_mask=[[1, 1]]), "attention_mask is only accepted with a 2-D"),
-        (dict(input_ids=np.ones((2, 3), int), attention_mask=np.ones((2, 4))), r"attention_mask has shape \(2, 4\)"),
+        (
+            dict(input_ids=np.ones((2, 3), int), attention_mask=np.ones((2, 4))),
+            r"attention_mask has shape \(2, 4\)",
+        ),
         (dict(input_ids=np.ones((2, 3), int), attention_mask=np.zeros((2, 3))), "no tokens were captured"),
     ],
 )
@@ -320,8 +370,15 @@ def test_unsupported_architecture_lists_supported_ones_and_the_callable_route():
 
 
 def test_unsupported_activation_is_reported():
-    config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=V, bos_token_id=0, eos_token_id=0,
-                                     activation_function="quick_gelu")
+    config = transformers.GPT2Config(
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        vocab_size=V,
+        bos_token_id=0,
+        eos_token_id=0,
+        activation_function="quick_gelu",
+    )
     model = transformers.GPT2Model(config)
     with pytest.raises(ValueError, match="matches none of the closed-form activations"):
         mlp_of(model, 0)
@@ -330,7 +387,9 @@ def test_unsupported_activation_is_reported():
 def test_same_names_but_different_forward_is_caught():
     model, block_of, _ = _tiny("llama")
     mlp = block_of(0).mlp
-    mlp.forward = lambda x: mlp.down_proj(mlp.act_fn(mlp.up_proj(x)) * mlp.gate_proj(x))  # gate and up swapped
+    mlp.forward = lambda x: mlp.down_proj(
+        mlp.act_fn(mlp.up_proj(x)) * mlp.gate_proj(x)
+    )  # gate and up swapped
     with pytest.raises(ValueError, match="forward differs from the closed form"):
         mlp_of(model, 0)
     assert isinstance(mlp_of(model, 0, verify=False), GatedMLP)
@@ -395,8 +454,16 @@ def _prose(n):
 @pytest.mark.realmodel
 def test_minilm_harvest_and_mlp_of_agree(minilm):
     model, tokenizer = minilm
-    X, Y, tokens = harvest(model, 3, _prose(12), tokenizer=tokenizer, n_tokens=600, batch_size=4,
-                           return_tokens=True, progress=False)
+    X, Y, tokens = harvest(
+        model,
+        3,
+        _prose(12),
+        tokenizer=tokenizer,
+        n_tokens=600,
+        batch_size=4,
+        return_tokens=True,
+        progress=False,
+    )
     assert X.shape == Y.shape == (600, 384)
     assert tokens[0] == tokenizer.cls_token_id
     mlp = mlp_of(model, 3)
@@ -420,7 +487,9 @@ def test_minilm_harvest_reproduces_bundled_dataset(minilm):
     assert np.abs(X - stored).max() < 0.02  # float16 storage
     assert np.linalg.norm(X - stored) / np.linalg.norm(X) < 1e-3
     np.testing.assert_array_equal(data.mlp.W_in.numpy(), mlp_of(model, 3).W_in.numpy())
-    assert np.linalg.norm(data.Y.reshape(-1, 128, 384)[[0, 7]].reshape(-1, 384) - Y) / np.linalg.norm(Y) < 1e-3
+    assert (
+        np.linalg.norm(data.Y.reshape(-1, 128, 384)[[0, 7]].reshape(-1, 384) - Y) / np.linalg.norm(Y) < 1e-3
+    )
 
 
 @pytest.mark.realmodel
@@ -434,16 +503,24 @@ def test_minilm_jacobian_through_mlp_of_equals_autograd_through_hf(minilm):
     W_enc_y = torch.randn(300, 384, generator=g, dtype=torch.float64)
     idx_x, idx_y = torch.randint(0, 256, (8, 6), generator=g), torch.randint(0, 300, (8, 5), generator=g)
     fast = jacobian_blocks(mlp_of(model, 3).to(torch.float64), x, W_dec_x, idx_x, W_enc_y, idx_y)
-    reference = jacobian_blocks_reference(lambda v: block.output.dense(block.intermediate(v)),
-                                          x, W_dec_x, idx_x, W_enc_y, idx_y)
+    reference = jacobian_blocks_reference(
+        lambda v: block.output.dense(block.intermediate(v)), x, W_dec_x, idx_x, W_enc_y, idx_y
+    )
     torch.testing.assert_close(fast, reference, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.realmodel
 def test_minilm_exclude_special_tokens_with_tokenizer(minilm):
     model, tokenizer = minilm
-    _, _, tokens = harvest(model, 0, _prose(3), tokenizer=tokenizer, exclude_special_tokens=True,
-                           return_tokens=True, progress=False)
+    _, _, tokens = harvest(
+        model,
+        0,
+        _prose(3),
+        tokenizer=tokenizer,
+        exclude_special_tokens=True,
+        return_tokens=True,
+        progress=False,
+    )
     assert len(tokens) > 100 and not np.isin(tokens, tokenizer.all_special_ids).any()
 
 
@@ -451,13 +528,17 @@ def test_minilm_exclude_special_tokens_with_tokenizer(minilm):
 def test_smollm2_harvest_and_mlp_of_agree(smollm2):
     model, tokenizer = smollm2
     for layer in (2, 9):
-        X, Y = harvest(model, layer, _prose(6), tokenizer=tokenizer, n_tokens=200, batch_size=3, progress=False)
+        X, Y = harvest(
+            model, layer, _prose(6), tokenizer=tokenizer, n_tokens=200, batch_size=3, progress=False
+        )
         mlp = mlp_of(model, layer)
         assert isinstance(mlp, GatedMLP) and mlp.activation == "silu" and mlp.b_gate is None
         assert (mlp.d_in, mlp.d_mlp, mlp.d_out) == (576, 1536, 576)
         with torch.no_grad():
             error = np.abs(mlp(torch.from_numpy(X)).numpy() - Y).max()
-        print(f"SmolLM2 layer {layer}: max |mlp_of(X) - harvested Y| = {error:.3g} (max |Y| {np.abs(Y).max():.3g})")
+        print(
+            f"SmolLM2 layer {layer}: max |mlp_of(X) - harvested Y| = {error:.3g} (max |Y| {np.abs(Y).max():.3g})"
+        )
         assert error <= 1e-5 * max(1.0, np.abs(Y).max())
 
 
