@@ -114,7 +114,7 @@ def test_l1_zero_is_two_ordinary_topk_saes(X, gelu_mlp):
 
 
 def test_penalty_sparsifies_jacobian_on_synthetic_mlp(X, gelu_mlp):
-    common = dict(n_components=48, k=4, max_iter=15, batch_size=64, random_state=0)
+    common = dict(n_components=48, k=4, max_iter=15, batch_size=64, learning_rate=5e-3, random_state=0)
     traditional = JacobianSparseAutoencoder(mlp=gelu_mlp, l1=0.0, **common).fit(X)
     sparse = JacobianSparseAutoencoder(mlp=gelu_mlp, l1=2.0, **common).fit(X)
     X_eval = X[:300]

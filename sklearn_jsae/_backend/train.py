@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .jacobian import jacobian_blocks
 from .mlp import placed
-from .sae import SAEParams, active_values, decode, normalise_decoder_, pre_activations, select_topk
+from .sae import SAEParams
+from .step import jsae_step_losses, optimiser_step
 
 _IN_MEMORY_BYTES = 1 << 30
 
@@ -123,26 +123,6 @@ def _schedule(step: int, total: int, config: TrainConfig) -> tuple[float, float]
     return lr_factor, l1_factor
 
 
-def _side_loss(params: SAEParams, x: torch.Tensor, k: int, dead: torch.Tensor, config, aux_k: int):
-    """Reconstruction (and AuxK) for one SAE.  Returns mse, aux, indices, values."""
-    with torch.no_grad():
-        pre = pre_activations(params, x)
-        indices = select_topk(pre, k)
-    values = active_values(params, x, indices)
-    x_hat = decode(params, values, indices)
-    mse = F.mse_loss(x_hat, x)
-    aux = x.new_zeros(())
-    n_dead = int(dead.sum())
-    if config.aux_coef > 0 and n_dead > 0:
-        with torch.no_grad():
-            aux_indices = select_topk(pre.masked_fill(~dead, -math.inf), min(aux_k, n_dead))
-        aux_values = active_values(params, x, aux_indices)
-        residual = (x - x_hat).detach()
-        recon = F.embedding_bag(aux_indices, params.W_dec, per_sample_weights=aux_values, mode="sum")
-        aux = F.mse_loss(recon, residual) / residual.pow(2).mean().clamp_min(1e-12)
-    return mse, aux, indices, values
-
-
 def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None) -> TrainResult:
     """Fit one TopK SAE (``config.n_output_components is None``) or a JSAE pair on rows of ``X``.
 
@@ -208,30 +188,14 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
             for group in optimiser.param_groups:
                 group["lr"] = config.learning_rate * lr_factor
             x = x / scale_x
-            dead = [since >= dead_tokens for since in since_fired]
-            mse_x, aux_x, idx_x, val_x = _side_loss(side_x, x, config.k, dead[0], config, aux_k)
-            loss = mse_x + config.aux_coef * aux_x
-            terms = dict(mse_input=mse_x, aux_input=aux_x)
-            fired = [(idx_x, val_x)]
-            if pair:
-                with torch.no_grad():
-                    y = normalised_map(x)
-                mse_y, aux_y, idx_y, val_y = _side_loss(side_y, y, config.k, dead[1], config, aux_k_out)
-                loss = loss + mse_y + config.aux_coef * aux_y
-                terms.update(mse_output=mse_y, aux_output=aux_y)
-                fired.append((idx_y, val_y))
-                if config.l1 > 0:
-                    J = jacobian_blocks(normalised_map, x, side_x.W_dec, idx_x, side_y.W_enc, idx_y)
-                    penalty = J.abs().sum(dim=(1, 2)).mean() * penalty_norm
-                    loss = loss + config.l1 * l1_factor * penalty
-                    terms["jacobian_l1"] = penalty
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            for side in sides:  # per SAE, so that l1 = 0 leaves the two SAEs independent
-                torch.nn.utils.clip_grad_norm_(side.tensors(), config.max_grad_norm)
-            optimiser.step()
-            for side in sides:
-                normalise_decoder_(side)
+            dead = [since >= dead_tokens for since in since_fired] + [None]
+            loss, terms, fired = jsae_step_losses(
+                side_x, side_y, normalised_map, x, config.k,
+                l1=config.l1 * l1_factor if pair and config.l1 > 0 else None,
+                penalty_norm=penalty_norm, dead=(dead[0], dead[1]), aux_coef=config.aux_coef,
+                aux_k=(aux_k, aux_k_out),
+            )
+            optimiser_step(loss, optimiser, sides, config.max_grad_norm)
             with torch.no_grad():
                 for i, (idx, val) in enumerate(fired):
                     hit = torch.zeros_like(fired_epoch[i])
