@@ -100,9 +100,9 @@ def main(argv=None):
     parser.add_argument("--from-model", action="store_true", help="harvest from the installed MiniLM")
     parser.add_argument("--layer", type=int, default=3)
     parser.add_argument("--n-tokens", type=int, default=6000)
-    parser.add_argument("--n-components", type=int, default=1024)
+    parser.add_argument("--n-components", type=int, default=512)
     parser.add_argument("--k", type=int, default=16)
-    parser.add_argument("--max-iter", type=int, default=8)
+    parser.add_argument("--max-iter", type=int, default=4)
     parser.add_argument("--edges", type=int, default=8, help="edges to print")
     args = parser.parse_args(argv)
 
