@@ -1,0 +1,273 @@
+"""``python -m sklearn_jsae evaluate``: the paper's evaluation table on the bundled real MLP.
+
+Trains four models on the same tokens: a traditional pair (``l1 = 0``) and a JSAE (default
+``l1``), each on the trained MLP and on its randomised copy (:func:`~sklearn_jsae.metrics.randomize_mlp`),
+then prints, on held-out tokens, Jacobian sparsity at each τ, the FVU of both SAEs, the
+linear / JumpReLU / other fractions of f_s and the Jacobian-vs-intervention agreement, with
+Farnik et al.'s Pythia-410m numbers beside them.  ``--figures DIR`` saves the plots,
+``--json PATH`` the numbers.  Also runnable as ``python -m sklearn_jsae._evaluate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from .metrics import (
+    DEFAULT_THRESHOLDS,
+    global_jacobian_sparsity,
+    intervention_agreement,
+    jacobian_sparsity,
+    linearity,
+    randomize_mlp,
+    reconstruction_metrics,
+)
+
+#: Farnik et al. (2025), Pythia-410m layer 15, 65,536 latents, k = 32 (None: not reported).
+PAPER = {
+    "sparsity": {
+        0.005: (0.165, 0.771, 0.421, 0.921),
+        0.01: (0.062, 0.583, 0.225, 0.844),
+        0.015: (None, None, None, None),
+        0.02: (0.019, 0.334, 0.097, 0.699),
+    },
+    "linear": (0.88, 0.75, None, None),
+    "intervention": (0.977, None, None, None),
+}
+MODELS = (("jsae", "trained"), ("traditional", "trained"), ("jsae", "random"), ("traditional", "random"))
+HEADERS = ("JSAE", "trad", "JSAE-rnd", "trad-rnd")
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m sklearn_jsae evaluate",
+        description="Train a traditional SAE pair (l1=0) and a JSAE on the bundled all-MiniLM-L6-v2 "
+        "layer-3 MLP and on a randomised copy of it, and print the paper-style evaluation table.",
+    )
+    from ._estimator import DEFAULT_L1
+
+    parser.add_argument("--n-components", type=int, default=1024,
+                        help="latents per SAE (default 1024, 2.7x d_model; the paper uses 32-64x)")
+    parser.add_argument("--k", type=int, default=32, help="active latents per sample (default 32)")
+    parser.add_argument("--l1", type=float, default=DEFAULT_L1, help=f"JSAE penalty (default {DEFAULT_L1})")
+    parser.add_argument("--max-iter", type=int, default=10, help="epochs per model (default 10)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--n-train", type=int, default=None, help="training tokens (default: all but the test set)")
+    parser.add_argument("--n-test", type=int, default=1024, help="held-out tokens for the metrics (default 1024)")
+    parser.add_argument("--linearity-samples", type=int, default=128,
+                        help="tokens for the linearity sweep, k pairs each (default 128)")
+    parser.add_argument("--intervention-samples", type=int, default=512,
+                        help="tokens for the intervention check, k x k triples each (default 512)")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="use a seeded synthetic MLP instead of the bundled real one")
+    parser.add_argument("--figures", metavar="DIR", default=None, help="save the figures (PNG) in DIR")
+    parser.add_argument("--json", metavar="PATH", default=None, help="write every number to PATH as JSON")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--random-state", type=int, default=0)
+    parser.add_argument("--verbose", type=int, default=0, help="training verbosity passed to the estimators")
+    return parser
+
+
+def _load(args):
+    """(X, mlp, description)."""
+    if not args.synthetic:
+        try:
+            from .datasets import load_minilm_mlp
+        except ImportError:  # pragma: no cover - the bundled data ships with the package
+            print("bundled data not available; falling back to a synthetic MLP", file=sys.stderr)
+        else:
+            data = load_minilm_mlp()
+            return data.X, data.mlp, (
+                "all-MiniLM-L6-v2 block-3 MLP (384 -> 1536 GELU -> 384), real activations on Python "
+                "documentation prose (bundled)")
+    from .datasets import make_synthetic_mlp
+
+    X, mlp = make_synthetic_mlp(n_samples=6144, n_features=64, n_hidden=256, random_state=args.random_state)
+    return X, mlp, "synthetic MLP (64 -> 256 GELU -> 64, Gaussian weights), sparse-dictionary inputs"
+
+
+def _fmt(value, percent=True):
+    if value is None:
+        return "—"
+    if isinstance(value, float) and not np.isfinite(value):
+        return "nan"
+    return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
+
+
+def _evaluate_model(jsae, X_test, args, rng_seed):
+    lin_rows = X_test[: args.linearity_samples]
+    int_rows = X_test[: args.intervention_samples]
+    recon = reconstruction_metrics(jsae, X_test)
+    return dict(
+        sparsity=jacobian_sparsity(jsae, X_test, DEFAULT_THRESHOLDS),
+        global_sparsity=global_jacobian_sparsity(jsae, X_test, DEFAULT_THRESHOLDS),
+        fvu_input=recon["input"]["fvu"],
+        fvu_output=recon["output"]["fvu"],
+        dead_input=recon["input"]["dead_fraction"],
+        dead_output=recon["output"]["dead_fraction"],
+        linearity=linearity(jsae, lin_rows, n_samples=len(lin_rows), random_state=rng_seed),
+        intervention=intervention_agreement(jsae, int_rows),
+    )
+
+
+def _table(results, args, description, n_train, n_test, seconds):
+    lines = []
+    add = lines.append
+    width = 24
+    add(f"data: {description}")
+    add(f"      {n_train} training tokens, {n_test} held-out tokens (metrics are on held-out tokens)")
+    add(f"models: n_components={args.n_components} per SAE, k={args.k}, max_iter={args.max_iter}, "
+        f"batch_size={args.batch_size}; JSAE l1={args.l1}, traditional l1=0; 'rnd' = the same training on the "
+        f"MLP with its weight matrices re-drawn (randomize_mlp)")
+    add("fit time: " + ", ".join(f"{h} {seconds[m]:.0f} s" for h, m in zip(HEADERS, MODELS)))
+    add("")
+    head = f"{'':{width}}" + "".join(f"{h:>10}" for h in HEADERS) + "   |" + "".join(f"{h:>10}" for h in HEADERS)
+    add(f"{'':{width}}{'this run':^40}   |{'paper (Pythia-410m L15, 65k latents)':^40}")
+    add(head)
+    add("-" * len(head))
+    add("Jacobian sparsity: fraction of active k x k entries with |J| > tau (lower is sparser)")
+    for tau in DEFAULT_THRESHOLDS:
+        ours = "".join(f"{_fmt(results[m]['sparsity'][tau]):>10}" for m in MODELS)
+        paper = "".join(f"{_fmt(v):>10}" for v in PAPER["sparsity"][tau])
+        add(f"{'  tau = ' + str(tau):{width}}{ours}   |{paper}")
+    add("Global sparsity: fraction of all n_out x n_in pairs with mean |J| > tau")
+    for tau in (0.01,):
+        ours = "".join(f"{_fmt(results[m]['global_sparsity'][tau]):>10}" for m in MODELS)
+        add(f"{'  tau = ' + str(tau):{width}}{ours}   |{'(not reported here)':>40}")
+    add("Reconstruction: fraction of variance unexplained")
+    for key, name in (("fvu_input", "input SAE"), ("fvu_output", "output SAE")):
+        ours = "".join(f"{_fmt(results[m][key], percent=False):>10}" for m in MODELS)
+        add(f"{'  ' + name:{width}}{ours}   |{'—':>10}{'—':>10}{'—':>10}{'—':>10}")
+    for key, name in (("dead_input", "dead latents, input"), ("dead_output", "dead latents, output")):
+        ours = "".join(f"{_fmt(results[m][key]):>10}" for m in MODELS)
+        add(f"{'  ' + name:{width}}{ours}   |{'—':>10}{'—':>10}{'—':>10}{'—':>10}")
+    add("Linearity of f_s (sweep of one input latent, paper's classification, tol 0.01)")
+    for key in ("linear", "jumprelu", "other"):
+        ours = "".join(f"{_fmt(results[m]['linearity'][key]):>10}" for m in MODELS)
+        paper_values = PAPER["linear"] if key == "linear" else (None,) * 4
+        paper = "".join(f"{_fmt(v):>10}" for v in paper_values)
+        add(f"{'  ' + key:{width}}{ours}   |{paper}")
+    add("Jacobian vs intervention: |change from removing one unit - J| <= 0.1, all k x k pairs")
+    ours = "".join(f"{_fmt(results[m]['intervention']):>10}" for m in MODELS)
+    paper = "".join(f"{_fmt(v):>10}" for v in PAPER["intervention"])
+    add(f"{'  agreement':{width}}{ours}   |{paper}")
+    return "\n".join(lines)
+
+
+def _figures(directory, fitted, X_test, data_tokens=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plotting import plot_jacobian_block, plot_jacobian_histogram, plot_top_edges
+
+    os.makedirs(directory, exist_ok=True)
+    saved = []
+    names = dict(zip(MODELS, ("JSAE", "traditional", "JSAE, random MLP", "traditional, random MLP")))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plot_jacobian_histogram({names[m]: fitted[m] for m in MODELS}, X_test[:512], thresholds=DEFAULT_THRESHOLDS, ax=ax)
+    saved.append(_save(fig, directory, "jacobian_histogram.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    for ax, model in zip(axes, (("jsae", "trained"), ("traditional", "trained"))):
+        plot_jacobian_block(fitted[model], X_test[0], ax=ax)
+        ax.set_title(f"{names[model]}: Jacobian of one token")
+    saved.append(_save(fig, directory, "jacobian_block.png"))
+
+    jsae = fitted[("jsae", "trained")]
+    codes = jsae.transform_output(X_test[:512])
+    latent = int(np.argmax(np.bincount(codes.indices, minlength=codes.shape[1])))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    plot_top_edges(jsae, X_test[:512], latent, n_edges=12, ax=ax)
+    saved.append(_save(fig, directory, "top_edges.png"))
+
+    _, details = linearity(jsae, X_test[:64], n_samples=64, random_state=0, return_curves=True)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, label in zip(axes, ("linear", "jumprelu", "other")):
+        chosen = np.flatnonzero(details["labels"] == label)
+        # show the curves that move most: flat lines say little
+        spread = np.ptp(details["curves"][chosen], axis=1) if chosen.size else np.zeros(0)
+        for p in chosen[np.argsort(-spread)][:6]:
+            ax.plot(details["grid"][p], details["curves"][p], linewidth=1)
+        ax.set_title(f"{label} ({chosen.size} of {details['labels'].size})")
+        ax.set_xlabel("input latent value s_x[j]")
+    axes[0].set_ylabel("output latent value s_y[i]")
+    saved.append(_save(fig, directory, "linearity_examples.png"))
+    return saved
+
+
+def _save(fig, directory, name):
+    path = os.path.join(directory, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    """Run the evaluation; ``argv`` as for ``python -m sklearn_jsae evaluate`` (without "evaluate").
+
+    Returns 0 on success (the process exit status).
+    """
+    from ._estimator import JacobianSparseAutoencoder
+
+    args = _parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    for name in ("n_components", "k", "max_iter", "batch_size", "n_test", "linearity_samples",
+                 "intervention_samples"):
+        if getattr(args, name) < 1:
+            _parser().error(f"--{name.replace('_', '-')} must be >= 1")
+    X, mlp, description = _load(args)
+    order = np.random.default_rng(args.random_state).permutation(X.shape[0])
+    n_test = min(args.n_test, X.shape[0] // 2)
+    test, train = order[:n_test], order[n_test:]
+    if args.n_train is not None:
+        train = train[: args.n_train]
+    X_train, X_test = np.ascontiguousarray(X[train]), np.ascontiguousarray(X[test])
+    mlps = {"trained": mlp, "random": randomize_mlp(mlp, random_state=args.random_state)}
+    print(f"data: {description}; training {len(train)} tokens x 4 models", flush=True)
+
+    fitted, seconds, results = {}, {}, {}
+    for kind, which in MODELS:
+        estimator = JacobianSparseAutoencoder(
+            mlps[which], n_components=args.n_components, k=args.k, l1=args.l1 if kind == "jsae" else 0.0,
+            max_iter=args.max_iter, batch_size=args.batch_size, device=args.device,
+            random_state=args.random_state, verbose=args.verbose,
+        )
+        started = time.perf_counter()
+        estimator.fit(X_train)
+        seconds[(kind, which)] = time.perf_counter() - started
+        started = time.perf_counter()
+        results[(kind, which)] = _evaluate_model(estimator, X_test, args, args.random_state)
+        fitted[(kind, which)] = estimator
+        print(f"  {kind:<11} on the {which} MLP: fit {seconds[(kind, which)]:.0f} s, "
+              f"metrics {time.perf_counter() - started:.0f} s", flush=True)
+    print()
+    print(_table(results, args, description, len(train), len(test), seconds))
+    if args.json:
+        payload = {
+            "data": description, "n_train": int(len(train)), "n_test": int(len(test)),
+            "settings": {k: v for k, v in vars(args).items() if k not in ("json", "figures")},
+            "models": {f"{kind}-{which}": dict(results[(kind, which)], fit_seconds=seconds[(kind, which)])
+                       for kind, which in MODELS},
+            "paper": {"sparsity": {str(t): v for t, v in PAPER["sparsity"].items()},
+                      "linear": PAPER["linear"], "intervention": PAPER["intervention"]},
+        }
+        with open(args.json, "w") as handle:
+            json.dump(payload, handle, indent=2, default=float)
+        print(f"\nnumbers written to {args.json}")
+    if args.figures:
+        saved = _figures(args.figures, fitted, X_test)
+        print("\nfigures: " + ", ".join(saved))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Tests of the report command ``python -m sklearn_jsae evaluate`` (sklearn_jsae._evaluate)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sklearn_jsae._evaluate import main
+
+TINY = ["--n-components", "24", "--k", "2", "--max-iter", "1", "--n-train", "300", "--n-test", "64",
+        "--linearity-samples", "8", "--intervention-samples", "16"]
+
+
+def test_synthetic_run_prints_the_table_and_writes_json_and_figures(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "numbers.json"
+    figures = tmp_path / "figures"
+    assert main(TINY + ["--synthetic", "--json", str(out), "--figures", str(figures)]) == 0
+    text = capsys.readouterr().out
+    assert "synthetic MLP" in text
+    for row in ("tau = 0.005", "tau = 0.02", "input SAE", "output SAE", "linear", "jumprelu", "agreement"):
+        assert row in text
+    assert "16.5%" in text and "97.7%" in text  # the paper's numbers sit beside ours
+
+    payload = json.loads(out.read_text())
+    assert set(payload["models"]) == {"jsae-trained", "traditional-trained", "jsae-random", "traditional-random"}
+    for model in payload["models"].values():
+        sparsity = [model["sparsity"][t] for t in ("0.005", "0.01", "0.015", "0.02")]
+        assert all(0 <= s <= 1 for s in sparsity) and sparsity == sorted(sparsity, reverse=True)
+        assert sum(model["linearity"].values()) == pytest.approx(1.0)
+        assert 0 <= model["intervention"] <= 1 and model["fvu_input"] >= 0
+    assert payload["settings"]["k"] == 2 and payload["n_test"] == 64 and payload["n_train"] == 300
+
+    names = sorted(p.name for p in figures.iterdir())
+    assert names == ["jacobian_block.png", "jacobian_histogram.png", "linearity_examples.png", "top_edges.png"]
+    for path in figures.iterdir():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bundled_run_uses_the_real_minilm_mlp(capsys):
+    assert main(TINY) == 0
+    text = capsys.readouterr().out
+    assert "all-MiniLM-L6-v2" in text and "300 training tokens" in text
+
+
+def test_bad_options_exit_with_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--k", "0"])
+    assert excinfo.value.code == 2
+    assert "--k must be >= 1" in capsys.readouterr().err
+
+
+def test_runnable_as_a_module():
+    for command in (["-m", "sklearn_jsae._evaluate", "--help"], ["-m", "sklearn_jsae", "evaluate", "--help"]):
+        result = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert "--figures" in result.stdout and "--max-iter" in result.stdout
