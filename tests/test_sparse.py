@@ -80,3 +80,22 @@ def test_sparse_decode_and_active_values_equal_plain_twins(seed, k, batch):
     torch.testing.assert_close(active_values(params, x, indices), torch.relu(dense_pre.gather(1, indices)))
     # the kept latents are the k largest pre-activations
     assert bool((dense_pre.gather(1, indices).min(1).values >= dense_pre.topk(k).values.min(1).values).all())
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), lr=st.floats(1e-4, 1e-1))
+def test_adam_matches_torch_optim_adam(seed, lr):
+    from sklearn_jsae._backend.optim import Adam
+
+    g = torch.Generator().manual_seed(seed)
+    start = [torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)]
+    ours = [t.clone().requires_grad_() for t in start]
+    theirs = [t.clone().requires_grad_() for t in start]
+    opt_ours, opt_theirs = Adam(ours, lr=lr), torch.optim.Adam(theirs, lr=lr, betas=(0.9, 0.999))
+    for step in range(4):
+        for params, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad()
+            (params[0].sin().sum() * (step + 1) + params[1].pow(2).sum()).backward()
+            opt.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -29,6 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from .mlp import placed
+from .optim import Adam
 from .sae import SAEParams
 from .step import jsae_step_losses, optimiser_step
 
@@ -168,7 +169,7 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
     penalty_norm = 1.0 / math.sqrt(d_in * d_out) if pair else 0.0
 
     tensors = [t for side in sides for t in side.tensors()]
-    optimiser = torch.optim.Adam(tensors, lr=config.learning_rate, betas=(0.9, 0.999))
+    optimiser = Adam(tensors, lr=config.learning_rate, betas=(0.9, 0.999))
     steps_per_epoch = math.ceil(rows.n / config.batch_size)
     total = steps_per_epoch * config.max_iter
     dead_tokens = config.dead_tokens or min(10_000_000, rows.n)
@@ -212,6 +213,8 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
         if not pair:
             for name in ("mse_output", "jacobian_l1", "aux_output"):
                 record.pop(name)
+        elif config.l1 == 0:
+            record.pop("jacobian_l1")
         record["l1"] = config.l1 * _schedule(step - 1, total, config)[1] if pair else 0.0
         record["dead_fraction_input"] = 1.0 - float(fired_epoch[0].float().mean())
         if pair:
