@@ -56,7 +56,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from routes import CONFIGS, STEP_ROUTES, Route, naive_token_step, random_inputs, random_mlp  # noqa: E402
 
-INFERENCE_SIZES = {"cpu": (1024, 4096, 16384), "cuda": (4096, 16384, 65536)}
+INFERENCE_SIZES = {"cpu": (1024, 4096, 8192), "cuda": (4096, 16384, 65536)}
 
 
 # ---- helpers -----------------------------------------------------------------------------
@@ -349,6 +349,8 @@ def main(argv=None):
     parser.add_argument("--skip-inference", action="store_true")
     parser.add_argument("--skip-memory", action="store_true", help="CPU: skip the per-route subprocesses")
     parser.add_argument("--skip-train", action="store_true", help="skip the train() cross-check")
+    parser.add_argument("--matmul-precision", default="highest", choices=("highest", "high", "medium"),
+                        help="torch.set_float32_matmul_precision for every route (CUDA: 'high' allows TF32)")
     # internal: subprocess probes
     parser.add_argument("--probe", choices=("step", "inference"), help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -358,6 +360,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision(args.matmul_precision)
 
     if args.probe == "step":
         print(json.dumps(probe_step_memory(CONFIGS[args.config], args.route, "cpu", args.warmup + args.steps)))
@@ -367,7 +370,7 @@ def main(argv=None):
         return
 
     results = dict(machine=machine_description(args.threads), command=" ".join(["python"] + sys.argv),
-                   configs={})
+                   matmul_precision=args.matmul_precision, configs={})
     print("machine: " + ", ".join(f"{k}={v}" for k, v in results["machine"].items()), flush=True)
     for name in args.configs:
         config = CONFIGS[name]
@@ -383,10 +386,10 @@ def main(argv=None):
         if device == "cpu" and not args.skip_memory:
             for route in STEP_ROUTES:
                 probe = _probe(["--probe", "step", "--config", name, "--route", route,
-                                "--steps", "3", "--warmup", "1"], args.threads)
+                                "--steps", "2", "--warmup", "1"], args.threads)
                 res["steps"][route]["peak_mb"] = probe.get("peak_mb")
         if not args.skip_train:
-            res["steps"]["jsae_train"] = time_train(config, device, args.steps, args.warmup)
+            res["steps"]["jsae_train"] = time_train(config, device, min(args.steps, 3), args.warmup)
         if args.naive_tokens > 0:
             res["naive"] = time_naive(config, device, args.naive_tokens)
         res["ratios"] = ratios(res["steps"])

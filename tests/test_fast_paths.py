@@ -14,7 +14,10 @@ gradient formed in the forward pass)              (``jacobian_blocks(...).abs().
 (chunked, reused buffers)                         product) and ``jacobian_blocks_reference``
 ``sae.encode_with_grad`` (hand-written backward)  ``select_topk`` + ``sae.active_values``
 ``sae.active_values_from_pre``                    ``sae.active_values``
-``sae.decode`` (``embedding_bag``)                ``sae.decode_dense`` (scatter + dense matmul)
+``sae.decode`` (``embedding_bag``, sort-free     ``sae.decode_dense`` (scatter + dense matmul)
+backward)
+``jacobian.unique_inverse`` (presence mask)       ``torch.unique(return_inverse=True)``
+``chunks.run_chunks`` on 1, 2 and 3 threads       the same loop on the calling thread
 ``jacobian.map_and_local_weights``                ``mlp(x)``, ``mlp.local_weights(x)``
 ``step.jsae_step_losses`` (all of the above)      the same loss assembled from the plain twins
 ===============================================  ==================================================
@@ -31,12 +34,14 @@ from hypothesis import strategies as st
 from torch.nn import functional as F
 
 import sklearn_jsae._backend.sae as sae_module
+from sklearn_jsae._backend.chunks import add_rows_, run_chunks
 from sklearn_jsae._backend.jacobian import (
     jacobian_blocks,
     jacobian_blocks_reference,
     jacobian_penalty,
     jacobian_penalty_reference,
     map_and_local_weights,
+    unique_inverse,
 )
 from sklearn_jsae._backend.mlp import ACTIVATIONS, AffineMap, CallableMap, ElementwiseMLP, GatedMLP
 from sklearn_jsae._backend.sae import (
@@ -251,6 +256,52 @@ def test_map_and_local_weights_equal_forward_and_local_weights(p):
         torch.testing.assert_close(weights, mlp.local_weights(x), **TOL)
     else:
         assert weights is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 30), batch=st.integers(0, 8), k=st.integers(1, 5), seed=st.integers(0, 2**31 - 1))
+def test_unique_inverse_equals_torch_unique(n, batch, k, seed):
+    indices = torch.randint(0, n, (batch, k), generator=torch.Generator().manual_seed(seed))
+    unique, inverse = unique_inverse(indices, n)
+    expected_unique, expected_inverse = torch.unique(indices, return_inverse=True)
+    assert torch.equal(unique, expected_unique)
+    assert torch.equal(inverse, expected_inverse)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_run_chunks_on_threads_equals_serial_loop_and_restores_thread_count(threads):
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(50, 4, generator=g, dtype=F64)
+    rows = torch.randint(0, 7, (50,), generator=g)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        states = run_chunks(50, 6, lambda: torch.zeros(7, 4, dtype=F64),
+                            lambda acc, a, b: add_rows_(acc, rows[a:b], src[a:b]), "cpu")
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(saved)
+    assert len(states) == min(threads, 9)
+    expected = torch.zeros(7, 4, dtype=F64)
+    for i in range(50):
+        expected[rows[i]] += src[i]
+    torch.testing.assert_close(sum(states[1:], states[0]), expected, **TOL)
+
+
+def test_run_chunks_reraises_a_workers_error():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+
+    def work(state, start, stop):
+        if start == 3:
+            raise ValueError("chunk 3 failed")
+
+    try:
+        with pytest.raises(ValueError, match="chunk 3 failed"):
+            run_chunks(10, 3, dict, work, "cpu")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _plain_step_losses(side_x, side_y, mlp, x, k, l1, penalty_norm, dead, aux_coef, aux_k):

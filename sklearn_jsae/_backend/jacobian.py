@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import torch
 
+from .chunks import add_rows_, run_chunks
 from .mlp import AffineMap, CallableMap
 
 
@@ -61,13 +62,28 @@ def _project_active(rows: torch.Tensor, indices: torch.Tensor, projection: torch
     return (rows[unique] @ projection)[inverse]
 
 
+def unique_inverse(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(indices, return_inverse=True)`` for indices in ``[0, n)``, without a sort.
+
+    indices (B, k) int64 -> (unique (U,) sorted, inverse (B, k)).  O(n + B·k) with a
+    presence mask; a parallel sort of B·k keys is the slowest op of a training step
+    on a busy CPU.
+    """
+    present = torch.zeros(n, dtype=torch.bool, device=indices.device)
+    present[indices.reshape(-1)] = True
+    unique = present.nonzero().squeeze(1)
+    position = torch.empty(n, dtype=indices.dtype, device=indices.device)
+    position[unique] = torch.arange(unique.shape[0], dtype=indices.dtype, device=indices.device)
+    return unique, position[indices]
+
+
 def _unique_products(rows: torch.Tensor, indices: torch.Tensor, projection: torch.Tensor | None):
     """``rows[U] @ projection`` for the distinct indices U, and where each index sits in U.
 
     rows (n, d), indices (B, k), projection (d, m) or None (identity) ->
     (products (|U|, m), inverse (B, k) int64 into the products).
     """
-    unique, inverse = torch.unique(indices, return_inverse=True)
+    unique, inverse = unique_inverse(indices, rows.shape[0])
     active = rows[unique]
     return (active if projection is None else active @ projection), inverse
 
@@ -183,17 +199,20 @@ def _blocks_chunked(PA, inverse_x, PC, inverse_y, weights, chunk) -> torch.Tenso
     r = width // m
     size = min(batch, chunk)
     J = PA.new_empty(batch, k_out, k_in)
-    buf_a = PA.new_empty(size * k_in, width)
-    buf_c = PC.new_empty(size * k_out, m)
-    buf_cw = PC.new_empty(size, k_out, width) if weights is not None else None
-    for start in range(0, batch, chunk):
-        stop = min(batch, start + chunk)
+
+    def make_state():
+        return dict(a=PA.new_empty(size * k_in, width), c=PC.new_empty(size * k_out, m),
+                    cw=PC.new_empty(size, k_out, width) if weights is not None else None)
+
+    def work(st, start, stop):
         nb = stop - start
-        A = torch.index_select(PA, 0, inverse_x[start:stop].reshape(-1), out=buf_a[: nb * k_in])
-        C = torch.index_select(PC, 0, inverse_y[start:stop].reshape(-1), out=buf_c[: nb * k_out])
+        A = torch.index_select(PA, 0, inverse_x[start:stop].reshape(-1), out=st["a"][: nb * k_in])
+        C = torch.index_select(PC, 0, inverse_y[start:stop].reshape(-1), out=st["c"][: nb * k_out])
         w = None if weights is None else weights[start:stop]
-        Cw = _weighted(C.view(nb, k_out, m), w, r, buf_cw)
+        Cw = _weighted(C.view(nb, k_out, m), w, r, st["cw"])
         torch.bmm(Cw, A.view(nb, k_in, width).transpose(1, 2), out=J[start:stop])
+
+    run_chunks(batch, chunk, make_state, work, PA.device)
     return J
 
 
@@ -234,40 +253,52 @@ class _AbsJacobianSum(torch.autograd.Function):
         width, m = PA.shape[1], PC.shape[1]
         r = width // m
         need_a, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        grad_a = torch.zeros_like(PA) if need_a else None
-        grad_c = torch.zeros_like(PC) if need_c else None
-        total = torch.zeros((), dtype=torch.float64, device=PA.device)
         size = min(batch, chunk)
-        # One set of buffers reused by every chunk: no fresh allocation per chunk.
-        buf_a = PA.new_empty(size * k_in, width)
-        buf_c = PC.new_empty(size * k_out, m)
-        buf_cw = PC.new_empty(size, k_out, width) if weights is not None else None
-        buf_j = PA.new_empty(size, k_out, k_in)
-        buf_grad = PA.new_empty(size * max(k_in, k_out) * width) if (need_a or need_c) else None
-        for start in range(0, batch, chunk):
-            stop = min(batch, start + chunk)
+
+        def make_state():  # one set of buffers per worker, reused by each of its chunks
+            return dict(
+                total=torch.zeros((), dtype=torch.float64, device=PA.device),
+                grad_a=torch.zeros_like(PA) if need_a else None,
+                grad_c=torch.zeros_like(PC) if need_c else None,
+                a=PA.new_empty(size * k_in, width),
+                c=PC.new_empty(size * k_out, m),
+                cw=PC.new_empty(size, k_out, width) if weights is not None else None,
+                j=PA.new_empty(size, k_out, k_in),
+                grad=PA.new_empty(size * max(k_in, k_out) * width) if (need_a or need_c) else None,
+            )
+
+        def work(st, start, stop):
             nb = stop - start
             rows_a = inverse_x[start:stop].reshape(-1)
             rows_c = inverse_y[start:stop].reshape(-1)
-            A = torch.index_select(PA, 0, rows_a, out=buf_a[: nb * k_in]).view(nb, k_in, width)
-            C = torch.index_select(PC, 0, rows_c, out=buf_c[: nb * k_out]).view(nb, k_out, m)
+            A = torch.index_select(PA, 0, rows_a, out=st["a"][: nb * k_in]).view(nb, k_in, width)
+            C = torch.index_select(PC, 0, rows_c, out=st["c"][: nb * k_out]).view(nb, k_out, m)
             w = None if weights is None else weights[start:stop]  # (nb, r, m)
-            Cw = _weighted(C, w, r, buf_cw)
-            J = torch.bmm(Cw, A.transpose(1, 2), out=buf_j[:nb])  # (nb, k_out, k_in)
-            total += J.abs().sum(dtype=torch.float64)
-            sign = J.sign_()
-            if need_a:
-                dA = torch.bmm(sign.transpose(1, 2), Cw, out=buf_grad[: nb * k_in * width].view(nb, k_in, width))
-                grad_a.index_add_(0, rows_a, dA.view(nb * k_in, width))
-            if need_c:
-                dCw = torch.bmm(sign, A, out=buf_grad[: nb * k_out * width].view(nb, k_out, width))
+            Cw = _weighted(C, w, r, st["cw"])
+            J = torch.bmm(Cw, A.transpose(1, 2), out=st["j"][:nb])  # (nb, k_out, k_in)
+            st["total"] += J.abs().sum(dtype=torch.float64)
+            sign = J.sign_()  # ∂|J|/∂J, 0 where J = 0 as in autograd
+            if need_a:  # dA = sign^T (C ⊙ w)
+                dA = torch.bmm(sign.transpose(1, 2), Cw, out=st["grad"][: nb * k_in * width].view(nb, k_in, width))
+                add_rows_(st["grad_a"], rows_a, dA.view(nb * k_in, width))
+            if need_c:  # dC = (sign A) ⊙ w, summed over the r local-weight factors
+                dCw = torch.bmm(sign, A, out=st["grad"][: nb * k_out * width].view(nb, k_out, width))
                 if w is None:
                     dC = dCw
                 elif r == 1:
                     dC = dCw.mul_(w)
                 else:
                     dC = (dCw.view(nb, k_out, r, m) * w.unsqueeze(1)).sum(2)
-                grad_c.index_add_(0, rows_c, dC.reshape(nb * k_out, m))
+                add_rows_(st["grad_c"], rows_c, dC.reshape(nb * k_out, m))
+
+        states = run_chunks(batch, chunk, make_state, work, PA.device)
+        total, grad_a, grad_c = states[0]["total"], states[0]["grad_a"], states[0]["grad_c"]
+        for st in states[1:]:  # fixed order: deterministic
+            total += st["total"]
+            if need_a:
+                grad_a += st["grad_a"]
+            if need_c:
+                grad_c += st["grad_c"]
         ctx.batch = batch
         ctx.save_for_backward(grad_a, grad_c)
         return (total / batch).to(PA.dtype)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from .chunks import add_rows_, run_chunks
+
 
 @dataclass
 class SAEParams:
@@ -121,16 +123,23 @@ class _ActiveValues(torch.autograd.Function):
         if need_w:
             # grad W_enc[i] = Σ_{t, a : I[t, a] = i} g[t, a] (x_t - b_dec), chunk by chunk.
             centred = x - b_dec
-            grad_w = torch.zeros_like(W_enc)
             elements = _CPU_CHUNK_ELEMENTS if W_enc.device.type == "cpu" else _ACCELERATOR_CHUNK_ELEMENTS
             chunk = max(1, elements // (k * d))
-            buffer = W_enc.new_empty(min(batch, chunk), k, d)
-            for start in range(0, batch, chunk):
-                stop = min(batch, start + chunk)
-                rows = torch.mul(g[start:stop, :, None], centred[start:stop, None, :], out=buffer[: stop - start])
-                grad_w.index_add_(0, flat[start * k : stop * k], rows.view(-1, d))
+            size = min(batch, chunk)
+
+            def make_state():
+                return dict(grad=torch.zeros_like(W_enc), rows=W_enc.new_empty(size, k, d))
+
+            def work(st, start, stop):
+                rows = torch.mul(g[start:stop, :, None], centred[start:stop, None, :], out=st["rows"][: stop - start])
+                add_rows_(st["grad"], flat[start * k : stop * k], rows.view(-1, d))
+
+            states = run_chunks(batch, chunk, make_state, work, W_enc.device)
+            grad_w = states[0]["grad"]
+            for st in states[1:]:
+                grad_w += st["grad"]
         if need_b_enc or need_b_dec:
-            per_latent = torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, flat, g.reshape(-1))
+            per_latent = add_rows_(torch.zeros(n, dtype=g.dtype, device=g.device), flat, g.reshape(-1))
             grad_b_enc = per_latent if need_b_enc else None
             grad_b_dec = -(per_latent @ W_enc) if need_b_dec else None
         if need_x:
@@ -175,9 +184,72 @@ def active_values_from_pre(params: SAEParams, x: torch.Tensor, indices: torch.Te
     return _ActiveValues.apply(params.W_enc, params.b_enc, params.b_dec, x, indices, pre_active)
 
 
+class _SparseDecode(torch.autograd.Function):
+    """``Σ_a values[:, a] · W_dec[indices[:, a]]`` (no bias) with a sort-free backward.
+
+    Inputs: W_dec (n, d), values (B, k), indices (B, k).  Forward is ``embedding_bag``;
+    the backward scatters ``values ⊗ grad`` into the active rows of W_dec and reads the
+    value gradients ``grad_t · W_dec[indices[t, a]]`` from gathered rows, chunk by chunk
+    (``embedding_bag``'s own backward sorts the B·k indices, slow on a busy CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, W_dec, values, indices):
+        ctx.save_for_backward(W_dec, values, indices)
+        return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        W_dec, values, indices = ctx.saved_tensors
+        need_w, need_values = ctx.needs_input_grad[:2]
+        batch, k = indices.shape
+        n, d = W_dec.shape
+        flat = indices.reshape(-1)
+        grad = grad.contiguous()
+        grad_values = W_dec.new_empty(batch, k) if need_values else None
+        elements = _CPU_CHUNK_ELEMENTS if W_dec.device.type == "cpu" else _ACCELERATOR_CHUNK_ELEMENTS
+        chunk = max(1, elements // (k * d))
+        size = min(batch, chunk)
+
+        def make_state():
+            return dict(grad=torch.zeros_like(W_dec) if need_w else None, rows=W_dec.new_empty(size * k, d))
+
+        def work(st, start, stop):
+            nb = stop - start
+            rows = flat[start * k : stop * k]
+            if need_values:  # grad_values[t, a] = grad_t · W_dec[I[t, a]]
+                gathered = torch.index_select(W_dec, 0, rows, out=st["rows"][: nb * k]).view(nb, k, d)
+                torch.bmm(gathered, grad[start:stop, :, None], out=grad_values[start:stop, :, None])
+            if need_w:  # grad W_dec[i] += values[t, a] · grad_t
+                outer = torch.mul(values[start:stop, :, None], grad[start:stop, None, :],
+                                  out=st["rows"][: nb * k].view(nb, k, d))
+                add_rows_(st["grad"], rows, outer.view(nb * k, d))
+
+        states = run_chunks(batch, chunk, make_state, work, W_dec.device)
+        grad_w = None
+        if need_w:
+            grad_w = states[0]["grad"]
+            for st in states[1:]:
+                grad_w += st["grad"]
+        return grad_w, grad_values, None
+
+
+def decode_rows(W_dec: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``Σ_a values[:, a] · W_dec[indices[:, a]]`` without the bias (AuxK's reconstruction).
+
+    W_dec (n, d), values, indices (B, k) -> (B, d); differentiable in W_dec and values.
+    """
+    return _SparseDecode.apply(W_dec, values, indices)
+
+
 def decode(params: SAEParams, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Sparse decode: gather k decoder rows per sample.  values, indices (B, k) -> x_hat (B, d)."""
-    return F.embedding_bag(indices, params.W_dec, per_sample_weights=values, mode="sum") + params.b_dec
+    """Sparse decode: gather k decoder rows per sample.  values, indices (B, k) -> x_hat (B, d).
+
+    ``embedding_bag`` forward with a hand-written, sort-free backward; its plain twin is
+    :func:`decode_dense`.
+    """
+    return _SparseDecode.apply(params.W_dec, values, indices) + params.b_dec
 
 
 def decode_dense(params: SAEParams, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

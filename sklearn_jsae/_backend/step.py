@@ -16,8 +16,8 @@ Fast paths used here, each pinned to a plain twin in ``tests/test_fast_paths.py`
 * :func:`~sklearn_jsae._backend.sae.encode_with_grad` — TopK values read from the
   dense pre-activations, hand-written backward into the k active encoder rows
   (twin: :func:`~sklearn_jsae._backend.sae.active_values` under autograd);
-* :func:`~sklearn_jsae._backend.sae.decode` — sparse decode with ``embedding_bag``
-  (twin: :func:`~sklearn_jsae._backend.sae.decode_dense`);
+* :func:`~sklearn_jsae._backend.sae.decode` — sparse decode, ``embedding_bag`` forward and
+  a sort-free hand-written backward (twin: :func:`~sklearn_jsae._backend.sae.decode_dense`);
 * :func:`~sklearn_jsae._backend.jacobian.jacobian_penalty` — fused, chunked
   ``mean_t Σ|J_t|`` with its gradient formed in the forward pass (twin:
   :func:`~sklearn_jsae._backend.jacobian.jacobian_penalty_reference`);
@@ -34,7 +34,15 @@ import torch
 from torch.nn import functional as F
 
 from .jacobian import jacobian_penalty, map_and_local_weights
-from .sae import SAEParams, active_values_from_pre, decode, encode_with_grad, normalise_decoder_, select_topk
+from .sae import (
+    SAEParams,
+    active_values_from_pre,
+    decode,
+    decode_rows,
+    encode_with_grad,
+    normalise_decoder_,
+    select_topk,
+)
 
 
 @dataclass
@@ -78,7 +86,7 @@ def side_losses(params: SAEParams, x: torch.Tensor, k: int, dead: torch.Tensor |
             aux_indices = select_topk(pre.masked_fill(~dead, -math.inf), min(aux_k, n_dead))
         aux_values = active_values_from_pre(params, x, aux_indices, pre)
         residual = (x - x_hat).detach()
-        recon = F.embedding_bag(aux_indices, params.W_dec, per_sample_weights=aux_values, mode="sum")
+        recon = decode_rows(params.W_dec, aux_values, aux_indices)
         aux = F.mse_loss(recon, residual) / residual.pow(2).mean().clamp_min(1e-12)
     return SideOutput(mse, aux, indices, values)
 
