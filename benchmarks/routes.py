@@ -1,7 +1,8 @@
 """The routes that ``run.py`` times: random problems and one optimiser step of each route.
 
-Routes (all share the data, the MLP, the Adam settings and the per-SAE clipping,
-and take one full optimiser step: forward, backward, clip, Adam, decoder renorm):
+Routes (all share the data, the MLP, the training loop's Adam and its per-SAE
+clipping, and take one full optimiser step: forward, backward, clip, Adam, decoder
+renormalisation, through :func:`sklearn_jsae._backend.step.optimiser_step`):
 
 ``jsae``          our JSAE step: :func:`sklearn_jsae._backend.step.jsae_step_losses` and
                   :func:`~sklearn_jsae._backend.step.optimiser_step`, the functions the
@@ -29,6 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from sklearn_jsae._backend.mlp import ElementwiseMLP, activation, activation_derivative
+from sklearn_jsae._backend.optim import Adam
 from sklearn_jsae._backend.sae import SAEParams, pre_activations
 from sklearn_jsae._backend.step import jsae_step_losses, optimiser_step
 
@@ -92,7 +94,7 @@ class Route:
         self.side_y = SAEParams.initialise(config.n, config.d, y.mean(0).cpu(), g).to(device).requires_grad_()
         self.sides = [self.side_x, self.side_y]
         tensors = [t for side in self.sides for t in side.tensors()]
-        self.optimiser = torch.optim.Adam(tensors, lr=5e-4, betas=(0.9, 0.999))
+        self.optimiser = Adam(tensors, lr=5e-4, betas=(0.9, 0.999))  # the training loop's optimiser
         self.penalty_norm = 1.0 / math.sqrt(config.d * config.d)
 
     def step(self) -> float:

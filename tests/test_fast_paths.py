@@ -367,6 +367,48 @@ def test_single_sae_step_has_no_output_terms():
     torch.testing.assert_close(loss, terms["mse_input"], **TOL)
 
 
+def _autocast_case(device):
+    g = torch.Generator().manual_seed(0)
+    p = dict(seed=0, d_in=64, d_out=64, d_mlp=256, n_in=512, n_out=512, k=16, batch=300, kind="elementwise",
+             activation="gelu", chunk_elements=1 << 14)
+    mlp, x, W_dec, idx_x, W_enc, idx_y = _penalty_case(p)
+    cast = lambda t: t.detach().float().to(device)
+    mlp32 = mlp.to(device=device, dtype=torch.float32)
+    W_dec32, W_enc32 = cast(W_dec).requires_grad_(), cast(W_enc).requires_grad_()
+    args = (mlp32, cast(x), W_dec32, idx_x.to(device), W_enc32, idx_y.to(device))
+    expected = jacobian_penalty_reference(*args)
+    expected_grads = torch.autograd.grad(expected, (W_dec32, W_enc32))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = jacobian_penalty(*args, chunk_elements=p["chunk_elements"])
+    grads = torch.autograd.grad(got, (W_dec32, W_enc32))
+    return got, grads, expected, expected_grads
+
+
+def test_fused_penalty_under_bfloat16_autocast_stays_close_to_float32():
+    """bf16 operands: the value within 1%, the gradients within 10% in norm (sign flips of tiny
+    entries and bf16 rounding), gradients returned in the parameters' float32."""
+    got, grads, expected, expected_grads = _autocast_case("cpu")
+    assert abs(got.item() - expected.item()) < 1e-2 * abs(expected.item())
+    for a, b in zip(grads, expected_grads):
+        assert a.dtype == torch.float32
+        assert (a - b).norm() < 0.1 * b.norm()
+
+
+def test_step_losses_run_under_bfloat16_autocast():
+    g = torch.Generator().manual_seed(0)
+    mlp = _map("elementwise", 16, 16, 32, "gelu", g).float()
+    side_x, side_y = _sae(64, 16, g).to(dtype=torch.float32), _sae(64, 16, g).to(dtype=torch.float32)
+    for side in (side_x, side_y):
+        side.requires_grad_()
+    x = torch.randn(40, 16, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, terms, _ = jsae_step_losses(side_x, side_y, mlp, x, 4, l1=0.5, penalty_norm=0.1,
+                                          dead=(torch.ones(64, dtype=torch.bool),) * 2, aux_coef=0.1, aux_k=(8, 8))
+    grads = torch.autograd.grad(loss, side_x.tensors() + side_y.tensors())
+    assert torch.isfinite(loss) and terms["jacobian_l1"] > 0
+    assert all(gr.dtype == torch.float32 and torch.isfinite(gr).all() for gr in grads)
+
+
 # ---- the same pins on CUDA ------------------------------------------------------------
 @gpu
 @needs_cuda
@@ -387,6 +429,16 @@ def test_gpu_encode_with_grad_equals_plain_autograd(p):
         _check_encode_matches_reference(p, device="cuda")
     finally:
         sae_module._ACCELERATOR_CHUNK_ELEMENTS = saved
+
+
+@gpu
+@needs_cuda
+def test_gpu_fused_penalty_under_bfloat16_autocast_stays_close_to_float32():
+    got, grads, expected, expected_grads = _autocast_case("cuda")
+    assert abs(got.item() - expected.item()) < 1e-2 * abs(expected.item())
+    for a, b in zip(grads, expected_grads):
+        assert a.dtype == torch.float32
+        assert (a - b).norm() < 0.1 * b.norm()
 
 
 @gpu

@@ -164,12 +164,13 @@ def _closed_form_factors(mlp, x, W_dec_x, indices_x, W_enc_y, indices_y, weights
     if isinstance(mlp, AffineMap):
         PA, inverse_x = _unique_products(W_dec_x, indices_x, mlp.W)
         PC, inverse_y = _unique_products(W_enc_y, indices_y, None)
-        return PA, inverse_x, PC, inverse_y, None
+        return PA, inverse_x, PC.to(PA.dtype), inverse_y, None
     if weights is None:
         weights = mlp.local_weights(x)
     PA, inverse_x = _unique_products(W_dec_x, indices_x, mlp.input_projection)
     PC, inverse_y = _unique_products(W_enc_y, indices_y, mlp.output_projection.T)
-    return PA, inverse_x, PC, inverse_y, weights.detach()
+    # Under autocast the products may come out in lower precision: contract in PA's dtype.
+    return PA, inverse_x, PC.to(PA.dtype), inverse_y, weights.detach().to(PA.dtype)
 
 
 def _chunk_samples(indices_x, indices_y, width, device, chunk_elements=None) -> int:
@@ -212,7 +213,8 @@ def _blocks_chunked(PA, inverse_x, PC, inverse_y, weights, chunk) -> torch.Tenso
         Cw = _weighted(C.view(nb, k_out, m), w, r, st["cw"])
         torch.bmm(Cw, A.view(nb, k_in, width).transpose(1, 2), out=J[start:stop])
 
-    run_chunks(batch, chunk, make_state, work, PA.device)
+    with torch.autocast(PA.device.type, enabled=False):
+        run_chunks(batch, chunk, make_state, work, PA.device)
     return J
 
 
@@ -254,12 +256,14 @@ class _AbsJacobianSum(torch.autograd.Function):
         r = width // m
         need_a, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         size = min(batch, chunk)
+        # Low-precision operands (autocast): bmm in that precision, sums of gradients in float32.
+        accumulate = torch.float32 if PA.dtype in (torch.float16, torch.bfloat16) else PA.dtype
 
         def make_state():  # one set of buffers per worker, reused by each of its chunks
             return dict(
                 total=torch.zeros((), dtype=torch.float64, device=PA.device),
-                grad_a=torch.zeros_like(PA) if need_a else None,
-                grad_c=torch.zeros_like(PC) if need_c else None,
+                grad_a=torch.zeros(PA.shape, dtype=accumulate, device=PA.device) if need_a else None,
+                grad_c=torch.zeros(PC.shape, dtype=accumulate, device=PC.device) if need_c else None,
                 a=PA.new_empty(size * k_in, width),
                 c=PC.new_empty(size * k_out, m),
                 cw=PC.new_empty(size, k_out, width) if weights is not None else None,
@@ -280,7 +284,7 @@ class _AbsJacobianSum(torch.autograd.Function):
             sign = J.sign_()  # ∂|J|/∂J, 0 where J = 0 as in autograd
             if need_a:  # dA = sign^T (C ⊙ w)
                 dA = torch.bmm(sign.transpose(1, 2), Cw, out=st["grad"][: nb * k_in * width].view(nb, k_in, width))
-                add_rows_(st["grad_a"], rows_a, dA.view(nb * k_in, width))
+                add_rows_(st["grad_a"], rows_a, dA.view(nb * k_in, width).to(accumulate))
             if need_c:  # dC = (sign A) ⊙ w, summed over the r local-weight factors
                 dCw = torch.bmm(sign, A, out=st["grad"][: nb * k_out * width].view(nb, k_out, width))
                 if w is None:
@@ -289,9 +293,10 @@ class _AbsJacobianSum(torch.autograd.Function):
                     dC = dCw.mul_(w)
                 else:
                     dC = (dCw.view(nb, k_out, r, m) * w.unsqueeze(1)).sum(2)
-                add_rows_(st["grad_c"], rows_c, dC.reshape(nb * k_out, m))
+                add_rows_(st["grad_c"], rows_c, dC.reshape(nb * k_out, m).to(accumulate))
 
-        states = run_chunks(batch, chunk, make_state, work, PA.device)
+        with torch.autocast(PA.device.type, enabled=False):
+            states = run_chunks(batch, chunk, make_state, work, PA.device)
         total, grad_a, grad_c = states[0]["total"], states[0]["grad_a"], states[0]["grad_c"]
         for st in states[1:]:  # fixed order: deterministic
             total += st["total"]
@@ -300,6 +305,7 @@ class _AbsJacobianSum(torch.autograd.Function):
             if need_c:
                 grad_c += st["grad_c"]
         ctx.batch = batch
+        ctx.dtypes = (PA.dtype, PC.dtype)
         ctx.save_for_backward(grad_a, grad_c)
         return (total / batch).to(PA.dtype)
 
@@ -309,9 +315,9 @@ class _AbsJacobianSum(torch.autograd.Function):
         grad_a, grad_c = ctx.saved_tensors
         scale = grad_output / ctx.batch
         return (
-            None if grad_a is None else grad_a * scale,
+            None if grad_a is None else (grad_a * scale).to(ctx.dtypes[0]),
             None,
-            None if grad_c is None else grad_c * scale,
+            None if grad_c is None else (grad_c * scale).to(ctx.dtypes[1]),
             None,
             None,
             None,

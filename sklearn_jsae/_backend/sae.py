@@ -180,7 +180,7 @@ def active_values_from_pre(params: SAEParams, x: torch.Tensor, indices: torch.Te
     -> values (B, k) = ``ReLU(pre[indices])``, differentiable in W_enc, b_enc, b_dec and x
     through a hand-written backward that touches the k active rows only.
     """
-    pre_active = pre.detach().gather(1, indices)
+    pre_active = pre.detach().gather(1, indices).to(params.W_enc.dtype)  # float32 even under autocast
     return _ActiveValues.apply(params.W_enc, params.b_enc, params.b_dec, x, indices, pre_active)
 
 
@@ -240,7 +240,7 @@ def decode_rows(W_dec: torch.Tensor, values: torch.Tensor, indices: torch.Tensor
 
     W_dec (n, d), values, indices (B, k) -> (B, d); differentiable in W_dec and values.
     """
-    return _SparseDecode.apply(W_dec, values, indices)
+    return _SparseDecode.apply(W_dec, values.to(W_dec.dtype), indices)
 
 
 def decode(params: SAEParams, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -249,7 +249,7 @@ def decode(params: SAEParams, values: torch.Tensor, indices: torch.Tensor) -> to
     ``embedding_bag`` forward with a hand-written, sort-free backward; its plain twin is
     :func:`decode_dense`.
     """
-    return _SparseDecode.apply(params.W_dec, values, indices) + params.b_dec
+    return _SparseDecode.apply(params.W_dec, values.to(params.W_dec.dtype), indices) + params.b_dec
 
 
 def decode_dense(params: SAEParams, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
