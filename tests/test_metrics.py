@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -65,7 +67,7 @@ def reference_blocks(jsae, X):
         pre = (Z - sae.decoder_bias_.astype(np.float64)) @ sae.encoder_.T.astype(np.float64) + sae.encoder_bias_
         return np.argsort(-pre, axis=1)[:, : sae.k]
 
-    mlp = jsae.mlp_.double() if isinstance(jsae.mlp_, torch.nn.Module) else jsae.mlp_
+    mlp = copy.deepcopy(jsae.mlp_).double()
     Xt = torch.as_tensor(X, dtype=torch.float64)
     with torch.no_grad():
         Y = mlp(Xt).numpy()
@@ -552,3 +554,21 @@ def test_spliced_ce_score_on_smollm2(monkeypatch):
     exact_scores = spliced_ce_score(model, layer, exact, ids)
     assert exact_scores["score_input"] == pytest.approx(1.0, abs=1e-2)
     assert exact_scores["score_output"] == pytest.approx(1.0, abs=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_metrics_on_cuda_match_cpu():
+    X = np.random.default_rng(0).normal(size=(64, 5)).astype(np.float32)
+    jsae = fitted(make_mlp(5, 10, 5), X, 12, 3, randomise=False)
+    on_cpu = (jacobian_sparsity(jsae, X), fraction_variance_unexplained(jsae, X),
+              intervention_agreement(jsae, X, tol=0.05), linearity(jsae, X, n_samples=8, random_state=0))
+    jsae.set_params(device="cuda")
+    on_gpu = (jacobian_sparsity(jsae, X), fraction_variance_unexplained(jsae, X),
+              intervention_agreement(jsae, X, tol=0.05), linearity(jsae, X, n_samples=8, random_state=0))
+    for a, b in zip(on_cpu, on_gpu):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys()
+            assert np.allclose(list(a.values()), list(b.values()), atol=0.02)
+        else:
+            assert a == pytest.approx(b, abs=0.02)

@@ -92,7 +92,7 @@ def reconstruction_statistics(params_x: SAEParams, params_y: SAEParams | None, m
 @torch.no_grad()
 def sweep_curves(mlp_map, params_x: SAEParams, params_y: SAEParams, k_y: int, x: np.ndarray,
                  current: np.ndarray, in_latent: np.ndarray, out_latent: np.ndarray, grid: np.ndarray,
-                 device="cpu", max_rows=1 << 15) -> np.ndarray:
+                 device="cpu", max_rows=1 << 13) -> np.ndarray:
     """Output latent values along input-latent sweeps.
 
     For pair p: ``x_p(v) = x[p] + (v - current[p]) · W_dec_x[in_latent[p]]`` at each grid value
