@@ -23,7 +23,7 @@ so when CUDA is unavailable).  For each configuration:
   minus what was allocated before them; on the CPU, in a fresh subprocess per route
   (glibc told to serve every allocation over 64 KiB by mmap, so freed tensors leave
   the resident set), the peak resident set size (``VmHWM``, reset through
-  /proc/self/clear_refs after set-up) over four steps minus the resident set after
+  /proc/self/clear_refs after set-up) over two steps minus the resident set after
   set-up: parameters, data and the MLP are excluded, gradients, Adam state and every
   intermediate are included;
 * ``jacobian(X)`` and ``transform(X)`` of a fitted ``JacobianSparseAutoencoder``:
@@ -386,7 +386,7 @@ def main(argv=None):
         if device == "cpu" and not args.skip_memory:
             for route in STEP_ROUTES:
                 probe = _probe(["--probe", "step", "--config", name, "--route", route,
-                                "--steps", "2", "--warmup", "1"], args.threads)
+                                "--steps", "1", "--warmup", "1"], args.threads)
                 res["steps"][route]["peak_mb"] = probe.get("peak_mb")
         if not args.skip_train:
             res["steps"]["jsae_train"] = time_train(config, device, min(args.steps, 3), args.warmup)
