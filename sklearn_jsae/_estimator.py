@@ -64,11 +64,13 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
     l1 : float, default=0.5
         Weight of the Jacobian penalty (normalisation above); 0 gives the traditional pair.
         It ramps linearly from 0 over the first 5% of steps.
-    learning_rate : float, default=5e-4
-        Adam step size; warm-up over 1% of steps, linear decay to 0 over the last 20%.
+    learning_rate : float, default=5e-3
+        Adam step size.  Ten times the paper's 5e-4, which assumes ~10⁵ steps: with 10⁴-10⁶
+        tokens a fit has hundreds to thousands of steps (see the User Guide's "defaults").
+        Warm-up over 1% of steps, linear decay to 0 over the last 20%.
     max_iter : int, default=30
         Epochs.
-    batch_size : int, default=256
+    batch_size : int, default=1024
         Samples per minibatch.
     aux_coef : float, default=1/32
         Weight of the AuxK dead-latent loss on each SAE (0 disables it).
@@ -135,9 +137,9 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         n_output_components=None,
         k=32,
         l1=DEFAULT_L1,
-        learning_rate=5e-4,
+        learning_rate=5e-3,
         max_iter=30,
-        batch_size=256,
+        batch_size=1024,
         aux_coef=1 / 32,
         device="cpu",
         random_state=None,

@@ -80,11 +80,13 @@ class TopKSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         Number of latents (dictionary size).
     k : int, default=32
         Active latents per sample; must be ``<= n_components``.
-    learning_rate : float, default=5e-4
-        Adam step size (warm-up over the first 1% of steps, linear decay to 0 over the last 20%).
+    learning_rate : float, default=5e-3
+        Adam step size.  Ten times the paper's 5e-4, which assumes ~10⁵ steps: with 10⁴-10⁶
+        tokens a fit has hundreds to thousands of steps (see the User Guide's "defaults").
+        Warm-up over the first 1% of steps, linear decay to 0 over the last 20%.
     max_iter : int, default=30
         Epochs (full passes over X).
-    batch_size : int, default=256
+    batch_size : int, default=1024
         Samples per minibatch.
     aux_coef : float, default=1/32
         Weight of the AuxK loss that revives dead latents (0 disables it).
@@ -143,9 +145,9 @@ class TopKSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         n_components=2048,
         *,
         k=32,
-        learning_rate=5e-4,
+        learning_rate=5e-3,
         max_iter=30,
-        batch_size=256,
+        batch_size=1024,
         aux_coef=1 / 32,
         device="cpu",
         random_state=None,
