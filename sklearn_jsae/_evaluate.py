@@ -105,16 +105,16 @@ def _evaluate_model(jsae, X_test, args, rng_seed):
     lin_rows = X_test[: args.linearity_samples]
     int_rows = X_test[: args.intervention_samples]
     recon = reconstruction_metrics(jsae, X_test)
-    return dict(
-        sparsity=jacobian_sparsity(jsae, X_test, DEFAULT_THRESHOLDS),
-        global_sparsity=global_jacobian_sparsity(jsae, X_test, DEFAULT_THRESHOLDS),
-        fvu_input=recon["input"]["fvu"],
-        fvu_output=recon["output"]["fvu"],
-        dead_input=recon["input"]["dead_fraction"],
-        dead_output=recon["output"]["dead_fraction"],
-        linearity=linearity(jsae, lin_rows, n_samples=len(lin_rows), random_state=rng_seed),
-        intervention=intervention_agreement(jsae, int_rows),
-    )
+    return {
+        "sparsity": jacobian_sparsity(jsae, X_test, DEFAULT_THRESHOLDS),
+        "global_sparsity": global_jacobian_sparsity(jsae, X_test, DEFAULT_THRESHOLDS),
+        "fvu_input": recon["input"]["fvu"],
+        "fvu_output": recon["output"]["fvu"],
+        "dead_input": recon["input"]["dead_fraction"],
+        "dead_output": recon["output"]["dead_fraction"],
+        "linearity": linearity(jsae, lin_rows, n_samples=len(lin_rows), random_state=rng_seed),
+        "intervention": intervention_agreement(jsae, int_rows),
+    }
 
 
 def _table(results, args, description, n_train, n_test, seconds):
@@ -265,7 +265,7 @@ def main(argv=None):
     print(_table(results, args, description, len(train), len(test), seconds))
     if args.json:
         payload = {
-            "data": description, "n_train": int(len(train)), "n_test": int(len(test)),
+            "data": description, "n_train": len(train), "n_test": len(test),
             "settings": {k: v for k, v in vars(args).items() if k not in ("json", "figures")},
             "models": {f"{kind}-{which}": dict(results[(kind, which)], fit_seconds=seconds[(kind, which)])
                        for kind, which in MODELS},

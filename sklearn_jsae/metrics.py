@@ -336,12 +336,12 @@ def reconstruction_metrics(estimator, X, *, batch_size=4096):
             fvu = s["residual"] / s["total"]
         else:
             fvu = 0.0 if s["residual"] == 0 else float("inf")
-        out[name] = dict(
-            fvu=float(fvu),
-            explained_variance=float(1.0 - fvu),
-            l0=float(s["l0"] / s["n"]),
-            dead_fraction=float(1.0 - s["fired"].mean()),
-        )
+        out[name] = {
+            "fvu": float(fvu),
+            "explained_variance": float(1.0 - fvu),
+            "l0": float(s["l0"] / s["n"]),
+            "dead_fraction": float(1.0 - s["fired"].mean()),
+        }
     return out
 
 
@@ -543,8 +543,8 @@ def linearity(estimator, X, *, n_samples=256, n_pairs=None, n_points=100, sweep_
     fractions = {name: float(np.mean(labels == name)) for name in ("linear", "jumprelu", "other")}
     if not return_curves:
         return fractions
-    details = dict(grid=grid, curves=curves, labels=labels, rows=rows[sample], output_latent=out_latent,
-                   input_latent=in_latent, jacobian=jac)
+    details = {"grid": grid, "curves": curves, "labels": labels, "rows": rows[sample], "output_latent": out_latent,
+                   "input_latent": in_latent, "jacobian": jac}
     return fractions, details
 
 

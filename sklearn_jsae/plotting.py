@@ -108,7 +108,7 @@ def plot_jacobian_histogram(models, X, *, thresholds=(0.01,), bins=60, min_value
     for tau in thresholds:
         ax.axvline(tau, color="grey", linestyle="--", linewidth=1)
     ax.set_xscale("log")
-    ax.set_xlabel("|J| over active entries (first bin: below %g)" % min_value)
+    ax.set_xlabel(f"|J| over active entries (first bin: below {min_value:g})")
     ax.set_ylabel("fraction of entries")
     ax.set_title("Jacobian magnitudes")
     ax.legend()

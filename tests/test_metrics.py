@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -122,7 +123,7 @@ def test_sparsities_are_bounded_and_monotone_in_tau(seed, n, n_out, n_in, taus):
     for fn in (jacobian_sparsity, global_jacobian_sparsity):
         values = list(fn(J, thresholds=taus).values())
         assert all(0.0 <= v <= 1.0 for v in values)
-        assert all(a >= b for a, b in zip(values, values[1:]))
+        assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_jacobian_sparsity_of_array_equals_estimator_path():

@@ -10,11 +10,11 @@ import torch
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from sklearn_jsae import JacobianSparseAutoencoder  # noqa: E402
-from sklearn_jsae.metrics import global_jacobian_sparsity  # noqa: E402
-from sklearn_jsae.plotting import (  # noqa: E402
+from sklearn_jsae import JacobianSparseAutoencoder
+from sklearn_jsae.metrics import global_jacobian_sparsity
+from sklearn_jsae.plotting import (
     plot_jacobian_block,
     plot_jacobian_histogram,
     plot_l1_pareto,
@@ -27,7 +27,7 @@ def models():
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(5, 20), torch.nn.GELU(), torch.nn.Linear(20, 5))
     X = np.random.default_rng(0).normal(size=(80, 5)).astype(np.float32)
-    fit = lambda l1: JacobianSparseAutoencoder(mlp, n_components=16, k=3, l1=l1, max_iter=2,  # noqa: E731
+    fit = lambda l1: JacobianSparseAutoencoder(mlp, n_components=16, k=3, l1=l1, max_iter=2,
                                                random_state=0).fit(X)
     return {"JSAE": fit(2.0), "traditional": fit(0.0)}, X
 
@@ -69,9 +69,10 @@ def test_pareto_front_joins_only_undominated_candidates():
 
 def test_pareto_reads_a_fitted_search_and_names_missing_scores():
     class Search:
-        cv_results_ = {"param_l1": [0.0, 1.0], "mean_test_explained_variance": [0.9, 0.8],
-                       "mean_test_neg_jacobian_sparsity": [-0.5, -0.1]}
-        best_index_ = 1
+        def __init__(self):
+            self.cv_results_ = {"param_l1": [0.0, 1.0], "mean_test_explained_variance": [0.9, 0.8],
+                                "mean_test_neg_jacobian_sparsity": [-0.5, -0.1]}
+            self.best_index_ = 1
 
     ax = plot_l1_pareto(Search())
     starred = ax.collections[1].get_offsets()

@@ -55,8 +55,8 @@ def reconstruction_statistics(params_x: SAEParams, params_y: SAEParams | None, m
         mlp_map = placed(mlp_map, device, torch.float32)
     tensors = {name: _tensor_params(p, device) for name, (p, _) in sides.items()}
     acc = {
-        name: dict(n=0, residual=0.0, shift=None, s1=None, s2=None, l0=0,
-                   fired=torch.zeros(p.W_dec.shape[0], dtype=torch.bool, device=device))
+        name: {"n": 0, "residual": 0.0, "shift": None, "s1": None, "s2": None, "l0": 0,
+                   "fired": torch.zeros(p.W_dec.shape[0], dtype=torch.bool, device=device)}
         for name, p in tensors.items()
     }
     rows = _Rows(X, device, torch.float32)
@@ -85,7 +85,7 @@ def reconstruction_statistics(params_x: SAEParams, params_y: SAEParams | None, m
     out = {}
     for name, a in acc.items():
         total = float((a["s2"] - a["s1"] * a["s1"] / a["n"]).clamp_min(0).sum())
-        out[name] = dict(n=a["n"], residual=a["residual"], total=total, l0=a["l0"], fired=a["fired"].cpu().numpy())
+        out[name] = {"n": a["n"], "residual": a["residual"], "total": total, "l0": a["l0"], "fired": a["fired"].cpu().numpy()}
     return out
 
 
@@ -242,7 +242,7 @@ def spliced_cross_entropies(model, input_module, output_module, params_x: SAEPar
     ]
     was_training = model.training
     model.eval()
-    sums = dict(clean=0.0, zero=0.0, input=0.0, output=0.0)
+    sums = {"clean": 0.0, "zero": 0.0, "input": 0.0, "output": 0.0}
     n_tokens = 0
     try:
         for start in range(0, input_ids.shape[0], batch_size):
