@@ -195,13 +195,33 @@ def test_warm_start_continues_and_extends_history(X, gelu_mlp):
         jsae.set_params(n_components=64).fit(X)
 
 
-def test_dead_latents_are_reported_and_auxk_revives_them(X):
+def test_dead_latents_are_reported_and_auxk_trains_them(X):
     common = dict(n_components=256, k=2, max_iter=6, batch_size=64, random_state=0)
     without = TopKSparseAutoencoder(aux_coef=0.0, **common).fit(X)
     with_aux = TopKSparseAutoencoder(aux_coef=1 / 32, **common).fit(X)
-    assert 0.0 <= with_aux.dead_fraction_ <= 1.0
-    assert without.dead_fraction_ > 0
-    assert with_aux.dead_fraction_ < without.dead_fraction_
+    assert 0.0 < without.dead_fraction_ < 1.0
+    assert 0.0 <= with_aux.dead_fraction_ < 1.0
+    assert all(row["aux_input"] == 0 for row in without.history_)
+    assert any(row["aux_input"] > 0 for row in with_aux.history_)
+
+
+def test_auxk_gradient_reaches_exactly_the_dead_latents():
+    from sklearn_jsae._backend.sae import SAEParams
+    from sklearn_jsae._backend.step import side_losses
+
+    g = torch.Generator().manual_seed(0)
+    params = SAEParams.initialise(40, 6, torch.zeros(6), g).requires_grad_()
+    x = torch.randn(32, 6, generator=g)
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[30:] = True
+    grads = {}
+    for coef in (0.0, 1.0):
+        out = side_losses(params, x, 3, dead=dead, aux_coef=coef, aux_k=4)
+        (out.mse + coef * out.aux).backward()
+        grads[coef] = params.W_dec.grad.clone()
+        params.W_dec.grad = None
+    assert grads[1.0][30:].abs().sum() > 0  # dead latents learn from the residual
+    torch.testing.assert_close(grads[1.0][:30], grads[0.0][:30])  # live latents: AuxK adds nothing
 
 
 def test_topk_inverse_transform_accepts_dense_codes(X):
