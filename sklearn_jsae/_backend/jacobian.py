@@ -20,8 +20,11 @@ Fast path (:func:`jacobian_blocks`) for maps with a closed form
 with U the latents active anywhere in the batch: the products are formed once
 per distinct active latent, which is never more work than the authors' route
 (all n latents) nor than the per-sample route (B·k rows).  Maps without a
-closed form use k forward-mode JVPs.  :func:`jacobian_blocks_reference` is the
-plain per-sample autograd twin that the tests pin the fast path to.
+closed form use k forward-mode JVPs.  Without autograd (inference) the
+per-sample contraction runs a chunk of samples at a time in reused buffers
+(:func:`_blocks_chunked`), so memory is O(B·k² + |U|·d_mlp).
+:func:`jacobian_blocks_reference` is the plain per-sample autograd twin that the
+tests pin the fast path to.
 
 Training penalty (:func:`jacobian_penalty`): ``mean_t Σ_ab |J_t[a, b]|`` with a
 hand-written backward.  Since ``∂|J|/∂J = sign(J)`` is known as soon as a chunk
@@ -30,7 +33,12 @@ of blocks is formed, the gradients with respect to the per-latent products
 chunk during the forward pass into buffers of the size of the products, so no
 (B, k, d_mlp) tensor ever exists beyond one chunk and nothing of that size is
 kept for the backward pass.  :func:`jacobian_penalty_reference` is its plain
-autograd twin (``jacobian_blocks(...).abs().sum((1, 2)).mean()``).
+autograd twin (``jacobian_blocks(...).abs().sum((1, 2)).mean()``).  On the CPU the
+chunks are spread over threads by :func:`sklearn_jsae._backend.chunks.run_chunks`.
+
+Measured on the MiniLM-like training step (benchmarks/RESULTS.md): the fused
+penalty replaced a plain autograd penalty that cost more than the authors' whole
+route on a 2-core CPU, at a sixth of the authors' peak memory.
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ def _project_active(rows: torch.Tensor, indices: torch.Tensor, projection: torch
 
     rows (n, d), indices (B, k) int64, projection (d, m) -> (B, k, m).
     """
-    unique, inverse = torch.unique(indices, return_inverse=True)
+    unique, inverse = unique_inverse(indices, rows.shape[0])
     return (rows[unique] @ projection)[inverse]
 
 
