@@ -34,12 +34,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-import sklearn_jsae._backend.jacobian as jacobian_module  # noqa: E402
-import sklearn_jsae._backend.sae as sae_module  # noqa: E402
-from routes import CONFIGS, L1, Route, random_inputs, random_mlp  # noqa: E402
-from sklearn_jsae._backend.jacobian import jacobian_blocks, jacobian_penalty, map_and_local_weights  # noqa: E402
-from sklearn_jsae._backend.sae import active_values, encode_with_grad, pre_activations, select_topk  # noqa: E402
-from sklearn_jsae._backend.step import jsae_step_losses, optimiser_step  # noqa: E402
+from routes import CONFIGS, L1, Route, random_inputs, random_mlp
+
+import sklearn_jsae._backend.jacobian as jacobian_module
+import sklearn_jsae._backend.sae as sae_module
+from sklearn_jsae._backend.jacobian import jacobian_blocks, jacobian_penalty, map_and_local_weights
+from sklearn_jsae._backend.sae import active_values, encode_with_grad, pre_activations, select_topk
+from sklearn_jsae._backend.step import jsae_step_losses, optimiser_step
 
 _RUN_CHUNKS = jacobian_module.run_chunks
 

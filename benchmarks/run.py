@@ -54,7 +54,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from routes import CONFIGS, STEP_ROUTES, Route, naive_token_step, random_inputs, random_mlp  # noqa: E402
+from routes import CONFIGS, STEP_ROUTES, Route, naive_token_step, random_inputs, random_mlp
 
 INFERENCE_SIZES = {"cpu": (1024, 4096, 8192), "cuda": (4096, 16384, 65536)}
 

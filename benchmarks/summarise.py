@@ -34,7 +34,10 @@ def _fmt(value, spec):
 
 
 def summarise(paths):
-    runs = [json.load(open(p)) for p in paths]
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
     out = []
     for name in runs[0]["configs"]:
         configs = [r["configs"][name] for r in runs if name in r["configs"]]

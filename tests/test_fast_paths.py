@@ -368,7 +368,6 @@ def test_single_sae_step_has_no_output_terms():
 
 
 def _autocast_case(device):
-    g = torch.Generator().manual_seed(0)
     p = dict(seed=0, d_in=64, d_out=64, d_mlp=256, n_in=512, n_out=512, k=16, batch=300, kind="elementwise",
              activation="gelu", chunk_elements=1 << 14)
     mlp, x, W_dec, idx_x, W_enc, idx_y = _penalty_case(p)

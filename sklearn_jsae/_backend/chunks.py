@@ -54,7 +54,7 @@ def run_chunks(batch: int, chunk: int, make_state, work, device) -> list:
             with torch.set_grad_enabled(grad_mode):
                 for start in starts[i::workers]:
                     work(states[i], start, min(batch, start + chunk))
-        except BaseException as exc:  # re-raised on the calling thread
+        except BaseException as exc:  # noqa: BLE001 -- re-raised on the calling thread
             errors.append(exc)
 
     previous = torch.get_num_threads()

@@ -48,7 +48,6 @@ import torch
 from .chunks import add_rows_, run_chunks
 from .mlp import AffineMap, CallableMap
 
-
 # Elements of one (chunk, k, width) intermediate of the fused penalty.  Small on the CPU,
 # so that the chunk's gathers and products stay in cache and its buffers are reused; large
 # on accelerators, where few big batched matmuls beat many small ones.

@@ -204,7 +204,7 @@ class _SparseDecode(torch.autograd.Function):
         W_dec, values, indices = ctx.saved_tensors
         need_w, need_values = ctx.needs_input_grad[:2]
         batch, k = indices.shape
-        n, d = W_dec.shape
+        d = W_dec.shape[1]
         flat = indices.reshape(-1)
         grad = grad.contiguous()
         grad_values = W_dec.new_empty(batch, k) if need_values else None
