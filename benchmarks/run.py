@@ -322,7 +322,9 @@ def format_config(name: str, res: dict) -> str:
         cpu_ms = f"{s['cpu_ms']:10.1f}" if "cpu_ms" in s else f"{'-':>10s}"
         lines.append(f"{LABELS[key]:28s} {s['ms']:10.1f} {cpu_ms} {peak} {s['ms'] / ref_c:8.2f} "
                      f"{s['ms'] / ref_b:8.2f}")
-    if "naive" in res:
+    if "naive" in res and "error" in res["naive"]:
+        lines.append(f"{LABELS['naive']:28s} failed: {res['naive']['error']}")
+    elif "naive" in res:
         nv = res["naive"]
         lines.append(f"{LABELS['naive']:28s} {nv['ms_per_step_extrapolated']:10.0f} "
                      f"({nv['ms_per_token']:.0f} ms per token x batch {res['shape']['batch']}, "
@@ -391,7 +393,12 @@ def main(argv=None):
         if not args.skip_train:
             res["steps"]["jsae_train"] = time_train(config, device, min(args.steps, 3), args.warmup)
         if args.naive_tokens > 0:
-            res["naive"] = time_naive(config, device, args.naive_tokens)
+            try:
+                res["naive"] = time_naive(config, device, args.naive_tokens)
+            except (RuntimeError, MemoryError) as exc:  # the dense route may not fit (410m: 16 GiB per token)
+                res["naive"] = dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
+                if device == "cuda":
+                    torch.cuda.empty_cache()
         res["ratios"] = ratios(res["steps"])
         if not args.skip_inference:
             res["inference"] = time_inference(config, device, args.threads, not args.skip_memory)
