@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numbers
 
+import joblib
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.utils.validation import check_memory
 
-from ._sklearn_compat import Interval, _fit_context, check_is_fitted
+from ._sklearn_compat import HasMethods, Interval, _fit_context, check_is_fitted
 from ._sparse import AbsJacobianSum, blocks_to_coo, topk_to_csr
 from ._topk import (
     _COMMON_CONSTRAINTS,
@@ -22,6 +24,31 @@ from ._validation import check_k, resolve_device
 
 _INFERENCE_BATCH = 4096
 DEFAULT_L1 = 0.5
+
+
+def _cacheable_mlp_pass(X, map_kind, map_buffers, scale_x, scale_y, device_type, mlp_map):
+    """:func:`~sklearn_jsae._backend.train.compute_mlp_pass` in the form ``Memory.cache`` wraps:
+    every argument but ``mlp_map``, which ``map_kind`` and ``map_buffers`` describe, is the key."""
+    from ._backend.train import compute_mlp_pass
+
+    return compute_mlp_pass(X, mlp_map, scale_x, scale_y, device=device_type)
+
+
+def _cached_mlp_pass(memory):
+    """A ``train(mlp_pass=...)`` callable that reads and fills ``memory``; None for no cache."""
+    memory = check_memory(memory)
+    if isinstance(memory, joblib.Memory) and memory.location is None:
+        return None
+    cached = memory.cache(_cacheable_mlp_pass, ignore=["mlp_map"])
+
+    def mlp_pass(X, mlp_map, scale_x, scale_y):
+        buffers = {name: b.detach().cpu().numpy() for name, b in mlp_map.named_buffers()}
+        kind = (type(mlp_map).__name__, getattr(mlp_map, "activation", None))
+        # The pass runs where train() placed the map, and CPU and CUDA round differently.
+        device_type = next((b.device.type for b in mlp_map.buffers()), "cpu")
+        return cached(X, kind, buffers, float(scale_x), scale_y, device_type, mlp_map=mlp_map)
+
+    return mlp_pass
 
 
 class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -78,6 +105,17 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
     random_state : int, RandomState instance or None, default=None
     verbose : int, default=0
     warm_start : bool, default=False
+    memory : str, joblib.Memory or None, default=None
+        Where to cache the part of a fit that does not depend on ``l1`` or the SAEs: the MLP's
+        outputs and local weights (``φ'(z)``) on every training row and the output
+        statistics.  With a cache, a fit computes them once, or reads them if an earlier fit
+        with the same X, MLP and device stored them, and does not run the MLP at each step; an
+        ``l1`` sweep in :class:`~sklearn.model_selection.GridSearchCV` then runs the MLP once per
+        fold instead of once per step of every candidate.  A string is a cache folder.  Costs
+        ``n_samples · (d_out + r · d_mlp)`` float32 on disk and in memory (``r = 2`` for gated
+        MLPs); ``joblib.Memory(..., mmap_mode="r")`` reads the rows from disk instead.
+        Callables without a closed-form Jacobian are not cached (their JVPs run the MLP anyway).
+        None (default) computes everything at each step, as the paper does.
 
     Attributes
     ----------
@@ -127,6 +165,7 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         "mlp": [None, callable],
         "n_output_components": [None, Interval(numbers.Integral, 1, None, closed="left")],
         "l1": [Interval(numbers.Real, 0, None, closed="left")],
+        "memory": [None, str, HasMethods(["cache"])],
     }
 
     def __init__(
@@ -145,6 +184,7 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         random_state=None,
         verbose=0,
         warm_start=False,
+        memory=None,
     ):
         self.mlp = mlp
         self.n_components = n_components
@@ -159,6 +199,7 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         self.random_state = random_state
         self.verbose = verbose
         self.warm_start = warm_start
+        self.memory = memory
 
     # ---- fitting -------------------------------------------------------------------------
     @_keep_state_on_error
@@ -166,10 +207,10 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
     def fit(self, X, y=None):
         """Fit both SAEs on X, the MLP's inputs (n_samples, n_features); ``y`` is ignored.
 
-        The MLP's true outputs are computed from X batch by batch.
+        The MLP's true outputs are computed from X batch by batch, or read from ``memory``.
         """
         from ._backend.mlp import resolve_mlp
-        from ._backend.train import TrainConfig, train
+        from ._backend.train import TrainConfig, supports_mlp_pass, train
 
         warm = self.warm_start and hasattr(self, "input_sae_")
         X = _validate_X(self, X, reset=not warm)
@@ -200,7 +241,8 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
             seed=_draw_seed(self.random_state),
             verbose=self.verbose,
         )
-        result = train(X, mlp_map, config, init=init)
+        mlp_pass = _cached_mlp_pass(self.memory) if supports_mlp_pass(mlp_map) else None
+        result = train(X, mlp_map, config, init=init, mlp_pass=mlp_pass)
 
         self.mlp_ = mlp_copy
         self._mlp_map = mlp_map

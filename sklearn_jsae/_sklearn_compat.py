@@ -1,7 +1,7 @@
 """The private scikit-learn names this package relies on, imported in one place."""
 
 from sklearn.base import _fit_context
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-__all__ = ["Interval", "StrOptions", "_fit_context", "check_is_fitted", "validate_data"]
+__all__ = ["HasMethods", "Interval", "StrOptions", "_fit_context", "check_is_fitted", "validate_data"]

@@ -69,15 +69,16 @@ def _check_jsae(estimator, name="estimator"):
     check_is_fitted(estimator)
 
 
-def _check_thresholds(thresholds) -> tuple[float, ...]:
-    if isinstance(thresholds, numbers.Real):
+def _check_thresholds(thresholds, name="thresholds") -> tuple[float, ...]:
+    """τ values as floats; ``name`` is the parameter named in the error."""
+    if isinstance(thresholds, numbers.Real) and not isinstance(thresholds, bool):
         thresholds = (thresholds,)
     try:
         values = tuple(float(t) for t in thresholds)
-    except TypeError as exc:
-        raise TypeError(f"thresholds must be a number or a sequence of numbers, got {thresholds!r}.") from exc
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a number or a sequence of numbers, got {thresholds!r}.") from exc
     if not values or any(not np.isfinite(t) or t < 0 for t in values):
-        raise ValueError(f"thresholds must be a non-empty sequence of finite numbers >= 0, got {thresholds!r}.")
+        raise ValueError(f"{name} must be a non-empty sequence of finite numbers >= 0, got {thresholds!r}.")
     return values
 
 

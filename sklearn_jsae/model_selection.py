@@ -46,7 +46,7 @@ import numbers
 
 import numpy as np
 
-from .metrics import _check_jsae, jacobian_sparsity, reconstruction_metrics
+from .metrics import _check_jsae, _check_thresholds, jacobian_sparsity, reconstruction_metrics
 
 __all__ = [
     "explained_variance_scorer",
@@ -74,9 +74,9 @@ def _reconstruction_scores(estimator, X) -> dict:
 
 
 def _check_threshold(threshold) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not threshold >= 0:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
         raise ValueError(f"threshold must be a number >= 0, got {threshold!r}.")
-    return float(threshold)
+    return _check_thresholds(threshold, "threshold")[0]
 
 
 class _JSAEScoring:

@@ -93,7 +93,7 @@ def side_losses(params: SAEParams, x: torch.Tensor, k: int, dead: torch.Tensor |
 
 def jsae_step_losses(side_x: SAEParams, side_y: SAEParams | None, normalised_map, x: torch.Tensor, k: int,
                      l1: float | None = None, penalty_norm: float = 1.0, dead=(None, None),
-                     aux_coef: float = 0.0, aux_k=(0, 0)):
+                     aux_coef: float = 0.0, aux_k=(0, 0), outputs_and_weights=None):
     """All loss terms of one minibatch for a single SAE (``side_y=None``) or a JSAE pair.
 
     Parameters
@@ -110,6 +110,9 @@ def jsae_step_losses(side_x: SAEParams, side_y: SAEParams | None, normalised_map
     dead : pair of (n,) bool tensors or None, per SAE.
     aux_coef : float
     aux_k : pair of int, per SAE.
+    outputs_and_weights : ``(y (B, d_out), weights (B, r, d_mlp) or None)`` or None
+        ``map_and_local_weights(normalised_map, x)`` if already known (a precomputed
+        :class:`~sklearn_jsae._backend.train.MLPPass`); None computes it.
 
     Returns
     -------
@@ -124,7 +127,9 @@ def jsae_step_losses(side_x: SAEParams, side_y: SAEParams | None, normalised_map
     fired = [(out_x.indices, out_x.values)]
     if side_y is None:
         return loss, terms, fired
-    y, weights = map_and_local_weights(normalised_map, x)
+    if outputs_and_weights is None:
+        outputs_and_weights = map_and_local_weights(normalised_map, x)
+    y, weights = outputs_and_weights
     out_y = side_losses(side_y, y, k, dead[1], aux_coef, aux_k[1])
     loss = loss + out_y.mse + aux_coef * out_y.aux
     terms.update(mse_output=out_y.mse, aux_output=out_y.aux)

@@ -16,6 +16,11 @@ to norm 1; decoder rows are renormalised after every step.  With
 AuxK (Gao et al. 2024): latents that have not fired for ``dead_tokens`` tokens
 reconstruct the residual ``x - x̂`` with their own top-``aux_k``; the loss is that
 reconstruction's MSE divided by the residual's mean square.
+
+The MLP's outputs and local weights (``φ'(z)``) on the training rows do not depend on
+``l1`` or on the SAEs: :func:`compute_mlp_pass` computes them once so that an ``l1``
+sweep (with the estimator's ``memory``) reads them instead of recomputing them at every step
+of every candidate.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
+from .jacobian import map_and_local_weights
 from .mlp import placed
 from .optim import Adam
 from .sae import SAEParams
@@ -81,10 +86,16 @@ class _Rows:
         self.X = X
 
     def take(self, index: torch.Tensor) -> torch.Tensor:
+        """The rows at ``index`` (B,), in that order."""
         if self.tensor is not None:
             return self.tensor[index.to(self.device)]
-        rows = np.sort(index.numpy())
-        return torch.as_tensor(np.asarray(self.X[rows])).to(device=self.device, dtype=self.dtype)
+        # Read in ascending order (sequential disk access), then restore the requested order so
+        # that rows of two arrays taken with the same index stay paired.
+        index = index.numpy()
+        ascending = np.argsort(index, kind="stable")
+        rows = np.empty((len(index),) + self.X.shape[1:], dtype=self.X.dtype)
+        rows[ascending] = self.X[index[ascending]]
+        return torch.as_tensor(rows).to(device=self.device, dtype=self.dtype)
 
     def batches(self, batch_size: int, order: torch.Tensor | None = None):
         order = torch.arange(self.n) if order is None else order
@@ -107,6 +118,63 @@ def data_statistics(rows: _Rows, fn=None, batch_size: int = 8192):
     return mean, scale
 
 
+@dataclass
+class MLPPass:
+    """The ``l1``-independent part of a JSAE fit, for every training row.
+
+    mean_y : (d_out,) float64, mean of the raw outputs ``mlp(x)``.
+    scale_y : float, the output normalisation ``c_y`` the outputs below are divided by.
+    outputs : (n, d_out) in the training dtype, ``mlp(x) / c_y``.
+    weights : (n, r, d_mlp) or None, the normalised map's local weights at each row
+        (``φ'(z)`` for ``r = 1``; gated MLPs have ``r = 2``); None for affine maps.
+    """
+
+    mean_y: np.ndarray
+    scale_y: float
+    outputs: np.ndarray
+    weights: np.ndarray | None
+
+
+def supports_mlp_pass(mlp_map) -> bool:
+    """Whether :func:`compute_mlp_pass` can stand in for the per-step MLP pass of ``mlp_map``.
+
+    False for callables without a closed form: their Jacobian's JVPs run the MLP anyway.
+    """
+    return bool(getattr(mlp_map, "has_closed_form", False))
+
+
+@torch.no_grad()
+def compute_mlp_pass(X: np.ndarray, mlp_map, scale_x: float, scale_y: float | None = None,
+                     device="cpu", dtype: torch.dtype = torch.float32, batch_size: int = 4096) -> MLPPass:
+    """Outputs and local weights of ``mlp_map`` on every row of X, as :func:`train` uses them.
+
+    X : (n, d_in) raw MLP inputs.  ``scale_x`` is ``c_x``; ``scale_y`` fixes ``c_y`` (warm start),
+    None measures it from the outputs.  Each row is computed exactly as the training step
+    computes it (:func:`~sklearn_jsae._backend.jacobian.map_and_local_weights` of the normalised
+    map at ``x / c_x``), batch by batch.
+    """
+    if not supports_mlp_pass(mlp_map):
+        raise ValueError(f"{type(mlp_map).__name__} has no closed-form Jacobian; its MLP pass is not cached")
+    device = torch.device(device)
+    rows = _Rows(X, device, dtype)
+    mlp_map = placed(mlp_map, device, dtype)
+    mean_y, measured_scale_y = data_statistics(rows, mlp_map)
+    scale_y = measured_scale_y if scale_y is None else scale_y
+    normalised_map = mlp_map.rescaled(scale_x, scale_y)
+    outputs, weights = [], []
+    for x in rows.batches(batch_size):
+        y, w = map_and_local_weights(normalised_map, x / scale_x)
+        outputs.append(y.cpu().numpy())
+        if w is not None:
+            weights.append(w.cpu().numpy())
+    return MLPPass(
+        mean_y=mean_y.cpu().numpy(),
+        scale_y=scale_y,
+        outputs=np.concatenate(outputs),
+        weights=np.concatenate(weights) if weights else None,
+    )
+
+
 def default_aux_k(n_features: int) -> int:
     """The power of two nearest n_features / 2 (Gao et al. 2024)."""
     return 2 ** max(0, round(math.log2(max(1, n_features // 2))))
@@ -124,13 +192,18 @@ def _schedule(step: int, total: int, config: TrainConfig) -> tuple[float, float]
     return lr_factor, l1_factor
 
 
-def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None) -> TrainResult:
+def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None,
+          mlp_pass=None) -> TrainResult:
     """Fit one TopK SAE (``config.n_output_components is None``) or a JSAE pair on rows of ``X``.
 
     X : (n_samples, d_in) numpy array or memmap of MLP inputs.
     mlp_map : backend map d_in -> d_out (ignored for a single SAE).
     init : ``(input_params, output_params, input_scale, output_scale)`` in raw units to
         continue from (warm start), or None for a fresh initialisation.
+    mlp_pass : callable ``(X, mlp_map, scale_x, scale_y) -> MLPPass`` or None
+        Supplies the outputs and local weights of every row (:func:`compute_mlp_pass`, possibly
+        through a cache) instead of computing them at each step; ``scale_y`` is None unless
+        ``init`` fixes it.  Only for maps with :func:`supports_mlp_pass`.
     """
     device, dtype = torch.device(config.device), config.dtype
     # One generator per purpose, so that the input side of a JSAE with l1=0 sees exactly the
@@ -145,12 +218,22 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
     d_in = X.shape[1]
 
     mean_x, scale_x = data_statistics(rows)
-    if pair:
-        mlp_map = placed(mlp_map, device, dtype)
-        mean_y, scale_y = data_statistics(rows, mlp_map)
+    fixed_scale_y = None
     if init is not None and init[2] is not None:
         scale_x = init[2]
-        scale_y = init[3] if pair else None
+        fixed_scale_y = init[3] if pair else None
+    precomputed = None
+    if pair:
+        mlp_map = placed(mlp_map, device, dtype)
+        if mlp_pass is None:
+            mean_y, scale_y = data_statistics(rows, mlp_map)
+        else:
+            precomputed = mlp_pass(X, mlp_map, scale_x, fixed_scale_y)
+            mean_y, scale_y = torch.from_numpy(np.array(precomputed.mean_y)), precomputed.scale_y
+            outputs_rows = _Rows(precomputed.outputs, device, dtype)
+            weights_rows = None if precomputed.weights is None else _Rows(precomputed.weights, device, dtype)
+        if fixed_scale_y is not None:
+            scale_y = fixed_scale_y
     normalised_map = mlp_map.rescaled(scale_x, scale_y) if pair else None
 
     def fresh(n, mean, scale, generator):
@@ -184,17 +267,23 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
         sums = dict(loss=0.0, mse_input=0.0, mse_output=0.0, jacobian_l1=0.0, aux_input=0.0, aux_output=0.0)
         fired_epoch = [torch.zeros_like(s, dtype=torch.bool) for s in since_fired]
         order = torch.randperm(rows.n, generator=shuffling)
-        for x in rows.batches(config.batch_size, order):
+        for start in range(0, rows.n, config.batch_size):
+            index = order[start : start + config.batch_size]
             lr_factor, l1_factor = _schedule(step, total, config)
             for group in optimiser.param_groups:
                 group["lr"] = config.learning_rate * lr_factor
-            x = x / scale_x
+            x = rows.take(index) / scale_x
+            outputs_and_weights = None
+            if precomputed is not None:
+                outputs_and_weights = (
+                    outputs_rows.take(index), None if weights_rows is None else weights_rows.take(index)
+                )
             dead = [since >= dead_tokens for since in since_fired] + [None]
             loss, terms, fired = jsae_step_losses(
                 side_x, side_y, normalised_map, x, config.k,
                 l1=config.l1 * l1_factor if pair and config.l1 > 0 else None,
                 penalty_norm=penalty_norm, dead=(dead[0], dead[1]), aux_coef=config.aux_coef,
-                aux_k=(aux_k, aux_k_out),
+                aux_k=(aux_k, aux_k_out), outputs_and_weights=outputs_and_weights,
             )
             optimiser_step(loss, optimiser, sides, config.max_grad_norm)
             with torch.no_grad():

@@ -1,0 +1,186 @@
+"""``memory``: the l1-independent MLP pass is computed once and gives the same model.
+
+A fit with a cache reads the MLP's outputs and local weights from a precomputed
+:class:`~sklearn_jsae._backend.train.MLPPass` instead of running the MLP at every step.
+These tests pin the cached route to the per-step route (bit-identical models), count how
+often the pass is computed (once per distinct X, MLP and device, so once per fold of an
+``l1`` sweep), and check the row-wise invariants the cache relies on.
+"""
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.model_selection import GridSearchCV
+from sklearn.utils._param_validation import InvalidParameterError
+
+import sklearn_jsae._backend.train as train_module
+from sklearn_jsae import JacobianSparseAutoencoder
+from sklearn_jsae._backend.jacobian import map_and_local_weights
+from sklearn_jsae._backend.mlp import ElementwiseMLP, GatedMLP
+from sklearn_jsae._backend.train import _Rows, compute_mlp_pass
+from sklearn_jsae.datasets import make_synthetic_mlp
+
+FAST = dict(n_components=48, k=4, max_iter=2, batch_size=128, random_state=0)
+
+
+@pytest.fixture
+def pass_counter(monkeypatch):
+    """Counts calls of the real ``compute_mlp_pass`` (cache misses)."""
+    calls = []
+    real = train_module.compute_mlp_pass
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "compute_mlp_pass", counting)
+    return calls
+
+
+def _mlps():
+    torch.manual_seed(0)
+    X, elementwise = make_synthetic_mlp(600, 16, 64, random_state=0)
+    _, gated = make_synthetic_mlp(600, 16, 64, gated=True, random_state=0)
+    return X, {
+        "elementwise": elementwise,
+        "gated": gated,
+        "linear": torch.nn.Linear(16, 12),
+        "identity": None,
+    }
+
+
+def _same_model(a, b):
+    for side in ("input_sae_", "output_sae_"):
+        sa, sb = getattr(a, side), getattr(b, side)
+        np.testing.assert_array_equal(sa.components_, sb.components_)
+        np.testing.assert_array_equal(sa.encoder_, sb.encoder_)
+    assert [row["loss"] for row in a.history_] == [row["loss"] for row in b.history_]
+    assert (a.jacobian_ != b.jacobian_).nnz == 0
+
+
+@pytest.mark.parametrize("kind", ["elementwise", "gated", "linear", "identity"])
+def test_cached_fit_equals_per_step_fit(kind, tmp_path, pass_counter):
+    X, mlps = _mlps()
+    plain = JacobianSparseAutoencoder(mlps[kind], l1=0.5, **FAST).fit(X)
+    first = JacobianSparseAutoencoder(mlps[kind], l1=0.5, memory=str(tmp_path), **FAST).fit(X)
+    again = JacobianSparseAutoencoder(mlps[kind], l1=0.5, memory=str(tmp_path), **FAST).fit(X)
+    assert len(pass_counter) == 1, "the second fit must read the cache"
+    _same_model(plain, first)
+    _same_model(plain, again)
+
+
+def test_memmapped_cache_equals_per_step_fit(tmp_path, pass_counter):
+    """``mmap_mode="r"`` reads rows from disk in shuffled batches; they must stay paired with X."""
+    X, mlps = _mlps()
+    memory = joblib.Memory(tmp_path, mmap_mode="r", verbose=0)
+    plain = JacobianSparseAutoencoder(mlps["gated"], **FAST).fit(X)
+    JacobianSparseAutoencoder(mlps["gated"], memory=memory, **FAST).fit(X)
+    mapped = JacobianSparseAutoencoder(mlps["gated"], memory=memory, **FAST).fit(X)
+    assert len(pass_counter) == 1
+    _same_model(plain, mapped)
+
+
+def test_cache_key_is_data_mlp_and_not_l1(tmp_path, pass_counter):
+    X, mlps = _mlps()
+    mlp = mlps["elementwise"]
+    for l1 in (0.0, 0.5, 2.0):
+        JacobianSparseAutoencoder(mlp, l1=l1, memory=str(tmp_path), **FAST).fit(X)
+    JacobianSparseAutoencoder(mlp, l1=1.0, n_components=32, k=3, max_iter=1, memory=str(tmp_path)).fit(X)
+    assert len(pass_counter) == 1, "l1 and the SAE settings are not part of the key"
+
+    JacobianSparseAutoencoder(mlp, memory=str(tmp_path), **FAST).fit(X[:500])
+    assert len(pass_counter) == 2, "other data must miss the cache"
+
+    changed = make_synthetic_mlp(600, 16, 64, random_state=1)[1]
+    JacobianSparseAutoencoder(changed, memory=str(tmp_path), **FAST).fit(X)
+    assert len(pass_counter) == 3, "other MLP weights must miss the cache"
+
+    gelu_tanh = ElementwiseMLP(mlp.W_in, mlp.b_in, mlp.W_out, mlp.b_out, "gelu_tanh")
+    JacobianSparseAutoencoder(gelu_tanh, memory=str(tmp_path), **FAST).fit(X)
+    assert len(pass_counter) == 4, "another activation must miss the cache"
+
+
+def test_grid_search_over_l1_runs_the_mlp_pass_once_per_fold(tmp_path, pass_counter):
+    X, mlps = _mlps()
+    search = GridSearchCV(
+        JacobianSparseAutoencoder(mlps["elementwise"], memory=str(tmp_path), **FAST),
+        {"l1": [0.0, 0.5, 2.0]}, cv=3,
+    ).fit(X)
+    assert len(pass_counter) == 3 + 1, "three folds and the refit on all of X"
+    uncached = GridSearchCV(
+        JacobianSparseAutoencoder(mlps["elementwise"], **FAST), {"l1": [0.0, 0.5, 2.0]}, cv=3,
+    ).fit(X)
+    np.testing.assert_array_equal(search.cv_results_["mean_test_score"], uncached.cv_results_["mean_test_score"])
+
+
+def test_warm_start_with_cache_equals_warm_start_without(tmp_path):
+    X, mlps = _mlps()
+    plain = JacobianSparseAutoencoder(mlps["gated"], warm_start=True, **FAST).fit(X[:400]).fit(X)
+    cached = JacobianSparseAutoencoder(mlps["gated"], warm_start=True, memory=str(tmp_path), **FAST)
+    cached.fit(X[:400]).fit(X)
+    _same_model(plain, cached)
+
+
+def test_callable_without_closed_form_is_not_cached(tmp_path, pass_counter):
+    X, mlps = _mlps()
+    mlp = mlps["elementwise"]
+
+    def through_module(x):
+        return mlp(x)
+
+    plain = JacobianSparseAutoencoder(through_module, **FAST).fit(X)
+    cached = JacobianSparseAutoencoder(through_module, memory=str(tmp_path), **FAST).fit(X)
+    assert pass_counter == []
+    _same_model(plain, cached)
+
+
+@pytest.mark.parametrize("memory", [3, ["cache"], object()])
+def test_bad_memory_names_the_parameter(memory):
+    X, mlps = _mlps()
+    with pytest.raises(InvalidParameterError, match="'memory' parameter"):
+        JacobianSparseAutoencoder(mlps["elementwise"], memory=memory, **FAST).fit(X)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    batch_size=st.integers(1, 50),
+    gated=st.booleans(),
+    scale_x=st.floats(0.1, 10),
+    seed=st.integers(0, 2**16),
+)
+def test_mlp_pass_rows_equal_the_step_computation(n, batch_size, gated, scale_x, seed):
+    """Row-wise: any batching gives what the training step computes on the whole array."""
+    generator = torch.Generator().manual_seed(seed)
+    d_in, d_mlp, d_out = 5, 7, 3
+    W = [torch.randn(a, b, generator=generator, dtype=torch.float64) for a, b in
+         ((d_in, d_mlp), (d_in, d_mlp), (d_mlp, d_out))]
+    mlp = (GatedMLP(W[0], W[1], W[2], activation="silu") if gated
+           else ElementwiseMLP(W[0], torch.randn(d_mlp, generator=generator, dtype=torch.float64), W[2], None, "gelu"))
+    X = torch.randn(n, d_in, generator=generator, dtype=torch.float64).numpy()
+    result = compute_mlp_pass(X, mlp, scale_x, dtype=torch.float64, batch_size=batch_size)
+
+    outputs = mlp(torch.from_numpy(X))
+    mean, scale_y = outputs.mean(0), train_module.data_statistics(_Rows(X, "cpu", torch.float64), mlp)[1]
+    y, weights = map_and_local_weights(mlp.rescaled(scale_x, scale_y), torch.from_numpy(X) / scale_x)
+    assert result.scale_y == pytest.approx(scale_y, rel=1e-12)
+    np.testing.assert_allclose(result.mean_y, mean.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(result.outputs, y.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(result.weights, weights.numpy(), rtol=1e-12, atol=1e-12)
+    assert result.weights.shape == (n, 2 if gated else 1, d_mlp)
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), n=st.integers(1, 30))
+def test_memmapped_rows_come_back_in_the_requested_order(tmp_path_factory, data, n):
+    path = tmp_path_factory.mktemp("rows") / "rows.npy"
+    array = np.arange(n * 3, dtype=np.float32).reshape(n, 3)
+    np.save(path, array)
+    rows = _Rows(np.load(path, mmap_mode="r"), "cpu", torch.float32)
+    assert rows.tensor is None, "a memmap must be read per batch"
+    index = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=2 * n))
+    taken = rows.take(torch.tensor(index))
+    np.testing.assert_array_equal(taken.numpy(), array[index])
