@@ -32,7 +32,7 @@ bench: $(VENV)/.installed
 
 docs: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[docs]"
-	$(PY) -m sphinx -b html docs docs/_build/html
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
 clean:
 	rm -rf $(VENV) docs/_build

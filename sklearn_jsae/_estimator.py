@@ -120,20 +120,20 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
     Attributes
     ----------
     input_sae_ : TopKSparseAutoencoder
-        Fitted SAE on the MLP inputs; ``input_sae_.components_`` has shape (n_components, n_features_in_).
+        Fitted SAE on the MLP inputs; ``input_sae_.components_`` has shape ``(n_components, n_features_in_)``.
     output_sae_ : TopKSparseAutoencoder
         Fitted SAE on the MLP outputs; ``components_`` shape (n_output_components, d_out).
     mlp_ : object
         Frozen CPU copy of ``mlp`` (None for the identity).
     jacobian_ : scipy.sparse.csr_array of shape (n_output_components, n_components)
-        Mean |J| over the training samples (a sample whose block misses a pair counts as 0).
+        Mean ``|J|`` over the training samples (a sample whose block misses a pair counts as 0).
     history_ : list of dict
         Per-epoch ``loss``, ``mse_input``, ``mse_output``, ``jacobian_l1``, ``aux_input``,
         ``aux_output``, ``l1``, ``dead_fraction_input``, ``dead_fraction_output``, ``seconds``.
     n_iter_ : int
     n_features_in_ : int
     n_output_features_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape ``(n_features_in_,)``
 
     See Also
     --------
@@ -307,7 +307,7 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         return topk_to_csr(values, indices, self.output_sae_.components_.shape[0])
 
     def mlp_outputs(self, X):
-        """The true MLP outputs ``mlp(X)``, float32 (n_samples, n_output_features_)."""
+        """The true MLP outputs ``mlp(X)``, float32 ``(n_samples, n_output_features_)``."""
         from ._backend.inference import map_rows
 
         check_is_fitted(self)
@@ -315,7 +315,7 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         return map_rows(self._mlp_map, X, resolve_device(self.device), _INFERENCE_BATCH)
 
     def inverse_transform(self, X):
-        """Decode input-side codes (n_samples, n_components) to MLP inputs (n_samples, n_features_in_)."""
+        """Decode input-side codes (n_samples, n_components) to MLP inputs ``(n_samples, n_features_in_)``."""
         check_is_fitted(self)
         return _decode(X, self.input_sae_.components_, self.input_sae_.decoder_bias_, "X")
 

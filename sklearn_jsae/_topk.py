@@ -101,12 +101,12 @@ class TopKSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
 
     Attributes
     ----------
-    components_ : ndarray of shape (n_components, n_features_in_)
+    components_ : ndarray of shape ``(n_components, n_features_in_)``
         Unit-norm decoder rows ``W_dec``.
-    encoder_ : ndarray of shape (n_components, n_features_in_)
+    encoder_ : ndarray of shape ``(n_components, n_features_in_)``
         Encoder rows ``W_enc``.
     encoder_bias_ : ndarray of shape (n_components,)
-    decoder_bias_ : ndarray of shape (n_features_in_,)
+    decoder_bias_ : ndarray of shape ``(n_features_in_,)``
     scale_ : float
         Root-mean-square of the centred training data per feature; training ran on ``X / scale_``.
     history_ : list of dict
@@ -116,7 +116,7 @@ class TopKSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
     n_iter_ : int
         Epochs run by the last ``fit``.
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape ``(n_features_in_,)``
         Defined only when X has string feature names.
 
     See Also

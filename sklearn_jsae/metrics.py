@@ -7,18 +7,18 @@ estimator's ``device`` (CPU or CUDA) and returns plain Python / numpy / SciPy ob
 ``scipy.sparse.coo_array`` returned by :meth:`JacobianSparseAutoencoder.jacobian` in place
 of the estimator (with ``X=None``).
 
-=================================  ===========================================================
-:func:`jacobian_sparsity`          per sample, fraction of the k_out·k_in active entries with
-                                   ``|J| > τ``, averaged over samples (or the mean count)
-:func:`global_jacobian_sparsity`   mean ``|J_ij|`` over the samples where output latent i is
-                                   active; fraction of all n_out·n_in pairs above τ
-:func:`fraction_variance_unexplained`  FVU of each SAE
-:func:`reconstruction_metrics`     FVU, explained variance, L0 and dead fraction of each SAE
-:func:`linearity`                  the paper's sweep-and-classify test of f_s
-:func:`intervention_agreement`     does J predict the effect of removing one unit of a latent?
-:func:`randomize_mlp`              the randomised-model control
-:func:`spliced_ce_score`           downstream CE-loss score of splicing each SAE into an LM
-=================================  ===========================================================
+======================================  ============================================================
+:func:`jacobian_sparsity`               per sample, fraction of the k_out·k_in active entries with
+                                        ``|J| > τ``, averaged over samples (or the mean count)
+:func:`global_jacobian_sparsity`        mean ``|J_ij|`` over the samples where output latent i is
+                                        active; fraction of all n_out·n_in pairs above τ
+:func:`fraction_variance_unexplained`   FVU of each SAE
+:func:`reconstruction_metrics`          FVU, explained variance, L0 and dead fraction of each SAE
+:func:`linearity`                       the paper's sweep-and-classify test of f_s
+:func:`intervention_agreement`          does J predict the effect of removing one unit of a latent?
+:func:`randomize_mlp`                   the randomised-model control
+:func:`spliced_ce_score`                downstream CE-loss score of splicing each SAE into an LM
+======================================  ============================================================
 
 References
 ----------
@@ -51,7 +51,7 @@ __all__ = [
     "spliced_ce_score",
 ]
 
-#: The paper's thresholds τ for "|J| > τ".
+#: The paper's thresholds τ for "``|J|`` > τ".
 DEFAULT_THRESHOLDS = (0.005, 0.01, 0.015, 0.02)
 
 
@@ -169,7 +169,7 @@ def jacobian_sparsity(estimator, X=None, thresholds=DEFAULT_THRESHOLDS, *, norma
 
     See Also
     --------
-    global_jacobian_sparsity : the same question for the mean |J| over samples.
+    global_jacobian_sparsity : the same question for the mean ``|J|`` over samples.
 
     Examples
     --------

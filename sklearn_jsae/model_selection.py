@@ -8,7 +8,7 @@ a ``neg_`` prefix (as ``neg_mean_squared_error`` does):
 ``explained_variance``          mean explained variance of the two SAEs (= ``estimator.score``)
 ``explained_variance_input``    explained variance of the input SAE on X
 ``explained_variance_output``   explained variance of the output SAE on mlp(X)
-``neg_jacobian_sparsity``       minus the mean fraction of active Jacobian entries with |J| > τ
+``neg_jacobian_sparsity``       minus the mean fraction of active Jacobian entries with ``|J|`` > τ
 ``neg_l0``                      minus the mean number of non-zero latents per row (both SAEs)
 ``neg_dead_fraction``           minus the fraction of latents (both SAEs) never active on X
 ==============================  ===============================================================
@@ -101,7 +101,7 @@ def make_scoring(threshold=0.01):
     Parameters
     ----------
     threshold : float, default=0.01
-        τ of ``neg_jacobian_sparsity`` (minus the mean fraction of active entries with |J| > τ).
+        τ of ``neg_jacobian_sparsity`` (minus the mean fraction of active entries with ``|J|`` > τ).
 
     Returns
     -------
@@ -168,7 +168,7 @@ def make_jacobian_sparsity_scorer(threshold=0.01):
 #: Mean explained variance of the two SAEs (higher is better).
 explained_variance_scorer = _SingleScorer(
     "explained_variance", lambda est, X: _reconstruction_scores(est, X)["explained_variance"])
-#: Minus the mean fraction of active Jacobian entries with |J| > 0.01.
+#: Minus the mean fraction of active Jacobian entries with ``|J|`` > 0.01.
 neg_jacobian_sparsity_scorer = make_jacobian_sparsity_scorer(0.01)
 #: Minus the mean L0 of the two SAEs.
 neg_l0_scorer = _SingleScorer("neg_l0", lambda est, X: _reconstruction_scores(est, X)["neg_l0"])

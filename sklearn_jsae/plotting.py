@@ -1,7 +1,7 @@
 """Figures for Jacobian sparse autoencoders (matplotlib is optional: ``pip install sklearn-jsae[plot]``).
 
 ====================================  ========================================================
-:func:`plot_jacobian_histogram`       distribution of |J| over active entries, several models
+:func:`plot_jacobian_histogram`       distribution of ``|J|`` over active entries, several models
 :func:`plot_l1_pareto`                reconstruction vs Jacobian density of an l1 sweep
 :func:`plot_jacobian_block`           the k_out × k_in Jacobian of one sample, latent labels
 :func:`plot_top_edges`                the strongest input latents feeding one output latent
@@ -57,7 +57,7 @@ def _named(models):
 
 
 def plot_jacobian_histogram(models, X, *, thresholds=(0.01,), bins=60, min_value=1e-5, ax=None):
-    """Histogram of |J| over the active Jacobian entries of one or several fitted models.
+    """Histogram of ``|J|`` over the active Jacobian entries of one or several fitted models.
 
     Log-spaced bins from ``min_value`` to the largest entry; entries below ``min_value``
     (including exact zeros) are counted in the first bin.  Each curve is normalised to the
@@ -249,7 +249,7 @@ def plot_jacobian_block(estimator, x, *, input_labels=None, output_labels=None, 
 
 
 def plot_top_edges(estimator, X, output_latent, *, n_edges=10, input_labels=None, output_label=None, ax=None):
-    """The input latents with the largest mean |J| into one output latent (its strongest edges).
+    """The input latents with the largest mean ``|J|`` into one output latent (its strongest edges).
 
     Uses the global mean ``G[i, j]`` of :func:`~sklearn_jsae.metrics.global_jacobian_sparsity`:
     the mean of |J_t[i, j]| over the rows of X where output latent i is active.
