@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared device check for a CUDA machine: the GPU pins of tests/test_fast_paths.py,
+# The prepared device check for a CUDA machine: the GPU tests (fast-path pins, estimator, cache),
 # then the GPU configurations of the benchmark (fp32, then TF32 matmuls), results in $OUT.
 # Needs a CUDA build of torch in the environment that runs it.  About 5-8 minutes on an H100.
 set -euo pipefail
@@ -7,7 +7,7 @@ OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 PY=${PY:-python}
 $PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" | tee "$OUT/gpu_device.txt"
-$PY -m pytest -q -m gpu tests/test_fast_paths.py 2>&1 | tee "$OUT/gpu_tests.txt"
+$PY -m pytest -q -m gpu tests/test_fast_paths.py tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt"
 $PY benchmarks/run.py --configs pythia70m pythia410m --naive-tokens 1 \
     --out "$OUT/gpu_fp32.json" 2>&1 | tee "$OUT/gpu_fp32.txt"
 $PY benchmarks/run.py --configs pythia70m pythia410m --naive-tokens 0 --skip-inference --skip-train \
