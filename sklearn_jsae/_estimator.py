@@ -113,7 +113,8 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         ``l1`` sweep in :class:`~sklearn.model_selection.GridSearchCV` then runs the MLP once per
         fold instead of once per step of every candidate.  A string is a cache folder.  Costs
         ``n_samples · (d_out + r · d_mlp)`` float32 on disk and in memory (``r = 2`` for gated
-        MLPs); ``joblib.Memory(..., mmap_mode="r")`` reads the rows from disk instead.
+        MLPs); ``joblib.Memory(..., mmap_mode="r")`` reads the rows from disk instead.  The key
+        hashes X and the MLP's weights (one read of X per fit), never ``l1`` or the SAE settings.
         Callables without a closed-form Jacobian are not cached (their JVPs run the MLP anyway).
         None (default) computes everything at each step, as the paper does.
 
