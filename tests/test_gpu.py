@@ -52,24 +52,14 @@ def test_auto_device_uses_cuda(problem):
     assert jsae.transform(X).shape == (2048, 32)
 
 
-def test_cuda_fit_with_memory_caches_per_device(problem, tmp_path, monkeypatch):
+def test_cuda_fit_with_memory_caches_per_device(problem, tmp_path, mlp_pass_calls):
     """A cached CUDA fit scores like an uncached one; the cache key separates CPU and CUDA passes."""
-    import sklearn_jsae._backend.train as train_module
-
-    calls = []
-    real = train_module.compute_mlp_pass
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("device"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "compute_mlp_pass", counting)
     mlp, X = problem
     settings = dict(mlp=mlp, n_components=64, k=4, max_iter=3, batch_size=256, random_state=0)
     plain = JacobianSparseAutoencoder(device="cuda", **settings).fit(X)
     cached = JacobianSparseAutoencoder(device="cuda", memory=str(tmp_path), **settings).fit(X)
     JacobianSparseAutoencoder(device="cuda", memory=str(tmp_path), **settings).fit(X)
-    assert calls == ["cuda"]
+    assert mlp_pass_calls == ["cuda"]
     assert abs(plain.score(X) - cached.score(X)) < 0.01
     JacobianSparseAutoencoder(device="cpu", memory=str(tmp_path), **settings).fit(X)
-    assert calls == ["cuda", "cpu"]
+    assert mlp_pass_calls == ["cuda", "cpu"]

@@ -26,20 +26,6 @@ from sklearn_jsae.datasets import make_synthetic_mlp
 FAST = dict(n_components=48, k=4, max_iter=2, batch_size=128, random_state=0)
 
 
-@pytest.fixture
-def pass_counter(monkeypatch):
-    """Counts calls of the real ``compute_mlp_pass`` (cache misses)."""
-    calls = []
-    real = train_module.compute_mlp_pass
-
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "compute_mlp_pass", counting)
-    return calls
-
-
 def _mlps():
     torch.manual_seed(0)
     X, elementwise = make_synthetic_mlp(600, 16, 64, random_state=0)
@@ -62,54 +48,54 @@ def _same_model(a, b):
 
 
 @pytest.mark.parametrize("kind", ["elementwise", "gated", "linear", "identity"])
-def test_cached_fit_equals_per_step_fit(kind, tmp_path, pass_counter):
+def test_cached_fit_equals_per_step_fit(kind, tmp_path, mlp_pass_calls):
     X, mlps = _mlps()
     plain = JacobianSparseAutoencoder(mlps[kind], l1=0.5, **FAST).fit(X)
     first = JacobianSparseAutoencoder(mlps[kind], l1=0.5, memory=str(tmp_path), **FAST).fit(X)
     again = JacobianSparseAutoencoder(mlps[kind], l1=0.5, memory=str(tmp_path), **FAST).fit(X)
-    assert len(pass_counter) == 1, "the second fit must read the cache"
+    assert len(mlp_pass_calls) == 1, "the second fit must read the cache"
     _same_model(plain, first)
     _same_model(plain, again)
 
 
-def test_memmapped_cache_equals_per_step_fit(tmp_path, pass_counter):
+def test_memmapped_cache_equals_per_step_fit(tmp_path, mlp_pass_calls):
     """``mmap_mode="r"`` reads rows from disk in shuffled batches; they must stay paired with X."""
     X, mlps = _mlps()
     memory = joblib.Memory(tmp_path, mmap_mode="r", verbose=0)
     plain = JacobianSparseAutoencoder(mlps["gated"], **FAST).fit(X)
     JacobianSparseAutoencoder(mlps["gated"], memory=memory, **FAST).fit(X)
     mapped = JacobianSparseAutoencoder(mlps["gated"], memory=memory, **FAST).fit(X)
-    assert len(pass_counter) == 1
+    assert len(mlp_pass_calls) == 1
     _same_model(plain, mapped)
 
 
-def test_cache_key_is_data_mlp_and_not_l1(tmp_path, pass_counter):
+def test_cache_key_is_data_mlp_and_not_l1(tmp_path, mlp_pass_calls):
     X, mlps = _mlps()
     mlp = mlps["elementwise"]
     for l1 in (0.0, 0.5, 2.0):
         JacobianSparseAutoencoder(mlp, l1=l1, memory=str(tmp_path), **FAST).fit(X)
     JacobianSparseAutoencoder(mlp, l1=1.0, n_components=32, k=3, max_iter=1, memory=str(tmp_path)).fit(X)
-    assert len(pass_counter) == 1, "l1 and the SAE settings are not part of the key"
+    assert len(mlp_pass_calls) == 1, "l1 and the SAE settings are not part of the key"
 
     JacobianSparseAutoencoder(mlp, memory=str(tmp_path), **FAST).fit(X[:500])
-    assert len(pass_counter) == 2, "other data must miss the cache"
+    assert len(mlp_pass_calls) == 2, "other data must miss the cache"
 
     changed = make_synthetic_mlp(600, 16, 64, random_state=1)[1]
     JacobianSparseAutoencoder(changed, memory=str(tmp_path), **FAST).fit(X)
-    assert len(pass_counter) == 3, "other MLP weights must miss the cache"
+    assert len(mlp_pass_calls) == 3, "other MLP weights must miss the cache"
 
     gelu_tanh = ElementwiseMLP(mlp.W_in, mlp.b_in, mlp.W_out, mlp.b_out, "gelu_tanh")
     JacobianSparseAutoencoder(gelu_tanh, memory=str(tmp_path), **FAST).fit(X)
-    assert len(pass_counter) == 4, "another activation must miss the cache"
+    assert len(mlp_pass_calls) == 4, "another activation must miss the cache"
 
 
-def test_grid_search_over_l1_runs_the_mlp_pass_once_per_fold(tmp_path, pass_counter):
+def test_grid_search_over_l1_runs_the_mlp_pass_once_per_fold(tmp_path, mlp_pass_calls):
     X, mlps = _mlps()
     search = GridSearchCV(
         JacobianSparseAutoencoder(mlps["elementwise"], memory=str(tmp_path), **FAST),
         {"l1": [0.0, 0.5, 2.0]}, cv=3,
     ).fit(X)
-    assert len(pass_counter) == 3 + 1, "three folds and the refit on all of X"
+    assert len(mlp_pass_calls) == 3 + 1, "three folds and the refit on all of X"
     uncached = GridSearchCV(
         JacobianSparseAutoencoder(mlps["elementwise"], **FAST), {"l1": [0.0, 0.5, 2.0]}, cv=3,
     ).fit(X)
@@ -124,7 +110,7 @@ def test_warm_start_with_cache_equals_warm_start_without(tmp_path):
     _same_model(plain, cached)
 
 
-def test_callable_without_closed_form_is_not_cached(tmp_path, pass_counter):
+def test_callable_without_closed_form_is_not_cached(tmp_path, mlp_pass_calls):
     X, mlps = _mlps()
     mlp = mlps["elementwise"]
 
@@ -133,7 +119,7 @@ def test_callable_without_closed_form_is_not_cached(tmp_path, pass_counter):
 
     plain = JacobianSparseAutoencoder(through_module, **FAST).fit(X)
     cached = JacobianSparseAutoencoder(through_module, memory=str(tmp_path), **FAST).fit(X)
-    assert pass_counter == []
+    assert mlp_pass_calls == []
     _same_model(plain, cached)
 
 

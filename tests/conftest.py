@@ -1,0 +1,19 @@
+"""Fixtures shared by several test files."""
+
+import pytest
+
+import sklearn_jsae._backend.train as train_module
+
+
+@pytest.fixture
+def mlp_pass_calls(monkeypatch):
+    """The device of every call of the real ``compute_mlp_pass`` (a cache miss), in order."""
+    calls = []
+    real = train_module.compute_mlp_pass
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("device", "cpu"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "compute_mlp_pass", counting)
+    return calls
