@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import numbers
+import os
+import tempfile
+import warnings
 
 import joblib
+import numpy as np
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils.validation import check_memory
 
-from ._sklearn_compat import HasMethods, Interval, _fit_context, check_is_fitted
-from ._sparse import AbsJacobianSum, blocks_to_coo, topk_to_csr
+from . import _validation
+from ._sklearn_compat import ADAPTERS_MANAGER, HasMethods, Interval, _fit_context, _get_output_config, check_is_fitted
+from ._sparse import AbsJacobianSum, OutputCodes, blocks_to_coo, topk_to_csr
 from ._topk import (
     _COMMON_CONSTRAINTS,
     TopKSparseAutoencoder,
     _check_warm_shape,
+    _codes_output,
     _decode,
     _draw_seed,
+    _inference_device,
     _keep_state_on_error,
+    _training_precision,
     _validate_X,
     explained_variance,
 )
-from ._validation import check_k, resolve_device
+from ._validation import check_k
 
 _INFERENCE_BATCH = 4096
 DEFAULT_L1 = 0.5
@@ -34,11 +42,31 @@ def _cacheable_mlp_pass(X, map_kind, map_buffers, scale_x, scale_y, device_type,
     return compute_mlp_pass(X, mlp_map, scale_x, scale_y, device=device_type)
 
 
+def _check_cache_folder(location) -> None:
+    """Raise a ValueError naming ``memory`` unless ``location`` is (or can be made) a writable folder."""
+    path = os.fspath(location)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"memory={path!r} is a file, not a folder; pass a folder path for the cache, or None.")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ValueError(
+            f"memory={path!r} cannot hold the cache: {type(exc).__name__}: {exc.strerror or exc}. Pass a "
+            f"folder you can write to, or memory=None to compute the MLP pass at every step."
+        ) from exc
+
+
 def _cached_mlp_pass(memory):
     """A ``train(mlp_pass=...)`` callable that reads and fills ``memory``; None for no cache."""
+    if isinstance(memory, (str, os.PathLike)):
+        _check_cache_folder(memory)
     memory = check_memory(memory)
     if isinstance(memory, joblib.Memory) and memory.location is None:
         return None
+    if isinstance(memory, joblib.Memory):
+        _check_cache_folder(memory.location)
     cached = memory.cache(_cacheable_mlp_pass, ignore=["mlp_map"])
 
     def mlp_pass(X, mlp_map, scale_x, scale_y):
@@ -49,6 +77,16 @@ def _cached_mlp_pass(memory):
         return cached(X, kind, buffers, float(scale_x), scale_y, device_type, mlp_map=mlp_map)
 
     return mlp_pass
+
+
+def _mlp_changed(fitted_map, new_map, probe_rows) -> bool:
+    """Whether ``new_map`` computes something else than ``fitted_map`` on ``probe_rows`` (float32)."""
+    from ._backend.inference import map_rows
+
+    before = map_rows(fitted_map, probe_rows, "cpu", len(probe_rows))
+    after = map_rows(new_map, probe_rows, "cpu", len(probe_rows))
+    scale = max(float(np.abs(before).max()), 1e-30)
+    return not np.allclose(before, after, rtol=1e-5, atol=1e-6 * scale)
 
 
 class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -101,10 +139,28 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         Samples per minibatch.
     aux_coef : float, default=1/32
         Weight of the AuxK dead-latent loss on each SAE (0 disables it).
-    device : {"cpu", "cuda", "auto"}, default="cpu"
+    device : {"auto", "cpu", "cuda", "cuda:N"}, default="auto"
+        Where to train and transform: ``"auto"`` is the first CUDA device when there is one, else
+        the CPU.  Every random draw happens on the CPU, so a seed gives the same initial model on
+        every device.  Fitted state is numpy: a model trained on CUDA transforms on a machine
+        without it (on the CPU, with a warning).
+    mixed_precision : bool or "auto", default="auto"
+        bf16 autocast of the training forward pass (float32 master weights, optimiser state,
+        MLP pass and Jacobian reductions) and TF32 matmuls during the fit, as the paper trains.
+        ``"auto"`` turns it on for CUDA only; True also on the CPU (slower there).
+        Inference always runs in float32.
+    sparse_output : bool, default=True
+        ``transform`` and ``transform_output`` return SciPy CSR codes when True, dense float32
+        ndarrays when False (needed for ``set_output(transform="pandas")`` or ``"polars"``).
+        ``jacobian`` is always sparse.
     random_state : int, RandomState instance or None, default=None
+        Seeds the initialisation of both SAEs (independent draws) and the batch order.
     verbose : int, default=0
     warm_start : bool, default=False
+        Continue from the fitted weights on the next ``fit`` (with a fresh schedule).  If the
+        ``mlp`` now computes something else on the first training rows (a different MLP of the
+        same shape), the output scale ``c_y`` is re-measured from the new outputs, with a
+        warning, so that the loss keeps its scale; the SAE weights continue.
     memory : str, joblib.Memory or None, default=None
         Where to cache the part of a fit that does not depend on ``l1`` or the SAEs: the MLP's
         outputs and local weights (``φ'(z)``) on every training row and the output
@@ -116,7 +172,9 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         MLPs); ``joblib.Memory(..., mmap_mode="r")`` reads the rows from disk instead.  The key
         hashes X and the MLP's weights (one read of X per fit), never ``l1`` or the SAE settings.
         Callables without a closed-form Jacobian are not cached (their JVPs run the MLP anyway).
-        None (default) computes everything at each step, as the paper does.
+        None (default) computes everything at each step, as the paper does.  The cache holds
+        joblib pickles, and loading a pickle can run code: never point ``memory`` at a folder
+        that others can write to.  A folder that is a file or is not writable is an error.
 
     Attributes
     ----------
@@ -132,6 +190,8 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         Per-epoch ``loss``, ``mse_input``, ``mse_output``, ``jacobian_l1``, ``aux_input``,
         ``aux_output``, ``l1``, ``dead_fraction_input``, ``dead_fraction_output``, ``seconds``.
     n_iter_ : int
+    device_ : str
+        The device the last ``fit`` trained on (``"cpu"`` or ``"cuda:N"``).
     n_features_in_ : int
     n_output_features_ : int
     feature_names_in_ : ndarray of shape ``(n_features_in_,)``
@@ -181,7 +241,9 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         max_iter=30,
         batch_size=1024,
         aux_coef=1 / 32,
-        device="cpu",
+        device="auto",
+        mixed_precision="auto",
+        sparse_output=True,
         random_state=None,
         verbose=0,
         warm_start=False,
@@ -197,6 +259,8 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         self.batch_size = batch_size
         self.aux_coef = aux_coef
         self.device = device
+        self.mixed_precision = mixed_precision
+        self.sparse_output = sparse_output
         self.random_state = random_state
         self.verbose = verbose
         self.warm_start = warm_start
@@ -218,17 +282,26 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         n_output_components = self.n_output_components or self.n_components
         check_k(self.k, self.n_components)
         check_k(self.k, n_output_components, "n_output_components")
-        device = resolve_device(self.device)
-        mlp_copy, mlp_map, d_out = resolve_mlp(self.mlp, X[: min(8, X.shape[0])])
+        _validation.warn_if_few_steps(X.shape[0], self.batch_size, self.max_iter)
+        device = _validation.resolve_device(self.device)
+        if self.memory is not None:
+            _cached_mlp_pass(self.memory)  # a bad cache folder fails before the MLP is even probed
+        probe_rows = np.array(X[: min(8, X.shape[0])], dtype=np.float32)
+        mlp_copy, mlp_map, d_out = resolve_mlp(self.mlp, probe_rows)
         init = None
         if warm:
             _check_warm_shape(self.input_sae_.components_.shape[0], self.n_components, "n_components")
             _check_warm_shape(self.output_sae_.components_.shape[0], n_output_components, "n_output_components")
             _check_warm_shape(self.n_output_features_, d_out, "the mlp's output width")
-            init = (
-                self.input_sae_._params(), self.output_sae_._params(),
-                self.input_sae_.scale_, self.output_sae_.scale_,
-            )
+            scale_y = self.output_sae_.scale_
+            if _mlp_changed(self._mlp_map, mlp_map, self._probe_rows):
+                warnings.warn(
+                    "warm_start=True with an mlp that computes something else than the fitted one on "
+                    "the first training rows; the output scale c_y is re-measured from the new "
+                    "outputs and training continues from the fitted SAEs.", UserWarning, stacklevel=3,
+                )
+                scale_y = None
+            init = (self.input_sae_._params(), self.output_sae_._params(), self.input_sae_.scale_, scale_y)
         config = TrainConfig(
             n_components=self.n_components,
             n_output_components=n_output_components,
@@ -239,19 +312,23 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
             batch_size=self.batch_size,
             aux_coef=self.aux_coef,
             device=device,
+            autocast_dtype=_validation.resolve_autocast(self.mixed_precision, device),
             seed=_draw_seed(self.random_state),
             verbose=self.verbose,
         )
         mlp_pass = _cached_mlp_pass(self.memory) if supports_mlp_pass(mlp_map) else None
-        result = train(X, mlp_map, config, init=init, mlp_pass=mlp_pass)
+        with _training_precision(config):
+            result = train(X, mlp_map, config, init=init, mlp_pass=mlp_pass)
 
         self.mlp_ = mlp_copy
         self._mlp_map = mlp_map
+        self._probe_rows = probe_rows
+        self.device_ = device
         self.n_output_features_ = d_out
         self.input_sae_ = self._side_estimator(self.n_components, result.input_params,
-                                               result.input_scale, result.dead_fraction_input)
+                                               result.input_scale, result.dead_fraction_input, device)
         self.output_sae_ = self._side_estimator(n_output_components, result.output_params,
-                                                result.output_scale, result.dead_fraction_output)
+                                                result.output_scale, result.dead_fraction_output, device)
         self.history_ = (self.history_ if warm else []) + result.history
         for side, prefix in ((self.input_sae_, "input"), (self.output_sae_, "output")):
             side.history_ = [
@@ -263,13 +340,15 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         self.jacobian_ = self._mean_abs_jacobian(X)
         return self
 
-    def _side_estimator(self, n_components, params, scale, dead_fraction):
+    def _side_estimator(self, n_components, params, scale, dead_fraction, device):
         sae = TopKSparseAutoencoder(
             n_components, k=self.k, learning_rate=self.learning_rate, max_iter=self.max_iter,
             batch_size=self.batch_size, aux_coef=self.aux_coef, device=self.device,
+            mixed_precision=self.mixed_precision, sparse_output=self.sparse_output,
             random_state=self.random_state,
         )
         sae._set_params_from(params, scale)
+        sae.device_ = device
         sae.n_features_in_ = params.W_dec.shape[1]
         sae.dead_fraction_ = dead_fraction
         sae.n_iter_ = self.max_iter
@@ -280,7 +359,7 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
 
         return iter_jacobian_blocks(
             self._mlp_map, self.input_sae_._params(), self.output_sae_._params(), X, self.k,
-            resolve_device(self.device),
+            _inference_device(self),
         )
 
     def _mean_abs_jacobian(self, X):
@@ -290,35 +369,76 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         return total.mean()
 
     # ---- inference ---------------------------------------------------------------------
+    def _output_codes(self, X):
+        """Output-side ``(values, indices)`` (n, k) of the true outputs, for validated X."""
+        from ._backend.inference import encode_rows
+
+        return encode_rows(self.output_sae_._params(), X, self.k, _inference_device(self),
+                           _INFERENCE_BATCH, mlp_map=self._mlp_map)
+
+    def _mlp_outputs(self, X):
+        from ._backend.inference import map_rows
+
+        return map_rows(self._mlp_map, X, _inference_device(self), _INFERENCE_BATCH)
+
     def transform(self, X):
-        """Input-side codes: CSR (n_samples, n_components), at most k non-zeros per row."""
+        """Input-side codes (n_samples, n_components), at most k non-zeros per row: SciPy CSR, or a
+        dense float32 ndarray with ``sparse_output=False``."""
         check_is_fitted(self)
         X = _validate_X(self, X, reset=False)
         values, indices = self.input_sae_._codes(X)
-        return topk_to_csr(values, indices, self._n_latents_in)
+        return _codes_output(self, values, indices, self._n_latents_in)
 
     def transform_output(self, X):
-        """Output-side codes of the true outputs mlp(X): CSR (n_samples, n_output_components)."""
-        from ._backend.inference import encode_rows
+        """Output-side codes of the true outputs mlp(X), (n_samples, n_output_components).
 
+        SciPy CSR marked as output codes (:class:`~sklearn_jsae._sparse.OutputCodes`, which
+        :meth:`inverse_transform` refuses; decode them with :meth:`inverse_transform_output`), or a
+        dense float32 ndarray with ``sparse_output=False`` (a DataFrame with
+        :meth:`get_output_feature_names_out` columns under ``set_output(transform="pandas")``).
+        """
         check_is_fitted(self)
-        X = _validate_X(self, X, reset=False)
-        values, indices = encode_rows(self.output_sae_._params(), X, self.k, resolve_device(self.device),
-                                      _INFERENCE_BATCH, mlp_map=self._mlp_map)
-        return topk_to_csr(values, indices, self.output_sae_.components_.shape[0])
+        X_valid = _validate_X(self, X, reset=False)
+        values, indices = self._output_codes(X_valid)
+        codes = _codes_output(self, values, indices, self.output_sae_.components_.shape[0], OutputCodes)
+        container = _get_output_config("transform", self)["dense"]
+        if container != "default" and not self.sparse_output:
+            adapter = ADAPTERS_MANAGER.adapters[container]
+            return adapter.create_container(codes, X, columns=self.get_output_feature_names_out())
+        return codes
 
     def mlp_outputs(self, X):
         """The true MLP outputs ``mlp(X)``, float32 ``(n_samples, n_output_features_)``."""
-        from ._backend.inference import map_rows
-
         check_is_fitted(self)
         X = _validate_X(self, X, reset=False)
-        return map_rows(self._mlp_map, X, resolve_device(self.device), _INFERENCE_BATCH)
+        return self._mlp_outputs(X)
 
     def inverse_transform(self, X):
-        """Decode input-side codes (n_samples, n_components) to MLP inputs ``(n_samples, n_features_in_)``."""
+        """Decode input-side codes (n_samples, n_components) to MLP inputs ``(n_samples, n_features_in_)``.
+
+        Codes from :meth:`transform_output` are refused: decode those with
+        :meth:`inverse_transform_output`.
+        """
         check_is_fitted(self)
+        if isinstance(X, OutputCodes):
+            raise ValueError(
+                "X holds output-side codes (from transform_output), but inverse_transform decodes "
+                "with the input SAE's dictionary; use inverse_transform_output for output codes."
+            )
         return _decode(X, self.input_sae_.components_, self.input_sae_.decoder_bias_, "X")
+
+    def inverse_transform_output(self, X):
+        """Decode output-side codes (n_samples, n_output_components), from :meth:`transform_output`,
+        to MLP outputs ``(n_samples, n_output_features_)``: ``ŷ = s_y W_dec_y + b_dec_y``."""
+        check_is_fitted(self)
+        return _decode(X, self.output_sae_.components_, self.output_sae_.decoder_bias_, "X")
+
+    def get_output_feature_names_out(self, input_features=None):
+        """Names of the output-side latents: ``"<classname>_output0"``, ... (``n_output_components``)."""
+        check_is_fitted(self)
+        prefix = type(self).__name__.lower()
+        return np.asarray([f"{prefix}_output{i}" for i in range(self.output_sae_.components_.shape[0])],
+                          dtype=object)
 
     def jacobian(self, X):
         """Exact latent-to-latent Jacobians at the rows of X.
@@ -339,9 +459,13 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         with ``EV = 1 - ||Z - Ẑ||² / ||Z - mean(Z)||²`` for Z = X and Z = mlp(X)."""
         check_is_fitted(self)
         X = _validate_X(self, X, reset=False)
-        Y = self.mlp_outputs(X)
-        ev_x = explained_variance(X, self.input_sae_.inverse_transform(self.transform(X)))
-        ev_y = explained_variance(Y, self.output_sae_.inverse_transform(self.transform_output(X)))
+        Y = self._mlp_outputs(X)
+        codes_x = topk_to_csr(*self.input_sae_._codes(X), self._n_latents_in)
+        codes_y = topk_to_csr(*self._output_codes(X), self.output_sae_.components_.shape[0])
+        ev_x = explained_variance(X, _decode(codes_x, self.input_sae_.components_,
+                                             self.input_sae_.decoder_bias_, "X"))
+        ev_y = explained_variance(Y, _decode(codes_y, self.output_sae_.components_,
+                                             self.output_sae_.decoder_bias_, "X"))
         return (ev_x + ev_y) / 2
 
     @property

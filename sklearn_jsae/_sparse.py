@@ -6,11 +6,22 @@ import numpy as np
 import scipy.sparse as sp
 
 
-def topk_to_csr(values: np.ndarray, indices: np.ndarray, n_columns: int) -> sp.csr_array:
+class OutputCodes(sp.csr_array):
+    """CSR codes of a JSAE's *output* SAE (from ``transform_output``).
+
+    A plain :class:`scipy.sparse.csr_array` in every respect, except that
+    ``JacobianSparseAutoencoder.inverse_transform`` (the input dictionary) rejects it: output
+    codes decode with ``inverse_transform_output``.  Operations that build a new array (slicing,
+    arithmetic) may return a plain ``csr_array``, which loses the mark.
+    """
+
+
+def topk_to_csr(values: np.ndarray, indices: np.ndarray, n_columns: int, container=None) -> sp.csr_array:
     """Codes ``values``/``indices`` (n, k) -> canonical CSR (n, n_columns).
 
     Column indices are sorted within each row and explicit zeros (kept latents
     whose ReLU output is 0) are dropped, so each row stores at most k entries.
+    ``container`` is the CSR class to build (default :class:`scipy.sparse.csr_array`).
     """
     n, k = indices.shape
     order = np.argsort(indices, axis=1, kind="stable")
@@ -20,7 +31,7 @@ def topk_to_csr(values: np.ndarray, indices: np.ndarray, n_columns: int) -> sp.c
     counts = keep.sum(axis=1)
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
-    out = sp.csr_array((values[keep], indices[keep], indptr), shape=(n, n_columns))
+    out = (container or sp.csr_array)((values[keep], indices[keep], indptr), shape=(n, n_columns))
     out.has_canonical_format = True
     return out
 

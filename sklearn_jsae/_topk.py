@@ -9,9 +9,10 @@ import scipy.sparse as sp
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils import check_array, check_random_state
 
-from ._sklearn_compat import Interval, StrOptions, _fit_context, check_is_fitted, validate_data
+from . import _validation
+from ._sklearn_compat import Interval, StrOptions, _fit_context, _get_output_config, check_is_fitted, validate_data
 from ._sparse import topk_to_csr
-from ._validation import check_k, resolve_device
+from ._validation import check_float32_range, check_k
 
 _INFERENCE_BATCH = 4096
 
@@ -40,7 +41,9 @@ _COMMON_CONSTRAINTS = {
     "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
     "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
     "aux_coef": [Interval(numbers.Real, 0, None, closed="left")],
-    "device": [StrOptions({"cpu", "cuda", "auto"})],
+    "device": [str],  # "cpu", "cuda", "cuda:N" or "auto": checked by _validation.resolve_device
+    "mixed_precision": ["boolean", StrOptions({"auto"})],
+    "sparse_output": ["boolean"],
     "random_state": ["random_state"],
     "verbose": ["verbose"],
     "warm_start": ["boolean"],
@@ -48,7 +51,7 @@ _COMMON_CONSTRAINTS = {
 
 
 def _validate_X(estimator, X, reset: bool):
-    return validate_data(
+    X = validate_data(
         estimator,
         X,
         reset=reset,
@@ -56,6 +59,28 @@ def _validate_X(estimator, X, reset: bool):
         ensure_all_finite=True,
         ensure_min_samples=1,
     )
+    check_float32_range(X)
+    return X
+
+
+def _inference_device(estimator) -> str:
+    return _validation.resolve_device(estimator.device, for_inference=True)
+
+
+def _codes_output(estimator, values, indices, n_latents, container=None):
+    """``(values, indices)`` as the estimator's ``sparse_output`` asks: CSR (or ``container``, a
+    CSR subclass), or a dense float32 ndarray."""
+    if not estimator.sparse_output:
+        dense = np.zeros((values.shape[0], n_latents), dtype=np.float32)
+        np.put_along_axis(dense, indices, values, axis=1)
+        return dense
+    if _get_output_config("transform", estimator)["dense"] != "default":
+        raise ValueError(
+            f"set_output(transform={_get_output_config('transform', estimator)['dense']!r}) needs dense "
+            f"codes, but sparse_output=True; set sparse_output=False on {type(estimator).__name__} "
+            f"to get a DataFrame of codes."
+        )
+    return topk_to_csr(values, indices, n_latents, container=container)
 
 
 def _draw_seed(random_state) -> int:
@@ -90,8 +115,17 @@ class TopKSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         Samples per minibatch.
     aux_coef : float, default=1/32
         Weight of the AuxK loss that revives dead latents (0 disables it).
-    device : {"cpu", "cuda", "auto"}, default="cpu"
-        Where to train and transform; fitted state is always numpy.
+    device : {"auto", "cpu", "cuda", "cuda:N"}, default="auto"
+        Where to train and transform: ``"auto"`` is the first CUDA device when there is one, else
+        the CPU.  Fitted state is always numpy, so a model trained on CUDA transforms on a
+        machine without it (falling back to the CPU with a warning).
+    mixed_precision : bool or "auto", default="auto"
+        bf16 autocast of the training forward pass, with float32 master weights, optimiser
+        state and reductions (as the paper trains), and TF32 matmuls allowed during the fit.
+        ``"auto"`` turns it on for CUDA only.  Inference always runs in float32.
+    sparse_output : bool, default=True
+        ``transform`` returns SciPy CSR codes when True, a dense float32 ndarray when False
+        (needed for ``set_output(transform="pandas")`` or ``"polars"``).
     random_state : int, RandomState instance or None, default=None
         Seeds initialisation and shuffling (same seed and device -> identical model).
     verbose : int, default=0
@@ -115,6 +149,8 @@ class TopKSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         Fraction of latents that never fired during the last epoch.
     n_iter_ : int
         Epochs run by the last ``fit``.
+    device_ : str
+        The device the last ``fit`` trained on (``"cpu"`` or ``"cuda:N"``).
     n_features_in_ : int
     feature_names_in_ : ndarray of shape ``(n_features_in_,)``
         Defined only when X has string feature names.
@@ -149,7 +185,9 @@ class TopKSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         max_iter=30,
         batch_size=1024,
         aux_coef=1 / 32,
-        device="cpu",
+        device="auto",
+        mixed_precision="auto",
+        sparse_output=True,
         random_state=None,
         verbose=0,
         warm_start=False,
@@ -161,6 +199,8 @@ class TopKSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         self.batch_size = batch_size
         self.aux_coef = aux_coef
         self.device = device
+        self.mixed_precision = mixed_precision
+        self.sparse_output = sparse_output
         self.random_state = random_state
         self.verbose = verbose
         self.warm_start = warm_start
@@ -175,6 +215,8 @@ class TopKSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         warm = self.warm_start and hasattr(self, "components_")
         X = _validate_X(self, X, reset=not warm)
         check_k(self.k, self.n_components)
+        _validation.warn_if_few_steps(X.shape[0], self.batch_size, self.max_iter)
+        device = _validation.resolve_device(self.device)
         init = None
         if warm:
             _check_warm_shape(self.components_.shape[0], self.n_components, "n_components")
@@ -187,12 +229,15 @@ class TopKSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
             max_iter=self.max_iter,
             batch_size=self.batch_size,
             aux_coef=self.aux_coef,
-            device=resolve_device(self.device),
+            device=device,
+            autocast_dtype=_validation.resolve_autocast(self.mixed_precision, device),
             seed=_draw_seed(self.random_state),
             verbose=self.verbose,
         )
-        result = train(X, None, config, init=init)
+        with _training_precision(config):
+            result = train(X, None, config, init=init)
         self._set_params_from(result.input_params, result.input_scale)
+        self.device_ = device
         self.history_ = (self.history_ if warm else []) + result.history
         self.dead_fraction_ = result.dead_fraction_input
         self.n_iter_ = len(result.history)
@@ -221,14 +266,15 @@ class TopKSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         """(values, indices) numpy arrays (n, k) for validated X."""
         from ._backend.inference import encode_rows
 
-        return encode_rows(self._params(), X, self.k, resolve_device(self.device), _INFERENCE_BATCH)
+        return encode_rows(self._params(), X, self.k, _inference_device(self), _INFERENCE_BATCH)
 
     def transform(self, X):
-        """Sparse codes, CSR of shape (n_samples, n_components) with at most k non-zeros per row."""
+        """Codes of shape (n_samples, n_components) with at most k non-zeros per row: SciPy CSR, or a
+        dense float32 ndarray with ``sparse_output=False``."""
         check_is_fitted(self)
         X = _validate_X(self, X, reset=False)
         values, indices = self._codes(X)
-        return topk_to_csr(values, indices, self.components_.shape[0])
+        return _codes_output(self, values, indices, self.components_.shape[0])
 
     def inverse_transform(self, X):
         """Decode codes of shape (n_samples, n_components) (sparse or dense) to (n_samples, n_features)."""
@@ -239,7 +285,9 @@ class TopKSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         """Explained variance of the reconstruction, ``1 - ||X - X̂||² / ||X - mean(X)||²`` (higher is better)."""
         check_is_fitted(self)
         X = _validate_X(self, X, reset=False)
-        return explained_variance(X, self.inverse_transform(self.transform(X)))
+        values, indices = self._codes(X)
+        codes = topk_to_csr(values, indices, self.components_.shape[0])
+        return explained_variance(X, _decode(codes, self.components_, self.decoder_bias_, "X"))
 
     @property
     def _n_features_out(self):
@@ -252,6 +300,32 @@ class TopKSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         tags = super().__sklearn_tags__()
         tags.transformer_tags.preserves_dtype = ["float32"]
         return tags
+
+
+class _training_precision:
+    """Allow TF32 matmuls during a mixed-precision CUDA fit, restoring the caller's setting after.
+
+    ``torch.backends.cuda.matmul.allow_tf32`` is process-wide: concurrent fits in threads share
+    it (a fit with mixed precision off may then run TF32 matmuls too).
+    """
+
+    def __init__(self, config):
+        self.on = config.autocast_dtype is not None and config.device.startswith("cuda")
+
+    def __enter__(self):
+        if self.on:
+            import torch
+
+            self.previous = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.on:
+            import torch
+
+            torch.backends.cuda.matmul.allow_tf32 = self.previous
+        return False
 
 
 def _check_warm_shape(fitted: int, requested: int, name: str) -> None:

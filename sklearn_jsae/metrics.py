@@ -36,8 +36,7 @@ import scipy.sparse as sp
 from sklearn.utils import check_random_state
 
 from ._sklearn_compat import check_is_fitted
-from ._topk import _validate_X
-from ._validation import resolve_device
+from ._topk import _inference_device, _validate_X
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
@@ -329,7 +328,7 @@ def reconstruction_metrics(estimator, X, *, batch_size=4096):
     stats = reconstruction_statistics(
         sides[0]._params(), None if sides[1] is None else sides[1]._params(), mlp_map, X,
         sides[0].k, None if sides[1] is None else sides[1].k,
-        resolve_device(estimator.device), batch_size,
+        _inference_device(estimator), batch_size,
     )
     out = {}
     for name, s in stats.items():
@@ -538,7 +537,7 @@ def linearity(estimator, X, *, n_samples=256, n_pairs=None, n_points=100, sweep_
     curves = sweep_curves(
         estimator._mlp_map, estimator.input_sae_._params(), estimator.output_sae_._params(),
         estimator.output_sae_.k, Xs[sample], current, in_latent, out_latent, grid,
-        device=resolve_device(estimator.device),
+        device=_inference_device(estimator),
     )
     labels = classify_curves(grid, curves, tol)
     fractions = {name: float(np.mean(labels == name)) for name in ("linear", "jumprelu", "other")}
@@ -613,7 +612,7 @@ def intervention_agreement(estimator, X, *, delta=1.0, tol=0.1, return_details=F
     keep = {"jacobian": [], "observed": [], "output_latent": [], "input_latent": []}
     for J, observed, idx_y, idx_x in unit_interventions(
         estimator._mlp_map, estimator.input_sae_._params(), estimator.output_sae_._params(),
-        estimator.input_sae_.k, estimator.output_sae_.k, X, delta, resolve_device(estimator.device), batch_size,
+        estimator.input_sae_.k, estimator.output_sae_.k, X, delta, _inference_device(estimator), batch_size,
     ):
         agree += int(np.count_nonzero(np.abs(observed - delta * J) <= tol))
         total += J.size
@@ -724,17 +723,25 @@ def _hook_modules(model, layer, module):
 def spliced_ce_score(model, layer, estimator, input_ids, *, attention_mask=None, module=None, batch_size=8):
     """Downstream cost of each SAE: splice its reconstruction into a causal LM.
 
-    Four passes of ``model`` over ``input_ids`` give the mean next-token cross-entropy
+    Five passes of ``model`` over ``input_ids`` give the mean next-token cross-entropy
 
     - ``ce_clean``: unchanged;
-    - ``ce_zero``: the MLP output of block ``layer`` replaced by zeros;
+    - ``ce_zero_input``: the MLP *input* of block ``layer`` replaced by zeros (the MLP then
+      computes f(0), which is not 0 when the MLP has biases);
+    - ``ce_zero_output`` (also ``ce_zero``): the MLP *output* of block ``layer`` replaced by
+      zeros;
     - ``ce_input``: the MLP *input* replaced by the input SAE's reconstruction x̂ (the MLP
       then computes f(x̂));
     - ``ce_output``: the MLP *output* replaced by the output SAE's reconstruction ŷ of the
       true output (the input untouched);
 
-    and the CE-loss scores ``(ce_zero - ce_spliced) / (ce_zero - ce_clean)`` for each SAE
-    (1: no loss from splicing; 0: as bad as deleting the MLP).
+    and the CE-loss score of each SAE against the zero ablation of the same place, as in
+    Farnik et al. (2025)::
+
+        score_input  = (ce_zero_input  - ce_input)  / (ce_zero_input  - ce_clean)
+        score_output = (ce_zero_output - ce_output) / (ce_zero_output - ce_clean)
+
+    (1: no loss from splicing; 0: as bad as zeroing that activation).
 
     Parameters
     ----------
@@ -755,9 +762,11 @@ def spliced_ce_score(model, layer, estimator, input_ids, *, attention_mask=None,
     Returns
     -------
     scores : dict
-        ``ce_clean``, ``ce_zero``, ``ce_input``, ``ce_output``, ``score_input``,
-        ``score_output``, ``score_mean`` (their average, the paper's λ-sweep number) and
-        ``n_tokens`` (targets scored).
+        ``ce_clean``, ``ce_zero_input``, ``ce_zero_output``, ``ce_zero`` (the same value as
+        ``ce_zero_output``, the name of earlier versions), ``ce_input``, ``ce_output``,
+        ``score_input``, ``score_output`` (NaN where the zero ablation costs nothing),
+        ``score_mean`` (their average, the paper's λ-sweep number) and ``n_tokens``
+        (targets scored).
 
     Examples
     --------
@@ -775,8 +784,13 @@ def spliced_ce_score(model, layer, estimator, input_ids, *, attention_mask=None,
     >>> jsae = JacobianSparseAutoencoder(mlp_of(model, 0), n_components=32, k=4, max_iter=3,
     ...                                  random_state=0).fit(X)
     >>> scores = spliced_ce_score(model, 0, jsae, ids)
-    >>> scores["ce_zero"] != scores["ce_clean"], scores["score_input"] <= 1.01
+    >>> scores["ce_zero_input"] != scores["ce_clean"], scores["score_input"] <= 1.01
     (True, True)
+
+    LLaMA's MLP has no biases, so f(0) = 0 and both zero ablations cost the same here:
+
+    >>> scores["ce_zero_input"] == scores["ce_zero_output"] == scores["ce_zero"]
+    True
     """
     import torch
 
@@ -807,11 +821,13 @@ def spliced_ce_score(model, layer, estimator, input_ids, *, attention_mask=None,
         model, input_module, output_module, estimator.input_sae_._params(), estimator.input_sae_.k,
         estimator.output_sae_._params(), estimator.output_sae_.k, ids, mask, batch_size,
     )
-    gap = ce["zero"] - ce["clean"]
-    scores = {f"ce_{name}": ce[name] for name in ("clean", "zero", "input", "output")}
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scores["score_input"] = float((ce["zero"] - ce["input"]) / gap) if gap != 0 else float("nan")
-        scores["score_output"] = float((ce["zero"] - ce["output"]) / gap) if gap != 0 else float("nan")
+    scores = {f"ce_{name}": ce[name] for name in ("clean", "zero_input", "zero_output", "input", "output")}
+    scores["ce_zero"] = ce["zero_output"]
+    for side in ("input", "output"):
+        # each SAE against deleting what it replaces: the MLP's input (so f(0)) or its output
+        baseline = ce[f"zero_{side}"]
+        gap = baseline - ce["clean"]
+        scores[f"score_{side}"] = float((baseline - ce[side]) / gap) if gap != 0 else float("nan")
     scores["score_mean"] = (scores["score_input"] + scores["score_output"]) / 2
     scores["n_tokens"] = ce["n_tokens"]
     return scores

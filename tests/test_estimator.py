@@ -8,6 +8,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
@@ -103,14 +104,41 @@ def test_same_seed_same_model_and_different_seed_differs(X, gelu_mlp):
 
 
 def test_l1_zero_is_two_ordinary_topk_saes(X, gelu_mlp):
+    """The documented seed derivation: input side = a TopK SAE with the same seed, exactly; output
+    side = a TopK SAE on mlp(X) initialised from seed + 2 with the batch order of seed + 1."""
+    from sklearn_jsae._backend.train import TrainConfig, train
+    from sklearn_jsae._topk import _draw_seed
+
     settings = dict(n_components=32, k=4, max_iter=3, batch_size=64, random_state=5)
     jsae = JacobianSparseAutoencoder(mlp=gelu_mlp, l1=0.0, **settings).fit(X)
     sae = TopKSparseAutoencoder(**settings).fit(X)
     for name in ("components_", "encoder_", "encoder_bias_", "decoder_bias_"):
         np.testing.assert_array_equal(getattr(jsae.input_sae_, name), getattr(sae, name))
     Y = jsae.mlp_outputs(X)
-    sae_y = TopKSparseAutoencoder(**settings).fit(Y)
-    assert jsae.output_sae_.score(Y) == pytest.approx(sae_y.score(Y), abs=2e-3)
+    seed = _draw_seed(5)
+    config = TrainConfig(n_components=32, n_output_components=None, k=4, learning_rate=5e-3, max_iter=3,
+                         batch_size=64, aux_coef=1 / 32, seed=seed + 2, shuffle_seed=seed + 1)
+    single = TopKSparseAutoencoder(n_components=32, k=4)
+    result = train(Y, None, config)
+    single._set_params_from(result.input_params, result.input_scale)
+    single.n_features_in_ = Y.shape[1]
+    # Not bit-identical: the pair computes y = f(c_x · x') / c_y in normalised units, the single
+    # SAE reads mlp(x) / c_y; the two round differently in the last bits.
+    np.testing.assert_allclose(jsae.output_sae_.components_, single.components_, atol=2e-3)
+    assert jsae.output_sae_.score(Y) == pytest.approx(single.score(Y), abs=1e-3)
+
+
+def test_the_two_saes_start_from_independent_draws():
+    """Same sizes on the identity: a shared draw would give W_enc_y = W_dec_x at initialisation."""
+    X = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+    jsae = JacobianSparseAutoencoder(n_components=16, k=2, max_iter=1, batch_size=64, learning_rate=1e-12,
+                                     l1=0.0, aux_coef=0.0, random_state=0)
+    with pytest.warns(ConvergenceWarning):
+        jsae.fit(X)
+    # One step of lr 1e-12 leaves the initialisation in place (to float32 precision).
+    W_dec_x, W_enc_y = jsae.input_sae_.components_, jsae.output_sae_.encoder_
+    np.testing.assert_allclose(jsae.input_sae_.encoder_, W_dec_x, atol=1e-6)  # W_enc = W_dec per SAE
+    assert np.abs(W_enc_y - W_dec_x).max() > 0.1
 
 
 def test_penalty_sparsifies_jacobian_on_synthetic_mlp(X, gelu_mlp):

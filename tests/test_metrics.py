@@ -505,6 +505,73 @@ def test_spliced_ce_score_rejects_mismatched_inputs(llama_setup):
         spliced_ce_score(model, 1, jsae, ids, attention_mask=np.ones((2, 2)))
 
 
+@pytest.fixture(scope="module")
+def biased_llama_setup():
+    """A tiny LLaMA whose layer-1 MLP has non-zero biases, so f(0) != 0 there, and a JSAE on it."""
+    from sklearn_jsae.hf import mlp_of
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(
+        vocab_size=48, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.4, mlp_bias=True,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    mlp = model.model.layers[1].mlp
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # transformers initialises biases to 0, which would make f(0) = 0
+        for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            proj.bias.copy_(torch.randn(proj.bias.shape, generator=g))
+    ids = np.random.default_rng(1).integers(0, 48, size=(6, 20))
+    X = mlp_inputs(model, 1, ids)
+    jsae = JacobianSparseAutoencoder(mlp_of(model, 1), n_components=16, k=4, max_iter=2, random_state=0).fit(X)
+    return model, ids, jsae
+
+
+def mean_next_token_ce(model, ids, **hooks):
+    """Mean next-token cross-entropy of ``model`` on ``ids`` (no mask), written out here, with
+    ``pre=`` / ``post=`` forward hooks on layer 1's MLP."""
+    mlp = model.model.layers[1].mlp
+    handles = []
+    if "pre" in hooks:
+        handles.append(mlp.register_forward_pre_hook(hooks["pre"]))
+    if "post" in hooks:
+        handles.append(mlp.register_forward_hook(hooks["post"]))
+    ids = torch.as_tensor(ids)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits.double()
+    finally:
+        for handle in handles:
+            handle.remove()
+    log_p = torch.log_softmax(logits[:, :-1], dim=-1)
+    return float(-log_p.gather(-1, ids[:, 1:, None]).mean())
+
+
+def test_spliced_ce_score_input_baseline_zeroes_the_mlp_input(biased_llama_setup):
+    from sklearn_jsae.metrics import spliced_ce_score
+
+    model, ids, jsae = biased_llama_setup
+    scores = spliced_ce_score(model, 1, jsae, ids, batch_size=4)
+    # the paper's baselines: the input SAE against a zeroed MLP *input* (the MLP computes
+    # f(0), not 0 here), the output SAE against a zeroed MLP *output*
+    assert abs(scores["ce_zero_input"] - scores["ce_zero"]) > 1e-2
+    assert scores["ce_zero_output"] == scores["ce_zero"]
+    assert scores["score_input"] == pytest.approx(
+        (scores["ce_zero_input"] - scores["ce_input"]) / (scores["ce_zero_input"] - scores["ce_clean"]), rel=1e-12)
+    assert scores["score_output"] == pytest.approx(
+        (scores["ce_zero"] - scores["ce_output"]) / (scores["ce_zero"] - scores["ce_clean"]), rel=1e-12)
+    assert scores["score_mean"] == pytest.approx((scores["score_input"] + scores["score_output"]) / 2, rel=1e-12)
+    # the same baselines from hooks written here
+    zero_input = mean_next_token_ce(model, ids, pre=lambda module, args: (torch.zeros_like(args[0]),) + args[1:])
+    zero_output = mean_next_token_ce(model, ids, post=lambda module, args, output: torch.zeros_like(output))
+    assert scores["ce_zero_input"] == pytest.approx(zero_input, rel=1e-5)
+    assert scores["ce_zero_output"] == pytest.approx(zero_output, rel=1e-5)
+    assert scores["ce_clean"] == pytest.approx(mean_next_token_ce(model, ids), rel=1e-5)
+    mlp = model.model.layers[1].mlp
+    assert not mlp._forward_hooks and not mlp._forward_pre_hooks
+
+
 def _smollm2_folder():
     import glob
     import os

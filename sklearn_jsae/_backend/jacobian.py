@@ -43,6 +43,9 @@ route on a 2-core CPU, at a sixth of the authors' peak memory.
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 
 from .chunks import add_rows_, run_chunks
@@ -95,6 +98,22 @@ def _unique_products(rows: torch.Tensor, indices: torch.Tensor, projection: torc
     return (active if projection is None else active @ projection), inverse
 
 
+@functools.lru_cache(maxsize=None)
+def load_forward_ad() -> None:
+    """Run torch's one-time set-up of forward-mode AD with its own DeprecationWarning silenced.
+
+    The first ``torch.func.jvp`` of a process loads decompositions through ``torch.jit.script``,
+    which warns that it is deprecated: under ``-W error::DeprecationWarning`` that import fails
+    halfway, and the failure would be blamed on the user's MLP.  Call before any ``jvp``.
+    """
+    from torch.func import jvp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=DeprecationWarning)
+        zero = torch.zeros(1, dtype=torch.float32, device="cpu")
+        jvp(torch.sin, (zero,), (torch.ones_like(zero),))
+
+
 def _jvp_columns(mlp, x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     """J_f(x_t) d for each of the k directions of each sample.
 
@@ -102,6 +121,7 @@ def _jvp_columns(mlp, x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor
     """
     from torch.func import jvp
 
+    load_forward_ad()
     columns = []
     for a in range(directions.shape[1]):
         _, tangent = jvp(mlp, (x,), (directions[:, a],))

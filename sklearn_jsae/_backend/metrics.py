@@ -171,9 +171,11 @@ def redraw_matrices_(module: torch.nn.Module, generator: torch.Generator) -> lis
             continue
         seen.add(id(tensor))
         with torch.no_grad():
-            draw = torch.randn(tensor.shape, generator=generator, dtype=torch.float64)
-            norm = tensor.detach().double().norm()
-            draw_norm = draw.norm()
+            # Drawn on the CPU from the CPU generator (one seed, one redraw on every device),
+            # rescaled there with the norm read as a number, then moved.
+            draw = torch.randn(tensor.shape, generator=generator, dtype=torch.float64, device="cpu")
+            norm = float(tensor.detach().double().norm())
+            draw_norm = float(draw.norm())
             scaled = draw * (norm / draw_norm) if draw_norm > 0 else draw * 0
             tensor.copy_(scaled.to(device=tensor.device, dtype=tensor.dtype))
         redrawn.append(name)
@@ -184,6 +186,7 @@ def redraw_matrices_(module: torch.nn.Module, generator: torch.Generator) -> lis
 
 
 def _first_tensor(args, kwargs):
+    """Where the MLP input module got its input tensor: ``("arg", 0)`` or ``("kw", name)``."""
     if args and isinstance(args[0], torch.Tensor):
         return "arg", 0
     for key, value in kwargs.items():
@@ -199,18 +202,32 @@ def _reconstruct(params: SAEParams, k: int, z: torch.Tensor) -> torch.Tensor:
     return decode(params, values, indices).reshape(z.shape).to(z.dtype)
 
 
+# pass name -> (what replaces the MLP input, what replaces the MLP output); None keeps it
+SPLICE_PASSES = {
+    "clean": (None, None),
+    "zero_input": ("zero", None),  # the MLP computes f(0): the input SAE's baseline
+    "zero_output": (None, "zero"),  # the MLP's output is 0: the output SAE's baseline
+    "input": ("sae", None),  # the MLP computes f(x̂)
+    "output": (None, "sae"),  # the MLP's output is ŷ, the output SAE's reconstruction of f(x)
+}
+
+
 @torch.no_grad()
 def spliced_cross_entropies(model, input_module, output_module, params_x: SAEParams, k_x: int,
                             params_y: SAEParams, k_y: int, input_ids: torch.Tensor,
                             attention_mask: torch.Tensor | None, batch_size: int = 8) -> dict:
-    """Mean next-token cross-entropy of ``model`` over ``input_ids`` under four interventions
-    on one MLP: ``clean``, ``zero`` (MLP output replaced by 0), ``input`` (MLP input replaced
-    by the input SAE's reconstruction) and ``output`` (MLP output replaced by the output SAE's
-    reconstruction of the true output).
+    """Mean next-token cross-entropy of ``model`` over ``input_ids`` under the interventions
+    on one MLP listed in :data:`SPLICE_PASSES`: ``clean``, ``zero_input`` (MLP input replaced
+    by 0, so the MLP computes f(0)), ``zero_output`` (MLP output replaced by 0), ``input``
+    (MLP input replaced by the input SAE's reconstruction) and ``output`` (MLP output
+    replaced by the output SAE's reconstruction of the true output).
+
+    The input is replaced in a forward pre-hook on ``input_module`` (its first tensor
+    argument), the output in a forward hook on ``output_module``.
 
     input_ids (n_seq, T) int64; attention_mask (n_seq, T) or None.  Targets are positions
     1..T-1 whose mask is 1 (and whose predicting position is also 1).  Returns
-    ``{"clean", "zero", "input", "output", "n_tokens"}``.
+    ``{"clean", "zero_input", "zero_output", "input", "output", "n_tokens"}``.
     """
     parameter = next(iter(model.parameters()), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
@@ -219,21 +236,22 @@ def spliced_cross_entropies(model, input_module, output_module, params_x: SAEPar
     mode = {"value": "clean"}
 
     def pre_hook(module, args, kwargs):
-        if mode["value"] != "input":
+        action = SPLICE_PASSES[mode["value"]][0]
+        if action is None:
             return None
         where, key = _first_tensor(args, kwargs)
+        tensor = args[0] if where == "arg" else kwargs[key]
+        replaced = torch.zeros_like(tensor) if action == "zero" else _reconstruct(px, k_x, tensor)
         if where == "arg":
-            args = (_reconstruct(px, k_x, args[0]),) + tuple(args[1:])
-        else:
-            kwargs = dict(kwargs)
-            kwargs[key] = _reconstruct(px, k_x, kwargs[key])
-        return args, kwargs
+            return (replaced,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, key: replaced}
 
     def post_hook(module, args, output):
-        if mode["value"] not in ("zero", "output"):
+        action = SPLICE_PASSES[mode["value"]][1]
+        if action is None:
             return None
         tensor = output[0] if isinstance(output, tuple) else output
-        replaced = torch.zeros_like(tensor) if mode["value"] == "zero" else _reconstruct(py, k_y, tensor)
+        replaced = torch.zeros_like(tensor) if action == "zero" else _reconstruct(py, k_y, tensor)
         return (replaced,) + tuple(output[1:]) if isinstance(output, tuple) else replaced
 
     handles = [
@@ -242,7 +260,7 @@ def spliced_cross_entropies(model, input_module, output_module, params_x: SAEPar
     ]
     was_training = model.training
     model.eval()
-    sums = {"clean": 0.0, "zero": 0.0, "input": 0.0, "output": 0.0}
+    sums = dict.fromkeys(SPLICE_PASSES, 0.0)
     n_tokens = 0
     try:
         for start in range(0, input_ids.shape[0], batch_size):

@@ -105,6 +105,9 @@ class AffineMap(_FrozenMap):
         super().__init__()
         self.d_in = d_in
         self.d_out = d_in if W is None else W.shape[1]
+        # An empty buffer that moves with ``.to(device, dtype)`` so that the identity, which has
+        # no weights, still knows where it was placed.
+        self.register_buffer("placement_probe", torch.zeros(0))
         self.register_buffer("W", None if W is None else W.detach().clone())
         self.register_buffer("b", None if b is None else b.detach().clone())
 
@@ -113,7 +116,13 @@ class AffineMap(_FrozenMap):
         return y if self.b is None else y + self.b
 
     def rescaled(self, input_scale, output_scale):
-        W = torch.eye(self.d_in) if self.W is None else self.W
+        if self.W is None:
+            # The identity, made explicit on the device and in the dtype the map was placed on
+            # (``b`` may be None too, so the map's own placement is read from a probe buffer).
+            like = self.placement_probe
+            W = torch.eye(self.d_in, device=like.device, dtype=like.dtype)
+        else:
+            W = self.W
         b = None if self.b is None else self.b / output_scale
         return AffineMap(self.d_in, W * (input_scale / output_scale), b)
 
@@ -311,6 +320,10 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def cuda_device_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def _declared_out_features(mlp) -> int | None:
     """The output width an mlp claims: ``out_features``, or its last ``nn.Linear``'s."""
     declared = getattr(mlp, "out_features", None)
@@ -387,17 +400,49 @@ def resolve_mlp(mlp, X_probe) -> tuple[object, _FrozenMap, int]:
     backend_map = as_map(frozen, d_in, d_out)
     if isinstance(backend_map, CallableMap):
         backend_map.d_out = d_out
-        _check_differentiable(backend_map, probe)
+        # Checked as training runs it: on the float32 copy training places on its device.
+        training_map = placed(backend_map, "cpu", torch.float32)
+        _check_rows_independent(training_map, probe, out)
+        _check_differentiable(training_map, probe)
     return frozen, backend_map, d_out
 
 
+def _check_rows_independent(backend_map: CallableMap, probe: torch.Tensor, out: torch.Tensor) -> None:
+    """Each probe row alone must give the output it gives inside the batch: a callable that mixes
+    rows (a batch mean or norm) would make every Jacobian the library computes wrong."""
+    if probe.shape[0] < 2:
+        return
+    with torch.no_grad():
+        alone = torch.cat([backend_map(probe[i : i + 1]) for i in range(probe.shape[0])])
+    tolerance = 1e-4 * float(out.abs().max()) + 1e-6
+    gap = float((alone - out).abs().max())
+    if gap > tolerance:
+        raise ValueError(
+            f"mlp mixes rows: on {probe.shape[0]} rows of X, each row computed alone differs from the "
+            f"same row computed in the batch by up to {gap:.3g}. The JSAE needs one token per row, "
+            f"processed independently (no batch mean, batch norm in training mode or attention over "
+            f"rows); put such a module in eval mode or compute it per row."
+        )
+
+
+# Exceptions that mean "this callable cannot be differentiated with torch.func.jvp".  Anything
+# else (a warning turned into an error by -W error, a KeyboardInterrupt) is not the MLP's fault.
+_NOT_DIFFERENTIABLE = (RuntimeError, TypeError, NotImplementedError, ValueError, AttributeError)
+
+
 def _check_differentiable(backend_map: CallableMap, probe: torch.Tensor) -> None:
+    """Forward-mode derivative of the callable on the probe rows, compared with a central finite
+    difference: a callable that detaches part of its graph has a JVP that misses that part."""
     from torch.func import jvp
 
-    direction = torch.randn(probe.shape, generator=torch.Generator().manual_seed(0))
+    from .jacobian import load_forward_ad
+
+    load_forward_ad()
+    direction = torch.randn(probe.shape, generator=torch.Generator(device="cpu").manual_seed(0),
+                            device="cpu", dtype=torch.float32).to(probe.dtype)
     try:
         _, tangent = jvp(backend_map, (probe,), (direction,))
-    except Exception as exc:
+    except _NOT_DIFFERENTIABLE as exc:
         raise ValueError(
             f"mlp is not differentiable with torch.func.jvp ({type(exc).__name__}: {exc}). The JSAE "
             f"needs d mlp(x) / dx: use torch operations only, without .detach(), .numpy() or in-place "
@@ -409,4 +454,25 @@ def _check_differentiable(backend_map: CallableMap, probe: torch.Tensor) -> None
         raise ValueError(
             "mlp's output does not depend differentiably on its input (its Jacobian is zero on rows "
             "of X): a .detach(), .numpy() round trip or integer cast cuts the gradient; remove it."
+        )
+    # Compare with a central difference at the probe rows moved slightly off any kink (rows of
+    # exact zeros sit on ReLU's).  Its error is O(h²) for smooth maps, and kinks touch few entries,
+    # so a detached branch shows as a disagreement on most entries, a kink on a few.
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    scale = float(probe.abs().max()) + 1.0
+    point = probe + 1e-2 * scale * torch.rand(probe.shape, generator=generator).to(probe.dtype)
+    h = 1e-3 * scale / float(direction.abs().max())
+    _, tangent = jvp(backend_map, (point,), (direction,))
+    with torch.no_grad():
+        plus, minus = backend_map(point + h * direction), backend_map(point - h * direction)
+        difference = (plus.double() - minus.double()) / (2 * h)
+    tangent = tangent.double()
+    tolerance = 0.05 * (difference.abs() + tangent.abs()) + 1e-3 * float(difference.abs().max())
+    disagree = float(((difference - tangent).abs() > tolerance).double().mean())
+    if disagree > 0.5:
+        raise ValueError(
+            f"mlp's forward-mode derivative disagrees with a finite difference on rows of X "
+            f"({disagree:.0%} of output entries): part of the output is detached from its input (.detach(), "
+            f"torch.no_grad() or a .numpy() round trip inside the mlp), so its Jacobian would be "
+            f"wrong. Keep the whole computation in torch autograd."
         )

@@ -43,11 +43,18 @@ class SAEParams:
     @classmethod
     def initialise(cls, n: int, d: int, data_mean: torch.Tensor, generator: torch.Generator) -> "SAEParams":
         """Unit-norm random decoder rows, ``W_enc = W_dec`` (the paper's ``W_enc = W_dec^T``),
-        ``b_enc = 0``, ``b_dec`` = the data mean (the paper uses 0; Gao et al. a geometric median)."""
-        device = data_mean.device
-        W_dec = torch.randn(n, d, generator=generator, device=device, dtype=data_mean.dtype)
+        ``b_enc = 0``, ``b_dec`` = the data mean (the paper uses 0; Gao et al. a geometric median).
+
+        The draw happens on the CPU, from ``generator`` (a CPU generator), in float32, and is then
+        moved to ``data_mean``'s device and dtype: the same seed gives the same initial model on
+        every device (CUDA generators draw different numbers, and a CPU generator cannot draw
+        on CUDA at all).  ``data_mean`` (d,) -> tensors on its device, in its dtype.
+        """
+        device, dtype = data_mean.device, data_mean.dtype
+        W_dec = torch.randn(n, d, generator=generator, device="cpu", dtype=torch.float32)
         W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return cls(W_dec.clone(), torch.zeros(n, device=device, dtype=data_mean.dtype), W_dec, data_mean.clone())
+        W_dec = W_dec.to(device=device, dtype=dtype)
+        return cls(W_dec.clone(), torch.zeros(n, device=device, dtype=dtype), W_dec, data_mean.clone())
 
     def requires_grad_(self):
         for t in self.tensors():

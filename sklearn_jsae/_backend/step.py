@@ -143,15 +143,17 @@ def jsae_step_losses(side_x: SAEParams, side_y: SAEParams | None, normalised_map
     return loss, terms, fired
 
 
-def optimiser_step(loss: torch.Tensor, optimiser: torch.optim.Optimizer, sides, max_grad_norm: float) -> None:
+def optimiser_step(loss: torch.Tensor, optimiser: torch.optim.Optimizer, sides, max_grad_norm: float):
     """Backward, per-SAE gradient-norm clipping, one optimiser step, decoder renormalisation.
 
     Clipping each SAE separately keeps the two SAEs of an ``l1 = 0`` pair independent.
+    Returns the gradient norms before clipping, (n_sides,) on the parameters' device (not
+    synchronised, so the caller decides when to read them).
     """
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
-    for side in sides:
-        torch.nn.utils.clip_grad_norm_(side.tensors(), max_grad_norm)
+    norms = [torch.nn.utils.clip_grad_norm_(side.tensors(), max_grad_norm) for side in sides]
     optimiser.step()
     for side in sides:
         normalise_decoder_(side)
+    return torch.stack(norms)

@@ -17,6 +17,21 @@ AuxK (Gao et al. 2024): latents that have not fired for ``dead_tokens`` tokens
 reconstruct the residual ``x - x̂`` with their own top-``aux_k``; the loss is that
 reconstruction's MSE divided by the residual's mean square.
 
+Random numbers: every draw (initialisation, shuffling) comes from a CPU ``torch.Generator`` on
+the CPU and is moved to the training device afterwards, so one seed gives the same initial model
+and batch order on every device.  From ``seed``: the input SAE is initialised from ``seed``, the
+batch order from ``seed + 1`` and the output SAE from ``seed + 2`` (independently of the input
+SAE: a shared draw would make ``W_enc_y = W_dec_x`` at initialisation and pull ``J`` towards the
+diagonal on near-identity maps).  A single SAE uses ``seed`` and ``seed + 1`` as the input side
+does, so the input side of an ``l1 = 0`` pair is exactly a single SAE with the same seed, and the
+output side is exactly a single SAE fitted on ``mlp(X)`` with ``init_seed = seed + 2`` and
+``shuffle_seed = seed + 1``.
+
+Guards: training stops with :class:`~sklearn_jsae.exceptions.NonFiniteTrainingError` at the
+first MLP output, loss term, gradient or parameter that is NaN or inf, and when the
+reconstruction error of either SAE exceeds :data:`DIVERGED_MSE` times that of predicting the
+mean (a diverged fit, typically a learning rate far too large).
+
 The MLP's outputs and local weights (``φ'(z)``) on the training rows do not depend on
 ``l1`` or on the SAEs: :func:`compute_mlp_pass` computes them once so that an ``l1``
 sweep (with the estimator's ``memory``) reads them instead of recomputing them at every step
@@ -25,6 +40,7 @@ of every candidate.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,6 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..exceptions import NonFiniteTrainingError
 from .jacobian import map_and_local_weights
 from .mlp import placed
 from .optim import Adam
@@ -39,6 +56,10 @@ from .sae import SAEParams
 from .step import jsae_step_losses, optimiser_step
 
 _IN_MEMORY_BYTES = 1 << 30
+
+# In normalised units predicting the mean gives MSE 1 and a fresh SAE about 1 to 2k/d; a
+# reconstruction 10^4 times worse than the mean only happens when the optimiser has diverged.
+DIVERGED_MSE = 1e4
 
 
 @dataclass
@@ -61,6 +82,13 @@ class TrainConfig:
     seed: int = 0
     verbose: int = 0
     dtype: torch.dtype = torch.float32
+    # bf16 autocast of the forward pass (master weights, optimiser state and the penalty's
+    # reductions stay in ``dtype``); None trains in ``dtype`` throughout.
+    autocast_dtype: torch.dtype | None = None
+    # Seeds of the output SAE's initialisation and of the batch order; None derives them from
+    # ``seed`` (see the module docstring).
+    init_seed: int | None = None
+    shuffle_seed: int | None = None
 
 
 @dataclass
@@ -105,15 +133,35 @@ class _Rows:
 
 @torch.no_grad()
 def data_statistics(rows: _Rows, fn=None, batch_size: int = 8192):
-    """Mean (d,) and centred per-element RMS of ``fn(x)`` (or x) over all rows, in float64."""
+    """Mean (d,) and centred per-element RMS of ``fn(x)`` (or x) over all rows, in float64.
+
+    Raises :class:`~sklearn_jsae.exceptions.NonFiniteTrainingError` naming the first rows where
+    ``fn`` (the MLP) returns NaN or inf: this pass sees every training row before the first step.
+    """
     total, total_sq, n = None, None, 0
-    for x in rows.batches(batch_size):
-        v = (x if fn is None else fn(x)).double()
+    for start, x in zip(range(0, rows.n, batch_size), rows.batches(batch_size)):
+        v = x if fn is None else fn(x)
+        finite = torch.isfinite(v).all(dim=1)
+        if not bool(finite.all()):
+            bad = (torch.nonzero(~finite).flatten()[:5] + start).tolist()
+            what = "the mlp's outputs" if fn is not None else "X"
+            raise NonFiniteTrainingError(
+                f"training stopped before the first step: {what} contain NaN or inf on "
+                f"{int((~finite).sum())} of rows {start}-{start + x.shape[0] - 1} of X (first: {bad}). "
+                + ("Check the MLP on those rows (an overflow, a log or division of their values) or "
+                   "remove them from X." if fn is not None else "Remove or repair those rows."),
+                step=None, what="mlp output" if fn is not None else "X",
+            )
+        v = v.double()
         total = v.sum(0) if total is None else total + v.sum(0)
         total_sq = (v * v).sum(0) if total_sq is None else total_sq + (v * v).sum(0)
         n += v.shape[0]
     mean = total / n
     variance = (total_sq / n - mean * mean).clamp_min(0).mean().item()
+    if not math.isfinite(variance):
+        raise NonFiniteTrainingError(
+            f"training stopped before the first step: the variance of {'the mlp outputs' if fn else 'X'} "
+            f"overflows float64 ({variance}); rescale the data.", step=None, what="data variance")
     scale = math.sqrt(variance) if variance > 0 else 1.0
     return mean, scale
 
@@ -192,6 +240,57 @@ def _schedule(step: int, total: int, config: TrainConfig) -> tuple[float, float]
     return lr_factor, l1_factor
 
 
+def _generators(config: TrainConfig):
+    """CPU generators ``(input init, output init, shuffling)`` derived as the module docstring says."""
+    input_init = torch.Generator(device="cpu").manual_seed(config.seed)
+    output_seed = config.seed + 2 if config.init_seed is None else config.init_seed
+    output_init = torch.Generator(device="cpu").manual_seed(output_seed)
+    shuffle_seed = config.seed + 1 if config.shuffle_seed is None else config.shuffle_seed
+    shuffling = torch.Generator(device="cpu").manual_seed(shuffle_seed)
+    return input_init, output_init, shuffling
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """bf16 (or ``dtype``) autocast of the forward pass on CUDA or the CPU; a no-op when ``dtype`` is
+    None or the device has no autocast (other device types run in the training dtype)."""
+    if dtype is None or device.type not in ("cuda", "cpu"):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _non_finite(step: int, epoch: int, what: str, cause: str) -> NonFiniteTrainingError:
+    return NonFiniteTrainingError(
+        f"training stopped at optimiser step {step} (epoch {epoch + 1}): {what}. Likely cause: {cause} "
+        f"The estimator keeps the state it had before this fit.",
+        step=step, what=what,
+    )
+
+
+def _check_step(step, epoch, loss, terms, x, index, outputs, pair):
+    """Raise :class:`NonFiniteTrainingError` if this step's loss is non-finite or has diverged."""
+    values = {name: float(value.detach()) for name, value in terms.items()}
+    if math.isfinite(float(loss.detach())) and all(math.isfinite(v) for v in values.values()):
+        worst = max(values.get("mse_input", 0.0), values.get("mse_output", 0.0))
+        if worst > DIVERGED_MSE:
+            name = max(("mse_input", "mse_output"), key=lambda key: values.get(key, -1.0))
+            raise _non_finite(
+                step, epoch, f"the fit diverged: {name}={worst:.3g}, {DIVERGED_MSE:.0e} times the error "
+                f"of predicting the mean", "learning_rate is too large for this data; lower it (by 10x).")
+        return
+    bad = sorted(name for name, v in values.items() if not math.isfinite(v)) or ["loss"]
+    if pair and outputs is not None:
+        finite_rows = torch.isfinite(outputs).all(dim=1)
+        if not bool(finite_rows.all()):
+            rows = index[~finite_rows.cpu()][:5].tolist()
+            raise _non_finite(step, epoch, f"the mlp returned NaN or inf on rows {rows} of X",
+                              "the MLP overflows or divides by zero on those rows; check it there.")
+    if not bool(torch.isfinite(x).all()):
+        raise _non_finite(step, epoch, "the normalised input batch is not finite",
+                          "X holds values too large for the training dtype.")
+    raise _non_finite(step, epoch, f"the loss terms {bad} are NaN or inf",
+                      "learning_rate too large, or data with extreme outliers; lower learning_rate.")
+
+
 def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None,
           mlp_pass=None) -> TrainResult:
     """Fit one TopK SAE (``config.n_output_components is None``) or a JSAE pair on rows of ``X``.
@@ -199,20 +298,18 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
     X : (n_samples, d_in) numpy array or memmap of MLP inputs.
     mlp_map : backend map d_in -> d_out (ignored for a single SAE).
     init : ``(input_params, output_params, input_scale, output_scale)`` in raw units to
-        continue from (warm start), or None for a fresh initialisation.
+        continue from (warm start), or None for a fresh initialisation.  ``output_scale`` None
+        re-measures ``c_y`` (a warm start on a changed MLP).
     mlp_pass : callable ``(X, mlp_map, scale_x, scale_y) -> MLPPass`` or None
         Supplies the outputs and local weights of every row (:func:`compute_mlp_pass`, possibly
         through a cache) instead of computing them at each step; ``scale_y`` is None unless
         ``init`` fixes it.  Only for maps with :func:`supports_mlp_pass`.
+
+    Raises :class:`~sklearn_jsae.exceptions.NonFiniteTrainingError` at the first non-finite MLP
+    output, loss, gradient or parameter, and when the fit diverges.
     """
     device, dtype = torch.device(config.device), config.dtype
-    # One generator per purpose, so that the input side of a JSAE with l1=0 sees exactly the
-    # initialisation and batch order of a single TopK SAE fitted with the same seed.
-    input_init = torch.Generator().manual_seed(config.seed)
-    # The output SAE starts from the same seed: a TopK SAE fitted on mlp(X) with that seed is then
-    # exactly the l1 = 0 output side too.
-    output_init = torch.Generator().manual_seed(config.seed)
-    shuffling = torch.Generator().manual_seed(config.seed + 1)
+    input_init, output_init, shuffling = _generators(config)
     rows = _Rows(X, device, dtype)
     pair = config.n_output_components is not None
     d_in = X.shape[1]
@@ -237,7 +334,7 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
     normalised_map = mlp_map.rescaled(scale_x, scale_y) if pair else None
 
     def fresh(n, mean, scale, generator):
-        return SAEParams.initialise(n, mean.shape[0], (mean / scale).to(dtype), generator).to(device)
+        return SAEParams.initialise(n, mean.shape[0], (mean / scale).to(device=device, dtype=dtype), generator)
 
     if init is not None:
         side_x = init[0].scaled(1.0 / scale_x).to(device, dtype).detached()
@@ -266,7 +363,7 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
         started = time.perf_counter()
         sums = dict(loss=0.0, mse_input=0.0, mse_output=0.0, jacobian_l1=0.0, aux_input=0.0, aux_output=0.0)
         fired_epoch = [torch.zeros_like(s, dtype=torch.bool) for s in since_fired]
-        order = torch.randperm(rows.n, generator=shuffling)
+        order = torch.randperm(rows.n, generator=shuffling, device="cpu")
         for start in range(0, rows.n, config.batch_size):
             index = order[start : start + config.batch_size]
             lr_factor, l1_factor = _schedule(step, total, config)
@@ -278,14 +375,26 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
                 outputs_and_weights = (
                     outputs_rows.take(index), None if weights_rows is None else weights_rows.take(index)
                 )
+            elif pair:
+                # The MLP's pass outside autocast: its outputs are the output SAE's targets, and
+                # its local weights feed the penalty, so both stay in the training dtype.
+                outputs_and_weights = map_and_local_weights(normalised_map, x)
             dead = [since >= dead_tokens for since in since_fired] + [None]
-            loss, terms, fired = jsae_step_losses(
-                side_x, side_y, normalised_map, x, config.k,
-                l1=config.l1 * l1_factor if pair and config.l1 > 0 else None,
-                penalty_norm=penalty_norm, dead=(dead[0], dead[1]), aux_coef=config.aux_coef,
-                aux_k=(aux_k, aux_k_out), outputs_and_weights=outputs_and_weights,
-            )
-            optimiser_step(loss, optimiser, sides, config.max_grad_norm)
+            with _autocast(device, config.autocast_dtype):
+                loss, terms, fired = jsae_step_losses(
+                    side_x, side_y, normalised_map, x, config.k,
+                    l1=config.l1 * l1_factor if pair and config.l1 > 0 else None,
+                    penalty_norm=penalty_norm, dead=(dead[0], dead[1]), aux_coef=config.aux_coef,
+                    aux_k=(aux_k, aux_k_out), outputs_and_weights=outputs_and_weights,
+                )
+            _check_step(step, epoch, loss, terms, x, index,
+                        outputs_and_weights[0] if outputs_and_weights is not None else None, pair)
+            norms = optimiser_step(loss, optimiser, sides, config.max_grad_norm)
+            # One synchronisation for all checks: the gradient norms and every parameter.
+            finite = torch.stack([torch.isfinite(norms).all()] + [torch.isfinite(t).all() for t in tensors])
+            if not bool(finite.all()):
+                raise _non_finite(step, epoch, "a gradient or an SAE parameter is NaN or inf after the update",
+                                  "learning_rate too large for this data; lower it.")
             with torch.no_grad():
                 for i, (idx, val) in enumerate(fired):
                     hit = torch.zeros_like(fired_epoch[i])

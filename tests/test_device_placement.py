@@ -1,0 +1,182 @@
+"""The accelerator code path, run on a CPU-only machine: every tensor on another device.
+
+``tests/virtual_device.py`` gives a device (``"meta"``) whose tensors hold real CPU values but
+report another device, and fails on any op that mixes them with CPU tensors or draws on them with
+a CPU generator: what CUDA rejects.  Here the estimators resolve every ``device`` to it, so fit,
+transform, jacobian, score and the metrics run the code a CUDA fit runs, branch for branch
+(accelerator chunk sizes, ``index_put_`` accumulation, no CPU worker threads), and their results
+must equal a CPU run's bit for bit: the same seed gives the same initial model and the same
+batches on every device.
+
+What this cannot catch (see tests/virtual_device.py): anything inside CUDA kernels, bf16 autocast
+on CUDA (a no-op on this device), TF32, numerical differences, speed and memory.  That is what
+``benchmarks/gpu.sh`` on a real GPU is for.
+"""
+
+import numpy as np
+import pytest
+import torch
+from virtual_device import VIRTUAL, DevicePlacementError, VirtualTensor, virtual_device
+
+from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder, _validation, metrics
+from sklearn_jsae._backend.mlp import AffineMap, ElementwiseMLP, as_map
+from sklearn_jsae._backend.sae import SAEParams
+from sklearn_jsae._backend.train import TrainConfig, train
+from sklearn_jsae.mlp import GatedMLP
+
+SETTINGS = dict(n_components=24, k=3, max_iter=2, batch_size=64, random_state=0, aux_coef=1 / 32)
+
+
+@pytest.fixture(scope="module")
+def X():
+    rng = np.random.default_rng(0)
+    return (rng.exponential(size=(160, 20)) * (rng.random((160, 20)) < 0.2) @ rng.normal(size=(20, 8))
+            ).astype(np.float32)
+
+
+def _mlps():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    return {
+        "identity": None,
+        "gelu": torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8)),
+        "gated": GatedMLP(torch.randn(8, 16, generator=g) / 3, torch.randn(8, 16, generator=g) / 3,
+                          torch.randn(16, 6, generator=g) / 4),
+        "linear": torch.nn.Linear(8, 5),
+        "callable": lambda x: torch.tanh(x) * 1.5,
+    }
+
+
+@pytest.fixture
+def on_virtual_device(monkeypatch):
+    """Every estimator's device resolves to the virtual device, inside the checking mode."""
+    monkeypatch.setattr(_validation, "resolve_device", lambda device, for_inference=False: "meta")
+    with virtual_device():
+        yield
+
+
+def _surface(jsae, X, with_metrics):
+    """What a user calls after fitting, as numpy (the comparison is bit for bit)."""
+    out = dict(
+        components_x=jsae.input_sae_.components_, encoder_y=jsae.output_sae_.encoder_,
+        bias_y=jsae.output_sae_.decoder_bias_, losses=[row["loss"] for row in jsae.history_],
+        mean_jacobian=jsae.jacobian_.toarray(), codes=jsae.transform(X).toarray(),
+        codes_y=jsae.transform_output(X).toarray(), jacobian=jsae.jacobian(X[:20]).toarray(),
+        outputs=jsae.mlp_outputs(X), score=jsae.score(X),
+    )
+    if with_metrics:
+        out["sparsity"] = metrics.jacobian_sparsity(jsae, X[:40])
+        out["global"] = metrics.global_jacobian_sparsity(jsae, X[:40])
+        out["fvu"] = metrics.fraction_variance_unexplained(jsae, X)
+        out["reconstruction"] = metrics.reconstruction_metrics(jsae, X)
+        out["interventions"] = metrics.intervention_agreement(jsae, X[:16])
+        out["linearity"] = metrics.linearity(jsae, X[:16], n_samples=8, n_pairs=4, n_points=11,
+                                             random_state=0)
+    return out
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        left, right = a[name], b[name]
+        if isinstance(left, dict):
+            assert left.keys() == right.keys(), name
+            for key in left:
+                np.testing.assert_array_equal(np.asarray(left[key]), np.asarray(right[key]), err_msg=name)
+        elif isinstance(left, tuple):
+            for x, y in zip(left, right):
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+        else:
+            np.testing.assert_array_equal(np.asarray(left), np.asarray(right), err_msg=name)
+
+
+@pytest.mark.parametrize("kind", list(_mlps()))
+def test_fit_transform_jacobian_and_metrics_run_on_another_device(X, kind, monkeypatch):
+    """The whole estimator surface on the virtual device equals the CPU run, bit for bit."""
+    mlp = _mlps()[kind]
+    with_metrics = kind in ("gelu", "gated")
+    expected = _surface(JacobianSparseAutoencoder(mlp, device="cpu", **SETTINGS).fit(X), X, with_metrics)
+    monkeypatch.setattr(_validation, "resolve_device", lambda device, for_inference=False: "meta")
+    with virtual_device():
+        jsae = JacobianSparseAutoencoder(mlp, device="cuda", **SETTINGS).fit(X)
+        got = _surface(jsae, X, with_metrics)
+    assert jsae.device_ == "meta"
+    _assert_same(got, expected)
+
+
+def test_cached_mlp_pass_and_warm_start_on_another_device(X, tmp_path, on_virtual_device):
+    mlp = _mlps()["gelu"]
+    cached = JacobianSparseAutoencoder(mlp, memory=str(tmp_path), warm_start=True, **SETTINGS).fit(X)
+    cached.fit(X)  # warm start: the fitted numpy state goes back to the device
+    assert len(cached.history_) == 2 * SETTINGS["max_iter"]
+    assert np.isfinite(cached.score(X))
+
+
+def test_single_sae_on_another_device(X, on_virtual_device):
+    sae = TopKSparseAutoencoder(**SETTINGS).fit(X)
+    assert sae.transform(X).shape == (160, 24) and np.isfinite(sae.score(X))
+
+
+def test_randomized_control_of_a_module_on_another_device():
+    mlp = _mlps()["gelu"]
+    expected = metrics.randomize_mlp(mlp, random_state=3)
+    with virtual_device():
+        placed = _to_virtual(mlp)
+        redrawn = metrics.randomize_mlp(placed, random_state=3)
+        weight = redrawn[0].weight
+        assert isinstance(weight, VirtualTensor)
+        np.testing.assert_array_equal(weight.cpu().numpy(), expected[0].weight.detach().numpy())
+
+
+def _to_virtual(module):
+    import copy
+
+    clone = copy.deepcopy(module)
+    for sub in clone.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            setattr(sub, name, torch.nn.Parameter(param.detach().to(VIRTUAL), requires_grad=False))
+    return clone
+
+
+@pytest.mark.parametrize("kind", ["identity", "gelu", "gated"])
+def test_float64_training_creates_no_float32_tensor(X, kind):
+    """Training in float64 with every float32 tensor created by default flagged (``strict_dtype``):
+    catches factories that forget the training dtype (``torch.eye(d)`` did)."""
+    mlp = _mlps()[kind]
+    backend_map = AffineMap(8) if mlp is None else (mlp if isinstance(mlp, GatedMLP) else as_map(mlp, 8, 8))
+    config = TrainConfig(n_components=24, n_output_components=20, k=3, l1=0.5, max_iter=2, batch_size=64,
+                         aux_coef=1 / 32, seed=0, dtype=torch.float64)
+    expected = train(X, backend_map, config)
+    with virtual_device(strict_dtype=torch.float64):
+        got = train(X, backend_map, TrainConfig(**{**config.__dict__, "device": "meta"}))
+    for a, b in zip(got.output_params.tensors(), expected.output_params.tensors()):
+        assert a.dtype == torch.float64
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_initialisation_is_drawn_on_the_cpu_and_moved():
+    """#9 §1: ``torch.randn(..., generator=<CPU generator>, device=<cuda>)`` crashed every CUDA fit."""
+    mean = torch.zeros(6, dtype=torch.float64)
+    expected = SAEParams.initialise(10, 6, mean, torch.Generator().manual_seed(4))
+    with virtual_device():
+        got = SAEParams.initialise(10, 6, mean.to(VIRTUAL), torch.Generator().manual_seed(4))
+        assert all(isinstance(t, VirtualTensor) and t.dtype == torch.float64 for t in got.tensors())
+        np.testing.assert_array_equal(got.W_dec.cpu().numpy(), expected.W_dec.numpy())
+
+
+def test_identity_map_rescales_on_its_own_device_and_dtype():
+    """#9 §1: ``AffineMap.rescaled`` built ``torch.eye`` on the CPU in float32."""
+    with virtual_device():
+        rescaled = AffineMap(5).to(device=VIRTUAL, dtype=torch.float64).rescaled(2.0, 4.0)
+        assert isinstance(rescaled.W, VirtualTensor) and rescaled.W.dtype == torch.float64
+        np.testing.assert_array_equal(rescaled.W.cpu().numpy(), np.eye(5) * 0.5)
+    float64 = ElementwiseMLP(torch.ones(3, 4), None, torch.ones(4, 3), None, "relu").double().rescaled(2, 1)
+    assert float64.W_in.dtype == torch.float64
+
+
+def test_the_harness_would_have_caught_the_old_initialisation():
+    """The check is live: the draw the old code did raises on the virtual device."""
+    with virtual_device(), pytest.raises(DevicePlacementError, match="generator"):
+        torch.randn(3, 4, generator=torch.Generator().manual_seed(0), device=VIRTUAL)
+    with virtual_device(), pytest.raises(DevicePlacementError, match="cpu"):
+        torch.eye(4) * torch.ones(4, 4).to(VIRTUAL)

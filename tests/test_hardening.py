@@ -1,0 +1,284 @@
+"""What a new user hits first: bad numbers stop a fit with a clear error, wrong calls get a way out.
+
+Each test here failed on the code before the hardening issue (#9); the issue's items are named in
+the test docstrings.
+"""
+
+import os
+import warnings
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.exceptions import ConvergenceWarning
+
+from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
+from sklearn_jsae.exceptions import NonFiniteTrainingError
+
+FAST = dict(n_components=16, k=2, max_iter=4, batch_size=32, device="cpu", random_state=0)
+
+
+@pytest.fixture(scope="module")
+def X():
+    X = np.random.default_rng(0).normal(size=(256, 8)).astype(np.float32)
+    X[:8, 0] = 0.0  # the probe rows stay finite in the NaN tests below
+    return X
+
+
+@pytest.fixture(scope="module")
+def gelu_mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 24), torch.nn.GELU(), torch.nn.Linear(24, 8))
+
+
+def _fitted(X, mlp=None, **kw):
+    return JacobianSparseAutoencoder(mlp, **{**FAST, **kw}).fit(X)
+
+
+def _same_state(a, b):
+    np.testing.assert_array_equal(a.input_sae_.components_, b.input_sae_.components_)
+    np.testing.assert_array_equal(a.output_sae_.encoder_, b.output_sae_.encoder_)
+    assert a.history_ == b.history_
+
+
+# --------------------------------------------------------------------------- no silent garbage
+
+
+def nan_beyond_probe(x):
+    """Doubles x, but NaN on rows whose first feature is large (never the first 8 rows above)."""
+    y = x * 2
+    return torch.where(x[:, :1] > 1.5, torch.full_like(y, float("nan")), y)
+
+
+def test_mlp_returning_nan_on_later_rows_stops_the_fit_and_keeps_the_model(X, gelu_mlp):
+    """#9 §2: NaN outputs beyond the probe rows used to end 'successfully' with NaN weights."""
+    jsae = _fitted(X, gelu_mlp)
+    before = {name: np.copy(value) for name, value in vars(jsae.input_sae_).items()
+              if isinstance(value, np.ndarray)}
+    bad_rows = np.flatnonzero(X[:, 0] > 1.5)
+    assert bad_rows.size > 0 and bad_rows.min() >= 8
+    jsae.set_params(mlp=nan_beyond_probe)
+    with pytest.raises(NonFiniteTrainingError, match="mlp's outputs contain NaN or inf") as info:
+        jsae.fit(X)
+    assert str(bad_rows[0]) in str(info.value)
+    assert info.value.what == "mlp output"
+    assert jsae.mlp is nan_beyond_probe  # the parameter stays; the fitted state is the old one
+    for name, value in before.items():
+        np.testing.assert_array_equal(getattr(jsae.input_sae_, name), value)
+    assert np.isfinite(jsae.score(X))
+
+
+def test_float64_X_beyond_float32_range_is_rejected_naming_X(X):
+    """#9 §2: 1e39 passed validation and became inf in float32."""
+    bad = np.vstack([X.astype(np.float64), np.full((1, 8), 1e39)])
+    with pytest.raises(ValueError, match=r"X holds a value of magnitude 1e\+39, beyond float32's range"):
+        _fitted(bad)
+    fitted = _fitted(X)
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        fitted.transform(bad)
+
+
+def test_huge_learning_rate_is_caught_as_divergence(X):
+    """#9 §2: learning_rate=1e6 ran to a score of -3e27."""
+    with pytest.raises(NonFiniteTrainingError, match="diverged.*lower it") as info:
+        _fitted(X, learning_rate=1e6)
+    assert info.value.step is not None and info.value.step < 20
+    with pytest.raises(NonFiniteTrainingError, match="diverged|NaN or inf"):
+        TopKSparseAutoencoder(8, k=2, max_iter=4, batch_size=32, learning_rate=1e6, device="cpu").fit(X)
+
+
+def test_sane_learning_rates_never_trip_the_guard(X, gelu_mlp):
+    for lr in (1e-4, 5e-3, 5e-2):
+        assert np.isfinite(_fitted(X, gelu_mlp, learning_rate=lr).score(X))
+
+
+def test_too_few_steps_warns_with_the_fix():
+    """#9 §2: the card's call on 300 rows ran 30 steps to a useless model without a word."""
+    X = np.random.default_rng(1).normal(size=(300, 32)).astype(np.float32)
+    with pytest.warns(ConvergenceWarning, match=r"only 30 optimiser steps.*batch_size<=90 or max_iter>=100"):
+        JacobianSparseAutoencoder(k=32, l1=1e-2, max_iter=30, n_components=64, random_state=0).fit(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        # Following the advice gives a usable model and no warning.
+        good = JacobianSparseAutoencoder(k=32, l1=1e-2, batch_size=90, n_components=64, random_state=0).fit(X)
+    assert good.score(X) > 0.8
+    with pytest.warns(ConvergenceWarning, match="only 2 optimiser steps"):
+        TopKSparseAutoencoder(16, k=2, max_iter=2, batch_size=1024).fit(X)
+
+
+def test_warm_start_with_a_different_mlp_remeasures_the_output_scale(X, gelu_mlp):
+    """#9 §2: a same-shape MLP kept the old c_y and the loss jumped by orders of magnitude."""
+    jsae = _fitted(X, gelu_mlp, warm_start=True, max_iter=6)
+    bigger = torch.nn.Sequential(torch.nn.Linear(8, 24), torch.nn.GELU(), torch.nn.Linear(24, 8))
+    with torch.no_grad():
+        bigger[0].weight.copy_(gelu_mlp[0].weight)
+        bigger[0].bias.copy_(gelu_mlp[0].bias)
+        bigger[2].weight.copy_(gelu_mlp[2].weight * 300.0)
+        bigger[2].bias.copy_(gelu_mlp[2].bias * 300.0)
+    before_loss = jsae.history_[-1]["mse_output"]
+    with pytest.warns(UserWarning, match="c_y is re-measured"):
+        jsae.set_params(mlp=bigger).fit(X)
+    expected_scale = JacobianSparseAutoencoder(bigger, **FAST).fit(X).output_sae_.scale_
+    assert jsae.output_sae_.scale_ == pytest.approx(expected_scale, rel=1e-6)
+    assert jsae.history_[6]["mse_output"] < 10 * before_loss + 1.0
+    # The same MLP again: no warning, the scale is kept.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="warm_start=True with an mlp")
+        jsae.fit(X)
+    assert jsae.output_sae_.scale_ == pytest.approx(expected_scale, rel=1e-6)
+
+
+def batch_mean_mlp(x):
+    return x - x.mean(dim=0, keepdim=True)
+
+
+def half_detached_mlp(x):
+    return torch.tanh(x) + torch.sin(x).detach()
+
+
+@pytest.mark.parametrize("mlp, message", [(batch_mean_mlp, "mlp mixes rows"),
+                                          (half_detached_mlp, "detached from its input")])
+def test_mlp_that_breaks_the_jacobian_rules_is_rejected(X, mlp, message):
+    """#9 §2: a batch mean or a detached branch used to give a silently wrong Jacobian."""
+    with pytest.raises(ValueError, match=message):
+        _fitted(X, mlp)
+
+
+def test_honest_callables_pass_the_row_and_derivative_checks(X):
+    relu_callable = _fitted(X, lambda x: torch.relu(x) * 2 - x)
+    assert relu_callable.jacobian(X[:4]).nnz > 0
+    _fitted(X, lambda x: torch.nn.functional.gelu(x) @ torch.ones(8, 5) / 3)
+
+
+# ------------------------------------------------------------------------------ smaller defects
+
+
+class Float64Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(8, 8).double()
+
+    def forward(self, x):
+        return torch.tanh(self.inner(x))
+
+
+def test_float64_custom_module_is_accepted(X):
+    """#9 §3: a float64 nn.Module was rejected as 'not differentiable' (uncast check)."""
+    jsae = _fitted(X, Float64Block())
+    assert np.isfinite(jsae.score(X))
+
+
+def test_deprecation_warnings_as_errors_do_not_blame_the_mlp(X):
+    """#9 §3: under -W error::DeprecationWarning torch's own warning was reported as the MLP's fault."""
+    import subprocess
+    import sys
+
+    # A fresh process: torch warns once per process, when forward-mode AD is first set up.
+    script = (
+        "import numpy as np, torch\n"
+        "from sklearn_jsae import JacobianSparseAutoencoder\n"
+        "X = np.random.default_rng(0).normal(size=(256, 8)).astype(np.float32)\n"
+        "m = JacobianSparseAutoencoder(lambda x: torch.tanh(x) * 2, n_components=16, k=2, max_iter=13,\n"
+        "                              batch_size=32, device='cpu', random_state=0).fit(X)\n"
+        "print(m.jacobian(X[:2]).nnz)\n"
+    )
+    run = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", script],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert int(run.stdout.strip()) > 0
+
+
+def test_not_differentiable_still_reported(X):
+    def through_numpy(x):
+        return torch.from_numpy(np.tanh(x.detach().numpy()))
+
+    with pytest.raises(ValueError, match="not differentiable|does not depend differentiably"):
+        _fitted(X, through_numpy)
+
+
+def test_score_on_a_dataframe_warns_nothing(X):
+    """#9 §3: score(df) emitted three 'X does not have valid feature names' warnings."""
+    df = pd.DataFrame(X, columns=[f"f{i}" for i in range(8)])
+    jsae = _fitted(df)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        jsae.score(df)
+        jsae.transform(df)
+        jsae.transform_output(df)
+        TopKSparseAutoencoder(16, k=2, max_iter=1, batch_size=8).fit(df).score(df)
+
+
+def test_set_output_pandas_with_dense_codes(X):
+    """#9 §3: set_output(transform="pandas") failed with no way out."""
+    df = pd.DataFrame(X, columns=[f"f{i}" for i in range(8)])
+    jsae = JacobianSparseAutoencoder(**FAST, sparse_output=False).set_output(transform="pandas").fit(df)
+    codes = jsae.transform(df)
+    assert isinstance(codes, pd.DataFrame) and codes.shape == (256, 16)
+    assert list(codes.columns[:2]) == ["jacobiansparseautoencoder0", "jacobiansparseautoencoder1"]
+    np.testing.assert_array_equal(codes.to_numpy(), jsae.set_output(transform="default").transform(df))
+    out = jsae.set_output(transform="pandas").transform_output(df)
+    assert isinstance(out, pd.DataFrame) and out.columns[0] == "jacobiansparseautoencoder_output0"
+    assert ((codes.to_numpy() != 0).sum(axis=1) <= 2).all()
+    sparse = JacobianSparseAutoencoder(**FAST).set_output(transform="pandas").fit(df)
+    with pytest.raises(ValueError, match="set sparse_output=False"):
+        sparse.transform(df)
+    sae = TopKSparseAutoencoder(16, k=2, max_iter=2, sparse_output=False).set_output(transform="pandas")
+    assert isinstance(sae.fit_transform(df), pd.DataFrame)
+
+
+def test_dense_and_sparse_codes_agree(X, gelu_mlp):
+    sparse = _fitted(X, gelu_mlp)
+    dense = _fitted(X, gelu_mlp, sparse_output=False)
+    np.testing.assert_array_equal(dense.transform(X), sparse.transform(X).toarray())
+    np.testing.assert_array_equal(dense.transform_output(X), sparse.transform_output(X).toarray())
+    assert dense.transform(X).dtype == np.float32
+
+
+def _unwritable_folder(tmp_path):
+    if os.geteuid() == 0:  # root writes through permission bits: use a folder the kernel refuses
+        return "/sys"
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return str(folder)
+
+
+@pytest.mark.parametrize("kind", ["file", "under a file", "read-only"])
+def test_unusable_memory_folder_is_an_error_naming_memory(X, gelu_mlp, tmp_path, kind):
+    """#9 §3: raw PermissionError / NotADirectoryError that did not name memory."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    location = {"file": str(a_file), "under a file": str(a_file / "cache"),
+                "read-only": _unwritable_folder(tmp_path)}[kind]
+    with pytest.raises(ValueError, match=r"memory=.*(file, not a folder|cannot hold the cache)"):
+        _fitted(X, gelu_mlp, memory=location)
+
+
+
+def test_joblib_memory_whose_folder_became_unusable_is_an_error_naming_memory(X, gelu_mlp, tmp_path):
+    memory = joblib.Memory(tmp_path / "cache", verbose=0)
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache")
+    (tmp_path / "cache").write_text("a file where the cache was")
+    with pytest.raises(ValueError, match=r"memory=.*(file, not a folder|cannot hold the cache)"):
+        _fitted(X, gelu_mlp, memory=memory)
+
+
+def test_output_codes_decode_with_their_own_dictionary(X, gelu_mlp):
+    """#9 §3: inverse_transform(transform_output(X)) decoded output codes with the input dictionary."""
+    jsae = _fitted(X, gelu_mlp)
+    codes = jsae.transform_output(X)
+    with pytest.raises(ValueError, match="use inverse_transform_output"):
+        jsae.inverse_transform(codes)
+    Y_hat = jsae.inverse_transform_output(codes)
+    np.testing.assert_allclose(Y_hat, jsae.output_sae_.inverse_transform(codes), rtol=1e-6)
+    Y = jsae.mlp_outputs(X)
+    assert 1 - ((Y - Y_hat) ** 2).sum() / ((Y - Y.mean(0)) ** 2).sum() > 0.3
+    names = jsae.get_output_feature_names_out()
+    assert names.shape == (16,) and names[3] == "jacobiansparseautoencoder_output3"
+    # Input codes still decode with the input dictionary.
+    assert jsae.inverse_transform(jsae.transform(X)).shape == X.shape
