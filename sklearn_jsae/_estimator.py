@@ -386,7 +386,7 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         dense float32 ndarray with ``sparse_output=False``."""
         check_is_fitted(self)
         X = _validate_X(self, X, reset=False)
-        values, indices = self.input_sae_._codes(X)
+        values, indices = self.input_sae_._codes(X, _inference_device(self))
         return _codes_output(self, values, indices, self._n_latents_in)
 
     def transform_output(self, X):
@@ -460,7 +460,7 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         check_is_fitted(self)
         X = _validate_X(self, X, reset=False)
         Y = self._mlp_outputs(X)
-        codes_x = topk_to_csr(*self.input_sae_._codes(X), self._n_latents_in)
+        codes_x = topk_to_csr(*self.input_sae_._codes(X, _inference_device(self)), self._n_latents_in)
         codes_y = topk_to_csr(*self._output_codes(X), self.output_sae_.components_.shape[0])
         ev_x = explained_variance(X, _decode(codes_x, self.input_sae_.components_,
                                              self.input_sae_.decoder_bias_, "X"))

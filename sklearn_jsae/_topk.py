@@ -262,11 +262,12 @@ class TopKSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         )
 
     # ---- inference ---------------------------------------------------------------------
-    def _codes(self, X):
-        """(values, indices) numpy arrays (n, k) for validated X."""
+    def _codes(self, X, device=None):
+        """(values, indices) numpy arrays (n, k) for validated X, on ``device`` (default: this
+        estimator's; a JSAE passes its own for its two SAEs)."""
         from ._backend.inference import encode_rows
 
-        return encode_rows(self._params(), X, self.k, _inference_device(self), _INFERENCE_BATCH)
+        return encode_rows(self._params(), X, self.k, device or _inference_device(self), _INFERENCE_BATCH)
 
     def transform(self, X):
         """Codes of shape (n_samples, n_components) with at most k non-zeros per row: SciPy CSR, or a

@@ -518,7 +518,7 @@ def linearity(estimator, X, *, n_samples=256, n_pairs=None, n_points=100, sweep_
     rows = np.sort(rng.choice(X.shape[0], size=min(n_samples, X.shape[0]), replace=False))
     Xs = np.ascontiguousarray(X[rows], dtype=np.float32)
 
-    values_x, idx_x = estimator.input_sae_._codes(Xs)
+    values_x, idx_x = estimator.input_sae_._codes(Xs, _inference_device(estimator))
     blocks = list(estimator._iter_blocks(Xs))
     J = np.concatenate([b[0] for b in blocks])
     idx_y = np.concatenate([b[1] for b in blocks])

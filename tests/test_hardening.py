@@ -282,3 +282,72 @@ def test_output_codes_decode_with_their_own_dictionary(X, gelu_mlp):
     assert names.shape == (16,) and names[3] == "jacobiansparseautoencoder_output3"
     # Input codes still decode with the input dictionary.
     assert jsae.inverse_transform(jsae.transform(X)).shape == X.shape
+
+
+# --------------------------------------------------------------------------- mixed precision
+
+
+def test_mixed_precision_tracks_float32(X, gelu_mlp):
+    """bf16 autocast of the forward pass (CPU autocast rounds like CUDA's) stays close to float32;
+    benchmarks/mixed_precision.py measures the same on real data (FVU within 0.002, |J| > 0.01
+    within 0.003)."""
+    full = _fitted(X, gelu_mlp, mixed_precision=False, max_iter=12)
+    mixed = _fitted(X, gelu_mlp, mixed_precision=True, max_iter=12)
+    assert not np.array_equal(full.input_sae_.components_, mixed.input_sae_.components_)  # it is on
+    assert mixed.input_sae_.components_.dtype == np.float32
+    assert abs(full.score(X) - mixed.score(X)) < 0.02
+    assert mixed.history_[-1]["loss"] == pytest.approx(full.history_[-1]["loss"], rel=0.1)
+
+
+def test_mixed_precision_auto_is_cuda_only_and_tf32_is_restored():
+    from types import SimpleNamespace
+
+    from sklearn_jsae._topk import _training_precision
+    from sklearn_jsae._validation import resolve_autocast
+
+    assert resolve_autocast("auto", "cuda:0") is torch.bfloat16
+    assert resolve_autocast("auto", "cpu") is None
+    assert resolve_autocast(True, "cpu") is torch.bfloat16 and resolve_autocast(False, "cuda:1") is None
+    before = torch.backends.cuda.matmul.allow_tf32
+    with _training_precision(SimpleNamespace(autocast_dtype=torch.bfloat16, device="cuda:0")):
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    assert torch.backends.cuda.matmul.allow_tf32 is before
+    with _training_precision(SimpleNamespace(autocast_dtype=None, device="cuda:0")):
+        assert torch.backends.cuda.matmul.allow_tf32 is before
+
+
+# ------------------------------------------------------------------------------------ devices
+
+
+def test_device_strings_auto_default_and_the_fitted_device(X, monkeypatch):
+    from sklearn_jsae import _validation
+    from sklearn_jsae._backend import mlp as backend_mlp
+
+    assert JacobianSparseAutoencoder().device == "auto" and TopKSparseAutoencoder().device == "auto"
+    fitted = JacobianSparseAutoencoder(**{**FAST, "device": "auto"}).fit(X)
+    assert fitted.device_ == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert fitted.input_sae_.device_ == fitted.device_
+    for bad in ("gpu", "cuda:", "cuda:x", "CPU"):
+        with pytest.raises(ValueError, match=f"'device' parameter must be .*got '{bad}'"):
+            JacobianSparseAutoencoder(**{**FAST, "device": bad}).fit(X)
+    monkeypatch.setattr(backend_mlp, "cuda_device_count", lambda: 2)
+    assert _validation.resolve_device("cuda") == "cuda:0"
+    assert _validation.resolve_device("cuda:1") == "cuda:1" and _validation.resolve_device("auto") == "cuda:0"
+    with pytest.raises(ValueError, match=r"device='cuda:2' but this machine has 2 CUDA device\(s\)"):
+        _validation.resolve_device("cuda:2")
+    monkeypatch.setattr(backend_mlp, "cuda_device_count", lambda: 0)
+    with pytest.raises(ValueError, match="device='cuda' but torch.cuda.is_available"):
+        JacobianSparseAutoencoder(**{**FAST, "device": "cuda"}).fit(X)
+
+
+def test_a_cuda_model_transforms_on_a_machine_without_cuda(X, monkeypatch):
+    """Fitted state is numpy: device='cuda' falls back to the CPU for inference, with a warning."""
+    from sklearn_jsae._backend import mlp as backend_mlp
+
+    jsae = _fitted(X)
+    expected = jsae.transform(X).toarray()
+    jsae.set_params(device="cuda")  # as if unpickled from a CUDA machine
+    monkeypatch.setattr(backend_mlp, "cuda_device_count", lambda: 0)
+    with pytest.warns(UserWarning, match="running on the CPU instead"):
+        got = jsae.transform(X).toarray()
+    np.testing.assert_array_equal(got, expected)

@@ -126,7 +126,7 @@ class _Rows:
         return torch.as_tensor(rows).to(device=self.device, dtype=self.dtype)
 
     def batches(self, batch_size: int, order: torch.Tensor | None = None):
-        order = torch.arange(self.n) if order is None else order
+        order = torch.arange(self.n, device="cpu") if order is None else order  # indices stay on the CPU
         for start in range(0, self.n, batch_size):
             yield self.take(order[start : start + batch_size])
 
