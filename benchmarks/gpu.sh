@@ -7,8 +7,18 @@ OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 PY=${PY:-python}
 $PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" | tee "$OUT/gpu_device.txt"
-$PY -m pytest -q -m gpu tests/test_fast_paths.py tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt"
+# Every GPU test (fast-path pins, estimator, cache, metrics), then the device-placement tests that
+# CI runs on its virtual device, here next to the real one.  A failing test does not stop the
+# benchmark: the status is printed at the end.
+set +e
+$PY -m pytest -q -m gpu tests/test_fast_paths.py tests/test_gpu.py tests/test_metrics.py 2>&1 | tee "$OUT/gpu_tests.txt"
+tests_status=${PIPESTATUS[0]}
+$PY -m pytest -q tests/test_device_placement.py tests/test_virtual_device.py 2>&1 | tee -a "$OUT/gpu_tests.txt"
+placement_status=${PIPESTATUS[0]}
+set -e
 $PY benchmarks/run.py --configs pythia70m pythia410m --naive-tokens 1 \
     --out "$OUT/gpu_fp32.json" 2>&1 | tee "$OUT/gpu_fp32.txt"
 $PY benchmarks/run.py --configs pythia70m pythia410m --naive-tokens 0 --skip-inference --skip-train \
     --matmul-precision high --out "$OUT/gpu_tf32.json" 2>&1 | tee "$OUT/gpu_tf32.txt"
+echo "GPU tests exit status: $tests_status; device-placement tests: $placement_status" | tee -a "$OUT/gpu_tests.txt"
+test "$tests_status" = 0 && test "$placement_status" = 0

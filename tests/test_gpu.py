@@ -25,14 +25,52 @@ def problem():
     return mlp, X
 
 
-def test_cuda_fit_matches_cpu_fit(problem):
+@pytest.mark.parametrize("mixed_precision", [False, "auto"])
+def test_cuda_fit_matches_cpu_fit(problem, mixed_precision):
+    """float32 on CUDA, and the default bf16 autocast + TF32, score within 0.02 of the CPU."""
     mlp, X = problem
     settings = dict(mlp=mlp, n_components=64, k=4, max_iter=3, batch_size=256, random_state=0)
     cpu = JacobianSparseAutoencoder(device="cpu", **settings).fit(X)
-    gpu = JacobianSparseAutoencoder(device="cuda", **settings).fit(X)
+    gpu = JacobianSparseAutoencoder(device="cuda", mixed_precision=mixed_precision, **settings).fit(X)
     assert abs(cpu.score(X) - gpu.score(X)) < 0.02
     assert isinstance(gpu.input_sae_.components_, np.ndarray)
+    assert gpu.input_sae_.components_.dtype == np.float32
     assert next(gpu.mlp_.parameters()).device.type == "cpu"
+    assert gpu.device_ == "cuda:0" and cpu.device_ == "cpu"
+    assert torch.backends.cuda.matmul.allow_tf32 is False  # the fit's TF32 setting was restored
+
+
+def test_same_seed_gives_the_same_initial_model_on_cpu_and_cuda(problem):
+    """Every draw is made on the CPU: a fit of one tiny step starts from the same weights."""
+    mlp, X = problem
+    settings = dict(mlp=mlp, n_components=64, k=4, max_iter=1, batch_size=4096, learning_rate=1e-12,
+                    random_state=3, mixed_precision=False)
+    cpu = JacobianSparseAutoencoder(device="cpu", **settings).fit(X)
+    gpu = JacobianSparseAutoencoder(device="cuda:0", **settings).fit(X)
+    for side in ("input_sae_", "output_sae_"):
+        np.testing.assert_allclose(getattr(gpu, side).components_, getattr(cpu, side).components_, atol=1e-5)
+
+
+def test_identity_map_and_gated_mlp_on_cuda(problem):
+    from sklearn_jsae.mlp import GatedMLP
+
+    _, X = problem
+    g = torch.Generator().manual_seed(0)
+    gated = GatedMLP(torch.randn(16, 32, generator=g) / 4, torch.randn(16, 32, generator=g) / 4,
+                     torch.randn(32, 16, generator=g) / 6)
+    for mlp in (None, gated):
+        jsae = JacobianSparseAutoencoder(mlp, n_components=64, k=4, max_iter=2, batch_size=256, device="cuda",
+                                         random_state=0).fit(X)
+        assert np.isfinite(jsae.score(X)) and jsae.jacobian(X[:10]).nnz > 0
+
+
+def test_non_finite_guard_on_cuda(problem):
+    from sklearn_jsae.exceptions import NonFiniteTrainingError
+
+    mlp, X = problem
+    with pytest.raises(NonFiniteTrainingError, match="diverged|NaN or inf"):
+        JacobianSparseAutoencoder(mlp, n_components=64, k=4, max_iter=2, batch_size=256, device="cuda",
+                                  learning_rate=1e6, random_state=0).fit(X)
 
 
 def test_cuda_model_pickles_to_a_cpu_model(problem):
