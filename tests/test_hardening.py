@@ -367,9 +367,9 @@ def test_non_finite_mlp_output_during_training_names_the_step_and_rows(X):
         return torch.where(x[:, :1] > 1.0, torch.full_like(y, float("inf")), y) if len(calls) > 3 else y
 
     config = TrainConfig(n_components=16, n_output_components=16, k=2, l1=0.5, max_iter=2, batch_size=64)
-    with pytest.raises(NonFiniteTrainingError, match=r"step (\d+) \(epoch 1\): the mlp returned NaN or inf on rows") as info:
+    with pytest.raises(NonFiniteTrainingError, match=r"step (\d+): the mlp returned NaN or inf on rows") as info:
         train(X, CallableMap(flaky, 8, 8), config)
     assert info.value.step >= 1  # the first step's calls (MLP pass, JVPs) were still finite
-    assert f"step {info.value.step} " in str(info.value)
+    assert f"step {info.value.step}:" in str(info.value)
     rows = [int(r) for r in str(info.value).split("rows [")[1].split("]")[0].split(", ")]
     assert all(X[r, 0] > 1.0 for r in rows)

@@ -40,26 +40,22 @@ of every candidate.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import math
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..exceptions import NonFiniteTrainingError
+from .checkpoint import Checkpointer
 from .jacobian import map_and_local_weights
 from .mlp import placed
-from .optim import Adam
 from .sae import SAEParams
-from .step import jsae_step_losses, optimiser_step
+from .trainer import DIVERGED_MSE, Trainer, default_aux_k  # noqa: F401 -- re-exported
 
 _IN_MEMORY_BYTES = 1 << 30
 
-# In normalised units predicting the mean gives MSE 1 and a fresh SAE about 1 to 2k/d; a
-# reconstruction 10^4 times worse than the mean only happens when the optimiser has diverged.
-DIVERGED_MSE = 1e4
 
 
 @dataclass
@@ -223,76 +219,29 @@ def compute_mlp_pass(X: np.ndarray, mlp_map, scale_x: float, scale_y: float | No
     )
 
 
-def default_aux_k(n_features: int) -> int:
-    """The power of two nearest n_features / 2 (Gao et al. 2024)."""
-    return 2 ** max(0, round(math.log2(max(1, n_features // 2))))
+def progress_bar(total: int | None, initial: int, enabled: bool, unit: str = "step"):
+    """A tqdm bar over steps (live loss terms and tokens/s set by the caller), or None when off."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True, leave=True)
 
 
-def _schedule(step: int, total: int, config: TrainConfig) -> tuple[float, float]:
-    """(learning-rate factor, l1 factor) at ``step`` of ``total``."""
-    warm = max(1, round(config.lr_warmup * total))
-    lr_factor = min(1.0, (step + 1) / warm)
-    decay_start = total - round(config.lr_decay * total)
-    if step >= decay_start:
-        lr_factor *= (total - step) / max(1, total - decay_start)
-    l1_warm = round(config.l1_warmup * total)
-    l1_factor = 1.0 if l1_warm == 0 else min(1.0, step / l1_warm)
-    return lr_factor, l1_factor
-
-
-def _generators(config: TrainConfig):
-    """CPU generators ``(input init, output init, shuffling)`` derived as the module docstring says."""
-    input_init = torch.Generator(device="cpu").manual_seed(config.seed)
-    output_seed = config.seed + 2 if config.init_seed is None else config.init_seed
-    output_init = torch.Generator(device="cpu").manual_seed(output_seed)
-    shuffle_seed = config.seed + 1 if config.shuffle_seed is None else config.shuffle_seed
-    shuffling = torch.Generator(device="cpu").manual_seed(shuffle_seed)
-    return input_init, output_init, shuffling
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    """bf16 (or ``dtype``) autocast of the forward pass on CUDA or the CPU; a no-op when ``dtype`` is
-    None or the device has no autocast (other device types run in the training dtype)."""
-    if dtype is None or device.type not in ("cuda", "cpu"):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def _non_finite(step: int, epoch: int, what: str, cause: str) -> NonFiniteTrainingError:
-    return NonFiniteTrainingError(
-        f"training stopped at optimiser step {step} (epoch {epoch + 1}): {what}. Likely cause: {cause} "
-        f"The estimator keeps the state it had before this fit.",
-        step=step, what=what,
-    )
-
-
-def _check_step(step, epoch, loss, terms, x, index, outputs, pair):
-    """Raise :class:`NonFiniteTrainingError` if this step's loss is non-finite or has diverged."""
-    values = {name: float(value.detach()) for name, value in terms.items()}
-    if math.isfinite(float(loss.detach())) and all(math.isfinite(v) for v in values.values()):
-        worst = max(values.get("mse_input", 0.0), values.get("mse_output", 0.0))
-        if worst > DIVERGED_MSE:
-            name = max(("mse_input", "mse_output"), key=lambda key: values.get(key, -1.0))
-            raise _non_finite(
-                step, epoch, f"the fit diverged: {name}={worst:.3g}, {DIVERGED_MSE:.0e} times the error "
-                f"of predicting the mean", "learning_rate is too large for this data; lower it (by 10x).")
+def show_step(bar, trainer, values: dict, rows: int) -> None:
+    """Advance ``bar`` by one step with the step's loss terms and the tokens per second."""
+    if bar is None:
         return
-    bad = sorted(name for name, v in values.items() if not math.isfinite(v)) or ["loss"]
-    if pair and outputs is not None:
-        finite_rows = torch.isfinite(outputs).all(dim=1)
-        if not bool(finite_rows.all()):
-            rows = index[~finite_rows.cpu()][:5].tolist()
-            raise _non_finite(step, epoch, f"the mlp returned NaN or inf on rows {rows} of X",
-                              "the MLP overflows or divides by zero on those rows; check it there.")
-    if not bool(torch.isfinite(x).all()):
-        raise _non_finite(step, epoch, "the normalised input batch is not finite",
-                          "X holds values too large for the training dtype.")
-    raise _non_finite(step, epoch, f"the loss terms {bad} are NaN or inf",
-                      "learning_rate too large, or data with extreme outliers; lower learning_rate.")
+    bar.update(1)
+    rate = bar.format_dict.get("rate") or 0.0
+    shown = {name: f"{values[name]:.3g}" for name in ("loss", "mse_input", "mse_output", "jacobian_l1")
+             if name in values}
+    shown["tok/s"] = f"{rate * rows:.3g}"
+    bar.set_postfix(shown, refresh=False)
 
 
 def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None,
-          mlp_pass=None) -> TrainResult:
+          mlp_pass=None, checkpoint: Checkpointer | None = None) -> TrainResult:
     """Fit one TopK SAE (``config.n_output_components is None``) or a JSAE pair on rows of ``X``.
 
     X : (n_samples, d_in) numpy array or memmap of MLP inputs.
@@ -304,22 +253,27 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
         Supplies the outputs and local weights of every row (:func:`compute_mlp_pass`, possibly
         through a cache) instead of computing them at each step; ``scale_y`` is None unless
         ``init`` fixes it.  Only for maps with :func:`supports_mlp_pass`.
+    checkpoint : :class:`~sklearn_jsae._backend.checkpoint.Checkpointer` or None
+        Resume from its checkpoint if there is one, and save one every ``checkpoint.every`` steps
+        and at the end of each epoch.  The data position is the epoch, the next row of the
+        epoch's order and the shuffling generator's state at the epoch's start (the order is
+        redrawn from it, so a resumed fit sees exactly the batches an uninterrupted one sees).
 
     Raises :class:`~sklearn_jsae.exceptions.NonFiniteTrainingError` at the first non-finite MLP
     output, loss, gradient or parameter, and when the fit diverges.
     """
     device, dtype = torch.device(config.device), config.dtype
-    input_init, output_init, shuffling = _generators(config)
     rows = _Rows(X, device, dtype)
     pair = config.n_output_components is not None
-    d_in = X.shape[1]
+    if config.dead_tokens is None:
+        config = dataclasses.replace(config, dead_tokens=min(10_000_000, rows.n))
 
     mean_x, scale_x = data_statistics(rows)
     fixed_scale_y = None
     if init is not None and init[2] is not None:
         scale_x = init[2]
         fixed_scale_y = init[3] if pair else None
-    precomputed = None
+    precomputed = mean_y = scale_y = None
     if pair:
         mlp_map = placed(mlp_map, device, dtype)
         if mlp_pass is None:
@@ -331,106 +285,46 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
             weights_rows = None if precomputed.weights is None else _Rows(precomputed.weights, device, dtype)
         if fixed_scale_y is not None:
             scale_y = fixed_scale_y
-    normalised_map = mlp_map.rescaled(scale_x, scale_y) if pair else None
 
-    def fresh(n, mean, scale, generator):
-        return SAEParams.initialise(n, mean.shape[0], (mean / scale).to(device=device, dtype=dtype), generator)
-
-    if init is not None:
-        side_x = init[0].scaled(1.0 / scale_x).to(device, dtype).detached()
-        side_y = init[1].scaled(1.0 / scale_y).to(device, dtype).detached() if pair else None
-    else:
-        side_x = fresh(config.n_components, mean_x, scale_x, input_init)
-        side_y = fresh(config.n_output_components, mean_y, scale_y, output_init) if pair else None
-    sides = [side_x] + ([side_y] if pair else [])
-    for side in sides:
-        side.requires_grad_()
-    d_out = side_y.W_dec.shape[1] if pair else None
-    penalty_norm = 1.0 / math.sqrt(d_in * d_out) if pair else 0.0
-
-    tensors = [t for side in sides for t in side.tensors()]
-    optimiser = Adam(tensors, lr=config.learning_rate, betas=(0.9, 0.999))
     steps_per_epoch = math.ceil(rows.n / config.batch_size)
-    total = steps_per_epoch * config.max_iter
-    dead_tokens = config.dead_tokens or min(10_000_000, rows.n)
-    since_fired = [torch.zeros(side.W_dec.shape[0], dtype=torch.long, device=device) for side in sides]
-    aux_k = config.aux_k or default_aux_k(d_in)
-    aux_k_out = (config.aux_k or default_aux_k(d_out)) if pair else 0
-
-    history = []
-    step = 0
-    for epoch in range(config.max_iter):
-        started = time.perf_counter()
-        sums = dict(loss=0.0, mse_input=0.0, mse_output=0.0, jacobian_l1=0.0, aux_input=0.0, aux_output=0.0)
-        fired_epoch = [torch.zeros_like(s, dtype=torch.bool) for s in since_fired]
-        order = torch.randperm(rows.n, generator=shuffling, device="cpu")
-        for start in range(0, rows.n, config.batch_size):
-            index = order[start : start + config.batch_size]
-            lr_factor, l1_factor = _schedule(step, total, config)
-            for group in optimiser.param_groups:
-                group["lr"] = config.learning_rate * lr_factor
-            x = rows.take(index) / scale_x
-            outputs_and_weights = None
-            if precomputed is not None:
-                outputs_and_weights = (
-                    outputs_rows.take(index), None if weights_rows is None else weights_rows.take(index)
-                )
-            elif pair:
-                # The MLP's pass outside autocast: its outputs are the output SAE's targets, and
-                # its local weights feed the penalty, so both stay in the training dtype.
-                outputs_and_weights = map_and_local_weights(normalised_map, x)
-            dead = [since >= dead_tokens for since in since_fired] + [None]
-            with _autocast(device, config.autocast_dtype):
-                loss, terms, fired = jsae_step_losses(
-                    side_x, side_y, normalised_map, x, config.k,
-                    l1=config.l1 * l1_factor if pair and config.l1 > 0 else None,
-                    penalty_norm=penalty_norm, dead=(dead[0], dead[1]), aux_coef=config.aux_coef,
-                    aux_k=(aux_k, aux_k_out), outputs_and_weights=outputs_and_weights,
-                )
-            _check_step(step, epoch, loss, terms, x, index,
-                        outputs_and_weights[0] if outputs_and_weights is not None else None, pair)
-            norms = optimiser_step(loss, optimiser, sides, config.max_grad_norm)
-            # One synchronisation for all checks: the gradient norms and every parameter.
-            finite = torch.stack([torch.isfinite(norms).all()] + [torch.isfinite(t).all() for t in tensors])
-            if not bool(finite.all()):
-                raise _non_finite(step, epoch, "a gradient or an SAE parameter is NaN or inf after the update",
-                                  "learning_rate too large for this data; lower it.")
-            with torch.no_grad():
-                for i, (idx, val) in enumerate(fired):
-                    hit = torch.zeros_like(fired_epoch[i])
-                    hit[idx[val > 0]] = True
-                    fired_epoch[i] |= hit
-                    since_fired[i] += x.shape[0]
-                    since_fired[i][hit] = 0
-            weight = x.shape[0] / rows.n
-            sums["loss"] += float(loss.detach()) * weight
-            for name, value in terms.items():
-                sums[name] += float(value.detach()) * weight
-            step += 1
-        record = dict(epoch=epoch + 1, **sums)
-        if not pair:
-            for name in ("mse_output", "jacobian_l1", "aux_output"):
-                record.pop(name)
-        elif config.l1 == 0:
-            record.pop("jacobian_l1")
-        record["l1"] = config.l1 * _schedule(step - 1, total, config)[1] if pair else 0.0
-        record["dead_fraction_input"] = 1.0 - float(fired_epoch[0].float().mean())
-        if pair:
-            record["dead_fraction_output"] = 1.0 - float(fired_epoch[1].float().mean())
-        record["seconds"] = time.perf_counter() - started
-        history.append(record)
-        if config.verbose:
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch")
-            print(f"epoch {epoch + 1}/{config.max_iter}: {shown}", flush=True)
-
-    result_x = side_x.detached().scaled(scale_x).to("cpu")
-    result_y = side_y.detached().scaled(scale_y).to("cpu") if pair else None
-    return TrainResult(
-        input_params=result_x,
-        output_params=result_y,
-        input_scale=scale_x,
-        output_scale=scale_y if pair else None,
-        history=history,
-        dead_fraction_input=history[-1]["dead_fraction_input"] if history else 0.0,
-        dead_fraction_output=history[-1].get("dead_fraction_output") if history else None,
-    )
+    trainer = Trainer(config, mlp_map, mean_x, scale_x, mean_y, scale_y,
+                      init=None if init is None else (init[0], init[1]),
+                      total_steps=steps_per_epoch * config.max_iter)
+    epoch, position, epoch_rng = 0, 0, None
+    if checkpoint is not None:
+        restored = checkpoint.restore(trainer)
+        if restored is not None:
+            where, extra = restored
+            epoch, position = int(where["epoch"]), int(where["row"])
+            epoch_rng = extra.get("epoch_rng") if position > 0 else None
+    bar = progress_bar(trainer.total_steps, trainer.step_count, bool(config.verbose))
+    try:
+        for epoch in range(epoch, config.max_iter):
+            if epoch_rng is not None:  # resuming inside an epoch: redraw its order
+                trainer.shuffling.set_state(epoch_rng)
+            epoch_rng = trainer.shuffling.get_state()
+            order = torch.randperm(rows.n, generator=trainer.shuffling, device="cpu")
+            for start in range(position, rows.n, config.batch_size):
+                index = order[start : start + config.batch_size]
+                outputs_and_weights = None
+                if precomputed is not None:
+                    outputs_and_weights = (
+                        outputs_rows.take(index), None if weights_rows is None else weights_rows.take(index)
+                    )
+                values = trainer.step(rows.take(index), index, outputs_and_weights)
+                show_step(bar, trainer, values, len(index))
+                if checkpoint is not None and checkpoint.due(trainer.step_count) \
+                        and start + config.batch_size < rows.n:
+                    checkpoint.save(trainer, dict(epoch=epoch, row=start + config.batch_size),
+                                    dict(epoch_rng=epoch_rng))
+            record = trainer.close_record(epoch=epoch + 1)
+            position, epoch_rng = 0, None
+            if checkpoint is not None:
+                checkpoint.save(trainer, dict(epoch=epoch + 1, row=0))
+            if config.verbose:
+                shown = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch")
+                bar.write(f"epoch {epoch + 1}/{config.max_iter}: {shown}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return trainer.result()

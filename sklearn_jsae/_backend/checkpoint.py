@@ -1,0 +1,172 @@
+"""Checkpoints that survive a kill: one safetensors file per fit, replaced atomically.
+
+A checkpoint holds a :class:`~sklearn_jsae._backend.trainer.Trainer`'s whole state (both SAEs,
+Adam's moments, the step counter behind the schedules, dead-latent counters, the shuffling
+generator, the running history) and the data position (epoch and row for an array; what a
+stream has read, and its shuffle buffer, for a stream).  Tensors go in safetensors, the rest in
+JSON in the file's metadata, so loading a checkpoint never runs code (no pickle).
+
+Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the
+old checkpoint (``os.replace`` is atomic on POSIX): a kill at any moment leaves either the old
+checkpoint or the new one, never a mix.  A truncated, foreign or version-mismatched file, or the
+checkpoint of a different fit (other data, MLP or settings), is refused with
+:class:`CheckpointError` naming what is wrong; nothing is half-loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+FORMAT = "sklearn_jsae.checkpoint"
+VERSION = 1
+FILENAME = "checkpoint.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed: unreadable, foreign, another version or another fit."""
+
+
+def fingerprint_array(X) -> str:
+    """A cheap identity of a (possibly huge, memory-mapped) array: shape, dtype and a hash of up to
+    257 rows spread over it (reading all of a 300M-token store at every start would take minutes)."""
+    digest = hashlib.sha256(f"{X.shape}|{X.dtype}".encode())
+    n = X.shape[0]
+    picks = np.unique(np.linspace(0, n - 1, num=min(n, 257)).astype(np.int64)) if n else []
+    for i in picks:
+        digest.update(np.ascontiguousarray(X[int(i)]).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def fingerprint_module(module) -> str:
+    """Hash of a backend map's kind and every buffer and parameter (the MLP a fit trains on)."""
+    if module is None:
+        return "none"
+    digest = hashlib.sha256(type(module).__name__.encode())
+    digest.update(str(getattr(module, "activation", "")).encode())
+    for name, t in list(module.named_buffers()) + list(module.named_parameters()):
+        if t is None or t.numel() == 0:
+            continue
+        digest.update(name.encode())
+        digest.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    fn = getattr(module, "fn", None)  # callables: their own weights when they are modules
+    if isinstance(fn, torch.nn.Module):
+        digest.update(fingerprint_module(fn).encode())
+    elif fn is not None:
+        digest.update(getattr(fn, "__qualname__", type(fn).__name__).encode())
+    return digest.hexdigest()[:32]
+
+
+class Checkpointer:
+    """Save and resume one fit's checkpoint in ``folder``.
+
+    Parameters
+    ----------
+    folder : str or path
+        Created if missing.
+    every : int
+        Save after every ``every`` optimiser steps (and at the end of each epoch or stream).
+    identity : dict of str -> JSON value
+        What makes two fits the same (data, MLP and settings fingerprints); a checkpoint whose
+        identity differs is refused.
+    """
+
+    def __init__(self, folder, every: int, identity: dict):
+        self.folder = os.fspath(folder)
+        self.every = max(1, int(every))
+        self.identity = identity
+        self.path = os.path.join(self.folder, FILENAME)
+        os.makedirs(self.folder, exist_ok=True)
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def save(self, trainer, position: dict, extra_tensors: dict | None = None) -> None:
+        """Write the trainer's state and ``position`` (JSON) atomically."""
+        from safetensors.torch import save_file
+
+        from .. import __version__
+
+        tensors, meta = trainer.state_dict()
+        for name, t in (extra_tensors or {}).items():
+            tensors[f"extra.{name}"] = t.detach().cpu().contiguous()
+        header = dict(format=FORMAT, version=VERSION, library_version=__version__, identity=self.identity,
+                      trainer=meta, position=position)
+        handle, temporary = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=self.folder)
+        os.close(handle)
+        try:
+            save_file(tensors, temporary, metadata={FORMAT: json.dumps(header)})
+            with open(temporary, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(temporary, self.path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+    def read(self) -> tuple[dict, dict] | None:
+        """``(header, tensors)`` of the checkpoint in the folder, None if there is none.
+
+        Raises :class:`CheckpointError` for a file that is not a readable checkpoint of this
+        format and version, or that belongs to another fit.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        if not os.path.exists(self.path):
+            return None
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{self.path} is not a readable checkpoint ({type(exc).__name__}: {exc}); it may be "
+                f"truncated or not a checkpoint at all. Remove it to start the fit afresh."
+            ) from exc
+        if FORMAT not in metadata:
+            raise CheckpointError(
+                f"{self.path} is a safetensors file but not an sklearn_jsae checkpoint (no "
+                f"{FORMAT!r} metadata); use an empty folder for checkpoint_dir."
+            )
+        try:
+            header = json.loads(metadata[FORMAT])
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{self.path} has corrupt checkpoint metadata ({exc}).") from exc
+        if header.get("format") != FORMAT or header.get("version") != VERSION:
+            raise CheckpointError(
+                f"{self.path} is checkpoint format version {header.get('version')!r} (written by "
+                f"sklearn_jsae {header.get('library_version')!r}); this version reads version {VERSION} "
+                f"only. Finish that fit with the version that wrote it, or remove the checkpoint."
+            )
+        differs = sorted(key for key in set(self.identity) | set(header.get("identity", {}))
+                         if self.identity.get(key) != header.get("identity", {}).get(key))
+        if differs:
+            raise CheckpointError(
+                f"{self.path} is the checkpoint of a different fit: it differs in {', '.join(differs)}. "
+                f"Resume only with the same data, MLP and settings; use another checkpoint_dir "
+                f"for this fit, or remove the checkpoint."
+            )
+        return header, tensors
+
+    def restore(self, trainer) -> tuple[dict, dict] | None:
+        """Load the folder's checkpoint into ``trainer``; returns ``(position, extra tensors)`` or
+        None when there is no checkpoint.  Checks every tensor's shape before touching the trainer."""
+        found = self.read()
+        if found is None:
+            return None
+        header, tensors = found
+        expected = trainer.shapes()
+        extra = {name[len("extra."):]: t for name, t in tensors.items() if name.startswith("extra.")}
+        state = {name: t for name, t in tensors.items() if not name.startswith("extra.")}
+        wrong = sorted(name for name in expected if name not in state or tuple(state[name].shape) != expected[name])
+        if wrong or set(state) - set(expected):
+            raise CheckpointError(
+                f"{self.path} does not match this fit's shapes ({', '.join(wrong) or 'extra tensors'}); "
+                f"it was written for other sizes. Use another checkpoint_dir or remove it."
+            )
+        trainer.load_state_dict(state, header["trainer"])
+        return header["position"], extra

@@ -1,0 +1,303 @@
+"""The training state of one TopK SAE or a JSAE pair, advanced one minibatch at a time.
+
+:class:`Trainer` holds everything a fit changes: both SAEs' parameters (normalised units),
+Adam's moments, the step counter that drives the schedules, the dead-latent counters, the
+running sums of the current history record and the history itself.  ``fit`` (epochs over an
+array), ``partial_fit`` (successive calls) and stream fits (batches from a live model) all
+call :meth:`Trainer.step`; a checkpoint is :meth:`Trainer.state_dict` plus the data position,
+and :meth:`Trainer.load_state_dict` restores it exactly (bit for bit on the CPU).
+
+Schedules (:func:`schedule`): with a known number of steps ``total`` the learning rate warms
+up over the first 1% of steps and decays linearly to 0 over the last 20%, and ``l1`` ramps
+from 0 over the first 5% (the paper's).  With ``total=None`` (``partial_fit`` without
+``n_tokens``) the warm-ups last :data:`OPEN_LR_WARMUP_STEPS` and :data:`OPEN_L1_WARMUP_STEPS`
+steps and both stay constant after (no decay: the end is not known).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import numpy as np
+import torch
+
+from ..exceptions import NonFiniteTrainingError
+from .jacobian import map_and_local_weights
+from .mlp import placed
+from .optim import Adam
+from .sae import SAEParams
+from .step import jsae_step_losses, optimiser_step
+
+# In normalised units predicting the mean gives MSE 1 and a fresh SAE about 1 to 2k/d; a
+# reconstruction 10^4 times worse than the mean only happens when the optimiser has diverged.
+DIVERGED_MSE = 1e4
+
+# Warm-ups of an open-ended fit (partial_fit without n_tokens): the paper's 1% and 5% of its
+# 73k steps are 730 and 3,650 steps; an open-ended fit may be far shorter, so shorter ramps.
+OPEN_LR_WARMUP_STEPS = 100
+OPEN_L1_WARMUP_STEPS = 500
+
+_TERMS = ("loss", "mse_input", "mse_output", "jacobian_l1", "aux_input", "aux_output")
+
+
+def default_aux_k(n_features: int) -> int:
+    """The power of two nearest n_features / 2 (Gao et al. 2024)."""
+    return 2 ** max(0, round(math.log2(max(1, n_features // 2))))
+
+
+def schedule(step: int, total: int | None, config) -> tuple[float, float]:
+    """(learning-rate factor, l1 factor) at ``step`` of ``total`` (None: open-ended)."""
+    if total is None:
+        lr_factor = min(1.0, (step + 1) / OPEN_LR_WARMUP_STEPS)
+        return lr_factor, min(1.0, step / OPEN_L1_WARMUP_STEPS)
+    warm = max(1, round(config.lr_warmup * total))
+    lr_factor = min(1.0, (step + 1) / warm)
+    decay_start = total - round(config.lr_decay * total)
+    if step >= decay_start:
+        lr_factor *= max(0.0, (total - step) / max(1, total - decay_start))
+    l1_warm = round(config.l1_warmup * total)
+    l1_factor = 1.0 if l1_warm == 0 else min(1.0, step / l1_warm)
+    return lr_factor, l1_factor
+
+
+def generators(config):
+    """CPU generators ``(input init, output init, shuffling)``: seeds ``seed``, ``seed + 2`` (or
+    ``init_seed``) and ``seed + 1`` (or ``shuffle_seed``), see :mod:`.train`."""
+    input_init = torch.Generator(device="cpu").manual_seed(config.seed)
+    output_seed = config.seed + 2 if config.init_seed is None else config.init_seed
+    output_init = torch.Generator(device="cpu").manual_seed(output_seed)
+    shuffle_seed = config.seed + 1 if config.shuffle_seed is None else config.shuffle_seed
+    shuffling = torch.Generator(device="cpu").manual_seed(shuffle_seed)
+    return input_init, output_init, shuffling
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast of the forward pass to ``dtype`` on CUDA or the CPU; a no-op when ``dtype`` is None
+    or the device has no autocast (other device types run in the training dtype)."""
+    if dtype is None or device.type not in ("cuda", "cpu"):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _non_finite(step: int, what: str, cause: str) -> NonFiniteTrainingError:
+    return NonFiniteTrainingError(
+        f"training stopped at optimiser step {step}: {what}. Likely cause: {cause} "
+        f"The estimator keeps the state it had before this fit.",
+        step=step, what=what,
+    )
+
+
+class Trainer:
+    """Parameters, optimiser and counters of one fit, in normalised units.
+
+    Parameters
+    ----------
+    config : :class:`~sklearn_jsae._backend.train.TrainConfig`
+    mlp_map : backend map d_in -> d_out, or None for a single SAE.
+    mean_x : (d_in,) tensor, scale_x : float
+        Mean and per-element RMS ``c_x`` of the raw inputs (the mean seeds ``b_dec``).
+    mean_y : (d_out,) tensor or None, scale_y : float or None
+        The same for the MLP's outputs (a pair only).
+    init : ``(input_params, output_params)`` in raw units to continue from, or None.
+    total_steps : int or None
+        Steps the schedules span; None for an open-ended fit.
+    """
+
+    def __init__(self, config, mlp_map, mean_x, scale_x, mean_y=None, scale_y=None, init=None,
+                 total_steps=None):
+        self.config = config
+        self.device, self.dtype = torch.device(config.device), config.dtype
+        self.pair = config.n_output_components is not None
+        self.scale_x, self.scale_y = float(scale_x), (None if scale_y is None else float(scale_y))
+        self.total_steps = total_steps
+        self.normalised_map = None
+        if self.pair:
+            self.normalised_map = placed(mlp_map, self.device, self.dtype).rescaled(self.scale_x, self.scale_y)
+        input_init, output_init, self.shuffling = generators(config)
+
+        def fresh(n, mean, scale, generator):
+            mean = (mean / scale).to(device=self.device, dtype=self.dtype)
+            return SAEParams.initialise(n, mean.shape[0], mean, generator)
+
+        if init is not None:
+            self.side_x = init[0].scaled(1.0 / self.scale_x).to(self.device, self.dtype).detached()
+            self.side_y = (init[1].scaled(1.0 / self.scale_y).to(self.device, self.dtype).detached()
+                           if self.pair else None)
+        else:
+            self.side_x = fresh(config.n_components, mean_x, self.scale_x, input_init)
+            self.side_y = fresh(config.n_output_components, mean_y, self.scale_y, output_init) if self.pair else None
+        self.sides = [self.side_x] + ([self.side_y] if self.pair else [])
+        for side in self.sides:
+            side.requires_grad_()
+        self.d_in = self.side_x.W_dec.shape[1]
+        self.d_out = self.side_y.W_dec.shape[1] if self.pair else None
+        self.penalty_norm = 1.0 / math.sqrt(self.d_in * self.d_out) if self.pair else 0.0
+        self.tensors = [t for side in self.sides for t in side.tensors()]
+        self.optimiser = Adam(self.tensors, lr=config.learning_rate, betas=(0.9, 0.999))
+        self.aux_k = (config.aux_k or default_aux_k(self.d_in),
+                      (config.aux_k or default_aux_k(self.d_out)) if self.pair else 0)
+        self.dead_tokens = config.dead_tokens or 10_000_000
+        self.since_fired = [torch.zeros(side.W_dec.shape[0], dtype=torch.long, device=self.device)
+                            for side in self.sides]
+        self.step_count = 0
+        self.history: list[dict] = []
+        self._new_record()
+
+    # ---- one minibatch ----------------------------------------------------------------
+    def _new_record(self):
+        self.sums = dict.fromkeys(_TERMS, 0.0)
+        self.record_rows = 0
+        self.record_started = time.perf_counter()
+        self.fired_record = [torch.zeros_like(s, dtype=torch.bool) for s in self.since_fired]
+
+    def step(self, x_raw: torch.Tensor, index: torch.Tensor | None = None, outputs_and_weights=None) -> dict:
+        """One optimiser step on raw inputs ``x_raw`` (B, d_in) on the training device.
+
+        ``index`` (B,) CPU int64: the rows' positions in the data, for error messages.
+        ``outputs_and_weights``: the normalised MLP's ``(y (B, d_out), weights)`` if already known
+        (a cached MLP pass), else computed here.  Returns the step's loss terms as floats.
+        """
+        config = self.config
+        lr_factor, l1_factor = schedule(self.step_count, self.total_steps, config)
+        self.optimiser.param_groups[0]["lr"] = config.learning_rate * lr_factor
+        x = x_raw / self.scale_x
+        if self.pair and outputs_and_weights is None:
+            # The MLP's pass outside autocast: its outputs are the output SAE's targets, and its
+            # local weights feed the penalty, so both stay in the training dtype.
+            outputs_and_weights = map_and_local_weights(self.normalised_map, x)
+        dead = [since >= self.dead_tokens for since in self.since_fired] + [None]
+        with _autocast(self.device, config.autocast_dtype):
+            loss, terms, fired = jsae_step_losses(
+                self.side_x, self.side_y, self.normalised_map, x, config.k,
+                l1=config.l1 * l1_factor if self.pair and config.l1 > 0 else None,
+                penalty_norm=self.penalty_norm, dead=(dead[0], dead[1]), aux_coef=config.aux_coef,
+                aux_k=self.aux_k, outputs_and_weights=outputs_and_weights,
+            )
+        values = self._check_losses(loss, terms, x, index, outputs_and_weights)
+        norms = optimiser_step(loss, self.optimiser, self.sides, config.max_grad_norm)
+        # One synchronisation for all checks: the gradient norms and every parameter.
+        finite = torch.stack([torch.isfinite(norms).all()] + [torch.isfinite(t).all() for t in self.tensors])
+        if not bool(finite.all()):
+            raise _non_finite(self.step_count, "a gradient or an SAE parameter is NaN or inf after the update",
+                              "learning_rate too large for this data; lower it.")
+        with torch.no_grad():
+            for i, (idx, val) in enumerate(fired):
+                hit = torch.zeros_like(self.fired_record[i])
+                hit[idx[val > 0]] = True
+                self.fired_record[i] |= hit
+                self.since_fired[i] += x.shape[0]
+                self.since_fired[i][hit] = 0
+        for name, value in values.items():
+            self.sums[name] += value * x.shape[0]
+        self.record_rows += x.shape[0]
+        self.step_count += 1
+        return values
+
+    def _check_losses(self, loss, terms, x, index, outputs_and_weights) -> dict:
+        """The step's terms as floats; raise :class:`NonFiniteTrainingError` if one is non-finite
+        or the fit has diverged."""
+        values = {"loss": float(loss.detach())}
+        values.update({name: float(value.detach()) for name, value in terms.items()})
+        if all(math.isfinite(v) for v in values.values()):
+            worst = max(("mse_input", "mse_output"), key=lambda key: values.get(key, -1.0))
+            if values[worst] > DIVERGED_MSE:
+                raise _non_finite(
+                    self.step_count, f"the fit diverged: {worst}={values[worst]:.3g}, {DIVERGED_MSE:.0e} times "
+                    f"the error of predicting the mean", "learning_rate is too large for this data; lower it (by 10x).")
+            return values
+        bad = sorted(name for name, v in values.items() if not math.isfinite(v))
+        if self.pair and outputs_and_weights is not None:
+            finite_rows = torch.isfinite(outputs_and_weights[0]).all(dim=1).cpu()
+            if not bool(finite_rows.all()):
+                where = (index[~finite_rows] if index is not None else torch.nonzero(~finite_rows).flatten())
+                raise _non_finite(self.step_count, f"the mlp returned NaN or inf on rows {where[:5].tolist()} of X",
+                                  "the MLP overflows or divides by zero on those rows; check it there.")
+        if not bool(torch.isfinite(x).all()):
+            raise _non_finite(self.step_count, "the normalised input batch is not finite",
+                              "X holds values too large for the training dtype.")
+        raise _non_finite(self.step_count, f"the loss terms {bad} are NaN or inf",
+                          "learning_rate too large, or data with extreme outliers; lower learning_rate.")
+
+    # ---- history ------------------------------------------------------------------------
+    def close_record(self, **extra) -> dict:
+        """Append one history row (the mean loss terms since the last row, dead fractions,
+        ``l1`` reached, seconds) and start the next; ``extra`` (e.g. ``epoch``) goes first."""
+        rows = max(1, self.record_rows)
+        record = dict(extra, **{name: total / rows for name, total in self.sums.items()})
+        if not self.pair:
+            for name in ("mse_output", "jacobian_l1", "aux_output"):
+                record.pop(name)
+        elif self.config.l1 == 0:
+            record.pop("jacobian_l1")
+        record["l1"] = self.config.l1 * schedule(max(0, self.step_count - 1), self.total_steps, self.config)[1] \
+            if self.pair else 0.0
+        record["dead_fraction_input"] = 1.0 - float(self.fired_record[0].float().mean())
+        if self.pair:
+            record["dead_fraction_output"] = 1.0 - float(self.fired_record[1].float().mean())
+        record["tokens"] = self.record_rows
+        record["seconds"] = time.perf_counter() - self.record_started
+        self.history.append(record)
+        self._new_record()
+        return record
+
+    def result(self):
+        """The fitted parameters in raw units on the CPU, as a :class:`~.train.TrainResult`."""
+        from .train import TrainResult
+
+        history = self.history
+        return TrainResult(
+            input_params=self.side_x.detached().scaled(self.scale_x).to("cpu"),
+            output_params=self.side_y.detached().scaled(self.scale_y).to("cpu") if self.pair else None,
+            input_scale=self.scale_x,
+            output_scale=self.scale_y if self.pair else None,
+            history=list(history),
+            dead_fraction_input=history[-1]["dead_fraction_input"] if history else 0.0,
+            dead_fraction_output=history[-1].get("dead_fraction_output") if history else None,
+        )
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict, dict]:
+        """``(tensors, meta)``: every tensor of the state on the CPU, and JSON-able metadata."""
+        tensors = {}
+        for name, side in zip(("x", "y"), self.sides):
+            for field, t in zip(("W_enc", "b_enc", "W_dec", "b_dec"), side.tensors()):
+                tensors[f"{field}_{name}"] = t.detach().cpu().contiguous()
+        for i, (m, v) in enumerate(zip(self.optimiser.exp_avg, self.optimiser.exp_avg_sq)):
+            tensors[f"adam_m_{i}"], tensors[f"adam_v_{i}"] = m.cpu().contiguous(), v.cpu().contiguous()
+        for i, (since, fired) in enumerate(zip(self.since_fired, self.fired_record)):
+            tensors[f"since_fired_{i}"] = since.cpu().contiguous()
+            tensors[f"fired_record_{i}"] = fired.cpu().to(torch.uint8).contiguous()
+        tensors["shuffling_rng"] = self.shuffling.get_state()
+        meta = dict(step_count=self.step_count, adam_steps=self.optimiser.steps, history=self.history,
+                    sums=self.sums, record_rows=self.record_rows, scale_x=self.scale_x, scale_y=self.scale_y,
+                    total_steps=self.total_steps)
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict, meta: dict) -> None:
+        """Restore :meth:`state_dict`'s output (shapes were checked by the caller)."""
+        with torch.no_grad():
+            for name, side in zip(("x", "y"), self.sides):
+                for field, t in zip(("W_enc", "b_enc", "W_dec", "b_dec"), side.tensors()):
+                    t.copy_(tensors[f"{field}_{name}"])
+            for i, (m, v) in enumerate(zip(self.optimiser.exp_avg, self.optimiser.exp_avg_sq)):
+                m.copy_(tensors[f"adam_m_{i}"])
+                v.copy_(tensors[f"adam_v_{i}"])
+            for i in range(len(self.since_fired)):
+                self.since_fired[i].copy_(tensors[f"since_fired_{i}"])
+                self.fired_record[i].copy_(tensors[f"fired_record_{i}"].to(torch.bool))
+        self.shuffling.set_state(tensors["shuffling_rng"])
+        self.step_count, self.optimiser.steps = int(meta["step_count"]), int(meta["adam_steps"])
+        self.history = list(meta["history"])
+        self.sums, self.record_rows = dict(meta["sums"]), int(meta["record_rows"])
+
+    def shapes(self) -> dict:
+        """Expected shape of every tensor of :meth:`state_dict` (for checking a checkpoint)."""
+        tensors, _ = self.state_dict()
+        return {name: tuple(t.shape) for name, t in tensors.items()}
+
+
+def as_rows_tensor(rows: np.ndarray, device, dtype) -> torch.Tensor:
+    """A numpy batch (B, d) as a tensor on ``device`` in ``dtype`` (copied: never aliases numpy)."""
+    return torch.from_numpy(np.array(rows)).to(device=device, dtype=dtype)
