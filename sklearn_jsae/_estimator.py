@@ -13,6 +13,7 @@ from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, Transfo
 from sklearn.utils.validation import check_memory
 
 from . import _validation
+from ._persistence import PersistenceMixin
 from ._sklearn_compat import ADAPTERS_MANAGER, HasMethods, Interval, _fit_context, _get_output_config, check_is_fitted
 from ._sparse import AbsJacobianSum, OutputCodes, blocks_to_coo, topk_to_csr
 from ._topk import (
@@ -89,7 +90,8 @@ def _mlp_changed(fitted_map, new_map, probe_rows) -> bool:
     return not np.allclose(before, after, rtol=1e-5, atol=1e-6 * scale)
 
 
-class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin,
+                                BaseEstimator):
     r"""Jacobian Sparse Autoencoder (Farnik et al. 2025): sparsify an MLP's computation.
 
     Two TopK SAEs, one on the MLP's inputs ``x`` and one on its true outputs
@@ -156,6 +158,8 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
     random_state : int, RandomState instance or None, default=None
         Seeds the initialisation of both SAEs (independent draws) and the batch order.
     verbose : int, default=0
+        When > 0, a tqdm progress bar over optimiser steps with the live loss terms, tokens per
+        second and the time left, and one line of loss terms per epoch; silent otherwise.
     warm_start : bool, default=False
         Continue from the fitted weights on the next ``fit`` (with a fresh schedule).  If the
         ``mlp`` now computes something else on the first training rows (a different MLP of the
@@ -175,6 +179,22 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         None (default) computes everything at each step, as the paper does.  The cache holds
         joblib pickles, and loading a pickle can run code: never point ``memory`` at a folder
         that others can write to.  A folder that is a file or is not writable is an error.
+    n_tokens : int or None, default=None
+        Tokens that ``partial_fit`` calls or ``fit_stream`` will see in all (``fit`` ignores it: there the number
+        of steps is known).  With it, ``partial_fit`` follows ``fit``'s schedule over
+        ``ceil(n_tokens / batch_size)`` steps (learning-rate warm-up over 1%, decay to 0 over the
+        last 20%, ``l1`` ramp over 5%); None warms the learning rate up over 100 steps and
+        ``l1`` over 500 and keeps both constant after (the end is unknown).
+    checkpoint_dir : str or None, default=None
+        A folder where ``fit`` and ``fit_stream`` save a checkpoint (weights, optimiser state, schedule position,
+        random states, dead-latent counters, data position) every ``checkpoint_every`` steps and
+        at the end of each epoch, and from which they resume when it holds one: a fit killed at
+        any moment and run again with the same data, MLP and settings ends with the same model
+        as an uninterrupted one (bit for bit on the CPU).  Writes are atomic; a checkpoint of
+        another fit, a truncated or a foreign file is refused with a ``CheckpointError``.
+        Checkpoints are safetensors and JSON, never pickles.
+    checkpoint_every : int, default=1000
+        Optimiser steps between checkpoints.
 
     Attributes
     ----------
@@ -248,6 +268,9 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         verbose=0,
         warm_start=False,
         memory=None,
+        n_tokens=None,
+        checkpoint_dir=None,
+        checkpoint_every=1000,
     ):
         self.mlp = mlp
         self.n_components = n_components
@@ -265,6 +288,9 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
         self.verbose = verbose
         self.warm_start = warm_start
         self.memory = memory
+        self.n_tokens = n_tokens
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = checkpoint_every
 
     # ---- fitting -------------------------------------------------------------------------
     @_keep_state_on_error
@@ -274,37 +300,112 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
 
         The MLP's true outputs are computed from X batch by batch, or read from ``memory``.
         """
-        from ._backend.mlp import resolve_mlp
-        from ._backend.train import TrainConfig, supports_mlp_pass, train
+        from ._backend.checkpoint import fingerprint_array
+        from ._backend.train import supports_mlp_pass, train
+        from ._incremental import make_checkpointer
 
         warm = self.warm_start and hasattr(self, "input_sae_")
         X = _validate_X(self, X, reset=not warm)
+        _validation.warn_if_few_steps(X.shape[0], self.batch_size, self.max_iter)
+        if self.memory is not None:
+            _cached_mlp_pass(self.memory)  # a bad cache folder fails before the MLP is even probed
+        config, mlp_copy, mlp_map, d_out, probe_rows = self._prepare(X)
+        init = self._warm_init(mlp_map, d_out) if warm else None
+        mlp_pass = _cached_mlp_pass(self.memory) if supports_mlp_pass(mlp_map) else None
+        checkpoint = make_checkpointer(self, fingerprint_array(X), mlp_map, config, init, "fit")
+        with _training_precision(config):
+            result = train(X, mlp_map, config, init=init, mlp_pass=mlp_pass, checkpoint=checkpoint)
+        self._trainer = None  # partial_fit after fit starts from the fitted weights
+        self._set_fitted(result, mlp_copy, mlp_map, probe_rows, config.device, d_out, X,
+                         previous=self.history_ if warm else [])
+        return self
+
+    @_keep_state_on_error
+    def partial_fit(self, X, y=None):
+        """One pass over X, in order, one optimiser step per ``batch_size`` rows; never resets.
+
+        The first call measures the data scales ``c_x`` and ``c_y`` on its rows (give it a
+        representative batch of at least a few thousand tokens), probes the MLP and starts the
+        optimiser; later calls continue it with the schedule ``n_tokens`` sets (see above).
+        After ``fit`` (or unpickling) the first call continues from the fitted weights with a
+        fresh optimiser.  Rows are used in the order given: shuffle them (or use a stream with a
+        shuffle buffer, :class:`sklearn_jsae.hf.ActivationStream`).  ``history_`` gets one row per
+        call and ``jacobian_`` is the mean ``|J|`` over the last call's rows.  Parameters are
+        validated at every call.  With ``n_tokens=len(X)``, one call on all rows in ``fit``'s
+        batch order gives ``fit``'s model with ``max_iter=1``, up to the rounding of the data
+        statistics (summed in another order).
+        """
+        from ._incremental import start_trainer, total_steps, train_rows
+
+        self._validate_params()
+        trainer = getattr(self, "_trainer", None)
+        fitted = hasattr(self, "input_sae_")
+        X = _validate_X(self, X, reset=not fitted and trainer is None)
+        if trainer is None or trainer.broken:
+            config, mlp_copy, mlp_map, d_out, probe_rows = self._prepare(X)
+            init = self._warm_init(mlp_map, d_out) if fitted else None
+            trainer = start_trainer(config, X, mlp_map, init, total_steps(self.n_tokens, self.batch_size))
+            trainer.previous_history = list(self.history_) if fitted else []
+            trainer.model = (mlp_copy, mlp_map, d_out, probe_rows)
+            self._trainer = trainer
+        try:
+            with _training_precision(trainer.config):
+                train_rows(trainer, X)
+            trainer.close_record(call=len(trainer.history) + 1)
+        except BaseException:
+            trainer.broken = True  # half-updated: the next call starts again from the fitted state
+            raise
+        mlp_copy, mlp_map, d_out, probe_rows = trainer.model
+        self._set_fitted(trainer.result(), mlp_copy, mlp_map, probe_rows, trainer.config.device, d_out, X,
+                         previous=trainer.previous_history)
+        return self
+
+    @_keep_state_on_error
+    def fit_stream(self, batches, *, n_statistics=16384, jacobian_rows=4096):
+        """Fit on a stream of MLP-input batches, never holding more than a few batches in memory.
+
+        Parameters
+        ----------
+        batches : iterable of array-like of shape (n_rows, n_features)
+            For example :class:`sklearn_jsae.hf.ActivationStream` (a live model's activations
+            through a shuffle buffer) or any generator of arrays.  Rows are used in the order
+            they come: the stream must mix them.  Rows are re-cut into ``batch_size`` batches.
+        n_statistics : int, default=16384
+            Rows read first to measure the data scales ``c_x``, ``c_y`` and the initial decoder
+            biases (then trained on like any others).
+        jacobian_rows : int, default=4096
+            ``jacobian_`` is the mean ``|J|`` over the last this many rows of the stream.
+
+        Training runs until the stream ends or ``n_tokens`` rows were used; the schedule spans
+        ``n_tokens`` (open-ended without it, see ``n_tokens``).  ``history_`` gets one row per
+        ``max(1, total_steps // 100)`` steps.  With ``checkpoint_dir``, a checkpoint also holds
+        the stream's position (its ``state_dict()``, if it has one, as
+        :class:`~sklearn_jsae.hf.ActivationStream` does) and the rows read but not yet used, so a
+        killed run restarted with the same stream resumes without repeating or skipping a token;
+        a stream without ``state_dict`` cannot resume (an error says so).
+        """
+        from ._stream_fit import fit_stream
+
+        return fit_stream(self, batches, n_statistics=n_statistics, jacobian_rows=jacobian_rows)
+
+    def _prepare(self, X):
+        """Checks, the device, the MLP (probed on X's first rows) and the training config."""
+        from ._backend.mlp import resolve_mlp
+
         n_output_components = self.n_output_components or self.n_components
         check_k(self.k, self.n_components)
         check_k(self.k, n_output_components, "n_output_components")
-        _validation.warn_if_few_steps(X.shape[0], self.batch_size, self.max_iter)
         device = _validation.resolve_device(self.device)
-        if self.memory is not None:
-            _cached_mlp_pass(self.memory)  # a bad cache folder fails before the MLP is even probed
         probe_rows = np.array(X[: min(8, X.shape[0])], dtype=np.float32)
         mlp_copy, mlp_map, d_out = resolve_mlp(self.mlp, probe_rows)
-        init = None
-        if warm:
-            _check_warm_shape(self.input_sae_.components_.shape[0], self.n_components, "n_components")
-            _check_warm_shape(self.output_sae_.components_.shape[0], n_output_components, "n_output_components")
-            _check_warm_shape(self.n_output_features_, d_out, "the mlp's output width")
-            scale_y = self.output_sae_.scale_
-            if _mlp_changed(self._mlp_map, mlp_map, self._probe_rows):
-                warnings.warn(
-                    "warm_start=True with an mlp that computes something else than the fitted one on "
-                    "the first training rows; the output scale c_y is re-measured from the new "
-                    "outputs and training continues from the fitted SAEs.", UserWarning, stacklevel=3,
-                )
-                scale_y = None
-            init = (self.input_sae_._params(), self.output_sae_._params(), self.input_sae_.scale_, scale_y)
-        config = TrainConfig(
+        return self._train_config(device), mlp_copy, mlp_map, d_out, probe_rows
+
+    def _train_config(self, device):
+        from ._backend.train import TrainConfig
+
+        return TrainConfig(
             n_components=self.n_components,
-            n_output_components=n_output_components,
+            n_output_components=self.n_output_components or self.n_components,
             k=self.k,
             l1=self.l1,
             learning_rate=self.learning_rate,
@@ -316,10 +417,26 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
             seed=_draw_seed(self.random_state),
             verbose=self.verbose,
         )
-        mlp_pass = _cached_mlp_pass(self.memory) if supports_mlp_pass(mlp_map) else None
-        with _training_precision(config):
-            result = train(X, mlp_map, config, init=init, mlp_pass=mlp_pass)
 
+    def _warm_init(self, mlp_map, d_out):
+        """``(params_x, params_y, c_x, c_y)`` to continue from; ``c_y`` None (re-measured) when the
+        MLP computes something else than the fitted one."""
+        n_output_components = self.n_output_components or self.n_components
+        _check_warm_shape(self.input_sae_.components_.shape[0], self.n_components, "n_components")
+        _check_warm_shape(self.output_sae_.components_.shape[0], n_output_components, "n_output_components")
+        _check_warm_shape(self.n_output_features_, d_out, "the mlp's output width")
+        scale_y = self.output_sae_.scale_
+        if _mlp_changed(self._mlp_map, mlp_map, self._probe_rows):
+            warnings.warn(
+                "warm_start=True with an mlp that computes something else than the fitted one on "
+                "the first training rows; the output scale c_y is re-measured from the new "
+                "outputs and training continues from the fitted SAEs.", UserWarning, stacklevel=4,
+            )
+            scale_y = None
+        return (self.input_sae_._params(), self.output_sae_._params(), self.input_sae_.scale_, scale_y)
+
+    def _set_fitted(self, result, mlp_copy, mlp_map, probe_rows, device, d_out, X_jacobian, previous):
+        n_output_components = self.n_output_components or self.n_components
         self.mlp_ = mlp_copy
         self._mlp_map = mlp_map
         self._probe_rows = probe_rows
@@ -329,16 +446,22 @@ class JacobianSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixi
                                                result.input_scale, result.dead_fraction_input, device)
         self.output_sae_ = self._side_estimator(n_output_components, result.output_params,
                                                 result.output_scale, result.dead_fraction_output, device)
-        self.history_ = (self.history_ if warm else []) + result.history
+        self.history_ = list(previous) + result.history
         for side, prefix in ((self.input_sae_, "input"), (self.output_sae_, "output")):
             side.history_ = [
                 {key.replace(f"_{prefix}", ""): value for key, value in row.items()
-                 if key.endswith(prefix) or key in ("epoch", "seconds")}
+                 if key.endswith(prefix) or key in ("epoch", "call", "tokens", "seconds")}
                 for row in self.history_
             ]
         self.n_iter_ = len(result.history)
-        self.jacobian_ = self._mean_abs_jacobian(X)
-        return self
+        self.jacobian_ = self._mean_abs_jacobian(X_jacobian)
+
+    def __getstate__(self):
+        # A partial_fit's live optimiser state (tensors possibly on a GPU) is not part of the
+        # model: a pickled estimator's next partial_fit starts from its fitted weights.
+        state = super().__getstate__()
+        state.pop("_trainer", None)
+        return state
 
     def _side_estimator(self, n_components, params, scale, dead_fraction, device):
         sae = TopKSparseAutoencoder(

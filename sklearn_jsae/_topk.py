@@ -10,6 +10,7 @@ from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, Transfo
 from sklearn.utils import check_array, check_random_state
 
 from . import _validation
+from ._persistence import PersistenceMixin
 from ._sklearn_compat import Interval, StrOptions, _fit_context, _get_output_config, check_is_fitted, validate_data
 from ._sparse import topk_to_csr
 from ._validation import check_float32_range, check_k
@@ -47,6 +48,9 @@ _COMMON_CONSTRAINTS = {
     "random_state": ["random_state"],
     "verbose": ["verbose"],
     "warm_start": ["boolean"],
+    "n_tokens": [None, Interval(numbers.Integral, 1, None, closed="left")],
+    "checkpoint_dir": [None, str],
+    "checkpoint_every": [Interval(numbers.Integral, 1, None, closed="left")],
 }
 
 
@@ -87,7 +91,8 @@ def _draw_seed(random_state) -> int:
     return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
 
 
-class TopKSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin,
+                            BaseEstimator):
     r"""TopK sparse autoencoder (Gao et al. 2024): the "traditional" SAE.
 
     .. math::
@@ -129,9 +134,26 @@ class TopKSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
     random_state : int, RandomState instance or None, default=None
         Seeds initialisation and shuffling (same seed and device -> identical model).
     verbose : int, default=0
-        Print the loss terms after every epoch when > 0.
+        When > 0, a tqdm progress bar over optimiser steps with the live loss terms, tokens per
+        second and the time left, and one line of loss terms per epoch; silent otherwise.
     warm_start : bool, default=False
         Continue from the fitted weights on the next ``fit`` (with a fresh schedule).
+    n_tokens : int or None, default=None
+        Tokens that ``partial_fit`` calls will see in all (``fit`` ignores it: there the number
+        of steps is known).  With it, ``partial_fit`` follows ``fit``'s schedule over
+        ``ceil(n_tokens / batch_size)`` steps (learning-rate warm-up over 1%, decay to 0 over the
+        last 20%, ``l1`` ramp over 5%); None warms the learning rate up over 100 steps and
+        ``l1`` over 500 and keeps both constant after (the end is unknown).
+    checkpoint_dir : str or None, default=None
+        A folder where ``fit`` saves a checkpoint (weights, optimiser state, schedule position,
+        random states, dead-latent counters, data position) every ``checkpoint_every`` steps and
+        at the end of each epoch, and from which it resumes when it holds one: a fit killed at
+        any moment and run again with the same data, MLP and settings ends with the same model
+        as an uninterrupted one (bit for bit on the CPU).  Writes are atomic; a checkpoint of
+        another fit, a truncated or a foreign file is refused with a ``CheckpointError``.
+        Checkpoints are safetensors and JSON, never pickles.
+    checkpoint_every : int, default=1000
+        Optimiser steps between checkpoints.
 
     Attributes
     ----------
@@ -191,6 +213,9 @@ class TopKSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         random_state=None,
         verbose=0,
         warm_start=False,
+        n_tokens=None,
+        checkpoint_dir=None,
+        checkpoint_every=1000,
     ):
         self.n_components = n_components
         self.k = k
@@ -204,24 +229,76 @@ class TopKSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         self.random_state = random_state
         self.verbose = verbose
         self.warm_start = warm_start
+        self.n_tokens = n_tokens
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = checkpoint_every
 
     # ---- fitting -------------------------------------------------------------------------
     @_keep_state_on_error
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
         """Fit the SAE on X of shape (n_samples, n_features); ``y`` is ignored."""
-        from ._backend.train import TrainConfig, train
+        from ._backend.checkpoint import fingerprint_array
+        from ._backend.train import train
+        from ._incremental import make_checkpointer
 
         warm = self.warm_start and hasattr(self, "components_")
         X = _validate_X(self, X, reset=not warm)
         check_k(self.k, self.n_components)
         _validation.warn_if_few_steps(X.shape[0], self.batch_size, self.max_iter)
-        device = _validation.resolve_device(self.device)
+        config = self._train_config(_validation.resolve_device(self.device))
         init = None
         if warm:
             _check_warm_shape(self.components_.shape[0], self.n_components, "n_components")
             init = (self._params(), None, self.scale_, None)
-        config = TrainConfig(
+        checkpoint = make_checkpointer(self, fingerprint_array(X), None, config, init, "fit")
+        with _training_precision(config):
+            result = train(X, None, config, init=init, checkpoint=checkpoint)
+        self._trainer = None  # partial_fit after fit starts from the fitted weights
+        self._set_fitted(result, config.device, previous=self.history_ if warm else [])
+        return self
+
+    @_keep_state_on_error
+    def partial_fit(self, X, y=None):
+        """One pass over X, in order, one optimiser step per ``batch_size`` rows; never resets.
+
+        The first call measures the data scale on its rows (so give it a representative batch
+        of at least a few thousand rows) and starts the optimiser; later calls continue it,
+        with the schedule ``n_tokens`` sets.  After ``fit`` (or unpickling) the first call
+        continues from the fitted weights with a fresh optimiser.  ``history_`` gets one row per
+        call.  Parameters are validated at every call.  With ``n_tokens`` set, one call on all
+        rows in ``fit``'s batch order gives ``fit``'s model with ``max_iter=1`` (up to the
+        rounding of the data statistics).
+        """
+        from ._incremental import start_trainer, total_steps, train_rows
+
+        self._validate_params()
+        trainer = getattr(self, "_trainer", None)
+        fitted = hasattr(self, "components_")
+        X = _validate_X(self, X, reset=not fitted and trainer is None)
+        if trainer is None or trainer.broken:
+            check_k(self.k, self.n_components)
+            if fitted:
+                _check_warm_shape(self.components_.shape[0], self.n_components, "n_components")
+            config = self._train_config(_validation.resolve_device(self.device))
+            init = (self._params(), None, self.scale_, None) if fitted else None
+            trainer = start_trainer(config, X, None, init, total_steps(self.n_tokens, self.batch_size))
+            trainer.previous_history = list(self.history_) if fitted else []
+            self._trainer = trainer
+        try:
+            with _training_precision(trainer.config):
+                train_rows(trainer, X)
+            trainer.close_record(call=len(trainer.history) + 1)
+        except BaseException:
+            trainer.broken = True  # half-updated: the next call starts again from the fitted state
+            raise
+        self._set_fitted(trainer.result(), trainer.config.device, previous=trainer.previous_history)
+        return self
+
+    def _train_config(self, device):
+        from ._backend.train import TrainConfig
+
+        return TrainConfig(
             n_components=self.n_components,
             n_output_components=None,
             k=self.k,
@@ -234,14 +311,20 @@ class TopKSparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
             seed=_draw_seed(self.random_state),
             verbose=self.verbose,
         )
-        with _training_precision(config):
-            result = train(X, None, config, init=init)
+
+    def _set_fitted(self, result, device, previous):
         self._set_params_from(result.input_params, result.input_scale)
         self.device_ = device
-        self.history_ = (self.history_ if warm else []) + result.history
+        self.history_ = list(previous) + result.history
         self.dead_fraction_ = result.dead_fraction_input
         self.n_iter_ = len(result.history)
-        return self
+
+    def __getstate__(self):
+        # A partial_fit's live optimiser state (tensors possibly on a GPU) is not part of the
+        # model: a pickled estimator's next partial_fit starts from its fitted weights.
+        state = super().__getstate__()
+        state.pop("_trainer", None)
+        return state
 
     def _set_params_from(self, params, scale):
         """Store backend ``SAEParams`` (raw units) as numpy fitted attributes."""

@@ -17,3 +17,28 @@ class NonFiniteTrainingError(FloatingPointError):
         super().__init__(message)
         self.step = step
         self.what = what
+
+
+class PersistenceError(ValueError):
+    """A saved model that this version of sklearn-jsae cannot load.
+
+    Raised by :func:`sklearn_jsae.load` for a file that is not readable (truncated, damaged),
+    not an sklearn-jsae model (another safetensors or JSON file), written by an incompatible
+    format version, or whose tensors do not match its own description; by unpickling an
+    estimator pickled with an incompatible version; and by :mod:`sklearn_jsae.interop` for
+    folders that are not a loadable SAELens or sparsify TopK SAE.  The message names the file,
+    what is wrong and what to do.  Nothing is half-loaded: the error comes before any estimator
+    is built.
+    """
+
+
+class MissingMLPError(RuntimeError):
+    """An MLP-dependent method of a JacobianSparseAutoencoder loaded without its MLP.
+
+    An arbitrary callable MLP cannot be saved without pickling it, so
+    :func:`sklearn_jsae.load` gives a model whose ``transform_output``, ``mlp_outputs``,
+    ``jacobian`` and ``score`` raise this error (and ``fit`` a ValueError quoting it) until the
+    MLP is passed again with ``sklearn_jsae.load(path, mlp=...)``.  The SAE-only methods
+    (``transform``, ``inverse_transform``, ``inverse_transform_output``, ``jacobian_``) work
+    without it.
+    """

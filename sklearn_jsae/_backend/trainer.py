@@ -142,6 +142,7 @@ class Trainer:
         self.since_fired = [torch.zeros(side.W_dec.shape[0], dtype=torch.long, device=self.device)
                             for side in self.sides]
         self.step_count = 0
+        self.broken = False  # set by a caller when a step failed half-way (partial_fit)
         self.history: list[dict] = []
         self._new_record()
 

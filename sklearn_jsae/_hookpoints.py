@@ -1,0 +1,96 @@
+"""Where a Hugging Face model's MLP input and output can be hooked, by module name.
+
+SAELens (``model_class_name="AutoModelForCausalLM"``) and sparsify both read an activation as
+the *output* of a named module.  The MLP output is the output of
+:func:`sklearn_jsae.hf.mlp_hook_points`' output module.  The MLP input is the *input* of a
+module, so the module that produces it is found by running the model on four tokens, stopping
+as soon as the MLP is reached, and picking the module inside the block whose output is that very
+tensor object (GPT-2's ``ln_2``, Llama's ``post_attention_layernorm``, GPT-J's shared ``ln_1``,
+BERT's ``attention.output.LayerNorm``): identity, not equality, so the name is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class MLPHookpoints:
+    """Names of the modules whose outputs are one layer's MLP input and output.
+
+    ``input`` and ``output`` are relative to ``model.base_model`` (sparsify's hookpoints);
+    ``prefix`` is the base model's attribute in its ``*ForCausalLM`` class (``"transformer"``,
+    ``"model"``, ...), so ``f"{prefix}.{input}"`` is the name SAELens' ``HookedProxyLM`` hooks.
+    ``model_name`` is ``model.name_or_path`` (a hub id or a local folder), None when empty.
+    """
+
+    input: str | None
+    output: str
+    prefix: str
+    model_name: str | None
+
+    def saelens(self, side: str) -> str | None:
+        name = self.input if side == "input" else self.output
+        return None if name is None else f"{self.prefix}.{name}" if self.prefix else name
+
+    def sparsify(self, side: str) -> str | None:
+        return self.input if side == "input" else self.output
+
+
+class _Reached(Exception):
+    """Raised by the MLP's pre-hook once its input is captured: later layers never run."""
+
+
+def mlp_hookpoints(model, layer) -> MLPHookpoints:
+    """The hookpoints of block ``layer``'s MLP in ``model`` (a supported Hugging Face model)."""
+    import torch
+
+    from .hf._adapters import _eval_mode, _layout, _unwrap
+
+    inner = _unwrap(model)
+    base = getattr(inner, "base_model", inner)
+    layout = _layout(model, layer)
+    names = {id(module): name for name, module in base.named_modules()}
+    if id(layout.output_module) not in names or id(layout.block) not in names:
+        raise ValueError(f"layer {layer}'s MLP is not a sub-module of {type(base).__name__}.")
+    block_name = names[id(layout.block)]
+    inside_mlp = {id(m) for part in (layout.input_module, layout.output_module) for m in part.modules()}
+
+    produced: list[tuple[str, object]] = []
+    received: list[object] = []
+
+    def recorder(name):
+        def hook(module, args, output):
+            first = output[0] if isinstance(output, tuple) and output else output
+            if isinstance(first, torch.Tensor):
+                produced.append((name, first))
+        return hook
+
+    def grab(module, args, kwargs):
+        received.append(args[0] if args else kwargs.get("hidden_states"))
+        raise _Reached
+
+    handles = [module.register_forward_hook(recorder(f"{block_name}.{name}" if name else block_name))
+               for name, module in layout.block.named_modules() if id(module) not in inside_mlp]
+    handles.append(layout.input_module.register_forward_pre_hook(grab, with_kwargs=True))
+    parameter = next(inner.parameters())
+    vocab = int(getattr(inner.config, "vocab_size", 8) or 8)
+    ids = torch.arange(1, 5, device=parameter.device).clamp(max=vocab - 1).unsqueeze(0)
+    try:
+        with torch.no_grad(), _eval_mode(inner):
+            inner(input_ids=ids, attention_mask=torch.ones_like(ids))
+    except _Reached:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    input_name = None
+    if received:
+        input_name = next((name for name, t in produced if t is received[0]), None)
+    name_or_path = getattr(inner, "name_or_path", "") or getattr(inner.config, "_name_or_path", "")
+    return MLPHookpoints(
+        input=input_name,
+        output=names[id(layout.output_module)],
+        prefix=getattr(type(base), "base_model_prefix", "") or "",
+        model_name=str(name_or_path) or None,
+    )

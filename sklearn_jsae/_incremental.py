@@ -1,0 +1,111 @@
+"""What the estimators share for fits beyond one in-memory ``fit``: checkpoints, ``partial_fit``
+and stream fits.  Torch is imported inside the functions, as in the estimators.
+
+* :func:`make_checkpointer` ties ``checkpoint_dir`` to one fit by an identity (data, MLP and
+  settings fingerprints), so a rerun of the same fit resumes and any other fit is refused.
+* :func:`start_trainer` measures the data statistics on a first batch of rows (``partial_fit``'s
+  first call, a stream's first rows) and builds the :class:`~sklearn_jsae._backend.trainer.Trainer`.
+* :func:`train_rows` runs optimiser steps over rows in the order given.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+
+def total_steps(n_tokens, batch_size):
+    """Steps the schedules span for ``n_tokens`` tokens; None (open-ended) without it."""
+    return None if n_tokens is None else max(1, math.ceil(n_tokens / batch_size))
+
+
+def _settings(config) -> str:
+    """The training settings that define a fit, as JSON (the seed is not one: the checkpoint holds
+    every random state, so a fit with ``random_state=None`` can resume too)."""
+    keys = ("n_components", "n_output_components", "k", "l1", "learning_rate", "max_iter", "batch_size",
+            "lr_warmup", "lr_decay", "l1_warmup", "max_grad_norm", "aux_coef", "aux_k", "dead_tokens")
+    settings = {key: getattr(config, key) for key in keys}
+    settings["dtype"] = str(config.dtype)
+    settings["autocast_dtype"] = str(config.autocast_dtype)
+    return json.dumps(settings, sort_keys=True)
+
+
+def make_checkpointer(estimator, data_identity: str, mlp_map, config, init, kind: str):
+    """The :class:`~sklearn_jsae._backend.checkpoint.Checkpointer` for ``estimator.checkpoint_dir``,
+    or None without one.  ``data_identity`` fingerprints the training data; ``init`` (warm start)
+    is part of the identity too."""
+    if estimator.checkpoint_dir is None:
+        return None
+    from ._backend.checkpoint import Checkpointer, fingerprint_module
+
+    warm = "none"
+    if init is not None:
+        warm = fingerprint_module(_params_module(init[0], init[1]))
+    identity = dict(kind=kind, estimator=type(estimator).__name__, data=data_identity,
+                    mlp=fingerprint_module(mlp_map), settings=_settings(config), warm_start=warm)
+    return Checkpointer(estimator.checkpoint_dir, estimator.checkpoint_every, identity)
+
+
+def _params_module(*params):
+    """The tensors of SAE parameters as a module, so that :func:`fingerprint_module` hashes them."""
+    import torch
+
+    module = torch.nn.Module()
+    for i, p in enumerate(params):
+        if p is None:
+            continue
+        for name, t in zip(("W_enc", "b_enc", "W_dec", "b_dec"), p.tensors()):
+            module.register_buffer(f"{name}_{i}", t.detach().clone())
+    return module
+
+
+def start_trainer(config, X: np.ndarray, mlp_map, init=None, n_steps=None):
+    """A :class:`~sklearn_jsae._backend.trainer.Trainer` whose scales come from the rows of ``X``
+    (or from ``init``, a warm start ``(params_x, params_y, scale_x, scale_y)``).
+
+    X : (n, d_in) raw inputs (the first rows of a stream, or ``partial_fit``'s first call).
+    """
+    import dataclasses
+
+    import torch
+
+    from ._backend.mlp import placed
+    from ._backend.train import _Rows, data_statistics
+    from ._backend.trainer import Trainer
+
+    device = torch.device(config.device)
+    rows = _Rows(X, device, config.dtype)
+    pair = config.n_output_components is not None
+    mean_x, scale_x = data_statistics(rows)
+    mean_y = scale_y = None
+    if pair:
+        mlp_map = placed(mlp_map, device, config.dtype)
+        mean_y, scale_y = data_statistics(rows, mlp_map)
+    if init is not None:
+        scale_x = init[2]
+        scale_y = init[3] if init[3] is not None else scale_y
+    if config.dead_tokens is None:
+        config = dataclasses.replace(config, dead_tokens=10_000_000)
+    return Trainer(config, mlp_map, mean_x, scale_x, mean_y, scale_y,
+                   init=None if init is None else (init[0], init[1]), total_steps=n_steps)
+
+
+def train_rows(trainer, X: np.ndarray, bar=None, offset: int = 0) -> int:
+    """One optimiser step per ``batch_size`` rows of X, in order (no shuffling: a stream or the
+    caller mixes the data).  Returns the number of steps.  ``offset`` numbers the rows in error
+    messages."""
+    import torch
+
+    from ._backend.train import _Rows, show_step
+
+    config = trainer.config
+    rows = _Rows(X, trainer.device, config.dtype)
+    steps = 0
+    for start in range(0, rows.n, config.batch_size):
+        index = torch.arange(start, min(rows.n, start + config.batch_size), device="cpu")
+        values = trainer.step(rows.take(index), index + offset)
+        show_step(bar, trainer, values, len(index))
+        steps += 1
+    return steps

@@ -1,0 +1,31 @@
+"""Hugging Face ``transformers`` models: exact MLP modules and activation harvesting.
+
+Point a JSAE at one MLP sublayer of a model you loaded yourself::
+
+    from sklearn_jsae import JacobianSparseAutoencoder
+    from sklearn_jsae.hf import harvest, mlp_of
+
+    mlp = mlp_of(model, layer=3)                 # frozen torch module, MLP input -> MLP output
+    X, Y = harvest(model, 3, texts, tokenizer=tok, n_tokens=200_000)
+    jsae = JacobianSparseAutoencoder(mlp=mlp, k=32).fit(X)
+
+:func:`mlp_of` copies the layer's weights into an :class:`~sklearn_jsae.mlp.ElementwiseMLP`
+or :class:`~sklearn_jsae.mlp.GatedMLP`, whose Jacobian has a closed form, and checks
+numerically that it reproduces the Hugging Face module.  :func:`harvest` runs the
+model under ``torch.no_grad`` in eval mode and captures, with forward hooks, the MLP
+input (after the block's normalisation) and the MLP output (before any dropout,
+residual addition or output normalisation) of every non-padding token.  Nothing here
+downloads anything: every function takes a model object.
+
+Supported architectures (:data:`SUPPORTED_ARCHITECTURES`): GPT-2, GPT-J, GPT-NeoX /
+Pythia, Phi, LLaMA-style gated MLPs (Llama, Mistral, Qwen2/3, Gemma, SmolLM2, ...) and
+BERT-style encoders (BERT, RoBERTa, MiniLM, ...).  For anything else pass a torch
+callable ``(n, d_in) -> (n, d_out)`` as ``JacobianSparseAutoencoder(mlp=...)``: its
+Jacobian is then computed exactly by autograd (slower).
+"""
+
+from ._adapters import SUPPORTED_ARCHITECTURES, mlp_hook_points, mlp_module, mlp_of
+from ._harvest import harvest
+from ._stream import ActivationStream
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "ActivationStream", "harvest", "mlp_hook_points", "mlp_module", "mlp_of"]

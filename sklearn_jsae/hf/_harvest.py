@@ -1,0 +1,402 @@
+"""Activation harvesting: run a model on real tokens and capture one MLP's inputs and outputs
+(:func:`harvest`), in memory or streamed to ``.npy`` files larger than memory."""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ._adapters import _eval_mode, _layout, _unwrap
+
+__all__ = ["harvest"]
+
+
+# ---------------------------------------------------------------------------------------- harvest
+
+
+class _HarvestStop(Exception):
+    """Raised by the output hook once the layer's MLP has run: later layers are skipped."""
+
+
+_HEADER_BYTES = 128  # fixed .npy v1.0 header size, so the shape can be written at the end
+
+
+class _NpyWriter:
+    """Append rows of a fixed width and dtype to a ``.npy`` file; the header is written on close."""
+
+    def __init__(self, path: Path, dtype: np.dtype):
+        self.path, self.dtype = path, np.dtype(dtype)
+        self.rows, self.width = 0, None
+        self.file = open(path, "wb")
+        self.file.write(b"\0" * _HEADER_BYTES)
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        self.width = rows.shape[1:] if self.width is None else self.width
+        self.file.write(rows.tobytes())
+        self.rows += rows.shape[0]
+
+    def close(self) -> None:
+        shape = (self.rows, *(self.width or ()))
+        header = repr(
+            {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
+        )
+        prefix = b"\x93NUMPY\x01\x00"
+        body_len = _HEADER_BYTES - len(prefix) - 2
+        header = header.encode("latin1").ljust(body_len - 1) + b"\n"
+        if len(header) != body_len:  # never for 1-D / 2-D shapes below 10**30 rows
+            raise RuntimeError(f"npy header too long for {self.path}: {header!r}")
+        self.file.seek(0)
+        self.file.write(prefix + body_len.to_bytes(2, "little") + header)
+        self.file.close()
+
+
+class _MemorySink:
+    def __init__(self):
+        self.chunks = {"X": [], "Y": [], "token_ids": []}
+
+    def append(self, name, rows):
+        self.chunks[name].append(rows)
+
+    def result(self, dtype):
+        out = {}
+        for name, chunks in self.chunks.items():
+            out[name] = np.concatenate(chunks) if chunks else None
+        return out
+
+    def abort(self):
+        pass
+
+
+class _FileSink:
+    def __init__(self, folder: Path, dtype):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.writers = {
+            "X": _NpyWriter(folder / "X.npy", dtype),
+            "Y": _NpyWriter(folder / "Y.npy", dtype),
+            "token_ids": _NpyWriter(folder / "token_ids.npy", np.int32),
+        }
+
+    def append(self, name, rows):
+        self.writers[name].append(rows)
+
+    def result(self, dtype):
+        for writer in self.writers.values():
+            writer.close()
+        return {name: np.load(w.path, mmap_mode="r") for name, w in self.writers.items()}
+
+    def abort(self):
+        for writer in self.writers.values():
+            writer.file.close()
+            with contextlib.suppress(OSError):
+                os.remove(writer.path)
+
+
+def _check_positive_int(value, name, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        none = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be a positive int{none}, got {value!r}.")
+    return int(value)
+
+
+def _special_ids(model, tokenizer) -> set[int]:
+    if tokenizer is not None:
+        return {int(i) for i in tokenizer.all_special_ids}
+    config = getattr(_unwrap(model), "config", None)
+    names = ("bos_token_id", "eos_token_id", "pad_token_id", "cls_token_id", "sep_token_id")
+    ids = set()
+    for name in names:
+        value = getattr(config, name, None)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, numbers.Integral):
+                ids.add(int(v))
+    return ids
+
+
+def _pad(sequences, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad a list of token-id lists: ids and mask, both (n_seq, max_len) int64."""
+    length = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), max(length, 1)), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    return ids, mask
+
+
+def _text_batches(texts, tokenizer, batch_size, max_length):
+    if isinstance(texts, str):
+        texts = [texts]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch = []
+
+    def encode(batch):
+        kwargs = {"truncation": True, "max_length": max_length} if max_length is not None else {}
+        encoded = tokenizer(list(batch), **kwargs)["input_ids"]
+        return _pad(encoded, pad_id)
+
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(
+                f"texts must be strings; got an item of type {type(text).__name__}: {text!r:.60}."
+            )
+        batch.append(text)
+        if len(batch) == batch_size:
+            yield encode(batch)
+            batch = []
+    if batch:
+        yield encode(batch)
+
+
+def _id_batches(input_ids, attention_mask, batch_size):
+    if isinstance(input_ids, (torch.Tensor, np.ndarray)):
+        ids = input_ids if input_ids.ndim == 2 else input_ids.reshape(1, -1)
+        if attention_mask is not None:
+            if not isinstance(attention_mask, (torch.Tensor, np.ndarray)):
+                attention_mask = np.asarray(attention_mask)
+            attention_mask = attention_mask if attention_mask.ndim == 2 else attention_mask.reshape(1, -1)
+            if tuple(attention_mask.shape) != tuple(ids.shape):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
+                    f"{tuple(ids.shape)}; pass a mask of the same shape (1 = real token, 0 = padding)."
+                )
+
+        def rows(array, start):
+            block = array[start : start + batch_size]
+            block = block if isinstance(block, torch.Tensor) else torch.as_tensor(np.asarray(block))
+            return block.to(device="cpu", dtype=torch.long)
+
+        for start in range(0, ids.shape[0], batch_size):
+            chunk = rows(ids, start)
+            yield chunk, torch.ones_like(chunk) if attention_mask is None else rows(attention_mask, start)
+        return
+    # a list of (possibly ragged) token-id sequences
+    if attention_mask is not None:
+        raise ValueError(
+            "attention_mask is only accepted with a 2-D input_ids array or tensor; for a list of "
+            "sequences of different lengths leave attention_mask=None (padding is added internally)."
+        )
+    sequences = list(input_ids)
+    for start in range(0, len(sequences), batch_size):
+        yield _pad(sequences[start : start + batch_size], 0)
+
+
+def _progress_bar(progress, total):
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional
+        return None
+    return tqdm(total=total, unit="tok", desc="harvest")
+
+
+def harvest(
+    model,
+    layer,
+    texts=None,
+    *,
+    tokenizer=None,
+    input_ids=None,
+    attention_mask=None,
+    n_tokens=None,
+    batch_size=8,
+    max_length=128,
+    exclude_special_tokens=False,
+    out=None,
+    dtype=np.float32,
+    return_tokens=False,
+    progress=True,
+):
+    """Capture the inputs and outputs of block ``layer``'s MLP on real tokens.
+
+    The model runs in eval mode under ``torch.no_grad``; forward hooks on
+    :func:`mlp_hook_points` record the MLP input (after the block's normalisation) and
+    output (before dropout, residual and output normalisation) of every token whose
+    attention-mask entry is 1, in order (sequence by sequence, position by position).  The
+    forward pass stops right after the layer's MLP, so later layers cost nothing.  The
+    model's training flag is restored and the hooks removed afterwards, even on error.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A loaded model of a supported architecture (see :func:`mlp_of`); never downloaded here.
+    layer : int
+        0-based block index; negative values count from the end.
+    texts : iterable of str, optional
+        Raw texts, tokenised one batch at a time with ``tokenizer`` (each text becomes one
+        sequence, truncated to ``max_length`` tokens).  Exactly one of ``texts`` and
+        ``input_ids`` must be given.
+    tokenizer : transformers tokenizer, optional
+        Required with ``texts``.  Also used for ``exclude_special_tokens``.
+    input_ids : array-like of int, optional
+        Token ids: a 2-D array or tensor (n_seq, seq_len), or a list of sequences of any
+        lengths (padded internally).  Read one batch at a time, so a memmap works.
+    attention_mask : array-like of {0, 1}, optional
+        Same shape as a 2-D ``input_ids``; None means every token is real.
+    n_tokens : int, optional
+        Stop after this many captured tokens; None means all of them.  If the input runs
+        out first a ``UserWarning`` says how many were captured.
+    batch_size : int, default=8
+        Sequences per forward pass.
+    max_length : int or None, default=128
+        Truncation length for ``texts``; None keeps the tokenizer's own limit.
+    exclude_special_tokens : bool, default=False
+        Drop tokens whose id is special: ``tokenizer.all_special_ids`` if a tokenizer is
+        given, else the model config's BOS/EOS/PAD/CLS/SEP ids.
+    out : str or path-like, optional
+        A folder: stream ``X.npy``, ``Y.npy`` and ``token_ids.npy`` there (overwriting them)
+        and return read-only memmaps, so runs larger than memory work.  None keeps everything
+        in memory.
+    dtype : {numpy.float32, numpy.float16}, default=numpy.float32
+        Storage dtype of ``X`` and ``Y``.  float16 raises ``ValueError`` if a value overflows.
+    return_tokens : bool, default=False
+        Also return the token id of each row.
+    progress : bool, default=True
+        Show a tqdm progress bar (if tqdm is installed).
+
+    Returns
+    -------
+    X : ndarray or memmap of shape (n_captured, d_model)
+        MLP inputs, one row per token.
+    Y : ndarray or memmap of shape (n_captured, d_model)
+        MLP outputs for the same tokens, ``mlp_of(model, layer)(X) ≈ Y``.
+    token_ids : ndarray of shape (n_captured,), int32
+        Only if ``return_tokens``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from transformers import GPT2Config, GPT2Model
+    >>> from sklearn_jsae.hf import harvest, mlp_of
+    >>> torch.manual_seed(0) and None
+    >>> model = GPT2Model(GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32, vocab_size=50))
+    >>> ids = torch.randint(0, 50, (3, 10))
+    >>> X, Y = harvest(model, 1, input_ids=ids, n_tokens=25, progress=False)
+    >>> X.shape, Y.shape
+    ((25, 16), (25, 16))
+    >>> bool(abs(mlp_of(model, 1)(torch.as_tensor(X)).numpy() - Y).max() < 1e-5)
+    True
+    """
+    layout = _layout(model, layer)
+    if (texts is None) == (input_ids is None):
+        raise ValueError(
+            "pass exactly one of texts (with tokenizer) and input_ids; got "
+            + ("neither." if texts is None else "both.")
+        )
+    if texts is not None and tokenizer is None:
+        raise ValueError(
+            "texts were given without a tokenizer: pass tokenizer=AutoTokenizer.from_pretrained(...)."
+        )
+    n_tokens = _check_positive_int(n_tokens, "n_tokens", allow_none=True)
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    max_length = _check_positive_int(max_length, "max_length", allow_none=True)
+    store = np.dtype(dtype)
+    if store not in (np.dtype(np.float32), np.dtype(np.float16)):
+        raise ValueError(f"dtype must be numpy.float32 or numpy.float16, got {dtype!r}.")
+    special = None
+    if exclude_special_tokens:
+        special = _special_ids(model, tokenizer)
+        if not special:
+            raise ValueError(
+                "exclude_special_tokens=True, but no special token ids are known: pass the tokenizer "
+                "(its all_special_ids are used) or set them in model.config."
+            )
+        special = torch.tensor(sorted(special), dtype=torch.long)
+    batches = (
+        _text_batches(texts, tokenizer, batch_size, max_length)
+        if texts is not None
+        else _id_batches(input_ids, attention_mask, batch_size)
+    )
+
+    runner = _unwrap(model)
+    device = next(runner.parameters()).device
+    captured = {}
+
+    def grab_input(module, args, kwargs):
+        captured["x"] = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+
+    def grab_output(module, args, output):
+        captured["y"] = output[0] if isinstance(output, (tuple, list)) else output
+        raise _HarvestStop
+
+    sink = _FileSink(Path(out), store) if out is not None else _MemorySink()
+    bar = _progress_bar(progress, n_tokens)
+    handles = [
+        layout.input_module.register_forward_pre_hook(grab_input, with_kwargs=True),
+        layout.output_module.register_forward_hook(grab_output),
+    ]
+    written = 0
+    try:
+        with torch.no_grad(), _eval_mode(runner):
+            for ids, mask in batches:
+                if ids.numel() == 0:
+                    continue
+                captured.clear()
+                try:
+                    runner(input_ids=ids.to(device), attention_mask=mask.to(device))
+                except _HarvestStop:
+                    pass
+                if "y" not in captured or "x" not in captured:
+                    raise RuntimeError(
+                        f"the forward hooks on layer {layout.layer}'s MLP did not fire during "
+                        f"{type(runner).__name__}.forward; this model calls its MLP in an unexpected way."
+                    )
+                keep = mask.bool()
+                if special is not None:
+                    keep &= ~torch.isin(ids, special)
+                keep = keep.to(captured["x"].device)
+                x = captured["x"][keep].float().cpu().numpy()
+                y = captured["y"][keep].float().cpu().numpy()
+                tok = ids.to(keep.device)[keep].cpu().numpy().astype(np.int32)
+                if n_tokens is not None:
+                    x, y, tok = x[: n_tokens - written], y[: n_tokens - written], tok[: n_tokens - written]
+                with np.errstate(over="ignore"):  # float16 overflow is reported just below
+                    x_store, y_store = x.astype(store), y.astype(store)
+                if store == np.float16 and not (np.isfinite(x_store).all() and np.isfinite(y_store).all()):
+                    raise ValueError(
+                        f"MLP activations of layer {layout.layer} exceed the float16 range (max |x| "
+                        f"{np.abs(x).max():.3g}, max |y| {np.abs(y).max():.3g} > 65504): use dtype=np.float32."
+                    )
+                sink.append("X", x_store)
+                sink.append("Y", y_store)
+                sink.append("token_ids", tok)
+                written += len(x)
+                if bar is not None:
+                    bar.update(len(x))
+                if n_tokens is not None and written >= n_tokens:
+                    break
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        for handle in handles:
+            handle.remove()
+        if bar is not None:
+            bar.close()
+    if written == 0:
+        sink.abort()
+        raise ValueError(
+            "no tokens were captured: the input is empty, or every token is padding"
+            + (" or special (exclude_special_tokens=True)." if special is not None else ".")
+        )
+    if n_tokens is not None and written < n_tokens:
+        warnings.warn(
+            f"harvest captured {written} tokens, fewer than n_tokens={n_tokens}: the input ran out. "
+            f"Pass more texts / input_ids for more.",
+            UserWarning,
+            stacklevel=2,
+        )
+    result = sink.result(store)
+    if return_tokens:
+        return result["X"], result["Y"], result["token_ids"]
+    return result["X"], result["Y"]

@@ -1,0 +1,278 @@
+"""Activations streamed from a live model through a shuffle buffer (:class:`ActivationStream`).
+
+A JSAE at the paper's scale trains on hundreds of millions of tokens: storing their
+activations would take terabytes.  The stream runs the model a batch of sequences at a time,
+captures one MLP's inputs, and mixes them in a buffer of ``buffer_size`` rows before handing
+out batches, so that a training batch holds tokens of many sequences (consecutive tokens of one
+text are strongly correlated), as SAELens' mixing buffer does.
+
+Buffer: once full, every batch is ``batch_size`` rows drawn at random (without replacement)
+from the buffer, whose slots are then refilled with the next rows from the model.  A bigger
+buffer mixes better (a token waits ``buffer_size / batch_size`` batches on average, so tokens
+from ``buffer_size / tokens_per_sequence`` sequences are mixed) and costs
+``buffer_size · d_model · 4`` bytes (65,536 rows of 384 floats: 100 MB) and a longer start
+(the buffer fills before the first batch); throughput does not depend on it.
+
+Resumable: :meth:`ActivationStream.state_dict` is the position in the input (sequence batches
+consumed), the buffer, the rows captured but not yet buffered and the random generator's state;
+:meth:`~ActivationStream.load_state_dict` restores it, and iterating again continues exactly
+there (``JacobianSparseAutoencoder.fit_stream`` saves it in its checkpoints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+
+import numpy as np
+import torch
+
+from ._adapters import _eval_mode, _layout, _unwrap
+from ._harvest import _HarvestStop, _check_positive_int, _pad, _special_ids
+
+__all__ = ["ActivationStream"]
+
+
+def _lines(path):
+    """Non-empty lines of a UTF-8 text file, one text each, read lazily."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                yield line
+
+
+class ActivationStream:
+    """Batches of one MLP's inputs from a live model, mixed through a shuffle buffer.
+
+    Iterating yields float32 arrays of shape ``(batch_size, d_model)`` (the last may be
+    shorter) until the input runs out or ``n_tokens`` rows were produced.  Pass it to
+    ``JacobianSparseAutoencoder(...).fit_stream(stream)``; memory stays at the buffer plus one
+    batch of sequences, whatever ``n_tokens`` is.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A loaded model of a supported architecture (:func:`sklearn_jsae.hf.mlp_of`).  Runs in
+        eval mode under ``torch.no_grad`` on its own device; the forward pass stops right after
+        the layer's MLP.
+    layer : int
+        0-based block index (negative counts from the end).
+    texts : iterable of str or str path, optional
+        Texts (each one sequence, truncated to ``max_length`` tokens), or the path of a UTF-8
+        text file read lazily, one text per non-empty line.  Exactly one of ``texts`` and
+        ``input_ids`` is given.  An iterable must give the same texts in the same order when
+        iterated again (a list, or a file path) for a resumed stream to continue correctly.
+    tokenizer : transformers tokenizer, optional
+        Required with ``texts``.
+    input_ids : 2-D array-like of int, optional
+        Token ids (n_seq, seq_len), every token real; read one batch at a time (a memmap works).
+    n_tokens : int, optional
+        Stop after producing this many rows; None runs until the input ends.
+    batch_size : int, default=1024
+        Rows per yielded batch.
+    buffer_size : int, default=65536
+        Rows in the shuffle buffer (see the module docstring for the trade-off).
+    sequences_per_forward : int, default=8
+        Sequences per forward pass of the model.
+    max_length : int, default=128
+        Truncation length of ``texts``.
+    exclude_special_tokens : bool, default=True
+        Drop BOS/EOS/PAD/CLS/SEP tokens (their activations are outliers the SAEs should not
+        spend latents on).
+    seed : int, default=0
+        Seeds the buffer's draws.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from transformers import GPT2Config, GPT2Model
+    >>> from sklearn_jsae.hf import ActivationStream
+    >>> torch.manual_seed(0) and None
+    >>> model = GPT2Model(GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32, vocab_size=50))
+    >>> ids = torch.randint(0, 50, (40, 10))
+    >>> stream = ActivationStream(model, 1, input_ids=ids, batch_size=64, buffer_size=128)
+    >>> shapes = [batch.shape for batch in stream]
+    >>> shapes[0], sum(s[0] for s in shapes)
+    ((64, 16), 400)
+    """
+
+    def __init__(self, model, layer, texts=None, *, tokenizer=None, input_ids=None, n_tokens=None,
+                 batch_size=1024, buffer_size=65536, sequences_per_forward=8, max_length=128,
+                 exclude_special_tokens=True, seed=0):
+        if (texts is None) == (input_ids is None):
+            raise ValueError("pass exactly one of texts (with tokenizer) and input_ids; got "
+                             + ("neither." if texts is None else "both."))
+        if texts is not None and tokenizer is None:
+            raise ValueError("texts were given without a tokenizer: pass tokenizer=AutoTokenizer.from_pretrained(...).")
+        self.model, self.layer, self.tokenizer = model, layer, tokenizer
+        self.layout = _layout(model, layer)
+        self.texts, self.input_ids = texts, input_ids
+        if isinstance(texts, (str, os.PathLike)) and not os.path.isfile(texts):
+            raise ValueError(f"texts={os.fspath(texts)!r} is not a file; pass a text file's path or a list of str.")
+        self.n_tokens = _check_positive_int(n_tokens, "n_tokens", allow_none=True)
+        self.batch_size = _check_positive_int(batch_size, "batch_size")
+        self.buffer_size = _check_positive_int(buffer_size, "buffer_size")
+        if self.buffer_size < self.batch_size:
+            raise ValueError(f"buffer_size={buffer_size} must be >= batch_size={batch_size}: each batch is "
+                             f"drawn from the buffer. Raise buffer_size or lower batch_size.")
+        self.sequences_per_forward = _check_positive_int(sequences_per_forward, "sequences_per_forward")
+        self.max_length = _check_positive_int(max_length, "max_length")
+        self.special = None
+        if exclude_special_tokens:
+            special = _special_ids(model, tokenizer)
+            self.special = torch.tensor(sorted(special), dtype=torch.long) if special else None
+        self.seed = int(seed)
+        self.d = None
+        self._reset()
+
+    def _reset(self):
+        self.groups_done = 0  # sequence batches run through the model
+        self.produced = 0  # rows yielded
+        self.source_done = False
+        self.buffer = None  # (buffer_size, d) once the width is known
+        self.filled = 0
+        self.waiting = np.zeros((0, 0), dtype=np.float32)  # captured rows not yet in the buffer
+        self.rng = np.random.default_rng(self.seed)
+
+    # ---- the input ------------------------------------------------------------------
+    def _groups(self):
+        """Sequence batches ``(ids, mask)`` from the input, starting after ``groups_done``."""
+        if self.input_ids is not None:
+            ids = self.input_ids
+            ids = ids if ids.ndim == 2 else ids.reshape(1, -1)
+            n = self.sequences_per_forward
+            for start in range(self.groups_done * n, ids.shape[0], n):
+                block = ids[start : start + n]
+                block = torch.as_tensor(np.asarray(block)).to(device="cpu", dtype=torch.long)
+                yield block, torch.ones_like(block)
+            return
+        texts = _lines(self.texts) if isinstance(self.texts, (str, os.PathLike)) else iter(self.texts)
+        groups = iter(lambda: list(itertools.islice(texts, self.sequences_per_forward)), [])
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        for group in itertools.islice(groups, self.groups_done, None):  # skipped groups: never tokenised
+            for text in group:
+                if not isinstance(text, str):
+                    raise TypeError(f"texts must be strings; got {type(text).__name__}: {text!r:.60}.")
+            encoded = self.tokenizer(group, truncation=True, max_length=self.max_length)["input_ids"]
+            yield _pad(encoded, pad_id)
+
+    @torch.no_grad()
+    def _capture(self, ids, mask) -> np.ndarray:
+        """The MLP inputs of the real (and, if asked, non-special) tokens of one sequence batch."""
+        runner = _unwrap(self.model)
+        device = next(runner.parameters()).device
+        captured = {}
+
+        def grab_input(module, args, kwargs):
+            captured["x"] = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+
+        def stop(module, args, output):
+            raise _HarvestStop
+
+        handles = [self.layout.input_module.register_forward_pre_hook(grab_input, with_kwargs=True),
+                   self.layout.output_module.register_forward_hook(stop)]
+        try:
+            with _eval_mode(runner):
+                try:
+                    runner(input_ids=ids.to(device), attention_mask=mask.to(device))
+                except _HarvestStop:
+                    pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        if "x" not in captured:
+            raise RuntimeError(f"the forward hook on layer {self.layout.layer}'s MLP did not fire; this model "
+                               f"calls its MLP in an unexpected way.")
+        keep = mask.bool()
+        if self.special is not None:
+            keep &= ~torch.isin(ids, self.special)
+        return captured["x"][keep.to(captured["x"].device)].float().cpu().numpy()
+
+    def _pull(self, source) -> bool:
+        """Run one more sequence batch into ``waiting``; False when the input is exhausted."""
+        for ids, mask in source:
+            self.groups_done += 1
+            if ids.numel() == 0:
+                continue
+            rows = self._capture(ids, mask)
+            if self.d is None:
+                self.d = rows.shape[1]
+                self.waiting = np.zeros((0, self.d), dtype=np.float32)
+                self.buffer = np.zeros((self.buffer_size, self.d), dtype=np.float32)
+            self.waiting = np.concatenate([self.waiting, rows]) if len(self.waiting) else rows
+            return True
+        self.source_done = True
+        return False
+
+    # ---- iteration ------------------------------------------------------------------
+    def __iter__(self):
+        source = self._groups()
+        while self.n_tokens is None or self.produced < self.n_tokens:
+            # Fill the buffer; then hold a batch's worth of new rows to refill the drawn slots.
+            while not self.source_done and (self.buffer is None or self.filled < self.buffer_size):
+                if not len(self.waiting):
+                    self._pull(source)
+                    continue
+                take = min(self.buffer_size - self.filled, len(self.waiting))
+                self.buffer[self.filled : self.filled + take] = self.waiting[:take]
+                self.filled += take
+                self.waiting = self.waiting[take:]
+            while not self.source_done and len(self.waiting) < self.batch_size:
+                self._pull(source)
+            if self.filled == 0:
+                return
+            size = min(self.batch_size, self.filled)
+            size = size if self.n_tokens is None else min(size, self.n_tokens - self.produced)
+            slots = np.sort(self.rng.choice(self.filled, size=size, replace=False))
+            batch = self.buffer[slots].copy()
+            refill = min(size, len(self.waiting))
+            self.buffer[slots[:refill]] = self.waiting[:refill]
+            self.waiting = self.waiting[refill:]
+            holes = slots[refill:]
+            if len(holes):  # the input has run out: close the holes with the buffer's last rows
+                self.filled -= len(holes)
+                movers = np.setdiff1d(np.arange(self.filled, self.filled + len(holes)), holes)
+                self.buffer[holes[holes < self.filled]] = self.buffer[movers]
+            self.produced += size
+            yield batch
+
+    # ---- resuming -------------------------------------------------------------------
+    def identity(self) -> str:
+        """What makes two streams the same (model, layer, input, settings), for checkpoints."""
+        config = getattr(_unwrap(self.model), "config", None)
+        source = (os.path.abspath(os.fspath(self.texts)) if isinstance(self.texts, (str, os.PathLike))
+                  else "ids" if self.input_ids is not None else "texts")
+        parts = [type(self.model).__name__, str(self.layer), source, str(self.buffer_size), str(self.batch_size),
+                 str(self.sequences_per_forward), str(self.max_length), str(self.seed),
+                 str(None if self.special is None else self.special.tolist()),
+                 str(getattr(config, "_name_or_path", "")), str(getattr(config, "hidden_size", ""))]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+    def state_dict(self) -> dict:
+        """The position: JSON-able numbers and numpy arrays (buffer, waiting rows)."""
+        d = self.d or 0
+        return dict(groups_done=self.groups_done, produced=self.produced, source_done=self.source_done,
+                    filled=self.filled, d=d, rng=_json_rng(self.rng.bit_generator.state),
+                    buffer=(self.buffer[: self.filled].copy() if self.buffer is not None
+                            else np.zeros((0, d), dtype=np.float32)),
+                    waiting=np.asarray(self.waiting, dtype=np.float32).reshape(-1, d))
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s position at the next iteration."""
+        self._reset()
+        self.groups_done, self.produced = int(state["groups_done"]), int(state["produced"])
+        self.source_done, self.filled = bool(state["source_done"]), int(state["filled"])
+        self.d = int(state["d"]) or None
+        if self.d is not None:
+            self.buffer = np.zeros((self.buffer_size, self.d), dtype=np.float32)
+            self.buffer[: self.filled] = state["buffer"]
+            self.waiting = np.array(state["waiting"], dtype=np.float32).reshape(-1, self.d)
+        self.rng.bit_generator.state = _json_rng(state["rng"])
+
+
+def _json_rng(state: dict) -> dict:
+    """numpy's PCG64 state as plain ints (JSON-able both ways)."""
+    return {key: (_json_rng(value) if isinstance(value, dict) else int(value) if isinstance(value, np.integer)
+                  else value) for key, value in state.items()}

@@ -1,0 +1,492 @@
+"""Share SAEs with SAELens and sparsify: export to their folders, import theirs.
+
+Both libraries store one TopK SAE as a folder with a ``cfg.json`` and a safetensors file.  The
+functions here write and read those folders directly (neither package is needed to export or
+import; the tests load every export with the packages' own loaders).
+
+How our ``s = ReLU(TopK_k((x - b_dec) W_enc^T + b_enc))``, ``x̂ = s W_dec + b_dec`` maps onto each
+format (the User Guide's "Saving, loading and sharing" page has the full table):
+
+* SAELens (``architecture="topk"``, ``cfg.json`` + ``sae_weights.safetensors``): ``W_enc`` is
+  (d_in, d_sae), our ``encoder_.T``; ``b_enc``, ``W_dec`` (d_sae, d_in) = ``components_`` and
+  ``b_dec`` as ours.  ``b_dec`` is subtracted before encoding when ``apply_b_dec_to_input`` (written
+  True); TopK then ReLU, as here; ``rescale_acts_by_decoder_norm`` written False.
+* sparsify (``cfg.json`` + ``sae.safetensors``): ``encoder.weight`` (n, d) = ``encoder_``,
+  ``encoder.bias``, ``W_dec`` (n, d) and ``b_dec``.  ``b_dec`` is subtracted before encoding unless
+  ``transcode`` (written False).  ReLU comes *before* TopK: the codes and reconstructions are the
+  same; only which zero-valued latents count as "selected" differs.  An SAE is named by its
+  folder (the hookpoint); the model and hookpoint we know go in the weights file's header.
+
+All our fitted weights are in raw activation units (the training scale ``scale_`` is folded in),
+so an exported SAE encodes the activations the model produces, with no normalisation.
+
+What an export drops
+--------------------
+The formats hold one SAE.  A :class:`~sklearn_jsae.JacobianSparseAutoencoder` is exported one
+side at a time (``side="input"``: the SAE on the MLP inputs; ``"output"``: on the MLP outputs);
+the pairing, the MLP, ``jacobian_``, the training history, the hyperparameters other than ``k``
+and the size, and ``feature_names_in_`` are not written.  Keep the JSAE itself with
+``jsae.save(path)`` (see :func:`sklearn_jsae.load`).
+
+Model and hook metadata
+-----------------------
+Pass ``model_name`` and ``hook_name`` (SAELens) / ``hookpoint`` (sparsify) when you know them
+(for TransformerLens models, SAELens' default, the MLP input is usually
+``blocks.{layer}.ln2.hook_normalized`` and its output ``blocks.{layer}.hook_mlp_out``).  A
+fitted estimator does not record which model it was trained on, so for SAEs trained on
+:func:`sklearn_jsae.hf.harvest` activations pass ``model=`` (the Hugging Face model) and
+``layer=``: the names are then filled in as Hugging Face module names, the form both packages
+hook (the module whose output is the MLP input, e.g. GPT-2's ``h.3.ln_2``, and the MLP module,
+``h.3.mlp``); for SAELens, prefixed to the ``*ForCausalLM`` model
+(``transformer.h.3.ln_2``) with ``model_class_name="AutoModelForCausalLM"``, and
+``model_name`` is ``model.name_or_path``.  Explicit arguments win over derived names.
+
+Importing
+---------
+:func:`from_saelens` and :func:`from_sparsify` return a fitted
+:class:`~sklearn_jsae.TopKSparseAutoencoder` whose ``transform`` / ``inverse_transform`` equal
+the package's ``encode`` / ``decode`` up to float32 rounding.  Conventions that differ from ours
+are folded into the weights exactly: SAELens' ``rescale_acts_by_decoder_norm`` (encoder rows and
+bias times the decoder norms, decoder rows divided by them) and ``apply_b_dec_to_input=False``
+(``b_enc + b_dec @ W_enc``).  Weights become float32 (float16 and bfloat16 exactly).  What
+cannot be represented is refused with :class:`~sklearn_jsae.exceptions.PersistenceError`:
+architectures other than TopK, SAELens activation normalisation other than ``"none"``,
+sparsify transcoders, skip connections and ``groupmax``.  The imported estimator has
+``history_ == []``, ``n_iter_ == 0``, ``dead_fraction_`` NaN and ``scale_`` None (a warm-start
+``fit`` measures it from the data; it also renormalises decoder rows to unit norm).
+
+Examples
+--------
+>>> import json, os, tempfile, numpy as np
+>>> from sklearn_jsae import TopKSparseAutoencoder
+>>> from sklearn_jsae.interop import from_saelens, to_saelens
+>>> X = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
+>>> sae = TopKSparseAutoencoder(n_components=16, k=4, max_iter=3, random_state=0).fit(X)
+>>> folder = to_saelens(sae, os.path.join(tempfile.mkdtemp(), "sae"), model_name="gpt2",
+...                     hook_name="blocks.3.ln2.hook_normalized")
+>>> sorted(os.listdir(folder))
+['cfg.json', 'sae_weights.safetensors']
+>>> json.load(open(os.path.join(folder, "cfg.json")))["metadata"]["hook_name"]
+'blocks.3.ln2.hook_normalized'
+>>> bool((from_saelens(folder).transform(X) != sae.transform(X)).nnz == 0)
+True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+
+import numpy as np
+
+from ._persistence import write_atomically
+from .exceptions import PersistenceError
+
+__all__ = ["from_saelens", "from_sparsify", "to_saelens", "to_sparsify"]
+
+CFG_FILENAME = "cfg.json"
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SPARSIFY_WEIGHTS = "sae.safetensors"
+# The cfg.json layout written: SAELens reads configs without a version >= 6.0 as its pre-6 layout.
+SAELENS_LAYOUT_VERSION = "6.0.0"
+_SIDES = ("input", "output")
+
+
+# ---------------------------------------------------------------------------- export
+def _chosen_sae(estimator, side):
+    """``(TopKSparseAutoencoder, side or None)`` for an export; errors name ``side``."""
+    from sklearn.utils.validation import check_is_fitted
+
+    from ._estimator import JacobianSparseAutoencoder
+    from ._topk import TopKSparseAutoencoder
+
+    if side is not None and side not in _SIDES:
+        raise ValueError(f"side={side!r} must be 'input', 'output' or None.")
+    if isinstance(estimator, JacobianSparseAutoencoder):
+        check_is_fitted(estimator)
+        if side is None:
+            raise ValueError(
+                "estimator is a JacobianSparseAutoencoder, a pair of SAEs, and these formats hold one "
+                "SAE per folder: pass side='input' (the SAE on the MLP inputs) or side='output' (on "
+                "the MLP outputs), one folder each."
+            )
+        return (estimator.input_sae_ if side == "input" else estimator.output_sae_), side
+    if isinstance(estimator, TopKSparseAutoencoder):
+        check_is_fitted(estimator)
+        return estimator, side
+    raise TypeError(
+        f"estimator must be a fitted TopKSparseAutoencoder or JacobianSparseAutoencoder, got "
+        f"{type(estimator).__name__}."
+    )
+
+
+def _hooks(model, layer, side):
+    """The :class:`~sklearn_jsae._hookpoints.MLPHookpoints` of ``model``/``layer``, or None."""
+    if model is None and layer is None:
+        return None
+    if model is None or layer is None:
+        raise ValueError(
+            f"pass both model= and layer= to fill the model and hook names (got model="
+            f"{type(model).__name__ if model is not None else None}, layer={layer!r})."
+        )
+    if side is None:
+        raise ValueError(
+            "model= and layer= name the MLP the SAE was trained on, but not which side: pass "
+            "side='input' for an SAE of the MLP inputs or side='output' for its outputs."
+        )
+    from ._hookpoints import mlp_hookpoints
+
+    hooks = mlp_hookpoints(model, layer)
+    if side == "input" and hooks.input is None:
+        raise ValueError(
+            f"no module of layer {layer} outputs exactly the MLP input of {type(model).__name__}, so "
+            f"there is no hook name for side='input'; pass it yourself (hook_name= or hookpoint=)."
+        )
+    return hooks
+
+
+def _check_folder(path) -> str:
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"path={path!r} is a file; these formats are folders: pass a folder path.")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _write(path, weights_name, tensors, cfg, header=None) -> str:
+    """Weights (with ``header`` as safetensors metadata) first, then cfg.json, each atomically."""
+    from safetensors.numpy import save_file
+
+    write_atomically(os.path.join(path, weights_name), lambda tmp: save_file(tensors, tmp, metadata=header))
+    text = json.dumps(cfg, indent=2)
+
+    def write_cfg(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    write_atomically(os.path.join(path, CFG_FILENAME), write_cfg)
+    return path
+
+
+def _provenance(side) -> dict:
+    from . import __version__
+
+    out = {"exported_by": f"sklearn-jsae {__version__}"}
+    if side is not None:
+        out["sklearn_jsae_side"] = side
+    return out
+
+
+def to_saelens(estimator, path, *, side=None, model=None, layer=None, model_name=None, hook_name=None,
+               metadata=None):
+    """Write one SAE as a SAELens ``topk`` folder (``cfg.json`` + ``sae_weights.safetensors``).
+
+    ``sae_lens.SAE.load_from_disk(path)`` then gives a ``TopKSAE`` whose ``encode`` /
+    ``decode`` equal this estimator's ``transform`` / ``inverse_transform`` (dense) up to
+    float32 rounding.
+
+    Parameters
+    ----------
+    estimator : TopKSparseAutoencoder or JacobianSparseAutoencoder
+        Fitted.  A JSAE is a pair of SAEs: choose one with ``side``.
+    path : str or os.PathLike
+        The folder to write (created; its two files are replaced).
+    side : {"input", "output"} or None, default=None
+        Which SAE of a JSAE; for a TopKSparseAutoencoder, only needed with ``model``/``layer``
+        (to say whether it was trained on the MLP's inputs or outputs).
+    model : transformers model, optional
+        With ``layer``: fill ``model_name``, ``hook_name`` and ``model_class_name`` from the
+        Hugging Face model the activations came from (see the module docstring).
+    layer : int, optional
+        The block index passed to :func:`sklearn_jsae.hf.harvest`.
+    model_name, hook_name : str, optional
+        ``metadata.model_name`` and ``metadata.hook_name``; override the derived ones.
+    metadata : dict, optional
+        More SAELens metadata (``context_size``, ``prepend_bos``, ``dataset_path``, ...),
+        merged last.
+
+    Returns
+    -------
+    path : str
+        The folder written.
+    """
+    sae, side = _chosen_sae(estimator, side)
+    hooks = _hooks(model, layer, side)
+    meta = {"sae_lens_version": SAELENS_LAYOUT_VERSION, "sae_lens_training_version": None,
+            "model_name": None, "hook_name": None, "hook_head_index": None}
+    if hooks is not None:
+        meta.update(model_name=hooks.model_name, hook_name=hooks.saelens(side),
+                    model_class_name="AutoModelForCausalLM")
+    if model_name is not None:
+        meta["model_name"] = str(model_name)
+    if hook_name is not None:
+        meta["hook_name"] = str(hook_name)
+    meta.update(_provenance(side))
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}.")
+        meta.update(metadata)
+    n, d = sae.components_.shape
+    cfg = {
+        "architecture": "topk", "d_in": int(d), "d_sae": int(n), "k": int(sae.k),
+        "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+        "normalize_activations": "none", "reshape_activations": "none",
+        "rescale_acts_by_decoder_norm": False, "metadata": meta,
+    }
+    tensors = {
+        "W_enc": np.ascontiguousarray(sae.encoder_.T, dtype=np.float32),
+        "b_enc": np.ascontiguousarray(sae.encoder_bias_, dtype=np.float32),
+        "W_dec": np.ascontiguousarray(sae.components_, dtype=np.float32),
+        "b_dec": np.ascontiguousarray(sae.decoder_bias_, dtype=np.float32),
+    }
+    return _write(_check_folder(path), SAELENS_WEIGHTS, tensors, cfg)
+
+
+def to_sparsify(estimator, path, *, side=None, model=None, layer=None, model_name=None, hookpoint=None):
+    """Write one SAE as a sparsify folder (``cfg.json`` + ``sae.safetensors``).
+
+    ``sparsify.SparseCoder.load_from_disk(path)`` then gives a ``SparseCoder`` whose
+    ``encode`` / ``decode`` equal this estimator's ``transform`` / ``inverse_transform`` up to
+    float32 rounding.  sparsify names an SAE by its folder: to build a run that
+    ``SparseCoder.load_many(run, local=True)`` reads, export each SAE to ``run/<hookpoint>``.
+    ``cfg.json`` holds sparsify's fields only (its loader warns about others); the model name,
+    hookpoint, side and exporting version go in the safetensors header of ``sae.safetensors``
+    (``safe_open(path, "np").metadata()``), which sparsify's loader ignores.
+
+    Parameters
+    ----------
+    estimator : TopKSparseAutoencoder or JacobianSparseAutoencoder
+        Fitted.  A JSAE is a pair of SAEs: choose one with ``side``.
+    path : str or os.PathLike
+        The folder to write (created; its two files are replaced).
+    side : {"input", "output"} or None, default=None
+        Which SAE of a JSAE; for a TopKSparseAutoencoder, only needed with ``model``/``layer``.
+    model : transformers model, optional
+        With ``layer``: record the model name and the hookpoint (the module name relative to
+        ``model.base_model`` whose output the SAE reads, as sparsify's trainer names them).
+    layer : int, optional
+        The block index passed to :func:`sklearn_jsae.hf.harvest`.
+    model_name, hookpoint : str, optional
+        Override the derived names.
+
+    Returns
+    -------
+    path : str
+        The folder written.
+    """
+    sae, side = _chosen_sae(estimator, side)
+    hooks = _hooks(model, layer, side)
+    n, d = sae.components_.shape
+    cfg = {"activation": "topk", "normalize_decoder": True, "num_latents": int(n), "k": int(sae.k),
+           "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": int(d)}
+    if n % d == 0:  # sparsify reads num_latents first; expansion_factor is informative only
+        cfg["expansion_factor"] = n // d
+    # sparsify's cfg.json has no place for them (and its loader warns about unknown keys): the
+    # model and hookpoint go in the weights file's safetensors header, which its loader ignores.
+    header = _provenance(side)
+    if hooks is not None:
+        header.update(model=hooks.model_name, hookpoint=hooks.sparsify(side))
+    if model_name is not None:
+        header["model"] = str(model_name)
+    if hookpoint is not None:
+        header["hookpoint"] = str(hookpoint)
+    tensors = {
+        "encoder.weight": np.ascontiguousarray(sae.encoder_, dtype=np.float32),
+        "encoder.bias": np.ascontiguousarray(sae.encoder_bias_, dtype=np.float32),
+        "W_dec": np.ascontiguousarray(sae.components_, dtype=np.float32),
+        "b_dec": np.ascontiguousarray(sae.decoder_bias_, dtype=np.float32),
+    }
+    header = {key: value for key, value in header.items() if value is not None}
+    return _write(_check_folder(path), SPARSIFY_WEIGHTS, tensors, cfg, header)
+
+
+# ---------------------------------------------------------------------------- import
+def _read_folder(path, weights_name, package):
+    """``(cfg dict, {name: float64 array})`` of a folder; PersistenceError on anything unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise PersistenceError(
+            f"{path!r} is not a folder; a {package} SAE is a folder with {CFG_FILENAME} and "
+            f"{weights_name}. (A file written by estimator.save loads with sklearn_jsae.load.)"
+        )
+    for name in (CFG_FILENAME, weights_name):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise PersistenceError(
+                f"{path!r} has no {name}: it is not a {package} SAE folder (expected {CFG_FILENAME} "
+                f"and {weights_name})."
+            )
+    try:
+        with open(os.path.join(path, CFG_FILENAME)) as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PersistenceError(f"{path!r}: {CFG_FILENAME} is not valid JSON ({exc}).") from exc
+    if not isinstance(cfg, dict):
+        raise PersistenceError(f"{path!r}: {CFG_FILENAME} is not a JSON object.")
+    try:
+        # framework="pt" reads bfloat16 too; torch is a dependency of the package anyway.
+        with safe_open(os.path.join(path, weights_name), framework="pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PersistenceError(
+            f"{path!r}: {weights_name} cannot be read ({type(exc).__name__}: {exc}); it is "
+            f"truncated, damaged or not a safetensors file."
+        ) from exc
+    arrays = {}
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise PersistenceError(f"{path!r}: tensor {name!r} has dtype {t.dtype}, not a float type.")
+        arrays[name] = t.double().numpy()
+    return cfg, arrays
+
+
+def _cfg_int(cfg, key, path, package):
+    value = cfg.get(key)
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise PersistenceError(f"{path!r}: {package} {CFG_FILENAME} has {key}={value!r}; expected a "
+                               f"positive integer.")
+    return int(value)
+
+
+def _tensor(arrays, name, shape, path):
+    if name not in arrays:
+        raise PersistenceError(f"{path!r}: the weights have no tensor {name!r} (found {sorted(arrays)}).")
+    a = arrays[name]
+    if a.shape != shape:
+        raise PersistenceError(f"{path!r}: tensor {name!r} has shape {a.shape}, but {CFG_FILENAME} "
+                               f"implies {shape}.")
+    return a
+
+
+def _as_estimator(W_enc_rows, b_enc, W_dec, b_dec, k, path):
+    """A fitted TopKSparseAutoencoder from float64 weights in our convention."""
+    from ._topk import TopKSparseAutoencoder
+
+    n, d = W_dec.shape
+    if k > n:
+        raise PersistenceError(f"{path!r}: k={k} exceeds the {n} latents.")
+    arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in (W_enc_rows, b_enc, W_dec, b_dec)]
+    if not all(np.isfinite(a).all() for a in arrays):
+        raise PersistenceError(f"{path!r}: the weights contain NaN or inf (or overflow float32).")
+    sae = TopKSparseAutoencoder(n_components=n, k=k)
+    sae.encoder_, sae.encoder_bias_, sae.components_, sae.decoder_bias_ = arrays
+    sae.scale_ = None  # unknown: a warm-start fit measures it from the data
+    sae.history_, sae.n_iter_, sae.dead_fraction_ = [], 0, math.nan
+    sae.device_, sae.n_features_in_ = "cpu", d
+    return sae
+
+
+def from_saelens(path):
+    """Load a SAELens ``topk`` SAE folder as a fitted TopKSparseAutoencoder.
+
+    Reads the folder ``SAE.save_model`` / ``TrainingSAE.save_inference_model`` write
+    (``cfg.json`` + ``sae_weights.safetensors``), and the pre-6.0 layout with
+    ``activation_fn="topk"``.  ``rescale_acts_by_decoder_norm`` and
+    ``apply_b_dec_to_input=False`` are folded into the weights (module docstring).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The SAE's folder.
+
+    Returns
+    -------
+    sae : TopKSparseAutoencoder
+        ``transform(X)`` equals ``sae_lens_sae.encode(X)`` and ``inverse_transform(S)`` equals
+        ``decode(S)`` up to float32 rounding.
+
+    Raises
+    ------
+    PersistenceError
+        For a folder that is not a readable SAELens TopK SAE, or whose settings have no
+        equivalent here.
+    """
+    cfg, arrays = _read_folder(path, SAELENS_WEIGHTS, "SAELens")
+    path = os.fspath(path)
+    architecture = cfg.get("architecture")
+    legacy_topk = architecture is None and "topk" in (cfg.get("activation_fn"), cfg.get("activation_fn_str"))
+    if architecture != "topk" and not legacy_topk:
+        raise PersistenceError(
+            f"{path!r} is a SAELens {architecture or cfg.get('activation_fn') or 'standard'!r} SAE; only "
+            f"'topk' SAEs have an equivalent TopKSparseAutoencoder."
+        )
+    if "k" not in cfg and isinstance(cfg.get("activation_fn_kwargs"), dict):
+        cfg = {**cfg, "k": cfg["activation_fn_kwargs"].get("k")}
+    d, n, k = (_cfg_int(cfg, key, path, "SAELens") for key in ("d_in", "d_sae", "k"))
+    normalize = cfg.get("normalize_activations") or "none"
+    if normalize != "none":
+        hint = {
+            "expected_average_only_in": "fold the scaling factor first "
+                                        "(sae.fold_activation_norm_scaling_factor(factor)) and save again",
+            "covariance_whitening": "fold it first (sae.fold_activation_whitening(...)) and save again",
+        }.get(normalize, "a per-row normalisation has no equivalent in a TopKSparseAutoencoder")
+        raise PersistenceError(f"{path!r} has normalize_activations={normalize!r}: {hint}.")
+    if cfg.get("finetuning_scaling_factor"):
+        raise PersistenceError(f"{path!r} has a finetuning scaling factor, which has no equivalent here.")
+    W_enc = _tensor(arrays, "W_enc", (d, n), path)
+    b_enc = _tensor(arrays, "b_enc", (n,), path)
+    W_dec = _tensor(arrays, "W_dec", (n, d), path)
+    b_dec = _tensor(arrays, "b_dec", (d,), path)
+    extra = sorted(set(arrays) - {"W_enc", "b_enc", "W_dec", "b_dec"})
+    if extra:
+        raise PersistenceError(f"{path!r} has tensors a TopK SAE does not use: {extra}.")
+    if not cfg.get("apply_b_dec_to_input", True):
+        # x @ W_enc + b_enc == (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
+        b_enc = b_enc + b_dec @ W_enc
+    if cfg.get("rescale_acts_by_decoder_norm", False):
+        # SAELens scales the pre-activations by ||W_dec[i]|| and divides them back before decoding.
+        norms = np.linalg.norm(W_dec, axis=1)
+        W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / np.maximum(norms, 1e-30)[:, None]
+    return _as_estimator(W_enc.T, b_enc, W_dec, b_dec, k, path)
+
+
+def from_sparsify(path):
+    """Load a sparsify SAE folder (``cfg.json`` + ``sae.safetensors``) as a fitted TopKSparseAutoencoder.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The SAE's folder (one hookpoint of a sparsify run, e.g. ``run/layers.3.mlp``).
+
+    Returns
+    -------
+    sae : TopKSparseAutoencoder
+        ``transform(X)`` equals ``SparseCoder.encode(X)`` (scattered into dense codes) and
+        ``inverse_transform`` equals ``decode`` up to float32 rounding.
+
+    Raises
+    ------
+    PersistenceError
+        For a folder that is not a readable sparsify TopK SAE (transcoders, skip connections
+        and ``groupmax`` activations have no equivalent here).
+    """
+    cfg, arrays = _read_folder(path, SPARSIFY_WEIGHTS, "sparsify")
+    path = os.fspath(path)
+    activation = cfg.get("activation", "topk")
+    if activation != "topk":
+        raise PersistenceError(
+            f"{path!r} uses activation={activation!r}; only 'topk' has an equivalent here."
+        )
+    if cfg.get("transcode", False):
+        raise PersistenceError(
+            f"{path!r} is a transcoder (transcode=true): it predicts a module's output from its input "
+            f"and does not subtract b_dec from its input, so it is not an autoencoder."
+        )
+    if cfg.get("skip_connection", False) or "W_skip" in arrays:
+        raise PersistenceError(f"{path!r} has a skip connection (W_skip), which has no equivalent here.")
+    if cfg.get("signed", False):
+        raise PersistenceError(f"{path!r} has signed=true (signed activations); only ReLU TopK is supported.")
+    d, k = _cfg_int(cfg, "d_in", path, "sparsify"), _cfg_int(cfg, "k", path, "sparsify")
+    n = cfg.get("num_latents") or d * _cfg_int(cfg, "expansion_factor", path, "sparsify")
+    n = _cfg_int({"num_latents": n}, "num_latents", path, "sparsify")
+    W_enc = _tensor(arrays, "encoder.weight", (n, d), path)
+    b_enc = _tensor(arrays, "encoder.bias", (n,), path)
+    W_dec = _tensor(arrays, "W_dec", (n, d), path)
+    b_dec = _tensor(arrays, "b_dec", (d,), path)
+    extra = sorted(set(arrays) - {"encoder.weight", "encoder.bias", "W_dec", "b_dec"})
+    if extra:
+        raise PersistenceError(f"{path!r} has tensors a TopK SAE does not use: {extra}.")
+    return _as_estimator(W_enc, b_enc, W_dec, b_dec, k, path)
