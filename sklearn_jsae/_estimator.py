@@ -305,7 +305,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         from ._incremental import make_checkpointer
 
         warm = self.warm_start and hasattr(self, "input_sae_")
-        X = _validate_X(self, X, reset=not warm)
+        X = _validate_X(self, X, reset=not warm, for_training=True)
         _validation.warn_if_few_steps(X.shape[0], self.batch_size, self.max_iter)
         if self.memory is not None:
             _cached_mlp_pass(self.memory)  # a bad cache folder fails before the MLP is even probed

@@ -54,16 +54,23 @@ _COMMON_CONSTRAINTS = {
 }
 
 
-def _validate_X(estimator, X, reset: bool):
+def _validate_X(estimator, X, reset: bool, for_training: bool = False):
+    """Validated X.  For training, a memmap (an activation store larger than memory) is not scanned
+    for NaN or inf here, which would map the whole file into memory: the training pass checks
+    it batch by batch and names the rows (``NonFiniteTrainingError``)."""
+    from ._backend.train import file_mapping
+
+    out_of_core = for_training and file_mapping(X) is not None
     X = validate_data(
         estimator,
         X,
         reset=reset,
         dtype=[np.float32, np.float64],
-        ensure_all_finite=True,
+        ensure_all_finite=not out_of_core,
         ensure_min_samples=1,
     )
-    check_float32_range(X)
+    if not out_of_core:
+        check_float32_range(X)
     return X
 
 
@@ -243,7 +250,7 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         from ._incremental import make_checkpointer
 
         warm = self.warm_start and hasattr(self, "components_")
-        X = _validate_X(self, X, reset=not warm)
+        X = _validate_X(self, X, reset=not warm, for_training=True)
         check_k(self.k, self.n_components)
         _validation.warn_if_few_steps(X.shape[0], self.batch_size, self.max_iter)
         config = self._train_config(_validation.resolve_device(self.device))

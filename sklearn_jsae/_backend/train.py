@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import mmap
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,16 +99,52 @@ class TrainResult:
     dead_fraction_output: float | None = None
 
 
+def file_mapping(X):
+    """The ``mmap`` behind a memory-mapped array or any view of one (``np.asarray`` of a memmap, as
+    scikit-learn's validation returns, is a plain ndarray whose base is the memmap), else None."""
+    obj = X
+    while obj is not None:
+        if isinstance(obj, mmap.mmap):
+            return obj
+        if isinstance(obj, np.memmap) and getattr(obj, "_mmap", None) is not None:
+            return obj._mmap
+        obj = getattr(obj, "base", None)
+    return None
+
+
+def release_pages(X) -> None:
+    """Drop the pages of a memory-mapped array from this process's resident memory.
+
+    Reading rows of a memmap maps their pages into the process, and they stay resident (counted
+    in its RSS) until unmapped or reclaimed; for a store larger than memory that is the whole
+    file.  ``madvise(MADV_DONTNEED)`` on the read-only mapping drops them (they are clean: the
+    next read faults them in from the page cache or the disk), so an out-of-core fit's resident
+    memory stays at a few batches.  A no-op for other arrays and platforms without madvise.
+    """
+    mapping = file_mapping(X)
+    if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # a closed mapping, or one the kernel refuses to advise
+            pass
+
+
 class _Rows:
-    """Minibatches of a (possibly memory-mapped) numpy array as tensors on ``device``."""
+    """Minibatches of a (possibly memory-mapped) numpy array as tensors on ``device``.
+
+    Arrays up to 1 GiB (not memmaps) are copied to the device once; memmaps and larger arrays are
+    read batch by batch, and a memmap's pages are released after each batch (:func:`release_pages`),
+    so memory does not grow with the array.
+    """
 
     def __init__(self, X: np.ndarray, device, dtype):
         self.n = X.shape[0]
         self.device, self.dtype = device, dtype
-        in_memory = not isinstance(X, np.memmap) and X.nbytes <= _IN_MEMORY_BYTES
+        in_memory = file_mapping(X) is None and X.nbytes <= _IN_MEMORY_BYTES
         # np.array copies, so read-only inputs (memmaps, frozen arrays) never alias a tensor.
         self.tensor = torch.from_numpy(np.array(X)).to(device=device, dtype=dtype) if in_memory else None
         self.X = X
+        release_pages(X)  # validation may have read it all
 
     def take(self, index: torch.Tensor) -> torch.Tensor:
         """The rows at ``index`` (B,), in that order."""
@@ -119,6 +156,7 @@ class _Rows:
         ascending = np.argsort(index, kind="stable")
         rows = np.empty((len(index),) + self.X.shape[1:], dtype=self.X.dtype)
         rows[ascending] = self.X[index[ascending]]
+        release_pages(self.X)
         return torch.as_tensor(rows).to(device=self.device, dtype=self.dtype)
 
     def batches(self, batch_size: int, order: torch.Tensor | None = None):

@@ -1,0 +1,246 @@
+"""Checkpoints: a fit killed at any moment and run again ends with the uninterrupted model.
+
+The kill test runs real subprocesses and sends SIGKILL at random moments, several times in a row,
+then lets the fit finish; the result must equal an uninterrupted fit bit for bit (CPU, same
+thread count).  Corrupted, foreign, version-mismatched and other-fit checkpoints are refused with
+a clear error; an interrupted write never damages the previous checkpoint.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
+from sklearn_jsae._backend import checkpoint as checkpoint_module
+from sklearn_jsae._backend import trainer as trainer_module
+from sklearn_jsae._backend.checkpoint import FILENAME, CheckpointError
+
+SETTINGS = dict(n_components=32, k=4, max_iter=3, batch_size=64, random_state=0, device="cpu", l1=0.5)
+
+
+@pytest.fixture(scope="module")
+def X():
+    rng = np.random.default_rng(0)
+    return (rng.exponential(size=(600, 30)) * (rng.random((600, 30)) < 0.1) @ rng.normal(size=(30, 10))
+            ).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(10, 40), torch.nn.GELU(), torch.nn.Linear(40, 10))
+
+
+def _model_arrays(est):
+    sides = (est.input_sae_, est.output_sae_) if hasattr(est, "input_sae_") else (est,)
+    arrays = {}
+    for i, side in enumerate(sides):
+        for name in ("components_", "encoder_", "encoder_bias_", "decoder_bias_"):
+            arrays[f"{i}{name}"] = getattr(side, name)
+    if hasattr(est, "jacobian_"):
+        arrays["jacobian"] = est.jacobian_.toarray()
+    return arrays
+
+
+def _history(est):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in est.history_]
+
+
+def _assert_same_model(a, b):
+    left, right = _model_arrays(a), _model_arrays(b)
+    for name in left:
+        np.testing.assert_array_equal(left[name], right[name], err_msg=name)
+    assert _history(a) == _history(b)
+
+
+class _Interrupt(BaseException):
+    pass
+
+
+def _interrupt_at(monkeypatch, steps):
+    """Make Trainer.step raise (like Ctrl-C) once at each optimiser step count in ``steps``."""
+    real = trainer_module.Trainer.step
+    pending = set(steps)
+
+    def step(self, *args, **kwargs):
+        if self.step_count in pending:
+            pending.discard(self.step_count)
+            raise _Interrupt(f"interrupted at step {self.step_count}")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", step)
+
+
+@pytest.mark.parametrize("make", [lambda mlp: JacobianSparseAutoencoder(mlp, **SETTINGS),
+                                  lambda mlp: TopKSparseAutoencoder(**{k: v for k, v in SETTINGS.items() if k != "l1"})],
+                         ids=["jsae", "topk"])
+def test_interrupted_fit_resumes_to_the_uninterrupted_model(X, mlp, tmp_path, monkeypatch, make):
+    expected = make(mlp).fit(X)
+    est = make(mlp).set_params(checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    _interrupt_at(monkeypatch, [3, 9, 24])  # mid-epoch, mid-epoch, just after an epoch boundary
+    for _ in range(3):
+        with pytest.raises(_Interrupt):
+            est.fit(X)
+        assert not hasattr(est, "history_")  # a failed fit leaves the estimator unfitted
+    est.fit(X)
+    _assert_same_model(est, expected)
+    # Running the finished fit again reads the final checkpoint and trains nothing more.
+    _assert_same_model(make(mlp).set_params(checkpoint_dir=str(tmp_path), checkpoint_every=2).fit(X), expected)
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np, torch
+    torch.set_num_threads(1)
+    from sklearn_jsae import JacobianSparseAutoencoder
+    rng = np.random.default_rng(0)
+    X = (rng.exponential(size=(6000, 30)) * (rng.random((6000, 30)) < 0.1) @ rng.normal(size=(30, 12))).astype(np.float32)
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(12, 48), torch.nn.GELU(), torch.nn.Linear(48, 12))
+    folder, out = sys.argv[1], sys.argv[2]
+    jsae = JacobianSparseAutoencoder(mlp, n_components=64, k=4, max_iter=4, batch_size=64, l1=0.5, device="cpu",
+                                     random_state=0, checkpoint_dir=None if folder == "-" else folder,
+                                     checkpoint_every=1)
+    jsae.fit(X)
+    np.savez(out, W_x=jsae.input_sae_.components_, E_x=jsae.input_sae_.encoder_,
+             W_y=jsae.output_sae_.components_, E_y=jsae.output_sae_.encoder_, b_y=jsae.output_sae_.decoder_bias_,
+             J=jsae.jacobian_.toarray(), loss=np.array([row["loss"] for row in jsae.history_]))
+""")
+
+
+def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_model(tmp_path):
+    script = tmp_path / "fit.py"
+    script.write_text(KILL_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def run(folder, out, chooser=None):
+        """Run the fit; with ``chooser``, SIGKILL it a random moment after it wrote a new checkpoint.
+        Returns whether it finished."""
+        checkpoint = folder / FILENAME if folder != "-" else None
+        before = checkpoint.stat().st_mtime_ns if checkpoint is not None and checkpoint.exists() else None
+        proc = subprocess.Popen([sys.executable, str(script), str(folder), str(out)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if chooser is None:
+            _, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err.decode()[-2000:]
+            return True
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if checkpoint.exists() and checkpoint.stat().st_mtime_ns != before:
+                time.sleep(chooser.uniform(0.0, 0.5))  # mid-step, mid-write or between two
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return False
+            time.sleep(0.01)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        return True
+
+    run("-", tmp_path / "expected.npz")
+    folder = tmp_path / "run"
+    chooser = random.Random(1234)
+    kills = 0
+    while kills < 4 and not run(folder, tmp_path / "got.npz", chooser):
+        kills += 1
+    assert kills >= 3, f"only {kills} kills landed before the fit finished; make the fit longer"
+    if kills == 4:
+        run(folder, tmp_path / "got.npz")
+    expected, got = np.load(tmp_path / "expected.npz"), np.load(tmp_path / "got.npz")
+    for name in expected.files:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def _checkpointed(X, mlp, folder, **kw):
+    return JacobianSparseAutoencoder(mlp, **{**SETTINGS, "checkpoint_dir": str(folder), "checkpoint_every": 2, **kw})
+
+
+def test_truncated_checkpoint_is_refused_and_nothing_is_loaded(X, mlp, tmp_path):
+    _checkpointed(X, mlp, tmp_path).fit(X)
+    path = tmp_path / FILENAME
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    est = _checkpointed(X, mlp, tmp_path)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint.*truncated"):
+        est.fit(X)
+    assert not hasattr(est, "input_sae_")
+
+
+def test_foreign_and_other_version_checkpoints_are_refused(X, mlp, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(3)}, str(tmp_path / FILENAME))
+    with pytest.raises(CheckpointError, match="not an sklearn_jsae checkpoint"):
+        _checkpointed(X, mlp, tmp_path).fit(X)
+    (tmp_path / FILENAME).write_text("not even safetensors")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        _checkpointed(X, mlp, tmp_path).fit(X)
+    (tmp_path / FILENAME).unlink()
+    _checkpointed(X, mlp, tmp_path).fit(X)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / FILENAME), framework="pt") as f:
+        metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    header = json.loads(metadata[checkpoint_module.FORMAT])
+    header["version"] = checkpoint_module.VERSION + 1
+    save_file(tensors, str(tmp_path / FILENAME), metadata={checkpoint_module.FORMAT: json.dumps(header)})
+    with pytest.raises(CheckpointError, match=f"format version {checkpoint_module.VERSION + 1}"):
+        _checkpointed(X, mlp, tmp_path).fit(X)
+
+
+def test_checkpoint_of_another_fit_is_refused(X, mlp, tmp_path):
+    _checkpointed(X, mlp, tmp_path).fit(X)
+    with pytest.raises(CheckpointError, match="different fit: it differs in settings"):
+        _checkpointed(X, mlp, tmp_path, l1=1.0).fit(X)
+    with pytest.raises(CheckpointError, match="differs in data"):
+        _checkpointed(X, mlp, tmp_path).fit(X[::-1].copy())
+    other = torch.nn.Sequential(torch.nn.Linear(10, 40), torch.nn.GELU(), torch.nn.Linear(40, 10))
+    with pytest.raises(CheckpointError, match="differs in mlp"):
+        _checkpointed(X, other, tmp_path).fit(X)
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_intact(X, mlp, tmp_path, monkeypatch):
+    """A kill during a write: the temporary file is half-written, the checkpoint untouched."""
+    from safetensors import torch as safetensors_torch
+
+    est = _checkpointed(X, mlp, tmp_path, max_iter=1)
+    est.fit(X)
+    before = (tmp_path / FILENAME).read_bytes()
+    real = safetensors_torch.save_file
+
+    def dies_half_way(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(100)
+        raise _Interrupt("killed while writing")
+
+    monkeypatch.setattr(safetensors_torch, "save_file", dies_half_way)
+    with pytest.raises(_Interrupt):
+        checkpoint_module.Checkpointer(tmp_path, 1, {}).save(_trainer_of(X), {"epoch": 0})
+    assert (tmp_path / FILENAME).read_bytes() == before
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def _trainer_of(X):
+    from sklearn_jsae._backend.train import TrainConfig
+    from sklearn_jsae._incremental import start_trainer
+
+    return start_trainer(TrainConfig(n_components=8, n_output_components=None, k=2), X, None)
+
+
+def test_checkpoint_is_safetensors_and_json_not_a_pickle(X, mlp, tmp_path):
+    _checkpointed(X, mlp, tmp_path, max_iter=1).fit(X)
+    raw = (tmp_path / FILENAME).read_bytes()
+    header_length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_length])
+    meta = json.loads(header["__metadata__"][checkpoint_module.FORMAT])
+    assert meta["format"] == checkpoint_module.FORMAT and meta["position"] == {"epoch": 1, "row": 0}
+    assert b"\x80\x04\x95" not in raw[: 8 + header_length]  # no pickle protocol-4 frame in the header
+    assert {"W_enc_x", "W_dec_y", "adam_m_0", "shuffling_rng"} <= set(header)

