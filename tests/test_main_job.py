@@ -1,0 +1,94 @@
+"""The main job (``python -m sklearn_jsae``, ``make run``): a JSAE against the traditional pair."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sklearn_jsae import _main_job
+from sklearn_jsae.__main__ import main
+
+SMALL = ["--n-samples", "256", "--n-test", "128", "--n-components", "32", "--k", "4", "--max-iter", "2",
+         "--batch-size", "64", "--threads", "1"]
+
+
+def _row(out, label):
+    """The numbers after ``label`` on the first table row that starts with it (JSAE, traditional)."""
+    line = next(line for line in out.splitlines() if line.strip().startswith(label))
+    return [float(value) for value in re.findall(r"\d+\.\d+", line.split(label, 1)[1])]
+
+
+def test_small_run_prints_both_models_side_by_side_and_saves_the_figure(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    figure = tmp_path / "out" / "comparison.png"
+    assert main([*SMALL, "--figure", str(figure)]) == 0
+    out = capsys.readouterr().out
+    assert "256 training tokens, 128 held-out tokens" in out
+    assert "JSAE (l1=0.5)" in out and "traditional (l1=0)" in out
+    densities = [_row(out, f"tau = {tau:g}") for tau in _main_job.THRESHOLDS]
+    assert all(len(row) == 2 and all(0 <= v <= 100 for v in row) for row in densities)
+    for column in (0, 1):  # a fraction above tau cannot grow with tau
+        values = [row[column] for row in densities]
+        assert values == sorted(values, reverse=True)
+    fvu = _row(out, "input SAE")
+    assert len(fvu) == 2 and all(0 <= v < 2 for v in fvu)
+    assert "The Jacobian penalty cuts the active entries with |J| > 0.01 from" in out
+    assert f"figure (|J| histograms and fractions above tau): {figure}" in out
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_two_models_differ_only_in_l1():
+    from sklearn_jsae.datasets import load_minilm_mlp
+
+    data = load_minilm_mlp()
+    train, test = _main_job._split(len(data.X), 64, 192, random_state=0)
+    assert len(train) == 192 and len(test) == 64 and not np.intersect1d(train, test).size
+    results = _main_job.compare(data.X[train], data.X[test], data.mlp, l1=0.7, random_state=3,
+                                n_components=16, k=4, max_iter=1, batch_size=64)
+    jsae, trad = (results[name]["model"].get_params() for name in ("jsae", "traditional"))
+    assert jsae.pop("l1") == 0.7 and trad.pop("l1") == 0.0
+    assert jsae == trad
+    for name in ("jsae", "traditional"):
+        assert set(results[name]["sparsity"]) == set(_main_job.THRESHOLDS)
+        assert np.isfinite(results[name]["fvu_input"]) and np.isfinite(results[name]["fvu_output"])
+
+
+def test_summary_reports_the_traditional_then_the_jsae_density():
+    results = {
+        "jsae": {"sparsity": {0.01: 0.25}, "fvu_input": 0.20, "fvu_output": 0.15},
+        "traditional": {"sparsity": {0.01: 0.75}, "fvu_input": 0.19, "fvu_output": 0.12},
+    }
+    text = _main_job.summary(results)
+    assert "from 75% (traditional) to 25% (JSAE)" in text
+    assert "+0.010 (input SAE) and +0.030 (output SAE)" in text
+
+
+def test_no_figure_when_asked(monkeypatch, capsys):
+    monkeypatch.setattr(_main_job, "save_figure", lambda *args, **kwargs: pytest.fail("a figure was saved"))
+    assert main([*SMALL, "--n-samples", "128", "--figure", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "The Jacobian penalty cuts" in out and "figure (" not in out
+
+
+def test_bad_option_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--n-samples", "0"])
+    assert exit_info.value.code == 2
+    assert "--n-samples: must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_default_figure_folder_cannot_shadow_the_package():
+    # A folder named sklearn_jsae in the temp folder would be imported instead of the package by
+    # any script run from there.
+    assert "sklearn_jsae" not in Path(_main_job.DEFAULT_FIGURE).parts
+
+
+def test_module_entry_point_dispatches_to_the_main_job():
+    result = subprocess.run([sys.executable, "-m", "sklearn_jsae", "--help"], capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "traditional SAE pair (l1=0)" in result.stdout
+    assert re.search(r"--n-samples N_SAMPLES", result.stdout)
