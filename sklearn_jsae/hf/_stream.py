@@ -133,6 +133,7 @@ class ActivationStream:
     def _reset(self):
         self.groups_done = 0  # sequence batches run through the model
         self.produced = 0  # rows yielded
+        self.captured = 0  # rows captured from the model
         self.source_done = False
         self.buffer = None  # (buffer_size, d) once the width is known
         self.filled = 0
@@ -195,12 +196,17 @@ class ActivationStream:
         return captured["x"][keep.to(captured["x"].device)].float().cpu().numpy()
 
     def _pull(self, source) -> bool:
-        """Run one more sequence batch into ``waiting``; False when the input is exhausted."""
+        """Run one more sequence batch into ``waiting``; False when the input is exhausted, or when
+        the rows captured already cover ``n_tokens`` (the model never runs for rows not needed)."""
+        if self.n_tokens is not None and self.captured >= self.n_tokens:
+            self.source_done = True
+            return False
         for ids, mask in source:
             self.groups_done += 1
             if ids.numel() == 0:
                 continue
             rows = self._capture(ids, mask)
+            self.captured += len(rows)
             if self.d is None:
                 self.d = rows.shape[1]
                 self.waiting = np.zeros((0, self.d), dtype=np.float32)
@@ -257,7 +263,8 @@ class ActivationStream:
     def state_dict(self) -> dict:
         """The position: JSON-able numbers and numpy arrays (buffer, waiting rows)."""
         d = self.d or 0
-        return dict(groups_done=self.groups_done, produced=self.produced, source_done=self.source_done,
+        return dict(groups_done=self.groups_done, produced=self.produced, captured=self.captured,
+                    source_done=self.source_done,
                     filled=self.filled, d=d, rng=_json_rng(self.rng.bit_generator.state),
                     buffer=(self.buffer[: self.filled].copy() if self.buffer is not None
                             else np.zeros((0, d), dtype=np.float32)),
@@ -267,6 +274,7 @@ class ActivationStream:
         """Continue from :meth:`state_dict`'s position at the next iteration."""
         self._reset()
         self.groups_done, self.produced = int(state["groups_done"]), int(state["produced"])
+        self.captured = int(state["captured"])
         self.source_done, self.filled = bool(state["source_done"]), int(state["filled"])
         self.d = int(state["d"]) or None
         if self.d is not None:
