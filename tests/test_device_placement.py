@@ -180,3 +180,41 @@ def test_the_harness_would_have_caught_the_old_initialisation():
         torch.randn(3, 4, generator=torch.Generator().manual_seed(0), device=VIRTUAL)
     with virtual_device(), pytest.raises(DevicePlacementError, match="cpu"):
         torch.eye(4) * torch.ones(4, 4).to(VIRTUAL)
+
+
+def test_checkpoint_resume_partial_fit_and_streams_on_another_device(X, tmp_path, monkeypatch):
+    """The long-run paths: a checkpointed fit interrupted and resumed, partial_fit and fit_stream,
+    all on the virtual device, equal to the same calls on the CPU."""
+    from sklearn_jsae._backend import trainer as trainer_module
+
+    mlp = _mlps()["gelu"]
+    settings = dict(SETTINGS, max_iter=3)
+
+    def run(device_patch):
+        if device_patch:
+            monkeypatch.setattr(_validation, "resolve_device", lambda device, for_inference=False: "meta")
+        folder = tmp_path / ("virtual" if device_patch else "cpu")
+        real = trainer_module.Trainer.step
+        fired = []
+
+        def step(self, *a, **kw):
+            if self.step_count == 4 and not fired:
+                fired.append(True)
+                raise KeyboardInterrupt
+            return real(self, *a, **kw)
+
+        monkeypatch.setattr(trainer_module.Trainer, "step", step)
+        with pytest.raises(KeyboardInterrupt):
+            JacobianSparseAutoencoder(mlp, checkpoint_dir=str(folder), checkpoint_every=1, **settings).fit(X)
+        resumed = JacobianSparseAutoencoder(mlp, checkpoint_dir=str(folder), checkpoint_every=1, **settings).fit(X)
+        partial = JacobianSparseAutoencoder(mlp, **settings).partial_fit(X[:80]).partial_fit(X[80:])
+        streamed = JacobianSparseAutoencoder(mlp, **settings).fit_stream(iter([X[:50], X[50:]]), n_statistics=60)
+        monkeypatch.undo()
+        return [est.output_sae_.encoder_ for est in (resumed, partial, streamed)] + [resumed.device_]
+
+    expected = run(False)
+    with virtual_device():
+        got = run(True)
+    assert got[-1] == "meta" and expected[-1] == "cpu"
+    for a, b in zip(got[:-1], expected[:-1]):
+        np.testing.assert_array_equal(a, b)

@@ -101,3 +101,34 @@ def test_cuda_fit_with_memory_caches_per_device(problem, tmp_path, mlp_pass_call
     assert abs(plain.score(X) - cached.score(X)) < 0.01
     JacobianSparseAutoencoder(device="cpu", memory=str(tmp_path), **settings).fit(X)
     assert mlp_pass_calls == ["cuda", "cpu"]
+
+
+def test_checkpointed_fit_partial_fit_and_stream_on_cuda(problem, tmp_path):
+    """The long-run paths on CUDA: an interrupted checkpointed fit resumes to the same model as an
+    uninterrupted CUDA fit (float32, mixed precision off), partial_fit and fit_stream run."""
+    from sklearn_jsae._backend import trainer as trainer_module
+
+    mlp, X = problem
+    settings = dict(mlp=mlp, n_components=64, k=4, max_iter=2, batch_size=256, random_state=0, device="cuda",
+                    mixed_precision=False)
+    expected = JacobianSparseAutoencoder(**settings).fit(X)
+    real = trainer_module.Trainer.step
+    fired = []
+
+    def step(self, *a, **kw):
+        if self.step_count == 5 and not fired:
+            fired.append(True)
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+
+    trainer_module.Trainer.step = step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            JacobianSparseAutoencoder(checkpoint_dir=str(tmp_path), checkpoint_every=1, **settings).fit(X)
+    finally:
+        trainer_module.Trainer.step = real
+    resumed = JacobianSparseAutoencoder(checkpoint_dir=str(tmp_path), checkpoint_every=1, **settings).fit(X)
+    np.testing.assert_allclose(resumed.output_sae_.encoder_, expected.output_sae_.encoder_, atol=1e-5)
+    partial = JacobianSparseAutoencoder(**settings).partial_fit(X[:1024]).partial_fit(X[1024:])
+    streamed = JacobianSparseAutoencoder(**settings).fit_stream(iter(np.array_split(X, 8)), n_statistics=512)
+    assert np.isfinite(partial.score(X)) and np.isfinite(streamed.score(X))
