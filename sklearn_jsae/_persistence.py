@@ -1,34 +1,9 @@
 """Saving and loading fitted estimators without pickle, and pickles that know their version.
 
-The file
---------
-``estimator.save(path)`` writes one `safetensors <https://huggingface.co/docs/safetensors>`_
-file.  Its tensors are the fitted arrays (float32 weights, the Jacobian's CSR arrays, the MLP's
-weights); its header's ``__metadata__`` holds, under the key ``"sklearn_jsae"``, one JSON
-document with everything else::
-
-    format, format_version      "sklearn-jsae", "1.0"
-    library_version             the sklearn-jsae version that wrote the file
-    estimator                   "TopKSparseAutoencoder" or "JacobianSparseAutoencoder"
-    params                      get_params() as JSON (random_state: an int, None or a
-                                RandomState's full state); ``mlp`` and ``memory`` left out
-    dropped_params              parameters that could not be written (repr), loaded as defaults
-    fitted                      n_features_in_, feature_names_in_, history_, n_iter_, device_
-                                (the training device), scale_ and dead_fraction_ (TopK),
-                                n_output_features_ (JSAE)
-    input_sae_, output_sae_     a JSAE's two SAEs, each {params, fitted} as above
-    mlp                         a JSAE's MLP: its kind, widths, activation, and each weight's
-                                dtype and memory layout (see ``_backend/mlp_io.py``)
-    jacobian_                   shape of a JSAE's mean |J| matrix
-    output_config               set_output(...) settings, when any
-    sha256                      digest of every tensor's name, dtype, shape and bytes
-
-``sklearn_jsae.load(path)`` reads the header without executing anything, checks the format, the
-version, the digest and every tensor's shape and dtype against the JSON, and only then builds
-the estimator, so a damaged or foreign file raises :class:`~sklearn_jsae.exceptions.
-PersistenceError` and nothing is half-loaded.  Writes go to a temporary file in the target's
-folder, flushed and renamed over the target (``os.replace`` is atomic), so a crash leaves the old
-file or the new one.
+``estimator.save(path)`` writes one safetensors file (tensors, plus a JSON description in its
+header; the format is described in :mod:`sklearn_jsae._model_file`) and
+:func:`sklearn_jsae.load` reads it back without executing anything.  Pickles, which
+scikit-learn and joblib still need, carry the library and format versions.
 
 Compatibility
 -------------
@@ -45,30 +20,13 @@ version; a change to the file layout that old readers cannot follow bumps the ma
 
 from __future__ import annotations
 
-import hashlib
-import json
-import numbers
 import os
 import tempfile
-import warnings
-
-import numpy as np
 
 from .exceptions import PersistenceError
 
-FORMAT = "sklearn-jsae"
 FORMAT_VERSION = "1.0"
-METADATA_KEY = "sklearn_jsae"
 _PICKLE_KEY = "_sklearn_jsae_pickle"
-_RANDOM_STATE_KEY = "numpy.random.RandomState"
-
-_SAE_ARRAYS = ("encoder_", "encoder_bias_", "components_", "decoder_bias_")
-# Parameters never written: the MLP is described on its own, and a cache folder belongs to one machine.
-_NOT_SAVED = ("mlp", "memory")
-
-
-class _Invalid(Exception):
-    """A fact about a file that makes it unloadable; :func:`load` adds the path."""
 
 
 # ---------------------------------------------------------------------------- the mixin
@@ -106,6 +64,8 @@ class PersistenceMixin:
         >>> bool((load(path).transform(X) != sae.transform(X)).nnz == 0)
         True
         """
+        from ._model_file import save
+
         return save(self, path)
 
     def __getstate__(self):
@@ -142,122 +102,6 @@ def check_pickle_stamp(name: str, stamp) -> None:
         )
 
 
-# ---------------------------------------------------------------------------- writing
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _encode_param(value):
-    """A JSON value for a parameter, or raise TypeError."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if isinstance(value, np.random.RandomState):
-        kind, keys, pos, has_gauss, cached = value.get_state()
-        return {_RANDOM_STATE_KEY: {"kind": kind, "keys": keys.tolist(), "pos": int(pos),
-                                    "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
-    raise TypeError(type(value).__name__)
-
-
-def _params_doc(estimator) -> tuple[dict, dict]:
-    """``(params, dropped)``: JSON-ready parameters and ``{name: repr}`` of those left out."""
-    params, dropped = {}, {}
-    for name, value in estimator.get_params(deep=False).items():
-        if name == "mlp":
-            continue
-        if name == "memory":
-            if value is not None:
-                dropped[name] = repr(value)[:200]
-            continue
-        try:
-            params[name] = _encode_param(value)
-        except TypeError:
-            dropped[name] = repr(value)[:200]
-            warnings.warn(
-                f"{type(estimator).__name__}.save: parameter {name}={value!r:.80} cannot be written "
-                f"to the file (not a number, string, bool, None or RandomState); the loaded model "
-                f"gets the default. Set it again after sklearn_jsae.load.", UserWarning, stacklevel=4,
-            )
-    return params, dropped
-
-
-def _fitted_common(estimator) -> dict:
-    doc = {"n_features_in_": int(estimator.n_features_in_), "history_": estimator.history_,
-           "n_iter_": int(estimator.n_iter_), "device_": estimator.device_}
-    if hasattr(estimator, "feature_names_in_"):
-        doc["feature_names_in_"] = [str(name) for name in estimator.feature_names_in_]
-    return doc
-
-
-def _sae_doc(sae, prefix: str, arrays: dict) -> dict:
-    params, dropped = _params_doc(sae)
-    fitted = _fitted_common(sae)
-    fitted["scale_"] = None if sae.scale_ is None else float(sae.scale_)
-    fitted["dead_fraction_"] = float(sae.dead_fraction_)
-    for name in _SAE_ARRAYS:
-        arrays[prefix + name] = np.ascontiguousarray(getattr(sae, name))
-    return {"params": params, "dropped_params": dropped, "fitted": fitted}
-
-
-def _digest(arrays: dict) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        digest.update(a.tobytes())
-    return digest.hexdigest()
-
-
-def document(estimator) -> tuple[dict, dict]:
-    """``(JSON document, arrays)`` describing a fitted estimator (the file's two halves)."""
-    from sklearn.utils.validation import check_is_fitted
-
-    from . import __version__
-    from ._estimator import JacobianSparseAutoencoder
-
-    check_is_fitted(estimator)
-    arrays: dict[str, np.ndarray] = {}
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
-           "estimator": type(estimator).__name__}
-    if isinstance(estimator, JacobianSparseAutoencoder):
-        from ._backend import mlp_io
-
-        params, dropped = _params_doc(estimator)
-        fitted = _fitted_common(estimator)
-        fitted["n_output_features_"] = int(estimator.n_output_features_)
-        doc.update(params=params, dropped_params=dropped, fitted=fitted,
-                   input_sae_=_sae_doc(estimator.input_sae_, "input_sae_.", arrays),
-                   output_sae_=_sae_doc(estimator.output_sae_, "output_sae_.", arrays))
-        spec, mlp_arrays = mlp_io.describe(estimator.mlp_, estimator._mlp_map)
-        doc["mlp"] = spec
-        arrays.update({f"mlp.{name}": a for name, a in mlp_arrays.items()})
-        probe = np.ascontiguousarray(estimator._probe_rows, dtype=np.float32)
-        arrays["_probe_rows"] = probe
-        if spec["module"] != "callable":
-            arrays["_mlp_probe_outputs"] = mlp_io.probe_outputs(estimator._mlp_map, probe)
-        J = estimator.jacobian_
-        doc["jacobian_"] = {"shape": [int(s) for s in J.shape]}
-        for part in ("data", "indices", "indptr"):
-            arrays[f"jacobian_.{part}"] = np.ascontiguousarray(getattr(J, part))
-    else:
-        sae_doc = _sae_doc(estimator, "", arrays)
-        doc.update(params=sae_doc["params"], dropped_params=sae_doc["dropped_params"],
-                   fitted=sae_doc["fitted"])
-    output_config = getattr(estimator, "_sklearn_output_config", None)
-    if output_config:
-        doc["output_config"] = {str(k): str(v) for k, v in output_config.items()}
-    doc["sha256"] = _digest(arrays)
-    return doc, arrays
-
 
 def write_atomically(path, write) -> str:
     """Call ``write(temporary_path)`` then rename the temporary file over ``path``."""
@@ -279,264 +123,6 @@ def write_atomically(path, write) -> str:
             os.remove(temporary)
     return path
 
-
-def save(estimator, path) -> str:
-    """Write ``estimator`` to ``path``; see :meth:`PersistenceMixin.save`."""
-    from safetensors.numpy import save_file
-
-    doc, arrays = document(estimator)
-    header = {METADATA_KEY: json.dumps(doc, default=_json_default, allow_nan=True)}
-    return write_atomically(path, lambda temporary: save_file(arrays, temporary, metadata=header))
-
-
-# ---------------------------------------------------------------------------- reading
-def _parse_version(text):
-    try:
-        major, minor = (int(part) for part in str(text).split("."))
-    except ValueError:
-        return None
-    return major, minor
-
-
-def read(path) -> tuple[dict, dict]:
-    """``(JSON document, arrays)`` of a model file, checked for format, version and digest."""
-    from safetensors import SafetensorError, safe_open
-
-    from . import __version__
-
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise PersistenceError(
-            f"{path!r} is a folder, not a model file written by estimator.save(path). An SAE "
-            f"saved by SAELens or sparsify (a folder with cfg.json) loads with "
-            f"sklearn_jsae.interop.from_saelens(path) or from_sparsify(path)."
-        )
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No such file: {path!r}")
-    try:
-        with safe_open(path, framework="np") as f:
-            metadata = f.metadata() or {}
-            arrays = {name: np.array(f.get_tensor(name), copy=True) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise PersistenceError(
-            f"{path!r} cannot be read as a model file ({type(exc).__name__}: {exc}): it is "
-            f"truncated or damaged, or not a file written by estimator.save(path) (those are "
-            f"safetensors files). Nothing was loaded."
-        ) from exc
-    if METADATA_KEY not in metadata:
-        raise PersistenceError(
-            f"{path!r} is a safetensors file but not an sklearn-jsae model: its header has no "
-            f"{METADATA_KEY!r} entry. Load files written by estimator.save(path); an SAE saved by "
-            f"SAELens or sparsify loads with sklearn_jsae.interop.from_saelens / from_sparsify on "
-            f"its folder."
-        )
-    try:
-        doc = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise PersistenceError(f"{path!r} has a damaged sklearn-jsae header (invalid JSON: {exc}).") from exc
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise PersistenceError(
-            f"{path!r} has an {METADATA_KEY!r} header entry that is not an sklearn-jsae model "
-            f"description (format={doc.get('format') if isinstance(doc, dict) else None!r})."
-        )
-    version, ours = _parse_version(doc.get("format_version")), _parse_version(FORMAT_VERSION)
-    if version is None or version[0] != ours[0] or version[1] > ours[1]:
-        raise PersistenceError(
-            f"{path!r} was written by sklearn-jsae {doc.get('library_version')!r} in format version "
-            f"{doc.get('format_version')!r}; this sklearn-jsae {__version__} reads format "
-            f"{ours[0]}.0 to {FORMAT_VERSION}. Load it with sklearn-jsae "
-            f"{doc.get('library_version')!r} or newer."
-        )
-    if doc.get("sha256") != _digest(arrays):
-        raise PersistenceError(
-            f"{path!r} is damaged: its tensors do not match the digest recorded when it was "
-            f"written (the file was altered or corrupted after saving). Nothing was loaded."
-        )
-    return doc, arrays
-
-
-def _field(doc, key, types, where, *, optional=False):
-    """``doc[key]`` after checking its JSON type (a bool is not an int here)."""
-    types = types if isinstance(types, tuple) else (types,)
-    if not isinstance(doc, dict):
-        raise _Invalid(f"{where or 'the document'} is not a JSON object")
-    if key not in doc:
-        if optional:
-            return None
-        raise _Invalid(f"{where}{key} is missing")
-    value = doc[key]
-    if optional and value is None:
-        return None
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        raise _Invalid(f"{where}{key}={value!r:.80} has the wrong type")
-    return value
-
-
-def _take(arrays, name, shape, dtype=np.float32):
-    """Pop ``arrays[name]`` after checking its dtype and shape (``None`` in shape: any)."""
-    if name not in arrays:
-        raise _Invalid(f"tensor {name!r} is missing")
-    a = arrays.pop(name)
-    if a.dtype != np.dtype(dtype):
-        raise _Invalid(f"tensor {name!r} has dtype {a.dtype}, expected {np.dtype(dtype)}")
-    if len(a.shape) != len(shape) or any(s is not None and s != t for s, t in zip(shape, a.shape)):
-        expected = tuple("any" if s is None else s for s in shape)
-        raise _Invalid(f"tensor {name!r} has shape {a.shape}, expected {expected}")
-    return a
-
-
-def _decode_param(value):
-    if isinstance(value, dict) and set(value) == {_RANDOM_STATE_KEY}:
-        s = value[_RANDOM_STATE_KEY]
-        rs = np.random.RandomState()
-        rs.set_state((s["kind"], np.asarray(s["keys"], dtype=np.uint32), s["pos"], s["has_gauss"],
-                      s["cached_gaussian"]))
-        return rs
-    if isinstance(value, (dict, list)):
-        raise _Invalid(f"parameter value {value!r:.80} is not a number, string, bool or None")
-    return value
-
-
-def _with_params(cls, doc, where, **extra):
-    """``cls()`` with the document's parameters set and validated."""
-    from sklearn.utils._param_validation import InvalidParameterError
-
-    params = _field(doc, "params", dict, where)
-    estimator = cls()
-    unknown = sorted(set(params) - set(estimator.get_params(deep=False)))
-    if unknown:
-        raise _Invalid(f"{where}params has parameters this version does not know: {unknown}")
-    try:
-        estimator.set_params(**{name: _decode_param(v) for name, v in params.items()}, **extra)
-        estimator._validate_params()
-    except (InvalidParameterError, ValueError, TypeError, KeyError) as exc:
-        raise _Invalid(f"{where}params are invalid: {exc}") from exc
-    return estimator
-
-
-def _set_common(estimator, fitted, where):
-    n_features = _field(fitted, "n_features_in_", int, where)
-    if n_features < 1:
-        raise _Invalid(f"{where}n_features_in_={n_features} is not positive")
-    history = _field(fitted, "history_", list, where)
-    if not all(isinstance(row, dict) for row in history):
-        raise _Invalid(f"{where}history_ is not a list of dicts")
-    n_iter = _field(fitted, "n_iter_", int, where)
-    device = _field(fitted, "device_", str, where)
-    names = _field(fitted, "feature_names_in_", list, where, optional=True)
-    if names is not None:
-        if len(names) != n_features or not all(isinstance(n, str) for n in names):
-            raise _Invalid(f"{where}feature_names_in_ is not {n_features} strings")
-        estimator.feature_names_in_ = np.asarray(names, dtype=object)
-    estimator.n_features_in_, estimator.history_ = n_features, history
-    estimator.n_iter_, estimator.device_ = n_iter, device
-    return n_features
-
-
-def _build_sae(doc, arrays, prefix, where):
-    from ._topk import TopKSparseAutoencoder
-
-    sae = _with_params(TopKSparseAutoencoder, doc, where)
-    fitted = _field(doc, "fitted", dict, where)
-    d = _set_common(sae, fitted, where + "fitted.")
-    sae.scale_ = _field(fitted, "scale_", (int, float), where + "fitted.", optional=True)
-    sae.scale_ = None if sae.scale_ is None else float(sae.scale_)
-    sae.dead_fraction_ = float(_field(fitted, "dead_fraction_", (int, float), where + "fitted."))
-    components = _take(arrays, prefix + "components_", (None, d))
-    n = components.shape[0]
-    if n < 1:
-        raise _Invalid(f"tensor {prefix + 'components_'!r} has no rows")
-    sae.components_ = components
-    sae.encoder_ = _take(arrays, prefix + "encoder_", (n, d))
-    sae.encoder_bias_ = _take(arrays, prefix + "encoder_bias_", (n,))
-    sae.decoder_bias_ = _take(arrays, prefix + "decoder_bias_", (d,))
-    if sae.k > n:
-        raise _Invalid(f"{where}params k={sae.k} exceeds the {n} latents of the saved dictionary")
-    return sae
-
-
-def _build_jsae(doc, arrays, mlp):
-    import scipy.sparse as sp
-
-    from ._backend import mlp_io
-    from ._estimator import JacobianSparseAutoencoder
-
-    fitted = _field(doc, "fitted", dict, "")
-    input_sae = _build_sae(_field(doc, "input_sae_", dict, ""), arrays, "input_sae_.", "input_sae_.")
-    output_sae = _build_sae(_field(doc, "output_sae_", dict, ""), arrays, "output_sae_.", "output_sae_.")
-    spec = _field(doc, "mlp", dict, "")
-    mlp_arrays = {name[len("mlp."):]: arrays.pop(name) for name in list(arrays) if name.startswith("mlp.")}
-    try:
-        mlp_param, mlp_copy, mlp_map = mlp_io.rebuild(spec, mlp_arrays)
-    except ValueError as exc:
-        raise _Invalid(f"the MLP description is inconsistent: {exc}") from exc
-    jsae = _with_params(JacobianSparseAutoencoder, doc, "", mlp=mlp_param)
-    d_in = _set_common(jsae, fitted, "fitted.")
-    d_out = _field(fitted, "n_output_features_", int, "fitted.")
-    if input_sae.n_features_in_ != d_in or output_sae.n_features_in_ != d_out:
-        raise _Invalid(f"the SAEs' widths ({input_sae.n_features_in_}, {output_sae.n_features_in_}) "
-                       f"differ from n_features_in_={d_in}, n_output_features_={d_out}")
-    if (mlp_map.d_in, mlp_map.d_out) != (d_in, d_out):
-        raise _Invalid(f"the MLP maps {mlp_map.d_in} -> {mlp_map.d_out} features, but the SAEs "
-                       f"expect {d_in} -> {d_out}")
-    probe = _take(arrays, "_probe_rows", (None, d_in))
-    if not 1 <= probe.shape[0] <= 8:
-        raise _Invalid(f"tensor '_probe_rows' has {probe.shape[0]} rows, expected 1 to 8")
-    if spec["module"] != "callable":
-        saved = _take(arrays, "_mlp_probe_outputs", (probe.shape[0], d_out))
-        # Another machine's BLAS may round differently: tolerate rounding, not other weights.
-        if _mlp_differs(saved, mlp_io.probe_outputs(mlp_map, probe)):
-            raise _Invalid("the MLP weights do not reproduce the MLP outputs recorded at saving")
-    shape = _field(doc.get("jacobian_", {}), "shape", list, "jacobian_.")
-    n_out, n_in = output_sae.components_.shape[0], input_sae.components_.shape[0]
-    if jsae.k > min(n_in, n_out):
-        raise _Invalid(f"params k={jsae.k} exceeds the latents of the saved SAEs ({n_in}, {n_out})")
-    if shape != [n_out, n_in]:
-        raise _Invalid(f"jacobian_.shape={shape} differs from the SAEs' sizes [{n_out}, {n_in}]")
-    data = _take(arrays, "jacobian_.data", (None,))
-    indices = arrays.get("jacobian_.indices")
-    index_dtype = indices.dtype if indices is not None and indices.dtype in (np.int32, np.int64) else np.int64
-    indices = _take(arrays, "jacobian_.indices", (data.shape[0],), index_dtype)
-    indptr = _take(arrays, "jacobian_.indptr", (n_out + 1,), index_dtype)
-    try:
-        J = sp.csr_array((data, indices, indptr), shape=(n_out, n_in))
-        J.check_format(full_check=True)
-    except ValueError as exc:
-        raise _Invalid(f"jacobian_ is not a valid CSR matrix: {exc}") from exc
-    J.indices, J.indptr = indices, indptr  # scipy may narrow index dtypes; keep the saved ones
-
-    jsae.input_sae_, jsae.output_sae_ = input_sae, output_sae
-    jsae.n_output_features_, jsae.jacobian_ = d_out, J
-    jsae.mlp_, jsae._mlp_map, jsae._probe_rows = mlp_copy, mlp_map, probe
-    if mlp is not None:
-        _attach_mlp(jsae, mlp, saved if spec["module"] != "callable" else None)
-    return jsae
-
-
-def _mlp_differs(before: np.ndarray, after: np.ndarray) -> bool:
-    """The rule of the estimator's warm-start check: outputs differ beyond float32 rounding."""
-    scale = max(float(np.abs(before).max()), 1e-30)
-    return before.shape != after.shape or not np.allclose(before, after, rtol=1e-5, atol=1e-6 * scale)
-
-
-def _attach_mlp(jsae, mlp, saved_outputs) -> None:
-    """Use the caller's ``mlp`` for a loaded JSAE, after checking it is the saved model's MLP."""
-    from ._backend.mlp import resolve_mlp
-    from ._backend.mlp_io import probe_outputs
-
-    mlp_copy, mlp_map, d_out = resolve_mlp(mlp, jsae._probe_rows)
-    if d_out != jsae.n_output_features_:
-        raise ValueError(
-            f"mlp returns {d_out} features, but the saved model's MLP returns "
-            f"{jsae.n_output_features_}; pass the MLP the model was trained with."
-        )
-    if saved_outputs is not None and _mlp_differs(saved_outputs, probe_outputs(mlp_map, jsae._probe_rows)):
-        raise ValueError(
-            "mlp computes something else than the saved model's MLP on the training rows recorded "
-            "in the file; pass the MLP the model was trained with (or load without mlp=, which "
-            "uses the saved weights)."
-        )
-    jsae.mlp, jsae.mlp_, jsae._mlp_map = mlp, mlp_copy, mlp_map
 
 
 def load(path, *, mlp=None):
@@ -588,27 +174,8 @@ def load(path, *, mlp=None):
     >>> bool(np.array_equal(loaded.jacobian(X[:5]).toarray(), jsae.jacobian(X[:5]).toarray()))
     True
     """
+    from . import _model_file
+
     path = os.fspath(path)
-    doc, arrays = read(path)
-    name = doc.get("estimator")
-    try:
-        if name == "TopKSparseAutoencoder":
-            if mlp is not None:
-                raise ValueError(f"mlp= is only for a JacobianSparseAutoencoder; {path!r} holds a {name}.")
-            estimator = _build_sae(doc, arrays, "", "")
-        elif name == "JacobianSparseAutoencoder":
-            estimator = _build_jsae(doc, arrays, mlp)
-        else:
-            raise _Invalid(f"estimator={name!r} is not one this version can load")
-        if arrays:
-            raise _Invalid(f"unexpected tensors {sorted(arrays)}")
-        output_config = doc.get("output_config")
-        if output_config:
-            estimator._sklearn_output_config = dict(output_config)
-    except _Invalid as exc:
-        raise PersistenceError(
-            f"{path!r} (sklearn-jsae {doc.get('library_version')!r}, format "
-            f"{doc.get('format_version')!r}) is inconsistent: {exc}. The file was altered or written "
-            f"by a faulty tool; nothing was loaded."
-        ) from None
-    return estimator
+    doc, arrays = _model_file.read(path)
+    return _model_file.build(path, doc, arrays, mlp)

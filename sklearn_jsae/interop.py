@@ -122,8 +122,9 @@ def _chosen_sae(estimator, side):
     )
 
 
-def _hooks(model, layer, side):
-    """The :class:`~sklearn_jsae._hookpoints.MLPHookpoints` of ``model``/``layer``, or None."""
+def _hooks(model, layer, side, named: bool):
+    """The :class:`~sklearn_jsae._hookpoints.MLPHookpoints` of ``model``/``layer``, or None.
+    ``named``: the caller gave the hook name, so a missing derived one is no error."""
     if model is None and layer is None:
         return None
     if model is None or layer is None:
@@ -139,7 +140,7 @@ def _hooks(model, layer, side):
     from ._hookpoints import mlp_hookpoints
 
     hooks = mlp_hookpoints(model, layer)
-    if side == "input" and hooks.input is None:
+    if side == "input" and hooks.input is None and not named:
         raise ValueError(
             f"no module of layer {layer} outputs exactly the MLP input of {type(model).__name__}, so "
             f"there is no hook name for side='input'; pass it yourself (hook_name= or hookpoint=)."
@@ -159,8 +160,8 @@ def _write(path, weights_name, tensors, cfg, header=None) -> str:
     """Weights (with ``header`` as safetensors metadata) first, then cfg.json, each atomically."""
     from safetensors.numpy import save_file
 
+    text = json.dumps(cfg, indent=2)  # before writing anything: metadata may not be JSON
     write_atomically(os.path.join(path, weights_name), lambda tmp: save_file(tensors, tmp, metadata=header))
-    text = json.dumps(cfg, indent=2)
 
     def write_cfg(tmp):
         with open(tmp, "w") as f:
@@ -197,8 +198,9 @@ def to_saelens(estimator, path, *, side=None, model=None, layer=None, model_name
         Which SAE of a JSAE; for a TopKSparseAutoencoder, only needed with ``model``/``layer``
         (to say whether it was trained on the MLP's inputs or outputs).
     model : transformers model, optional
-        With ``layer``: fill ``model_name``, ``hook_name`` and ``model_class_name`` from the
-        Hugging Face model the activations came from (see the module docstring).
+        With ``layer``: fill ``model_name``, ``hook_name`` and (with the derived hook name)
+        ``model_class_name`` from the Hugging Face model the activations came from (see the
+        module docstring).
     layer : int, optional
         The block index passed to :func:`sklearn_jsae.hf.harvest`.
     model_name, hook_name : str, optional
@@ -213,12 +215,13 @@ def to_saelens(estimator, path, *, side=None, model=None, layer=None, model_name
         The folder written.
     """
     sae, side = _chosen_sae(estimator, side)
-    hooks = _hooks(model, layer, side)
+    hooks = _hooks(model, layer, side, named=hook_name is not None)
     meta = {"sae_lens_version": SAELENS_LAYOUT_VERSION, "sae_lens_training_version": None,
             "model_name": None, "hook_name": None, "hook_head_index": None}
     if hooks is not None:
-        meta.update(model_name=hooks.model_name, hook_name=hooks.saelens(side),
-                    model_class_name="AutoModelForCausalLM")
+        meta["model_name"] = hooks.model_name
+        if hook_name is None:  # a Hugging Face module name, which HookedProxyLM hooks
+            meta.update(hook_name=hooks.saelens(side), model_class_name="AutoModelForCausalLM")
     if model_name is not None:
         meta["model_name"] = str(model_name)
     if hook_name is not None:
@@ -277,7 +280,7 @@ def to_sparsify(estimator, path, *, side=None, model=None, layer=None, model_nam
         The folder written.
     """
     sae, side = _chosen_sae(estimator, side)
-    hooks = _hooks(model, layer, side)
+    hooks = _hooks(model, layer, side, named=hookpoint is not None)
     n, d = sae.components_.shape
     cfg = {"activation": "topk", "normalize_decoder": True, "num_latents": int(n), "k": int(sae.k),
            "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": int(d)}

@@ -3,7 +3,8 @@
 What the library computes with is the backend map (``jsae._mlp_map``): an :class:`AffineMap`,
 :class:`ElementwiseMLP` or :class:`GatedMLP` holds its whole computation in buffers and an
 activation name, so it is written out and rebuilt exactly; a :class:`CallableMap` wraps user
-code, which is never saved (saving it would mean pickling, and loading a pickle runs code).
+code, which is never saved (saving it would mean pickling, and loading a pickle runs code), and
+neither is a subclass of a map class (it may override what it computes).
 
 Bit-exact reloads need more than equal values: a matmul with a transposed (column-major) weight
 runs another BLAS kernel than with a row-major one and can round differently.  Every tensor is
@@ -106,9 +107,11 @@ def _decode_tensor(meta: dict, array: np.ndarray) -> torch.Tensor:
 
 
 def _module_kind(mlp_copy, mlp_map) -> str:
+    """What the user passed, as one of :data:`MODULE_KINDS`."""
     if mlp_copy is None:
         return "none"
-    if isinstance(mlp_map, CallableMap):
+    if type(mlp_map) not in _MAP_CLASSES.values():
+        # CallableMap wraps user code; a subclass of a map class may compute something else.
         return "callable"
     if mlp_copy is mlp_map:
         return "map"
@@ -118,7 +121,7 @@ def _module_kind(mlp_copy, mlp_map) -> str:
         return "linear"
     if isinstance(mlp_copy, nn.Sequential) and isinstance(mlp_map, ElementwiseMLP):
         return "sequential"
-    raise ValueError(f"an mlp_ of type {type(mlp_copy).__name__} with a {type(mlp_map).__name__} map")
+    return "callable"
 
 
 def describe(mlp_copy, mlp_map) -> tuple[dict, dict[str, np.ndarray]]:
@@ -126,17 +129,15 @@ def describe(mlp_copy, mlp_map) -> tuple[dict, dict[str, np.ndarray]]:
 
     ``spec`` is JSON-ready: ``module`` (one of :data:`MODULE_KINDS`), ``map`` (the map class, or
     ``"CallableMap"``), ``d_in``, ``d_out``, ``activation``, and per saved buffer its dtype and
-    layout; ``arrays`` maps each buffer name to a numpy array.  Callables get a ``description``
-    (their qualified name) and no arrays.
+    layout; ``arrays`` maps each buffer name to a numpy array.  What cannot be rebuilt without
+    the user's code (kind ``"callable"``) gets a ``description`` (its qualified name) and no arrays.
     """
     module = _module_kind(mlp_copy, mlp_map)
     spec = {"module": module, "map": type(mlp_map).__name__, "d_in": int(mlp_map.d_in),
             "d_out": int(mlp_map.d_out)}
     if module == "callable":
-        spec["description"] = _describe_callable(mlp_map.fn)
+        spec["description"] = _describe_callable(mlp_map.fn if isinstance(mlp_map, CallableMap) else mlp_copy)
         return spec, {}
-    if type(mlp_map).__name__ not in _MAP_BUFFERS:
-        raise ValueError(f"an MLP map of type {type(mlp_map).__name__} cannot be saved")
     spec["activation"] = getattr(mlp_map, "activation", None)
     spec["buffers"], arrays = {}, {}
     for name in _MAP_BUFFERS[type(mlp_map).__name__]:

@@ -1,0 +1,416 @@
+"""Export to and import from SAELens and sparsify, checked with the packages themselves.
+
+- every exported SAE (both sides of a JSAE, and a TopKSparseAutoencoder), loaded by the package's
+  own loader, encodes and decodes held-out rows as our ``transform`` / ``inverse_transform`` do;
+- SAEs created, trained and saved by each package import as TopKSparseAutoencoders whose
+  ``transform`` / ``inverse_transform`` match the package's ``encode`` / ``decode``, including
+  SAELens' ``rescale_acts_by_decoder_norm`` and ``apply_b_dec_to_input=False``;
+- hook names filled from a Hugging Face model and layer are the modules whose outputs are exactly
+  the activations :func:`sklearn_jsae.hf.harvest` captured (checked with SAELens' own
+  ``HookedProxyLM`` and with forward hooks where sparsify puts them);
+- what cannot be represented is refused with a message naming it.
+
+Tolerance: the packages compute the same float32 operations in another order (``x @ W_enc``
+with a (d, n) matrix, ``embedding_bag`` decoding), so codes and reconstructions agree within
+``1e-5 * max|value|`` (measured: codes bit-identical, reconstructions within 2e-6 of values of
+order 10), and the set of active latents is identical.  ``sae-lens`` and ``eai-sparsify`` are
+installed by ``scripts/install_test_models.sh``; without them these tests skip, except under
+``CI`` where a missing package is an error.
+"""
+
+import json
+import os
+import re
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
+from sklearn_jsae.exceptions import PersistenceError
+from sklearn_jsae.interop import from_saelens, from_sparsify, to_saelens, to_sparsify
+
+INSTALL_HINT = ("run `bash scripts/install_test_models.sh` (PYTHON=.venv/bin/python) to install sae-lens and "
+                "eai-sparsify")
+RTOL = 1e-5
+
+
+def _require(module_name):
+    try:
+        return __import__(module_name)
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail(f"{module_name} is not installed; {INSTALL_HINT}")
+        pytest.skip(f"{module_name} is not installed; {INSTALL_HINT}")
+
+
+@pytest.fixture(scope="module")
+def sae_lens():
+    return _require("sae_lens")
+
+
+@pytest.fixture(scope="module")
+def sparsify():
+    return _require("sparsify")
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """A JSAE with d_in != d_out and non-zero biases, and held-out rows it never saw."""
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(700, 12)) * 3 + 1).astype(np.float32)
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(12, 48), torch.nn.GELU(), torch.nn.Linear(48, 10))
+    jsae = JacobianSparseAutoencoder(mlp=mlp, n_components=40, n_output_components=30, k=5, max_iter=15,
+                                     batch_size=64, random_state=0).fit(X[:500])
+    topk = TopKSparseAutoencoder(n_components=24, k=4, max_iter=15, batch_size=64, random_state=1)
+    topk.fit(X[:500])
+    return jsae, topk, X[500:]
+
+
+def _cfg(folder):
+    return json.loads(Path(folder, "cfg.json").read_text())
+
+
+def _sides(problem):
+    """(label, estimator, side, the SAE, its held-out input rows)."""
+    jsae, topk, held_out = problem
+    return [
+        ("input", jsae, "input", jsae.input_sae_, held_out),
+        ("output", jsae, "output", jsae.output_sae_, jsae.mlp_outputs(held_out)),
+        ("topk", topk, None, topk, held_out),
+    ]
+
+
+def assert_agree(ours, theirs, what):
+    """Within RTOL of the larger magnitude, on the same support; returns the max difference."""
+    ours, theirs = np.asarray(ours, dtype=np.float64), np.asarray(theirs, dtype=np.float64)
+    assert ours.shape == theirs.shape, what
+    difference = float(np.abs(ours - theirs).max())
+    assert difference <= RTOL * max(1.0, float(np.abs(ours).max())), (what, difference)
+    return difference
+
+
+@pytest.mark.parametrize("which", ["input", "output", "topk"])
+def test_saelens_loads_our_export_and_encodes_like_transform(sae_lens, problem, tmp_path, which):
+    from sae_lens import SAE
+    from sae_lens.saes.topk_sae import TopKSAE
+
+    _, estimator, side, sae, Z = next(s for s in _sides(problem) if s[0] == which)
+    folder = to_saelens(estimator, tmp_path / "sae", side=side, model_name="my-model", hook_name="blocks.0.x",
+                        metadata={"context_size": 128})
+    loaded = SAE.load_from_disk(folder)
+    assert isinstance(loaded, TopKSAE)
+    assert (loaded.cfg.d_in, loaded.cfg.d_sae, loaded.cfg.k) == (sae.n_features_in_, sae.n_components, sae.k)
+    assert loaded.cfg.metadata.model_name == "my-model" and loaded.cfg.metadata.hook_name == "blocks.0.x"
+    assert loaded.cfg.metadata.context_size == 128
+    codes = sae.transform(Z).toarray()
+    with torch.no_grad():
+        encoded = loaded.encode(torch.from_numpy(Z)).numpy()
+        decoded = loaded.decode(torch.from_numpy(encoded)).numpy()
+        forward = loaded(torch.from_numpy(Z)).numpy()
+    assert np.array_equal(encoded != 0, codes != 0)
+    assert_agree(codes, encoded, "encode")
+    reconstruction = sae.inverse_transform(sae.transform(Z))
+    assert_agree(reconstruction, decoded, "decode")
+    assert_agree(reconstruction, forward, "forward")
+    # Our cfg.json carries every field SAELens itself writes for a TopK SAE.
+    own = loaded.cfg.to_dict()
+    written = _cfg(folder)
+    assert set(own) - {"metadata"} <= set(written)
+
+
+@pytest.mark.parametrize("which", ["input", "output", "topk"])
+def test_sparsify_loads_our_export_and_encodes_like_transform(sparsify, problem, tmp_path, which):
+    from sparsify import SparseCoder
+
+    _, estimator, side, sae, Z = next(s for s in _sides(problem) if s[0] == which)
+    folder = to_sparsify(estimator, tmp_path / "layers.0.mlp", side=side, model_name="my-model",
+                         hookpoint="layers.0.mlp")
+    loaded = SparseCoder.load_from_disk(folder)
+    assert (loaded.d_in, loaded.num_latents, loaded.cfg.k) == (sae.n_features_in_, sae.n_components, sae.k)
+    with safe_open(os.path.join(folder, "sae.safetensors"), framework="np") as f:
+        header = f.metadata()
+    assert header["model"] == "my-model" and header["hookpoint"] == "layers.0.mlp"
+    codes = sae.transform(Z).toarray()
+    with torch.no_grad():
+        out = loaded.encode(torch.from_numpy(Z))
+        dense = torch.zeros(len(Z), loaded.num_latents).scatter(1, out.top_indices, out.top_acts).numpy()
+        decoded = loaded.decode(out.top_acts, out.top_indices).numpy()
+        forward = loaded(torch.from_numpy(Z)).sae_out.numpy()
+    assert np.array_equal(dense != 0, codes != 0)
+    assert_agree(codes, dense, "encode")
+    reconstruction = sae.inverse_transform(sae.transform(Z))
+    assert_agree(reconstruction, decoded, "decode")
+    assert_agree(reconstruction, forward, "forward")
+
+
+def test_sparsify_reads_a_jsae_exported_as_a_run_of_hookpoints(sparsify, problem, tmp_path):
+    from sparsify import SparseCoder
+
+    jsae = problem[0]
+    to_sparsify(jsae, tmp_path / "run" / "layers.3.post_attention_layernorm", side="input")
+    to_sparsify(jsae, tmp_path / "run" / "layers.3.mlp", side="output")
+    both = SparseCoder.load_many(str(tmp_path / "run"), local=True)
+    assert list(both) == ["layers.3.mlp", "layers.3.post_attention_layernorm"]
+    assert both["layers.3.mlp"].num_latents == 30 and both["layers.3.post_attention_layernorm"].d_in == 12
+
+
+@pytest.mark.parametrize("write", [to_saelens, to_sparsify])
+def test_our_export_imports_back_bit_for_bit(problem, tmp_path, write):
+    jsae, _, held_out = problem
+    read = from_saelens if write is to_saelens else from_sparsify
+    back = read(write(jsae, tmp_path / "sae", side="input"))
+    for name in ("encoder_", "encoder_bias_", "components_", "decoder_bias_"):
+        assert np.array_equal(getattr(back, name), getattr(jsae.input_sae_, name)), name
+    assert back.k == jsae.k and back.n_components == 40
+    assert (back.transform(held_out) != jsae.transform(held_out)).nnz == 0
+    assert back.scale_ is None and back.history_ == [] and np.isnan(back.dead_fraction_)
+
+
+# --------------------------------------------------------------------------- imports
+def _train(module, X, loss_of, steps=30):
+    optimiser = torch.optim.Adam(module.parameters(), lr=1e-2)
+    x = torch.from_numpy(X)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        loss_of(module, x).backward()
+        optimiser.step()
+
+
+def _activations(seed=0, n=300, d=16):
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(40, d))
+    codes = rng.exponential(size=(n, 40)) * (rng.random((n, 40)) < 0.15)
+    return (codes @ basis + rng.normal(size=d) * 2).astype(np.float32)
+
+
+@pytest.mark.parametrize("rescale, apply_b_dec", [(False, True), (True, True), (True, False), (False, False)])
+def test_import_a_saelens_sae(sae_lens, tmp_path, rescale, apply_b_dec):
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    X = _activations()
+    torch.manual_seed(0)
+    trainer = TopKTrainingSAE(TopKTrainingSAEConfig(
+        d_in=16, d_sae=48, k=6, rescale_acts_by_decoder_norm=rescale, apply_b_dec_to_input=apply_b_dec))
+    _train(trainer, X[:200], lambda m, x: ((m.decode(m.encode(x)) - x) ** 2).mean())
+    with torch.no_grad():  # decoder norms far from 1, so that any mishandled norm shows
+        trainer.W_dec.mul_(torch.linspace(0.5, 2.0, 48)[:, None])
+    trainer.save_model(tmp_path / "trained")  # the training SAE's own folder: weights as they are
+    from sae_lens import SAE
+
+    theirs = SAE.load_from_disk(tmp_path / "trained")
+    assert theirs.cfg.rescale_acts_by_decoder_norm is rescale
+    assert theirs.cfg.apply_b_dec_to_input is apply_b_dec
+    ours = from_saelens(tmp_path / "trained")
+    assert isinstance(ours, TopKSparseAutoencoder)
+    assert (ours.n_components, ours.k, ours.n_features_in_) == (48, 6, 16)
+    held_out = X[200:]
+    with torch.no_grad():
+        encoded = theirs.encode(torch.from_numpy(held_out)).numpy()
+        decoded = theirs.decode(torch.from_numpy(encoded)).numpy()
+    codes = ours.transform(held_out).toarray()
+    assert np.array_equal(codes != 0, encoded != 0)
+    assert_agree(codes, encoded, "encode")
+    assert_agree(ours.inverse_transform(encoded), decoded, "decode")
+    if rescale:  # folded: our decoder rows have unit norm
+        np.testing.assert_allclose(np.linalg.norm(ours.components_, axis=1), 1, rtol=1e-6)
+
+
+def test_import_a_saelens_inference_save(sae_lens, tmp_path):
+    from sae_lens import SAE
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    X = _activations(seed=1)
+    torch.manual_seed(1)
+    trainer = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=16, d_sae=32, k=4))
+    _train(trainer, X[:200], lambda m, x: ((m.decode(m.encode(x)) - x) ** 2).mean())
+    trainer.save_inference_model(tmp_path / "inference")
+    theirs, ours = SAE.load_from_disk(tmp_path / "inference"), from_saelens(tmp_path / "inference")
+    with torch.no_grad():
+        encoded = theirs.encode(torch.from_numpy(X[200:])).numpy()
+    assert_agree(ours.transform(X[200:]).toarray(), encoded, "encode")
+
+
+@pytest.mark.parametrize("normalize_decoder", [True, False])
+def test_import_a_sparsify_sae(sparsify, tmp_path, normalize_decoder):
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    X = _activations(seed=2)
+    torch.manual_seed(0)
+    coder = SparseCoder(16, SparseCoderConfig(num_latents=48, k=6, normalize_decoder=normalize_decoder))
+    _train(coder, X[:200], lambda m, x: m(x).fvu)
+    if normalize_decoder:
+        coder.set_decoder_norm_to_unit_norm()
+    coder.save_to_disk(tmp_path / "layers.2.mlp")
+    theirs = SparseCoder.load_from_disk(tmp_path / "layers.2.mlp")
+    ours = from_sparsify(tmp_path / "layers.2.mlp")
+    assert (ours.n_components, ours.k, ours.n_features_in_) == (48, 6, 16)
+    held_out = X[200:]
+    with torch.no_grad():
+        out = theirs.encode(torch.from_numpy(held_out))
+        dense = torch.zeros(len(held_out), 48).scatter(1, out.top_indices, out.top_acts).numpy()
+        decoded = theirs.decode(out.top_acts, out.top_indices).numpy()
+    codes = ours.transform(held_out).toarray()
+    assert np.array_equal(codes != 0, dense != 0)
+    assert_agree(codes, dense, "encode")
+    assert_agree(ours.inverse_transform(codes), decoded, "decode")
+
+
+def test_refused_saelens_settings_are_named(sae_lens, tmp_path):
+    from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+    StandardSAE(StandardSAEConfig(d_in=8, d_sae=16)).save_model(tmp_path / "standard")
+    with pytest.raises(PersistenceError, match="'standard' SAE; only 'topk'"):
+        from_saelens(tmp_path / "standard")
+    layer_norm = TopKSAE(TopKSAEConfig(d_in=8, d_sae=16, k=2, normalize_activations="layer_norm"))
+    layer_norm.save_model(tmp_path / "ln")
+    with pytest.raises(PersistenceError, match="normalize_activations='layer_norm'"):
+        from_saelens(tmp_path / "ln")
+
+
+def test_refused_sparsify_settings_are_named(sparsify, tmp_path):
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    SparseCoder(8, SparseCoderConfig(num_latents=16, k=2, transcode=True)).save_to_disk(tmp_path / "tc")
+    with pytest.raises(PersistenceError, match="is a transcoder"):
+        from_sparsify(tmp_path / "tc")
+    SparseCoder(8, SparseCoderConfig(num_latents=16, k=2, skip_connection=True)).save_to_disk(tmp_path / "sk")
+    with pytest.raises(PersistenceError, match="skip connection"):
+        from_sparsify(tmp_path / "sk")
+    SparseCoder(8, SparseCoderConfig(num_latents=16, k=2, activation="groupmax")).save_to_disk(tmp_path / "g")
+    with pytest.raises(PersistenceError, match="activation='groupmax'"):
+        from_sparsify(tmp_path / "g")
+
+
+# --------------------------------------------------------------------------- no package needed
+def test_damaged_or_foreign_folders_are_refused(problem, tmp_path):
+    jsae = problem[0]
+    with pytest.raises(PersistenceError, match="is not a folder"):
+        from_saelens(tmp_path / "nothing")
+    folder = to_saelens(jsae, tmp_path / "sl", side="output")
+    with pytest.raises(PersistenceError, match="has no sae.safetensors"):
+        from_sparsify(folder)
+    weights = os.path.join(folder, "sae_weights.safetensors")
+    data = Path(weights).read_bytes()
+    Path(weights).write_bytes(data[: len(data) // 2])
+    with pytest.raises(PersistenceError, match="cannot be read.*truncated"):
+        from_saelens(folder)
+    folder = to_saelens(jsae, tmp_path / "sl2", side="output")
+    Path(folder, "cfg.json").write_text(json.dumps({**_cfg(folder), "d_sae": 31}))
+    with pytest.raises(PersistenceError, match=r"'W_enc' has shape \(10, 30\), but cfg.json implies"):
+        from_saelens(folder)
+    Path(folder, "cfg.json").write_text("{not json")
+    with pytest.raises(PersistenceError, match="not valid JSON"):
+        from_saelens(folder)
+    folder = to_sparsify(jsae, tmp_path / "sp", side="input")
+    save_file({"encoder.weight": np.zeros((40, 12), np.float32)}, os.path.join(folder, "sae.safetensors"))
+    with pytest.raises(PersistenceError, match="no tensor 'encoder.bias'"):
+        from_sparsify(folder)
+
+
+def test_export_arguments_are_checked(problem, tmp_path):
+    jsae, topk, _ = problem
+    with pytest.raises(ValueError, match="pass side='input'.*or side='output'"):
+        to_saelens(jsae, tmp_path / "a")
+    with pytest.raises(ValueError, match="side='middle' must be"):
+        to_sparsify(jsae, tmp_path / "a", side="middle")
+    with pytest.raises(ValueError, match="pass both model= and layer="):
+        to_saelens(topk, tmp_path / "a", side="input", layer=3)
+    with pytest.raises(TypeError, match="fitted TopKSparseAutoencoder or JacobianSparseAutoencoder"):
+        to_saelens(object(), tmp_path / "a")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        to_sparsify(topk, tmp_path / "file")
+
+
+# --------------------------------------------------------------------------- hook names from a model
+@pytest.fixture(scope="module")
+def tiny_models():
+    transformers = pytest.importorskip("transformers")  # the `hf` extra; CI installs it
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=16, n_layer=3, n_head=2, n_positions=32, vocab_size=60)).eval()
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=60)).eval()
+    bert = transformers.BertModel(transformers.BertConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        vocab_size=60)).eval()
+    return {"gpt2": gpt2, "llama": llama, "bert": bert}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_hook_names_from_a_model_are_where_harvest_reads(tiny_models, problem, tmp_path, name):
+    from sklearn_jsae.hf import harvest
+
+    model, layer = tiny_models[name], 1
+    ids = torch.randint(1, 59, (2, 7), generator=torch.Generator().manual_seed(0))
+    X, Y = harvest(model, layer, input_ids=ids, progress=False)
+    topk = problem[1]
+    for side, expected in (("input", X), ("output", Y)):
+        folder = to_saelens(topk, tmp_path / f"sl_{side}", side=side, model=model, layer=layer)
+        meta = _cfg(folder)["metadata"]
+        folder = to_sparsify(topk, tmp_path / f"sp_{side}", side=side, model=model, layer=layer)
+        with safe_open(os.path.join(folder, "sae.safetensors"), framework="np") as f:
+            hookpoint = f.metadata()["hookpoint"]
+        assert meta["model_class_name"] == "AutoModelForCausalLM" and meta["sklearn_jsae_side"] == side
+        prefix = type(model.base_model).base_model_prefix
+        assert meta["hook_name"] == f"{prefix}.{hookpoint}"
+        # sparsify's trainer reads the output of model.base_model.get_submodule(hookpoint).
+        seen = []
+
+        def grab(module, args, output, seen=seen):
+            seen.append(output[0] if isinstance(output, tuple) else output)
+
+        handle = model.base_model.get_submodule(hookpoint).register_forward_hook(grab)
+        with torch.no_grad():
+            model(input_ids=ids)
+        handle.remove()
+        assert np.array_equal(seen[0].reshape(-1, seen[0].shape[-1]).numpy(), expected)
+
+
+def test_explicit_names_win_over_derived_ones(tiny_models, problem, tmp_path):
+    gpt2, topk = tiny_models["gpt2"], problem[1]
+    meta = _cfg(to_saelens(topk, tmp_path / "sl", side="input", model=gpt2, layer=1, model_name="gpt2",
+                           hook_name="blocks.1.ln2.hook_normalized"))["metadata"]
+    assert meta["model_name"] == "gpt2" and meta["hook_name"] == "blocks.1.ln2.hook_normalized"
+    assert "model_class_name" not in meta  # a TransformerLens name: SAELens' default model class
+    folder = to_sparsify(topk, tmp_path / "sp", side="output", model=gpt2, layer=1,
+                         hookpoint="h.1.mlp.c_proj")
+    with safe_open(os.path.join(folder, "sae.safetensors"), framework="np") as f:
+        assert f.metadata()["hookpoint"] == "h.1.mlp.c_proj" and "model" not in f.metadata()
+
+
+def test_saelens_hooks_our_hook_name_on_the_causal_lm(sae_lens, tiny_models, problem, tmp_path):
+    from sae_lens.load_model import HookedProxyLM
+
+    from sklearn_jsae.hf import harvest
+
+    model, layer = tiny_models["gpt2"], 2
+    ids = torch.randint(1, 59, (2, 7), generator=torch.Generator().manual_seed(1))
+    X, Y = harvest(model, layer, input_ids=ids, progress=False)
+    for side, expected in (("input", X), ("output", Y)):
+        folder = to_saelens(problem[1], tmp_path / side, side=side, model=model, layer=layer)
+        hook_name = _cfg(folder)["metadata"]["hook_name"]
+        proxy = HookedProxyLM(model, tokenizer=None, hook_names=[hook_name])
+        _, cache = proxy.run_with_cache(ids, names_filter=[hook_name])
+        assert np.array_equal(cache[hook_name].reshape(-1, 16).numpy(), expected), hook_name
+
+
+def test_the_saving_page_runs(sae_lens, sparsify, tmp_path, monkeypatch, capsys):
+    page = Path(__file__).resolve().parents[1] / "docs" / "saving.rst"
+    blocks = re.findall(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)", page.read_text())
+    assert len(blocks) >= 5
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "saving_page"}
+    for block in blocks:
+        exec(compile(textwrap.dedent(block), str(page), "exec"), namespace)  # noqa: S102 (our own page)
+    printed = capsys.readouterr().out
+    assert "loaded without its MLP" in printed and "sequential gelu" in printed
+    assert sorted(os.listdir(tmp_path / "run")) == ["h.3.ln_2", "h.3.mlp"]
