@@ -1,4 +1,4 @@
-# `make run` trains a JSAE on the bundled real data and prints a report; `make test` runs the tests.
+# `make run` compares a JSAE with a traditional SAE pair on the bundled real data; `make test` runs the tests.
 # Both create the virtual environment on first use.  torch is pinned to the CPU wheel 2.13.0 and
 # installed first, so that no later requirement pulls a multi-GB CUDA build.
 PYTHON ?= python3
@@ -30,9 +30,14 @@ test: $(VENV)/.installed $(VENV)/.models
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run.py
 
-docs: $(VENV)/.installed
+$(VENV)/.docs: $(VENV)/.installed pyproject.toml
 	$(PY) -m pip install -q -e ".[docs]"
+	touch $@
+
+# The site in docs/_build/html, warnings as errors.  sphinx-gallery runs every examples/plot_*.py
+# (the SmolLM2 example needs the test models); an unchanged example is not run again.
+docs: $(VENV)/.docs $(VENV)/.models
 	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
 clean:
-	rm -rf $(VENV) docs/_build
+	rm -rf $(VENV) docs/_build docs/generated docs/auto_examples docs/sg_execution_times.rst

@@ -135,18 +135,3 @@ def test_make_synthetic_gated_mlp():
 def test_make_synthetic_mlp_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_synthetic_mlp(**kwargs)
-
-
-def test_real_model_edges_example_runs(capsys):
-    """examples/real_model_edges.py on the bundled data, with tiny settings, prints ranked edges."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "real_model_edges.py"
-    spec = importlib.util.spec_from_file_location("real_model_edges", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    example.main(["--n-components", "32", "--k", "4", "--max-iter", "1", "--edges", "2", "--n-samples", "512"])
-    out = capsys.readouterr().out
-    assert "X (6144, 384)" in out and "on 512 tokens" in out and "#1  input latent" in out and "#2  input latent" in out
-    assert "#3" not in out and "mean |J| =" in out

@@ -58,18 +58,3 @@ def test_runnable_as_a_module():
         result = subprocess.run([sys.executable, *command], check=False, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
         assert "--figures" in result.stdout and "--max-iter" in result.stdout
-
-
-def test_l1_sweep_example_runs(tmp_path):
-    pytest.importorskip("matplotlib")
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "examples" / "l1_sweep.py"
-    figure = tmp_path / "sweep.png"
-    result = subprocess.run(
-        [sys.executable, str(script), "--l1", "0", "4", "--n-components", "32", "--k", "2", "--max-iter", "1",
-         "--n-tokens", "256", "--output", str(figure)],
-        check=False, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "<- chosen" in result.stdout and figure.read_bytes()[:4] == b"\x89PNG"
