@@ -1,4 +1,4 @@
-"""``python -m sklearn_jsae``: the paper's point on the bundled data, in about a minute and a half.
+"""``python -m sklearn_jsae``: the paper's point on the bundled data, in under a minute on two CPU cores.
 
 Trains a JSAE (``l1`` > 0) and a traditional pair (``l1 = 0``, two ordinary TopK SAEs) with
 the same settings and the same seed on the bundled all-MiniLM-L6-v2 layer-3 MLP tokens, then
@@ -53,7 +53,7 @@ def _parser():
                         help="latents per SAE (default 1024)")
     parser.add_argument("--k", type=_positive_int, default=32, help="active latents per token (default 32)")
     parser.add_argument("--l1", type=float, default=DEFAULT_L1,
-                        help=f"the JSAE's Jacobian penalty (default {DEFAULT_L1}); the traditional pair uses 0")
+                        help=f"the JSAE's Jacobian penalty (default {DEFAULT_L1}); the traditional pair: 0")
     parser.add_argument("--max-iter", type=_positive_int, default=8, help="epochs per model (default 8)")
     parser.add_argument("--batch-size", type=_positive_int, default=256,
                         help="tokens per step (default 256: 160 steps per model on 5120 tokens)")
@@ -66,8 +66,9 @@ def _parser():
     parser.add_argument("--random-state", type=int, default=0)
     parser.add_argument("--verbose", type=int, default=0, help="training verbosity of each fit (default 0)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: these small products gain little from more threads "
-                        "and lose several times over when other jobs share the cores); 0 keeps torch's choice")
+                        help="torch CPU threads (default 1: these small products gain little from more "
+                        "threads and lose several times over when other jobs share the cores); 0 keeps "
+                        "torch's choice")
     return parser
 
 
@@ -93,7 +94,8 @@ def compare(X_train, X_test, mlp, *, l1, random_state=0, memory=None, **settings
 
     results = {}
     for name, penalty in (("traditional", 0.0), ("jsae", l1)):
-        model = JacobianSparseAutoencoder(mlp, l1=penalty, random_state=random_state, memory=memory, **settings)
+        model = JacobianSparseAutoencoder(mlp, l1=penalty, random_state=random_state, memory=memory,
+                                          **settings)
         started = time.perf_counter()
         model.fit(X_train)
         seconds = time.perf_counter() - started
@@ -107,8 +109,8 @@ def compare(X_train, X_test, mlp, *, l1, random_state=0, memory=None, **settings
             "dead_input": recon["input"]["dead_fraction"],
             "dead_output": recon["output"]["dead_fraction"],
         }
-        print(f"  {'JSAE' if name == 'jsae' else 'traditional pair'} (l1={penalty:g}): fit in {seconds:.0f} s",
-              flush=True)
+        label = "JSAE" if name == "jsae" else "traditional pair"
+        print(f"  {label} (l1={penalty:g}): fit in {seconds:.0f} s", flush=True)
     return results
 
 
@@ -135,8 +137,8 @@ def summary(results, tau=0.01):
     return (
         f"The Jacobian penalty cuts the active entries with |J| > {tau:g} from {trad['sparsity'][tau]:.0%} "
         f"(traditional) to {jsae['sparsity'][tau]:.0%} (JSAE), for an FVU change of "
-        f"{jsae['fvu_input'] - trad['fvu_input']:+.3f} (input SAE) and {jsae['fvu_output'] - trad['fvu_output']:+.3f} "
-        f"(output SAE)."
+        f"{jsae['fvu_input'] - trad['fvu_input']:+.3f} (input SAE) and "
+        f"{jsae['fvu_output'] - trad['fvu_output']:+.3f} (output SAE)."
     )
 
 
@@ -207,5 +209,6 @@ def main(argv=None):
         except ImportError:
             print("no figure: matplotlib is not installed (pip install 'sklearn-jsae[plot]')")
         else:
-            print(f"figure (|J| histograms and fractions above tau): {save_figure(results, X_test, args.figure, args.l1)}")
+            path = save_figure(results, X_test, args.figure, args.l1)
+            print(f"figure (|J| histograms and fractions above tau): {path}")
     return 0
