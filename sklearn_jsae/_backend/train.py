@@ -328,16 +328,16 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
     trainer = Trainer(config, mlp_map, mean_x, scale_x, mean_y, scale_y,
                       init=None if init is None else (init[0], init[1]),
                       total_steps=steps_per_epoch * config.max_iter)
-    epoch, position, epoch_rng = 0, 0, None
+    first_epoch, position, epoch_rng = 0, 0, None
     if checkpoint is not None:
         restored = checkpoint.restore(trainer)
         if restored is not None:
             where, extra = restored
-            epoch, position = int(where["epoch"]), int(where["row"])
+            first_epoch, position = int(where["epoch"]), int(where["row"])
             epoch_rng = extra.get("epoch_rng") if position > 0 else None
     bar = progress_bar(trainer.total_steps, trainer.step_count, bool(config.verbose))
     try:
-        for epoch in range(epoch, config.max_iter):
+        for epoch in range(first_epoch, config.max_iter):
             if epoch_rng is not None:  # resuming inside an epoch: redraw its order
                 trainer.shuffling.set_state(epoch_rng)
             epoch_rng = trainer.shuffling.get_state()
