@@ -243,7 +243,7 @@ def load_python_doc_texts(min_length=80):
     --------
     >>> from sklearn_jsae.datasets import load_python_doc_texts
     >>> texts = load_python_doc_texts()
-    >>> len(texts) > 1000 and all(len(t) > 80 for t in texts)
+    >>> len(texts) > 500 and all(len(t) > 80 for t in texts)
     True
     """
     import pydoc_data.topics
