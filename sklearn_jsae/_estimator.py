@@ -312,7 +312,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         config, mlp_copy, mlp_map, d_out, probe_rows = self._prepare(X)
         init = self._warm_init(mlp_map, d_out) if warm else None
         mlp_pass = _cached_mlp_pass(self.memory) if supports_mlp_pass(mlp_map) else None
-        checkpoint = make_checkpointer(self, fingerprint_array(X), mlp_map, config, init, "fit")
+        checkpoint = make_checkpointer(self, lambda: fingerprint_array(X), mlp_map, config, init, "fit")
         with _training_precision(config):
             result = train(X, mlp_map, config, init=init, mlp_pass=mlp_pass, checkpoint=checkpoint)
         self._trainer = None  # partial_fit after fit starts from the fitted weights

@@ -32,12 +32,15 @@ def _settings(config) -> str:
     return json.dumps(settings, sort_keys=True)
 
 
-def make_checkpointer(estimator, data_identity: str, mlp_map, config, init, kind: str):
+def make_checkpointer(estimator, data_identity, mlp_map, config, init, kind: str):
     """The :class:`~sklearn_jsae._backend.checkpoint.Checkpointer` for ``estimator.checkpoint_dir``,
-    or None without one.  ``data_identity`` fingerprints the training data; ``init`` (warm start)
-    is part of the identity too."""
+    or None without one.  ``data_identity`` fingerprints the training data (a str, or a callable
+    returning one, called only when there is a checkpoint folder: it reads the data); ``init``
+    (warm start) is part of the identity too."""
     if estimator.checkpoint_dir is None:
         return None
+    if callable(data_identity):
+        data_identity = data_identity()
     from ._backend.checkpoint import Checkpointer, fingerprint_module
 
     warm = "none"

@@ -258,7 +258,7 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         if warm:
             _check_warm_shape(self.components_.shape[0], self.n_components, "n_components")
             init = (self._params(), None, self.scale_, None)
-        checkpoint = make_checkpointer(self, fingerprint_array(X), None, config, init, "fit")
+        checkpoint = make_checkpointer(self, lambda: fingerprint_array(X), None, config, init, "fit")
         with _training_precision(config):
             result = train(X, None, config, init=init, checkpoint=checkpoint)
         self._trainer = None  # partial_fit after fit starts from the fitted weights

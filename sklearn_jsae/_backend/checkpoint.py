@@ -40,6 +40,9 @@ def fingerprint_array(X) -> str:
     picks = np.unique(np.linspace(0, n - 1, num=min(n, 257)).astype(np.int64)) if n else []
     for i in picks:
         digest.update(np.ascontiguousarray(X[int(i)]).tobytes())
+    from .train import release_pages
+
+    release_pages(X)  # a memmap's pages read here would otherwise stay resident
     return digest.hexdigest()[:32]
 
 
