@@ -64,8 +64,6 @@ class _Stream:
 
 def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int):
     """The body of :meth:`JacobianSparseAutoencoder.fit_stream` (see there)."""
-    import torch
-
     from ._backend.checkpoint import CheckpointError
     from ._backend.train import progress_bar
     from ._incremental import make_checkpointer, start_trainer, total_steps, train_rows
@@ -129,7 +127,6 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int):
     estimator._trainer = None
     estimator._set_fitted(trainer.result(), mlp_copy, mlp_map, probe_rows, config.device, d_out, tail,
                           previous=[])
-    del torch
     return estimator
 
 
