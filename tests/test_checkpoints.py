@@ -244,3 +244,63 @@ def test_checkpoint_is_safetensors_and_json_not_a_pickle(X, mlp, tmp_path):
     assert meta["format"] == checkpoint_module.FORMAT and meta["position"] == {"epoch": 1, "row": 0}
     assert b"\x80\x04\x95" not in raw[: 8 + header_length]  # no pickle protocol-4 frame in the header
     assert {"W_enc_x", "W_dec_y", "adam_m_0", "shuffling_rng"} <= set(header)
+
+
+STREAM_KILL_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np, torch, transformers
+    torch.set_num_threads(1)
+    from sklearn_jsae import JacobianSparseAutoencoder
+    from sklearn_jsae.hf import ActivationStream, mlp_of
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                                                           vocab_size=60, bos_token_id=59, eos_token_id=59)).eval()
+    ids = np.random.default_rng(0).integers(0, 59, size=(700, 12))
+    stream = ActivationStream(model, 1, input_ids=ids, batch_size=48, buffer_size=480, seed=2)
+    folder, out = sys.argv[1], sys.argv[2]
+    jsae = JacobianSparseAutoencoder(mlp_of(model, 1), n_components=48, k=4, batch_size=64, n_tokens=7000,
+                                     device="cpu", random_state=0, checkpoint_every=1,
+                                     checkpoint_dir=None if folder == "-" else folder)
+    jsae.fit_stream(stream, n_statistics=500)
+    np.savez(out, E_x=jsae.input_sae_.encoder_, E_y=jsae.output_sae_.encoder_, W_y=jsae.output_sae_.components_,
+             loss=np.array([row["loss"] for row in jsae.history_]), tokens=np.array([r["tokens"] for r in jsae.history_]))
+""")
+
+
+def test_sigkill_of_a_stream_fit_then_resume_repeats_and_skips_no_token(tmp_path):
+    """The same kill test for fit_stream: the checkpoint holds the stream's buffer and position."""
+    pytest.importorskip("transformers")
+    script = tmp_path / "stream_fit.py"
+    script.write_text(STREAM_KILL_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    folder = tmp_path / "run"
+    checkpoint = folder / FILENAME
+
+    def run(target, chooser=None):
+        before = checkpoint.stat().st_mtime_ns if checkpoint.exists() else None
+        proc = subprocess.Popen([sys.executable, str(script), target, str(tmp_path / "got.npz")], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 300
+        while chooser is not None and proc.poll() is None and time.monotonic() < deadline:
+            if checkpoint.exists() and checkpoint.stat().st_mtime_ns != before:
+                time.sleep(chooser.uniform(0.0, 0.3))
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return False
+            time.sleep(0.01)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        return True
+
+    run("-")
+    os.replace(tmp_path / "got.npz", tmp_path / "expected.npz")
+    chooser = random.Random(99)
+    kills = 0
+    while kills < 3 and not run(str(folder), chooser):
+        kills += 1
+    assert kills >= 2, f"only {kills} kills landed before the fit finished"
+    if kills == 3:
+        run(str(folder))
+    expected, got = np.load(tmp_path / "expected.npz"), np.load(tmp_path / "got.npz")
+    assert int(got["tokens"].sum()) == 7000
+    for name in expected.files:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
