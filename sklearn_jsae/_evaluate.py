@@ -4,8 +4,12 @@ Trains four models on the same tokens: a traditional pair (``l1 = 0``) and a JSA
 ``l1``), each on the trained MLP and on its randomised copy (:func:`~sklearn_jsae.metrics.randomize_mlp`),
 then prints, on held-out tokens, Jacobian sparsity at each τ, the FVU of both SAEs, the
 linear / JumpReLU / other fractions of f_s and the Jacobian-vs-intervention agreement, with
-Farnik et al.'s Pythia-410m numbers beside them.  ``--figures DIR`` saves the plots,
-``--json PATH`` the numbers.  Also runnable as ``python -m sklearn_jsae._evaluate``.
+Farnik et al.'s Pythia-410m numbers beside them.  Jacobian sparsity is reported twice: with
+τ on ``|J|`` (the paper's absolute view; JSON keys ``sparsity`` and ``global_sparsity``) and
+on the normalised ``(c_x / c_y) · |J|`` (``sparsity_normalized``,
+``global_sparsity_normalized``; ``jacobian_scale`` is each model's ``c_x / c_y``).
+``--figures DIR`` saves the plots, ``--json PATH`` the numbers.  Also runnable as
+``python -m sklearn_jsae._evaluate``.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import numpy as np
 
 from .metrics import (
     DEFAULT_THRESHOLDS,
+    _jacobian_sparsity_views,
     global_jacobian_sparsity,
     intervention_agreement,
-    jacobian_sparsity,
+    jacobian_scale,
     linearity,
     randomize_mlp,
     reconstruction_metrics,
@@ -106,9 +111,15 @@ def _evaluate_model(jsae, X_test, args, rng_seed):
     lin_rows = X_test[: args.linearity_samples]
     int_rows = X_test[: args.intervention_samples]
     recon = reconstruction_metrics(jsae, X_test)
+    # both views of both sparsities from one pass over the Jacobian
+    (sparsity, global_sparsity), (sparsity_normalized, global_normalized) = _jacobian_sparsity_views(
+        jsae, X_test, DEFAULT_THRESHOLDS, ("absolute", "normalized"), global_sparsity=True)
     return {
-        "sparsity": jacobian_sparsity(jsae, X_test, DEFAULT_THRESHOLDS),
-        "global_sparsity": global_jacobian_sparsity(jsae, X_test, DEFAULT_THRESHOLDS),
+        "sparsity": sparsity,
+        "global_sparsity": global_sparsity,
+        "sparsity_normalized": sparsity_normalized,
+        "global_sparsity_normalized": global_normalized,
+        "jacobian_scale": jacobian_scale(jsae),
         "fvu_input": recon["input"]["fvu"],
         "fvu_output": recon["output"]["fvu"],
         "dead_input": recon["input"]["dead_fraction"],
@@ -133,15 +144,22 @@ def _table(results, args, description, n_train, n_test, seconds):
     add(f"{'':{width}}{'this run':^40}   |{'paper (Pythia-410m L15, 65k latents)':^40}")
     add(head)
     add("-" * len(head))
-    add("Jacobian sparsity: fraction of active k x k entries with |J| > tau (lower is sparser)")
+    add("Jacobian sparsity: fraction of active k x k entries with |J| > tau (the paper's view; lower is sparser)")
     for tau in DEFAULT_THRESHOLDS:
         ours = "".join(f"{_fmt(results[m]['sparsity'][tau]):>10}" for m in MODELS)
         paper = "".join(f"{_fmt(v):>10}" for v in PAPER["sparsity"][tau])
         add(f"{'  tau = ' + str(tau):{width}}{ours}   |{paper}")
+    add("Normalised: fraction of active entries with (c_x/c_y)|J| > tau (the Jacobian the penalty acts on)")
+    ratios = "".join(f"{1 / results[m]['jacobian_scale']:>10.2f}" for m in MODELS)
+    add(f"{'  c_y / c_x (size of J)':{width}}{ratios}   |{'(not reported)':>40}")
+    for tau in DEFAULT_THRESHOLDS:
+        ours = "".join(f"{_fmt(results[m]['sparsity_normalized'][tau]):>10}" for m in MODELS)
+        add(f"{'  tau = ' + str(tau):{width}}{ours}   |{'(not reported)':>40}")
     add("Global sparsity: fraction of all n_out x n_in pairs with mean |J| > tau")
-    for tau in (0.01,):
-        ours = "".join(f"{_fmt(results[m]['global_sparsity'][tau]):>10}" for m in MODELS)
-        add(f"{'  tau = ' + str(tau):{width}}{ours}   |{'(not reported here)':>40}")
+    for key, view in (("global_sparsity", "|J|"), ("global_sparsity_normalized", "(c_x/c_y)|J|")):
+        for tau in (0.01,):
+            ours = "".join(f"{_fmt(results[m][key][tau]):>10}" for m in MODELS)
+            add(f"{'  ' + view + ' > ' + str(tau):{width}}{ours}   |{'(not reported)':>40}")
     add("Reconstruction: fraction of variance unexplained")
     for key, name in (("fvu_input", "input SAE"), ("fvu_output", "output SAE")):
         ours = "".join(f"{_fmt(results[m][key], percent=False):>10}" for m in MODELS)
@@ -173,8 +191,10 @@ def _figures(directory, fitted, X_test, data_tokens=None):
     os.makedirs(directory, exist_ok=True)
     saved = []
     names = dict(zip(MODELS, ("JSAE", "traditional", "JSAE, random MLP", "traditional, random MLP")))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    plot_jacobian_histogram({names[m]: fitted[m] for m in MODELS}, X_test[:512], thresholds=DEFAULT_THRESHOLDS, ax=ax)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, scale in zip(axes, ("absolute", "normalized")):
+        plot_jacobian_histogram({names[m]: fitted[m] for m in MODELS}, X_test[:512], thresholds=DEFAULT_THRESHOLDS,
+                                scale=scale, ax=ax)
     saved.append(_save(fig, directory, "jacobian_histogram.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))

@@ -4,18 +4,25 @@ An l1 sweep trades reconstruction for Jacobian sparsity.  The scorers here follo
 scikit-learn's convention that higher is better, so quantities where lower is better carry
 a ``neg_`` prefix (as ``neg_mean_squared_error`` does):
 
-==============================  ===============================================================
-``explained_variance``          mean explained variance of the two SAEs (= ``estimator.score``)
-``explained_variance_input``    explained variance of the input SAE on X
-``explained_variance_output``   explained variance of the output SAE on mlp(X)
-``neg_jacobian_sparsity``       minus the mean fraction of active Jacobian entries with ``|J|`` > τ
-``neg_l0``                      minus the mean number of non-zero latents per row (both SAEs)
-``neg_dead_fraction``           minus the fraction of latents (both SAEs) never active on X
-==============================  ===============================================================
+====================================  ===================================================================
+``explained_variance``                mean explained variance of the two SAEs (= ``estimator.score``)
+``explained_variance_input``          explained variance of the input SAE on X
+``explained_variance_output``         explained variance of the output SAE on mlp(X)
+``neg_jacobian_sparsity``             minus the mean fraction of active Jacobian entries with ``|J|`` > τ
+                                      (or ``(c_x / c_y) · |J|`` > τ: :func:`make_scoring`'s ``scale``)
+``neg_jacobian_sparsity_absolute``    the same with τ on ``|J|`` (the paper's view), whatever ``scale``
+``neg_jacobian_sparsity_normalized``  the same with τ on ``(c_x / c_y) · |J|``, whatever ``scale``
+``neg_l0``                            minus the mean number of non-zero latents per row (both SAEs)
+``neg_dead_fraction``                 minus the fraction of latents (both SAEs) never active on X
+====================================  ===================================================================
 
 :func:`make_scoring` returns one callable that computes all of them in a single pass over
 the test fold (one reconstruction pass, one Jacobian pass), usable directly as
-``GridSearchCV(scoring=make_scoring())``; the ``*_scorer`` objects compute one each.
+``GridSearchCV(scoring=make_scoring())``; the ``*_scorer`` objects compute one each.  The
+Jacobian scores take the ``scale`` of :func:`~sklearn_jsae.metrics.jacobian_sparsity`:
+``"absolute"`` (the paper's τ on J, the default) or ``"normalized"`` (τ on
+``(c_x / c_y) · J``, each candidate's own scales), so that a sweep can be read in either view
+(:ref:`absolute-normalised-thresholds`).
 :func:`sparsest_within_tolerance` is a ``refit`` callable that picks the sparsest Jacobian
 among the candidates whose reconstruction is within a tolerance of the best.
 
@@ -46,7 +53,14 @@ import numbers
 
 import numpy as np
 
-from .metrics import _check_jsae, _check_thresholds, jacobian_sparsity, reconstruction_metrics
+from .metrics import (
+    _check_jsae,
+    _check_scale,
+    _check_thresholds,
+    _jacobian_sparsity_views,
+    jacobian_sparsity,
+    reconstruction_metrics,
+)
 
 __all__ = [
     "explained_variance_scorer",
@@ -82,35 +96,56 @@ def _check_threshold(threshold) -> float:
 class _JSAEScoring:
     """Callable ``(estimator, X, y=None) -> dict`` of every score (see module docstring)."""
 
-    def __init__(self, threshold):
+    def __init__(self, threshold, scale):
         self.threshold = _check_threshold(threshold)
+        self.scale = _check_scale(scale)
 
     def __call__(self, estimator, X, y=None):
         _check_jsae(estimator)
         scores = _reconstruction_scores(estimator, X)
-        scores["neg_jacobian_sparsity"] = -jacobian_sparsity(estimator, X, [self.threshold])[self.threshold]
+        tau = self.threshold
+        views = _jacobian_sparsity_views(estimator, X, [tau], [self.scale, "absolute", "normalized"])
+        chosen, absolute, normalized = (-per_sample[tau] for per_sample, _ in views)
+        scores["neg_jacobian_sparsity"] = chosen
+        scores["neg_jacobian_sparsity_absolute"] = absolute
+        scores["neg_jacobian_sparsity_normalized"] = normalized
         return scores
 
     def __repr__(self):
-        return f"make_scoring(threshold={self.threshold!r})"
+        return f"make_scoring(threshold={self.threshold!r}, scale={self.scale!r})"
 
 
-def make_scoring(threshold=0.01):
+def make_scoring(threshold=0.01, scale="absolute"):
     """All JSAE scores in one pass, for ``GridSearchCV(scoring=...)`` / ``cross_validate``.
 
     Parameters
     ----------
     threshold : float, default=0.01
         τ of ``neg_jacobian_sparsity`` (minus the mean fraction of active entries with ``|J|`` > τ).
+    scale : {"absolute", "normalized"} or float, default="absolute"
+        What τ of ``neg_jacobian_sparsity`` is compared with, as in
+        :func:`~sklearn_jsae.metrics.jacobian_sparsity`: ``|J|`` (the paper's τ),
+        ``(c_x / c_y) · |J|`` with each candidate's own scales (the normalised Jacobian, which
+        the penalty acts on; comparable across layers whose activation scales differ) or
+        ``a · |J|``.  The refit rule and :func:`~sklearn_jsae.plotting.plot_l1_pareto` read
+        ``neg_jacobian_sparsity``, so this chooses the view the sweep is decided in;
+        ``neg_jacobian_sparsity_absolute`` and ``neg_jacobian_sparsity_normalized`` are
+        recorded either way, from the same Jacobian pass.
 
     Returns
     -------
     scoring : callable
         ``scoring(estimator, X, y=None)`` returns a dict with the keys ``explained_variance``,
         ``explained_variance_input``, ``explained_variance_output``, ``neg_jacobian_sparsity``,
-        ``neg_l0`` and ``neg_dead_fraction``; scikit-learn records each as
-        ``mean_test_<key>`` in ``cv_results_``.  With a dict-returning scorer, ``refit`` must
-        be a key or a callable such as :func:`sparsest_within_tolerance`.
+        ``neg_jacobian_sparsity_absolute``, ``neg_jacobian_sparsity_normalized``, ``neg_l0``
+        and ``neg_dead_fraction``; scikit-learn records each as ``mean_test_<key>`` in
+        ``cv_results_``.  With a dict-returning scorer, ``refit`` must be a key or a callable
+        such as :func:`sparsest_within_tolerance`.
+
+    Raises
+    ------
+    ValueError
+        If ``threshold`` is not a number >= 0 or ``scale`` is none of the above.
 
     Examples
     --------
@@ -124,8 +159,15 @@ def make_scoring(threshold=0.01):
     True
     >>> -1 <= scores["neg_jacobian_sparsity"] <= 0
     True
+    >>> scores["neg_jacobian_sparsity"] == scores["neg_jacobian_sparsity_absolute"]
+    True
+    >>> scoring = make_scoring(scale="normalized")
+    >>> scoring
+    make_scoring(threshold=0.01, scale='normalized')
+    >>> scoring(jsae, X)["neg_jacobian_sparsity"] == scores["neg_jacobian_sparsity_normalized"]
+    True
     """
-    return _JSAEScoring(threshold)
+    return _JSAEScoring(threshold, scale)
 
 
 class _SingleScorer:
@@ -140,12 +182,30 @@ class _SingleScorer:
         return f"<sklearn_jsae scorer {self.name}>"
 
 
-def make_jacobian_sparsity_scorer(threshold=0.01):
-    """Scorer ``-jacobian_sparsity(estimator, X, [τ])[τ]``: higher (closer to 0) is sparser.
+class _JacobianSparsityScorer:
+    """Scorer ``-jacobian_sparsity(estimator, X, [τ], scale=scale)[τ]``."""
+
+    def __init__(self, threshold, scale):
+        self.threshold = _check_threshold(threshold)
+        self.scale = _check_scale(scale)
+
+    def __call__(self, estimator, X, y=None):
+        _check_jsae(estimator)
+        return -jacobian_sparsity(estimator, X, [self.threshold], scale=self.scale)[self.threshold]
+
+    def __repr__(self):
+        return f"make_jacobian_sparsity_scorer(threshold={self.threshold!r}, scale={self.scale!r})"
+
+
+def make_jacobian_sparsity_scorer(threshold=0.01, scale="absolute"):
+    """Scorer ``-jacobian_sparsity(estimator, X, [τ], scale=scale)[τ]``: higher (closer to 0) is sparser.
 
     Parameters
     ----------
     threshold : float, default=0.01
+    scale : {"absolute", "normalized"} or float, default="absolute"
+        As in :func:`make_scoring`: τ on ``|J|`` (the paper's), on ``(c_x / c_y) · |J|`` with
+        the scored estimator's own scales, or on ``a · |J|``.
 
     Returns
     -------
@@ -155,20 +215,23 @@ def make_jacobian_sparsity_scorer(threshold=0.01):
     --------
     >>> import numpy as np
     >>> from sklearn_jsae import JacobianSparseAutoencoder
+    >>> from sklearn_jsae.metrics import jacobian_sparsity
     >>> from sklearn_jsae.model_selection import make_jacobian_sparsity_scorer
     >>> X = np.random.default_rng(0).normal(size=(100, 4)).astype(np.float32)
     >>> jsae = JacobianSparseAutoencoder(n_components=8, k=2, max_iter=2, random_state=0).fit(X)
     >>> -1.0 <= make_jacobian_sparsity_scorer(0.01)(jsae, X) <= 0.0
     True
+    >>> scorer = make_jacobian_sparsity_scorer(0.01, scale="normalized")
+    >>> scorer(jsae, X) == -jacobian_sparsity(jsae, X, 0.01, scale="normalized")[0.01]
+    True
     """
-    tau = _check_threshold(threshold)
-    return _SingleScorer(f"neg_jacobian_sparsity(τ={tau:g})", lambda est, X: -jacobian_sparsity(est, X, [tau])[tau])
+    return _JacobianSparsityScorer(threshold, scale)
 
 
 #: Mean explained variance of the two SAEs (higher is better).
 explained_variance_scorer = _SingleScorer(
     "explained_variance", lambda est, X: _reconstruction_scores(est, X)["explained_variance"])
-#: Minus the mean fraction of active Jacobian entries with ``|J|`` > 0.01.
+#: Minus the mean fraction of active Jacobian entries with ``|J|`` > 0.01 (the paper's absolute τ).
 neg_jacobian_sparsity_scorer = make_jacobian_sparsity_scorer(0.01)
 #: Minus the mean L0 of the two SAEs.
 neg_l0_scorer = _SingleScorer("neg_l0", lambda est, X: _reconstruction_scores(est, X)["neg_l0"])

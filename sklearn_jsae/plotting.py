@@ -7,7 +7,10 @@
 :func:`plot_top_edges`                the strongest input latents feeding one output latent
 ====================================  ========================================================
 
-Every function draws on ``ax`` (a new figure when None) and returns the axes.
+Every function draws on ``ax`` (a new figure when None) and returns the axes.  The histogram
+and the Pareto front take the ``scale`` of :func:`~sklearn_jsae.metrics.jacobian_sparsity`
+(``"absolute"``: the paper's ``|J|``; ``"normalized"``: ``(c_x / c_y) · |J|``, see
+:ref:`absolute-normalised-thresholds`) and label their axis with it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import numbers
 import numpy as np
 
 from ._topk import _validate_X
-from .metrics import _check_jsae, global_jacobian_sparsity
+from .metrics import _check_jsae, _check_scale, _resolve_scale, global_jacobian_sparsity
+from .model_selection import _JSAEScoring
 
 __all__ = ["plot_jacobian_block", "plot_jacobian_histogram", "plot_l1_pareto", "plot_top_edges"]
 
@@ -48,6 +52,15 @@ def _label(labels, latent):
         return str(int(latent))
 
 
+def _quantity(scale):
+    """How ``scale`` writes the thresholded quantity on an axis."""
+    if scale == "absolute":
+        return "|J|"
+    if scale == "normalized":
+        return "(c_x/c_y)·|J|"
+    return f"{scale:g}·|J|"
+
+
 def _named(models):
     if isinstance(models, dict):
         return list(models.items())
@@ -56,12 +69,16 @@ def _named(models):
     return [(type(models).__name__, models)]
 
 
-def plot_jacobian_histogram(models, X, *, thresholds=(0.01,), bins=60, min_value=1e-5, ax=None):
+def plot_jacobian_histogram(models, X, *, thresholds=(0.01,), bins=60, min_value=1e-5, scale="absolute",
+                            ax=None):
     """Histogram of ``|J|`` over the active Jacobian entries of one or several fitted models.
 
     Log-spaced bins from ``min_value`` to the largest entry; entries below ``min_value``
     (including exact zeros) are counted in the first bin.  Each curve is normalised to the
-    fraction of that model's entries, so models with different k compare directly.
+    fraction of that model's entries, so models with different k compare directly.  With
+    ``scale="normalized"`` each model's entries are multiplied by its own ``c_x / c_y``
+    (:func:`~sklearn_jsae.metrics.jacobian_scale`): the normalised Jacobian, which puts
+    models and layers with different activation scales on one axis.
 
     Parameters
     ----------
@@ -72,6 +89,10 @@ def plot_jacobian_histogram(models, X, *, thresholds=(0.01,), bins=60, min_value
         Drawn as dashed vertical lines.
     bins : int, default=60
     min_value : float, default=1e-5
+    scale : {"absolute", "normalized"} or float, default="absolute"
+        The quantity histogrammed (and what ``thresholds`` mark), as in
+        :func:`~sklearn_jsae.metrics.jacobian_sparsity`: ``|J|``, ``(c_x / c_y) · |J|`` with
+        each model's own scales, or ``a · |J|``; the x label says which.
     ax : matplotlib Axes, default=None
 
     Returns
@@ -92,13 +113,18 @@ def plot_jacobian_histogram(models, X, *, thresholds=(0.01,), bins=60, min_value
     >>> ax = plot_jacobian_histogram({"JSAE": fit(1.0), "traditional": fit(0.0)}, X)
     >>> [t.get_text() for t in ax.get_legend().get_texts()][:2]
     ['JSAE', 'traditional']
+    >>> ax = plot_jacobian_histogram(fit(1.0), X, scale="normalized")
+    >>> ax.get_xlabel().startswith("(c_x/c_y)·|J|")
+    True
     """
+    scale = _check_scale(scale)
     named = _named(models)
     values = {}
     for label, model in named:
         _check_jsae(model, "every model")
+        factor = _resolve_scale(model, scale)
         rows = _validate_X(model, X, reset=False)
-        values[label] = np.abs(np.concatenate([J.ravel() for J, _, _ in model._iter_blocks(rows)]))
+        values[label] = factor * np.abs(np.concatenate([J.ravel() for J, _, _ in model._iter_blocks(rows)]))
     top = max(max(float(v.max()) for v in values.values() if v.size), min_value * 10)
     edges = np.geomspace(min_value, top * 1.0001, bins + 1)
     ax = _axes(ax)
@@ -108,9 +134,9 @@ def plot_jacobian_histogram(models, X, *, thresholds=(0.01,), bins=60, min_value
     for tau in thresholds:
         ax.axvline(tau, color="grey", linestyle="--", linewidth=1)
     ax.set_xscale("log")
-    ax.set_xlabel(f"|J| over active entries (first bin: below {min_value:g})")
+    ax.set_xlabel(f"{_quantity(scale)} over active entries (first bin: below {min_value:g})")
     ax.set_ylabel("fraction of entries")
-    ax.set_title("Jacobian magnitudes")
+    ax.set_title("Normalised Jacobian magnitudes" if scale == "normalized" else "Jacobian magnitudes")
     ax.legend()
     return ax
 
@@ -125,14 +151,16 @@ def _pareto_mask(cost, gain):
 
 
 def plot_l1_pareto(search, *, reconstruction="explained_variance", sparsity="neg_jacobian_sparsity",
-                   param="l1", chosen=None, ax=None):
+                   scale=None, param="l1", chosen=None, ax=None):
     """Reconstruction against Jacobian density for every candidate of an l1 sweep.
 
     The x axis is the Jacobian density (``-mean_test_<sparsity>``: the fraction of active
     entries above τ, lower is sparser) and the y axis the mean test ``reconstruction`` score;
     each point is labelled with its ``param`` value and the Pareto-optimal candidates are
     joined by a line.  The chosen candidate (``best_index_`` of a fitted search, or
-    ``chosen``) is starred.
+    ``chosen``) is starred.  The x label says whether τ was on ``|J|`` or on the normalised
+    ``(c_x / c_y) · |J|`` when that is known: from ``scale``, or from the search's
+    ``scoring`` when it is a :func:`~sklearn_jsae.model_selection.make_scoring`.
 
     Parameters
     ----------
@@ -141,6 +169,14 @@ def plot_l1_pareto(search, *, reconstruction="explained_variance", sparsity="neg
         names given below).
     reconstruction : str, default="explained_variance"
     sparsity : str, default="neg_jacobian_sparsity"
+    scale : {"absolute", "normalized"} or None, default=None
+        None plots the ``sparsity`` column, in whatever view the search was scored
+        (``make_scoring(scale=...)``).  ``"absolute"`` or ``"normalized"`` plots
+        ``make_scoring``'s ``neg_jacobian_sparsity_absolute`` or
+        ``neg_jacobian_sparsity_normalized`` column instead (both are recorded whatever
+        ``scale`` the scoring had), so one sweep can be drawn in either view; ``sparsity``
+        must then be left at its default.  A number is refused: the scores are already
+        computed, so a factor belongs in ``make_scoring(scale=...)``.
     param : str, default="l1"
     chosen : int or None, default=None
         Candidate index to star; None uses ``search.best_index_`` if it exists.
@@ -161,10 +197,15 @@ def plot_l1_pareto(search, *, reconstruction="explained_variance", sparsity="neg
     >>> ax = plot_l1_pareto(cv_results, chosen=1)
     >>> ax.get_lines()[0].get_xdata().tolist()   # the Pareto front: l1 = 0.0, 0.5, 8.0
     [0.01, 0.1, 0.4]
+    >>> cv_results["mean_test_neg_jacobian_sparsity_normalized"] = [-0.30, -0.05, -0.08, -0.01]
+    >>> ax = plot_l1_pareto(cv_results, scale="normalized")
+    >>> ax.get_lines()[0].get_xdata().tolist(), "(c_x/c_y)·|J|" in ax.get_xlabel()
+    ([0.01, 0.05, 0.3], True)
     """
     cv_results = getattr(search, "cv_results_", search)
     if chosen is None:
         chosen = getattr(search, "best_index_", None)
+    sparsity, view, tau = _pareto_column(search, sparsity, scale)
     keys = (f"mean_test_{reconstruction}", f"mean_test_{sparsity}")
     missing = [key for key in keys if key not in cv_results]
     if missing:
@@ -183,11 +224,40 @@ def plot_l1_pareto(search, *, reconstruction="explained_variance", sparsity="neg
                         (cost[a], gain[a]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if chosen is not None:
         ax.scatter([cost[chosen]], [gain[chosen]], marker="*", s=250, color="tab:red", zorder=4, label="chosen")
-    ax.set_xlabel(f"Jacobian density (-{sparsity}; lower is sparser)")
+    if view is None:
+        ax.set_xlabel(f"Jacobian density (-{sparsity}; lower is sparser)")
+    else:
+        above = f"{_quantity(view)} > " + ("τ" if tau is None else f"{tau:g}")
+        ax.set_xlabel(f"Jacobian density: fraction of active entries with {above} (lower is sparser)")
     ax.set_ylabel(reconstruction.replace("_", " "))
     ax.set_title("l1 sweep")
     ax.legend()
     return ax
+
+
+def _pareto_column(search, sparsity, scale):
+    """``(column name, scale of that column or None if unknown, τ or None)`` for plot_l1_pareto."""
+    scoring = getattr(search, "scoring", None)
+    scoring = scoring if isinstance(scoring, _JSAEScoring) else None
+    tau = None if scoring is None else scoring.threshold
+    if scale is None:
+        if scoring is not None and sparsity == "neg_jacobian_sparsity":
+            return sparsity, scoring.scale, tau
+        for view in ("absolute", "normalized"):
+            if sparsity == f"neg_jacobian_sparsity_{view}":
+                return sparsity, view, tau
+        return sparsity, None, None
+    if scale not in ("absolute", "normalized"):
+        raise ValueError(
+            f"scale must be None, 'absolute' or 'normalized' (which make_scoring column to plot), got "
+            f"{scale!r}; the scores are already computed, so a factor belongs in make_scoring(scale=...)."
+        )
+    if sparsity != "neg_jacobian_sparsity":
+        raise ValueError(
+            f"scale={scale!r} plots make_scoring's neg_jacobian_sparsity_{scale} column, but sparsity="
+            f"{sparsity!r} names another; pass one of them (scale=None to plot {sparsity!r})."
+        )
+    return f"neg_jacobian_sparsity_{scale}", scale, tau
 
 
 def plot_jacobian_block(estimator, x, *, input_labels=None, output_labels=None, sort=True, cmap="RdBu_r", ax=None):

@@ -21,15 +21,21 @@ def test_synthetic_run_prints_the_table_and_writes_json_and_figures(tmp_path, ca
     assert main(TINY + ["--synthetic", "--json", str(out), "--figures", str(figures)]) == 0
     text = capsys.readouterr().out
     assert "synthetic MLP" in text
-    for row in ("tau = 0.005", "tau = 0.02", "input SAE", "output SAE", "linear", "jumprelu", "agreement"):
+    for row in ("tau = 0.005", "tau = 0.02", "input SAE", "output SAE", "linear", "jumprelu", "agreement",
+                "Normalised: fraction of active entries with (c_x/c_y)|J| > tau", "c_y / c_x",
+                "  |J| > 0.01", "  (c_x/c_y)|J| > 0.01"):
         assert row in text
     assert "16.5%" in text and "97.7%" in text  # the paper's numbers sit beside ours
 
     payload = json.loads(out.read_text())
     assert set(payload["models"]) == {"jsae-trained", "traditional-trained", "jsae-random", "traditional-random"}
     for model in payload["models"].values():
-        sparsity = [model["sparsity"][t] for t in ("0.005", "0.01", "0.015", "0.02")]
-        assert all(0 <= s <= 1 for s in sparsity) and sparsity == sorted(sparsity, reverse=True)
+        for key in ("sparsity", "sparsity_normalized", "global_sparsity", "global_sparsity_normalized"):
+            sparsity = [model[key][t] for t in ("0.005", "0.01", "0.015", "0.02")]
+            assert all(0 <= s <= 1 for s in sparsity) and sparsity == sorted(sparsity, reverse=True)
+        assert model["jacobian_scale"] > 0
+        # the views differ by the factor c_x / c_y, which is not 1 on the synthetic MLP
+        assert model["sparsity_normalized"] != model["sparsity"]
         assert sum(model["linearity"].values()) == pytest.approx(1.0)
         assert 0 <= model["intervention"] <= 1 and model["fvu_input"] >= 0
     assert payload["settings"]["k"] == 2 and payload["n_test"] == 64 and payload["n_train"] == 300

@@ -24,7 +24,8 @@ from sklearn_jsae.model_selection import (
 )
 
 KEYS = {"explained_variance", "explained_variance_input", "explained_variance_output",
-        "neg_jacobian_sparsity", "neg_l0", "neg_dead_fraction"}
+        "neg_jacobian_sparsity", "neg_jacobian_sparsity_absolute", "neg_jacobian_sparsity_normalized",
+        "neg_l0", "neg_dead_fraction"}
 
 
 def make_data(n=240, d=6, seed=0):
@@ -53,6 +54,9 @@ def test_make_scoring_agrees_with_the_metrics(fitted):
     assert scores["explained_variance_input"] == pytest.approx(metrics["input"]["explained_variance"])
     assert scores["explained_variance_output"] == pytest.approx(metrics["output"]["explained_variance"])
     assert scores["neg_jacobian_sparsity"] == pytest.approx(-jacobian_sparsity(jsae, X, [0.02])[0.02])
+    assert scores["neg_jacobian_sparsity_absolute"] == scores["neg_jacobian_sparsity"]  # the default scale
+    normalized = -jacobian_sparsity(jsae, X, [0.02], scale="normalized")[0.02]
+    assert scores["neg_jacobian_sparsity_normalized"] == pytest.approx(normalized)
     assert -3 <= scores["neg_l0"] <= 0
     assert -1 <= scores["neg_dead_fraction"] <= 0
 
