@@ -20,16 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 import warnings
-
 
 DOCS = "/usr/share/doc/python3.11/html/_sources"
 
 
 def python_docs_paragraphs(root=DOCS, min_length=80):
     """Prose paragraphs of the Python documentation's reStructuredText sources, in file order."""
-    import os
     import re
 
     if not os.path.isdir(root):
@@ -58,8 +57,11 @@ def main(argv=None):
     parser.add_argument("--token-steps", type=int, default=300_000,
                         help="tokens processed per fit (max_iter = this / count, at least 1)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--l1", type=float, default=None, help="the JSAE's l1 (default: the estimator's default)")
     parser.add_argument("--corpus", choices=["pydoc", "python-docs"], default="pydoc")
     parser.add_argument("--out", default="benchmarks/results/tokens_curve.json")
+    parser.add_argument("--checkpoint-dir", default=None, help="make each fit resumable (long counts)")
+    parser.add_argument("--keep", action="store_true", help="keep the rows of other counts already in --out")
     args = parser.parse_args(argv)
 
     import torch
@@ -84,11 +86,18 @@ def main(argv=None):
                        n_tokens=max(args.counts), progress=False)
     mlp = mlp_of(model, 3)
     rows = []
+    # Counts run at another time (a long one in the background) are kept, so one file holds the curve.
+    previous = []
+    if args.keep and os.path.exists(args.out):
+        with open(args.out) as f:
+            previous = [r for r in json.load(f)["rows"] if r["tokens"] not in args.counts]
     for count in args.counts:
         X = X_all[:count]
         max_iter = max(1, math.ceil(args.token_steps / X.shape[0]))
-        for l1 in (None, 0.0):  # None: the default l1
+        for l1 in (args.l1, 0.0):  # None: the default l1
             settings = {} if l1 is None else dict(l1=l1)
+            if args.checkpoint_dir:  # a killed run resumes from here when started again
+                settings["checkpoint_dir"] = os.path.join(args.checkpoint_dir, f"{count}_{'default' if l1 is None else l1}")
             started = time.perf_counter()
             jsae = JacobianSparseAutoencoder(mlp, max_iter=max_iter, device="cpu", random_state=0, **settings).fit(X)
             seconds = time.perf_counter() - started
@@ -100,7 +109,7 @@ def main(argv=None):
             rows.append(row)
             print(json.dumps(row), flush=True)
             with open(args.out, "w") as f:
-                json.dump(dict(rows=rows, paper=dict(jsae=0.062, traditional=0.583),
+                json.dump(dict(rows=previous + rows, paper=dict(jsae=0.062, traditional=0.583),
                                command=" ".join(["python benchmarks/tokens_curve.py"] + (argv or []))), f, indent=1)
 
 

@@ -1,0 +1,246 @@
+"""The l1 trade-off on every layer: Jacobian sparsity (absolute and normalised τ) and FVU against l1.
+
+For each model and layer, harvests the MLP's inputs from real English text with
+:func:`sklearn_jsae.hf.harvest` (the Python 3.11 documentation's prose from Debian's
+``python3.11-doc`` when it is installed, else ``pydoc_data.topics``; the first 40 paragraphs
+held out), then fits a :class:`~sklearn_jsae.JacobianSparseAutoencoder` for every ``l1`` at
+every token count, with the defaults otherwise except ``max_iter``: every fit processes about
+``--token-steps`` tokens (30 epochs at 10k tokens, the default; 3 at 100k), so the counts
+compare data, not compute.  On the held-out tokens it records, for τ in (0.005, 0.01, 0.02),
+the fraction of active Jacobian entries above τ in both views (``absolute``: the paper's τ on
+∂s_y/∂s_x; ``normalized``: τ on (c_x / c_y)·J, the view the penalty acts on) and the FVU of
+each SAE.  ``l1 = 0`` is the traditional pair, the baseline.
+
+Every finished fit is appended to ``--out`` at once, and fits already there are skipped, so an
+interrupted sweep continues where it stopped::
+
+    python benchmarks/l1_layers.py --model minilm --layers 0 1 2 3 4 5 --counts 10000 100000 \\
+        --l1 0 1 2 4 8 --out benchmarks/results/l1_layers_minilm.json
+    python benchmarks/l1_layers.py --model smollm2 --layers 5 15 25 --counts 10000 100000 \\
+        --l1 0 1 2 4 8 --out benchmarks/results/l1_layers_smollm2.json
+    python benchmarks/l1_layers.py --summarise benchmarks/results/l1_layers_*.json --l1-default 2 \\
+        --figure docs/_static/l1_tradeoff.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+THRESHOLDS = (0.005, 0.01, 0.02)
+
+
+def _texts():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tokens_curve import DOCS, python_docs_paragraphs
+
+    if os.path.isdir(DOCS):
+        return "python-docs", python_docs_paragraphs()
+    from sklearn_jsae.datasets import load_python_doc_texts
+
+    return "pydoc", load_python_doc_texts()
+
+
+def _fractions(J, factor):
+    from sklearn_jsae.metrics import jacobian_sparsity
+
+    scaled = J.copy()
+    scaled.data = scaled.data * factor
+    absolute = jacobian_sparsity(J, thresholds=THRESHOLDS)
+    normalized = jacobian_sparsity(scaled, thresholds=THRESHOLDS)
+    return ({str(t): round(v, 4) for t, v in absolute.items()},
+            {str(t): round(v, 4) for t, v in normalized.items()})
+
+
+def _load(path):
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return dict(rows=[])
+
+
+def _save(path, results):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+
+
+def sweep(args):
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    from sklearn_jsae import JacobianSparseAutoencoder
+    from sklearn_jsae._cli_train import load_model
+    from sklearn_jsae.hf import harvest, mlp_of
+    from sklearn_jsae.metrics import fraction_variance_unexplained
+
+    corpus, texts = _texts()
+    model, tokenizer = load_model(args.model)
+    for layer in args.layers:
+        held_out = X_all = None
+        for count in args.counts:
+            for l1 in args.l1:
+                key = (args.model, layer, count, l1)
+                results = _load(args.out)
+                if any((r["model"], r["layer"], r["tokens"], r["l1"]) == key for r in results["rows"]):
+                    continue
+                if held_out is None:
+                    held_out, _ = harvest(model, layer, texts[:40], tokenizer=tokenizer,
+                                          exclude_special_tokens=True, progress=False)
+                    held_out = held_out[:args.held_out]
+                    X_all, _ = harvest(model, layer, texts[40:], tokenizer=tokenizer, exclude_special_tokens=True,
+                                       n_tokens=max(args.counts), progress=False)
+                    mlp = mlp_of(model, layer)
+                X = X_all[:count]
+                max_iter = max(1, math.ceil(args.token_steps / X.shape[0]))
+                started = time.perf_counter()
+                jsae = JacobianSparseAutoencoder(mlp, l1=l1, max_iter=max_iter, device="cpu",
+                                                 random_state=0).fit(X)
+                seconds = time.perf_counter() - started
+                fvu = fraction_variance_unexplained(jsae, held_out)
+                factor = jsae.input_sae_.scale_ / jsae.output_sae_.scale_
+                absolute, normalized = _fractions(jsae.jacobian(held_out), factor)
+                row = dict(model=args.model, layer=layer, tokens=int(X.shape[0]), l1=l1, max_iter=max_iter,
+                           corpus=corpus, held_out_tokens=int(held_out.shape[0]),
+                           scale_ratio=round(1 / factor, 4), absolute=absolute, normalized=normalized,
+                           fvu_input=round(float(fvu["input"]), 4), fvu_output=round(float(fvu["output"]), 4),
+                           dead_input=round(float(jsae.history_[-1]["dead_fraction_input"]), 4),
+                           dead_output=round(float(jsae.history_[-1]["dead_fraction_output"]), 4),
+                           seconds=round(seconds, 1))
+                print(json.dumps(row), flush=True)
+                results = _load(args.out)  # another process may have written since
+                results["rows"].append(row)
+                _save(args.out, results)
+
+
+def _baseline(rows, row):
+    for r in rows:
+        if (r["model"], r["layer"], r["tokens"], r["l1"]) == (row["model"], row["layer"], row["tokens"], 0.0):
+            return r
+    return None
+
+
+def summarise(args):
+    rows = [r for path in args.summarise for r in _load(path)["rows"]]
+    table = []
+    for r in sorted(rows, key=lambda r: (r["model"], r["layer"], r["tokens"], r["l1"])):
+        base = _baseline(rows, r)
+        if base is None or r["l1"] == 0:
+            continue
+        entry = dict(model=r["model"], layer=r["layer"], tokens=r["tokens"], l1=r["l1"],
+                     trad_abs=base["absolute"]["0.01"], jsae_abs=r["absolute"]["0.01"],
+                     trad_norm=base["normalized"]["0.01"], jsae_norm=r["normalized"]["0.01"],
+                     ratio_abs=base["absolute"]["0.01"] / max(r["absolute"]["0.01"], 1e-4),
+                     ratio_norm=base["normalized"]["0.01"] / max(r["normalized"]["0.01"], 1e-4),
+                     dfvu_input=r["fvu_input"] - base["fvu_input"], dfvu_output=r["fvu_output"] - base["fvu_output"],
+                     scale_ratio=r["scale_ratio"])
+        table.append(entry)
+    header = ("model", "layer", "tokens", "l1", "c_y/c_x", "abs trad", "abs jsae", "ratio", "norm trad",
+              "norm jsae", "ratio", "ΔFVU_x", "ΔFVU_y")
+    print(" | ".join(header))
+    for e in table:
+        if args.l1_default is not None and e["l1"] != args.l1_default:
+            continue
+        print(" | ".join([e["model"], str(e["layer"]), f"{e['tokens']:,}", f"{e['l1']:g}", f"{e['scale_ratio']:.2f}",
+                          f"{e['trad_abs']:.1%}", f"{e['jsae_abs']:.1%}", f"{e['ratio_abs']:.1f}x",
+                          f"{e['trad_norm']:.1%}", f"{e['jsae_norm']:.1%}", f"{e['ratio_norm']:.1f}x",
+                          f"{e['dfvu_input']:+.3f}", f"{e['dfvu_output']:+.3f}"]))
+    if args.rst and args.l1_default is not None:
+        _rst(table, args.l1_default)
+    if args.figure:
+        _figure(rows, args.figure, args.l1_default)
+
+
+def _rst(table, l1):
+    """The chosen l1's rows as a reStructuredText table (for docs/defaults.rst)."""
+    columns = ("layer", "tokens", "c_y/c_x", "above τ, l1 = 0 → l1 (absolute)", "ratio",
+               "above τ, l1 = 0 → l1 (normalised)", "ratio", "FVU_x rise", "FVU_y rise")
+    lines = []
+    for e in table:
+        if e["l1"] != l1:
+            continue
+        name = "MiniLM" if e["model"] == "minilm" else "SmolLM2" if e["model"] == "smollm2" else e["model"]
+        lines.append((f"{name} {e['layer']}", f"{e['tokens']:,}", f"{e['scale_ratio']:.2f}",
+                      f"{e['trad_abs']:.1%} → {e['jsae_abs']:.1%}", f"{e['ratio_abs']:.1f}x",
+                      f"{e['trad_norm']:.1%} → {e['jsae_norm']:.1%}", f"{e['ratio_norm']:.1f}x",
+                      f"{e['dfvu_input']:+.3f}", f"{e['dfvu_output']:+.3f}"))
+    widths = [max(len(c), *(len(r[i]) for r in lines)) for i, c in enumerate(columns)]
+    rule = "  ".join("=" * w for w in widths)
+    print(rule)
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
+    print(rule)
+    for r in lines:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    print(rule)
+
+
+def _figure(rows, path, l1_default):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = sorted({r["tokens"] for r in rows})
+    fig, axes = plt.subplots(1, len(counts), figsize=(5.5 * len(counts), 4.2), squeeze=False, sharey=True)
+    curves = sorted({(r["model"], r["layer"]) for r in rows})
+    colours = plt.get_cmap("tab10")
+    for ax, count in zip(axes[0], counts):
+        for c, (model, layer) in enumerate(curves):
+            pts = sorted((r for r in rows if (r["model"], r["layer"], r["tokens"]) == (model, layer, count)),
+                         key=lambda r: r["l1"])
+            if not pts:
+                continue
+            base = pts[0] if pts[0]["l1"] == 0 else None
+            if base is None:
+                continue
+            x = [max(r["fvu_input"] - base["fvu_input"], r["fvu_output"] - base["fvu_output"]) for r in pts]
+            y = [r["normalized"]["0.01"] for r in pts]
+            style = "-o" if model == "minilm" else "--s"
+            ax.plot(x, y, style, color=colours(c % 10), label=f"{model} L{layer}", markersize=4)
+            if l1_default is not None:
+                for r, xi, yi in zip(pts, x, y):
+                    if r["l1"] == l1_default:
+                        ax.plot([xi], [yi], "k*", markersize=10, zorder=5)
+        ax.axvline(0.05, color="grey", lw=0.8, ls=":")
+        ax.set_title(f"{count:,} training tokens")
+        ax.legend(fontsize=7, ncol=2)
+        ax.set_xlabel("FVU rise over the l1 = 0 pair (the larger of the two SAEs)")
+    axes[0][0].set_ylabel("held-out active entries with |(c_x/c_y) J| > 0.01")
+    fig.suptitle("l1 trade-off: each curve runs l1 = 0 (top) upwards; ★ = the default l1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="minilm", help="'minilm', 'smollm2', an HF folder or a .gguf file")
+    parser.add_argument("--layers", type=int, nargs="+", default=[3])
+    parser.add_argument("--counts", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--l1", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0, 8.0])
+    parser.add_argument("--token-steps", type=int, default=300_000,
+                        help="tokens processed per fit (max_iter = this / count, at least 1)")
+    parser.add_argument("--held-out", type=int, default=2048, help="held-out tokens for the metrics")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default="benchmarks/results/l1_layers.json")
+    parser.add_argument("--summarise", metavar="JSON", nargs="+", help="print the table of an earlier sweep and stop")
+    parser.add_argument("--l1-default", type=float, default=None, help="with --summarise: the row to show")
+    parser.add_argument("--rst", action="store_true", help="with --summarise and --l1-default: an RST table")
+    parser.add_argument("--figure", default=None, help="with --summarise: write the trade-off figure here")
+    args = parser.parse_args(argv)
+    if args.summarise:
+        summarise(args)
+    else:
+        sweep(args)
+
+
+if __name__ == "__main__":
+    main()
