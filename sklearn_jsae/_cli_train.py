@@ -15,6 +15,12 @@ estimator API: everything here is a call a user could make.
 (SmolLM2-135M converted by ``scripts/install_test_models.sh``).  ``--texts`` is a UTF-8 file (one
 text per line) or ``pydoc`` (the Python documentation topics that ship with Python, about
 600k tokens of English prose).
+
+Data-parallel: started by ``torchrun`` (``torchrun --nproc-per-node N -m sklearn_jsae train ...``)
+every rank streams its own shard of the texts (``ActivationStream(rank=r, world_size=N)``), the
+estimator trains with ``distributed=True`` (``--batch-size`` is the global batch, split between
+the ranks; ``--buffer-size`` is each rank's), rank 0 writes the checkpoints and the run folder's
+files, and the same command resumes with the same number of ranks.
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ def _parse(argv):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--dist-timeout", type=float, default=600.0,
+                        help="under torchrun: seconds a rank waits for the others before the job stops")
     return parser.parse_args(argv)
 
 
@@ -98,8 +106,8 @@ def _texts(spec: str, out: Path):
     """The texts as a file path (streamed lazily); ``pydoc`` is written once into the run folder."""
     if spec == "pydoc":
         path = out / "pydoc_texts.txt"
-        if not path.exists():
-            temporary = path.with_suffix(".tmp")
+        if not path.exists():  # a temporary per process: the ranks of a job may all write it
+            temporary = path.with_suffix(f".{os.getpid()}.tmp")
             temporary.write_text("\n".join(load_python_doc_texts()) + "\n", encoding="utf-8")
             os.replace(temporary, path)
         return str(path)
@@ -119,6 +127,18 @@ def _held_out(path: str, n: int) -> list[str]:
     return texts
 
 
+def _job(args) -> tuple[int, int, bool]:
+    """``(rank, world_size, distributed)``: joins the job when torchrun started this process."""
+    from ._backend.distributed import launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return 0, 1, False
+    from .distributed import init_process_group
+
+    rank, world_size = init_process_group(timeout=args.dist_timeout, device=args.device)
+    return rank, world_size, True
+
+
 def main(argv=None) -> int:
     from . import JacobianSparseAutoencoder
     from .hf import ActivationStream, harvest, mlp_of
@@ -131,22 +151,28 @@ def main(argv=None) -> int:
     if summary_path.exists():
         print(f"{out} already holds a finished run:\n{summary_path.read_text()}")
         return 0
-    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+    rank, world_size, distributed = _job(args)
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps(vars(args), indent=2))
     model, tokenizer = load_model(args.model)
     texts = _texts(args.texts, out)
-    stream = ActivationStream(model, args.layer, texts, tokenizer=tokenizer, batch_size=args.batch_size,
-                              buffer_size=args.buffer_size, max_length=args.max_length, seed=args.seed,
-                              skip_texts=args.held_out_texts)
+    stream = ActivationStream(model, args.layer, texts, tokenizer=tokenizer,
+                              batch_size=-(-args.batch_size // world_size), buffer_size=args.buffer_size,
+                              max_length=args.max_length, seed=args.seed, skip_texts=args.held_out_texts,
+                              rank=rank, world_size=world_size)
     settings = {name: value for name, value in (("l1", args.l1), ("learning_rate", args.learning_rate))
                 if value is not None}
     jsae = JacobianSparseAutoencoder(
         mlp_of(model, args.layer), n_components=args.n_components, k=args.k, batch_size=args.batch_size,
         n_tokens=args.n_tokens, device=args.device, random_state=args.seed, verbose=0 if args.quiet else 1,
-        checkpoint_dir=str(out / "checkpoint"), checkpoint_every=args.checkpoint_every, **settings,
+        checkpoint_dir=str(out / "checkpoint"), checkpoint_every=args.checkpoint_every,
+        distributed=distributed, **settings,
     )
     started = time.perf_counter()
     jsae.fit_stream(stream, n_statistics=min(args.n_tokens, 16384))
     seconds = time.perf_counter() - started
+    if rank != 0:  # every rank holds the model; rank 0 writes it and evaluates it
+        return 0
     jsae.save(out / "model.safetensors")
     (out / "history.json").write_text(json.dumps(jsae.history_, indent=1))
     X_test, _ = harvest(model, args.layer, _held_out(texts, args.held_out_texts), tokenizer=tokenizer,

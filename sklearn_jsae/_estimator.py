@@ -195,6 +195,20 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         Checkpoints are safetensors and JSON, never pickles.
     checkpoint_every : int, default=1000
         Optimiser steps between checkpoints.
+    distributed : bool, default=False
+        Train data-parallel over the ``torch.distributed`` job this process belongs to: start
+        the same script on every rank with ``torchrun`` (or initialise a process group first,
+        :func:`sklearn_jsae.distributed.init_process_group`).  ``fit``: every rank passes the same
+        X (the same memmap, say); each optimiser step's batch, the one a one-process fit takes,
+        is split between the ranks, each reads only its share, and the gradients, loss terms and
+        fired latents are all-reduced, so every rank ends with the same model (the one-process
+        model up to float rounding).  ``fit_stream``: each rank passes its own shard of the
+        stream (``ActivationStream(..., rank=r, world_size=W)``) and ``batch_size`` is the global
+        batch.  ``device="auto"`` or ``"cuda"`` trains rank ``r`` on ``cuda:LOCAL_RANK`` (NCCL),
+        the CPU on gloo.  Only rank 0 writes checkpoints, and a job restarted with the same
+        number of ranks resumes from them; a rank that dies or hangs makes the others stop with
+        :class:`~sklearn_jsae.distributed.DistributedTrainingError`.  ``partial_fit`` refuses it.
+        See the User Guide's "Scaling out".
 
     Attributes
     ----------
@@ -247,6 +261,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         "n_output_components": [None, Interval(numbers.Integral, 1, None, closed="left")],
         "l1": [Interval(numbers.Real, 0, None, closed="left")],
         "memory": [None, str, HasMethods(["cache"])],
+        "distributed": ["boolean"],
     }
 
     def __init__(
@@ -271,6 +286,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         n_tokens=None,
         checkpoint_dir=None,
         checkpoint_every=1000,
+        distributed=False,
     ):
         self.mlp = mlp
         self.n_components = n_components
@@ -291,6 +307,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         self.n_tokens = n_tokens
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
+        self.distributed = distributed
 
     # ---- fitting -------------------------------------------------------------------------
     @_keep_state_on_error
@@ -302,7 +319,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         """
         from ._backend.checkpoint import fingerprint_array
         from ._backend.train import supports_mlp_pass, train
-        from ._incremental import make_checkpointer
+        from ._incremental import check_same_fit, join_job, make_checkpointer
 
         warm = self.warm_start and hasattr(self, "input_sae_")
         X = _validate_X(self, X, reset=not warm, for_training=True)
@@ -310,11 +327,16 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         if self.memory is not None:
             _cached_mlp_pass(self.memory)  # a bad cache folder fails before the MLP is even probed
         config, mlp_copy, mlp_map, d_out, probe_rows = self._prepare(X)
+        parallel, config = join_job(self, config)
+        if parallel is not None:
+            check_same_fit(parallel, fingerprint_array(X), mlp_map, config)
         init = self._warm_init(mlp_map, d_out) if warm else None
         mlp_pass = _cached_mlp_pass(self.memory) if supports_mlp_pass(mlp_map) else None
-        checkpoint = make_checkpointer(self, lambda: fingerprint_array(X), mlp_map, config, init, "fit")
+        checkpoint = make_checkpointer(self, lambda: fingerprint_array(X), mlp_map, config, init, "fit",
+                                       parallel)
         with _training_precision(config):
-            result = train(X, mlp_map, config, init=init, mlp_pass=mlp_pass, checkpoint=checkpoint)
+            result = train(X, mlp_map, config, init=init, mlp_pass=mlp_pass, checkpoint=checkpoint,
+                           parallel=parallel)
         self._trainer = None  # partial_fit after fit starts from the fitted weights
         self._set_fitted(result, mlp_copy, mlp_map, probe_rows, config.device, d_out, X,
                          previous=self.history_ if warm else [])
@@ -338,6 +360,12 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         from ._incremental import start_trainer, total_steps, train_rows
 
         self._validate_params()
+        if self.distributed:
+            raise ValueError(
+                "distributed=True is for fit and fit_stream; partial_fit trains on the rows each call "
+                "is given, in order, in this process. Use fit_stream with a sharded stream to train "
+                "data-parallel batch by batch, or set distributed=False."
+            )
         trainer = getattr(self, "_trainer", None)
         fitted = hasattr(self, "input_sae_")
         X = _validate_X(self, X, reset=not fitted and trainer is None)
@@ -396,6 +424,10 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         check_k(self.k, self.n_components)
         check_k(self.k, n_output_components, "n_output_components")
         device = _validation.resolve_device(self.device)
+        if self.distributed:  # one GPU per rank: cuda:LOCAL_RANK
+            from ._backend.distributed import rank_device
+
+            device = rank_device(self.device, device)
         probe_rows = np.array(X[: min(8, X.shape[0])], dtype=np.float32)
         mlp_copy, mlp_map, d_out = resolve_mlp(self.mlp, probe_rows)
         return self._train_config(device), mlp_copy, mlp_map, d_out, probe_rows

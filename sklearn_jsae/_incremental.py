@@ -6,6 +6,7 @@ and stream fits.  Torch is imported inside the functions, as in the estimators.
 * :func:`start_trainer` measures the data statistics on a first batch of rows (``partial_fit``'s
   first call, a stream's first rows) and builds the :class:`~sklearn_jsae._backend.trainer.Trainer`.
 * :func:`train_rows` runs optimiser steps over rows in the order given.
+* :func:`join_job` joins the ``torch.distributed`` job of a ``distributed=True`` fit.
 """
 
 from __future__ import annotations
@@ -32,11 +33,34 @@ def _settings(config) -> str:
     return json.dumps(settings, sort_keys=True)
 
 
-def make_checkpointer(estimator, data_identity, mlp_map, config, init, kind: str):
+def join_job(estimator, config):
+    """``(parallel, config)``: the :class:`~sklearn_jsae._backend.distributed.DataParallel` of a
+    ``distributed=True`` estimator (None otherwise) and the config with rank 0's seed, so that
+    ``random_state=None`` gives every rank the same initialisation and batch order."""
+    import dataclasses
+
+    if not getattr(estimator, "distributed", False):
+        return None, config
+    from ._backend.distributed import DataParallel
+
+    parallel = DataParallel.join(config.device)
+    return parallel, dataclasses.replace(config, seed=parallel.broadcast_int(config.seed, "sharing the seed"))
+
+
+def check_same_fit(parallel, data_identity: str, mlp_map, config) -> None:
+    """Raise on every rank unless all ranks fit the same data, MLP and settings (fingerprints)."""
+    from ._backend.checkpoint import fingerprint_module
+
+    parallel.check_same(dict(data=data_identity, mlp=fingerprint_module(mlp_map), settings=_settings(config)),
+                        "X, mlp or settings")
+
+
+def make_checkpointer(estimator, data_identity, mlp_map, config, init, kind: str, parallel=None):
     """The :class:`~sklearn_jsae._backend.checkpoint.Checkpointer` for ``estimator.checkpoint_dir``,
     or None without one.  ``data_identity`` fingerprints the training data (a str, or a callable
     returning one, called only when there is a checkpoint folder: it reads the data); ``init``
-    (warm start) is part of the identity too."""
+    (warm start) is part of the identity too.  Data-parallel (``parallel``): the number of ranks
+    is part of the identity and only rank 0 writes."""
     if estimator.checkpoint_dir is None:
         return None
     if callable(data_identity):
@@ -48,7 +72,10 @@ def make_checkpointer(estimator, data_identity, mlp_map, config, init, kind: str
         warm = fingerprint_module(_params_module(init[0], init[1]))
     identity = dict(kind=kind, estimator=type(estimator).__name__, data=data_identity,
                     mlp=fingerprint_module(mlp_map), settings=_settings(config), warm_start=warm)
-    return Checkpointer(estimator.checkpoint_dir, estimator.checkpoint_every, identity)
+    if parallel is not None:
+        identity["world_size"] = parallel.world_size
+    return Checkpointer(estimator.checkpoint_dir, estimator.checkpoint_every, identity,
+                        writer=parallel is None or parallel.is_main)
 
 
 def _params_module(*params):
@@ -64,11 +91,13 @@ def _params_module(*params):
     return module
 
 
-def start_trainer(config, X: np.ndarray, mlp_map, init=None, n_steps=None):
+def start_trainer(config, X: np.ndarray, mlp_map, init=None, n_steps=None, parallel=None):
     """A :class:`~sklearn_jsae._backend.trainer.Trainer` whose scales come from the rows of ``X``
     (or from ``init``, a warm start ``(params_x, params_y, scale_x, scale_y)``).
 
     X : (n, d_in) raw inputs (the first rows of a stream, or ``partial_fit``'s first call).
+    parallel : data-parallel job or None; each rank passes its own rows (the first rows of its
+        shard of a stream) and the statistics are those of all ranks' rows together.
     """
     import dataclasses
 
@@ -81,24 +110,25 @@ def start_trainer(config, X: np.ndarray, mlp_map, init=None, n_steps=None):
     device = torch.device(config.device)
     rows = _Rows(X, device, config.dtype)
     pair = config.n_output_components is not None
-    mean_x, scale_x = data_statistics(rows)
+    mean_x, scale_x = data_statistics(rows, parallel=parallel)
     mean_y = scale_y = None
     if pair:
         mlp_map = placed(mlp_map, device, config.dtype)
-        mean_y, scale_y = data_statistics(rows, mlp_map)
+        mean_y, scale_y = data_statistics(rows, mlp_map, parallel=parallel)
     if init is not None:
         scale_x = init[2]
         scale_y = init[3] if init[3] is not None else scale_y
     if config.dead_tokens is None:
         config = dataclasses.replace(config, dead_tokens=10_000_000)
     return Trainer(config, mlp_map, mean_x, scale_x, mean_y, scale_y,
-                   init=None if init is None else (init[0], init[1]), total_steps=n_steps)
+                   init=None if init is None else (init[0], init[1]), total_steps=n_steps, parallel=parallel)
 
 
-def train_rows(trainer, X: np.ndarray, bar=None, offset: int = 0) -> int:
+def train_rows(trainer, X: np.ndarray, bar=None, offset: int = 0, share=None) -> int:
     """One optimiser step per ``batch_size`` rows of X, in order (no shuffling: a stream or the
     caller mixes the data).  Returns the number of steps.  ``offset`` numbers the rows in error
-    messages."""
+    messages.  ``share`` (data-parallel): ``(n_r, N)`` of the one step that X (at most
+    ``batch_size`` rows, this rank's share of the global batch) makes, see ``Trainer.step``."""
     import torch
 
     from ._backend.train import _Rows, show_step
@@ -108,7 +138,7 @@ def train_rows(trainer, X: np.ndarray, bar=None, offset: int = 0) -> int:
     steps = 0
     for start in range(0, rows.n, config.batch_size):
         index = torch.arange(start, min(rows.n, start + config.batch_size), device="cpu")
-        values = trainer.step(rows.take(index), index + offset)
-        show_step(bar, trainer, values, len(index))
+        values = trainer.step(rows.take(index), index + offset, share=share)
+        show_step(bar, trainer, values, len(index) if share is None else share[1])
         steps += 1
     return steps

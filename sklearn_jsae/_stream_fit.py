@@ -5,6 +5,12 @@ Memory holds the rows read but not yet used (less than two batches), the last
 whole stream.  A checkpoint holds the trainer, the stream's own state (``stream.state_dict()``)
 and those pending rows, taken at a moment when every row the stream has produced is either
 trained on or pending: restoring both continues exactly where the run stopped.
+
+Data-parallel (``distributed=True``): every rank reads its own shard of the stream and, at each
+step, takes its share of the global ``batch_size`` rows; the ranks exchange how many rows they
+have (a rank whose shard ran dry trains a stand-in row with weight 0) and stop when none has any.
+A checkpoint gathers every rank's stream state and pending rows into rank 0's one file, under
+``rank<r>.`` names, so that all ranks resume from the same step.
 """
 
 from __future__ import annotations
@@ -65,8 +71,9 @@ class _Stream:
 def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int):
     """The body of :meth:`JacobianSparseAutoencoder.fit_stream` (see there)."""
     from ._backend.checkpoint import CheckpointError
-    from ._backend.train import progress_bar
-    from ._incremental import make_checkpointer, start_trainer, total_steps, train_rows
+    from ._backend.train import check_resumed_together, progress_bar
+    from ._incremental import (check_same_fit, join_job, make_checkpointer, start_trainer, total_steps,
+                               train_rows)
     from ._topk import _training_precision
 
     estimator._validate_params()
@@ -84,38 +91,58 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int):
         raise ValueError("batches is empty: fit_stream needs at least one row.")
     first = stream.pending_rows(0)[:n_statistics]
     config, mlp_copy, mlp_map, d_out, probe_rows = estimator._prepare(first)
-    trainer = start_trainer(config, first, mlp_map, None, n_steps)
+    parallel, config = join_job(estimator, config)
     data_identity = f"stream:{type(batches).__name__}:{getattr(batches, 'identity', lambda: '')()}"
-    checkpoint = make_checkpointer(estimator, data_identity, mlp_map, config, None, "stream")
+    if parallel is not None:
+        _check_shard(batches, parallel)
+        check_same_fit(parallel, data_identity, mlp_map, config)
+    trainer = start_trainer(config, first, mlp_map, None, n_steps, parallel)
+    checkpoint = make_checkpointer(estimator, data_identity, mlp_map, config, None, "stream", parallel)
     used = 0
     tail = np.zeros((0, first.shape[1]), dtype=np.float32)
     if checkpoint is not None:
-        restored = _restore(checkpoint, trainer, stream, batches, first.shape[1])
+        restored = _restore(checkpoint, trainer, stream, batches, first.shape[1], parallel)
         if restored is not None:
             used, tail = restored
+        if parallel is not None:
+            check_resumed_together(parallel, trainer, checkpoint)
     record_every = max(1, (n_steps or 10_000) // 100)
-    bar = progress_bar(n_steps, trainer.step_count, bool(estimator.verbose))
+    bar = progress_bar(n_steps, trainer.step_count,
+                       bool(estimator.verbose) and (parallel is None or parallel.is_main))
     try:
         with _training_precision(config):
             while n_tokens is None or used < n_tokens:
                 size = config.batch_size if n_tokens is None else min(config.batch_size, n_tokens - used)
-                batch = stream.take(size)
-                if batch is None:
-                    break
-                train_rows(trainer, batch, bar, offset=used)
-                used += batch.shape[0]
-                tail = np.concatenate([tail, batch])[-jacobian_rows:]
+                if parallel is None:
+                    batch = stream.take(size)
+                    if batch is None:
+                        break
+                    train_rows(trainer, batch, bar, offset=used)
+                    used += batch.shape[0]
+                else:
+                    lo, hi = parallel.split(size)
+                    batch = stream.take(hi - lo) if hi > lo else None
+                    n_real = 0 if batch is None else batch.shape[0]
+                    n_global = sum(parallel.gather_counts(n_real, "counting the ranks' rows"))
+                    if n_global == 0:
+                        break
+                    # A rank without rows trains a stand-in row with weight 0 (same collectives).
+                    train_rows(trainer, batch if n_real else first[:1], bar, offset=used,
+                               share=(n_real, n_global))
+                    used += n_global
+                if batch is not None and batch.shape[0]:
+                    tail = np.concatenate([tail, batch])[-jacobian_rows:]
                 if trainer.step_count % record_every == 0:
                     trainer.close_record(tokens_seen=used)
                 if checkpoint is not None and checkpoint.due(trainer.step_count):
-                    _save(checkpoint, trainer, stream, used, tail, first.shape[1])
+                    _save(checkpoint, trainer, stream, used, tail, first.shape[1], parallel)
     finally:
         if bar is not None:
             bar.close()
     if trainer.record_rows:
         trainer.close_record(tokens_seen=used)
     if checkpoint is not None:
-        _save(checkpoint, trainer, stream, used, tail, first.shape[1])
+        _save(checkpoint, trainer, stream, used, tail, first.shape[1], parallel)
     if used == 0:
         raise CheckpointError("the checkpoint is already at the end of this stream: nothing left to train.") \
             if checkpoint is not None else ValueError("batches produced no rows to train on.")
@@ -130,17 +157,41 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int):
     return estimator
 
 
-def _save(checkpoint, trainer, stream, used, tail, d):
+def _check_shard(batches, parallel) -> None:
+    """Refuse a stream that says it is another rank's shard (``rank`` / ``world_size`` attributes,
+    as :class:`~sklearn_jsae.hf.ActivationStream` has); other iterables are the caller's to shard."""
+    world_size = getattr(batches, "world_size", None)
+    if world_size is None:
+        return
+    rank = getattr(batches, "rank", None)
+    if (rank, world_size) != (parallel.rank, parallel.world_size):
+        raise ValueError(
+            f"distributed=True: rank {parallel.rank} of {parallel.world_size} was given the stream shard "
+            f"rank={rank}, world_size={world_size}; give each rank its own shard, e.g. "
+            f"ActivationStream(..., rank=torch.distributed.get_rank(), "
+            f"world_size=torch.distributed.get_world_size())."
+        )
+
+
+def _save(checkpoint, trainer, stream, used, tail, d, parallel=None):
     import torch
 
     state, arrays = stream.state()
-    extra = {f"stream.{name}": torch.from_numpy(np.ascontiguousarray(value)) for name, value in arrays.items()}
-    extra["pending"] = torch.from_numpy(np.ascontiguousarray(stream.pending_rows(d)))
-    extra["tail"] = torch.from_numpy(np.ascontiguousarray(tail))
-    checkpoint.save(trainer, dict(used=used, stream=state, exhausted=stream.exhausted), extra)
+    extra = {f"stream.{name}": np.ascontiguousarray(value) for name, value in arrays.items()}
+    extra["pending"] = np.ascontiguousarray(stream.pending_rows(d))
+    extra["tail"] = np.ascontiguousarray(tail)
+    position = dict(used=used, stream=state, exhausted=stream.exhausted)
+    if parallel is not None:  # every rank's position into rank 0's one file
+        gathered = parallel.gather_object((position, extra), "gathering the ranks' stream positions")
+        if not parallel.is_main:
+            return
+        position = dict(used=used, ranks=[rank_position for rank_position, _ in gathered])
+        extra = {f"rank{r}.{name}": value
+                 for r, (_, arrays) in enumerate(gathered) for name, value in arrays.items()}
+    checkpoint.save(trainer, position, {name: torch.from_numpy(value) for name, value in extra.items()})
 
 
-def _restore(checkpoint, trainer, stream, batches, d):
+def _restore(checkpoint, trainer, stream, batches, d, parallel=None):
     """Load the checkpoint into ``trainer`` and ``batches``; ``(used, tail)`` or None."""
     from ._backend.checkpoint import CheckpointError
 
@@ -148,6 +199,10 @@ def _restore(checkpoint, trainer, stream, batches, d):
     if restored is None:
         return None
     position, extra = restored
+    if "ranks" in position:  # a data-parallel checkpoint (the identity's world_size matched)
+        prefix = f"rank{parallel.rank}."
+        position = position["ranks"][parallel.rank]
+        extra = {name[len(prefix):]: t for name, t in extra.items() if name.startswith(prefix)}
     if position.get("stream") is None or not hasattr(batches, "load_state_dict"):
         raise CheckpointError(
             f"checkpoint_dir={checkpoint.folder!r} holds a stream checkpoint, but this stream "

@@ -76,13 +76,18 @@ class Checkpointer:
         Save after every ``every`` optimiser steps (and at the end of each epoch or stream).
     identity : dict of str -> JSON value
         What makes two fits the same (data, MLP and settings fingerprints); a checkpoint whose
-        identity differs is refused.
+        identity differs is refused.  A data-parallel fit adds ``world_size``: its data position
+        (a stream's per-rank state) belongs to that number of ranks.
+    writer : bool, default=True
+        Whether :meth:`save` writes.  In a data-parallel job only rank 0 writes (every rank holds
+        the same state); every rank reads the one file to resume.
     """
 
-    def __init__(self, folder, every: int, identity: dict):
+    def __init__(self, folder, every: int, identity: dict, writer: bool = True):
         self.folder = os.fspath(folder)
         self.every = max(1, int(every))
         self.identity = identity
+        self.writer = bool(writer)
         self.path = os.path.join(self.folder, FILENAME)
         os.makedirs(self.folder, exist_ok=True)
 
@@ -90,11 +95,13 @@ class Checkpointer:
         return step % self.every == 0
 
     def save(self, trainer, position: dict, extra_tensors: dict | None = None) -> None:
-        """Write the trainer's state and ``position`` (JSON) atomically."""
+        """Write the trainer's state and ``position`` (JSON) atomically (a no-op unless ``writer``)."""
         from safetensors.torch import save_file
 
         from .. import __version__
 
+        if not self.writer:
+            return
         tensors, meta = trainer.state_dict()
         for name, t in (extra_tensors or {}).items():
             tensors[f"extra.{name}"] = t.detach().cpu().contiguous()
@@ -147,6 +154,16 @@ class Checkpointer:
             )
         differs = sorted(key for key in set(self.identity) | set(header.get("identity", {}))
                          if self.identity.get(key) != header.get("identity", {}).get(key))
+        if "world_size" in differs:
+            written = header.get("identity", {}).get("world_size", 1)
+            now = self.identity.get("world_size", 1)
+            raise CheckpointError(
+                f"{self.path} was written by a job of {written} rank(s) and this job has {now}: a checkpoint "
+                f"resumes with the number of ranks that wrote it. Restart with "
+                + (f"torchrun --nproc-per-node {written} (or that many ranks in all)" if written > 1
+                   else "a single process (distributed=False)")
+                + ", or use another checkpoint_dir to start afresh."
+            )
         if differs:
             raise CheckpointError(
                 f"{self.path} is the checkpoint of a different fit: it differs in {', '.join(differs)}. "

@@ -56,7 +56,7 @@ class SideOutput:
 
 
 def side_losses(params: SAEParams, x: torch.Tensor, k: int, dead: torch.Tensor | None = None,
-                aux_coef: float = 0.0, aux_k: int = 0) -> SideOutput:
+                aux_coef: float = 0.0, aux_k: int = 0, mean_square=None) -> SideOutput:
     """Reconstruction MSE and AuxK loss of one TopK SAE on a minibatch.
 
     Parameters
@@ -71,6 +71,10 @@ def side_losses(params: SAEParams, x: torch.Tensor, k: int, dead: torch.Tensor |
         AuxK is computed only if ``aux_coef > 0`` and some latent is dead (the caller
         multiplies ``aux`` by ``aux_coef``).
     aux_k : int
+    mean_square : callable or None
+        Maps the minibatch's residual mean square () to the one AuxK divides by; None keeps it.
+        Data-parallel training passes the mean over every rank's rows
+        (:mod:`~sklearn_jsae._backend.distributed`), so that the loss is the one-process loss.
 
     Returns
     -------
@@ -87,13 +91,16 @@ def side_losses(params: SAEParams, x: torch.Tensor, k: int, dead: torch.Tensor |
         aux_values = active_values_from_pre(params, x, aux_indices, pre)
         residual = (x - x_hat).detach()
         recon = decode_rows(params.W_dec, aux_values, aux_indices)
-        aux = F.mse_loss(recon, residual) / residual.pow(2).mean().clamp_min(1e-12)
+        residual_square = residual.pow(2).mean()
+        if mean_square is not None:
+            residual_square = mean_square(residual_square)
+        aux = F.mse_loss(recon, residual) / residual_square.clamp_min(1e-12)
     return SideOutput(mse, aux, indices, values)
 
 
 def jsae_step_losses(side_x: SAEParams, side_y: SAEParams | None, normalised_map, x: torch.Tensor, k: int,
                      l1: float | None = None, penalty_norm: float = 1.0, dead=(None, None),
-                     aux_coef: float = 0.0, aux_k=(0, 0), outputs_and_weights=None):
+                     aux_coef: float = 0.0, aux_k=(0, 0), outputs_and_weights=None, mean_square=None):
     """All loss terms of one minibatch for a single SAE (``side_y=None``) or a JSAE pair.
 
     Parameters
@@ -113,6 +120,7 @@ def jsae_step_losses(side_x: SAEParams, side_y: SAEParams | None, normalised_map
     outputs_and_weights : ``(y (B, d_out), weights (B, r, d_mlp) or None)`` or None
         ``map_and_local_weights(normalised_map, x)`` if already known (a precomputed
         :class:`~sklearn_jsae._backend.train.MLPPass`); None computes it.
+    mean_square : callable or None, AuxK's residual mean square across ranks (:func:`side_losses`).
 
     Returns
     -------
@@ -121,7 +129,7 @@ def jsae_step_losses(side_x: SAEParams, side_y: SAEParams | None, normalised_map
         aux_output and (when ``l1`` is not None) jacobian_l1 (the normalised penalty).
     fired : list of ``(indices, values)`` (B, k) per SAE.
     """
-    out_x = side_losses(side_x, x, k, dead[0], aux_coef, aux_k[0])
+    out_x = side_losses(side_x, x, k, dead[0], aux_coef, aux_k[0], mean_square)
     loss = out_x.mse + aux_coef * out_x.aux
     terms = dict(mse_input=out_x.mse, aux_input=out_x.aux)
     fired = [(out_x.indices, out_x.values)]
@@ -130,7 +138,7 @@ def jsae_step_losses(side_x: SAEParams, side_y: SAEParams | None, normalised_map
     if outputs_and_weights is None:
         outputs_and_weights = map_and_local_weights(normalised_map, x)
     y, weights = outputs_and_weights
-    out_y = side_losses(side_y, y, k, dead[1], aux_coef, aux_k[1])
+    out_y = side_losses(side_y, y, k, dead[1], aux_coef, aux_k[1], mean_square)
     loss = loss + out_y.mse + aux_coef * out_y.aux
     terms.update(mse_output=out_y.mse, aux_output=out_y.aux)
     fired.append((out_y.indices, out_y.values))
@@ -143,15 +151,21 @@ def jsae_step_losses(side_x: SAEParams, side_y: SAEParams | None, normalised_map
     return loss, terms, fired
 
 
-def optimiser_step(loss: torch.Tensor, optimiser: torch.optim.Optimizer, sides, max_grad_norm: float):
+def optimiser_step(loss: torch.Tensor, optimiser: torch.optim.Optimizer, sides, max_grad_norm: float,
+                   synchronise=None):
     """Backward, per-SAE gradient-norm clipping, one optimiser step, decoder renormalisation.
 
     Clipping each SAE separately keeps the two SAEs of an ``l1 = 0`` pair independent.
+    ``synchronise`` (data-parallel training) runs between the backward pass and the clipping: it
+    replaces every rank's gradients by their all-reduced mean, so that clipping, Adam and the
+    renormalisation see the same numbers on every rank.
     Returns the gradient norms before clipping, (n_sides,) on the parameters' device (not
     synchronised, so the caller decides when to read them).
     """
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
+    if synchronise is not None:
+        synchronise()
     norms = [torch.nn.utils.clip_grad_norm_(side.tensors(), max_grad_norm) for side in sides]
     optimiser.step()
     for side in sides:

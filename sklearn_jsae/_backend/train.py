@@ -206,19 +206,27 @@ class _Rows:
 
     def batches(self, batch_size: int, order: torch.Tensor | None = None):
         order = torch.arange(self.n, device="cpu") if order is None else order  # indices stay on the CPU
-        for start in range(0, self.n, batch_size):
+        for start in range(0, len(order), batch_size):
             yield self.take(order[start : start + batch_size])
 
 
 @torch.no_grad()
-def data_statistics(rows: _Rows, fn=None, batch_size: int = 2048):
+def data_statistics(rows: _Rows, fn=None, batch_size: int = 2048, part: tuple[int, int] | None = None,
+                    parallel=None):
     """Mean (d,) and centred per-element RMS of ``fn(x)`` (or x) over all rows, in float64.
+
+    Data-parallel (``parallel``, a :class:`~sklearn_jsae._backend.distributed.DataParallel`):
+    this rank reads only rows ``part = (lo, hi)`` (all rows when None) and the float64 sums
+    ``Σ v``, ``Σ v²`` and the row count are all-reduced, so every rank gets the statistics of
+    the union of the parts.
 
     Raises :class:`~sklearn_jsae.exceptions.NonFiniteTrainingError` naming the first rows where
     ``fn`` (the MLP) returns NaN or inf: this pass sees every training row before the first step.
     """
     total, total_sq, n = None, None, 0
-    for start, x in zip(range(0, rows.n, batch_size), rows.batches(batch_size)):
+    lo, hi = (0, rows.n) if part is None else part
+    order = None if part is None else torch.arange(lo, hi, device="cpu")
+    for start, x in zip(range(lo, hi, batch_size), rows.batches(batch_size, order)):
         v = x if fn is None else fn(x)
         finite = torch.isfinite(v).all(dim=1)
         if not bool(finite.all()):
@@ -235,6 +243,12 @@ def data_statistics(rows: _Rows, fn=None, batch_size: int = 2048):
         total = v.sum(0) if total is None else total + v.sum(0)
         total_sq = (v * v).sum(0) if total_sq is None else total_sq + (v * v).sum(0)
         n += v.shape[0]
+    if parallel is not None:
+        if total is None:  # an empty part: this rank adds nothing but must join the all-reduce
+            raise ValueError(f"distributed=True: rank {parallel.rank} has no rows to measure the data "
+                             f"statistics on ({rows.n} rows for {parallel.world_size} ranks); give every "
+                             f"rank at least one row.")
+        total, total_sq, n = parallel.sum_statistics(total, total_sq, n)
     mean = total / n
     variance = (total_sq / n - mean * mean).clamp_min(0).mean().item()
     if not math.isfinite(variance):
@@ -324,7 +338,7 @@ def show_step(bar, trainer, values: dict, rows: int) -> None:
 
 
 def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None,
-          mlp_pass=None, checkpoint: Checkpointer | None = None) -> TrainResult:
+          mlp_pass=None, checkpoint: Checkpointer | None = None, parallel=None) -> TrainResult:
     """Fit one TopK SAE (``config.n_output_components is None``) or a JSAE pair on rows of ``X``.
 
     X : (n_samples, d_in) numpy array or memmap of MLP inputs.
@@ -341,6 +355,12 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
         and at the end of each epoch.  The data position is the epoch, the next row of the
         epoch's order and the shuffling generator's state at the epoch's start (the order is
         redrawn from it, so a resumed fit sees exactly the batches an uninterrupted one sees).
+    parallel : :class:`~sklearn_jsae._backend.distributed.DataParallel` or None
+        Train data-parallel: every rank passes the same X and config; each step's batch (the one
+        a one-process fit takes, from the same shuffled order) is split between the ranks, each
+        reading only its share (and its share of the rows for the data statistics), and the
+        gradients are all-reduced.  Only rank 0 writes checkpoints (``checkpoint.writer``); every
+        rank resumes from the same file.
 
     Raises :class:`~sklearn_jsae.exceptions.NonFiniteTrainingError` at the first non-finite MLP
     output, loss, gradient or parameter, and when the fit diverges.
@@ -351,7 +371,13 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
     if config.dead_tokens is None:
         config = dataclasses.replace(config, dead_tokens=min(10_000_000, rows.n))
 
-    mean_x, scale_x = data_statistics(rows)
+    part = None
+    if parallel is not None:
+        if rows.n < parallel.world_size:
+            raise ValueError(f"distributed=True: X has {rows.n} rows, fewer than the {parallel.world_size} "
+                             f"ranks of the job; train on more rows or with fewer ranks.")
+        part = parallel.split(rows.n)
+    mean_x, scale_x = data_statistics(rows, part=part, parallel=parallel)
     fixed_scale_y = None
     if init is not None and init[2] is not None:
         scale_x = init[2]
@@ -360,7 +386,7 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
     if pair:
         mlp_map = placed(mlp_map, device, dtype)
         if mlp_pass is None:
-            mean_y, scale_y = data_statistics(rows, mlp_map)
+            mean_y, scale_y = data_statistics(rows, mlp_map, part=part, parallel=parallel)
         else:
             precomputed = mlp_pass(X, mlp_map, scale_x, fixed_scale_y)
             mean_y, scale_y = torch.from_numpy(np.array(precomputed.mean_y)), precomputed.scale_y
@@ -372,7 +398,7 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
     steps_per_epoch = math.ceil(rows.n / config.batch_size)
     trainer = Trainer(config, mlp_map, mean_x, scale_x, mean_y, scale_y,
                       init=None if init is None else (init[0], init[1]),
-                      total_steps=steps_per_epoch * config.max_iter)
+                      total_steps=steps_per_epoch * config.max_iter, parallel=parallel)
     first_epoch, position, epoch_rng = 0, 0, None
     if checkpoint is not None:
         restored = checkpoint.restore(trainer)
@@ -380,7 +406,10 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
             where, extra = restored
             first_epoch, position = int(where["epoch"]), int(where["row"])
             epoch_rng = extra.get("epoch_rng") if position > 0 else None
-    bar = progress_bar(trainer.total_steps, trainer.step_count, bool(config.verbose))
+        if parallel is not None:
+            check_resumed_together(parallel, trainer, checkpoint)
+    shown = bool(config.verbose) and (parallel is None or parallel.is_main)
+    bar = progress_bar(trainer.total_steps, trainer.step_count, shown)
     try:
         for epoch in range(first_epoch, config.max_iter):
             if epoch_rng is not None:  # resuming inside an epoch: redraw its order
@@ -389,13 +418,18 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
             order = torch.randperm(rows.n, generator=trainer.shuffling, device="cpu")
             for start in range(position, rows.n, config.batch_size):
                 index = order[start : start + config.batch_size]
+                share = None
+                if parallel is not None:  # this rank's share of the batch
+                    n_global = len(index)
+                    index, n_real = parallel.local_rows(index)
+                    share = (n_real, n_global)
                 outputs_and_weights = None
                 if precomputed is not None:
                     outputs_and_weights = (
                         outputs_rows.take(index), None if weights_rows is None else weights_rows.take(index)
                     )
-                values = trainer.step(rows.take(index), index, outputs_and_weights)
-                show_step(bar, trainer, values, len(index))
+                values = trainer.step(rows.take(index), index, outputs_and_weights, share=share)
+                show_step(bar, trainer, values, len(index) if share is None else share[1])
                 if checkpoint is not None and checkpoint.due(trainer.step_count) \
                         and start + config.batch_size < rows.n:
                     checkpoint.save(trainer, dict(epoch=epoch, row=start + config.batch_size),
@@ -404,10 +438,24 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
             position, epoch_rng = 0, None
             if checkpoint is not None:
                 checkpoint.save(trainer, dict(epoch=epoch + 1, row=0))
-            if config.verbose:
-                shown = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch")
-                bar.write(f"epoch {epoch + 1}/{config.max_iter}: {shown}")
+            if shown:
+                line = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch")
+                bar.write(f"epoch {epoch + 1}/{config.max_iter}: {line}")
     finally:
         if bar is not None:
             bar.close()
     return trainer.result()
+
+
+def check_resumed_together(parallel, trainer, checkpoint) -> None:
+    """Raise unless every rank restored the same checkpoint (or none): ranks that read different
+    files (a checkpoint_dir local to each machine) would train different models."""
+    from .checkpoint import CheckpointError
+
+    low, high = parallel.agree(trainer.step_count, "comparing the ranks' checkpoints")
+    if low != high:
+        raise CheckpointError(
+            f"the ranks resumed from different checkpoints (optimiser steps {low} to {high}; this rank, "
+            f"{parallel.rank}, from step {trainer.step_count}): checkpoint_dir={checkpoint.folder!r} must be "
+            f"one folder that every rank of the job sees (a shared filesystem), not one per machine."
+        )

