@@ -19,7 +19,7 @@ interrupted sweep continues where it stopped::
     python benchmarks/l1_layers.py --model smollm2 --layers 5 15 25 --counts 10000 100000 \\
         --l1 0 1 2 4 8 --out benchmarks/results/l1_layers_smollm2.json
     python benchmarks/l1_layers.py --summarise benchmarks/results/l1_layers_*.json --l1-default 2 \\
-        --figure docs/_static/l1_tradeoff.png
+        --rst docs/l1_layers_table.txt --figure docs/images/l1_tradeoff.png
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ def sweep(args):
 
 def _baseline(rows, row):
     for r in rows:
-        if (r["model"], r["layer"], r["tokens"], r["l1"]) == (row["model"], row["layer"], row["tokens"], 0.0):
+        if (r["model"], r["layer"], r["tokens"], r["max_iter"], r["l1"]) == (
+                row["model"], row["layer"], row["tokens"], row["max_iter"], 0.0):
             return r
     return None
 
@@ -131,11 +132,11 @@ def _baseline(rows, row):
 def summarise(args):
     rows = [r for path in args.summarise for r in _load(path)["rows"]]
     table = []
-    for r in sorted(rows, key=lambda r: (r["model"], r["layer"], r["tokens"], r["l1"])):
+    for r in sorted(rows, key=lambda r: (r["model"], r["layer"], r["tokens"], r["max_iter"], r["l1"])):
         base = _baseline(rows, r)
         if base is None or r["l1"] == 0:
             continue
-        entry = dict(model=r["model"], layer=r["layer"], tokens=r["tokens"], l1=r["l1"],
+        entry = dict(model=r["model"], layer=r["layer"], tokens=r["tokens"], l1=r["l1"], max_iter=r["max_iter"],
                      trad_abs=base["absolute"]["0.01"], jsae_abs=r["absolute"]["0.01"],
                      trad_norm=base["normalized"]["0.01"], jsae_norm=r["normalized"]["0.01"],
                      ratio_abs=base["absolute"]["0.01"] / max(r["absolute"]["0.01"], 1e-4),
@@ -143,26 +144,34 @@ def summarise(args):
                      dfvu_input=r["fvu_input"] - base["fvu_input"], dfvu_output=r["fvu_output"] - base["fvu_output"],
                      scale_ratio=r["scale_ratio"])
         table.append(entry)
-    header = ("model", "layer", "tokens", "l1", "c_y/c_x", "abs trad", "abs jsae", "ratio", "norm trad",
+    header = ("model", "layer", "tokens", "epochs", "l1", "c_y/c_x", "abs trad", "abs jsae", "ratio", "norm trad",
               "norm jsae", "ratio", "ΔFVU_x", "ΔFVU_y")
     print(" | ".join(header))
     for e in table:
         if args.l1_default is not None and e["l1"] != args.l1_default:
             continue
-        print(" | ".join([e["model"], str(e["layer"]), f"{e['tokens']:,}", f"{e['l1']:g}", f"{e['scale_ratio']:.2f}",
+        print(" | ".join([e["model"], str(e["layer"]), f"{e['tokens']:,}", str(e["max_iter"]), f"{e['l1']:g}", f"{e['scale_ratio']:.2f}",
                           f"{e['trad_abs']:.1%}", f"{e['jsae_abs']:.1%}", f"{e['ratio_abs']:.1f}x",
                           f"{e['trad_norm']:.1%}", f"{e['jsae_norm']:.1%}", f"{e['ratio_norm']:.1f}x",
                           f"{e['dfvu_input']:+.3f}", f"{e['dfvu_output']:+.3f}"]))
+    # The table and the figure show the common budget of each count (an experiment with more
+    # epochs, such as 3x the steps, appears only in the printout above).
+    from collections import Counter
+
+    usual = {n: Counter(r["max_iter"] for r in rows if r["tokens"] == n).most_common(1)[0][0]
+             for n in {r["tokens"] for r in rows}}
     if args.rst and args.l1_default is not None:
-        _rst(table, args.l1_default)
+        with open(args.rst, "w") as f:
+            f.write(_rst([e for e in table if e["max_iter"] == usual[e["tokens"]]], args.l1_default))
+        print(f"wrote {args.rst}")
     if args.figure:
-        _figure(rows, args.figure, args.l1_default)
+        _figure([r for r in rows if r["max_iter"] == usual[r["tokens"]]], args.figure, args.l1_default)
 
 
 def _rst(table, l1):
     """The chosen l1's rows as a reStructuredText table (for docs/defaults.rst)."""
-    columns = ("layer", "tokens", "c_y/c_x", "above τ, l1 = 0 → l1 (absolute)", "ratio",
-               "above τ, l1 = 0 → l1 (normalised)", "ratio", "FVU_x rise", "FVU_y rise")
+    columns = ("layer", "training tokens", "c_y/c_x", f"above 0.01, l1 = 0 → {l1:g} (absolute)", "ratio",
+               f"above 0.01, l1 = 0 → {l1:g} (normalised)", "ratio", "FVU_x rise", "FVU_y rise")
     lines = []
     for e in table:
         if e["l1"] != l1:
@@ -174,12 +183,9 @@ def _rst(table, l1):
                       f"{e['dfvu_input']:+.3f}", f"{e['dfvu_output']:+.3f}"))
     widths = [max(len(c), *(len(r[i]) for r in lines)) for i, c in enumerate(columns)]
     rule = "  ".join("=" * w for w in widths)
-    print(rule)
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
-    print(rule)
-    for r in lines:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
-    print(rule)
+    out = [rule, "  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(), rule]
+    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in lines]
+    return "\n".join([*out, rule, ""])
 
 
 def _figure(rows, path, l1_default):
@@ -233,7 +239,7 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmarks/results/l1_layers.json")
     parser.add_argument("--summarise", metavar="JSON", nargs="+", help="print the table of an earlier sweep and stop")
     parser.add_argument("--l1-default", type=float, default=None, help="with --summarise: the row to show")
-    parser.add_argument("--rst", action="store_true", help="with --summarise and --l1-default: an RST table")
+    parser.add_argument("--rst", metavar="FILE", help="with --summarise and --l1-default: write an RST table here")
     parser.add_argument("--figure", default=None, help="with --summarise: write the trade-off figure here")
     args = parser.parse_args(argv)
     if args.summarise:

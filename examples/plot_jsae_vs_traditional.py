@@ -14,7 +14,7 @@ with larger settings.)
 # Two fits that differ only in ``l1``
 # -----------------------------------
 # The traditional pair is two ordinary TopK SAEs (``l1 = 0``, exactly); the
-# JSAE adds the Jacobian penalty (``l1 = 0.5``, the default).  With the same
+# JSAE adds the Jacobian penalty (``l1 = 2``, the default).  With the same
 # ``random_state`` both start from the same initial SAEs and see the tokens in
 # the same order.
 from sklearn_jsae import JacobianSparseAutoencoder
@@ -34,9 +34,9 @@ settings = dict(
     batch_size=256,
     random_state=0,
 )
-jsae = JacobianSparseAutoencoder(l1=0.5, **settings).fit(X_train)
+jsae = JacobianSparseAutoencoder(l1=2.0, **settings).fit(X_train)
 traditional = JacobianSparseAutoencoder(l1=0.0, **settings).fit(X_train)
-models = {"JSAE (l1=0.5)": jsae, "traditional (l1=0)": traditional}
+models = {"JSAE (l1=2)": jsae, "traditional (l1=0)": traditional}
 
 # %%
 # Sparsity and reconstruction on held-out tokens

@@ -29,7 +29,7 @@ print("first tokens:", " ".join(data.tokens[:9]))
 # ---
 # ``mlp`` is the MLP whose computation the JSAE sparsifies; the estimator
 # computes its true outputs itself.  ``k`` latents of each SAE are active per
-# token, out of ``n_components``. ``l1`` (default 0.5) weighs the Jacobian
+# token, out of ``n_components``. ``l1`` (default 2) weighs the Jacobian
 # penalty.
 from sklearn_jsae import JacobianSparseAutoencoder
 

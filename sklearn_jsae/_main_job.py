@@ -86,7 +86,8 @@ def compare(X_train, X_test, mlp, *, l1, random_state=0, memory=None, **settings
     """Fit a JSAE (``l1``) and a traditional pair (``l1=0``) with the same ``settings``.
 
     Returns ``{"jsae": {...}, "traditional": {...}}``; each holds the fitted ``model``, its
-    held-out ``sparsity`` (``{τ: fraction of active entries with |J| > τ}``), ``fvu_input``,
+    held-out ``sparsity`` (``{τ: fraction of active entries with |J| > τ}``), the same with τ on
+    ``(c_x / c_y) · |J|`` as ``sparsity_normalized``, ``fvu_input``,
     ``fvu_output``, ``dead_input``, ``dead_output`` and the fit time in ``seconds``.
     """
     from . import JacobianSparseAutoencoder
@@ -104,6 +105,7 @@ def compare(X_train, X_test, mlp, *, l1, random_state=0, memory=None, **settings
             "model": model,
             "seconds": seconds,
             "sparsity": jacobian_sparsity(model, X_test, THRESHOLDS),
+            "sparsity_normalized": jacobian_sparsity(model, X_test, THRESHOLDS, scale="normalized"),
             "fvu_input": recon["input"]["fvu"],
             "fvu_output": recon["output"]["fvu"],
             "dead_input": recon["input"]["dead_fraction"],
@@ -121,6 +123,10 @@ def table(results, l1):
     lines = [head, "-" * len(head), "active Jacobian entries with |J| > tau (lower is sparser)"]
     for tau in THRESHOLDS:
         lines.append(f"{f'  tau = {tau:g}':<34}{jsae['sparsity'][tau]:>16.1%}{trad['sparsity'][tau]:>20.1%}")
+    lines.append("the same with tau on (c_x/c_y)|J|, the normalised view")
+    for tau in THRESHOLDS:
+        lines.append(f"{f'  tau = {tau:g}':<34}{jsae['sparsity_normalized'][tau]:>16.1%}"
+                     f"{trad['sparsity_normalized'][tau]:>20.1%}")
     lines.append("fraction of variance unexplained (lower is better)")
     for key, label in (("fvu_input", "input SAE"), ("fvu_output", "output SAE")):
         lines.append(f"{'  ' + label:<34}{jsae[key]:>16.3f}{trad[key]:>20.3f}")

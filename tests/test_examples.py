@@ -19,7 +19,7 @@ EXAMPLES = sorted((ROOT / "examples").glob("plot_*.py"))
 # What each example must print when it runs (its own numbers vary with the seed and the epochs).
 PRINTS = {
     "plot_quick_start.py": ["csr_array (1024, 512)", "stored entries (k * k = 256)"],
-    "plot_jsae_vs_traditional.py": ["JSAE (l1=0.5)", "traditional (l1=0)", "FVU, output SAE"],
+    "plot_jsae_vs_traditional.py": ["JSAE (l1=2)", "traditional (l1=0)", "FVU, output SAE"],
     "plot_l1_sweep.py": ["<- chosen", "search.best_estimator_ is that candidate refitted"],
     "plot_circuit.py": ["output latent", "input latent"],
     "plot_pipeline.py": ["JSAE codes", "balanced accuracy", "coefficient", "fires on"],

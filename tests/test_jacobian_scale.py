@@ -304,3 +304,25 @@ def test_pareto_plots_the_column_of_the_view_asked_for():
                            scale="normalized")
     finally:
         plt.close("all")
+
+
+# ------------------------------------------------------------------------- the paper's λ
+
+
+def test_paper_lambda_follows_the_input_scale_squared_and_the_formula():
+    """``paper_lambda_ = l1 · c_x² · k² / sqrt(d_in · d_out)``: data 3 times larger, λ 9 times larger
+    for the same ``l1`` (the loss is normalised, so the same l1 weighs the penalty the same)."""
+    X = make_X()
+    small = fit(None, X, l1=2.0, max_iter=1)
+    large = fit(None, 3 * X, l1=2.0, max_iter=1)
+    c_x = np.sqrt(X.astype(np.float64).var(axis=0).mean())
+    assert small.paper_lambda_ == pytest.approx(2.0 * c_x**2 * 3**2 / 6, rel=1e-4)
+    assert large.paper_lambda_ / small.paper_lambda_ == pytest.approx(9.0, rel=1e-4)
+    assert fit(None, X, l1=0.0, max_iter=1).paper_lambda_ == 0.0
+
+
+def test_paper_lambda_needs_a_fitted_model():
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        JacobianSparseAutoencoder().paper_lambda_

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sklearn_jsae import _main_job
+from sklearn_jsae._estimator import DEFAULT_L1
 from sklearn_jsae.__main__ import main
 
 SMALL = ["--n-samples", "256", "--n-test", "128", "--n-components", "32", "--k", "4", "--max-iter", "2",
@@ -27,12 +28,14 @@ def test_small_run_prints_both_models_side_by_side_and_saves_the_figure(tmp_path
     assert main([*SMALL, "--figure", str(figure)]) == 0
     out = capsys.readouterr().out
     assert "256 training tokens, 128 held-out tokens" in out
-    assert "JSAE (l1=0.5)" in out and "traditional (l1=0)" in out
+    assert f"JSAE (l1={DEFAULT_L1:g})" in out and "traditional (l1=0)" in out
     densities = [_row(out, f"tau = {tau:g}") for tau in _main_job.THRESHOLDS]
     assert all(len(row) == 2 and all(0 <= v <= 100 for v in row) for row in densities)
     for column in (0, 1):  # a fraction above tau cannot grow with tau
         values = [row[column] for row in densities]
         assert values == sorted(values, reverse=True)
+    normalised = out.split("the normalised view", 1)[1]
+    assert [_row(normalised, f"tau = {tau:g}") != [] for tau in _main_job.THRESHOLDS] == [True] * 4
     fvu = _row(out, "input SAE")
     assert len(fvu) == 2 and all(0 <= v < 2 for v in fvu)
     assert "The Jacobian penalty cuts the active entries with |J| > 0.01 from" in out

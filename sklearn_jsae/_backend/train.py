@@ -11,7 +11,7 @@ ramps linearly from 0 over the first 5% of steps; the learning rate warms up ove
 the first 1% and decays linearly to 0 over the last 20%; gradients are clipped
 to norm 1; decoder rows are renormalised after every step.  With
 ``c_x = c_y = c`` and ``d_in = d_out = d`` this is the paper's loss divided by
-``c²`` with ``λ_paper = l1 · c² · k² / d``; ``l1 = 0.5`` at ``c = 1`` is their default.
+``c²`` with ``λ_paper = l1 · c² · k² / d``; ``l1 = 0.5`` at ``c = 1`` is their default (ours is 2).
 
 AuxK (Gao et al. 2024): latents that have not fired for ``dead_tokens`` tokens
 reconstruct the residual ``x - x̂`` with their own top-``aux_k``; the loss is that
