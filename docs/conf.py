@@ -106,7 +106,7 @@ html_copy_source = False
 OPTIONAL_GUIDE_PAGES = {
     "saving": "One safe file per model, pickles, and export to SAELens and sparsify.",
     "long_runs": "Streaming activations from a live model, resuming a killed run, data larger than memory.",
-    "scaling": "Training on several GPUs.",
+    "scaling": "Data-parallel training with torchrun on several processes or GPUs, and l1 sweeps on Dask.",
 }
 _TOC_MARKER = "   optional-pages-listed-by-conf-py\n"
 _LIST_MARKER = ".. optional page descriptions, listed by conf.py\n"

@@ -252,7 +252,7 @@ def test_file_holds_the_promised_fields(gelu_jsae, saved):
     assert doc["format"] == "sklearn-jsae" and doc["format_version"] == _persistence.FORMAT_VERSION
     assert doc["library_version"] == __version__ and doc["estimator"] == "JacobianSparseAutoencoder"
     assert doc["fitted"]["device_"] == "cpu" and doc["fitted"]["n_output_features_"] == 5
-    assert doc["params"]["l1"] == 0.5 and "mlp" not in doc["params"] and "memory" not in doc["params"]
+    assert doc["params"]["l1"] == gelu_jsae[0].l1 and "mlp" not in doc["params"] and "memory" not in doc["params"]
     assert doc["input_sae_"]["fitted"]["scale_"] == gelu_jsae[0].input_sae_.scale_
     assert len(doc["fitted"]["history_"]) == 2 and "jacobian_l1" in doc["fitted"]["history_"][0]
     assert doc["mlp"]["module"] == "sequential" and doc["mlp"]["map"] == "ElementwiseMLP"
