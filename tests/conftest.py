@@ -17,3 +17,14 @@ def mlp_pass_calls(monkeypatch):
 
     monkeypatch.setattr(train_module, "compute_mlp_pass", counting)
     return calls
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module's tests (the processes they start get the cores), restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -29,14 +29,6 @@ SETTINGS = dict(n_components=32, k=4, max_iter=4, batch_size=32, random_state=0,
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def client(one_thread):
     distributed = require("distributed")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,

@@ -91,13 +91,9 @@ def assert_identical(a, b, keys=None):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
+def _every_fit_on_one_thread(one_thread):
     """Every fit here on one thread, as each rank runs (the machine's cores go to the ranks; two
     threads per fit on a busy 2-core machine make a 0.1 s fit take seconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
