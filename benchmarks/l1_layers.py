@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import random
 import sys
 import time
 import warnings
@@ -35,15 +36,22 @@ import warnings
 THRESHOLDS = (0.005, 0.01, 0.02)
 
 
-def _texts():
+def _texts(split="shuffled"):
+    """``(corpus name, paragraphs)``; ``split="shuffled"`` puts them in a seeded random order, so
+    that the held-out paragraphs (the first 40) and the training ones come from the whole corpus."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from tokens_curve import DOCS, python_docs_paragraphs
 
     if os.path.isdir(DOCS):
-        return "python-docs", python_docs_paragraphs()
-    from sklearn_jsae.datasets import load_python_doc_texts
+        corpus, texts = "python-docs", python_docs_paragraphs()
+    else:
+        from sklearn_jsae.datasets import load_python_doc_texts
 
-    return "pydoc", load_python_doc_texts()
+        corpus, texts = "pydoc", load_python_doc_texts()
+    if split == "shuffled":
+        texts = list(texts)
+        random.Random(0).shuffle(texts)
+    return corpus, texts
 
 
 def _fractions(J, factor):
@@ -71,6 +79,36 @@ def _save(path, results):
     os.replace(tmp, path)
 
 
+def _parse_params(pairs):
+    """``["learning_rate=2e-3", "batch_size=256"]`` -> estimator keyword arguments."""
+    params = {}
+    for pair in pairs or ():
+        name, _, value = pair.partition("=")
+        number = float(value)
+        params[name] = int(number) if number.is_integer() and "." not in value and "e" not in value else number
+    return params
+
+
+def _key(row):
+    """What makes two rows the same fit."""
+    return (row["model"], row["layer"], row["tokens"], row["l1"], row.get("split", "file-order"),
+            json.dumps(row.get("params", {}), sort_keys=True))
+
+
+def _patch_l1_warmup(fraction):
+    """Make every fit ramp ``l1`` over ``fraction`` of its steps (the trainer's default is 0.05)."""
+    import dataclasses
+
+    from sklearn_jsae import JacobianSparseAutoencoder
+
+    train_config = JacobianSparseAutoencoder._train_config
+
+    def patched(self, device):
+        return dataclasses.replace(train_config(self, device), l1_warmup=fraction)
+
+    JacobianSparseAutoencoder._train_config = patched
+
+
 def sweep(args):
     import torch
 
@@ -82,15 +120,19 @@ def sweep(args):
     from sklearn_jsae.hf import harvest, mlp_of
     from sklearn_jsae.metrics import fraction_variance_unexplained
 
-    corpus, texts = _texts()
+    params = _parse_params(args.param)
+    recorded = dict(params)
+    if args.l1_warmup is not None:
+        _patch_l1_warmup(args.l1_warmup)
+        recorded["l1_warmup"] = args.l1_warmup
+    corpus, texts = _texts(args.split)
     model, tokenizer = load_model(args.model)
     for layer in args.layers:
         held_out = X_all = None
         for count in args.counts:
             for l1 in args.l1:
-                key = (args.model, layer, count, l1)
-                results = _load(args.out)
-                if any((r["model"], r["layer"], r["tokens"], r["l1"]) == key for r in results["rows"]):
+                row = dict(model=args.model, layer=layer, tokens=count, l1=l1, split=args.split, params=recorded)
+                if any(_key(r) == _key(row) for r in _load(args.out)["rows"]):
                     continue
                 if held_out is None:
                     held_out, _ = harvest(model, layer, texts[:40], tokenizer=tokenizer,
@@ -100,17 +142,16 @@ def sweep(args):
                                        n_tokens=max(args.counts), progress=False)
                     mlp = mlp_of(model, layer)
                 X = X_all[:count]
-                max_iter = max(1, math.ceil(args.token_steps / X.shape[0]))
+                fit_params = dict(max_iter=max(1, math.ceil(args.token_steps / X.shape[0])), **params)
                 started = time.perf_counter()
-                jsae = JacobianSparseAutoencoder(mlp, l1=l1, max_iter=max_iter, device="cpu",
-                                                 random_state=0).fit(X)
+                jsae = JacobianSparseAutoencoder(mlp, l1=l1, device="cpu", random_state=0, **fit_params).fit(X)
                 seconds = time.perf_counter() - started
                 fvu = fraction_variance_unexplained(jsae, held_out)
                 factor = jsae.input_sae_.scale_ / jsae.output_sae_.scale_
                 absolute, normalized = _fractions(jsae.jacobian(held_out), factor)
-                row = dict(model=args.model, layer=layer, tokens=int(X.shape[0]), l1=l1, max_iter=max_iter,
-                           corpus=corpus, held_out_tokens=int(held_out.shape[0]),
-                           scale_ratio=round(1 / factor, 4), absolute=absolute, normalized=normalized,
+                row.update(tokens=int(X.shape[0]), max_iter=fit_params["max_iter"], corpus=corpus,
+                           held_out_tokens=int(held_out.shape[0]), scale_ratio=round(1 / factor, 4),
+                           absolute=absolute, normalized=normalized,
                            fvu_input=round(float(fvu["input"]), 4), fvu_output=round(float(fvu["output"]), 4),
                            dead_input=round(float(jsae.history_[-1]["dead_fraction_input"]), 4),
                            dead_output=round(float(jsae.history_[-1]["dead_fraction_output"]), 4),
@@ -121,12 +162,25 @@ def sweep(args):
                 _save(args.out, results)
 
 
+def _setting(row):
+    """Everything but ``l1`` that changes an ``l1 = 0`` fit (the ramp of ``l1`` does not)."""
+    params = {k: v for k, v in row.get("params", {}).items() if k != "l1_warmup"}
+    return (row["model"], row["layer"], row["tokens"], row["max_iter"], row.get("split", "file-order"),
+            json.dumps(params, sort_keys=True))
+
+
 def _baseline(rows, row):
+    """The ``l1 = 0`` pair trained like ``row``."""
     for r in rows:
-        if (r["model"], r["layer"], r["tokens"], r["max_iter"], r["l1"]) == (
-                row["model"], row["layer"], row["tokens"], row["max_iter"], 0.0):
+        if r["l1"] == 0 and _setting(r) == _setting(row):
             return r
     return None
+
+
+def _is_main(row, usual):
+    """A row of the table and figure: the defaults, the shuffled split, the common budget."""
+    return (row.get("split") == "shuffled" and not row.get("params")
+            and row["max_iter"] == usual[row["tokens"]])
 
 
 def summarise(args):
@@ -137,6 +191,7 @@ def summarise(args):
         if base is None or r["l1"] == 0:
             continue
         entry = dict(model=r["model"], layer=r["layer"], tokens=r["tokens"], l1=r["l1"], max_iter=r["max_iter"],
+                     split=r.get("split", "file-order"), params=r.get("params", {}),
                      trad_abs=base["absolute"]["0.01"], jsae_abs=r["absolute"]["0.01"],
                      trad_norm=base["normalized"]["0.01"], jsae_norm=r["normalized"]["0.01"],
                      ratio_abs=base["absolute"]["0.01"] / max(r["absolute"]["0.01"], 1e-4),
@@ -144,28 +199,30 @@ def summarise(args):
                      dfvu_input=r["fvu_input"] - base["fvu_input"], dfvu_output=r["fvu_output"] - base["fvu_output"],
                      scale_ratio=r["scale_ratio"])
         table.append(entry)
-    header = ("model", "layer", "tokens", "epochs", "l1", "c_y/c_x", "abs trad", "abs jsae", "ratio", "norm trad",
+    header = ("model", "layer", "tokens", "epochs", "split", "other settings", "l1", "c_y/c_x", "abs trad", "abs jsae", "ratio", "norm trad",
               "norm jsae", "ratio", "ΔFVU_x", "ΔFVU_y")
     print(" | ".join(header))
     for e in table:
         if args.l1_default is not None and e["l1"] != args.l1_default:
             continue
-        print(" | ".join([e["model"], str(e["layer"]), f"{e['tokens']:,}", str(e["max_iter"]), f"{e['l1']:g}", f"{e['scale_ratio']:.2f}",
+        settings = " ".join(f"{k}={v:g}" for k, v in e["params"].items()) or "-"
+        print(" | ".join([e["model"], str(e["layer"]), f"{e['tokens']:,}", str(e["max_iter"]), e["split"], settings,
+                          f"{e['l1']:g}", f"{e['scale_ratio']:.2f}",
                           f"{e['trad_abs']:.1%}", f"{e['jsae_abs']:.1%}", f"{e['ratio_abs']:.1f}x",
                           f"{e['trad_norm']:.1%}", f"{e['jsae_norm']:.1%}", f"{e['ratio_norm']:.1f}x",
                           f"{e['dfvu_input']:+.3f}", f"{e['dfvu_output']:+.3f}"]))
-    # The table and the figure show the common budget of each count (an experiment with more
-    # epochs, such as 3x the steps, appears only in the printout above).
+    # The table and the figure show the defaults on the shuffled split at the common budget of each
+    # count; experiments (other settings, more epochs, the file-order split) appear only above.
     from collections import Counter
 
     usual = {n: Counter(r["max_iter"] for r in rows if r["tokens"] == n).most_common(1)[0][0]
              for n in {r["tokens"] for r in rows}}
     if args.rst and args.l1_default is not None:
         with open(args.rst, "w") as f:
-            f.write(_rst([e for e in table if e["max_iter"] == usual[e["tokens"]]], args.l1_default))
+            f.write(_rst([e for e in table if _is_main(e, usual)], args.l1_default))
         print(f"wrote {args.rst}")
     if args.figure:
-        _figure([r for r in rows if r["max_iter"] == usual[r["tokens"]]], args.figure, args.l1_default)
+        _figure([r for r in rows if _is_main(r, usual)], args.figure, args.l1_default)
 
 
 def _rst(table, l1):
@@ -234,6 +291,12 @@ def main(argv=None):
     parser.add_argument("--l1", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0, 8.0])
     parser.add_argument("--token-steps", type=int, default=300_000,
                         help="tokens processed per fit (max_iter = this / count, at least 1)")
+    parser.add_argument("--split", choices=["shuffled", "file-order"], default="shuffled",
+                        help="hold out 40 paragraphs drawn at random (seed 0) or the corpus's first 40")
+    parser.add_argument("--param", metavar="NAME=VALUE", nargs="+",
+                        help="estimator parameters other than the defaults (e.g. learning_rate=2e-3 max_iter=10)")
+    parser.add_argument("--l1-warmup", type=float, default=None,
+                        help="fraction of the steps over which l1 ramps up (the trainer's default: 0.05)")
     parser.add_argument("--held-out", type=int, default=2048, help="held-out tokens for the metrics")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="benchmarks/results/l1_layers.json")
