@@ -2,24 +2,33 @@
 
 For each model and layer, harvests the MLP's inputs from real English text with
 :func:`sklearn_jsae.hf.harvest` (the Python 3.11 documentation's prose from Debian's
-``python3.11-doc`` when it is installed, else ``pydoc_data.topics``; the first 40 paragraphs
-held out), then fits a :class:`~sklearn_jsae.JacobianSparseAutoencoder` for every ``l1`` at
-every token count, with the defaults otherwise except ``max_iter``: every fit processes about
-``--token-steps`` tokens (30 epochs at 10k tokens, the default; 3 at 100k), so the counts
-compare data, not compute.  On the held-out tokens it records, for τ in (0.005, 0.01, 0.02),
+``python3.11-doc`` when it is installed, else ``pydoc_data.topics``), holds out the first 40
+paragraphs of a seeded random order (``--split shuffled``, the default: held-out and training
+tokens come from the whole corpus; ``--split file-order`` holds out the corpus's first 40, so that
+a 10,000-token fit trains on the C API chapters and is tested on the introduction), then fits a
+:class:`~sklearn_jsae.JacobianSparseAutoencoder` for every ``l1`` at every token count, with the
+defaults otherwise except ``max_iter``: every fit processes about ``--token-steps`` tokens (30
+epochs at 10k tokens, the default; 3 at 100k), so the counts compare data, not compute.
+``--param NAME=VALUE`` changes other estimator parameters (``max_iter`` too) and ``--l1-warmup``
+the length of the ``l1`` ramp.  On the held-out tokens it records, for τ in (0.005, 0.01, 0.02),
 the fraction of active Jacobian entries above τ in both views (``absolute``: the paper's τ on
 ∂s_y/∂s_x; ``normalized``: τ on (c_x / c_y)·J, the view the penalty acts on) and the FVU of
-each SAE.  ``l1 = 0`` is the traditional pair, the baseline.
+each SAE.  ``l1 = 0`` is the traditional pair, the baseline of every row trained the same way.
 
 Every finished fit is appended to ``--out`` at once, and fits already there are skipped, so an
 interrupted sweep continues where it stopped::
 
     python benchmarks/l1_layers.py --model minilm --layers 0 1 2 3 4 5 --counts 10000 100000 \\
-        --l1 0 1 2 4 8 --out benchmarks/results/l1_layers_minilm.json
+        --l1 0 2 3 4 --out benchmarks/results/l1_layers_minilm.json
     python benchmarks/l1_layers.py --model smollm2 --layers 5 15 25 --counts 10000 100000 \\
-        --l1 0 1 2 4 8 --out benchmarks/results/l1_layers_smollm2.json
-    python benchmarks/l1_layers.py --summarise benchmarks/results/l1_layers_*.json --l1-default 2 \\
+        --l1 0 4 --out benchmarks/results/l1_layers_smollm2.json
+    python benchmarks/l1_layers.py --summarise benchmarks/results/l1_layers_minilm.json \\
+        benchmarks/results/l1_layers_smollm2.json --l1-default 2 \\
         --rst docs/l1_layers_table.txt --figure docs/images/l1_tradeoff.png
+
+The table and the figure show the rows trained with the defaults on the shuffled split;
+``--summarise`` prints every row, experiments included (for example
+``--split file-order --layers 2 --counts 10000 --l1 0 2 --param learning_rate=2e-3``).
 """
 
 from __future__ import annotations
@@ -142,7 +151,7 @@ def sweep(args):
                                        n_tokens=max(args.counts), progress=False)
                     mlp = mlp_of(model, layer)
                 X = X_all[:count]
-                fit_params = dict(max_iter=max(1, math.ceil(args.token_steps / X.shape[0])), **params)
+                fit_params = {"max_iter": max(1, math.ceil(args.token_steps / X.shape[0])), **params}
                 started = time.perf_counter()
                 jsae = JacobianSparseAutoencoder(mlp, l1=l1, device="cpu", random_state=0, **fit_params).fit(X)
                 seconds = time.perf_counter() - started
@@ -238,7 +247,7 @@ def _rst(table, l1):
                       f"{e['trad_abs']:.1%} → {e['jsae_abs']:.1%}", f"{e['ratio_abs']:.1f}x",
                       f"{e['trad_norm']:.1%} → {e['jsae_norm']:.1%}", f"{e['ratio_norm']:.1f}x",
                       f"{e['dfvu_input']:+.3f}", f"{e['dfvu_output']:+.3f}"))
-    widths = [max(len(c), *(len(r[i]) for r in lines)) for i, c in enumerate(columns)]
+    widths = [max([len(c)] + [len(r[i]) for r in lines]) for i, c in enumerate(columns)]
     rule = "  ".join("=" * w for w in widths)
     out = [rule, "  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(), rule]
     out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in lines]
