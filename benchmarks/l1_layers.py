@@ -206,7 +206,7 @@ def summarise(args):
                      ratio_abs=base["absolute"]["0.01"] / max(r["absolute"]["0.01"], 1e-4),
                      ratio_norm=base["normalized"]["0.01"] / max(r["normalized"]["0.01"], 1e-4),
                      dfvu_input=r["fvu_input"] - base["fvu_input"], dfvu_output=r["fvu_output"] - base["fvu_output"],
-                     scale_ratio=r["scale_ratio"])
+                     scale_ratio=r.get("scale_ratio", float("nan")))
         table.append(entry)
     header = ("model", "layer", "tokens", "epochs", "split", "other settings", "l1", "c_y/c_x", "abs trad", "abs jsae", "ratio", "norm trad",
               "norm jsae", "ratio", "ΔFVU_x", "ΔFVU_y")
