@@ -132,10 +132,10 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         Weight of the Jacobian penalty (normalisation above); 0 gives the traditional pair.
         It ramps linearly from 0 over the first 5% of steps.  The default was chosen from an
         ``l1`` sweep on every layer of all-MiniLM-L6-v2 and three of SmolLM2-135M at 10k and
-        100k tokens: on MiniLM it makes 2-4x fewer normalised Jacobian entries exceed 0.01
-        than ``l1 = 0`` on layers 0-3 (at +0.03 to +0.10 FVU) and 14-15x fewer on layers 4-5
-        (at most +0.03); gated SmolLM2 layers need 4-8 for 2-3x (User Guide, "How the
-        defaults were chosen").
+        100k tokens: on MiniLM it makes 9-16x fewer normalised Jacobian entries exceed 0.01
+        than ``l1 = 0`` on layers 4-5 (at most +0.03 FVU), 4-5x on layer 3 and 2-3x on layers
+        0-2 (+0.01 to +0.10, mostly on the output SAE); gated SmolLM2 layers get 1.4-1.8x
+        and want about 4 (User Guide, "How the defaults were chosen").
     learning_rate : float, default=5e-3
         Adam step size.  Ten times the paper's 5e-4, which assumes ~10⁵ steps: with 10⁴-10⁶
         tokens a fit has hundreds to thousands of steps (see the User Guide's "defaults").
