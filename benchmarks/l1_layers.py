@@ -93,7 +93,11 @@ def _parse_params(pairs):
     params = {}
     for pair in pairs or ():
         name, _, value = pair.partition("=")
-        number = float(value)
+        try:
+            number = float(value)
+        except ValueError:  # a word, such as device=cuda
+            params[name] = value
+            continue
         params[name] = int(number) if number.is_integer() and "." not in value and "e" not in value else number
     return params
 
@@ -151,9 +155,10 @@ def sweep(args):
                                        n_tokens=max(args.counts), progress=False)
                     mlp = mlp_of(model, layer)
                 X = X_all[:count]
-                fit_params = {"max_iter": max(1, math.ceil(args.token_steps / X.shape[0])), **params}
+                fit_params = {"max_iter": max(1, math.ceil(args.token_steps / X.shape[0])), "device": "cpu",
+                              **params}
                 started = time.perf_counter()
-                jsae = JacobianSparseAutoencoder(mlp, l1=l1, device="cpu", random_state=0, **fit_params).fit(X)
+                jsae = JacobianSparseAutoencoder(mlp, l1=l1, random_state=0, **fit_params).fit(X)
                 seconds = time.perf_counter() - started
                 fvu = fraction_variance_unexplained(jsae, held_out)
                 factor = jsae.input_sae_.scale_ / jsae.output_sae_.scale_
@@ -303,7 +308,8 @@ def main(argv=None):
     parser.add_argument("--split", choices=["shuffled", "file-order"], default="shuffled",
                         help="hold out 40 paragraphs drawn at random (seed 0) or the corpus's first 40")
     parser.add_argument("--param", metavar="NAME=VALUE", nargs="+",
-                        help="estimator parameters other than the defaults (e.g. learning_rate=2e-3 max_iter=10)")
+                        help="estimator parameters other than the defaults (e.g. learning_rate=2e-3 max_iter=10 "
+                             "device=cuda; fits run on the CPU otherwise)")
     parser.add_argument("--l1-warmup", type=float, default=None,
                         help="fraction of the steps over which l1 ramps up (the trainer's default: 0.05)")
     parser.add_argument("--held-out", type=int, default=2048, help="held-out tokens for the metrics")

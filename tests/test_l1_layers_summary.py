@@ -71,3 +71,5 @@ def test_parameters_parse_to_the_estimator_types(l1_layers):
     assert l1_layers._parse_params(["max_iter=10", "learning_rate=2e-3", "batch_size=256", "aux_coef=0.5"]) == {
         "max_iter": 10, "learning_rate": 2e-3, "batch_size": 256, "aux_coef": 0.5}
     assert isinstance(l1_layers._parse_params(["max_iter=10"])["max_iter"], int)
+    assert l1_layers._parse_params(["device=cuda", "mixed_precision=auto"]) == {"device": "cuda",
+                                                                                "mixed_precision": "auto"}
