@@ -37,20 +37,16 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from l1_layers import _texts
+    from l1_layers import _texts, harvest_split
 
     from sklearn_jsae import JacobianSparseAutoencoder
     from sklearn_jsae._cli_train import load_model
-    from sklearn_jsae.hf import harvest, mlp_of
+    from sklearn_jsae.hf import mlp_of
     from sklearn_jsae.metrics import fraction_variance_unexplained
 
     _, texts = _texts("shuffled")
     model, tokenizer = load_model(args.model)
-    held_out, _ = harvest(model, args.layer, texts[:40], tokenizer=tokenizer, exclude_special_tokens=True,
-                          progress=False)
-    held_out = held_out[:2048]
-    X, _ = harvest(model, args.layer, texts[40:], tokenizer=tokenizer, exclude_special_tokens=True,
-                   n_tokens=args.tokens, progress=False)
+    X, held_out = harvest_split(model, tokenizer, args.layer, texts, args.tokens)
     mlp = mlp_of(model, args.layer)
     reference_gain = None
     print("l1 | median |W_enc_y row| | FVU_y | normalised |J| > 0.01 | the same at the pair's gain")

@@ -88,6 +88,17 @@ def _save(path, results):
     os.replace(tmp, path)
 
 
+def harvest_split(model, tokenizer, layer, texts, n_tokens, n_held_out=2048):
+    """``(X, held_out)``: the MLP inputs of ``layer`` on the first ``n_tokens`` tokens of
+    ``texts[40:]`` and on at most ``n_held_out`` tokens of ``texts[:40]``."""
+    from sklearn_jsae.hf import harvest
+
+    held_out, _ = harvest(model, layer, texts[:40], tokenizer=tokenizer, exclude_special_tokens=True, progress=False)
+    X, _ = harvest(model, layer, texts[40:], tokenizer=tokenizer, exclude_special_tokens=True, n_tokens=n_tokens,
+                   progress=False)
+    return X, held_out[:n_held_out]
+
+
 def _parse_params(pairs):
     """``["learning_rate=2e-3", "batch_size=256"]`` -> estimator keyword arguments."""
     params = {}
@@ -130,7 +141,7 @@ def sweep(args):
     warnings.simplefilter("ignore")
     from sklearn_jsae import JacobianSparseAutoencoder
     from sklearn_jsae._cli_train import load_model
-    from sklearn_jsae.hf import harvest, mlp_of
+    from sklearn_jsae.hf import mlp_of
     from sklearn_jsae.metrics import fraction_variance_unexplained
 
     params = _parse_params(args.param)
@@ -148,11 +159,7 @@ def sweep(args):
                 if any(_key(r) == _key(row) for r in _load(args.out)["rows"]):
                     continue
                 if held_out is None:
-                    held_out, _ = harvest(model, layer, texts[:40], tokenizer=tokenizer,
-                                          exclude_special_tokens=True, progress=False)
-                    held_out = held_out[:args.held_out]
-                    X_all, _ = harvest(model, layer, texts[40:], tokenizer=tokenizer, exclude_special_tokens=True,
-                                       n_tokens=max(args.counts), progress=False)
+                    X_all, held_out = harvest_split(model, tokenizer, layer, texts, max(args.counts), args.held_out)
                     mlp = mlp_of(model, layer)
                 X = X_all[:count]
                 fit_params = {"max_iter": max(1, math.ceil(args.token_steps / X.shape[0])), "device": "cpu",
