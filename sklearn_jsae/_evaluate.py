@@ -25,7 +25,6 @@ import numpy as np
 
 from .metrics import (
     DEFAULT_THRESHOLDS,
-    _jacobian_sparsity_views,
     global_jacobian_sparsity,
     intervention_agreement,
     jacobian_scale,
@@ -33,6 +32,7 @@ from .metrics import (
     randomize_mlp,
     reconstruction_metrics,
 )
+from .metrics._sparsity import _jacobian_sparsity_views
 
 #: Farnik et al. (2025), Pythia-410m layer 15, 65,536 latents, k = 32 (None: not reported).
 PAPER = {

@@ -53,14 +53,9 @@ import numbers
 
 import numpy as np
 
-from .metrics import (
-    _check_jsae,
-    _check_scale,
-    _check_thresholds,
-    _jacobian_sparsity_views,
-    jacobian_sparsity,
-    reconstruction_metrics,
-)
+from .metrics import jacobian_sparsity, reconstruction_metrics
+from .metrics._sparsity import _check_scale, _jacobian_sparsity_views
+from .metrics._validation import _check_jsae, _check_thresholds
 
 __all__ = [
     "explained_variance_scorer",

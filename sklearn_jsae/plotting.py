@@ -20,7 +20,9 @@ import numbers
 import numpy as np
 
 from ._topk import _validate_X
-from .metrics import _check_jsae, _check_scale, _resolve_scale, global_jacobian_sparsity
+from .metrics import global_jacobian_sparsity
+from .metrics._sparsity import _check_scale, _resolve_scale
+from .metrics._validation import _check_jsae
 from .model_selection import _JSAEScoring
 
 __all__ = ["plot_jacobian_block", "plot_jacobian_histogram", "plot_l1_pareto", "plot_top_edges"]

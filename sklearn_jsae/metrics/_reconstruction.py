@@ -1,0 +1,115 @@
+"""Reconstruction quality of each SAE: FVU, explained variance, L0 and dead latents."""
+
+from __future__ import annotations
+
+from .._sklearn_compat import check_is_fitted
+from .._topk import _inference_device, _validate_X
+from ._validation import _check_positive_int
+
+
+def reconstruction_metrics(estimator, X, *, batch_size=4096):
+    """Reconstruction quality of both SAEs of a fitted JSAE, in one pass over X.
+
+    For each side (``"input"``: Z = X, ``"output"``: Z = mlp(X), the true outputs)::
+
+        fvu                 = Σ ||z - ẑ||² / Σ ||z - mean(z)||²        (0 is perfect)
+        explained_variance  = 1 - fvu
+        l0                  = mean number of latents with a value > 0 per row (<= k)
+        dead_fraction       = fraction of latents with a value > 0 on no row of X
+
+    Parameters
+    ----------
+    estimator : fitted JacobianSparseAutoencoder or TopKSparseAutoencoder
+        A single SAE gives only the ``"input"`` entry.
+    X : array-like of shape (n_samples, n_features_in_)
+    batch_size : int, default=4096
+
+    Returns
+    -------
+    metrics : dict
+        ``{"input": {"fvu", "explained_variance", "l0", "dead_fraction"}, "output": {...}}``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn_jsae import TopKSparseAutoencoder
+    >>> from sklearn_jsae.metrics import reconstruction_metrics
+    >>> X = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
+    >>> sae = TopKSparseAutoencoder(n_components=16, k=4, max_iter=2, random_state=0).fit(X)
+    >>> m = reconstruction_metrics(sae, X)["input"]
+    >>> 0 <= m["fvu"] <= 1.5 and m["l0"] <= 4 and 0 <= m["dead_fraction"] <= 1
+    True
+    >>> bool(np.isclose(m["explained_variance"], sae.score(X), atol=1e-5))
+    True
+    """
+    from .._backend.metrics import reconstruction_statistics
+    from .._estimator import JacobianSparseAutoencoder
+    from .._topk import TopKSparseAutoencoder
+
+    if isinstance(estimator, JacobianSparseAutoencoder):
+        check_is_fitted(estimator)
+        sides = (estimator.input_sae_, estimator.output_sae_)
+        mlp_map = estimator._mlp_map
+    elif isinstance(estimator, TopKSparseAutoencoder):
+        check_is_fitted(estimator)
+        sides, mlp_map = (estimator, None), None
+    else:
+        raise TypeError(
+            f"estimator must be a fitted JacobianSparseAutoencoder or TopKSparseAutoencoder, got "
+            f"{type(estimator).__name__}."
+        )
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    X = _validate_X(estimator, X, reset=False)
+    stats = reconstruction_statistics(
+        sides[0]._params(), None if sides[1] is None else sides[1]._params(), mlp_map, X,
+        sides[0].k, None if sides[1] is None else sides[1].k,
+        _inference_device(estimator), batch_size,
+    )
+    out = {}
+    for name, s in stats.items():
+        if s["total"] > 0:
+            fvu = s["residual"] / s["total"]
+        else:
+            fvu = 0.0 if s["residual"] == 0 else float("inf")
+        out[name] = {
+            "fvu": float(fvu),
+            "explained_variance": float(1.0 - fvu),
+            "l0": float(s["l0"] / s["n"]),
+            "dead_fraction": float(1.0 - s["fired"].mean()),
+        }
+    return out
+
+
+def fraction_variance_unexplained(estimator, X, *, batch_size=4096):
+    """Fraction of variance unexplained of each SAE: ``{"input": FVU_x, "output": FVU_y}``.
+
+    ``FVU = Σ ||z - ẑ||² / Σ ||z - mean(z)||²`` over all rows and features of X (input SAE)
+    and of the true outputs mlp(X) (output SAE); ``1 - FVU`` is the explained variance that
+    :meth:`~sklearn_jsae.JacobianSparseAutoencoder.score` averages.  See
+    :func:`reconstruction_metrics` for L0 and dead latents from the same pass.
+
+    Parameters
+    ----------
+    estimator : fitted JacobianSparseAutoencoder (or TopKSparseAutoencoder: "input" only)
+    X : array-like of shape (n_samples, n_features_in_)
+    batch_size : int, default=4096
+
+    Returns
+    -------
+    fvu : dict
+        ``{"input": float, "output": float}``.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from sklearn_jsae import JacobianSparseAutoencoder
+    >>> from sklearn_jsae.metrics import fraction_variance_unexplained
+    >>> mlp = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 6))
+    >>> X = np.random.default_rng(0).normal(size=(128, 6)).astype(np.float32)
+    >>> jsae = JacobianSparseAutoencoder(mlp, n_components=16, k=3, max_iter=2, random_state=0).fit(X)
+    >>> fvu = fraction_variance_unexplained(jsae, X)
+    >>> sorted(fvu), bool(np.isclose(1 - (fvu["input"] + fvu["output"]) / 2, jsae.score(X), atol=1e-5))
+    (['input', 'output'], True)
+    """
+    metrics = reconstruction_metrics(estimator, X, batch_size=batch_size)
+    return {name: side["fvu"] for name, side in metrics.items()}
