@@ -13,7 +13,11 @@ epochs at 10k tokens, the default; 3 at 100k), so the counts compare data, not c
 the length of the ``l1`` ramp.  On the held-out tokens it records, for τ in (0.005, 0.01, 0.02),
 the fraction of active Jacobian entries above τ in both views (``absolute``: the paper's τ on
 ∂s_y/∂s_x; ``normalized``: τ on (c_x / c_y)·J, the view the penalty acts on) and the FVU of
-each SAE.  ``l1 = 0`` is the traditional pair, the baseline of every row trained the same way.
+each SAE, and the normalised fractions at unit gain (every entry divided by its output latent's
+encoder-row norm, whose median is recorded too: shrinking those rows lowers a whole row of J at a
+cost to the output SAE, so the unit-gain ratio is the part of the sparsification that is
+structure; ``encoder_gain.py`` has the details).  ``l1 = 0`` is the traditional pair, the
+baseline of every row trained the same way.
 
 Every finished fit is appended to ``--out`` at once, and fits already there are skipped, so an
 interrupted sweep continues where it stopped::
@@ -63,15 +67,19 @@ def _texts(split="shuffled"):
     return corpus, texts
 
 
-def _fractions(J, factor):
+def _fractions(J, factor, gains):
+    """Fractions above τ of ``|J|`` (absolute), ``factor · |J|`` (normalised) and of the normalised
+    entries divided by their output latent's encoder-row norm ``gains[a]`` (unit gain: the part of
+    the sparsity that shrinking an output encoder row cannot produce, see ``encoder_gain.py``)."""
     from sklearn_jsae.metrics import jacobian_sparsity
 
-    scaled = J.copy()
-    scaled.data = scaled.data * factor
-    absolute = jacobian_sparsity(J, thresholds=THRESHOLDS)
-    normalized = jacobian_sparsity(scaled, thresholds=THRESHOLDS)
-    return ({str(t): round(v, 4) for t, v in absolute.items()},
-            {str(t): round(v, 4) for t, v in normalized.items()})
+    views = []
+    for row_factor in (None, factor, factor / gains[J.coords[1]]):
+        scaled = J.copy()
+        if row_factor is not None:
+            scaled.data = scaled.data * row_factor
+        views.append({str(t): round(v, 4) for t, v in jacobian_sparsity(scaled, thresholds=THRESHOLDS).items()})
+    return views
 
 
 def _load(path):
@@ -142,6 +150,8 @@ def sweep(args):
     from sklearn_jsae import JacobianSparseAutoencoder
     from sklearn_jsae._cli_train import load_model
     from sklearn_jsae.hf import mlp_of
+    import numpy as np
+
     from sklearn_jsae.metrics import fraction_variance_unexplained
 
     params = _parse_params(args.param)
@@ -169,10 +179,12 @@ def sweep(args):
                 seconds = time.perf_counter() - started
                 fvu = fraction_variance_unexplained(jsae, held_out)
                 factor = jsae.input_sae_.scale_ / jsae.output_sae_.scale_
-                absolute, normalized = _fractions(jsae.jacobian(held_out), factor)
+                gains = np.linalg.norm(jsae.output_sae_.encoder_, axis=1)
+                absolute, normalized, unit_gain = _fractions(jsae.jacobian(held_out), factor, gains)
                 row.update(tokens=int(X.shape[0]), max_iter=fit_params["max_iter"], corpus=corpus,
                            held_out_tokens=int(held_out.shape[0]), scale_ratio=round(1 / factor, 4),
-                           absolute=absolute, normalized=normalized,
+                           absolute=absolute, normalized=normalized, unit_gain=unit_gain,
+                           output_gain_median=round(float(np.median(gains)), 4),
                            fvu_input=round(float(fvu["input"]), 4), fvu_output=round(float(fvu["output"]), 4),
                            dead_input=round(float(jsae.history_[-1]["dead_fraction_input"]), 4),
                            dead_output=round(float(jsae.history_[-1]["dead_fraction_output"]), 4),
@@ -218,10 +230,14 @@ def summarise(args):
                      ratio_abs=base["absolute"]["0.01"] / max(r["absolute"]["0.01"], 1e-4),
                      ratio_norm=base["normalized"]["0.01"] / max(r["normalized"]["0.01"], 1e-4),
                      dfvu_input=r["fvu_input"] - base["fvu_input"], dfvu_output=r["fvu_output"] - base["fvu_output"],
-                     scale_ratio=r.get("scale_ratio", float("nan")))
+                     scale_ratio=r.get("scale_ratio", float("nan")),
+                     # unit gain: rows recorded before the column existed have none
+                     ratio_unit_gain=(base["unit_gain"]["0.01"] / max(r["unit_gain"]["0.01"], 1e-4)
+                                      if "unit_gain" in base and "unit_gain" in r else float("nan")),
+                     gains=(base.get("output_gain_median", float("nan")), r.get("output_gain_median", float("nan"))))
         table.append(entry)
     header = ("model", "layer", "tokens", "epochs", "split", "other settings", "l1", "c_y/c_x", "abs trad", "abs jsae", "ratio", "norm trad",
-              "norm jsae", "ratio", "ΔFVU_x", "ΔFVU_y")
+              "norm jsae", "ratio", "ΔFVU_x", "ΔFVU_y", "unit-gain ratio", "gain trad → jsae")
     print(" | ".join(header))
     for e in table:
         if args.l1_default is not None and e["l1"] != args.l1_default:
@@ -231,7 +247,8 @@ def summarise(args):
                           f"{e['l1']:g}", f"{e['scale_ratio']:.2f}",
                           f"{e['trad_abs']:.1%}", f"{e['jsae_abs']:.1%}", f"{e['ratio_abs']:.1f}x",
                           f"{e['trad_norm']:.1%}", f"{e['jsae_norm']:.1%}", f"{e['ratio_norm']:.1f}x",
-                          f"{e['dfvu_input']:+.3f}", f"{e['dfvu_output']:+.3f}"]))
+                          f"{e['dfvu_input']:+.3f}", f"{e['dfvu_output']:+.3f}", _unknown(f"{e['ratio_unit_gain']:.1f}x"),
+                          _unknown("{:.2f} → {:.2f}".format(*e["gains"]))]))
     # The table and the figure show the defaults on the shuffled split at the common budget of each
     # count; experiments (other settings, more epochs, the file-order split) appear only above.
     from collections import Counter
@@ -244,6 +261,11 @@ def summarise(args):
         print(f"wrote {args.rst}")
     if args.figure:
         _figure([r for r in rows if _is_main(r, usual)], args.figure, args.l1_default)
+
+
+def _unknown(text):
+    """``-`` for a figure the rows do not have (recorded before its column existed)."""
+    return "-" if "nan" in text else text
 
 
 def _rst(table, l1):

@@ -73,3 +73,27 @@ def test_parameters_parse_to_the_estimator_types(l1_layers):
     assert isinstance(l1_layers._parse_params(["max_iter=10"])["max_iter"], int)
     assert l1_layers._parse_params(["device=cuda", "mixed_precision=auto"]) == {"device": "cuda",
                                                                                 "mixed_precision": "auto"}
+
+
+def test_unit_gain_divides_each_entry_by_its_output_row_norm(l1_layers):
+    import numpy as np
+    import scipy.sparse as sp
+
+    # one sample, output latents 0 and 1 by input latent 0: normalised entries 0.008 and 0.004
+    J = sp.coo_array((np.array([0.016, 0.008]), (np.array([0, 0]), np.array([0, 1]), np.array([0, 0]))),
+                     shape=(1, 2, 1))
+    absolute, normalized, unit_gain = l1_layers._fractions(J, 0.5, gains=np.array([2.0, 0.2]))
+    assert absolute["0.01"] == 0.5        # 0.016 only
+    assert normalized["0.01"] == 0.0      # 0.008, 0.004
+    assert unit_gain["0.01"] == 0.5       # 0.004, 0.02: the quiet latent's entry is large per unit gain
+    assert unit_gain["0.005"] == 0.5 and unit_gain["0.02"] == 0.0
+
+
+def test_the_unit_gain_ratio_is_printed_where_both_rows_have_it(l1_layers, tmp_path, capsys):
+    with_gain = [dict(_row(0.0, 0.90, 0.2, 0.3), unit_gain={"0.01": 0.9}, output_gain_median=1.4),
+                 dict(_row(2.0, 0.30, 0.2, 0.3), unit_gain={"0.01": 0.6}, output_gain_median=0.5)]
+    _summarise(l1_layers, tmp_path, with_gain)
+    printed = capsys.readouterr().out.splitlines()[-2]
+    assert "3.0x" in printed and "1.5x" in printed and "1.40 → 0.50" in printed
+    _summarise(l1_layers, tmp_path, [_row(0.0, 0.90, 0.2, 0.3), _row(2.0, 0.30, 0.2, 0.3)])
+    assert capsys.readouterr().out.splitlines()[-2].endswith("| - | -")  # older rows: no unit-gain view
