@@ -196,8 +196,8 @@ def sweep(args):
 
 
 def _setting(row):
-    """Everything but ``l1`` that changes an ``l1 = 0`` fit (the ramp of ``l1`` does not)."""
-    params = {k: v for k, v in row.get("params", {}).items() if k != "l1_warmup"}
+    """Everything but ``l1`` that changes an ``l1 = 0`` fit (the ramp and form of the penalty do not)."""
+    params = {k: v for k, v in row.get("params", {}).items() if k not in ("l1_warmup", "penalty")}
     return (row["model"], row["layer"], row["tokens"], row["max_iter"], row.get("split", "file-order"),
             json.dumps(params, sort_keys=True))
 
@@ -242,7 +242,7 @@ def summarise(args):
     for e in table:
         if args.l1_default is not None and e["l1"] != args.l1_default:
             continue
-        settings = " ".join(f"{k}={v:g}" for k, v in e["params"].items()) or "-"
+        settings = " ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in e["params"].items()) or "-"
         print(" | ".join([e["model"], str(e["layer"]), f"{e['tokens']:,}", str(e["max_iter"]), e["split"], settings,
                           f"{e['l1']:g}", f"{e['scale_ratio']:.2f}",
                           f"{e['trad_abs']:.1%}", f"{e['jsae_abs']:.1%}", f"{e['ratio_abs']:.1f}x",

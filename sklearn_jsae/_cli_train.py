@@ -65,6 +65,8 @@ def _parse(argv):
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--l1", type=float, default=None, help="default: the estimator's")
     parser.add_argument("--learning-rate", type=float, default=None, help="default: the estimator's")
+    parser.add_argument("--penalty", choices=("paper", "unit_gain"), default=None,
+                        help="what the Jacobian penalty sums (default: the estimator's; see its docstring)")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--buffer-size", type=int, default=65536)
     parser.add_argument("--max-length", type=int, default=128)
@@ -160,8 +162,8 @@ def main(argv=None) -> int:
                               batch_size=-(-args.batch_size // world_size), buffer_size=args.buffer_size,
                               max_length=args.max_length, seed=args.seed, skip_texts=args.held_out_texts,
                               rank=rank, world_size=world_size)
-    settings = {name: value for name, value in (("l1", args.l1), ("learning_rate", args.learning_rate))
-                if value is not None}
+    chosen = (("l1", args.l1), ("learning_rate", args.learning_rate), ("penalty", args.penalty))
+    settings = {name: value for name, value in chosen if value is not None}
     jsae = JacobianSparseAutoencoder(
         mlp_of(model, args.layer), n_components=args.n_components, k=args.k, batch_size=args.batch_size,
         n_tokens=args.n_tokens, device=args.device, random_state=args.seed, verbose=0 if args.quiet else 1,

@@ -30,6 +30,8 @@ def _settings(config) -> str:
     settings = {key: getattr(config, key) for key in keys}
     settings["dtype"] = str(config.dtype)
     settings["autocast_dtype"] = str(config.autocast_dtype)
+    if config.penalty != "paper":  # absent for the paper's penalty: checkpoints written before it existed resume
+        settings["penalty"] = config.penalty
     return json.dumps(settings, sort_keys=True)
 
 

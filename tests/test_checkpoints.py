@@ -201,6 +201,9 @@ def test_checkpoint_of_another_fit_is_refused(X, mlp, tmp_path):
     _checkpointed(X, mlp, tmp_path).fit(X)
     with pytest.raises(CheckpointError, match="different fit: it differs in settings"):
         _checkpointed(X, mlp, tmp_path, l1=1.0).fit(X)
+    other_penalty = "unit_gain" if _checkpointed(X, mlp, tmp_path).penalty == "paper" else "paper"
+    with pytest.raises(CheckpointError, match="different fit: it differs in settings"):
+        _checkpointed(X, mlp, tmp_path, penalty=other_penalty).fit(X)
     with pytest.raises(CheckpointError, match="differs in data"):
         _checkpointed(X, mlp, tmp_path).fit(X[::-1].copy())
     other = torch.nn.Sequential(torch.nn.Linear(10, 40), torch.nn.GELU(), torch.nn.Linear(40, 10))

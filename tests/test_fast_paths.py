@@ -304,8 +304,9 @@ def test_run_chunks_reraises_a_workers_error():
         torch.set_num_threads(saved)
 
 
-def _plain_step_losses(side_x, side_y, mlp, x, k, l1, penalty_norm, dead, aux_coef, aux_k):
-    """The step's loss from the plain twins only (dense decode, autograd everywhere)."""
+def _plain_step_losses(side_x, side_y, mlp, x, k, l1, penalty_norm, dead, aux_coef, aux_k, penalty="paper"):
+    """The step's loss from the plain twins only (dense decode, autograd everywhere; the unit-gain
+    penalty divides each block's rows by the encoder-row norms after forming it)."""
     def side(params, v, dead_mask, aux_k_side):
         pre = pre_activations(params, v).detach()
         indices = select_topk(pre, k)
@@ -326,13 +327,17 @@ def _plain_step_losses(side_x, side_y, mlp, x, k, l1, penalty_norm, dead, aux_co
     mse_y, aux_y, idx_y = side(side_y, y, dead[1], aux_k[1])
     loss = mse_x + mse_y + aux_coef * (aux_x + aux_y)
     if l1 is not None:
-        loss = loss + l1 * penalty_norm * jacobian_penalty_reference(mlp, x, side_x.W_dec, idx_x, side_y.W_enc, idx_y)
+        J = jacobian_blocks_reference(mlp, x, side_x.W_dec, idx_x, side_y.W_enc, idx_y)
+        if penalty == "unit_gain":
+            J = J / side_y.W_enc.norm(dim=1)[idx_y].unsqueeze(2)
+        loss = loss + l1 * penalty_norm * J.abs().sum((1, 2)).mean()
     return loss
 
 
 @settings(max_examples=30, deadline=None)
-@given(p=problems, l1=st.sampled_from([None, 0.0, 0.7]), aux=st.booleans())
-def test_step_losses_equal_the_plain_step_value_and_gradients(p, l1, aux):
+@given(p=problems, l1=st.sampled_from([None, 0.0, 0.7]), aux=st.booleans(),
+       penalty=st.sampled_from(["paper", "unit_gain"]))
+def test_step_losses_equal_the_plain_step_value_and_gradients(p, l1, aux, penalty):
     if p["kind"] == "identity":
         p = dict(p, d_out=p["d_in"])
     g = torch.Generator().manual_seed(p["seed"] + 1)
@@ -343,8 +348,8 @@ def test_step_losses_equal_the_plain_step_value_and_gradients(p, l1, aux):
     dead = (torch.rand(p["n_in"], generator=g) < 0.5, torch.rand(p["n_out"], generator=g) < 0.5)
     aux_coef, aux_k = (0.25, (3, 2)) if aux else (0.0, (0, 0))
     fast, terms, fired = jsae_step_losses(side_x, side_y, mlp, x, k, l1=l1, penalty_norm=0.3, dead=dead,
-                                          aux_coef=aux_coef, aux_k=aux_k)
-    plain = _plain_step_losses(side_x, side_y, mlp, x, k, l1, 0.3, dead, aux_coef, aux_k)
+                                          aux_coef=aux_coef, aux_k=aux_k, penalty=penalty)
+    plain = _plain_step_losses(side_x, side_y, mlp, x, k, l1, 0.3, dead, aux_coef, aux_k, penalty)
     torch.testing.assert_close(fast, plain, **TOL)
     assert ("jacobian_l1" in terms) == (l1 is not None)
     assert [i.shape for i, _ in fired] == [(p["batch"], k)] * 2

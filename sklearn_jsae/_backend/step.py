@@ -100,7 +100,8 @@ def side_losses(params: SAEParams, x: torch.Tensor, k: int, dead: torch.Tensor |
 
 def jsae_step_losses(side_x: SAEParams, side_y: SAEParams | None, normalised_map, x: torch.Tensor, k: int,
                      l1: float | None = None, penalty_norm: float = 1.0, dead=(None, None),
-                     aux_coef: float = 0.0, aux_k=(0, 0), outputs_and_weights=None, mean_square=None):
+                     aux_coef: float = 0.0, aux_k=(0, 0), outputs_and_weights=None, mean_square=None,
+                     penalty: str = "paper"):
     """All loss terms of one minibatch for a single SAE (``side_y=None``) or a JSAE pair.
 
     Parameters
@@ -121,6 +122,10 @@ def jsae_step_losses(side_x: SAEParams, side_y: SAEParams | None, normalised_map
         ``map_and_local_weights(normalised_map, x)`` if already known (a precomputed
         :class:`~sklearn_jsae._backend.train.MLPPass`); None computes it.
     mean_square : callable or None, AuxK's residual mean square across ranks (:func:`side_losses`).
+    penalty : {"paper", "unit_gain"}
+        ``"paper"`` penalises J between the latents.  ``"unit_gain"`` divides row a of every
+        ``J_t`` by ``‖W_enc_y[a]‖`` (see :func:`unit_gain_encoder`), so the penalty cannot be
+        lowered by shrinking the output SAE's encoder rows, only by changing directions.
 
     Returns
     -------
@@ -143,12 +148,25 @@ def jsae_step_losses(side_x: SAEParams, side_y: SAEParams | None, normalised_map
     terms.update(mse_output=out_y.mse, aux_output=out_y.aux)
     fired.append((out_y.indices, out_y.values))
     if l1 is not None:
-        penalty = penalty_norm * jacobian_penalty(
-            normalised_map, x, side_x.W_dec, out_x.indices, side_y.W_enc, out_y.indices, weights=weights
+        W_enc_y = unit_gain_encoder(side_y.W_enc) if penalty == "unit_gain" else side_y.W_enc
+        penalty_value = penalty_norm * jacobian_penalty(
+            normalised_map, x, side_x.W_dec, out_x.indices, W_enc_y, out_y.indices, weights=weights
         )
-        loss = loss + l1 * penalty
-        terms["jacobian_l1"] = penalty
+        loss = loss + l1 * penalty_value
+        terms["jacobian_l1"] = penalty_value
     return loss, terms, fired
+
+
+def unit_gain_encoder(W_enc: torch.Tensor) -> torch.Tensor:
+    """``W_enc / ‖W_enc‖`` row by row, (n, d) -> (n, d), differentiable.
+
+    With these rows in place of the output SAE's encoder, the penalty's ``J_t[a, b]`` becomes
+    ``J_t[a, b] / ‖W_enc_y[a]‖``: the Jacobian of the output latent's direction, whatever its
+    gain.  The input side needs no such step: its decoder rows are renormalised to unit norm
+    after every step.  Autograd carries the division's gradient, which is orthogonal to each
+    row, so the penalty moves the rows' directions and leaves their norms to the reconstruction.
+    """
+    return W_enc / W_enc.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def optimiser_step(loss: torch.Tensor, optimiser: torch.optim.Optimizer, sides, max_grad_norm: float,

@@ -73,6 +73,7 @@ class TrainConfig:
     lr_warmup: float = 0.01
     lr_decay: float = 0.2
     l1_warmup: float = 0.05
+    penalty: str = "paper"  # or "unit_gain": see step.jsae_step_losses
     max_grad_norm: float = 1.0
     aux_coef: float = 0.0
     aux_k: int | None = None

@@ -182,7 +182,7 @@ class Trainer:
         step_args = dict(
             l1=config.l1 * l1_factor if self.pair and config.l1 > 0 else None,
             penalty_norm=self.penalty_norm, dead=(dead[0], dead[1]), aux_coef=config.aux_coef,
-            aux_k=self.aux_k, outputs_and_weights=outputs_and_weights,
+            aux_k=self.aux_k, outputs_and_weights=outputs_and_weights, penalty=config.penalty,
         )
         if parallel is None:
             with _autocast(self.device, config.autocast_dtype):
