@@ -59,6 +59,14 @@ def test_the_l1_ramp_shares_the_pair_without_a_penalty(l1_layers, tmp_path, caps
     assert "2.0x" in capsys.readouterr().out
 
 
+def test_the_penalty_form_shares_the_pair_and_is_printed_by_name(l1_layers, tmp_path, capsys):
+    # l1 = 0 computes no penalty, so a penalty="unit_gain" row compares with the default pair
+    rows = [_row(0.0, 0.90, 0.20, 0.30), _row(2.0, 0.60, 0.26, 0.37, params={"penalty": "unit_gain"})]
+    assert _summarise(l1_layers, tmp_path, rows) == []
+    line = [row for row in capsys.readouterr().out.splitlines() if "penalty=unit_gain" in row]
+    assert len(line) == 1 and "1.5x" in line[0] and "+0.060" in line[0] and "+0.070" in line[0]
+
+
 def test_the_table_keeps_the_common_budget(l1_layers, tmp_path):
     rows = [_row(0.0, 0.90, 0.2, 0.3), _row(2.0, 0.30, 0.2, 0.3),
             _row(0.0, 0.90, 0.2, 0.3, layer=3), _row(2.0, 0.30, 0.2, 0.3, layer=3),
