@@ -242,7 +242,7 @@ def summarise(args):
     for e in table:
         if args.l1_default is not None and e["l1"] != args.l1_default:
             continue
-        settings = " ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in e["params"].items()) or "-"
+        settings = " ".join(f"{k}={_setting_value(v)}" for k, v in e["params"].items()) or "-"
         print(" | ".join([e["model"], str(e["layer"]), f"{e['tokens']:,}", str(e["max_iter"]), e["split"], settings,
                           f"{e['l1']:g}", f"{e['scale_ratio']:.2f}",
                           f"{e['trad_abs']:.1%}", f"{e['jsae_abs']:.1%}", f"{e['ratio_abs']:.1f}x",
@@ -261,6 +261,11 @@ def summarise(args):
         print(f"wrote {args.rst}")
     if args.figure:
         _figure([r for r in rows if _is_main(r, usual)], args.figure, args.l1_default)
+
+
+def _setting_value(value):
+    """A ``--param`` value as printed: numbers in ``%g``, words (``cuda``, ``unit_gain``) as they are."""
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
 def _unknown(text):

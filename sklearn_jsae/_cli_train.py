@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+from ._validation import PENALTIES
 from .datasets import load_python_doc_texts
 
 _SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9}
@@ -65,7 +66,7 @@ def _parse(argv):
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--l1", type=float, default=None, help="default: the estimator's")
     parser.add_argument("--learning-rate", type=float, default=None, help="default: the estimator's")
-    parser.add_argument("--penalty", choices=("paper", "unit_gain"), default=None,
+    parser.add_argument("--penalty", choices=PENALTIES, default=None,
                         help="what the Jacobian penalty sums (default: the estimator's; see its docstring)")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--buffer-size", type=int, default=65536)

@@ -41,7 +41,6 @@ from ._validation import check_k
 
 _INFERENCE_BATCH = 4096
 DEFAULT_L1 = 2.0
-DEFAULT_PENALTY = "paper"
 
 
 def _cacheable_mlp_pass(X, map_kind, map_buffers, scale_x, scale_y, device_type, mlp_map):
@@ -283,7 +282,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         "mlp": [None, callable],
         "n_output_components": [None, Interval(numbers.Integral, 1, None, closed="left")],
         "l1": [Interval(numbers.Real, 0, None, closed="left")],
-        "penalty": [StrOptions({"paper", "unit_gain"})],
+        "penalty": [StrOptions(set(_validation.PENALTIES))],
         "memory": [None, str, HasMethods(["cache"])],
         "distributed": ["boolean"],
     }
@@ -296,7 +295,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         n_output_components=None,
         k=32,
         l1=DEFAULT_L1,
-        penalty=DEFAULT_PENALTY,
+        penalty="paper",
         learning_rate=5e-3,
         max_iter=30,
         batch_size=1024,

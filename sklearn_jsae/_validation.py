@@ -14,6 +14,8 @@ import numpy as np
 # training explained variance is < 0 after 30 steps, 0.78 after 60, 0.90 after 90, 0.95 after
 # 100-150 and 0.98 after 200.
 MIN_STEPS = 100
+# The forms of the Jacobian penalty (see sklearn_jsae._backend.step.jsae_step_losses); the first is the paper's.
+PENALTIES = ("paper", "unit_gain")
 
 _DEVICE_PATTERN = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 
