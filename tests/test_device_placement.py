@@ -104,6 +104,19 @@ def test_fit_transform_jacobian_and_metrics_run_on_another_device(X, kind, monke
     _assert_same(got, expected)
 
 
+def test_unit_gain_penalty_runs_on_another_device(X, monkeypatch):
+    """``penalty="unit_gain"`` (its row normalisation in the step) on the virtual device equals the CPU run."""
+    mlp = _mlps()["gated"]
+    settings = dict(SETTINGS, penalty="unit_gain")
+    expected = _surface(JacobianSparseAutoencoder(mlp, device="cpu", **settings).fit(X), X, False)
+    monkeypatch.setattr(_validation, "resolve_device", lambda device, for_inference=False: "meta")
+    with virtual_device():
+        jsae = JacobianSparseAutoencoder(mlp, device="cuda", **settings).fit(X)
+        got = _surface(jsae, X, False)
+    assert jsae.device_ == "meta"
+    _assert_same(got, expected)
+
+
 def test_cached_mlp_pass_and_warm_start_on_another_device(X, tmp_path, on_virtual_device):
     mlp = _mlps()["gelu"]
     cached = JacobianSparseAutoencoder(mlp, memory=str(tmp_path), warm_start=True, **SETTINGS).fit(X)
