@@ -172,10 +172,11 @@ def sweep(args):
                     X_all, held_out = harvest_split(model, tokenizer, layer, texts, max(args.counts), args.held_out)
                     mlp = mlp_of(model, layer)
                 X = X_all[:count]
+                # --param random_state=N reruns a row with another seed (its own l1 = 0 baseline).
                 fit_params = {"max_iter": max(1, math.ceil(args.token_steps / X.shape[0])), "device": "cpu",
-                              **params}
+                              "random_state": 0, **params}
                 started = time.perf_counter()
-                jsae = JacobianSparseAutoencoder(mlp, l1=l1, random_state=0, **fit_params).fit(X)
+                jsae = JacobianSparseAutoencoder(mlp, l1=l1, **fit_params).fit(X)
                 seconds = time.perf_counter() - started
                 fvu = fraction_variance_unexplained(jsae, held_out)
                 factor = jsae.input_sae_.scale_ / jsae.output_sae_.scale_

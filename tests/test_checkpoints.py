@@ -211,6 +211,38 @@ def test_checkpoint_of_another_fit_is_refused(X, mlp, tmp_path):
         _checkpointed(X, other, tmp_path).fit(X)
 
 
+@pytest.mark.parametrize("make", [lambda mlp, **kw: JacobianSparseAutoencoder(mlp, **SETTINGS, **kw),
+                                  lambda mlp, **kw: TopKSparseAutoencoder(
+                                      **{k: v for k, v in SETTINGS.items() if k != "l1"}, **kw)],
+                         ids=["jsae", "topk"])
+def test_interrupted_warm_start_resumes_and_its_checkpoint_is_its_own(X, mlp, tmp_path, monkeypatch, make):
+    """A warm-started fit with a checkpoint folder: interrupted, it keeps the model it started
+    from and resumes to the uninterrupted warm fit; the warm start's weights are part of the
+    checkpoint's identity, so a cold fit does not pick up the warm fit's checkpoint."""
+    expected = make(mlp, warm_start=True).fit(X)
+    cold_end_loss, cold_start_loss = expected.history_[-1]["loss"], expected.history_[0]["loss"]
+    expected.fit(X)
+    assert len(expected.history_) == 2 * SETTINGS["max_iter"]
+    # It started where the first fit ended, not afresh.
+    assert abs(expected.history_[SETTINGS["max_iter"]]["loss"] - cold_end_loss) \
+        < abs(cold_start_loss - cold_end_loss) / 2
+
+    est = make(mlp, warm_start=True).fit(X)
+    first_fit = _model_arrays(est)
+    est.set_params(checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, [13])
+        with pytest.raises(_Interrupt):
+            est.fit(X)
+    for name, array in first_fit.items():
+        np.testing.assert_array_equal(_model_arrays(est)[name], array, err_msg=name)
+    assert (tmp_path / FILENAME).exists()
+    est.fit(X)
+    _assert_same_model(est, expected)
+    with pytest.raises(CheckpointError, match="differs in warm_start"):
+        make(mlp, checkpoint_dir=str(tmp_path)).fit(X)
+
+
 def test_a_failed_write_leaves_the_previous_checkpoint_intact(X, mlp, tmp_path, monkeypatch):
     """A kill during a write: the temporary file is half-written, the checkpoint untouched."""
     from safetensors import torch as safetensors_torch

@@ -477,6 +477,23 @@ def test_spliced_ce_score_is_one_for_exact_saes_and_zero_for_a_zero_output(llama
     assert not model.training
 
 
+def test_spliced_ce_score_hooks_the_module_it_is_given(llama_setup):
+    """``module=`` as one module or an (input, output) pair: the same scores as the model's own
+    hook points when it names that MLP, other scores when it names another layer's."""
+    from sklearn_jsae.metrics import spliced_ce_score
+
+    model, ids, _ = llama_setup  # (its SAEs are edited by the tests above: fit fresh ones)
+    jsae = JacobianSparseAutoencoder(gated_of(model, 1), n_components=16, k=4, max_iter=1, random_state=0)
+    jsae.fit(mlp_inputs(model, 1, ids))
+    default = spliced_ce_score(model, 1, jsae, ids)
+    mlp = model.model.layers[1].mlp
+    assert spliced_ce_score(model, 1, jsae, ids, module=mlp) == pytest.approx(default, rel=1e-6)
+    assert spliced_ce_score(model, 1, jsae, ids, module=(mlp, mlp)) == pytest.approx(default, rel=1e-6)
+    other = spliced_ce_score(model, 1, jsae, ids, module=model.model.layers[0].mlp)
+    assert other["ce_clean"] == pytest.approx(default["ce_clean"], rel=1e-6)
+    assert other["ce_input"] != pytest.approx(default["ce_input"], rel=1e-4)
+
+
 def test_spliced_ce_score_ignores_masked_targets(llama_setup):
     from sklearn_jsae.metrics import spliced_ce_score
 

@@ -8,23 +8,15 @@ from ._validation import _check_jsae, _check_positive_int
 
 
 def _hook_modules(model, layer, module):
-    if module is not None:
-        if isinstance(module, (tuple, list)) and len(module) == 2:
-            return module[0], module[1]
-        return module, module
-    try:
+    """``(input_module, output_module)``: ``module`` as given (one module or a pair), else the
+    model's own hook points (:func:`sklearn_jsae.hf.mlp_hook_points`)."""
+    if module is None:
         from ..hf import mlp_hook_points
-    except ImportError:  # pragma: no cover - sklearn_jsae.hf is part of the package
-        mlp_hook_points = None
-    if mlp_hook_points is not None:
+
         return mlp_hook_points(model, layer)
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "layers", "h"):
-        blocks = model
-        for name in path.split("."):
-            blocks = getattr(blocks, name, None)
-        if blocks is not None and hasattr(blocks[layer], "mlp"):
-            return blocks[layer].mlp, blocks[layer].mlp
-    raise ValueError(f"cannot find the MLP of layer {layer} in {type(model).__name__}; pass module=...")
+    if isinstance(module, (tuple, list)) and len(module) == 2:
+        return module[0], module[1]
+    return module, module
 
 
 def spliced_ce_score(model, layer, estimator, input_ids, *, attention_mask=None, module=None, batch_size=8):
