@@ -256,6 +256,22 @@ def test_distributed_needs_a_job_and_refuses_partial_fit(monkeypatch):
         JacobianSparseAutoencoder(mlp, distributed="yes").fit(X)
 
 
+def test_each_torchrun_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """device="auto"/"cuda" with distributed=True: cuda:LOCAL_RANK, or an error naming the GPU
+    count and the fix when there are more processes on the machine than GPUs."""
+    from sklearn_jsae._backend.distributed import rank_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank_device("auto", "cuda") == rank_device("cuda", "cuda") == "cuda:1"
+    assert rank_device("cuda:0", "cuda:0") == "cuda:0"  # an explicit GPU is the user's choice
+    assert rank_device("auto", "cpu") == "cpu"
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ValueError, match=r"local rank 2 the GPU cuda:2, but this machine has 2.*"
+                                         r"--nproc-per-node 2\) or pass device='cpu'"):
+        rank_device("cuda", "cuda")
+
+
 def test_a_stream_of_another_rank_is_refused(one_rank_group):
     X, mlp = worker.data()
     stream = worker.RowStream(X, 40, rank=1, world_size=2)

@@ -301,6 +301,21 @@ def test_output_config_and_imported_style_attributes_survive(tmp_path):
     assert list(loaded.transform(X).columns) == list(model.transform(X).columns)
 
 
+def test_a_random_state_object_round_trips_mid_stream(tmp_path):
+    """``random_state=np.random.RandomState(...)`` is saved as its full state, a cached Gaussian
+    included, so the loaded estimator's generator continues the same stream."""
+    X = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    rs = np.random.RandomState(3)
+    rs.standard_normal(3)  # an odd count leaves one Gaussian cached
+    model = TopKSparseAutoencoder(n_components=6, k=2, max_iter=1, batch_size=32, random_state=rs).fit(X)
+    assert model.random_state.get_state()[3] == 1
+    loaded = load(model.save(tmp_path / "m.safetensors"))
+    assert isinstance(loaded.random_state, np.random.RandomState) and loaded.random_state is not rs
+    expected = pickle.loads(pickle.dumps(model.random_state))
+    np.testing.assert_array_equal(loaded.random_state.standard_normal(5), expected.standard_normal(5))
+    np.testing.assert_array_equal(loaded.random_state.randint(0, 2**31, size=4), expected.randint(0, 2**31, size=4))
+
+
 # --------------------------------------------------------------------------- bad files
 def test_truncated_files_are_refused(saved, tmp_path):
     data = Path(saved).read_bytes()
@@ -330,6 +345,10 @@ def test_foreign_files_are_refused_with_a_pointer(tmp_path):
               metadata={"sklearn_jsae": json.dumps({"format": "x"})})
     with pytest.raises(PersistenceError, match="not an sklearn-jsae model description"):
         load(other_meta)
+    damaged = tmp_path / "damaged.safetensors"
+    save_file({"w": np.zeros(2, np.float32)}, damaged, metadata={"sklearn_jsae": '{"format": "sklearn-jsae"'})
+    with pytest.raises(PersistenceError, match="damaged sklearn-jsae header \\(invalid JSON"):
+        load(damaged)
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"architecture": "topk", "d_in": 4, "d_sae": 8}))
     with pytest.raises(PersistenceError, match="cannot be read as a model file"):
@@ -370,6 +389,7 @@ def test_an_older_minor_version_loads(saved, tmp_path, gelu_jsae):
     (lambda a: a.pop("_probe_rows"), "tensor '_probe_rows' is missing"),
     (lambda a: a.update({"surplus": np.zeros(1, np.float32)}), r"unexpected tensors \['surplus'\]"),
     (lambda a: a.update({"mlp.W_in": np.zeros((6, 3), np.float32)}), "MLP description is inconsistent"),
+    (lambda a: a.pop("mlp.b_in"), r"MLP tensors missing: \['b_in'\]"),
     (lambda a: a.update({"mlp.b_out": a["mlp.b_out"] + 1}), "do not reproduce the MLP outputs"),
     (lambda a: a.update({"jacobian_.indices": a["jacobian_.indices"] + 100}), "not a valid CSR matrix"),
 ])
@@ -389,6 +409,13 @@ def test_inconsistent_tensors_are_named(saved, tmp_path, edit, message):
     (lambda d: d["fitted"].pop("history_"), "history_ is missing"),
     (lambda d: d["mlp"].update(activation="swish"), "unknown activation 'swish'"),
     (lambda d: d["mlp"].update(module="pickle"), "unknown MLP kind 'pickle'"),
+    (lambda d: d["mlp"].update(map="Sequential"), "unknown MLP map 'Sequential'"),
+    (lambda d: d["mlp"].update(d_in=0), r"MLP widths d_in=0, d_out=5 are not positive integers"),
+    (lambda d: d["mlp"]["buffers"].pop("b_out"), r"the map ElementwiseMLP needs exactly the buffers"),
+    (lambda d: d["mlp"]["buffers"]["W_in"].update(dtype="int8"), "unknown dtype or layout"),
+    (lambda d: d["mlp"]["buffers"]["W_in"].update(layout="diagonal"), "unknown dtype or layout"),
+    (lambda d: d["mlp"].update(module="linear"), "MLP kind 'linear' must be an AffineMap with a weight"),
+    (lambda d: d["mlp"].update(module="none"), "MLP kind 'none' .* must be an AffineMap without weights"),
     (lambda d: d["jacobian_"].update(shape=[3, 3]), "differs from the SAEs' sizes"),
 ])
 def test_inconsistent_descriptions_are_named(saved, tmp_path, edit, message):

@@ -180,7 +180,7 @@ def rebuild(spec: dict, arrays: dict[str, np.ndarray]) -> tuple[object, object, 
     buffer_specs = spec.get("buffers")
     names = _MAP_BUFFERS[map_name]
     if not isinstance(buffer_specs, dict) or set(buffer_specs) != set(names):
-        raise ValueError(f"a {map_name} needs exactly the buffers {list(names)}, got {buffer_specs!r}")
+        raise ValueError(f"the map {map_name} needs exactly the buffers {list(names)}, got {buffer_specs!r}")
     missing = sorted(n for n in names if buffer_specs[n] is not None and n not in arrays)
     extra = sorted(set(arrays) - {n for n in names if buffer_specs[n] is not None})
     if missing or extra:
