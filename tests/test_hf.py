@@ -14,6 +14,7 @@ Two groups:
 
 import copy
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +237,23 @@ def test_harvest_stops_after_n_tokens_and_warns_when_input_runs_out():
     with pytest.warns(UserWarning, match=r"captured 44 tokens, fewer than n_tokens=1000"):
         X, _ = harvest(model, 0, input_ids=ids, attention_mask=mask, n_tokens=1000, progress=False)
     assert len(X) == 44
+
+
+def test_harvest_shows_its_progress_by_default_and_runs_without_tqdm(capsys, monkeypatch):
+    """The default (``progress=True``): a bar counting the captured tokens on stderr, the same rows;
+    without tqdm installed, no bar and the same rows."""
+    model, _, _ = _tiny("llama")
+    ids, mask = _ids(n_seq=4)
+    quiet, _ = harvest(model, 0, input_ids=ids, attention_mask=mask, n_tokens=30, batch_size=2, progress=False)
+    assert capsys.readouterr().err == ""
+    shown, _ = harvest(model, 0, input_ids=ids, attention_mask=mask, n_tokens=30, batch_size=2)
+    err = capsys.readouterr().err
+    assert "harvest" in err and "30/30" in err and "tok" in err
+    np.testing.assert_array_equal(shown, quiet)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # as if tqdm were not installed
+    bare, _ = harvest(model, 0, input_ids=ids, attention_mask=mask, n_tokens=30, batch_size=2)
+    assert capsys.readouterr().err == ""
+    np.testing.assert_array_equal(bare, quiet)
 
 
 def test_harvest_excludes_special_tokens_from_config():

@@ -143,10 +143,16 @@ def _end_to_end_reference(jsae, x_row):
     return J.numpy(), idx_y.numpy(), idx_x.numpy()
 
 
-@pytest.mark.parametrize("activation", [torch.nn.GELU(), torch.nn.GELU("tanh"), torch.nn.ReLU(), torch.nn.SiLU()])
+# LeakyReLU and Softplus have no closed form here: such a Sequential takes the JVP route.
+@pytest.mark.parametrize("activation", [torch.nn.GELU(), torch.nn.GELU("tanh"), torch.nn.ReLU(), torch.nn.SiLU(),
+                                        torch.nn.LeakyReLU(0.1), torch.nn.Softplus()])
 def test_estimator_jacobian_equals_end_to_end_autograd(activation):
+    from sklearn_jsae._backend.mlp import as_map
+
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(6, 20), activation, torch.nn.Linear(20, 5))
+    closed_form = not isinstance(activation, (torch.nn.LeakyReLU, torch.nn.Softplus))
+    assert isinstance(as_map(mlp, 6, 5), ElementwiseMLP if closed_form else CallableMap)
     X = np.random.default_rng(0).normal(size=(300, 6)).astype(np.float32)
     jsae = JacobianSparseAutoencoder(mlp=mlp, n_components=24, n_output_components=20, k=3, max_iter=2,
                                      random_state=0).fit(X)
