@@ -243,6 +243,103 @@ def test_interrupted_warm_start_resumes_and_its_checkpoint_is_its_own(X, mlp, tm
         make(mlp, checkpoint_dir=str(tmp_path)).fit(X)
 
 
+class _Residual(torch.nn.Module):
+    """A module MLP without a closed form (the fit takes the JVP route)."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inner = torch.nn.Sequential(torch.nn.Linear(10, 40), torch.nn.GELU(), torch.nn.Linear(40, 10))
+
+    def forward(self, x):
+        return self.inner(x) + 0.5 * x
+
+
+def _scaled_tanh(x):
+    return 2 * torch.tanh(x)
+
+
+def _shifted_tanh(x):
+    return torch.tanh(x) + 0.1
+
+
+def test_callable_mlps_resume_and_are_told_apart(X, tmp_path, monkeypatch):
+    """Custom modules are fingerprinted by their weights and plain functions by name: an
+    interrupted fit resumes to the uninterrupted model, another MLP's checkpoint is refused."""
+    for mlp, other in ((_Residual(0), _Residual(1)), (_scaled_tanh, _shifted_tanh)):
+        folder = tmp_path / getattr(mlp, "__name__", "module")
+        expected = JacobianSparseAutoencoder(mlp, **SETTINGS).fit(X)
+        est = _checkpointed(X, mlp, folder)
+        with monkeypatch.context() as patch:
+            _interrupt_at(patch, [11])
+            with pytest.raises(_Interrupt):
+                est.fit(X)
+        est.fit(X)
+        _assert_same_model(est, expected)
+        with pytest.raises(CheckpointError, match="differs in mlp"):
+            _checkpointed(X, other, folder).fit(X)
+
+
+MLP_MODULE = textwrap.dedent("""
+    import torch
+
+    def tanh_mlp(x):
+        return torch.tanh(x) * {scale}
+
+    def over(W):
+        def mlp(x):
+            return torch.tanh(x @ W)
+        return mlp
+
+    def nested(x):  # a code object among the constants (its repr holds an address)
+        return (lambda v: torch.tanh(v) * 2)(x)
+""")
+
+
+def _fingerprints(folder, scale):
+    """Fingerprints of the callables of MLP_MODULE written with ``scale``, in a fresh process."""
+    (folder / "user_mlps.py").write_text(MLP_MODULE.format(scale=scale))
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(folder)!r})
+        from user_mlps import tanh_mlp, over, nested
+        from sklearn_jsae._backend.checkpoint import fingerprint_module
+        from sklearn_jsae._backend.mlp import CallableMap
+        W = torch.eye(10, dtype=torch.float64)
+        fns = [tanh_mlp, over(W), over(2 * W), nested]
+        print(" ".join(fingerprint_module(CallableMap(fn, 10, 10)) for fn in fns))
+    """)
+    # -B: no .pyc, which could outlive an edit of the same size within the same second.
+    return subprocess.run([sys.executable, "-B", "-c", script], check=True, capture_output=True, text=True).stdout.split()
+
+
+def test_plain_function_fingerprints_see_edits_and_weights_and_are_stable(tmp_path):
+    first, again, edited = (_fingerprints(tmp_path, scale) for scale in (2, 2, 3))
+    assert first == again  # the same across processes, nested code objects included
+    assert edited[0] != first[0] and edited[1:] == first[1:]  # an edited body is another MLP
+    assert first[1] != first[2]  # the same function over other weights is another MLP
+
+
+def test_checkpoints_with_corrupt_metadata_or_other_shapes_are_refused(X, mlp, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _checkpointed(X, mlp, tmp_path).fit(X)
+    path = str(tmp_path / FILENAME)
+    with safe_open(path, framework="pt") as f:
+        metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    save_file(tensors, path, metadata={checkpoint_module.FORMAT: metadata[checkpoint_module.FORMAT][:-5]})
+    with pytest.raises(CheckpointError, match="corrupt checkpoint metadata"):
+        _checkpointed(X, mlp, tmp_path).fit(X)
+    name = next(n for n in tensors if not n.startswith("extra.") and tensors[n].ndim == 2)
+    resized = {**tensors, name: tensors[name][:-1].clone()}
+    save_file(resized, path, metadata=metadata)
+    est = _checkpointed(X, mlp, tmp_path)
+    with pytest.raises(CheckpointError, match=rf"does not match this fit's shapes \({name}\)"):
+        est.fit(X)
+    assert not hasattr(est, "input_sae_")
+
+
 def test_a_failed_write_leaves_the_previous_checkpoint_intact(X, mlp, tmp_path, monkeypatch):
     """A kill during a write: the temporary file is half-written, the checkpoint untouched."""
     from safetensors import torch as safetensors_torch

@@ -61,8 +61,38 @@ def fingerprint_module(module) -> str:
     if isinstance(fn, torch.nn.Module):
         digest.update(fingerprint_module(fn).encode())
     elif fn is not None:
-        digest.update(getattr(fn, "__qualname__", type(fn).__name__).encode())
+        _digest_callable(digest, fn)
     return digest.hexdigest()[:32]
+
+
+def _digest_callable(digest, fn) -> None:
+    """Feed a plain callable's name, code and closed-over values into ``digest``, so that an edited
+    function, or the same function over other weights, is another MLP.  Globals it reads are not
+    seen.  Nested code objects go in by their bytes, never by their repr (it holds an address)."""
+    digest.update(getattr(fn, "__qualname__", type(fn).__name__).encode())
+
+    def add_code(code):
+        digest.update(code.co_code)
+        for constant in code.co_consts:
+            if hasattr(constant, "co_code"):
+                add_code(constant)
+            else:
+                digest.update(repr(constant).encode())
+
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        add_code(code)
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # a cell not yet filled
+            continue
+        if isinstance(value, torch.Tensor):
+            digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        elif isinstance(value, np.ndarray):
+            digest.update(np.ascontiguousarray(value).tobytes())
+        elif isinstance(value, (bool, int, float, str)):
+            digest.update(repr(value).encode())
 
 
 class Checkpointer:
