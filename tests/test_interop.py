@@ -224,6 +224,16 @@ def test_import_a_saelens_inference_save(sae_lens, tmp_path):
     with torch.no_grad():
         encoded = theirs.encode(torch.from_numpy(X[200:])).numpy()
     assert_agree(ours.transform(X[200:]).toarray(), encoded, "encode")
+    # SAELens before 6 wrote no architecture and k among the activation's keyword arguments.
+    cfg_path = tmp_path / "inference" / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    for key in ("activation_fn", "activation_fn_str"):
+        legacy = {name: value for name, value in cfg.items() if name not in ("architecture", "k")}
+        legacy.update({key: "topk", "activation_fn_kwargs": {"k": cfg["k"]}})
+        cfg_path.write_text(json.dumps(legacy))
+        old = from_saelens(tmp_path / "inference")
+        assert old.k == 4
+        np.testing.assert_array_equal(old.transform(X[200:]).toarray(), ours.transform(X[200:]).toarray())
 
 
 @pytest.mark.parametrize("normalize_decoder", [True, False])
