@@ -249,15 +249,22 @@ def test_partial_fit_after_fit_and_after_pickle_continues_from_the_fitted_weight
     assert sae.n_iter_ == 3 and np.isfinite(sae.score(X))
 
 
-def test_partial_fit_interrupted_mid_call_keeps_the_model_and_restarts_from_it(data):
+@pytest.mark.parametrize("kind", ["jsae", "topk"])
+def test_partial_fit_interrupted_mid_call_keeps_the_model_and_restarts_from_it(data, kind):
     """Ctrl-C after some of a call's steps: the fitted model is the one before the call, and the
     next call starts again from it (a fresh optimiser, as after unpickling), not from the
     half-updated trainer."""
     import pickle
 
     X, mlp = data
-    est = JacobianSparseAutoencoder(mlp, n_components=32, k=4, batch_size=64, l1=0.5, device="cpu",
-                                    random_state=0).partial_fit(X[:512])
+    settings = dict(n_components=32, k=4, batch_size=64, device="cpu", random_state=0)
+    est = (JacobianSparseAutoencoder(mlp, l1=0.5, **settings) if kind == "jsae"
+           else TopKSparseAutoencoder(**settings)).partial_fit(X[:512])
+    sides = ("input_sae_", "output_sae_") if kind == "jsae" else (None,)
+
+    def components(model):
+        return [(getattr(model, side) if side else model).components_ for side in sides]
+
     before = pickle.loads(pickle.dumps(est))  # the fitted state, without the trainer
     trainer, real_step, calls = est._trainer, est._trainer.step, []
 
@@ -271,14 +278,14 @@ def test_partial_fit_interrupted_mid_call_keeps_the_model_and_restarts_from_it(d
     with pytest.raises(KeyboardInterrupt):
         est.partial_fit(X[512:])
     assert len(calls) == 4 and trainer.broken  # three steps of the call were taken
-    for side in ("input_sae_", "output_sae_"):
-        np.testing.assert_array_equal(getattr(est, side).components_, getattr(before, side).components_)
+    for ours, theirs in zip(components(est), components(before)):
+        np.testing.assert_array_equal(ours, theirs)
     assert est.history_ == before.history_
     est.partial_fit(X[512:])
     before.partial_fit(X[512:])
     assert est._trainer is not trainer
-    for side in ("input_sae_", "output_sae_"):
-        np.testing.assert_array_equal(getattr(est, side).components_, getattr(before, side).components_)
+    for ours, theirs in zip(components(est), components(before)):
+        np.testing.assert_array_equal(ours, theirs)
     assert len(est.history_) == 2
 
 
