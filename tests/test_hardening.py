@@ -5,6 +5,7 @@ the test docstrings.
 """
 
 import os
+import re
 import warnings
 
 import joblib
@@ -87,6 +88,21 @@ def test_huge_learning_rate_is_caught_as_divergence(X):
     assert info.value.step is not None and info.value.step < 20
     with pytest.raises(NonFiniteTrainingError, match="diverged|NaN or inf"):
         TopKSparseAutoencoder(8, k=2, max_iter=4, batch_size=32, learning_rate=1e6, device="cpu").fit(X)
+
+
+@pytest.mark.parametrize("learning_rate", [1e38, 1e300])  # (inf is refused by the validation)
+def test_a_learning_rate_beyond_float32_is_a_named_error_not_an_overflow(X, learning_rate):
+    """A step size beyond float32's range used to surface as torch's "value cannot be converted to
+    type float without overflow"; now the update leaves non-finite parameters, which the trainer
+    reports naming learning_rate and its value, and a warm-started model is kept."""
+    for make in (lambda **kw: JacobianSparseAutoencoder(**FAST, **kw),
+                 lambda **kw: TopKSparseAutoencoder(**FAST, **kw)):
+        model = make(warm_start=True).fit(X)
+        before = model.components_.copy() if hasattr(model, "components_") else model.input_sae_.components_.copy()
+        with pytest.raises(NonFiniteTrainingError, match=re.escape(f"learning_rate={learning_rate:g} is too large")):
+            model.set_params(learning_rate=learning_rate).fit(X)
+        after = model.components_ if hasattr(model, "components_") else model.input_sae_.components_
+        np.testing.assert_array_equal(after, before)
 
 
 def test_sane_learning_rates_never_trip_the_guard(X, gelu_mlp):

@@ -9,6 +9,8 @@ the ``torch.optim.Optimizer`` interface the training step uses: ``param_groups[0
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -40,4 +42,13 @@ class Adam:
             m.mul_(self.beta1).add_(p.grad, alpha=1 - self.beta1)
             v.mul_(self.beta2).addcmul_(p.grad, p.grad, value=1 - self.beta2)
             denominator = (v / correction2).sqrt_().add_(self.eps)
-            p.addcdiv_(m, denominator, value=-lr / correction1)
+            p.addcdiv_(m, denominator, value=_representable(-lr / correction1, p.dtype))
+
+
+def _representable(value: float, dtype: torch.dtype) -> float:
+    """``value``, or ±inf where it is beyond ``dtype``'s range: torch refuses a finite scalar that
+    overflows the tensor's type, whereas an infinite step leaves non-finite parameters, which the
+    trainer reports as a learning rate too large (a named error, not torch's overflow message)."""
+    if abs(value) > torch.finfo(dtype).max:
+        return math.copysign(math.inf, value)
+    return value

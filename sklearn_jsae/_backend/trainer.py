@@ -212,7 +212,7 @@ class Trainer:
         finite = torch.stack([torch.isfinite(norms).all()] + [torch.isfinite(t).all() for t in self.tensors])
         if not bool(finite.all()):
             raise _non_finite(self.step_count, "a gradient or an SAE parameter is NaN or inf after the update",
-                              "learning_rate too large for this data; lower it.")
+                              f"learning_rate={self.config.learning_rate:g} is too large for this data; lower it.")
         with torch.no_grad():
             for i, hit in enumerate(hits):
                 self.fired_record[i] |= hit
@@ -236,7 +236,8 @@ class Trainer:
             if values[worst] > DIVERGED_MSE:
                 raise _non_finite(
                     self.step_count, f"the fit diverged: {worst}={values[worst]:.3g}, {DIVERGED_MSE:.0e} times "
-                    f"the error of predicting the mean", "learning_rate is too large for this data; lower it (by 10x).")
+                    f"the error of predicting the mean",
+                    f"learning_rate={self.config.learning_rate:g} is too large for this data; lower it (by 10x).")
             return values
         bad = sorted(name for name, v in values.items() if not math.isfinite(v))
         if self.pair and outputs_and_weights is not None:
@@ -249,7 +250,8 @@ class Trainer:
             raise _non_finite(self.step_count, "the normalised input batch is not finite",
                               "X holds values too large for the training dtype.")
         raise _non_finite(self.step_count, f"the loss terms {bad} are NaN or inf",
-                          "learning_rate too large, or data with extreme outliers; lower learning_rate.")
+                          f"learning_rate={self.config.learning_rate:g} too large, or data with extreme outliers; "
+                          f"lower learning_rate.")
 
     # ---- history ------------------------------------------------------------------------
     def close_record(self, **extra) -> dict:
