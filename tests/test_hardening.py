@@ -105,6 +105,12 @@ def test_a_learning_rate_beyond_float32_is_a_named_error_not_an_overflow(X, lear
         np.testing.assert_array_equal(after, before)
 
 
+def test_an_overflowing_penalty_gradient_names_l1_not_the_learning_rate(X, gelu_mlp):
+    with pytest.raises(NonFiniteTrainingError, match=r"a gradient is NaN or inf.*l1=1e\+30 weighs the Jacobian "
+                                                     r"penalty so heavily that its gradient overflows; lower l1"):
+        _fitted(X, gelu_mlp, l1=1e30)
+
+
 def test_sane_learning_rates_never_trip_the_guard(X, gelu_mlp):
     for lr in (1e-4, 5e-3, 5e-2):
         assert np.isfinite(_fitted(X, gelu_mlp, learning_rate=lr).score(X))

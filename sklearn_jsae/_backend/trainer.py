@@ -211,8 +211,7 @@ class Trainer:
         # One synchronisation for all checks: the gradient norms and every parameter.
         finite = torch.stack([torch.isfinite(norms).all()] + [torch.isfinite(t).all() for t in self.tensors])
         if not bool(finite.all()):
-            raise _non_finite(self.step_count, "a gradient or an SAE parameter is NaN or inf after the update",
-                              f"learning_rate={self.config.learning_rate:g} is too large for this data; lower it.")
+            raise self._non_finite_update(bool(finite[0]))
         with torch.no_grad():
             for i, hit in enumerate(hits):
                 self.fired_record[i] |= hit
@@ -223,6 +222,20 @@ class Trainer:
         self.record_rows += rows
         self.step_count += 1
         return values
+
+    def _non_finite_update(self, gradients_finite: bool) -> NonFiniteTrainingError:
+        """The error for a step whose loss was finite but whose gradients (a term overflowed, most
+        often the penalty under a huge ``l1``) or updated parameters (too large a step) are not."""
+        config = self.config
+        if gradients_finite:
+            return _non_finite(self.step_count, "an SAE parameter is NaN or inf after the update",
+                               f"learning_rate={config.learning_rate:g} is too large for this data; lower it.")
+        if self.pair and config.l1 > 0:
+            cause = (f"l1={config.l1:g} weighs the Jacobian penalty so heavily that its gradient overflows; "
+                     f"lower l1.")
+        else:
+            cause = "a reconstruction term's gradient overflows: X holds extreme values; check or rescale X."
+        return _non_finite(self.step_count, "a gradient is NaN or inf (the loss was finite)", cause)
 
     def _check_losses(self, loss, terms, x, index, outputs_and_weights, values=None) -> dict:
         """The step's terms as floats; raise :class:`NonFiniteTrainingError` if one is non-finite
