@@ -442,7 +442,8 @@ def _decode(codes, components, bias, name):
 
 
 def explained_variance(X, X_hat) -> float:
-    """``1 - ||X - X_hat||² / ||X - mean(X)||²`` over all entries (1 - FVU)."""
+    """``1 - ||X - X_hat||² / ||X - mean(X)||²`` over all entries (1 - FVU); on rows without
+    variance 1 for an exact reconstruction and 0 otherwise (scikit-learn's ``force_finite``)."""
     X = np.asarray(X, dtype=np.float64)
     residual = ((X - X_hat) ** 2).sum()
     total = ((X - X.mean(axis=0)) ** 2).sum()

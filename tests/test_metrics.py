@@ -240,6 +240,25 @@ def test_fvu_is_zero_for_an_exact_autoencoder():
     assert result["output"] == pytest.approx(0.0, abs=1e-10)
 
 
+@pytest.mark.parametrize("rows", ["one row", "identical rows"])
+def test_rows_without_variance_follow_score_s_convention(rows):
+    """FVU is undefined without variance: 0 for an exact reconstruction and 1 otherwise (explained
+    variance 1 or 0), as score() gives, never inf."""
+    d = 4
+    X = np.random.default_rng(0).normal(size=(40, d)).astype(np.float32)
+    Z = X[:1] if rows == "one row" else np.repeat(X[:1], 5, axis=0)
+    jsae = fitted(make_mlp(d, 8, d), X, 8, 2, randomise=False)
+    metrics = reconstruction_metrics(jsae, Z)
+    assert metrics["input"]["fvu"] == 1.0 and metrics["output"]["fvu"] == 1.0
+    assert jsae.score(Z) == pytest.approx(np.mean([m["explained_variance"] for m in metrics.values()])) == 0.0
+    exact = fitted(None, X, 2 * d, d, randomise=False)
+    basis = np.vstack([np.eye(d), -np.eye(d)])
+    for sae in (exact.input_sae_, exact.output_sae_):
+        set_sae(sae, basis, np.zeros(2 * d), basis, np.zeros(d))
+    assert fraction_variance_unexplained(exact, Z) == {"input": 0.0, "output": 0.0}
+    assert exact.score(Z) == 1.0
+
+
 # ------------------------------------------------------------------------------------- linearity
 
 

@@ -17,6 +17,9 @@ def reconstruction_metrics(estimator, X, *, batch_size=4096):
         l0                  = mean number of latents with a value > 0 per row (<= k)
         dead_fraction       = fraction of latents with a value > 0 on no row of X
 
+    On rows without variance (one row, or identical rows) FVU is undefined: it is reported as 0
+    for an exact reconstruction and 1 otherwise, as ``score`` and scikit-learn's ``r2_score`` do.
+
     Parameters
     ----------
     estimator : fitted JacobianSparseAutoencoder or TopKSparseAutoencoder
@@ -69,8 +72,8 @@ def reconstruction_metrics(estimator, X, *, batch_size=4096):
     for name, s in stats.items():
         if s["total"] > 0:
             fvu = s["residual"] / s["total"]
-        else:
-            fvu = 0.0 if s["residual"] == 0 else float("inf")
+        else:  # rows without variance: score()'s convention (scikit-learn's force_finite), not inf
+            fvu = 0.0 if s["residual"] == 0 else 1.0
         out[name] = {
             "fvu": float(fvu),
             "explained_variance": float(1.0 - fvu),
