@@ -22,7 +22,7 @@ import numpy as np
 from ._topk import _validate_X
 from .metrics import global_jacobian_sparsity
 from .metrics._sparsity import _check_scale, _resolve_scale
-from .metrics._validation import _check_jsae
+from .metrics._validation import _check_jsae, _check_positive_int, _check_positive_real, _check_thresholds
 from .model_selection import _JSAEScoring
 
 __all__ = ["plot_jacobian_block", "plot_jacobian_histogram", "plot_l1_pareto", "plot_top_edges"]
@@ -120,7 +120,12 @@ def plot_jacobian_histogram(models, X, *, thresholds=(0.01,), bins=60, min_value
     True
     """
     scale = _check_scale(scale)
+    thresholds = _check_thresholds(thresholds)
+    bins = _check_positive_int(bins, "bins")
+    min_value = _check_positive_real(min_value, "min_value")
     named = _named(models)
+    if not named:
+        raise ValueError("models is empty: pass a fitted JacobianSparseAutoencoder, a list or a dict of them.")
     values = {}
     for label, model in named:
         _check_jsae(model, "every model")
@@ -297,7 +302,11 @@ def plot_jacobian_block(estimator, x, *, input_labels=None, output_labels=None, 
     (3, 3)
     """
     _check_jsae(estimator)
-    x = _validate_X(estimator, np.asarray(x).reshape(1, -1), reset=False)
+    x = np.asarray(x)
+    if x.ndim > 2 or (x.ndim == 2 and x.shape[0] != 1):
+        raise ValueError(f"x must be one MLP input, of shape (n_features_in_,) or (1, n_features_in_); got "
+                         f"shape {x.shape}. Pass a single row, e.g. X[0].")
+    x = _validate_X(estimator, x.reshape(1, -1), reset=False)
     (J, idx_y, idx_x), = list(estimator._iter_blocks(x))
     J, idx_y, idx_x = J[0], idx_y[0], idx_x[0]
     if sort:
@@ -361,6 +370,7 @@ def plot_top_edges(estimator, X, output_latent, *, n_edges=10, input_labels=None
     True
     """
     _check_jsae(estimator)
+    n_edges = _check_positive_int(n_edges, "n_edges")
     n_out = estimator.output_sae_.components_.shape[0]
     if not 0 <= int(output_latent) < n_out:
         raise ValueError(f"output_latent={output_latent} is out of range: the output SAE has {n_out} latents.")

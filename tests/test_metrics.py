@@ -282,6 +282,23 @@ def test_classify_curves_rules():
     assert classify_curves(v[:1], wobble, tol=0.001).tolist() == ["other"]
 
 
+def test_classify_curves_takes_a_shared_grid_and_refuses_bad_sweeps():
+    v = np.linspace(0, 5, 50)
+    curves = np.stack([2 * v + 1, np.maximum(v - 2, 0)])
+    assert classify_curves(v, curves).tolist() == classify_curves(np.tile(v, (2, 1)), curves).tolist() \
+        == ["linear", "jumprelu"]
+    with pytest.raises(ValueError, match=r"got grid \(49,\) and curves \(2, 50\)"):
+        classify_curves(v[:-1], curves)
+    with pytest.raises(ValueError, match="at least 2 points"):
+        classify_curves(v[:1], curves[:, :1])
+    broken = curves.copy()
+    broken[1, 7] = np.nan
+    with pytest.raises(ValueError, match=r"curves holds NaN or inf \(first at row 1\)"):
+        classify_curves(v, broken)
+    with pytest.raises(ValueError, match="tol must be a finite number > 0"):
+        classify_curves(v, curves, tol=0)
+
+
 def test_linearity_of_an_affine_mlp_without_topk_is_never_other():
     # k = n_components: nothing leaves the top k, so s_y[i](v) = ReLU(affine in v).
     X = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)

@@ -131,6 +131,20 @@ def test_top_edges_rejects_inactive_or_out_of_range_latents(models):
             plot_top_edges(jsae, X, silent[0])
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda named, X: plot_jacobian_histogram({}, X), "models is empty"),
+    (lambda named, X: plot_jacobian_histogram(named, X, bins=0), "bins must be an int >= 1, got 0"),
+    (lambda named, X: plot_jacobian_histogram(named, X, min_value=0.0), "min_value must be a finite number > 0"),
+    (lambda named, X: plot_jacobian_histogram(named, X, thresholds=(-1,)), "thresholds must be a non-empty"),
+    (lambda named, X: plot_jacobian_block(named["JSAE"], X[:2]), r"x must be one MLP input.*got shape \(2, 5\)"),
+    (lambda named, X: plot_top_edges(named["JSAE"], X, 0, n_edges=0), "n_edges must be an int >= 1, got 0"),
+])
+def test_bad_plot_arguments_are_named(models, call, message):
+    named, X = models
+    with pytest.raises(ValueError, match=message):
+        call(named, X)
+
+
 def test_missing_matplotlib_gives_an_install_hint(monkeypatch, models):
     named, X = models
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)

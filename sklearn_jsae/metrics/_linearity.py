@@ -37,8 +37,8 @@ def classify_curves(grid, curves, tol=0.01):
 
     Parameters
     ----------
-    grid : ndarray of shape (n_curves, n_points)
-        Swept input-latent values, increasing along each row.
+    grid : ndarray of shape (n_curves, n_points) or (n_points,)
+        Swept input-latent values, increasing along each row (one row for all sweeps).
     curves : ndarray of shape (n_curves, n_points)
         Output-latent values at those points.
     tol : float, default=0.01
@@ -58,6 +58,18 @@ def classify_curves(grid, curves, tol=0.01):
     """
     grid = np.asarray(grid, dtype=np.float64)
     curves = np.asarray(curves, dtype=np.float64)
+    if curves.ndim == 2 and grid.shape == curves.shape[1:]:  # one grid shared by every sweep
+        grid = np.broadcast_to(grid, curves.shape)
+    if curves.ndim != 2 or grid.shape != curves.shape:
+        raise ValueError(f"curves must have shape (n_curves, n_points), one sweep per row, and grid the same "
+                         f"shape or (n_points,); got grid {grid.shape} and curves {curves.shape}.")
+    if curves.shape[1] < 2:
+        raise ValueError(f"each sweep needs at least 2 points to fit a line; got {curves.shape[1]}.")
+    for name, array in (("grid", grid), ("curves", curves)):
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name} holds NaN or inf (first at row {int(np.argwhere(~np.isfinite(array))[0, 0])}); "
+                             f"every swept point must be finite to be classified.")
+    tol = _check_positive_real(tol, "tol")
     n_curves, n_points = curves.shape
     labels = np.full(n_curves, "other", dtype=object)
     linear = _line_residuals(grid, curves) < tol
