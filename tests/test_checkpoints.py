@@ -310,7 +310,8 @@ def _fingerprints(folder, scale):
         print(" ".join(fingerprint_module(CallableMap(fn, 10, 10)) for fn in fns))
     """)
     # -B: no .pyc, which could outlive an edit of the same size within the same second.
-    return subprocess.run([sys.executable, "-B", "-c", script], check=True, capture_output=True, text=True).stdout.split()
+    result = subprocess.run([sys.executable, "-B", "-c", script], check=True, capture_output=True, text=True)
+    return result.stdout.split()
 
 
 def test_plain_function_fingerprints_see_edits_and_weights_and_are_stable(tmp_path):
