@@ -111,6 +111,9 @@ def write_atomically(path, write) -> str:
             f"{path!r} is a folder; pass a file path such as {os.path.join(path, 'model.safetensors')!r}."
         )
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {path!r}: the folder {folder!r} does not exist; create it first "
+                                f"(os.makedirs) or pass a path in an existing folder.")
     handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(handle)
     try:

@@ -24,9 +24,14 @@ class _Stream:
     def __init__(self, estimator, batches):
         self.estimator = estimator
         self.source = batches
-        self.iterator = iter(batches)
+        try:
+            self.iterator = iter(batches)
+        except TypeError:
+            raise TypeError(f"batches must be an iterable of 2-D arrays (n_rows, n_features), such as a list, a "
+                            f"generator or sklearn_jsae.hf.ActivationStream; got {type(batches).__name__}.") from None
         self.pending = []  # arrays read and not used yet, in order
         self.n_pending = 0
+        self.n_read = 0
         self.exhausted = False
 
     def read(self, reset=False) -> bool:
@@ -38,7 +43,11 @@ class _Stream:
         except StopIteration:
             self.exhausted = True
             return False
-        chunk = _validate_X(self.estimator, chunk, reset=reset)
+        self.n_read += 1
+        try:
+            chunk = _validate_X(self.estimator, chunk, reset=reset)
+        except ValueError as exc:  # which batch: the stream may be long
+            raise ValueError(f"batch {self.n_read} of batches: {exc}") from exc
         self.pending.append(np.asarray(chunk, dtype=np.float32))
         self.n_pending += chunk.shape[0]
         return True

@@ -321,6 +321,15 @@ def test_plain_function_fingerprints_see_edits_and_weights_and_are_stable(tmp_pa
     assert first[1] != first[2]  # the same function over other weights is another MLP
 
 
+def test_a_checkpoint_dir_that_is_a_file_is_named_and_left_alone(X, mlp, tmp_path):
+    not_a_folder = tmp_path / "notes.txt"
+    not_a_folder.write_text("my notes")
+    est = _checkpointed(X, mlp, not_a_folder)
+    with pytest.raises(NotADirectoryError, match=r"checkpoint_dir='.*notes.txt' is a file, not a folder"):
+        est.fit(X)
+    assert not_a_folder.read_text() == "my notes" and not hasattr(est, "input_sae_")
+
+
 def test_checkpoints_with_corrupt_metadata_or_other_shapes_are_refused(X, mlp, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file

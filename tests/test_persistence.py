@@ -271,6 +271,9 @@ def test_save_needs_a_fitted_model_and_a_file_path(tmp_path):
     model, _ = fit_model("topk")
     with pytest.raises(IsADirectoryError, match="is a folder"):
         model.save(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"the folder '.*missing' does not exist; create it first"):
+        model.save(tmp_path / "missing" / "m.safetensors")
+    assert not (tmp_path / "missing").exists()
 
 
 def test_memory_and_unsavable_params_are_dropped_and_reported(tmp_path):

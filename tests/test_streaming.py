@@ -185,6 +185,22 @@ def test_fit_stream_accepts_any_generator_but_cannot_resume_it(tmp_path):
         ck.fit_stream(iter(chunks[:6]), n_statistics=300)
 
 
+def test_fit_stream_names_the_bad_batch_and_a_source_that_is_not_iterable():
+    rng = np.random.default_rng(0)
+    good = rng.normal(size=(400, 6)).astype(np.float32)
+    est = JacobianSparseAutoencoder(n_components=16, k=2, batch_size=64, device="cpu", random_state=0)
+    with pytest.raises(TypeError, match="batches must be an iterable of 2-D arrays.*got int"):
+        est.fit_stream(5)
+    narrow = good[:50, :5]
+    with pytest.raises(ValueError, match="batch 3 of batches: X has 5 features"):
+        est.fit_stream(iter([good[:200], good[200:], narrow]), n_statistics=100)
+    broken = good[:50].copy()
+    broken[7, 2] = np.nan
+    with pytest.raises(ValueError, match="batch 2 of batches: Input X contains NaN"):
+        est.fit_stream(iter([good, broken]), n_statistics=100)
+    assert not hasattr(est, "input_sae_")  # every failed fit left it unfitted
+
+
 # ------------------------------------------------------------------------- partial_fit
 
 

@@ -119,6 +119,9 @@ class Checkpointer:
         self.identity = identity
         self.writer = bool(writer)
         self.path = os.path.join(self.folder, FILENAME)
+        if os.path.exists(self.folder) and not os.path.isdir(self.folder):
+            raise NotADirectoryError(f"checkpoint_dir={self.folder!r} is a file, not a folder; pass a folder (it is "
+                                     f"created if missing) for the checkpoint.")
         os.makedirs(self.folder, exist_ok=True)
 
     def due(self, step: int) -> bool:
