@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import numpy as np
@@ -124,11 +125,11 @@ def test_top_edges_rejects_inactive_or_out_of_range_latents(models):
     jsae = named["JSAE"]
     with pytest.raises(ValueError, match="out of range"):
         plot_top_edges(jsae, X, 99)
-    active = set(jsae.transform_output(X).indices.tolist())
-    silent = [i for i in range(16) if i not in active]
-    if silent:
-        with pytest.raises(ValueError, match="never active"):
-            plot_top_edges(jsae, X, silent[0])
+    silenced = copy.deepcopy(jsae)
+    silenced.output_sae_.encoder_bias_[5] = -1e4  # never among the top k
+    assert 5 not in set(silenced.transform_output(X).indices.tolist())
+    with pytest.raises(ValueError, match="output latent 5 is never active"):
+        plot_top_edges(silenced, X, 5)
 
 
 @pytest.mark.parametrize("call, message", [
