@@ -138,6 +138,24 @@ def test_train_command_passes_the_penalty_to_the_estimator(tmp_path, monkeypatch
 # ------------------------------------------------------------------------------- progress
 
 
+def test_the_bar_counts_tokens_before_tqdm_has_a_rate_and_at_a_short_last_step():
+    """tqdm's own rate exists only after a redraw, and counts steps: the bar shows the tokens
+    trained over the time elapsed, from the first step, whatever each step's size."""
+    import io
+
+    from tqdm import tqdm
+
+    from sklearn_jsae._backend.train import show_step
+
+    bar = tqdm(total=3, file=io.StringIO(), mininterval=3600)  # never redraws on its own
+    for rows in (64, 64, 10):
+        show_step(bar, None, {"loss": 1.0}, rows)
+    assert bar.format_dict["rate"] is None and bar.tokens_shown == 138
+    shown = float(bar.postfix.split("tok/s=")[1])
+    assert shown >= 138 / bar.format_dict["elapsed"] * 0.999  # 138 tokens over the time up to the last step
+    bar.close()
+
+
 def test_verbose_fit_shows_a_progress_bar_and_quiet_fits_print_nothing(capsys):
     X = np.random.default_rng(0).normal(size=(512, 8)).astype(np.float32)
     JacobianSparseAutoencoder(n_components=16, k=2, batch_size=64, max_iter=3, device="cpu", verbose=1).fit(X)

@@ -331,10 +331,12 @@ def show_step(bar, trainer, values: dict, rows: int) -> None:
     if bar is None:
         return
     bar.update(1)
-    rate = bar.format_dict.get("rate") or 0.0
+    # Tokens over this process's time (tqdm's own rate counts steps, and only once it has redrawn).
+    bar.tokens_shown = getattr(bar, "tokens_shown", 0) + rows
+    elapsed = bar.format_dict["elapsed"]
     shown = {name: f"{values[name]:.3g}" for name in ("loss", "mse_input", "mse_output", "jacobian_l1")
              if name in values}
-    shown["tok/s"] = f"{rate * rows:.3g}"
+    shown["tok/s"] = f"{bar.tokens_shown / elapsed:.3g}" if elapsed > 0 else "-"
     bar.set_postfix(shown, refresh=False)
 
 
