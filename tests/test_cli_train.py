@@ -152,7 +152,8 @@ def test_the_bar_counts_tokens_before_tqdm_has_a_rate_and_at_a_short_last_step()
         show_step(bar, None, {"loss": 1.0}, rows)
     assert bar.format_dict["rate"] is None and bar.tokens_shown == 138
     shown = float(bar.postfix.split("tok/s=")[1])
-    assert shown >= 138 / bar.format_dict["elapsed"] * 0.999  # 138 tokens over the time up to the last step
+    # 138 tokens over the time up to the last step (shown to 3 digits: within 0.5%)
+    assert shown >= 138 / bar.format_dict["elapsed"] * 0.99
     bar.close()
 
 
