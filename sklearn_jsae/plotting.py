@@ -87,8 +87,8 @@ def plot_jacobian_histogram(models, X, *, thresholds=(0.01,), bins=60, min_value
     models : JacobianSparseAutoencoder, list of them, or dict {label: model}
         Fitted models, e.g. ``{"JSAE": jsae, "traditional": trad}``.
     X : array-like of shape (n_samples, n_features_in_)
-    thresholds : sequence of float, default=(0.01,)
-        Drawn as dashed vertical lines.
+    thresholds : float or sequence of float, default=(0.01,)
+        Drawn as dashed vertical lines (none for an empty sequence).
     bins : int, default=60
     min_value : float, default=1e-5
     scale : {"absolute", "normalized"} or float, default="absolute"
@@ -120,7 +120,7 @@ def plot_jacobian_histogram(models, X, *, thresholds=(0.01,), bins=60, min_value
     True
     """
     scale = _check_scale(scale)
-    thresholds = _check_thresholds(thresholds)
+    thresholds = _check_thresholds(thresholds) if len(np.atleast_1d(thresholds)) else ()  # () draws no line
     bins = _check_positive_int(bins, "bins")
     min_value = _check_positive_real(min_value, "min_value")
     named = _named(models)

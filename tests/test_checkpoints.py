@@ -293,30 +293,34 @@ MLP_MODULE = textwrap.dedent("""
 
     def nested(x):  # a code object among the constants (its repr holds an address)
         return (lambda v: torch.tanh(v) * 2)(x)
+
+    def with_a_set(x):  # a frozenset constant (its order follows the process's string hashing)
+        return torch.tanh(x) if "gelu" not in {{"relu", "tanh", "silu", "sigmoid", "swish"}} else x
 """)
 
 
-def _fingerprints(folder, scale):
+def _fingerprints(folder, scale, hash_seed="0"):
     """Fingerprints of the callables of MLP_MODULE written with ``scale``, in a fresh process."""
     (folder / "user_mlps.py").write_text(MLP_MODULE.format(scale=scale))
     script = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {str(folder)!r})
-        from user_mlps import tanh_mlp, over, nested
+        from user_mlps import tanh_mlp, over, nested, with_a_set
         from sklearn_jsae._backend.checkpoint import fingerprint_module
         from sklearn_jsae._backend.mlp import CallableMap
         W = torch.eye(10, dtype=torch.float64)
-        fns = [tanh_mlp, over(W), over(2 * W), nested]
+        fns = [tanh_mlp, over(W), over(2 * W), nested, with_a_set]
         print(" ".join(fingerprint_module(CallableMap(fn, 10, 10)) for fn in fns))
     """)
     # -B: no .pyc, which could outlive an edit of the same size within the same second.
-    result = subprocess.run([sys.executable, "-B", "-c", script], check=True, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-B", "-c", script], check=True, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONHASHSEED": hash_seed})
     return result.stdout.split()
 
 
 def test_plain_function_fingerprints_see_edits_and_weights_and_are_stable(tmp_path):
-    first, again, edited = (_fingerprints(tmp_path, scale) for scale in (2, 2, 3))
-    assert first == again  # the same across processes, nested code objects included
+    first, again, edited = (_fingerprints(tmp_path, scale, seed) for scale, seed in ((2, "0"), (2, "1"), (3, "2")))
+    assert first == again  # the same across processes (string hashing too), nested code and sets included
     assert edited[0] != first[0] and edited[1:] == first[1:]  # an edited body is another MLP
     assert first[1] != first[2]  # the same function over other weights is another MLP
 

@@ -52,6 +52,8 @@ def test_histogram_draws_one_normalised_curve_per_model(models):
     assert len(ax.get_lines()) == 2 and ax.get_xscale() == "log"
     lone = plot_jacobian_histogram(named["JSAE"], X)
     assert len(lone.patches) == 1
+    assert len(plot_jacobian_histogram(named, X, thresholds=()).get_lines()) == 0
+    assert len(plot_jacobian_histogram(named, X, thresholds=0.02).get_lines()) == 1
 
 
 def test_pareto_front_joins_only_undominated_candidates():

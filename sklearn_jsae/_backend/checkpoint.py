@@ -71,13 +71,22 @@ def _digest_callable(digest, fn) -> None:
     seen.  Nested code objects go in by their bytes, never by their repr (it holds an address)."""
     digest.update(getattr(fn, "__qualname__", type(fn).__name__).encode())
 
+    def add_constant(constant):
+        if hasattr(constant, "co_code"):
+            add_code(constant)
+        elif isinstance(constant, (tuple, frozenset)):
+            # A frozenset's order follows string hashing, which differs between processes.
+            items = sorted(constant, key=repr) if isinstance(constant, frozenset) else constant
+            digest.update(type(constant).__name__.encode())
+            for item in items:
+                add_constant(item)
+        else:
+            digest.update(repr(constant).encode())
+
     def add_code(code):
         digest.update(code.co_code)
         for constant in code.co_consts:
-            if hasattr(constant, "co_code"):
-                add_code(constant)
-            else:
-                digest.update(repr(constant).encode())
+            add_constant(constant)
 
     code = getattr(fn, "__code__", None)
     if code is not None:
