@@ -29,7 +29,7 @@ transformers = pytest.importorskip("transformers")  # the `hf` extra; CI install
 from installed import INSTALL_HINT, prose, require  # noqa: E402
 
 from sklearn_jsae._backend.jacobian import jacobian_blocks, jacobian_blocks_reference
-from sklearn_jsae.hf import SUPPORTED_ARCHITECTURES, harvest, mlp_hook_points, mlp_module, mlp_of
+from sklearn_jsae.hf import SUPPORTED_ARCHITECTURES, ActivationStream, harvest, mlp_hook_points, mlp_module, mlp_of
 from sklearn_jsae.mlp import ElementwiseMLP, GatedMLP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -515,6 +515,23 @@ def test_minilm_exclude_special_tokens_with_tokenizer(minilm):
         progress=False,
     )
     assert len(tokens) > 100 and not np.isin(tokens, tokenizer.all_special_ids).any()
+
+
+@pytest.mark.realmodel
+def test_minilm_max_length_truncates_and_must_leave_room_for_text(minilm):
+    """BERT's tokenizer adds [CLS] and [SEP]; below 3 it would not truncate at all (it only warns)."""
+    model, tokenizer = minilm
+    X, _ = harvest(model, 0, ["a b c d e f"], tokenizer=tokenizer, max_length=4, progress=False)
+    assert len(X) == 4  # [CLS] a b [SEP]
+    for bad in (1, 2):
+        with pytest.raises(ValueError, match=rf"max_length={bad} leaves no room for text: the tokenizer adds 2 "
+                                             r"special token\(s\) to each text; pass max_length >= 3"):
+            harvest(model, 0, ["a b c d e f"], tokenizer=tokenizer, max_length=bad, progress=False)
+        with pytest.raises(ValueError, match=rf"max_length={bad} leaves no room for text"):
+            ActivationStream(model, 0, ["a b c d e f"], tokenizer=tokenizer, max_length=bad)
+    stream = ActivationStream(model, 0, ["a b c d e f"], tokenizer=tokenizer, max_length=4, batch_size=8,
+                              exclude_special_tokens=False)
+    assert sum(len(batch) for batch in stream) == 4
 
 
 @pytest.mark.realmodel

@@ -108,6 +108,18 @@ def _check_positive_int(value, name, allow_none=False):
     return int(value)
 
 
+def _check_room_for_text(tokenizer, max_length) -> None:
+    """Raise unless ``max_length`` leaves room for text after the special tokens the tokenizer adds
+    (a Hugging Face tokenizer does not truncate at all below that: it warns and keeps everything)."""
+    if tokenizer is None or max_length is None:
+        return
+    count = getattr(tokenizer, "num_special_tokens_to_add", None)
+    added = int(count(pair=False)) if callable(count) else 0
+    if max_length <= added:
+        raise ValueError(f"max_length={max_length} leaves no room for text: the tokenizer adds {added} special "
+                         f"token(s) to each text; pass max_length >= {added + 1} (or None for no truncation).")
+
+
 def _special_ids(model, tokenizer) -> set[int]:
     if tokenizer is not None:
         return {int(i) for i in tokenizer.all_special_ids}
@@ -300,6 +312,8 @@ def harvest(
     n_tokens = _check_positive_int(n_tokens, "n_tokens", allow_none=True)
     batch_size = _check_positive_int(batch_size, "batch_size")
     max_length = _check_positive_int(max_length, "max_length", allow_none=True)
+    if texts is not None:
+        _check_room_for_text(tokenizer, max_length)
     store = np.dtype(dtype)
     if store not in (np.dtype(np.float32), np.dtype(np.float16)):
         raise ValueError(f"dtype must be numpy.float32 or numpy.float16, got {dtype!r}.")

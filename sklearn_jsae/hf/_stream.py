@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ._adapters import _eval_mode, _layout, _unwrap
-from ._harvest import _HarvestStop, _check_positive_int, _pad, _special_ids
+from ._harvest import _HarvestStop, _check_positive_int, _check_room_for_text, _pad, _special_ids
 
 __all__ = ["ActivationStream"]
 
@@ -133,6 +133,8 @@ class ActivationStream:
                              f"drawn from the buffer. Raise buffer_size or lower batch_size.")
         self.sequences_per_forward = _check_positive_int(sequences_per_forward, "sequences_per_forward")
         self.max_length = _check_positive_int(max_length, "max_length")
+        if texts is not None:
+            _check_room_for_text(tokenizer, self.max_length)
         self.special = None
         if exclude_special_tokens:
             special = _special_ids(model, tokenizer)
