@@ -90,29 +90,19 @@ def _assert_same(a, b):
             np.testing.assert_array_equal(np.asarray(left), np.asarray(right), err_msg=name)
 
 
-@pytest.mark.parametrize("kind", list(_mlps()))
-def test_fit_transform_jacobian_and_metrics_run_on_another_device(X, kind, monkeypatch):
+# Every MLP kind, and the unit-gain penalty (its row normalisation in the step) on the gated one.
+@pytest.mark.parametrize("kind, extra", [(kind, {}) for kind in _mlps()] + [("gated", {"penalty": "unit_gain"})],
+                         ids=list(_mlps()) + ["gated-unit_gain"])
+def test_fit_transform_jacobian_and_metrics_run_on_another_device(X, kind, extra, monkeypatch):
     """The whole estimator surface on the virtual device equals the CPU run, bit for bit."""
     mlp = _mlps()[kind]
-    with_metrics = kind in ("gelu", "gated")
-    expected = _surface(JacobianSparseAutoencoder(mlp, device="cpu", **SETTINGS).fit(X), X, with_metrics)
-    monkeypatch.setattr(_validation, "resolve_device", lambda device, for_inference=False: "meta")
-    with virtual_device():
-        jsae = JacobianSparseAutoencoder(mlp, device="cuda", **SETTINGS).fit(X)
-        got = _surface(jsae, X, with_metrics)
-    assert jsae.device_ == "meta"
-    _assert_same(got, expected)
-
-
-def test_unit_gain_penalty_runs_on_another_device(X, monkeypatch):
-    """``penalty="unit_gain"`` (its row normalisation in the step) on the virtual device equals the CPU run."""
-    mlp = _mlps()["gated"]
-    settings = dict(SETTINGS, penalty="unit_gain")
-    expected = _surface(JacobianSparseAutoencoder(mlp, device="cpu", **settings).fit(X), X, False)
+    settings = dict(SETTINGS, **extra)
+    with_metrics = kind in ("gelu", "gated") and not extra
+    expected = _surface(JacobianSparseAutoencoder(mlp, device="cpu", **settings).fit(X), X, with_metrics)
     monkeypatch.setattr(_validation, "resolve_device", lambda device, for_inference=False: "meta")
     with virtual_device():
         jsae = JacobianSparseAutoencoder(mlp, device="cuda", **settings).fit(X)
-        got = _surface(jsae, X, False)
+        got = _surface(jsae, X, with_metrics)
     assert jsae.device_ == "meta"
     _assert_same(got, expected)
 
