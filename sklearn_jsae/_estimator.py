@@ -457,6 +457,15 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         mlp_copy, mlp_map, d_out = resolve_mlp(self.mlp, probe_rows)
         return self._train_config(device), mlp_copy, mlp_map, d_out, probe_rows
 
+    def _prepare_stream(self, first):
+        """``(config, mlp_map, finish)`` for :func:`~sklearn_jsae._stream_fit.fit_stream`."""
+        config, mlp_copy, mlp_map, d_out, probe_rows = self._prepare(first)
+
+        def finish(result, tail):
+            self._set_fitted(result, mlp_copy, mlp_map, probe_rows, config.device, d_out, tail, previous=[])
+
+        return config, mlp_map, finish
+
     def _train_config(self, device):
         from ._backend.train import TrainConfig
 

@@ -1,8 +1,8 @@
-"""``JacobianSparseAutoencoder.fit_stream``: train on batches as they come, resumably.
+"""``fit_stream`` of both estimators: train on batches as they come, resumably.
 
 Memory holds the rows read but not yet used (less than two batches), the last
-``jacobian_rows`` rows (for ``jacobian_``) and whatever the stream itself buffers, never the
-whole stream.  A checkpoint holds the trainer, the stream's own state (``stream.state_dict()``)
+``jacobian_rows`` rows (the pair's ``jacobian_``) and whatever the stream itself buffers, never
+the whole stream.  A checkpoint holds the trainer, the stream's own state (``stream.state_dict()``)
 and those pending rows, taken at a moment when every row the stream has produced is either
 trained on or pending: restoring both continues exactly where the run stopped.
 
@@ -77,8 +77,12 @@ class _Stream:
         return {name: value for name, value in state.items() if name not in arrays}, arrays
 
 
-def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int):
-    """The body of :meth:`JacobianSparseAutoencoder.fit_stream` (see there)."""
+def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int | None = None):
+    """The body of :meth:`JacobianSparseAutoencoder.fit_stream` and
+    :meth:`TopKSparseAutoencoder.fit_stream` (see there).  The estimator's ``_prepare_stream(first)``
+    gives ``(config, mlp_map, finish)``: the training config, the MLP (None for one SAE) and
+    ``finish(result, tail)``, which stores the fitted state; ``tail`` is the last ``jacobian_rows``
+    rows (None: none are kept)."""
     from ._backend.checkpoint import CheckpointError
     from ._backend.train import check_resumed_together, progress_bar
     from ._incremental import (check_same_fit, join_job, make_checkpointer, start_trainer, total_steps,
@@ -87,6 +91,8 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int):
 
     estimator._validate_params()
     for name, value in (("n_statistics", n_statistics), ("jacobian_rows", jacobian_rows)):
+        if name == "jacobian_rows" and value is None:
+            continue
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}.")
     stream = _Stream(estimator, batches)
@@ -99,7 +105,7 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int):
     if stream.n_pending == 0:
         raise ValueError("batches is empty: fit_stream needs at least one row.")
     first = stream.pending_rows(0)[:n_statistics]
-    config, mlp_copy, mlp_map, d_out, probe_rows = estimator._prepare(first)
+    config, mlp_map, finish = estimator._prepare_stream(first)
     parallel, config = join_job(estimator, config)
     data_identity = f"stream:{type(batches).__name__}:{getattr(batches, 'identity', lambda: '')()}"
     if parallel is not None:
@@ -139,7 +145,7 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int):
                     train_rows(trainer, batch if n_real else first[:1], bar, offset=used,
                                share=(n_real, n_global))
                     used += n_global
-                if batch is not None and batch.shape[0]:
+                if jacobian_rows is not None and batch is not None and batch.shape[0]:
                     tail = np.concatenate([tail, batch])[-jacobian_rows:]
                 if trainer.step_count % record_every == 0:
                     trainer.close_record(tokens_seen=used)
@@ -161,8 +167,7 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int):
         warnings.warn(f"the stream ended after {used} tokens, before n_tokens={n_tokens}; the schedule "
                       f"did not finish its decay.", UserWarning, stacklevel=3)
     estimator._trainer = None
-    estimator._set_fitted(trainer.result(), mlp_copy, mlp_map, probe_rows, config.device, d_out, tail,
-                          previous=[])
+    finish(trainer.result(), tail)
     return estimator
 
 

@@ -146,15 +146,16 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
     warm_start : bool, default=False
         Continue from the fitted weights on the next ``fit`` (with a fresh schedule).
     n_tokens : int or None, default=None
-        Tokens that ``partial_fit`` calls will see in all (``fit`` ignores it: there the number
-        of steps is known).  With it, ``partial_fit`` follows ``fit``'s schedule over
+        Tokens that ``partial_fit`` calls or ``fit_stream`` will see in all (``fit`` ignores it:
+        there the number of steps is known).  With it, both follow ``fit``'s schedule over
         ``ceil(n_tokens / batch_size)`` steps (learning-rate warm-up over 1%, decay to 0 over the
-        last 20%, ``l1`` ramp over 5%); None warms the learning rate up over 100 steps and
-        ``l1`` over 500 and keeps both constant after (the end is unknown).
+        last 20%), and ``fit_stream`` stops after ``n_tokens`` rows; None warms the learning rate
+        up over 100 steps and keeps it constant after (the end is unknown).
     checkpoint_dir : str or None, default=None
-        A folder where ``fit`` saves a checkpoint (weights, optimiser state, schedule position,
-        random states, dead-latent counters, data position) every ``checkpoint_every`` steps and
-        at the end of each epoch, and from which it resumes when it holds one: a fit killed at
+        A folder where ``fit`` and ``fit_stream`` save a checkpoint (weights, optimiser state,
+        schedule position, random states, dead-latent counters, data position) every
+        ``checkpoint_every`` steps and at the end of each epoch, and from which they resume when
+        it holds one: a fit killed at
         any moment and run again with the same data, MLP and settings ends with the same model
         as an uninterrupted one (bit for bit on the CPU).  Writes are atomic; a checkpoint of
         another fit, a truncated or a foreign file is refused with a ``CheckpointError``.
@@ -303,6 +304,61 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
             raise
         self._set_fitted(trainer.result(), trainer.config.device, previous=trainer.previous_history)
         return self
+
+    @_keep_state_on_error
+    def fit_stream(self, batches, *, n_statistics=16384):
+        """Fit on a stream of batches, never holding more than a few batches in memory.
+
+        Parameters
+        ----------
+        batches : iterable of array-like of shape (n_rows, n_features)
+            For example :class:`sklearn_jsae.hf.ActivationStream` (a live model's activations
+            through a shuffle buffer) or any generator of arrays.  Rows are used in the order
+            they come: the stream must mix them.  Rows are re-cut into ``batch_size`` batches.
+        n_statistics : int, default=16384
+            Rows read first to measure the data scale ``scale_`` and the initial decoder bias
+            (then trained on like any others).
+
+        Returns
+        -------
+        self : TopKSparseAutoencoder
+            Fitted on a fresh model (``warm_start`` does not apply: use ``partial_fit`` to go on
+            from fitted weights).
+
+        Training runs until the stream ends or ``n_tokens`` rows were used; the schedule spans
+        ``n_tokens`` (open-ended without it).  ``history_`` gets one row per
+        ``max(1, total_steps // 100)`` steps.  With ``checkpoint_dir``, a checkpoint also holds
+        the stream's position (its ``state_dict()``, if it has one, as
+        :class:`~sklearn_jsae.hf.ActivationStream` does) and the rows read but not yet used, so a
+        killed run restarted with the same stream resumes without repeating or skipping a token;
+        a stream without ``state_dict`` cannot resume (an error says so).  With ``n_tokens`` and
+        ``n_statistics`` covering the whole stream, it gives the model of one ``partial_fit`` call
+        on the same rows in the same order.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from sklearn_jsae import TopKSparseAutoencoder
+        >>> rng = np.random.default_rng(0)
+        >>> batches = (rng.normal(size=(256, 8)).astype(np.float32) for _ in range(40))
+        >>> sae = TopKSparseAutoencoder(n_components=16, k=4, batch_size=128, n_tokens=10240,
+        ...                             random_state=0).fit_stream(batches, n_statistics=1024)
+        >>> sum(row["tokens"] for row in sae.history_), sae.score(rng.normal(size=(500, 8))) > 0.3
+        (10240, True)
+        """
+        from ._stream_fit import fit_stream
+
+        return fit_stream(self, batches, n_statistics=n_statistics)
+
+    def _prepare_stream(self, first):
+        """``(config, mlp_map, finish)`` for :func:`~sklearn_jsae._stream_fit.fit_stream`."""
+        check_k(self.k, self.n_components)
+        config = self._train_config(_validation.resolve_device(self.device))
+
+        def finish(result, tail):
+            self._set_fitted(result, config.device, previous=[])
+
+        return config, None, finish
 
     def _train_config(self, device):
         from ._backend.train import TrainConfig

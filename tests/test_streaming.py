@@ -135,14 +135,28 @@ class _Interrupt(BaseException):
     pass
 
 
-def test_fit_stream_resumes_from_its_checkpoint_without_repeating_tokens(gpt2, tmp_path, monkeypatch):
+def _weights(est):
+    """Every fitted weight array of a pair or of one SAE, by name."""
+    sides = {"input": est.input_sae_, "output": est.output_sae_} if hasattr(est, "input_sae_") else {"": est}
+    return {f"{side}.{name}": getattr(sae, name) for side, sae in sides.items()
+            for name in ("components_", "encoder_", "encoder_bias_", "decoder_bias_")}
+
+
+def _estimator(kind, mlp, **settings):
+    if kind == "jsae":
+        return JacobianSparseAutoencoder(mlp, **settings)
+    return TopKSparseAutoencoder(**settings)
+
+
+@pytest.mark.parametrize("kind", ["jsae", "topk"])
+def test_fit_stream_resumes_from_its_checkpoint_without_repeating_tokens(gpt2, tmp_path, monkeypatch, kind):
     ids = _ids(120)
     mlp = mlp_of(gpt2, 1)
 
     def make():
         stream = ActivationStream(gpt2, 1, input_ids=ids, batch_size=40, buffer_size=200, seed=1)
-        est = JacobianSparseAutoencoder(mlp, n_components=32, k=4, batch_size=64, n_tokens=1300, device="cpu",
-                                        random_state=0, checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=3)
+        est = _estimator(kind, mlp, n_components=32, k=4, batch_size=64, n_tokens=1300, device="cpu",
+                         random_state=0, checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=3)
         return est, stream
 
     expected, stream = make()
@@ -163,32 +177,35 @@ def test_fit_stream_resumes_from_its_checkpoint_without_repeating_tokens(gpt2, t
             est.fit_stream(stream, n_statistics=100)
     est, stream = make()
     est.fit_stream(stream, n_statistics=100)
-    for name in ("components_", "encoder_", "decoder_bias_"):
-        np.testing.assert_array_equal(getattr(est.input_sae_, name), getattr(expected.input_sae_, name))
-        np.testing.assert_array_equal(getattr(est.output_sae_, name), getattr(expected.output_sae_, name))
+    expected_weights = _weights(expected)
+    for name, value in _weights(est).items():
+        np.testing.assert_array_equal(value, expected_weights[name], err_msg=name)
+    assert sum(row["tokens"] for row in est.history_) == 1300
     strip = [{k: v for k, v in row.items() if k != "seconds"} for row in expected.history_]
     assert [{k: v for k, v in row.items() if k != "seconds"} for row in est.history_] == strip
 
 
-def test_fit_stream_accepts_any_generator_but_cannot_resume_it(tmp_path):
+@pytest.mark.parametrize("kind", ["jsae", "topk"])
+def test_fit_stream_accepts_any_generator_but_cannot_resume_it(tmp_path, kind):
     rng = np.random.default_rng(0)
     chunks = [rng.normal(size=(100, 6)).astype(np.float32) for _ in range(12)]
-    est = JacobianSparseAutoencoder(n_components=16, k=2, batch_size=64, device="cpu", random_state=0)
+    est = _estimator(kind, None, n_components=16, k=2, batch_size=64, device="cpu", random_state=0)
     est.fit_stream(iter(chunks), n_statistics=300)
     assert sum(row["tokens"] for row in est.history_) == 1200 and np.isfinite(est.score(chunks[0]))
     with pytest.raises(ValueError, match="batches is empty"):
-        JacobianSparseAutoencoder(device="cpu").fit_stream(iter([]))
-    ck = JacobianSparseAutoencoder(n_components=16, k=2, batch_size=64, device="cpu", random_state=0,
-                                   checkpoint_dir=str(tmp_path), checkpoint_every=2)
+        _estimator(kind, None, device="cpu").fit_stream(iter([]))
+    ck = _estimator(kind, None, n_components=16, k=2, batch_size=64, device="cpu", random_state=0,
+                    checkpoint_dir=str(tmp_path), checkpoint_every=2)
     ck.fit_stream(iter(chunks[:6]), n_statistics=300)
     with pytest.raises(ValueError, match="no state_dict/load_state_dict to resume from"):
         ck.fit_stream(iter(chunks[:6]), n_statistics=300)
 
 
-def test_fit_stream_names_the_bad_batch_and_a_source_that_is_not_iterable():
+@pytest.mark.parametrize("kind", ["jsae", "topk"])
+def test_fit_stream_names_the_bad_batch_and_a_source_that_is_not_iterable(kind):
     rng = np.random.default_rng(0)
     good = rng.normal(size=(400, 6)).astype(np.float32)
-    est = JacobianSparseAutoencoder(n_components=16, k=2, batch_size=64, device="cpu", random_state=0)
+    est = _estimator(kind, None, n_components=16, k=2, batch_size=64, device="cpu", random_state=0)
     with pytest.raises(TypeError, match="batches must be an iterable of 2-D arrays.*got int"):
         est.fit_stream(5)
     narrow = good[:50, :5]
@@ -198,7 +215,23 @@ def test_fit_stream_names_the_bad_batch_and_a_source_that_is_not_iterable():
     broken[7, 2] = np.nan
     with pytest.raises(ValueError, match="batch 2 of batches: Input X contains NaN"):
         est.fit_stream(iter([good, broken]), n_statistics=100)
-    assert not hasattr(est, "input_sae_")  # every failed fit left it unfitted
+    assert not hasattr(est, "input_sae_" if kind == "jsae" else "components_")  # every failed fit left it unfitted
+
+
+@pytest.mark.parametrize("kind", ["jsae", "topk"])
+def test_fit_stream_over_the_whole_stream_equals_one_partial_fit_call(data, kind):
+    """With the statistics taken on every row and the schedule spanning them, a stream of chunks of
+    any size trains the model that one ``partial_fit`` call on the rows, in order, trains."""
+    X, mlp = data
+    settings = dict(n_components=32, k=4, batch_size=64, n_tokens=len(X), device="cpu", random_state=0)
+    partial = _estimator(kind, mlp, **settings).partial_fit(X)
+    # chunks that straddle the batches, so that the stream re-cuts them
+    chunks = np.split(X, [5, 100, 101, 350, 700])
+    streamed = _estimator(kind, mlp, **settings).fit_stream(iter(chunks), n_statistics=len(X))
+    expected = _weights(partial)
+    for name, value in _weights(streamed).items():
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
+    assert sum(row["tokens"] for row in streamed.history_) == len(X) and streamed.n_iter_ == len(streamed.history_)
 
 
 # ------------------------------------------------------------------------- partial_fit
