@@ -33,6 +33,8 @@ from ._topk import (
     _draw_seed,
     _inference_device,
     _keep_state_on_error,
+    _refuse_distributed_partial_fit,
+    _training_device,
     _training_precision,
     _validate_X,
     explained_variance,
@@ -385,12 +387,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         from ._incremental import start_trainer, total_steps, train_rows
 
         self._validate_params()
-        if self.distributed:
-            raise ValueError(
-                "distributed=True is for fit and fit_stream; partial_fit trains on the rows each call "
-                "is given, in order, in this process. Use fit_stream with a sharded stream to train "
-                "data-parallel batch by batch, or set distributed=False."
-            )
+        _refuse_distributed_partial_fit(self)
         trainer = getattr(self, "_trainer", None)
         fitted = hasattr(self, "input_sae_")
         X = _validate_X(self, X, reset=not fitted and trainer is None)
@@ -448,11 +445,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         n_output_components = self.n_output_components or self.n_components
         check_k(self.k, self.n_components)
         check_k(self.k, n_output_components, "n_output_components")
-        device = _validation.resolve_device(self.device)
-        if self.distributed:  # one GPU per rank: cuda:LOCAL_RANK
-            from ._backend.distributed import rank_device
-
-            device = rank_device(self.device, device)
+        device = _training_device(self)
         probe_rows = np.array(X[: min(8, X.shape[0])], dtype=np.float32)
         mlp_copy, mlp_map, d_out = resolve_mlp(self.mlp, probe_rows)
         return self._train_config(device), mlp_copy, mlp_map, d_out, probe_rows

@@ -162,6 +162,13 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         Checkpoints are safetensors and JSON, never pickles.
     checkpoint_every : int, default=1000
         Optimiser steps between checkpoints.
+    distributed : bool, default=False
+        Train data-parallel over the ``torch.distributed`` job this process belongs to, as
+        :class:`JacobianSparseAutoencoder` does (see its ``distributed``): ``fit`` splits each
+        step's batch between the ranks, which all pass the same X; ``fit_stream`` takes each
+        rank's own shard of the stream; every rank ends with the same model, the one-process
+        model up to float rounding.  ``partial_fit`` refuses it.  See the User Guide's
+        "Scaling out".
 
     Attributes
     ----------
@@ -206,7 +213,7 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
     ((200, 16), True)
     """
 
-    _parameter_constraints: dict = dict(_COMMON_CONSTRAINTS)
+    _parameter_constraints: dict = {**_COMMON_CONSTRAINTS, "distributed": ["boolean"]}
 
     def __init__(
         self,
@@ -226,6 +233,7 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         n_tokens=None,
         checkpoint_dir=None,
         checkpoint_every=1000,
+        distributed=False,
     ):
         self.n_components = n_components
         self.k = k
@@ -242,6 +250,7 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         self.n_tokens = n_tokens
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
+        self.distributed = distributed
 
     # ---- fitting -------------------------------------------------------------------------
     @_keep_state_on_error
@@ -250,20 +259,22 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         """Fit the SAE on X of shape (n_samples, n_features); ``y`` is ignored."""
         from ._backend.checkpoint import fingerprint_array
         from ._backend.train import train
-        from ._incremental import make_checkpointer
+        from ._incremental import check_same_fit, join_job, make_checkpointer
 
         warm = self.warm_start and hasattr(self, "components_")
         X = _validate_X(self, X, reset=not warm, for_training=True)
         check_k(self.k, self.n_components)
         _validation.warn_if_few_steps(X.shape[0], self.batch_size, self.max_iter)
-        config = self._train_config(_validation.resolve_device(self.device))
+        parallel, config = join_job(self, self._train_config(_training_device(self)))
+        if parallel is not None:
+            check_same_fit(parallel, fingerprint_array(X), None, config)
         init = None
         if warm:
             _check_warm_shape(self.components_.shape[0], self.n_components, "n_components")
             init = (self._params(), None, self.scale_, None)
-        checkpoint = make_checkpointer(self, lambda: fingerprint_array(X), None, config, init, "fit")
+        checkpoint = make_checkpointer(self, lambda: fingerprint_array(X), None, config, init, "fit", parallel)
         with _training_precision(config):
-            result = train(X, None, config, init=init, checkpoint=checkpoint)
+            result = train(X, None, config, init=init, checkpoint=checkpoint, parallel=parallel)
         self._trainer = None  # partial_fit after fit starts from the fitted weights
         self._set_fitted(result, config.device, previous=self.history_ if warm else [])
         return self
@@ -283,6 +294,7 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         from ._incremental import start_trainer, total_steps, train_rows
 
         self._validate_params()
+        _refuse_distributed_partial_fit(self)
         trainer = getattr(self, "_trainer", None)
         fitted = hasattr(self, "components_")
         X = _validate_X(self, X, reset=not fitted and trainer is None)
@@ -353,7 +365,7 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
     def _prepare_stream(self, first):
         """``(config, mlp_map, finish)`` for :func:`~sklearn_jsae._stream_fit.fit_stream`."""
         check_k(self.k, self.n_components)
-        config = self._train_config(_validation.resolve_device(self.device))
+        config = self._train_config(_training_device(self))
 
         def finish(result, tail):
             self._set_fitted(result, config.device, previous=[])
@@ -475,6 +487,26 @@ class _training_precision:
 
             torch.backends.cuda.matmul.allow_tf32 = self.previous
         return False
+
+
+def _training_device(estimator) -> str:
+    """``estimator.device`` resolved; with ``distributed=True`` on CUDA, one GPU per rank
+    (``cuda:LOCAL_RANK``)."""
+    device = _validation.resolve_device(estimator.device)
+    if estimator.distributed:
+        from ._backend.distributed import rank_device
+
+        device = rank_device(estimator.device, device)
+    return device
+
+
+def _refuse_distributed_partial_fit(estimator) -> None:
+    if estimator.distributed:
+        raise ValueError(
+            "distributed=True is for fit and fit_stream; partial_fit trains on the rows each call "
+            "is given, in order, in this process. Use fit_stream with a sharded stream to train "
+            "data-parallel batch by batch, or set distributed=False."
+        )
 
 
 def _check_warm_shape(fitted: int, requested: int, name: str) -> None:

@@ -1,7 +1,7 @@
 """One rank of the data-parallel fits that ``tests/test_distributed.py`` starts (with torchrun or by
 hand), and the data they share with the one-process reference.
 
-    python distributed_worker.py OUT_DIR {fit,stream}
+    python distributed_worker.py OUT_DIR {fit,stream,topk-fit,topk-stream}
 
 writes ``OUT_DIR/rank<r>.npz`` (the fitted model's arrays and history) on every rank.  The
 environment steers it:
@@ -66,17 +66,26 @@ class RowStream:
         self.next = int(state["next"])
 
 
-def arrays(jsae):
-    """The fitted model as plain arrays (both SAEs, ``jacobian_``, the history's numbers)."""
+def arrays(est):
+    """The fitted model as plain arrays: a pair's two SAEs (``x_``, ``y_``), ``jacobian_`` and the
+    history's numbers, or one SAE's (``x_``) and its history's."""
+    pair = hasattr(est, "input_sae_")
     out = {}
-    for prefix, side in (("x", jsae.input_sae_), ("y", jsae.output_sae_)):
+    for prefix, side in (("x", est.input_sae_), ("y", est.output_sae_)) if pair else (("x", est),):
         for name in ("components_", "encoder_", "encoder_bias_", "decoder_bias_"):
             out[f"{prefix}_{name}"] = getattr(side, name)
-    out["jacobian"] = jsae.jacobian_.toarray()
-    for key in ("loss", "mse_input", "mse_output", "aux_input", "dead_fraction_input", "dead_fraction_output",
-                "tokens"):
-        out[f"history_{key}"] = np.array([row[key] for row in jsae.history_])
+    keys = ["loss", "mse_input", "aux_input", "dead_fraction_input", "tokens"]
+    if pair:
+        out["jacobian"] = est.jacobian_.toarray()
+        keys += ["mse_output", "dead_fraction_output"]
+    for key in keys:
+        out[f"history_{key}"] = np.array([row[key] for row in est.history_])
     return out
+
+
+def topk_settings(settings):
+    """The pair's settings for one SAE (no MLP, no penalty)."""
+    return {name: value for name, value in settings.items() if name != "l1"}
 
 
 def _fail_hook(rank):
@@ -103,7 +112,7 @@ def main(out, kind):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from sklearn_jsae import JacobianSparseAutoencoder
+    from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
     from sklearn_jsae._backend import distributed as backend
     from sklearn_jsae.distributed import init_process_group
 
@@ -113,12 +122,18 @@ def main(out, kind):
     X, mlp = data()
     checkpoint = dict(checkpoint_dir=os.environ.get("JSAE_CHECKPOINT"), checkpoint_every=2)
     if kind == "fit":
-        jsae = JacobianSparseAutoencoder(mlp, distributed=True, **SETTINGS, **checkpoint).fit(X)
+        est = JacobianSparseAutoencoder(mlp, distributed=True, **SETTINGS, **checkpoint).fit(X)
+    elif kind == "topk-fit":
+        est = TopKSparseAutoencoder(distributed=True, **topk_settings(SETTINGS), **checkpoint).fit(X)
     else:
         stream = RowStream(data(STREAM_ROWS)[0], 40, rank, world_size)
-        jsae = JacobianSparseAutoencoder(mlp, distributed=True, **STREAM_SETTINGS, **checkpoint)
-        jsae.fit_stream(stream, n_statistics=200, jacobian_rows=200)
-    np.savez(os.path.join(out, f"rank{rank}.npz"), **arrays(jsae))
+        if kind == "stream":
+            est = JacobianSparseAutoencoder(mlp, distributed=True, **STREAM_SETTINGS, **checkpoint)
+            est.fit_stream(stream, n_statistics=200, jacobian_rows=200)
+        else:
+            est = TopKSparseAutoencoder(distributed=True, **topk_settings(STREAM_SETTINGS), **checkpoint)
+            est.fit_stream(stream, n_statistics=200)
+    np.savez(os.path.join(out, f"rank{rank}.npz"), **arrays(est))
     dist.destroy_process_group()
 
 

@@ -15,7 +15,9 @@ What is checked:
   with the uninterrupted 2-rank model bit for bit (array fit and stream fit);
 * a rank that dies or hangs makes the other stop with a DistributedTrainingError within the
   process group's timeout (processes started by hand, so that torchrun does not kill it first);
-* a one-rank job runs the data-parallel code path and equals the plain fit bit for bit.
+* a one-rank job runs the data-parallel code path and equals the plain fit bit for bit;
+* the same for one SAE (``TopKSparseAutoencoder(distributed=True)``): 2 ranks agree with one
+  process, and a stream fit killed on one rank resumes to the uninterrupted model.
 """
 
 import json
@@ -32,7 +34,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from sklearn_jsae import JacobianSparseAutoencoder
+from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
 from sklearn_jsae._backend.checkpoint import FILENAME, CheckpointError
 from sklearn_jsae._backend.distributed import DataParallel
 from sklearn_jsae.distributed import DistributedTrainingError, is_main_process
@@ -132,6 +134,35 @@ def test_ddp_gives_the_explicit_all_reduce_model(tmp_path, two_ranks):
         np.testing.assert_allclose(ddp0[key], two_ranks[0][key], rtol=0, atol=TOLERANCE, err_msg=key)
 
 
+def test_one_sae_on_two_ranks_matches_the_one_process_fit(tmp_path):
+    """TopKSparseAutoencoder(distributed=True): the same data-parallel step as the pair's, one SAE."""
+    torchrun(tmp_path, "topk-fit")
+    rank0, rank1 = load(tmp_path)
+    assert_identical(rank0, rank1)
+    X, _ = worker.data()
+    one_process = worker.arrays(TopKSparseAutoencoder(**worker.topk_settings(worker.SETTINGS)).fit(X))
+    assert set(rank0) == set(one_process) and "y_components_" not in rank0
+    for key in MODEL_KEYS[:4] + ["history_loss", "history_mse_input", "history_aux_input"]:
+        scale = max(1.0, float(np.abs(one_process[key]).max()))
+        np.testing.assert_allclose(rank0[key], one_process[key], rtol=0, atol=TOLERANCE * scale, err_msg=key)
+    assert one_process["history_aux_input"][1:].min() > 0  # AuxK ran, with the all-reduced denominator
+    for key in ("history_dead_fraction_input", "history_tokens"):
+        np.testing.assert_array_equal(rank0[key], one_process[key], err_msg=key)
+
+
+def test_one_sae_on_two_stream_shards_resumes_to_the_same_model(tmp_path):
+    torchrun(tmp_path / "straight", "topk-stream")
+    straight = load(tmp_path / "straight")
+    assert_identical(straight[0], straight[1])
+    assert straight[0]["history_tokens"].sum() == worker.STREAM_ROWS
+    env = dict(JSAE_CHECKPOINT=str(tmp_path / "checkpoint"))
+    assert torchrun(tmp_path / "out", "topk-stream", check=False, JSAE_FAIL="0:7:KILL", **env).returncode != 0
+    assert checkpoint_header(tmp_path / "checkpoint")["position"]["used"] == 6 * 64
+    torchrun(tmp_path / "out", "topk-stream", **env)
+    for resumed in load(tmp_path / "out"):
+        assert_identical(resumed, straight[0])
+
+
 def test_killed_rank_stops_the_job_and_it_resumes_to_the_same_model(tmp_path, two_ranks):
     env = dict(JSAE_CHECKPOINT=str(tmp_path / "checkpoint"))
     killed = torchrun(tmp_path / "out", "fit", check=False, JSAE_FAIL="1:13:KILL", **env)
@@ -201,15 +232,22 @@ def one_rank_group():
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("kind", ["jsae", "topk"])
 @pytest.mark.parametrize("sync", ["allreduce", "ddp"])
-def test_one_rank_job_is_the_plain_fit_bit_for_bit(one_rank_group, monkeypatch, sync):
+def test_one_rank_job_is_the_plain_fit_bit_for_bit(one_rank_group, monkeypatch, sync, kind):
     from sklearn_jsae._backend import distributed as backend
 
     monkeypatch.setattr(backend, "SYNC", sync)
     X, mlp = worker.data()
     settings = dict(worker.SETTINGS, max_iter=2)
-    plain = worker.arrays(JacobianSparseAutoencoder(mlp, **settings).fit(X))
-    parallel = worker.arrays(JacobianSparseAutoencoder(mlp, distributed=True, **settings).fit(X))
+
+    def make(**extra):
+        if kind == "jsae":
+            return JacobianSparseAutoencoder(mlp, **settings, **extra)
+        return TopKSparseAutoencoder(**worker.topk_settings(settings), **extra)
+
+    plain = worker.arrays(make().fit(X))
+    parallel = worker.arrays(make(distributed=True).fit(X))
     assert_identical(plain, parallel)
     assert is_main_process()
 
@@ -252,6 +290,10 @@ def test_distributed_needs_a_job_and_refuses_partial_fit(monkeypatch):
         JacobianSparseAutoencoder(mlp, distributed=True, **worker.SETTINGS).fit(X)
     with pytest.raises(ValueError, match="distributed=True is for fit and fit_stream"):
         JacobianSparseAutoencoder(mlp, distributed=True, **worker.SETTINGS).partial_fit(X)
+    with pytest.raises(ValueError, match=r"distributed=True, but this process was not started by torchrun"):
+        TopKSparseAutoencoder(distributed=True, **worker.topk_settings(worker.SETTINGS)).fit(X)
+    with pytest.raises(ValueError, match="distributed=True is for fit and fit_stream"):
+        TopKSparseAutoencoder(distributed=True, **worker.topk_settings(worker.SETTINGS)).partial_fit(X)
     with pytest.raises(ValueError, match="'distributed' parameter"):
         JacobianSparseAutoencoder(mlp, distributed="yes").fit(X)
 
