@@ -185,7 +185,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         When > 0, a tqdm progress bar over optimiser steps with the live loss terms, tokens per
         second and the time left, and one line of loss terms per epoch; silent otherwise.
     warm_start : bool, default=False
-        Continue from the fitted weights on the next ``fit`` (with a fresh schedule).  If the
+        Continue from the fitted weights on the next ``fit`` or ``fit_stream`` (with a fresh schedule).  If the
         ``mlp`` now computes something else on the first training rows (a different MLP of the
         same shape), the output scale ``c_y`` is re-measured from the new outputs, with a
         warning, so that the loss keeps its scale; the SAE weights continue.
@@ -432,7 +432,8 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         the stream's position (its ``state_dict()``, if it has one, as
         :class:`~sklearn_jsae.hf.ActivationStream` does) and the rows read but not yet used, so a
         killed run restarted with the same stream resumes without repeating or skipping a token;
-        a stream without ``state_dict`` cannot resume (an error says so).
+        a stream without ``state_dict`` cannot resume (an error says so).  With ``warm_start=True``
+        a fitted estimator continues from its weights (with a fresh schedule), as ``fit`` does.
         """
         from ._stream_fit import fit_stream
 
@@ -450,14 +451,16 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         mlp_copy, mlp_map, d_out = resolve_mlp(self.mlp, probe_rows)
         return self._train_config(device), mlp_copy, mlp_map, d_out, probe_rows
 
-    def _prepare_stream(self, first):
-        """``(config, mlp_map, finish)`` for :func:`~sklearn_jsae._stream_fit.fit_stream`."""
+    def _prepare_stream(self, first, warm):
+        """``(config, mlp_map, init, finish)`` for :func:`~sklearn_jsae._stream_fit.fit_stream`."""
         config, mlp_copy, mlp_map, d_out, probe_rows = self._prepare(first)
+        init = self._warm_init(mlp_map, d_out) if warm else None
+        previous = list(self.history_) if warm else []
 
         def finish(result, tail):
-            self._set_fitted(result, mlp_copy, mlp_map, probe_rows, config.device, d_out, tail, previous=[])
+            self._set_fitted(result, mlp_copy, mlp_map, probe_rows, config.device, d_out, tail, previous)
 
-        return config, mlp_map, finish
+        return config, mlp_map, init, finish
 
     def _train_config(self, device):
         from ._backend.train import TrainConfig

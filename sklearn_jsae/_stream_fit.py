@@ -79,8 +79,9 @@ class _Stream:
 
 def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int | None = None):
     """The body of :meth:`JacobianSparseAutoencoder.fit_stream` and
-    :meth:`TopKSparseAutoencoder.fit_stream` (see there).  The estimator's ``_prepare_stream(first)``
-    gives ``(config, mlp_map, finish)``: the training config, the MLP (None for one SAE) and
+    :meth:`TopKSparseAutoencoder.fit_stream` (see there).  The estimator's
+    ``_prepare_stream(first, warm)`` gives ``(config, mlp_map, init, finish)``: the training config,
+    the MLP (None for one SAE), the warm start's initial state (None: a fresh model) and
     ``finish(result, tail)``, which stores the fitted state; ``tail`` is the last ``jacobian_rows``
     rows (None: none are kept)."""
     from ._backend.checkpoint import CheckpointError
@@ -96,23 +97,25 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int | None 
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}.")
     stream = _Stream(estimator, batches)
+    # A warm start keeps the fitted model's features: the first batch is checked against them.
+    warm = estimator.warm_start and estimator.__sklearn_is_fitted__()
     n_tokens = estimator.n_tokens
     n_steps = total_steps(n_tokens, estimator.batch_size)
 
     # The first rows: they fix the data scales and probe the MLP, and are trained on after.
-    while stream.n_pending < n_statistics and stream.read(reset=stream.n_pending == 0):
+    while stream.n_pending < n_statistics and stream.read(reset=not warm and stream.n_pending == 0):
         pass
     if stream.n_pending == 0:
         raise ValueError("batches is empty: fit_stream needs at least one row.")
     first = stream.pending_rows(0)[:n_statistics]
-    config, mlp_map, finish = estimator._prepare_stream(first)
+    config, mlp_map, init, finish = estimator._prepare_stream(first, warm)
     parallel, config = join_job(estimator, config)
     data_identity = f"stream:{type(batches).__name__}:{getattr(batches, 'identity', lambda: '')()}"
     if parallel is not None:
         _check_shard(batches, parallel)
         check_same_fit(parallel, data_identity, mlp_map, config)
-    trainer = start_trainer(config, first, mlp_map, None, n_steps, parallel)
-    checkpoint = make_checkpointer(estimator, data_identity, mlp_map, config, None, "stream", parallel)
+    trainer = start_trainer(config, first, mlp_map, init, n_steps, parallel)
+    checkpoint = make_checkpointer(estimator, data_identity, mlp_map, config, init, "stream", parallel)
     used = 0
     tail = np.zeros((0, first.shape[1]), dtype=np.float32)
     if checkpoint is not None:

@@ -144,7 +144,7 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         When > 0, a tqdm progress bar over optimiser steps with the live loss terms, tokens per
         second and the time left, and one line of loss terms per epoch; silent otherwise.
     warm_start : bool, default=False
-        Continue from the fitted weights on the next ``fit`` (with a fresh schedule).
+        Continue from the fitted weights on the next ``fit`` or ``fit_stream`` (with a fresh schedule).
     n_tokens : int or None, default=None
         Tokens that ``partial_fit`` calls or ``fit_stream`` will see in all (``fit`` ignores it:
         there the number of steps is known).  With it, both follow ``fit``'s schedule over
@@ -334,8 +334,8 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         Returns
         -------
         self : TopKSparseAutoencoder
-            Fitted on a fresh model (``warm_start`` does not apply: use ``partial_fit`` to go on
-            from fitted weights).
+            With ``warm_start=True`` a fitted estimator continues from its weights (with a fresh
+            schedule), as ``fit`` does; otherwise a fresh model.
 
         Training runs until the stream ends or ``n_tokens`` rows were used; the schedule spans
         ``n_tokens`` (open-ended without it).  ``history_`` gets one row per
@@ -362,15 +362,20 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
 
         return fit_stream(self, batches, n_statistics=n_statistics)
 
-    def _prepare_stream(self, first):
-        """``(config, mlp_map, finish)`` for :func:`~sklearn_jsae._stream_fit.fit_stream`."""
+    def _prepare_stream(self, first, warm):
+        """``(config, mlp_map, init, finish)`` for :func:`~sklearn_jsae._stream_fit.fit_stream`."""
         check_k(self.k, self.n_components)
         config = self._train_config(_training_device(self))
+        init = None
+        if warm:
+            _check_warm_shape(self.components_.shape[0], self.n_components, "n_components")
+            init = (self._params(), None, self.scale_, None)
+        previous = list(self.history_) if warm else []
 
         def finish(result, tail):
-            self._set_fitted(result, config.device, previous=[])
+            self._set_fitted(result, config.device, previous)
 
-        return config, None, finish
+        return config, None, init, finish
 
     def _train_config(self, device):
         from ._backend.train import TrainConfig

@@ -234,6 +234,37 @@ def test_fit_stream_over_the_whole_stream_equals_one_partial_fit_call(data, kind
     assert sum(row["tokens"] for row in streamed.history_) == len(X) and streamed.n_iter_ == len(streamed.history_)
 
 
+@pytest.mark.parametrize("kind", ["jsae", "topk"])
+def test_fit_stream_with_warm_start_continues_the_fitted_model(data, kind):
+    """warm_start=True: a stream fit after fit goes on from the fitted weights, as partial_fit does
+    after fit (fresh optimiser and schedule); without it the stream fit starts afresh."""
+    import copy
+
+    X, mlp = data
+    settings = dict(n_components=32, k=4, batch_size=64, device="cpu", random_state=0)
+    fitted = _estimator(kind, mlp, max_iter=2, **settings).fit(X[:512])
+    rest = X[512:]
+    chunks = np.split(rest, [100, 300])
+    continued = copy.deepcopy(fitted).set_params(n_tokens=len(rest)).partial_fit(rest)
+    warm = copy.deepcopy(fitted).set_params(n_tokens=len(rest), warm_start=True)
+    warm.fit_stream(iter(chunks), n_statistics=len(rest))
+    expected = _weights(continued)
+    for name, value in _weights(warm).items():
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
+    assert warm.history_[:2] == fitted.history_ and len(warm.history_) > 2
+    cold = copy.deepcopy(fitted).set_params(n_tokens=len(rest)).fit_stream(iter(chunks), n_statistics=len(rest))
+    fresh = _estimator(kind, mlp, n_tokens=len(rest), **settings).fit_stream(iter(chunks), n_statistics=len(rest))
+    for name, value in _weights(cold).items():
+        np.testing.assert_array_equal(value, _weights(fresh)[name], err_msg=name)
+    assert not np.array_equal(_weights(cold)["input.components_" if kind == "jsae" else ".components_"],
+                              _weights(warm)["input.components_" if kind == "jsae" else ".components_"])
+    # The warm stream is checked against the fitted model: its features, its width.
+    with pytest.raises(ValueError, match="batch 1 of batches: X has 9 features, but .* is expecting 10"):
+        copy.deepcopy(warm).fit_stream(iter([rest[:, :9]]))
+    with pytest.raises(ValueError, match="warm_start=True but n_components=16 differs from the fitted model's 32"):
+        copy.deepcopy(warm).set_params(n_components=16).fit_stream(iter(chunks))
+
+
 # ------------------------------------------------------------------------- partial_fit
 
 
