@@ -118,6 +118,12 @@ def test_cached_mlp_pass_and_warm_start_on_another_device(X, tmp_path, on_virtua
 def test_single_sae_on_another_device(X, on_virtual_device):
     sae = TopKSparseAutoencoder(**SETTINGS).fit(X)
     assert sae.transform(X).shape == (160, 24) and np.isfinite(sae.score(X))
+    # the stream fit, fresh and warm (the fitted numpy state goes back to the device), and partial_fit
+    streamed = TopKSparseAutoencoder(**SETTINGS).fit_stream(iter([X[:50], X[50:]]), n_statistics=60)
+    sae.set_params(warm_start=True).fit_stream(iter([X[:50], X[50:]]), n_statistics=60)
+    partial = TopKSparseAutoencoder(**SETTINGS).partial_fit(X[:80]).partial_fit(X[80:])
+    assert len(sae.history_) > SETTINGS["max_iter"]
+    assert all(np.isfinite(est.score(X)) for est in (sae, streamed, partial))
 
 
 def test_randomized_control_of_a_module_on_another_device():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sklearn_jsae import JacobianSparseAutoencoder
+from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
 
 pytestmark = [
     pytest.mark.gpu,
@@ -132,3 +132,7 @@ def test_checkpointed_fit_partial_fit_and_stream_on_cuda(problem, tmp_path):
     partial = JacobianSparseAutoencoder(**settings).partial_fit(X[:1024]).partial_fit(X[1024:])
     streamed = JacobianSparseAutoencoder(**settings).fit_stream(iter(np.array_split(X, 8)), n_statistics=512)
     assert np.isfinite(partial.score(X)) and np.isfinite(streamed.score(X))
+    single = {name: value for name, value in settings.items() if name != "mlp"}
+    sae = TopKSparseAutoencoder(**single).fit_stream(iter(np.array_split(X, 8)), n_statistics=512)
+    sae.set_params(warm_start=True).fit_stream(iter(np.array_split(X, 8)), n_statistics=512)
+    assert sae.device_ == "cuda:0" and np.isfinite(sae.score(X))
