@@ -160,7 +160,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         tokens a fit has hundreds to thousands of steps (see the User Guide's "defaults").
         Warm-up over 1% of steps, linear decay to 0 over the last 20%.
     max_iter : int, default=30
-        Epochs.
+        Epochs of ``fit``; ``partial_fit`` and ``fit_stream`` use each row they are given once.
     batch_size : int, default=1024
         Samples per minibatch.
     aux_coef : float, default=1/32
@@ -200,7 +200,8 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         MLPs); ``joblib.Memory(..., mmap_mode="r")`` reads the rows from disk instead.  The key
         hashes X and the MLP's weights (one read of X per fit), never ``l1`` or the SAE settings.
         Callables without a closed-form Jacobian are not cached (their JVPs run the MLP anyway).
-        None (default) computes everything at each step, as the paper does.  The cache holds
+        None (default) computes everything at each step, as the paper does.  ``fit`` only:
+        ``partial_fit`` and ``fit_stream`` see each row once, so there is nothing to reuse.  The cache holds
         joblib pickles, and loading a pickle can run code: never point ``memory`` at a folder
         that others can write to.  A folder that is a file or is not writable is an error.
     n_tokens : int or None, default=None

@@ -122,7 +122,8 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         tokens a fit has hundreds to thousands of steps (see the User Guide's "defaults").
         Warm-up over the first 1% of steps, linear decay to 0 over the last 20%.
     max_iter : int, default=30
-        Epochs (full passes over X).
+        Epochs (full passes over X) of ``fit``; ``partial_fit`` and ``fit_stream`` use each row
+        they are given once.
     batch_size : int, default=1024
         Samples per minibatch.
     aux_coef : float, default=1/32
