@@ -42,6 +42,10 @@ from ._topk import (
 from ._validation import check_k
 
 _INFERENCE_BATCH = 4096
+# The most training rows ``jacobian_`` averages over.  Its sum has up to k² entries per row; with
+# wide dictionaries (the paper's 65,536 latents) and hundreds of millions of rows, a sum over all
+# of them would grow towards n_out · n_in entries (tens of GB) at the end of a fit.
+_JACOBIAN_ROWS = 65_536
 DEFAULT_L1 = 2.0
 
 
@@ -244,7 +248,10 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
     mlp_ : object
         Frozen CPU copy of ``mlp`` (None for the identity).
     jacobian_ : scipy.sparse.csr_array of shape (n_output_components, n_components)
-        Mean ``|J|`` over the training samples (a sample whose block misses a pair counts as 0).
+        Mean ``|J|`` over the training samples (a sample whose block misses a pair counts as 0);
+        over every ``s``-th of them when there are more than 65,536
+        (``s = ceil(n_samples / 65536)``), which bounds its cost at the end of a long fit.
+        ``partial_fit``: the last call's rows; ``fit_stream``: the last ``jacobian_rows``.
     history_ : list of dict
         Per-epoch ``loss``, ``mse_input``, ``mse_output``, ``jacobian_l1``, ``aux_input``,
         ``aux_output``, ``l1``, ``dead_fraction_input``, ``dead_fraction_output``, ``seconds``.
@@ -550,6 +557,11 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         )
 
     def _mean_abs_jacobian(self, X):
+        """Mean ``|J|`` over X's rows, or over every ``s``-th row when X has more than
+        ``_JACOBIAN_ROWS`` (``s = ceil(n / _JACOBIAN_ROWS)``, so that the rows span all of X)."""
+        step = -(-X.shape[0] // _JACOBIAN_ROWS)
+        if step > 1:
+            X = X[::step]
         total = AbsJacobianSum(self.output_sae_.components_.shape[0], self.input_sae_.components_.shape[0])
         for J, idx_y, idx_x in self._iter_blocks(X):
             total.add(J, idx_y, idx_x)

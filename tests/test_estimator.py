@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
@@ -87,6 +89,39 @@ def test_jacobian_mean_matches_blocks(X, gelu_mlp):
     J = jsae.jacobian(X)
     dense_mean = np.abs(J.toarray()).mean(axis=0)
     np.testing.assert_allclose(jsae.jacobian_.toarray(), dense_mean, rtol=1e-4, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def fitted_small(X, gelu_mlp):
+    return _small(gelu_mlp).fit(X)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 600), limit=st.integers(1, 700))
+def test_jacobian_mean_beyond_the_row_limit_uses_every_sth_row(fitted_small, X, n, limit):
+    """Past ``_JACOBIAN_ROWS`` rows, jacobian_ is the mean over every s-th row, s = ceil(n / limit):
+    at most ``limit`` rows, spread from the first to within s of the last."""
+    from unittest import mock
+
+    from sklearn_jsae import _estimator
+
+    with mock.patch.object(_estimator, "_JACOBIAN_ROWS", limit):
+        got = fitted_small._mean_abs_jacobian(X[:n]).toarray()
+    step = -(-n // limit)
+    rows = X[:n][::step]
+    assert len(rows) <= limit and (n - 1) - step * (len(rows) - 1) < step
+    expected = np.abs(fitted_small.jacobian(rows).toarray()).mean(axis=0)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_fit_averages_jacobian_over_the_row_limit(X, gelu_mlp, monkeypatch):
+    from sklearn_jsae import _estimator
+
+    monkeypatch.setattr(_estimator, "_JACOBIAN_ROWS", 128)  # X has 600 rows: every 5th
+    jsae = _small(gelu_mlp).fit(X)
+    every_fifth = np.abs(jsae.jacobian(X[::5]).toarray()).mean(axis=0)
+    np.testing.assert_allclose(jsae.jacobian_.toarray(), every_fifth, rtol=1e-4, atol=1e-7)
+    assert not np.allclose(jsae.jacobian_.toarray(), np.abs(jsae.jacobian(X).toarray()).mean(axis=0))
 
 
 def test_at_most_k_squared_jacobian_entries_per_sample(X, gelu_mlp):
