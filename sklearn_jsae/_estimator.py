@@ -23,7 +23,7 @@ from ._sklearn_compat import (
     _get_output_config,
     check_is_fitted,
 )
-from ._sparse import AbsJacobianSum, OutputCodes, blocks_to_coo, topk_to_csr
+from ._sparse import AbsJacobianSum, OutputCodes, blocks_to_coo
 from ._topk import (
     _COMMON_CONSTRAINTS,
     TopKSparseAutoencoder,
@@ -37,7 +37,6 @@ from ._topk import (
     _training_device,
     _training_precision,
     _validate_X,
-    explained_variance,
 )
 from ._validation import check_k
 
@@ -357,7 +356,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         from ._incremental import check_same_fit, join_job, make_checkpointer
 
         warm = self.warm_start and hasattr(self, "input_sae_")
-        X = _validate_X(self, X, reset=not warm, for_training=True)
+        X = _validate_X(self, X, reset=not warm, checked_in_batches=True)
         _validation.warn_if_few_steps(X.shape[0], self.batch_size, self.max_iter)
         if self.memory is not None:
             _cached_mlp_pass(self.memory)  # a bad cache folder fails before the MLP is even probed
@@ -656,16 +655,11 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
     def score(self, X, y=None):
         """Mean explained variance of the two SAEs, ``(EV_input + EV_output) / 2`` (higher is better),
         with ``EV = 1 - ||Z - Ẑ||² / ||Z - mean(Z)||²`` for Z = X and Z = mlp(X)."""
+        from .metrics import reconstruction_metrics
+
         check_is_fitted(self)
-        X = _validate_X(self, X, reset=False)
-        Y = self._mlp_outputs(X)
-        codes_x = topk_to_csr(*self.input_sae_._codes(X, _inference_device(self)), self._n_latents_in)
-        codes_y = topk_to_csr(*self._output_codes(X), self.output_sae_.components_.shape[0])
-        ev_x = explained_variance(X, _decode(codes_x, self.input_sae_.components_,
-                                             self.input_sae_.decoder_bias_, "X"))
-        ev_y = explained_variance(Y, _decode(codes_y, self.output_sae_.components_,
-                                             self.output_sae_.decoder_bias_, "X"))
-        return (ev_x + ev_y) / 2
+        sides = reconstruction_metrics(self, X)  # batch by batch: X may be a memmap larger than memory
+        return (sides["input"]["explained_variance"] + sides["output"]["explained_variance"]) / 2
 
     @property
     def paper_lambda_(self):

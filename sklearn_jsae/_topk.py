@@ -54,13 +54,13 @@ _COMMON_CONSTRAINTS = {
 }
 
 
-def _validate_X(estimator, X, reset: bool, for_training: bool = False):
-    """Validated X.  For training, a memmap (an activation store larger than memory) is not scanned
-    for NaN or inf here, which would map the whole file into memory: the training pass checks
-    it batch by batch and names the rows (``NonFiniteTrainingError``)."""
+def _validate_X(estimator, X, reset: bool, checked_in_batches: bool = False):
+    """Validated X.  With ``checked_in_batches`` (the caller checks every batch it reads, as the
+    training pass and ``score`` do, naming the rows), a memmap (an activation store larger than
+    memory) is not scanned for NaN or inf here, which would map the whole file into memory."""
     from ._backend.train import file_mapping
 
-    out_of_core = for_training and file_mapping(X) is not None
+    out_of_core = checked_in_batches and file_mapping(X) is not None
     X = validate_data(
         estimator,
         X,
@@ -263,7 +263,7 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         from ._incremental import check_same_fit, join_job, make_checkpointer
 
         warm = self.warm_start and hasattr(self, "components_")
-        X = _validate_X(self, X, reset=not warm, for_training=True)
+        X = _validate_X(self, X, reset=not warm, checked_in_batches=True)
         check_k(self.k, self.n_components)
         _validation.warn_if_few_steps(X.shape[0], self.batch_size, self.max_iter)
         parallel, config = join_job(self, self._train_config(_training_device(self)))
@@ -449,12 +449,14 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         return _decode(X, self.components_, self.decoder_bias_, "X")
 
     def score(self, X, y=None):
-        """Explained variance of the reconstruction, ``1 - ||X - X̂||² / ||X - mean(X)||²`` (higher is better)."""
+        """Explained variance of the reconstruction, ``1 - ||X - X̂||² / ||X - mean(X)||²`` (higher is
+        better), over all entries; on rows without variance 1 for an exact reconstruction and 0
+        otherwise (scikit-learn's ``force_finite``).  Computed batch by batch, so a memory-mapped
+        X larger than memory can be scored."""
+        from .metrics import reconstruction_metrics
+
         check_is_fitted(self)
-        X = _validate_X(self, X, reset=False)
-        values, indices = self._codes(X)
-        codes = topk_to_csr(values, indices, self.components_.shape[0])
-        return explained_variance(X, _decode(codes, self.components_, self.decoder_bias_, "X"))
+        return reconstruction_metrics(self, X)["input"]["explained_variance"]
 
     @property
     def _n_features_out(self):
@@ -534,11 +536,3 @@ def _decode(codes, components, bias, name):
     out = out.toarray() if sp.issparse(out) else np.asarray(out)
     return out + bias
 
-
-def explained_variance(X, X_hat) -> float:
-    """``1 - ||X - X_hat||² / ||X - mean(X)||²`` over all entries (1 - FVU); on rows without
-    variance 1 for an exact reconstruction and 0 otherwise (scikit-learn's ``force_finite``)."""
-    X = np.asarray(X, dtype=np.float64)
-    residual = ((X - X_hat) ** 2).sum()
-    total = ((X - X.mean(axis=0)) ** 2).sum()
-    return float(1.0 - residual / total) if total > 0 else float(residual == 0)

@@ -114,6 +114,52 @@ def test_jacobian_mean_beyond_the_row_limit_uses_every_sth_row(fitted_small, X, 
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
 
 
+def _plain_explained_variance(Z, Z_hat):
+    """``score``'s plain twin: the whole arrays at once, in float64."""
+    Z = np.asarray(Z, dtype=np.float64)
+    residual = ((Z - Z_hat) ** 2).sum()
+    total = ((Z - Z.mean(axis=0)) ** 2).sum()
+    return 1.0 - residual / total if total > 0 else float(residual == 0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 300), identical=st.booleans(), seed=st.integers(0, 2**16))
+def test_score_is_the_explained_variance_of_the_reconstructions(fitted_small, X, n, identical, seed):
+    """score (batch by batch) against the plain twin on the decoded codes, for the pair and for one
+    SAE, including rows without variance (one row, identical rows)."""
+    rows = (np.random.default_rng(seed).normal(size=(n, X.shape[1])) * X.std(0) + X.mean(0)).astype(np.float32)
+    if identical:
+        rows = np.repeat(rows[:1], n, axis=0)
+    jsae = fitted_small
+    ev_x = _plain_explained_variance(rows, jsae.inverse_transform(jsae.transform(rows)))
+    ev_y = _plain_explained_variance(jsae.mlp_outputs(rows),
+                                     jsae.inverse_transform_output(jsae.transform_output(rows)))
+    assert jsae.score(rows) == pytest.approx((ev_x + ev_y) / 2, rel=1e-4, abs=1e-5)
+    assert jsae.input_sae_.score(rows) == pytest.approx(ev_x, rel=1e-4, abs=1e-5)
+
+
+def test_score_of_a_memmap_checks_each_batch_and_names_the_row(fitted_small, X, tmp_path):
+    from sklearn_jsae.metrics import reconstruction_metrics
+
+    path = tmp_path / "X.npy"
+    store = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=X.shape)
+    store[:] = X
+    store[437, 3] = np.nan
+    store.flush()
+    del store
+    mapped = np.load(path, mmap_mode="r")
+    message = r"X has NaN, inf or values beyond float32's range \(about 3.4e38\) in row 437; remove or clip"
+    for estimator in (fitted_small, fitted_small.input_sae_):
+        with pytest.raises(ValueError, match=message):
+            estimator.score(mapped)
+    with pytest.raises(ValueError, match=message):  # in the fifth batch
+        reconstruction_metrics(fitted_small, mapped, batch_size=100)
+    with pytest.raises(ValueError, match="Input X contains NaN"):  # in memory: scanned up front
+        fitted_small.score(np.array(mapped))
+    clean = np.load(path, mmap_mode="r")[:400]
+    assert fitted_small.score(clean) == pytest.approx(fitted_small.score(X[:400]), abs=1e-12)
+
+
 def test_fit_averages_jacobian_over_the_row_limit(X, gelu_mlp, monkeypatch):
     from sklearn_jsae import _estimator
 

@@ -387,16 +387,19 @@ OUT_OF_CORE = textwrap.dedent("""
     import resource, sys, numpy as np, torch
     from sklearn_jsae import TopKSparseAutoencoder
     X = np.load(sys.argv[1], mmap_mode="r")
-    TopKSparseAutoencoder(64, k=4, batch_size=2048, max_iter=1, device="cpu", random_state=0).fit(X[:4096])
+    TopKSparseAutoencoder(64, k=4, batch_size=2048, max_iter=1, device="cpu", random_state=0).fit(X[:4096]).score(
+        X[:4096])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sae = TopKSparseAutoencoder(64, k=4, batch_size=2048, max_iter=1, device="cpu", random_state=0).fit(X)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(before * 1024, after * 1024, sae.n_iter_)
+    after_fit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sae.score(X)
+    after_score = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(before * 1024, after_fit * 1024, after_score * 1024, sae.n_iter_)
 """)
 
 
-def test_out_of_core_fit_keeps_resident_memory_bounded(tmp_path):
-    """A 400 MB store fitted from a memmap: peak RSS grows by far less than the file."""
+def test_out_of_core_fit_and_score_keep_resident_memory_bounded(tmp_path):
+    """A 400 MB store fitted and scored from a memmap: peak RSS grows by far less than the file."""
     path = tmp_path / "X.npy"
     rows, d = 260_000, 384
     store = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, d))
@@ -410,6 +413,8 @@ def test_out_of_core_fit_keeps_resident_memory_bounded(tmp_path):
     script.write_text(OUT_OF_CORE)
     run = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
-    before, after, _ = (int(v) for v in run.stdout.split())
+    before, after_fit, after_score, _ = (int(v) for v in run.stdout.split())
     assert size > 350e6
-    assert after - before < 0.25 * size, f"peak RSS grew by {(after - before) / 1e6:.0f} MB for a {size / 1e6:.0f} MB store"
+    for step, after in (("fit", after_fit), ("score", after_score)):
+        assert after - before < 0.25 * size, \
+            f"peak RSS grew by {(after - before) / 1e6:.0f} MB through {step} for a {size / 1e6:.0f} MB store"

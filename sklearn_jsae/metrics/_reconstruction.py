@@ -25,6 +25,8 @@ def reconstruction_metrics(estimator, X, *, batch_size=4096):
     estimator : fitted JacobianSparseAutoencoder or TopKSparseAutoencoder
         A single SAE gives only the ``"input"`` entry.
     X : array-like of shape (n_samples, n_features_in_)
+        A memory-mapped array (``np.load(path, mmap_mode="r")``) is read ``batch_size`` rows at a
+        time, so a store larger than memory can be measured.
     batch_size : int, default=4096
 
     Returns
@@ -62,7 +64,8 @@ def reconstruction_metrics(estimator, X, *, batch_size=4096):
             f"{type(estimator).__name__}."
         )
     batch_size = _check_positive_int(batch_size, "batch_size")
-    X = _validate_X(estimator, X, reset=False)
+    # A memmap is read batch by batch (each batch checked for NaN / inf), never all at once.
+    X = _validate_X(estimator, X, reset=False, checked_in_batches=True)
     stats = reconstruction_statistics(
         sides[0]._params(), None if sides[1] is None else sides[1]._params(), mlp_map, X,
         sides[0].k, None if sides[1] is None else sides[1].k,
