@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import sys
 
 import numpy as np
 import scipy.sparse as sp
@@ -60,6 +61,7 @@ def _validate_X(estimator, X, reset: bool, checked_in_batches: bool = False):
     memory) is not scanned for NaN or inf here, which would map the whole file into memory."""
     from ._backend.train import file_mapping
 
+    X = _from_torch(X)
     out_of_core = checked_in_batches and file_mapping(X) is not None
     X = validate_data(
         estimator,
@@ -72,6 +74,19 @@ def _validate_X(estimator, X, reset: bool, checked_in_batches: bool = False):
     if not out_of_core:
         check_float32_range(X)
     return X
+
+
+def _from_torch(X):
+    """A torch tensor as a float32 numpy array (detached, on the CPU); anything else unchanged.
+
+    Activations are often harvested as tensors in bf16 or fp16, on a GPU, or still attached to an
+    autograd graph, none of which numpy (and so scikit-learn's validation) reads; float32 holds
+    bf16 and fp16 values exactly, and float64 tensors keep their precision."""
+    torch = sys.modules.get("torch")  # a tensor exists only if torch was imported: no import here
+    if torch is None or not isinstance(X, torch.Tensor):
+        return X
+    dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
+    return X.detach().to(device="cpu", dtype=dtype).numpy()
 
 
 def _inference_device(estimator) -> str:

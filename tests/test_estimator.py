@@ -114,6 +114,24 @@ def test_jacobian_mean_beyond_the_row_limit_uses_every_sth_row(fitted_small, X, 
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_torch_tensors_are_read_as_numpy_arrays(X, gelu_mlp, dtype):
+    """Activations harvested as tensors (bf16, fp16, attached to a graph): the same model, codes and
+    score as their values as a numpy array, through fit, fit_stream and the metrics."""
+    from sklearn_jsae.metrics import reconstruction_metrics
+
+    tensor = torch.from_numpy(X).to(dtype).requires_grad_(True)
+    values = tensor.detach().to(torch.float64 if dtype == torch.float64 else torch.float32).numpy()
+    from_tensor, from_array = _small(gelu_mlp).fit(tensor), _small(gelu_mlp).fit(values)
+    np.testing.assert_array_equal(from_tensor.input_sae_.components_, from_array.input_sae_.components_)
+    assert (from_tensor.transform(tensor) != from_array.transform(values)).nnz == 0
+    assert from_tensor.score(tensor) == from_array.score(values)
+    assert reconstruction_metrics(from_tensor, tensor) == reconstruction_metrics(from_array, values)
+    streamed = _small(gelu_mlp).fit_stream(iter([tensor[:300], tensor[300:]]), n_statistics=300)
+    expected = _small(gelu_mlp).fit_stream(iter([values[:300], values[300:]]), n_statistics=300)
+    np.testing.assert_array_equal(streamed.output_sae_.encoder_, expected.output_sae_.encoder_)
+
+
 def _plain_explained_variance(Z, Z_hat):
     """``score``'s plain twin: the whole arrays at once, in float64."""
     Z = np.asarray(Z, dtype=np.float64)

@@ -40,6 +40,19 @@ def test_cuda_fit_matches_cpu_fit(problem, mixed_precision):
     assert torch.backends.cuda.matmul.allow_tf32 is False  # the fit's TF32 setting was restored
 
 
+def test_a_cuda_bf16_tensor_is_read_as_its_values(problem):
+    """Activations harvested on the GPU in bf16 go straight into fit and score."""
+    mlp, X = problem
+    settings = dict(mlp=mlp, n_components=64, k=4, max_iter=2, batch_size=256, random_state=0, device="cuda",
+                    mixed_precision=False)
+    tensor = torch.from_numpy(X).to("cuda", torch.bfloat16)
+    values = tensor.float().cpu().numpy()
+    from_tensor = JacobianSparseAutoencoder(**settings).fit(tensor)
+    from_array = JacobianSparseAutoencoder(**settings).fit(values)
+    np.testing.assert_array_equal(from_tensor.input_sae_.components_, from_array.input_sae_.components_)
+    assert from_tensor.score(tensor) == from_array.score(values)
+
+
 def test_same_seed_gives_the_same_initial_model_on_cpu_and_cuda(problem):
     """Every draw is made on the CPU: a fit of one tiny step starts from the same weights."""
     mlp, X = problem
