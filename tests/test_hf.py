@@ -356,6 +356,25 @@ def test_harvest_bad_arguments(kwargs, message):
         harvest(model, 0, progress=False, **kwargs)
 
 
+@pytest.mark.parametrize("name, block_runs", [("gpt2", False), ("llama", False), ("bert", True)])
+def test_a_whole_model_or_block_passed_as_mlp_points_to_mlp_of(name, block_runs):
+    """The mistake of passing the model (or one block) itself: the error says to pass its MLP, and so
+    does a warning when the block runs on rows anyway (BERT's takes each row as a one-token text)."""
+    from sklearn_jsae import JacobianSparseAutoencoder
+
+    model, block, _ = _tiny(name)
+    X = np.random.default_rng(0).normal(size=(64, model.config.hidden_size)).astype(np.float32)
+    hint = r"holds attention or embedding modules: it looks like a whole model or transformer block.*mlp_of"
+    with pytest.raises(ValueError, match="mlp failed on .*" + hint):
+        JacobianSparseAutoencoder(model, n_components=16, k=2, max_iter=1).fit(X)
+    if block_runs:
+        with pytest.warns(UserWarning, match="mlp: .*" + hint):
+            JacobianSparseAutoencoder(block(1), n_components=16, k=2, max_iter=1).fit(X)
+    else:
+        with pytest.raises(ValueError, match="mlp failed on .*" + hint):
+            JacobianSparseAutoencoder(block(1), n_components=16, k=2, max_iter=1).fit(X)
+
+
 def test_bad_layer():
     model, _, _ = _tiny("llama")
     with pytest.raises(ValueError, match=r"layer=2 is out of range: the model has 2 blocks"):

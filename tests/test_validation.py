@@ -37,8 +37,9 @@ def test_wrong_feature_count_for_mlp_names_both(X, mlp):
 
 def test_wrong_feature_count_for_callable_reports_the_failure(X):
     weight = torch.randn(6, 3)
-    with pytest.raises(ValueError, match=r"mlp failed on a float32 torch tensor of shape \(8, 5\)"):
+    with pytest.raises(ValueError, match=r"mlp failed on a float32 torch tensor of shape \(8, 5\)") as failure:
         JacobianSparseAutoencoder(mlp=lambda x: x @ weight, **SMALL).fit(X[:, :5])
+    assert "looks like a whole model" not in str(failure.value)  # the hint is for transformers only
 
 
 class _LyingWidth(torch.nn.Module):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import numpy as np
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -345,6 +346,19 @@ def _declared_in_features(mlp) -> int | None:
     return None
 
 
+def _whole_model_hint(mlp) -> str:
+    """A hint when ``mlp`` is a whole transformer or block rather than its MLP (it holds
+    attention or embedding modules), else ''."""
+    if not isinstance(mlp, torch.nn.Module):
+        return ""
+    names = [name.lower() for name, _ in mlp.named_modules()]
+    if not any(part in name for name in names for part in ("attn", "attention", "embed")):
+        return ""
+    return (f" {type(mlp).__name__} holds attention or embedding modules: it looks like a whole model or "
+            f"transformer block, not its MLP (on rows of X, a block's attention sees one token per row). "
+            f"Pass the MLP, e.g. sklearn_jsae.hf.mlp_of(model, layer) for a Hugging Face model.")
+
+
 def resolve_mlp(mlp, X_probe) -> tuple[object, _FrozenMap, int]:
     """Check a user's ``mlp`` against a few rows of X and freeze it.
 
@@ -377,6 +391,7 @@ def resolve_mlp(mlp, X_probe) -> tuple[object, _FrozenMap, int]:
             f"mlp failed on a float32 torch tensor of shape {tuple(probe.shape)} taken from X: "
             f"{type(exc).__name__}: {exc}. mlp must map (n, {d_in}) torch tensors to (n, d_out) "
             f"torch tensors; numpy functions are not supported (Jacobians need torch autograd)."
+            f"{_whole_model_hint(mlp)}"
         ) from exc
     if not isinstance(out, torch.Tensor):
         raise TypeError(
@@ -397,6 +412,9 @@ def resolve_mlp(mlp, X_probe) -> tuple[object, _FrozenMap, int]:
         )
     if not torch.isfinite(out).all():
         raise ValueError("mlp returned NaN or inf on rows of X; check the MLP and the input scale.")
+    hint = _whole_model_hint(mlp)
+    if hint:  # it ran (a BERT block takes each row as a one-token sequence), but is likely a mistake
+        warnings.warn(f"mlp:{hint}", UserWarning, stacklevel=4)
     backend_map = as_map(frozen, d_in, d_out)
     if isinstance(backend_map, CallableMap):
         backend_map.d_out = d_out
