@@ -89,6 +89,10 @@ def _tiny(name):
         extra = {"mlp_bias": True} if name == "llama_bias" else {}
         model = cls(config(hidden_size=32, intermediate_size=48, num_key_value_heads=1, **small, **extra))
         return model, lambda L: model.model.layers[L], lambda b: b.post_attention_layernorm
+    if name == "phi3":  # the gate and up projections fused in one linear
+        model = t.Phi3ForCausalLM(t.Phi3Config(hidden_size=32, intermediate_size=48, num_key_value_heads=1,
+                                               pad_token_id=0, bos_token_id=V - 1, eos_token_id=V - 1, **small))
+        return model, lambda L: model.model.layers[L], lambda b: b.post_attention_layernorm
     if name == "gemma":
         model = t.GemmaForCausalLM(
             t.GemmaConfig(hidden_size=32, intermediate_size=48, num_key_value_heads=1, head_dim=16, **small)
@@ -111,6 +115,7 @@ ARCHS = {  # name -> (closed-form class, activation)
     "llama_bias": (GatedMLP, "silu"),
     "mistral": (GatedMLP, "silu"),
     "qwen2": (GatedMLP, "silu"),
+    "phi3": (GatedMLP, "silu"),
     "gemma": (GatedMLP, "gelu_tanh"),
     "bert": (ElementwiseMLP, "gelu"),
     "roberta": (ElementwiseMLP, "gelu"),
@@ -158,6 +163,17 @@ def test_mlp_of_uses_conv1d_weights_untransposed_and_copies_them():
     assert not torch.equal(mlp.W_in, c_fc.weight)
 
 
+def test_mlp_of_splits_phi3_fused_projection_into_gate_then_up():
+    model, block_of, _ = _tiny("phi3")
+    mlp = mlp_of(model, 1)
+    fused = block_of(1).mlp.gate_up_proj.weight  # (2 · d_mlp, d): the gate's rows first
+    assert torch.equal(mlp.W_gate, fused[:48].T) and torch.equal(mlp.W_up, fused[48:].T)
+    block_of(0).mlp.gate_up_proj = torch.nn.Linear(32, 90, bias=False)  # 90 outputs for d_mlp = 48
+    with pytest.raises(ValueError, match=r"layer 0 mlp.gate_up_proj has 90 outputs, not twice mlp.down_proj's "
+                                         r"48 inputs"):
+        mlp_of(model, 0)
+
+
 def test_mlp_of_keeps_llama_biases_when_present():
     model, block_of, _ = _tiny("llama_bias")
     mlp = mlp_of(model, 0)
@@ -189,7 +205,7 @@ def test_harvest_captures_normalised_input_and_mlp_output(name):
         np.testing.assert_allclose(mlp_of(model, layer)(torch.from_numpy(X)).numpy(), Y, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "phi3", "bert"])
 def test_library_jacobian_through_mlp_of_equals_autograd_through_hf_module(name):
     model, block_of, _ = _tiny(name)
     ids, mask = _ids()

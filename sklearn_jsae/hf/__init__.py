@@ -18,8 +18,9 @@ residual addition or output normalisation) of every non-padding token.  Nothing 
 downloads anything: every function takes a model object.
 
 Supported architectures (:data:`SUPPORTED_ARCHITECTURES`): GPT-2, GPT-J, GPT-NeoX /
-Pythia, Phi, LLaMA-style gated MLPs (Llama, Mistral, Qwen2/3, Gemma, SmolLM2, ...) and
-BERT-style encoders (BERT, RoBERTa, MiniLM, ...).  For anything else pass a torch
+Pythia, Phi, LLaMA-style gated MLPs (Llama, Mistral, Qwen2/3, Gemma, SmolLM2, ...), Phi-3's
+gated MLP with a fused gate and up projection, and BERT-style encoders (BERT, RoBERTa, MiniLM,
+...).  For anything else pass a torch
 callable ``(n, d_in) -> (n, d_out)`` as ``JacobianSparseAutoencoder(mlp=...)``: its
 Jacobian is then computed exactly by autograd (slower).
 """

@@ -23,6 +23,8 @@ SUPPORTED_ARCHITECTURES = (
     "Phi (mlp.fc1 / mlp.fc2)",
     "LLaMA-style gated MLPs: Llama, Mistral, Qwen2/3, Gemma, SmolLM2, ... "
     "(mlp.gate_proj / mlp.up_proj / mlp.down_proj)",
+    "Phi-3-style gated MLPs with a fused gate and up projection: Phi-3, Phi-4-mini, ... "
+    "(mlp.gate_up_proj / mlp.down_proj)",
     "BERT-style encoders: BERT, RoBERTa, MiniLM, ... (intermediate.dense / output.dense)",
 )
 
@@ -34,6 +36,8 @@ _ELEMENTWISE_PATTERNS = (
     ("fc1", "fc2", "activation_fn"),  # Phi
 )
 _GATED_PATTERN = ("gate_proj", "up_proj", "down_proj", "act_fn")
+# Phi-3: one linear computes [gate, up] (d, 2 · d_mlp), split in halves before the product.
+_FUSED_GATED_PATTERN = ("gate_up_proj", "down_proj", "activation_fn")
 _LAYER_LISTS = ("h", "layers", "encoder.layer", "transformer.h", "model.layers", "gpt_neox.layers")
 
 
@@ -55,7 +59,7 @@ def _unsupported_message(what: str) -> str:
 class _Layout:
     """Where one layer's MLP lives inside a model."""
 
-    family: str  # "elementwise" | "gated" | "bert"
+    family: str  # "elementwise" | "gated" | "fused_gated" | "bert"
     layer: int
     block: nn.Module
     input_module: nn.Module  # forward input (first argument) is the MLP input
@@ -137,6 +141,9 @@ def _layout(model, layer) -> _Layout:
         gate, up, down, act = (getattr(mlp, name, None) for name in _GATED_PATTERN)
         if all(isinstance(m, nn.Module) for m in (gate, up, down)) and callable(act):
             return _Layout("gated", index, block, mlp, mlp, mlp, (gate, up, down), act)
+        gate_up, down, act = (getattr(mlp, name, None) for name in _FUSED_GATED_PATTERN)
+        if isinstance(gate_up, nn.Module) and isinstance(down, nn.Module) and callable(act):
+            return _Layout("fused_gated", index, block, mlp, mlp, mlp, (gate_up, down), act)
         for first_name, second_name, act_name in _ELEMENTWISE_PATTERNS:
             first, second, act = (getattr(mlp, n, None) for n in (first_name, second_name, act_name))
             if isinstance(first, nn.Module) and isinstance(second, nn.Module) and callable(act):
@@ -226,6 +233,22 @@ def _build(layout: _Layout):
         W_down, b_down = _affine(down, f"{where} mlp.down_proj")
         name = _activation_name(layout.act, f"{where} mlp.act_fn")
         return GatedMLP(W_gate, W_up, W_down, b_gate, b_up, b_down, activation=name)
+    if layout.family == "fused_gated":
+        gate_up, down = layout.linears
+        W_gate_up, b_gate_up = _affine(gate_up, f"{where} mlp.gate_up_proj")
+        W_down, b_down = _affine(down, f"{where} mlp.down_proj")
+        d_mlp = W_down.shape[0]
+        if W_gate_up.shape[1] != 2 * d_mlp:
+            raise _Unsupported(_unsupported_message(
+                f"{where} mlp.gate_up_proj has {W_gate_up.shape[1]} outputs, not twice mlp.down_proj's "
+                f"{d_mlp} inputs, so it does not split into a gate and an up projection."))
+
+        def halves(t):
+            return (None, None) if t is None else (t[..., :d_mlp].contiguous(), t[..., d_mlp:].contiguous())
+
+        (W_gate, W_up), (b_gate, b_up) = halves(W_gate_up), halves(b_gate_up)
+        name = _activation_name(layout.act, f"{where} mlp.activation_fn")
+        return GatedMLP(W_gate, W_up, W_down, b_gate, b_up, b_down, activation=name)
     first, second = layout.linears
     W_in, b_in = _affine(first, f"{where} first MLP linear")
     W_out, b_out = _affine(second, f"{where} second MLP linear")
@@ -282,6 +305,8 @@ def mlp_of(model, layer, *, verify=True):
           BERT's and Pythia's ``gelu`` the exact erf GELU).
         - LLaMA-style: :class:`~sklearn_jsae.mlp.GatedMLP`,
           ``(silu(x @ W_gate) * (x @ W_up)) @ W_down`` (biases only if the model has them).
+        - Phi-3-style: the same :class:`~sklearn_jsae.mlp.GatedMLP`, with ``W_gate`` and ``W_up``
+          the first and second half of the fused ``gate_up_proj``.
 
     Raises
     ------
