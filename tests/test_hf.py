@@ -89,6 +89,21 @@ def _tiny(name):
         extra = {"mlp_bias": True} if name == "llama_bias" else {}
         model = cls(config(hidden_size=32, intermediate_size=48, num_key_value_heads=1, **small, **extra))
         return model, lambda L: model.model.layers[L], lambda b: b.post_attention_layernorm
+    if name == "gpt_bigcode":  # GPT-2's names, with nn.Linear instead of Conv1D
+        model = t.GPTBigCodeForCausalLM(t.GPTBigCodeConfig(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=V,
+                                                           bos_token_id=V - 1, eos_token_id=V - 1))
+        return model, lambda L: model.transformer.h[L], lambda b: b.ln_2
+    if name == "falcon":  # GPT-NeoX's names; attention and MLP read the same normalised input
+        model = t.FalconForCausalLM(t.FalconConfig(hidden_size=32, bos_token_id=V - 1, eos_token_id=V - 1, **small))
+        return model, lambda L: model.transformer.h[L], lambda b: b.input_layernorm
+    if name in ("qwen3", "olmo2", "gemma2"):
+        cls, config = {"qwen3": (t.Qwen3ForCausalLM, t.Qwen3Config), "olmo2": (t.Olmo2ForCausalLM, t.Olmo2Config),
+                       "gemma2": (t.Gemma2ForCausalLM, t.Gemma2Config)}[name]
+        model = cls(config(hidden_size=32, intermediate_size=48, num_key_value_heads=1, head_dim=16, pad_token_id=0,
+                           bos_token_id=V - 1, eos_token_id=V - 1, **small))
+        # OLMo2 normalises the MLP's output, not its input: its MLP input is the residual stream
+        norm = {"olmo2": None}.get(name, "pre_feedforward_layernorm" if name == "gemma2" else "post_attention_layernorm")
+        return model, lambda L: model.model.layers[L], (lambda b: getattr(b, norm)) if norm else None
     if name == "phi3":  # the gate and up projections fused in one linear
         model = t.Phi3ForCausalLM(t.Phi3Config(hidden_size=32, intermediate_size=48, num_key_value_heads=1,
                                                pad_token_id=0, bos_token_id=V - 1, eos_token_id=V - 1, **small))
@@ -98,6 +113,13 @@ def _tiny(name):
             t.GemmaConfig(hidden_size=32, intermediate_size=48, num_key_value_heads=1, head_dim=16, **small)
         )
         return model, lambda L: model.model.layers[L], lambda b: b.post_attention_layernorm
+    if name == "opt":  # fc1 / fc2 on the decoder layer, called on (n_seq · seq_len, d) rows
+        model = t.OPTForCausalLM(t.OPTConfig(hidden_size=32, ffn_dim=64, word_embed_proj_dim=32,
+                                             max_position_embeddings=64, **small))
+        return model, lambda L: model.model.decoder.layers[L], lambda b: b.final_layer_norm
+    if name == "distilbert":
+        model = t.DistilBertModel(t.DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=2, vocab_size=V))
+        return model, lambda L: model.transformer.layer[L], lambda b: b.sa_layer_norm
     if name in ("bert", "roberta"):
         cls, config = (t.BertModel, t.BertConfig) if name == "bert" else (t.RobertaModel, t.RobertaConfig)
         model = cls(config(hidden_size=32, intermediate_size=64, pad_token_id=1, **small))
@@ -119,6 +141,13 @@ ARCHS = {  # name -> (closed-form class, activation)
     "gemma": (GatedMLP, "gelu_tanh"),
     "bert": (ElementwiseMLP, "gelu"),
     "roberta": (ElementwiseMLP, "gelu"),
+    "distilbert": (ElementwiseMLP, "gelu"),
+    "opt": (ElementwiseMLP, "relu"),
+    "gpt_bigcode": (ElementwiseMLP, "gelu_tanh"),
+    "falcon": (ElementwiseMLP, "gelu"),
+    "qwen3": (GatedMLP, "silu"),
+    "olmo2": (GatedMLP, "silu"),
+    "gemma2": (GatedMLP, "gelu_tanh"),
 }
 
 
@@ -126,6 +155,10 @@ def _hf_mlp(block):
     """The MLP computed by the Hugging Face modules of one block: x (n, d) -> (n, d)."""
     if hasattr(block, "mlp"):
         return block.mlp
+    if hasattr(block, "ffn"):  # DistilBERT
+        return block.ffn
+    if hasattr(block, "fc1"):  # OPT
+        return lambda x: block.fc2(block.activation_fn(block.fc1(x)))
     return lambda x: block.output.dense(block.intermediate(x))
 
 
@@ -188,9 +221,12 @@ def test_harvest_captures_normalised_input_and_mlp_output(name):
     ids, mask = _ids()
     layer = 1
     seen = []
-    handle = norm_of(block_of(layer)).register_forward_hook(
-        lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).detach().clone())
-    )
+    if norm_of is None:  # no normalisation before the MLP (OLMo2): what the MLP module receives
+        handle = block_of(layer).mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    else:
+        handle = norm_of(block_of(layer)).register_forward_hook(
+            lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).detach().clone())
+        )
     try:
         X, Y, tokens = harvest(
             model, layer, input_ids=ids, attention_mask=mask, return_tokens=True, progress=False
@@ -200,12 +236,26 @@ def test_harvest_captures_normalised_input_and_mlp_output(name):
     keep = mask.bool()
     assert X.shape == Y.shape == (int(mask.sum()), 32) and X.dtype == np.float32
     np.testing.assert_array_equal(tokens, ids[keep].numpy())
-    np.testing.assert_array_equal(X, seen[0][keep].numpy())  # exactly the normalisation's output
+    # exactly the normalisation's output (OPT's is (n_seq · seq_len, d), in the same order)
+    np.testing.assert_array_equal(X, seen[0].reshape(*keep.shape, -1)[keep].numpy())
     with torch.no_grad():
         np.testing.assert_allclose(mlp_of(model, layer)(torch.from_numpy(X)).numpy(), Y, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "phi3", "bert"])
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_activation_stream_yields_the_harvested_rows(name):
+    """The stream captures what harvest captures (OPT flattens its tokens before the MLP), mixed."""
+    model, _, _ = _tiny(name)
+    ids = torch.randint(3, V - 1, (7, 9), generator=torch.Generator().manual_seed(1)).numpy()
+    X, _ = harvest(model, 1, input_ids=ids, exclude_special_tokens=True, progress=False)
+    stream = ActivationStream(model, 1, input_ids=ids, batch_size=10, buffer_size=32, sequences_per_forward=3)
+    streamed = np.concatenate(list(stream))
+    assert streamed.shape == X.shape == (63, 32) and not np.array_equal(streamed, X)
+    # (float32 rounding differs with the number of sequences per forward pass)
+    np.testing.assert_allclose(streamed[np.lexsort(streamed.T)], X[np.lexsort(X.T)], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "phi3", "bert", "opt"])
 def test_library_jacobian_through_mlp_of_equals_autograd_through_hf_module(name):
     model, block_of, _ = _tiny(name)
     ids, mask = _ids()
@@ -347,6 +397,13 @@ def test_hook_points_and_mlp_module():
     assert inp is bert_block(0).intermediate and out is bert_block(0).output.dense
     with pytest.raises(ValueError, match="mlp_hook_points"):
         mlp_module(bert, 0)
+    opt, opt_block, _ = _tiny("opt")
+    assert mlp_hook_points(opt, 1) == (opt_block(1).fc1, opt_block(1).fc2)
+    with pytest.raises(ValueError, match=r"`fc1` and `fc2`, with the activation applied by the decoder layer "
+                                         r"\(OPT\).*mlp_hook_points"):
+        mlp_module(opt, 1)
+    distilbert, distilbert_block, _ = _tiny("distilbert")
+    assert mlp_module(distilbert, 0) is distilbert_block(0).ffn
 
 
 @pytest.mark.parametrize(

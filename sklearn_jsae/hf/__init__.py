@@ -17,10 +17,10 @@ input (after the block's normalisation) and the MLP output (before any dropout,
 residual addition or output normalisation) of every non-padding token.  Nothing here
 downloads anything: every function takes a model object.
 
-Supported architectures (:data:`SUPPORTED_ARCHITECTURES`): GPT-2, GPT-J, GPT-NeoX /
-Pythia, Phi, LLaMA-style gated MLPs (Llama, Mistral, Qwen2/3, Gemma, SmolLM2, ...), Phi-3's
-gated MLP with a fused gate and up projection, and BERT-style encoders (BERT, RoBERTa, MiniLM,
-...).  For anything else pass a torch
+Supported architectures (:data:`SUPPORTED_ARCHITECTURES`): GPT-2, GPT-BigCode, GPT-J,
+GPT-NeoX / Pythia, Falcon, Phi, OPT, LLaMA-style gated MLPs (Llama, Mistral, Qwen2/3, Gemma 1/2,
+OLMo 2, SmolLM2, ...), Phi-3's gated MLP with a fused gate and up projection, and BERT-style
+encoders (BERT, RoBERTa, MiniLM, DistilBERT, ...).  For anything else pass a torch
 callable ``(n, d_in) -> (n, d_out)`` as ``JacobianSparseAutoencoder(mlp=...)``: its
 Jacobian is then computed exactly by autograd (slower).
 """

@@ -17,15 +17,17 @@ from .._backend.mlp import ACTIVATIONS, ElementwiseMLP, GatedMLP, activation
 __all__ = ["SUPPORTED_ARCHITECTURES", "mlp_hook_points", "mlp_module", "mlp_of"]
 
 SUPPORTED_ARCHITECTURES = (
-    "GPT-2 (mlp.c_fc / mlp.c_proj, Conv1D)",
+    "GPT-2 (mlp.c_fc / mlp.c_proj, Conv1D), GPT-BigCode / StarCoder (the same names, Linear)",
     "GPT-J (mlp.fc_in / mlp.fc_out)",
-    "GPT-NeoX / Pythia (mlp.dense_h_to_4h / mlp.dense_4h_to_h)",
+    "GPT-NeoX / Pythia, Falcon (mlp.dense_h_to_4h / mlp.dense_4h_to_h)",
     "Phi (mlp.fc1 / mlp.fc2)",
-    "LLaMA-style gated MLPs: Llama, Mistral, Qwen2/3, Gemma, SmolLM2, ... "
+    "LLaMA-style gated MLPs: Llama, Mistral, Qwen2/3, Gemma 1/2, OLMo 2, SmolLM2, ... "
     "(mlp.gate_proj / mlp.up_proj / mlp.down_proj)",
     "Phi-3-style gated MLPs with a fused gate and up projection: Phi-3, Phi-4-mini, ... "
     "(mlp.gate_up_proj / mlp.down_proj)",
     "BERT-style encoders: BERT, RoBERTa, MiniLM, ... (intermediate.dense / output.dense)",
+    "DistilBERT (ffn.lin1 / ffn.lin2)",
+    "OPT (fc1 / fc2 on the decoder layer itself)",
 )
 
 # (first linear, second linear, activation) attribute names of Linear -> act -> Linear MLPs.
@@ -34,11 +36,15 @@ _ELEMENTWISE_PATTERNS = (
     ("dense_h_to_4h", "dense_4h_to_h", "act"),  # GPT-NeoX / Pythia
     ("fc_in", "fc_out", "act"),  # GPT-J
     ("fc1", "fc2", "activation_fn"),  # Phi
+    ("lin1", "lin2", "activation"),  # DistilBERT (its MLP module is the block's `ffn`)
 )
+# OPT keeps fc1 / fc2 / activation_fn on the decoder layer, with no MLP module around them.
+_BLOCK_PATTERN = ("fc1", "fc2", "activation_fn")
 _GATED_PATTERN = ("gate_proj", "up_proj", "down_proj", "act_fn")
 # Phi-3: one linear computes [gate, up] (d, 2 · d_mlp), split in halves before the product.
 _FUSED_GATED_PATTERN = ("gate_up_proj", "down_proj", "activation_fn")
-_LAYER_LISTS = ("h", "layers", "encoder.layer", "transformer.h", "model.layers", "gpt_neox.layers")
+_LAYER_LISTS = ("h", "layers", "encoder.layer", "transformer.h", "model.layers", "gpt_neox.layers",
+                "decoder.layers", "model.decoder.layers", "transformer.layer")
 
 
 class _Unsupported(ValueError):
@@ -59,19 +65,21 @@ def _unsupported_message(what: str) -> str:
 class _Layout:
     """Where one layer's MLP lives inside a model."""
 
-    family: str  # "elementwise" | "gated" | "fused_gated" | "bert"
+    family: str  # "elementwise" | "gated" | "fused_gated" | "bert" | "block"
     layer: int
     block: nn.Module
     input_module: nn.Module  # forward input (first argument) is the MLP input
     output_module: nn.Module  # forward output is the MLP output
-    mlp_module: nn.Module | None  # one module doing both, None for BERT
+    mlp_module: nn.Module | None  # one module doing both, None for BERT and OPT
     linears: tuple
     act: object
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The MLP computed by the Hugging Face modules themselves (x (n, d_in) -> (n, d_out))."""
-        if self.family == "bert":
+        if self.family == "bert":  # `intermediate` applies the activation itself
             return self.output_module(self.input_module(x))
+        if self.family == "block":  # OPT: fc1 -> activation -> fc2, called by the decoder layer
+            return self.output_module(self.act(self.input_module(x)))
         return self.mlp_module(x)
 
 
@@ -137,6 +145,8 @@ def _layout(model, layer) -> _Layout:
     index = _check_layer(layer, len(blocks))
     block = blocks[index]
     mlp = getattr(block, "mlp", None)
+    if not isinstance(mlp, nn.Module):
+        mlp = getattr(block, "ffn", None)  # DistilBERT
     if isinstance(mlp, nn.Module):
         gate, up, down, act = (getattr(mlp, name, None) for name in _GATED_PATTERN)
         if all(isinstance(m, nn.Module) for m in (gate, up, down)) and callable(act):
@@ -160,11 +170,15 @@ def _layout(model, layer) -> _Layout:
     act = getattr(intermediate, "intermediate_act_fn", None)
     if isinstance(first, nn.Module) and isinstance(second, nn.Module) and callable(act):
         return _Layout("bert", index, block, intermediate, second, None, (first, second), act)
+    first, second, act = (getattr(block, name, None) for name in _BLOCK_PATTERN)
+    if isinstance(first, nn.Module) and isinstance(second, nn.Module) and callable(act):
+        return _Layout("block", index, block, first, second, None, (first, second), act)
     children = ", ".join(name for name, _ in block.named_children()) or "none"
     raise _Unsupported(
         _unsupported_message(
             f"block {index} of {type(_unwrap(model)).__name__} ({type(block).__name__}, sub-modules: "
-            f"{children}) has neither an `mlp` module nor BERT's `intermediate`/`output` pair."
+            f"{children}) has neither an `mlp` (or `ffn`) module, BERT's `intermediate`/`output` pair "
+            f"nor OPT's `fc1`/`fc2`."
         )
     )
 
@@ -300,7 +314,7 @@ def mlp_of(model, layer, *, verify=True):
         residual addition and any output normalisation).  Weights are copies; the model
         is not modified.  ``mlp.to(torch.float64)`` gives a float64 copy of the same map.
 
-        - GPT-2, GPT-J, GPT-NeoX, Phi, BERT: :class:`~sklearn_jsae.mlp.ElementwiseMLP`,
+        - GPT-2, GPT-J, GPT-NeoX, Phi, BERT, DistilBERT, OPT: :class:`~sklearn_jsae.mlp.ElementwiseMLP`,
           ``act(x @ W_in + b_in) @ W_out + b_out`` (GPT-2's ``gelu_new`` is ``"gelu_tanh"``,
           BERT's and Pythia's ``gelu`` the exact erf GELU).
         - LLaMA-style: :class:`~sklearn_jsae.mlp.GatedMLP`,
@@ -358,11 +372,12 @@ def mlp_hook_points(model, layer):
         Its ``forward`` returns the MLP output (n_seq, seq_len, d_model); replacing that return
         value in a forward hook splices a different MLP output into the model.
 
-    For every architecture with a single MLP module (GPT-2, GPT-NeoX, LLaMA, ...) both are
-    that module (:func:`mlp_module`).  For BERT-style encoders the MLP is split across two
-    modules: ``input_module`` is ``block.intermediate`` (dense + activation) and
+    For every architecture with a single MLP module (GPT-2, GPT-NeoX, LLaMA, DistilBERT's
+    ``ffn``, ...) both are that module (:func:`mlp_module`).  For BERT-style encoders the MLP is
+    split across two modules: ``input_module`` is ``block.intermediate`` (dense + activation) and
     ``output_module`` is ``block.output.dense`` (the output projection, before dropout, the
-    residual addition and the LayerNorm that ``block.output`` also applies).
+    residual addition and the LayerNorm that ``block.output`` also applies).  For OPT they are
+    the decoder layer's ``fc1`` and ``fc2`` (the layer applies the activation between them).
     """
     layout = _layout(model, layer)
     return layout.input_module, layout.output_module
@@ -374,7 +389,7 @@ def mlp_module(model, layer):
     Parameters
     ----------
     model : transformers.PreTrainedModel
-        A model of a supported architecture other than BERT-style encoders.
+        A model of a supported architecture other than BERT-style encoders and OPT.
     layer : int
         0-based block index; negative values count from the end.
 
@@ -388,14 +403,17 @@ def mlp_module(model, layer):
     ------
     ValueError
         For BERT-style encoders, where no single module computes exactly the MLP
-        (``block.output`` also adds the residual and applies a LayerNorm): use
+        (``block.output`` also adds the residual and applies a LayerNorm), and for OPT, whose
+        decoder layer calls ``fc1``, the activation and ``fc2`` itself: use
         :func:`mlp_hook_points` there.
     """
     layout = _layout(model, layer)
     if layout.mlp_module is None:
+        where = ("`intermediate` and `output.dense` (BERT-style)" if layout.family == "bert"
+                 else "`fc1` and `fc2`, with the activation applied by the decoder layer (OPT)")
         raise ValueError(
-            f"layer {layout.layer} of {type(_unwrap(model)).__name__} splits its MLP across "
-            f"`intermediate` and `output.dense` (BERT-style), so no single module computes it. Use "
-            f"mlp_hook_points(model, layer) -> (input_module, output_module) instead."
+            f"layer {layout.layer} of {type(_unwrap(model)).__name__} splits its MLP across {where}, "
+            f"so no single module computes it. Use mlp_hook_points(model, layer) -> "
+            f"(input_module, output_module) instead."
         )
     return layout.mlp_module

@@ -99,6 +99,20 @@ class _FileSink:
                 os.remove(writer.path)
 
 
+def _token_rows(captured: torch.Tensor, keep: torch.Tensor) -> np.ndarray:
+    """The rows of ``keep`` (n_seq, seq_len) bool in a captured MLP tensor, as float32 numpy.
+
+    Most models call their MLP on (n_seq, seq_len, d) tensors; OPT's decoder layer flattens them
+    to (n_seq · seq_len, d) first, in the same row-major order."""
+    keep = keep.to(captured.device)
+    if captured.ndim == keep.ndim + 1:
+        return captured[keep].float().cpu().numpy()
+    if captured.ndim == 2 and captured.shape[0] == keep.numel():
+        return captured[keep.reshape(-1)].float().cpu().numpy()
+    raise RuntimeError(f"the MLP was called on a tensor of shape {tuple(captured.shape)} for a batch of "
+                       f"{tuple(keep.shape)} tokens; this model calls its MLP in an unexpected way.")
+
+
 def _check_positive_int(value, name, allow_none=False):
     if value is None and allow_none:
         return None
@@ -368,10 +382,8 @@ def harvest(
                 keep = mask.bool()
                 if special is not None:
                     keep &= ~torch.isin(ids, special)
-                keep = keep.to(captured["x"].device)
-                x = captured["x"][keep].float().cpu().numpy()
-                y = captured["y"][keep].float().cpu().numpy()
-                tok = ids.to(keep.device)[keep].cpu().numpy().astype(np.int32)
+                x, y = _token_rows(captured["x"], keep), _token_rows(captured["y"], keep)
+                tok = ids[keep.to(ids.device)].cpu().numpy().astype(np.int32)
                 if n_tokens is not None:
                     x, y, tok = x[: n_tokens - written], y[: n_tokens - written], tok[: n_tokens - written]
                 with np.errstate(over="ignore"):  # float16 overflow is reported just below

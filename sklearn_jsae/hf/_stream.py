@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ._adapters import _eval_mode, _layout, _unwrap
-from ._harvest import _HarvestStop, _check_positive_int, _check_room_for_text, _pad, _special_ids
+from ._harvest import _check_positive_int, _check_room_for_text, _HarvestStop, _pad, _special_ids, _token_rows
 
 __all__ = ["ActivationStream"]
 
@@ -224,7 +224,7 @@ class ActivationStream:
         keep = mask.bool()
         if self.special is not None:
             keep &= ~torch.isin(ids, self.special)
-        return captured["x"][keep.to(captured["x"].device)].float().cpu().numpy()
+        return _token_rows(captured["x"], keep)
 
     def _pull(self, source) -> bool:
         """Run one more sequence batch into ``waiting``; False when the input is exhausted, or when
