@@ -188,10 +188,10 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         When > 0, a tqdm progress bar over optimiser steps with the live loss terms, tokens per
         second and the time left, and one line of loss terms per epoch; silent otherwise.
     warm_start : bool, default=False
-        Continue from the fitted weights on the next ``fit`` or ``fit_stream`` (with a fresh schedule).  If the
-        ``mlp`` now computes something else on the first training rows (a different MLP of the
-        same shape), the output scale ``c_y`` is re-measured from the new outputs, with a
-        warning, so that the loss keeps its scale; the SAE weights continue.
+        Continue from the fitted weights on the next ``fit`` or ``fit_stream`` (with a fresh
+        schedule).  If the ``mlp`` now computes something else on the first training rows (a
+        different MLP of the same shape), the output scale ``c_y`` is re-measured from the new
+        outputs, with a warning, so that the loss keeps its scale; the SAE weights continue.
     memory : str, joblib.Memory or None, default=None
         Where to cache the part of a fit that does not depend on ``l1`` or the SAEs: the MLP's
         outputs and local weights (``φ'(z)``) on every training row and the output
@@ -204,23 +204,23 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         hashes X and the MLP's weights (one read of X per fit), never ``l1`` or the SAE settings.
         Callables without a closed-form Jacobian are not cached (their JVPs run the MLP anyway).
         None (default) computes everything at each step, as the paper does.  ``fit`` only:
-        ``partial_fit`` and ``fit_stream`` see each row once, so there is nothing to reuse.  The cache holds
-        joblib pickles, and loading a pickle can run code: never point ``memory`` at a folder
-        that others can write to.  A folder that is a file or is not writable is an error.
+        ``partial_fit`` and ``fit_stream`` see each row once, so there is nothing to reuse.  The
+        cache holds joblib pickles, and loading a pickle can run code: never point ``memory`` at
+        a folder that others can write to.  A folder that is a file or is not writable is an error.
     n_tokens : int or None, default=None
-        Tokens that ``partial_fit`` calls or ``fit_stream`` will see in all (``fit`` ignores it: there the number
-        of steps is known).  With it, ``partial_fit`` follows ``fit``'s schedule over
-        ``ceil(n_tokens / batch_size)`` steps (learning-rate warm-up over 1%, decay to 0 over the
-        last 20%, ``l1`` ramp over 5%); None warms the learning rate up over 100 steps and
+        Tokens that ``partial_fit`` calls or ``fit_stream`` will see in all (``fit`` ignores it:
+        there the number of steps is known).  With it, ``partial_fit`` follows ``fit``'s schedule
+        over ``ceil(n_tokens / batch_size)`` steps (learning-rate warm-up over 1%, decay to 0 over
+        the last 20%, ``l1`` ramp over 5%); None warms the learning rate up over 100 steps and
         ``l1`` over 500 and keeps both constant after (the end is unknown).
     checkpoint_dir : str or None, default=None
-        A folder where ``fit`` and ``fit_stream`` save a checkpoint (weights, optimiser state, schedule position,
-        random states, dead-latent counters, data position) every ``checkpoint_every`` steps and
-        at the end of each epoch, and from which they resume when it holds one: a fit killed at
-        any moment and run again with the same data, MLP and settings ends with the same model
-        as an uninterrupted one (bit for bit on the CPU).  Writes are atomic; a checkpoint of
-        another fit, a truncated or a foreign file is refused with a ``CheckpointError``.
-        Checkpoints are safetensors and JSON, never pickles.
+        A folder where ``fit`` and ``fit_stream`` save a checkpoint (weights, optimiser state,
+        schedule position, random states, dead-latent counters, data position) every
+        ``checkpoint_every`` steps and at the end of each epoch, and from which they resume when it
+        holds one: a fit killed at any moment and run again with the same data, MLP and settings
+        ends with the same model as an uninterrupted one (bit for bit on the CPU).  Writes are
+        atomic; a checkpoint of another fit, a truncated or a foreign file is refused with a
+        ``CheckpointError``.  Checkpoints are safetensors and JSON, never pickles.
     checkpoint_every : int, default=1000
         Optimiser steps between checkpoints.
     distributed : bool, default=False

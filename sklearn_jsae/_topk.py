@@ -170,12 +170,11 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
     checkpoint_dir : str or None, default=None
         A folder where ``fit`` and ``fit_stream`` save a checkpoint (weights, optimiser state,
         schedule position, random states, dead-latent counters, data position) every
-        ``checkpoint_every`` steps and at the end of each epoch, and from which they resume when
-        it holds one: a fit killed at
-        any moment and run again with the same data, MLP and settings ends with the same model
-        as an uninterrupted one (bit for bit on the CPU).  Writes are atomic; a checkpoint of
-        another fit, a truncated or a foreign file is refused with a ``CheckpointError``.
-        Checkpoints are safetensors and JSON, never pickles.
+        ``checkpoint_every`` steps and at the end of each epoch, and from which they resume when it
+        holds one: a fit killed at any moment and run again with the same data, MLP and settings
+        ends with the same model as an uninterrupted one (bit for bit on the CPU).  Writes are
+        atomic; a checkpoint of another fit, a truncated or a foreign file is refused with a
+        ``CheckpointError``.  Checkpoints are safetensors and JSON, never pickles.
     checkpoint_every : int, default=1000
         Optimiser steps between checkpoints.
     distributed : bool, default=False
@@ -288,7 +287,8 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         if warm:
             _check_warm_shape(self.components_.shape[0], self.n_components, "n_components")
             init = (self._params(), None, self.scale_, None)
-        checkpoint = make_checkpointer(self, lambda: fingerprint_array(X), None, config, init, "fit", parallel)
+        checkpoint = make_checkpointer(self, lambda: fingerprint_array(X), None, config, init, "fit",
+                                       parallel)
         with _training_precision(config):
             result = train(X, None, config, init=init, checkpoint=checkpoint, parallel=parallel)
         self._trainer = None  # partial_fit after fit starts from the fitted weights
