@@ -145,7 +145,8 @@ def _plain_explained_variance(Z, Z_hat):
 def test_score_is_the_explained_variance_of_the_reconstructions(fitted_small, X, n, identical, seed):
     """score (batch by batch) against the plain twin on the decoded codes, for the pair and for one
     SAE, including rows without variance (one row, identical rows)."""
-    rows = (np.random.default_rng(seed).normal(size=(n, X.shape[1])) * X.std(0) + X.mean(0)).astype(np.float32)
+    rows = np.random.default_rng(seed).normal(size=(n, X.shape[1])) * X.std(0) + X.mean(0)
+    rows = rows.astype(np.float32)
     if identical:
         rows = np.repeat(rows[:1], n, axis=0)
     jsae = fitted_small

@@ -50,7 +50,8 @@ def test_a_cuda_bf16_tensor_is_read_as_its_values(problem):
     from_tensor = JacobianSparseAutoencoder(**settings).fit(tensor)
     from_array = JacobianSparseAutoencoder(**settings).fit(values)
     # (CUDA's scatter-adds may sum in another order from run to run: equal up to rounding)
-    np.testing.assert_allclose(from_tensor.input_sae_.components_, from_array.input_sae_.components_, atol=1e-5)
+    np.testing.assert_allclose(from_tensor.input_sae_.components_, from_array.input_sae_.components_,
+                               atol=1e-5)
     assert from_tensor.score(tensor) == pytest.approx(from_array.score(values), abs=1e-4)
 
 

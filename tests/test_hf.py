@@ -90,23 +90,27 @@ def _tiny(name):
         model = cls(config(hidden_size=32, intermediate_size=48, num_key_value_heads=1, **small, **extra))
         return model, lambda L: model.model.layers[L], lambda b: b.post_attention_layernorm
     if name == "gpt_bigcode":  # GPT-2's names, with nn.Linear instead of Conv1D
-        model = t.GPTBigCodeForCausalLM(t.GPTBigCodeConfig(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=V,
-                                                           bos_token_id=V - 1, eos_token_id=V - 1))
+        config = t.GPTBigCodeConfig(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=V,
+                                    bos_token_id=V - 1, eos_token_id=V - 1)
+        model = t.GPTBigCodeForCausalLM(config)
         return model, lambda L: model.transformer.h[L], lambda b: b.ln_2
     if name == "falcon":  # GPT-NeoX's names; attention and MLP read the same normalised input
-        model = t.FalconForCausalLM(t.FalconConfig(hidden_size=32, bos_token_id=V - 1, eos_token_id=V - 1, **small))
+        config = t.FalconConfig(hidden_size=32, bos_token_id=V - 1, eos_token_id=V - 1, **small)
+        model = t.FalconForCausalLM(config)
         return model, lambda L: model.transformer.h[L], lambda b: b.input_layernorm
     if name in ("qwen3", "olmo2", "gemma2"):
-        cls, config = {"qwen3": (t.Qwen3ForCausalLM, t.Qwen3Config), "olmo2": (t.Olmo2ForCausalLM, t.Olmo2Config),
+        cls, config = {"qwen3": (t.Qwen3ForCausalLM, t.Qwen3Config),
+                       "olmo2": (t.Olmo2ForCausalLM, t.Olmo2Config),
                        "gemma2": (t.Gemma2ForCausalLM, t.Gemma2Config)}[name]
-        model = cls(config(hidden_size=32, intermediate_size=48, num_key_value_heads=1, head_dim=16, pad_token_id=0,
-                           bos_token_id=V - 1, eos_token_id=V - 1, **small))
+        model = cls(config(hidden_size=32, intermediate_size=48, num_key_value_heads=1, head_dim=16,
+                           pad_token_id=0, bos_token_id=V - 1, eos_token_id=V - 1, **small))
         # OLMo2 normalises the MLP's output, not its input: its MLP input is the residual stream
-        norm = {"olmo2": None}.get(name, "pre_feedforward_layernorm" if name == "gemma2" else "post_attention_layernorm")
+        norm = {"qwen3": "post_attention_layernorm", "gemma2": "pre_feedforward_layernorm"}.get(name)
         return model, lambda L: model.model.layers[L], (lambda b: getattr(b, norm)) if norm else None
     if name == "phi3":  # the gate and up projections fused in one linear
-        model = t.Phi3ForCausalLM(t.Phi3Config(hidden_size=32, intermediate_size=48, num_key_value_heads=1,
-                                               pad_token_id=0, bos_token_id=V - 1, eos_token_id=V - 1, **small))
+        config = t.Phi3Config(hidden_size=32, intermediate_size=48, num_key_value_heads=1, pad_token_id=0,
+                              bos_token_id=V - 1, eos_token_id=V - 1, **small)
+        model = t.Phi3ForCausalLM(config)
         return model, lambda L: model.model.layers[L], lambda b: b.post_attention_layernorm
     if name == "gemma":
         model = t.GemmaForCausalLM(
@@ -118,7 +122,8 @@ def _tiny(name):
                                              max_position_embeddings=64, **small))
         return model, lambda L: model.model.decoder.layers[L], lambda b: b.final_layer_norm
     if name == "distilbert":
-        model = t.DistilBertModel(t.DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=2, vocab_size=V))
+        config = t.DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=2, vocab_size=V)
+        model = t.DistilBertModel(config)
         return model, lambda L: model.transformer.layer[L], lambda b: b.sa_layer_norm
     if name in ("bert", "roberta"):
         cls, config = (t.BertModel, t.BertConfig) if name == "bert" else (t.RobertaModel, t.RobertaConfig)
@@ -202,8 +207,8 @@ def test_mlp_of_splits_phi3_fused_projection_into_gate_then_up():
     fused = block_of(1).mlp.gate_up_proj.weight  # (2 · d_mlp, d): the gate's rows first
     assert torch.equal(mlp.W_gate, fused[:48].T) and torch.equal(mlp.W_up, fused[48:].T)
     block_of(0).mlp.gate_up_proj = torch.nn.Linear(32, 90, bias=False)  # 90 outputs for d_mlp = 48
-    with pytest.raises(ValueError, match=r"layer 0 mlp.gate_up_proj has 90 outputs, not twice mlp.down_proj's "
-                                         r"48 inputs"):
+    with pytest.raises(ValueError, match=r"layer 0 mlp.gate_up_proj has 90 outputs, not twice "
+                                         r"mlp.down_proj's 48 inputs"):
         mlp_of(model, 0)
 
 
@@ -222,7 +227,8 @@ def test_harvest_captures_normalised_input_and_mlp_output(name):
     layer = 1
     seen = []
     if norm_of is None:  # no normalisation before the MLP (OLMo2): what the MLP module receives
-        handle = block_of(layer).mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+        handle = block_of(layer).mlp.register_forward_pre_hook(
+            lambda m, a: seen.append(a[0].detach().clone()))
     else:
         handle = norm_of(block_of(layer)).register_forward_hook(
             lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).detach().clone())

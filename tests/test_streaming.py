@@ -215,7 +215,8 @@ def test_fit_stream_names_the_bad_batch_and_a_source_that_is_not_iterable(kind):
     broken[7, 2] = np.nan
     with pytest.raises(ValueError, match="batch 2 of batches: Input X contains NaN"):
         est.fit_stream(iter([good, broken]), n_statistics=100)
-    assert not hasattr(est, "input_sae_" if kind == "jsae" else "components_")  # every failed fit left it unfitted
+    # every failed fit left it unfitted
+    assert not hasattr(est, "input_sae_" if kind == "jsae" else "components_")
 
 
 @pytest.mark.parametrize("kind", ["jsae", "topk"])
@@ -231,7 +232,8 @@ def test_fit_stream_over_the_whole_stream_equals_one_partial_fit_call(data, kind
     expected = _weights(partial)
     for name, value in _weights(streamed).items():
         np.testing.assert_array_equal(value, expected[name], err_msg=name)
-    assert sum(row["tokens"] for row in streamed.history_) == len(X) and streamed.n_iter_ == len(streamed.history_)
+    assert sum(row["tokens"] for row in streamed.history_) == len(X)
+    assert streamed.n_iter_ == len(streamed.history_)
 
 
 @pytest.mark.parametrize("kind", ["jsae", "topk"])
@@ -252,8 +254,10 @@ def test_fit_stream_with_warm_start_continues_the_fitted_model(data, kind):
     for name, value in _weights(warm).items():
         np.testing.assert_array_equal(value, expected[name], err_msg=name)
     assert warm.history_[:2] == fitted.history_ and len(warm.history_) > 2
-    cold = copy.deepcopy(fitted).set_params(n_tokens=len(rest)).fit_stream(iter(chunks), n_statistics=len(rest))
-    fresh = _estimator(kind, mlp, n_tokens=len(rest), **settings).fit_stream(iter(chunks), n_statistics=len(rest))
+    cold = copy.deepcopy(fitted).set_params(n_tokens=len(rest))
+    cold.fit_stream(iter(chunks), n_statistics=len(rest))
+    fresh = _estimator(kind, mlp, n_tokens=len(rest), **settings)
+    fresh.fit_stream(iter(chunks), n_statistics=len(rest))
     for name, value in _weights(cold).items():
         np.testing.assert_array_equal(value, _weights(fresh)[name], err_msg=name)
     assert not np.array_equal(_weights(cold)["input.components_" if kind == "jsae" else ".components_"],
@@ -261,7 +265,8 @@ def test_fit_stream_with_warm_start_continues_the_fitted_model(data, kind):
     # The warm stream is checked against the fitted model: its features, its width.
     with pytest.raises(ValueError, match="batch 1 of batches: X has 9 features, but .* is expecting 10"):
         copy.deepcopy(warm).fit_stream(iter([rest[:, :9]]))
-    with pytest.raises(ValueError, match="warm_start=True but n_components=16 differs from the fitted model's 32"):
+    with pytest.raises(ValueError, match="warm_start=True but n_components=16 differs from the fitted "
+                                         "model's 32"):
         copy.deepcopy(warm).set_params(n_components=16).fit_stream(iter(chunks))
 
 
@@ -387,8 +392,8 @@ OUT_OF_CORE = textwrap.dedent("""
     import resource, sys, numpy as np, torch
     from sklearn_jsae import TopKSparseAutoencoder
     X = np.load(sys.argv[1], mmap_mode="r")
-    TopKSparseAutoencoder(64, k=4, batch_size=2048, max_iter=1, device="cpu", random_state=0).fit(X[:4096]).score(
-        X[:4096])
+    warm_up = TopKSparseAutoencoder(64, k=4, batch_size=2048, max_iter=1, device="cpu", random_state=0)
+    warm_up.fit(X[:4096]).score(X[:4096])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sae = TopKSparseAutoencoder(64, k=4, batch_size=2048, max_iter=1, device="cpu", random_state=0).fit(X)
     after_fit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
