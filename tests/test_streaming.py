@@ -219,16 +219,28 @@ def test_fit_stream_names_the_bad_batch_and_a_source_that_is_not_iterable(kind):
     assert not hasattr(est, "input_sae_" if kind == "jsae" else "components_")
 
 
-@pytest.mark.parametrize("kind", ["jsae", "topk"])
-def test_fit_stream_over_the_whole_stream_equals_one_partial_fit_call(data, kind):
-    """With the statistics taken on every row and the schedule spanning them, a stream of chunks of
-    any size trains the model that one ``partial_fit`` call on the rows, in order, trains."""
+@pytest.fixture(scope="module")
+def one_partial_fit(data):
+    """One partial_fit call on all rows of ``data``, for each kind, with the settings below."""
     X, mlp = data
-    settings = dict(n_components=32, k=4, batch_size=64, n_tokens=len(X), device="cpu", random_state=0)
-    partial = _estimator(kind, mlp, **settings).partial_fit(X)
-    # chunks that straddle the batches, so that the stream re-cuts them
-    chunks = np.split(X, [5, 100, 101, 350, 700])
-    streamed = _estimator(kind, mlp, **settings).fit_stream(iter(chunks), n_statistics=len(X))
+    return {kind: _estimator(kind, mlp, **STREAM_SETTINGS, n_tokens=len(X)).partial_fit(X)
+            for kind in ("jsae", "topk")}
+
+
+STREAM_SETTINGS = dict(n_components=32, k=4, batch_size=64, device="cpu", random_state=0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(cuts=st.lists(st.integers(0, 1024), max_size=12), kind=st.sampled_from(["jsae", "topk"]))
+def test_fit_stream_over_the_whole_stream_equals_one_partial_fit_call(data, one_partial_fit, cuts, kind):
+    """With the statistics taken on every row and the schedule spanning them, a stream of chunks of
+    any sizes (empty ones aside: a batch has at least one row) trains the model that one
+    ``partial_fit`` call on the rows, in order, trains: the stream re-cuts them into the same batches."""
+    X, mlp = data
+    chunks = [chunk for chunk in np.split(X, sorted(cuts)) if len(chunk)]
+    streamed = _estimator(kind, mlp, **STREAM_SETTINGS, n_tokens=len(X))
+    streamed.fit_stream(iter(chunks), n_statistics=len(X))
+    partial = one_partial_fit[kind]
     expected = _weights(partial)
     for name, value in _weights(streamed).items():
         np.testing.assert_array_equal(value, expected[name], err_msg=name)
