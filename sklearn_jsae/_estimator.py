@@ -431,7 +431,8 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
             Rows read first to measure the data scales ``c_x``, ``c_y`` and the initial decoder
             biases (then trained on like any others).
         jacobian_rows : int, default=4096
-            ``jacobian_`` is the mean ``|J|`` over the last this many rows of the stream.
+            ``jacobian_`` is the mean ``|J|`` over the last this many rows of the stream (over
+            every ``s``-th of them beyond 65,536, as for ``fit``).
 
         Training runs until the stream ends or ``n_tokens`` rows were used; the schedule spans
         ``n_tokens`` (open-ended without it, see ``n_tokens``).  ``history_`` gets one row per
