@@ -71,7 +71,7 @@ def reconstruction_statistics(params_x: SAEParams, params_y: SAEParams | None, m
                    "fired": torch.zeros(p.W_dec.shape[0], dtype=torch.bool, device=device)}
         for name, p in tensors.items()
     }
-    rows = _Rows(X, device, torch.float32)
+    rows = _Rows(X, device, torch.float32, resident=False)  # one pass: no copy of X
     start = 0
     for x in rows.batches(batch_size):
         _check_finite_batch(x, start)

@@ -171,15 +171,17 @@ def _file_rows(X) -> _FileRows | None:
 class _Rows:
     """Minibatches of a (possibly memory-mapped) numpy array as tensors on ``device``.
 
-    Arrays up to 1 GiB (not memmaps) are copied to the device once; memmaps and larger arrays are
-    read batch by batch, and a memmap's pages are released after each batch (:func:`release_pages`),
-    so memory does not grow with the array.
+    Arrays up to 1 GiB (not memmaps) are copied to the device once (``resident=True``: training
+    draws its batches from them at random, epoch after epoch); memmaps, larger arrays and, with
+    ``resident=False`` (one pass in order, as the metrics make), every array are read batch by
+    batch, and a memmap's pages are released after each batch (:func:`release_pages`), so memory
+    does not grow with the array.
     """
 
-    def __init__(self, X: np.ndarray, device, dtype):
+    def __init__(self, X: np.ndarray, device, dtype, resident: bool = True):
         self.n = X.shape[0]
         self.device, self.dtype = device, dtype
-        in_memory = file_mapping(X) is None and X.nbytes <= _IN_MEMORY_BYTES
+        in_memory = resident and file_mapping(X) is None and X.nbytes <= _IN_MEMORY_BYTES
         # np.array copies, so read-only inputs (memmaps, frozen arrays) never alias a tensor.
         self.tensor = torch.from_numpy(np.array(X)).to(device=device, dtype=dtype) if in_memory else None
         self.X = X
