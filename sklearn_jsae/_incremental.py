@@ -110,7 +110,7 @@ def start_trainer(config, X: np.ndarray, mlp_map, init=None, n_steps=None, paral
     from ._backend.trainer import Trainer
 
     device = torch.device(config.device)
-    rows = _Rows(X, device, config.dtype)
+    rows = _Rows(X, device, config.dtype, resident=False)  # the statistics: a pass or two, in order
     pair = config.n_output_components is not None
     mean_x, scale_x = data_statistics(rows, parallel=parallel)
     mean_y = scale_y = None
@@ -136,7 +136,7 @@ def train_rows(trainer, X: np.ndarray, bar=None, offset: int = 0, share=None) ->
     from ._backend.train import _Rows, show_step
 
     config = trainer.config
-    rows = _Rows(X, trainer.device, config.dtype)
+    rows = _Rows(X, trainer.device, config.dtype, resident=False)  # one pass, in order
     steps = 0
     for start in range(0, rows.n, config.batch_size):
         index = torch.arange(start, min(rows.n, start + config.batch_size), device="cpu")

@@ -32,7 +32,7 @@ def encode_rows(params: SAEParams, X: np.ndarray, k: int, device="cpu", batch_si
     """Codes of ``X`` (or of ``mlp_map(X)``) as numpy ``(values (n, k) float32, indices (n, k) int64)``."""
     params = _as_tensor_params(params, device, torch.float32)
     mlp_map = None if mlp_map is None else placed(mlp_map, device, torch.float32)
-    rows = _Rows(X, device, torch.float32)
+    rows = _Rows(X, device, torch.float32, resident=False)  # one pass in order: no copy of X
     values, indices = [], []
     for x in rows.batches(batch_size):
         v, i = encode(params, x if mlp_map is None else mlp_map(x), k)
@@ -45,7 +45,7 @@ def encode_rows(params: SAEParams, X: np.ndarray, k: int, device="cpu", batch_si
 def map_rows(mlp_map, X: np.ndarray, device="cpu", batch_size=4096) -> np.ndarray:
     """``mlp_map(X)`` as float32 numpy (n, d_out)."""
     mlp_map = placed(mlp_map, device, torch.float32)
-    rows = _Rows(X, device, torch.float32)
+    rows = _Rows(X, device, torch.float32, resident=False)  # one pass in order: no copy of X
     return np.concatenate([mlp_map(x).cpu().numpy() for x in rows.batches(batch_size)])
 
 
@@ -61,7 +61,7 @@ def iter_jacobian_blocks(mlp_map, params_x: SAEParams, params_y: SAEParams, X: n
     projection = getattr(mlp_map, "input_projection", None)
     width = projection.shape[1] if projection is not None else max(mlp_map.d_in, mlp_map.d_out)
     batch_size = batch_size or jacobian_batch_size(k, k, width)
-    rows = _Rows(X, device, torch.float32)
+    rows = _Rows(X, device, torch.float32, resident=False)  # one pass in order: no copy of X
     for x in rows.batches(batch_size):
         with torch.no_grad():
             _, idx_x = encode(px, x, k)
