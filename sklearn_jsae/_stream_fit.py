@@ -18,6 +18,19 @@ from __future__ import annotations
 import numpy as np
 
 
+def _unpack(chunk, number: int):
+    """A batch as given, or the one array inside a one-item tuple or list: a torch ``DataLoader``
+    over ``TensorDataset(X)`` yields ``[x]``."""
+    if isinstance(chunk, (tuple, list)) and chunk and all(hasattr(item, "shape") for item in chunk):
+        if len(chunk) == 1:
+            return chunk[0]
+        raise ValueError(
+            f"batch {number} of batches is a {type(chunk).__name__} of {len(chunk)} arrays; fit_stream "
+            f"trains on the MLP's inputs alone: yield one array per batch, e.g. (x for x, *_ in loader)."
+        )
+    return chunk
+
+
 class _Stream:
     """Rows from ``batches``, validated, re-cut into batches of exactly ``size`` rows."""
 
@@ -44,6 +57,7 @@ class _Stream:
             self.exhausted = True
             return False
         self.n_read += 1
+        chunk = _unpack(chunk, self.n_read)
         try:
             chunk = _validate_X(self.estimator, chunk, reset=reset)
         except ValueError as exc:  # which batch: the stream may be long

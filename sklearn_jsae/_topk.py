@@ -341,8 +341,10 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         ----------
         batches : iterable of array-like of shape (n_rows, n_features)
             For example :class:`sklearn_jsae.hf.ActivationStream` (a live model's activations
-            through a shuffle buffer) or any generator of arrays.  Rows are used in the order
-            they come: the stream must mix them.  Rows are re-cut into ``batch_size`` batches.
+            through a shuffle buffer), any generator of arrays or torch tensors, or a torch
+            ``DataLoader`` over ``TensorDataset(X)`` (its one-item batches ``[x]`` are read as
+            ``x``).  Rows are used in the order they come: the stream must mix them.  Rows are
+            re-cut into ``batch_size`` batches.
         n_statistics : int, default=16384
             Rows read first to measure the data scale ``scale_`` and the initial decoder bias
             (then trained on like any others).

@@ -249,6 +249,26 @@ def test_fit_stream_over_the_whole_stream_equals_one_partial_fit_call(data, one_
 
 
 @pytest.mark.parametrize("kind", ["jsae", "topk"])
+def test_fit_stream_reads_a_torch_data_loader(data, kind):
+    """A DataLoader over TensorDataset(X) yields [x]: the same model as the arrays themselves; a
+    loader of (x, y) pairs is refused, naming the batch."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    X, mlp = data
+    loader = DataLoader(TensorDataset(torch.from_numpy(X)), batch_size=100)
+    from_loader = _estimator(kind, mlp, **STREAM_SETTINGS).fit_stream(loader, n_statistics=300)
+    arrays = iter(np.array_split(X, range(100, len(X), 100)))
+    from_arrays = _estimator(kind, mlp, **STREAM_SETTINGS).fit_stream(arrays, n_statistics=300)
+    expected = _weights(from_arrays)
+    for name, value in _weights(from_loader).items():
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
+    pairs = DataLoader(TensorDataset(torch.from_numpy(X), torch.zeros(len(X))), batch_size=100)
+    with pytest.raises(ValueError, match=r"batch 1 of batches is a list of 2 arrays; fit_stream trains on the "
+                                         r"MLP's inputs alone"):
+        _estimator(kind, mlp, **STREAM_SETTINGS).fit_stream(pairs, n_statistics=300)
+
+
+@pytest.mark.parametrize("kind", ["jsae", "topk"])
 def test_fit_stream_with_warm_start_continues_the_fitted_model(data, kind):
     """warm_start=True: a stream fit after fit goes on from the fitted weights, as partial_fit does
     after fit (fresh optimiser and schedule); without it the stream fit starts afresh."""
