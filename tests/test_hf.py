@@ -482,6 +482,24 @@ def test_unsupported_architecture_lists_supported_ones_and_the_callable_route():
         mlp_of(torch.nn.Linear(3, 3), 0)
     with pytest.raises(TypeError, match="must be a Hugging Face transformers model"):
         mlp_of("gpt2", 0)
+    model = Model()
+    model.layers[0] = torch.nn.Module()  # a block with no MLP of any known layout
+    model.layers[0].proj = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"block 0 of Model \(Module, sub-modules: proj\) has neither an `mlp` "
+                                         r"\(or `ffn`\) module, BERT's `intermediate`/`output` pair nor OPT's"):
+        mlp_of(model, 0)
+
+
+def test_captured_rows_of_an_mlp_called_on_unexpected_shapes_are_refused():
+    from sklearn_jsae.hf._harvest import _token_rows
+
+    keep = torch.tensor([[True, False, True], [True, True, False]])
+    nested = torch.arange(24.0).reshape(2, 3, 4)
+    np.testing.assert_array_equal(_token_rows(nested, keep), nested[keep].numpy())
+    np.testing.assert_array_equal(_token_rows(nested.reshape(6, 4), keep), nested[keep].numpy())  # OPT's
+    with pytest.raises(RuntimeError, match=r"the MLP was called on a tensor of shape \(5, 4\) for a batch of "
+                                           r"\(2, 3\) tokens"):
+        _token_rows(torch.zeros(5, 4), keep)
 
 
 def test_unsupported_activation_is_reported():
