@@ -22,12 +22,15 @@ class MLPHookpoints:
     ``prefix`` is the base model's attribute in its ``*ForCausalLM`` class (``"transformer"``,
     ``"model"``, ...), so ``f"{prefix}.{input}"`` is the name SAELens' ``HookedProxyLM`` hooks.
     ``model_name`` is ``model.name_or_path`` (a hub id or a local folder), None when empty.
+    ``lens``: a TransformerLens model, whose names are its hook points (``blocks.3.ln2.hook_normalized``,
+    ``blocks.3.hook_mlp_out``), the names SAELens hooks on a ``HookedTransformer``; sparsify has none.
     """
 
     input: str | None
     output: str
     prefix: str
     model_name: str | None
+    lens: bool = False
 
     def saelens(self, side: str) -> str | None:
         name = self.input if side == "input" else self.output
@@ -45,7 +48,7 @@ def mlp_hookpoints(model, layer) -> MLPHookpoints:
     """The hookpoints of block ``layer``'s MLP in ``model`` (a supported Hugging Face model)."""
     import torch
 
-    from .hf._adapters import _eval_mode, _layout, _unwrap
+    from .hf._adapters import _eval_mode, _is_transformer_lens, _layout, _unwrap, run_model
 
     inner = _unwrap(model)
     base = getattr(inner, "base_model", inner)
@@ -70,15 +73,20 @@ def mlp_hookpoints(model, layer) -> MLPHookpoints:
         received.append(args[0] if args else kwargs.get("hidden_states"))
         raise _Reached
 
+    lens = _is_transformer_lens(inner)
+    # TransformerLens hooks only its HookPoint modules (an unfolded LayerNorm's output is none:
+    # its hook_normalized comes before the affine weights; there use_hook_mlp_in gives one)
     handles = [module.register_forward_hook(recorder(f"{block_name}.{name}" if name else block_name))
-               for name, module in layout.block.named_modules() if id(module) not in inside_mlp]
+               for name, module in layout.block.named_modules()
+               if id(module) not in inside_mlp and (not lens or type(module).__name__ == "HookPoint")]
     handles.append(layout.input_module.register_forward_pre_hook(grab, with_kwargs=True))
     parameter = next(inner.parameters())
-    vocab = int(getattr(inner.config, "vocab_size", 8) or 8)
+    config = getattr(inner, "config", None) or getattr(inner, "cfg", None)  # Hugging Face / TransformerLens
+    vocab = int(getattr(config, "vocab_size", None) or getattr(config, "d_vocab", None) or 8)
     ids = torch.arange(1, 5, device=parameter.device).clamp(max=vocab - 1).unsqueeze(0)
     try:
         with torch.no_grad(), _eval_mode(inner):
-            inner(input_ids=ids, attention_mask=torch.ones_like(ids))
+            run_model(inner, ids, torch.ones_like(ids))
     except _Reached:
         pass
     finally:
@@ -87,6 +95,12 @@ def mlp_hookpoints(model, layer) -> MLPHookpoints:
     input_name = None
     if received:
         input_name = next((name for name, t in produced if t is received[0]), None)
+    if lens:  # the hook points: the input one found above, hook_mlp_out
+        output = f"{block_name}.hook_mlp_out"
+        if not isinstance(getattr(layout.block, "hook_mlp_out", None), torch.nn.Module):
+            output = names[id(layout.output_module)]
+        return MLPHookpoints(input=input_name, output=output, prefix="",
+                             model_name=getattr(inner.cfg, "model_name", None) or None, lens=True)
     name_or_path = getattr(inner, "name_or_path", "") or getattr(inner.config, "_name_or_path", "")
     return MLPHookpoints(
         input=input_name,

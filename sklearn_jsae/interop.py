@@ -141,9 +141,12 @@ def _hooks(model, layer, side, named: bool):
 
     hooks = mlp_hookpoints(model, layer)
     if side == "input" and hooks.input is None and not named:
+        lens = (f" (TransformerLens: with LayerNorm weights folded into the MLP, fold_ln=True as "
+                f"from_pretrained does by default, blocks.{layer}.ln2.hook_normalized is the MLP input)"
+                if hooks.lens else "")
         raise ValueError(
             f"no module of layer {layer} outputs exactly the MLP input of {type(model).__name__}, so "
-            f"there is no hook name for side='input'; pass it yourself (hook_name= or hookpoint=)."
+            f"there is no hook name for side='input'; pass it yourself (hook_name= or hookpoint=){lens}."
         )
     return hooks
 
@@ -197,10 +200,12 @@ def to_saelens(estimator, path, *, side=None, model=None, layer=None, model_name
     side : {"input", "output"} or None, default=None
         Which SAE of a JSAE; for a TopKSparseAutoencoder, only needed with ``model``/``layer``
         (to say whether it was trained on the MLP's inputs or outputs).
-    model : transformers model, optional
+    model : transformers model or transformer_lens.HookedTransformer, optional
         With ``layer``: fill ``model_name``, ``hook_name`` and (with the derived hook name)
         ``model_class_name`` from the Hugging Face model the activations came from (see the
-        module docstring).
+        module docstring); for a TransformerLens model, its hook point names
+        (``blocks.3.ln2.hook_normalized``, which needs ``fold_ln=True``, and
+        ``blocks.3.hook_mlp_out``) for SAELens' default model class.
     layer : int, optional
         The block index passed to :func:`sklearn_jsae.hf.harvest`.
     model_name, hook_name : str, optional
@@ -220,8 +225,11 @@ def to_saelens(estimator, path, *, side=None, model=None, layer=None, model_name
             "model_name": None, "hook_name": None, "hook_head_index": None}
     if hooks is not None:
         meta["model_name"] = hooks.model_name
-        if hook_name is None:  # a Hugging Face module name, which HookedProxyLM hooks
-            meta.update(hook_name=hooks.saelens(side), model_class_name="AutoModelForCausalLM")
+        if hook_name is None:
+            meta["hook_name"] = hooks.saelens(side)
+            if not hooks.lens:  # a Hugging Face module name, which HookedProxyLM hooks; a
+                # TransformerLens hook point is for SAELens' default model class, HookedTransformer
+                meta["model_class_name"] = "AutoModelForCausalLM"
     if model_name is not None:
         meta["model_name"] = str(model_name)
     if hook_name is not None:
@@ -289,6 +297,12 @@ def to_sparsify(estimator, path, *, side=None, model=None, layer=None, model_nam
     # sparsify's cfg.json has no place for them (and its loader warns about unknown keys): the
     # model and hookpoint go in the weights file's safetensors header, which its loader ignores.
     header = _provenance(side)
+    if hooks is not None and hooks.lens and hookpoint is None:
+        raise ValueError(
+            f"sparsify trains on Hugging Face models, and {type(model).__name__} is a TransformerLens model "
+            f"whose hook points are no sparsify hookpoints: pass hookpoint= (the Hugging Face module name "
+            f"of the same activation, e.g. 'layers.{layer}.mlp') or export with to_saelens."
+        )
     if hooks is not None:
         header.update(model=hooks.model_name, hookpoint=hooks.sparsify(side))
     if model_name is not None:

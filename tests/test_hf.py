@@ -694,3 +694,116 @@ def test_sentence_transformers_wrapper_is_unwrapped(minilm):
     X_wrapped, _ = harvest(wrapped, 3, input_ids=ids, progress=False)
     X, _ = harvest(model, 3, input_ids=ids, progress=False)
     np.testing.assert_allclose(X_wrapped, X, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- TransformerLens
+
+LENS_MLPS = {  # name -> (HookedTransformerConfig settings, closed-form class, activation)
+    "gelu_ln": (dict(act_fn="gelu_new", normalization_type="LN"), ElementwiseMLP, "gelu_tanh"),
+    "gated_rms": (dict(act_fn="silu", normalization_type="RMS", gated_mlp=True), GatedMLP, "silu"),
+}
+
+
+def _lens(name):
+    """A tiny random HookedTransformer (built from a config: nothing is downloaded)."""
+    lens = require("transformer_lens")
+    settings, _, _ = LENS_MLPS[name]
+    torch.manual_seed(0)
+    config = lens.HookedTransformerConfig(n_layers=2, d_model=32, d_head=16, n_heads=2, d_mlp=64,
+                                          d_vocab=V, n_ctx=64, **settings)
+    model = lens.HookedTransformer(config).eval()
+    with torch.no_grad():  # TransformerLens initialises the biases to 0: make them count
+        for block in model.blocks:
+            block.mlp.b_in.normal_()
+            block.mlp.b_out.normal_()
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("name", sorted(LENS_MLPS))
+def test_transformer_lens_mlp_and_harvest_match_its_own_hooks(name):
+    """mlp_of, harvest and ActivationStream on a HookedTransformer: the rows are exactly what its
+    ``ln2.hook_normalized`` and ``hook_mlp_out`` hooks see, the closed form computes the MLP's
+    outputs, and its Jacobian equals autograd through TransformerLens's own MLP module (the gated
+    MLP's b_in, added after the product, folded into the output bias)."""
+    model = _lens(name)
+    _, cls, act = LENS_MLPS[name]
+    mlp = mlp_of(model, 1)
+    assert type(mlp) is cls and mlp.activation == act
+    ids, _ = _ids()  # no padding: run_with_cache below runs without a mask
+    X, Y = harvest(model, 1, input_ids=ids, progress=False)
+    _, cache = model.run_with_cache(ids)
+    np.testing.assert_array_equal(X, cache["blocks.1.ln2.hook_normalized"].reshape(-1, 32).numpy())
+    np.testing.assert_array_equal(Y, cache["blocks.1.hook_mlp_out"].reshape(-1, 32).numpy())
+    with torch.no_grad():
+        np.testing.assert_allclose(mlp(torch.from_numpy(X)).numpy(), Y, rtol=1e-5, atol=1e-5)
+    stream = ActivationStream(model, 1, input_ids=ids.numpy(), batch_size=8, buffer_size=16)
+    streamed = np.concatenate(list(stream))
+    np.testing.assert_allclose(streamed[np.lexsort(streamed.T)], X[np.lexsort(X.T)], rtol=1e-5, atol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    x = torch.from_numpy(X[:6]).to(torch.float64)
+    W_dec_x = torch.randn(40, 32, generator=g, dtype=torch.float64)
+    W_enc_y = torch.randn(50, 32, generator=g, dtype=torch.float64)
+    idx_x, idx_y = torch.randint(0, 40, (6, 5), generator=g), torch.randint(0, 50, (6, 4), generator=g)
+    fast = jacobian_blocks(mlp.to(torch.float64), x, W_dec_x, idx_x, W_enc_y, idx_y)
+    lens_mlp = copy.deepcopy(model.blocks[1].mlp).to(torch.float64)
+    reference = jacobian_blocks_reference(lens_mlp, x, W_dec_x, idx_x, W_enc_y, idx_y)
+    torch.testing.assert_close(fast, reference, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")
+def test_spliced_ce_score_on_transformer_lens_runs_its_forward():
+    """The clean pass of spliced_ce_score is TransformerLens's own next-token loss."""
+    from sklearn_jsae import JacobianSparseAutoencoder
+    from sklearn_jsae.metrics import spliced_ce_score
+
+    model = _lens("gated_rms")
+    ids = torch.randint(1, V, (6, 12), generator=torch.Generator().manual_seed(2))
+    X, _ = harvest(model, 1, input_ids=ids, progress=False)
+    jsae = JacobianSparseAutoencoder(mlp_of(model, 1), n_components=32, k=4, max_iter=3, batch_size=16,
+                                     random_state=0).fit(X)
+    scores = spliced_ce_score(model, 1, jsae, ids)
+    with torch.no_grad():
+        assert scores["ce_clean"] == pytest.approx(float(model(ids, return_type="loss")), rel=1e-5)
+    assert scores["n_tokens"] == 6 * 11 and np.isfinite(scores["score_mean"])
+
+
+@pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")
+def test_transformer_lens_solu_ln_is_refused():
+    lens = require("transformer_lens")
+    config = lens.HookedTransformerConfig(n_layers=1, d_model=16, d_head=8, n_heads=2, d_mlp=32, d_vocab=V,
+                                          n_ctx=16, act_fn="solu_ln")
+    with pytest.raises(ValueError, match="normalises its hidden activations .* SoLU-LN"):
+        mlp_of(lens.HookedTransformer(config), 0)
+
+
+@pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")
+def test_transformer_lens_hook_names_are_where_harvest_reads(tmp_path):
+    """Exported to SAELens with model= a HookedTransformer: the hook names are its hook points (the
+    ones run_with_cache fills with exactly the harvested rows) for SAELens' default model class;
+    an unfolded LayerNorm has no hook point for the MLP input, and sparsify none at all."""
+    import json
+
+    from sklearn_jsae import TopKSparseAutoencoder
+    from sklearn_jsae.interop import to_saelens, to_sparsify
+
+    lens = require("transformer_lens")
+    config = lens.HookedTransformerConfig(n_layers=2, d_model=32, d_head=16, n_heads=2, d_mlp=64, d_vocab=V,
+                                          n_ctx=64, act_fn="gelu_new", normalization_type="LNPre")
+    torch.manual_seed(0)
+    folded = lens.HookedTransformer(config).eval()
+    ids, _ = _ids()
+    X, Y = harvest(folded, 1, input_ids=ids, progress=False)
+    _, cache = folded.run_with_cache(ids)
+    sae = TopKSparseAutoencoder(16, k=2, max_iter=2, batch_size=8, random_state=0).fit(X)
+    for side, rows in (("input", X), ("output", Y)):
+        folder = to_saelens(sae, tmp_path / side, side=side, model=folded, layer=1)
+        with open(os.path.join(folder, "cfg.json")) as f:
+            meta = json.load(f)["metadata"]
+        assert "model_class_name" not in meta  # SAELens' default: HookedTransformer
+        np.testing.assert_array_equal(cache[meta["hook_name"]].reshape(-1, 32).numpy(), rows)
+    assert meta["hook_name"] == "blocks.1.hook_mlp_out"
+    with pytest.raises(ValueError, match="sparsify trains on Hugging Face models"):
+        to_sparsify(sae, tmp_path / "sparsify", side="output", model=folded, layer=1)
+    with pytest.raises(ValueError, match=r"no module of layer 1 outputs exactly the MLP input .*fold_ln=True"):
+        to_saelens(sae, tmp_path / "unfolded", side="input", model=_lens("gelu_ln"), layer=1)

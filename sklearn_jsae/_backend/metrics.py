@@ -244,6 +244,8 @@ def spliced_cross_entropies(model, input_module, output_module, params_x: SAEPar
     1..T-1 whose mask is 1 (and whose predicting position is also 1).  Returns
     ``{"clean", "zero_input", "zero_output", "input", "output", "n_tokens"}``.
     """
+    from ..hf._adapters import logits_of, run_model  # a Hugging Face or TransformerLens forward
+
     parameter = next(iter(model.parameters()), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     px = _tensor_params(params_x, device)
@@ -286,7 +288,7 @@ def spliced_cross_entropies(model, input_module, output_module, params_x: SAEPar
             n_tokens += int(valid.sum())
             for name in sums:
                 mode["value"] = name
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+                logits = logits_of(run_model(model, ids, mask))[:, :-1].float()
                 losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                          reduction="none").reshape(valid.shape)
                 sums[name] += float(losses[valid].double().sum())

@@ -28,6 +28,7 @@ SUPPORTED_ARCHITECTURES = (
     "BERT-style encoders: BERT, RoBERTa, MiniLM, ... (intermediate.dense / output.dense)",
     "DistilBERT (ffn.lin1 / ffn.lin2)",
     "OPT (fc1 / fc2 on the decoder layer itself)",
+    "TransformerLens HookedTransformer (blocks[i].mlp: W_in / W_out, and W_gate for gated MLPs)",
 )
 
 # (first linear, second linear, activation) attribute names of Linear -> act -> Linear MLPs.
@@ -44,7 +45,7 @@ _GATED_PATTERN = ("gate_proj", "up_proj", "down_proj", "act_fn")
 # Phi-3: one linear computes [gate, up] (d, 2 · d_mlp), split in halves before the product.
 _FUSED_GATED_PATTERN = ("gate_up_proj", "down_proj", "activation_fn")
 _LAYER_LISTS = ("h", "layers", "encoder.layer", "transformer.h", "model.layers", "gpt_neox.layers",
-                "decoder.layers", "model.decoder.layers", "transformer.layer")
+                "decoder.layers", "model.decoder.layers", "transformer.layer", "blocks")
 
 
 class _Unsupported(ValueError):
@@ -65,7 +66,7 @@ def _unsupported_message(what: str) -> str:
 class _Layout:
     """Where one layer's MLP lives inside a model."""
 
-    family: str  # "elementwise" | "gated" | "fused_gated" | "bert" | "block"
+    family: str  # "elementwise" | "gated" | "fused_gated" | "bert" | "block" | "lens" | "lens_gated"
     layer: int
     block: nn.Module
     input_module: nn.Module  # forward input (first argument) is the MLP input
@@ -95,6 +96,25 @@ def _unwrap(model):
     ):
         return model[0].auto_model
     return model
+
+
+def _is_transformer_lens(model) -> bool:
+    """A TransformerLens model (``HookedTransformer``), whose forward takes token ids first and
+    returns the logits themselves."""
+    return any(cls.__module__.split(".")[0] == "transformer_lens" for cls in type(model).__mro__)
+
+
+def run_model(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """``model``'s forward pass on token ids (n_seq, seq_len): Hugging Face's ``input_ids=``, or
+    TransformerLens's first argument."""
+    if _is_transformer_lens(model):
+        return model(input_ids, attention_mask=attention_mask)
+    return model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits of a forward pass: Hugging Face's ``output.logits`` or TransformerLens's tensor."""
+    return output if isinstance(output, torch.Tensor) else output.logits
 
 
 def _get_path(obj, path: str):
@@ -154,6 +174,15 @@ def _layout(model, layer) -> _Layout:
         gate_up, down, act = (getattr(mlp, name, None) for name in _FUSED_GATED_PATTERN)
         if isinstance(gate_up, nn.Module) and isinstance(down, nn.Module) and callable(act):
             return _Layout("fused_gated", index, block, mlp, mlp, mlp, (gate_up, down), act)
+        # TransformerLens: weights as parameters of the MLP module itself, (d_model, d_mlp) layout
+        W_in, W_out, act = (getattr(mlp, name, None) for name in ("W_in", "W_out", "act_fn"))
+        if isinstance(W_in, nn.Parameter) and isinstance(W_out, nn.Parameter) and callable(act):
+            if getattr(mlp, "ln", None) is not None:  # SoLU: a LayerNorm inside the MLP
+                raise _Unsupported(_unsupported_message(
+                    f"layer {index}'s MLP normalises its hidden activations ({type(mlp.ln).__name__}, "
+                    f"TransformerLens's SoLU-LN), which has no closed-form Jacobian here."))
+            gated = isinstance(getattr(mlp, "W_gate", None), nn.Parameter)
+            return _Layout("lens_gated" if gated else "lens", index, block, mlp, mlp, mlp, (mlp,), act)
         for first_name, second_name, act_name in _ELEMENTWISE_PATTERNS:
             first, second, act = (getattr(mlp, n, None) for n in (first_name, second_name, act_name))
             if isinstance(first, nn.Module) and isinstance(second, nn.Module) and callable(act):
@@ -247,6 +276,19 @@ def _build(layout: _Layout):
         W_down, b_down = _affine(down, f"{where} mlp.down_proj")
         name = _activation_name(layout.act, f"{where} mlp.act_fn")
         return GatedMLP(W_gate, W_up, W_down, b_gate, b_up, b_down, activation=name)
+    if layout.family in ("lens", "lens_gated"):
+        (mlp,) = layout.linears
+
+        def cpu32(name):
+            return getattr(mlp, name).detach().to(device="cpu", dtype=torch.float32).clone()
+
+        name = _activation_name(layout.act, f"{where} mlp.act_fn")
+        if layout.family == "lens":
+            return ElementwiseMLP(cpu32("W_in"), cpu32("b_in"), cpu32("W_out"), cpu32("b_out"), name)
+        # act(x W_gate) * (x W_in) + b_in, then W_out: b_in adds b_in W_out to the output bias
+        W_out = cpu32("W_out")
+        return GatedMLP(cpu32("W_gate"), cpu32("W_in"), W_out, None, None, cpu32("b_out") + cpu32("b_in") @ W_out,
+                        activation=name)
     if layout.family == "fused_gated":
         gate_up, down = layout.linears
         W_gate_up, b_gate_up = _affine(gate_up, f"{where} mlp.gate_up_proj")
@@ -295,10 +337,12 @@ def mlp_of(model, layer, *, verify=True):
 
     Parameters
     ----------
-    model : transformers.PreTrainedModel
+    model : transformers.PreTrainedModel or transformer_lens.HookedTransformer
         A loaded model of a supported architecture (:data:`SUPPORTED_ARCHITECTURES`), with or
         without a task head (``GPT2LMHeadModel`` and ``GPT2Model`` both work); a
-        sentence-transformers ``SentenceTransformer`` is unwrapped to its transformer.
+        sentence-transformers ``SentenceTransformer`` is unwrapped to its transformer.  A
+        TransformerLens model's MLP is read from its ``W_in``/``W_out`` (``W_gate``) parameters,
+        so folded LayerNorm weights (``fold_ln=True``) are part of it, as in TransformerLens.
     layer : int
         0-based block index; negative values count from the end.
     verify : bool, default=True
@@ -359,7 +403,7 @@ def mlp_hook_points(model, layer):
 
     Parameters
     ----------
-    model : transformers.PreTrainedModel
+    model : transformers.PreTrainedModel or transformer_lens.HookedTransformer
         A model of a supported architecture.
     layer : int
         0-based block index; negative values count from the end.

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._adapters import _eval_mode, _layout, _unwrap
+from ._adapters import _eval_mode, _layout, _unwrap, run_model
 
 __all__ = ["harvest"]
 
@@ -254,7 +254,7 @@ def harvest(
 
     Parameters
     ----------
-    model : transformers.PreTrainedModel
+    model : transformers.PreTrainedModel or transformer_lens.HookedTransformer
         A loaded model of a supported architecture (see :func:`mlp_of`); never downloaded here.
     layer : int
         0-based block index; negative values count from the end.
@@ -371,7 +371,7 @@ def harvest(
                     continue
                 captured.clear()
                 try:
-                    runner(input_ids=ids.to(device), attention_mask=mask.to(device))
+                    run_model(runner, ids.to(device), mask.to(device))
                 except _HarvestStop:
                     pass
                 if "y" not in captured or "x" not in captured:

@@ -33,7 +33,7 @@ import os
 import numpy as np
 import torch
 
-from ._adapters import _eval_mode, _layout, _unwrap
+from ._adapters import _eval_mode, _layout, _unwrap, run_model
 from ._harvest import _check_positive_int, _check_room_for_text, _HarvestStop, _pad, _special_ids, _token_rows
 
 __all__ = ["ActivationStream"]
@@ -58,7 +58,7 @@ class ActivationStream:
 
     Parameters
     ----------
-    model : transformers.PreTrainedModel
+    model : transformers.PreTrainedModel or transformer_lens.HookedTransformer
         A loaded model of a supported architecture (:func:`sklearn_jsae.hf.mlp_of`).  Runs in
         eval mode under ``torch.no_grad`` on its own device; the forward pass stops right after
         the layer's MLP.
@@ -212,7 +212,7 @@ class ActivationStream:
         try:
             with _eval_mode(runner):
                 try:
-                    runner(input_ids=ids.to(device), attention_mask=mask.to(device))
+                    run_model(runner, ids.to(device), mask.to(device))
                 except _HarvestStop:
                     pass
         finally:

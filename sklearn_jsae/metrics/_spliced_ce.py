@@ -44,7 +44,7 @@ def spliced_ce_score(model, layer, estimator, input_ids, *, attention_mask=None,
 
     Parameters
     ----------
-    model : transformers causal LM (``...ForCausalLM``)
+    model : transformers causal LM (``...ForCausalLM``) or transformer_lens.HookedTransformer
         In eval mode during the call (its training flag is restored), never modified.
     layer : int
         0-based block index of the MLP the estimator was trained on.
