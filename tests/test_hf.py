@@ -712,20 +712,24 @@ def _lens(name):
     config = lens.HookedTransformerConfig(n_layers=2, d_model=32, d_head=16, n_heads=2, d_mlp=64,
                                           d_vocab=V, n_ctx=64, **settings)
     model = lens.HookedTransformer(config).eval()
-    with torch.no_grad():  # TransformerLens initialises the biases to 0: make them count
+    with torch.no_grad():  # TransformerLens initialises biases to 0 and norm weights to 1: make them count
         for block in model.blocks:
             block.mlp.b_in.normal_()
             block.mlp.b_out.normal_()
+            block.ln2.w.uniform_(0.5, 1.5)
+            if hasattr(block.ln2, "b"):
+                block.ln2.b.normal_()
     return model
 
 
 @pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("name", sorted(LENS_MLPS))
 def test_transformer_lens_mlp_and_harvest_match_its_own_hooks(name):
-    """mlp_of, harvest and ActivationStream on a HookedTransformer: the rows are exactly what its
-    ``ln2.hook_normalized`` and ``hook_mlp_out`` hooks see, the closed form computes the MLP's
-    outputs, and its Jacobian equals autograd through TransformerLens's own MLP module (the gated
-    MLP's b_in, added after the product, folded into the output bias)."""
+    """mlp_of, harvest and ActivationStream on a HookedTransformer: the rows are its ln2's output
+    (its ``ln2.hook_normalized``, which comes before the norm's weights, times them) and what its
+    ``hook_mlp_out`` sees, the closed form computes the MLP's outputs, and its Jacobian equals
+    autograd through TransformerLens's own MLP module (the gated MLP's b_in, added after the
+    product, folded into the output bias)."""
     model = _lens(name)
     _, cls, act = LENS_MLPS[name]
     mlp = mlp_of(model, 1)
@@ -733,7 +737,11 @@ def test_transformer_lens_mlp_and_harvest_match_its_own_hooks(name):
     ids, _ = _ids()  # no padding: run_with_cache below runs without a mask
     X, Y = harvest(model, 1, input_ids=ids, progress=False)
     _, cache = model.run_with_cache(ids)
-    np.testing.assert_array_equal(X, cache["blocks.1.ln2.hook_normalized"].reshape(-1, 32).numpy())
+    ln2 = model.blocks[1].ln2
+    with torch.no_grad():
+        normed = cache["blocks.1.ln2.hook_normalized"] * ln2.w + (ln2.b if hasattr(ln2, "b") else 0)
+    np.testing.assert_allclose(X, normed.reshape(-1, 32).numpy(), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(X, cache["blocks.1.ln2.hook_normalized"].reshape(-1, 32).numpy(), atol=1e-3)
     np.testing.assert_array_equal(Y, cache["blocks.1.hook_mlp_out"].reshape(-1, 32).numpy())
     with torch.no_grad():
         np.testing.assert_allclose(mlp(torch.from_numpy(X)).numpy(), Y, rtol=1e-5, atol=1e-5)
