@@ -34,6 +34,7 @@ from ._topk import (
     _inference_device,
     _keep_state_on_error,
     _refuse_distributed_partial_fit,
+    _warn_checkpoint_dir_unused,
     _training_device,
     _training_precision,
     _validate_X,
@@ -399,6 +400,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         fitted = hasattr(self, "input_sae_")
         X = _validate_X(self, X, reset=not fitted and trainer is None)
         if trainer is None or trainer.broken:
+            _warn_checkpoint_dir_unused(self)
             config, mlp_copy, mlp_map, d_out, probe_rows = self._prepare(X)
             init = self._warm_init(mlp_map, d_out) if fitted else None
             trainer = start_trainer(config, X, mlp_map, init, total_steps(self.n_tokens, self.batch_size))

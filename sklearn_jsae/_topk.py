@@ -315,6 +315,7 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         fitted = hasattr(self, "components_")
         X = _validate_X(self, X, reset=not fitted and trainer is None)
         if trainer is None or trainer.broken:
+            _warn_checkpoint_dir_unused(self)
             check_k(self.k, self.n_components)
             if fitted:
                 _check_warm_shape(self.components_.shape[0], self.n_components, "n_components")
@@ -523,6 +524,18 @@ def _training_device(estimator) -> str:
 
         device = rank_device(estimator.device, device)
     return device
+
+
+def _warn_checkpoint_dir_unused(estimator) -> None:
+    """``partial_fit`` saves no checkpoints: say so once, when it starts its optimiser."""
+    if estimator.checkpoint_dir is not None:
+        import warnings
+
+        warnings.warn(
+            f"checkpoint_dir={estimator.checkpoint_dir!r} is not used by partial_fit (it is for fit and "
+            f"fit_stream): the estimator itself holds the state between calls; save or pickle it to keep "
+            f"it, or train with fit_stream to checkpoint a stream.", UserWarning, stacklevel=4,
+        )
 
 
 def _refuse_distributed_partial_fit(estimator) -> None:

@@ -367,6 +367,21 @@ def test_partial_fit_after_fit_and_after_pickle_continues_from_the_fitted_weight
 
 
 @pytest.mark.parametrize("kind", ["jsae", "topk"])
+def test_partial_fit_says_once_that_it_saves_no_checkpoints(data, kind, tmp_path):
+    import warnings
+
+    X, mlp = data
+    est = _estimator(kind, mlp, **STREAM_SETTINGS, checkpoint_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match=r"checkpoint_dir=.* is not used by partial_fit \(it is for fit and "
+                                         r"fit_stream\)"):
+        est.partial_fit(X[:512])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the later calls continue the same optimiser: no warning
+        est.partial_fit(X[512:])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["jsae", "topk"])
 def test_partial_fit_interrupted_mid_call_keeps_the_model_and_restarts_from_it(data, kind):
     """Ctrl-C after some of a call's steps: the fitted model is the one before the call, and the
     next call starts again from it (a fresh optimiser, as after unpickling), not from the
