@@ -58,7 +58,8 @@ _COMMON_CONSTRAINTS = {
 def _validate_X(estimator, X, reset: bool, checked_in_batches: bool = False):
     """Validated X.  With ``checked_in_batches`` (the caller checks every batch it reads, as the
     training pass and ``score`` do, naming the rows), a memmap (an activation store larger than
-    memory) is not scanned for NaN or inf here, which would map the whole file into memory."""
+    memory) is not scanned for NaN or inf here, which would map the whole file into memory, and a
+    float16 memmap is not converted to float32 here either (each batch is, as it is read)."""
     from ._backend.train import file_mapping
 
     X = _from_torch(X)
@@ -67,7 +68,9 @@ def _validate_X(estimator, X, reset: bool, checked_in_batches: bool = False):
         estimator,
         X,
         reset=reset,
-        dtype=[np.float32, np.float64],
+        # A float16 store (harvest(..., dtype=np.float16)) stays on disk: each batch is converted
+        # as it is read.  Converting it here would load all of it into memory, twice its size.
+        dtype=[np.float32, np.float64] + ([np.float16] if out_of_core else []),
         ensure_all_finite=not out_of_core,
         ensure_min_samples=1,
     )

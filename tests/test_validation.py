@@ -122,6 +122,45 @@ def test_read_only_memmap_works_and_is_untouched(tmp_path, X, mlp):
     np.testing.assert_array_equal(np.load(path), X)
 
 
+@pytest.mark.parametrize("kind", ["jsae", "topk"])
+def test_float16_store_trains_as_its_float32_values_and_stays_on_disk(tmp_path, mlp, kind):
+    """harvest(..., dtype=np.float16) stores: fit and score read them batch by batch (converting each
+    batch), giving the model and score of the same values in float32; a NaN is found by the pass."""
+    from sklearn_jsae._backend import train as train_module
+    from sklearn_jsae.exceptions import NonFiniteTrainingError
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(600, 6)).astype(np.float16)
+    path = tmp_path / "X16.npy"
+    np.save(path, values)
+    store = np.load(path, mmap_mode="r")
+    settings = dict(SMALL, batch_size=64, max_iter=2)
+
+    def make():
+        return JacobianSparseAutoencoder(mlp=mlp, **settings) if kind == "jsae" else TopKSparseAutoencoder(**settings)
+
+    converted = []
+    real_rows = train_module._Rows
+
+    def rows_of(X, *args, **kwargs):  # what fit hands to the backend: the store itself, not a copy
+        converted.append(X.dtype)
+        return real_rows(X, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "_Rows", rows_of)
+        from_store = make().fit(store)
+    assert converted and set(converted) == {np.dtype(np.float16)}
+    from_values = make().fit(values.astype(np.float32))
+    side = (lambda est: est.input_sae_) if kind == "jsae" else (lambda est: est)
+    np.testing.assert_array_equal(side(from_store).components_, side(from_values).components_)
+    assert from_store.score(store) == pytest.approx(from_values.score(values.astype(np.float32)), abs=1e-9)
+    broken = values.copy()
+    broken[250, 1] = np.nan
+    np.save(path, broken)
+    with pytest.raises(NonFiniteTrainingError, match=r"X contain NaN or inf on 1 of rows .* \(first: \[250\]\)"):
+        make().fit(np.load(path, mmap_mode="r"))
+
+
 def test_transform_with_wrong_width_after_fit(X, mlp):
     jsae = JacobianSparseAutoencoder(mlp=mlp, **SMALL).fit(X)
     with pytest.raises(ValueError, match="X has 5 features, but JacobianSparseAutoencoder is expecting 6"):
