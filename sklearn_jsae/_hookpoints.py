@@ -22,8 +22,9 @@ class MLPHookpoints:
     ``prefix`` is the base model's attribute in its ``*ForCausalLM`` class (``"transformer"``,
     ``"model"``, ...), so ``f"{prefix}.{input}"`` is the name SAELens' ``HookedProxyLM`` hooks.
     ``model_name`` is ``model.name_or_path`` (a hub id or a local folder), None when empty.
-    ``lens``: a TransformerLens model, whose names are its hook points (``blocks.3.ln2.hook_normalized``,
-    ``blocks.3.hook_mlp_out``), the names SAELens hooks on a ``HookedTransformer``; sparsify has none.
+    ``lens``: a TransformerLens model, whose names are its hook points
+    (``blocks.3.ln2.hook_normalized``, ``blocks.3.hook_mlp_out``), the names SAELens hooks on a
+    ``HookedTransformer``; sparsify has none.
     """
 
     input: str | None
@@ -45,7 +46,8 @@ class _Reached(Exception):
 
 
 def mlp_hookpoints(model, layer) -> MLPHookpoints:
-    """The hookpoints of block ``layer``'s MLP in ``model`` (a supported Hugging Face model)."""
+    """The hookpoints of block ``layer``'s MLP in ``model`` (a supported Hugging Face or
+    TransformerLens model)."""
     import torch
 
     from .hf._adapters import _eval_mode, _is_transformer_lens, _layout, _unwrap, run_model
@@ -74,8 +76,8 @@ def mlp_hookpoints(model, layer) -> MLPHookpoints:
         raise _Reached
 
     lens = _is_transformer_lens(inner)
-    # TransformerLens hooks only its HookPoint modules (an unfolded LayerNorm's output is none:
-    # its hook_normalized comes before the affine weights; there use_hook_mlp_in gives one)
+    # TransformerLens hooks only its HookPoint modules, and an unfolded LayerNorm's output is none
+    # (its hook_normalized comes before the affine weights): then there is no input hook name
     handles = [module.register_forward_hook(recorder(f"{block_name}.{name}" if name else block_name))
                for name, module in layout.block.named_modules()
                if id(module) not in inside_mlp and (not lens or type(module).__name__ == "HookPoint")]

@@ -287,8 +287,8 @@ def _build(layout: _Layout):
             return ElementwiseMLP(cpu32("W_in"), cpu32("b_in"), cpu32("W_out"), cpu32("b_out"), name)
         # act(x W_gate) * (x W_in) + b_in, then W_out: b_in adds b_in W_out to the output bias
         W_out = cpu32("W_out")
-        return GatedMLP(cpu32("W_gate"), cpu32("W_in"), W_out, None, None, cpu32("b_out") + cpu32("b_in") @ W_out,
-                        activation=name)
+        b_down = cpu32("b_out") + cpu32("b_in") @ W_out
+        return GatedMLP(cpu32("W_gate"), cpu32("W_in"), W_out, None, None, b_down, activation=name)
     if layout.family == "fused_gated":
         gate_up, down = layout.linears
         W_gate_up, b_gate_up = _affine(gate_up, f"{where} mlp.gate_up_proj")
