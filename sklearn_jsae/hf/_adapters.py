@@ -358,13 +358,17 @@ def mlp_of(model, layer, *, verify=True):
         residual addition and any output normalisation).  Weights are copies; the model
         is not modified.  ``mlp.to(torch.float64)`` gives a float64 copy of the same map.
 
-        - GPT-2, GPT-J, GPT-NeoX, Phi, BERT, DistilBERT, OPT: :class:`~sklearn_jsae.mlp.ElementwiseMLP`,
+        - GPT-2, GPT-J, GPT-NeoX, Phi, BERT, DistilBERT, OPT:
+          :class:`~sklearn_jsae.mlp.ElementwiseMLP`,
           ``act(x @ W_in + b_in) @ W_out + b_out`` (GPT-2's ``gelu_new`` is ``"gelu_tanh"``,
           BERT's and Pythia's ``gelu`` the exact erf GELU).
         - LLaMA-style: :class:`~sklearn_jsae.mlp.GatedMLP`,
           ``(silu(x @ W_gate) * (x @ W_up)) @ W_down`` (biases only if the model has them).
         - Phi-3-style: the same :class:`~sklearn_jsae.mlp.GatedMLP`, with ``W_gate`` and ``W_up``
           the first and second half of the fused ``gate_up_proj``.
+        - TransformerLens: :class:`~sklearn_jsae.mlp.ElementwiseMLP` or, for gated MLPs,
+          :class:`~sklearn_jsae.mlp.GatedMLP` (TransformerLens adds ``b_in`` after the product;
+          it is folded into the output bias).
 
     Raises
     ------
