@@ -158,7 +158,9 @@ def test_score_is_the_explained_variance_of_the_reconstructions(fitted_small, X,
 
 
 def test_score_of_a_memmap_checks_each_batch_and_names_the_row(fitted_small, X, tmp_path):
-    from sklearn_jsae.metrics import reconstruction_metrics
+    """score and the metrics read a memmap batch by batch, without scanning it first: each batch
+    is checked, and the error names the row."""
+    from sklearn_jsae.metrics import global_jacobian_sparsity, jacobian_sparsity, reconstruction_metrics
 
     path = tmp_path / "X.npy"
     store = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=X.shape)
@@ -173,10 +175,19 @@ def test_score_of_a_memmap_checks_each_batch_and_names_the_row(fitted_small, X, 
             estimator.score(mapped)
     with pytest.raises(ValueError, match=message):  # in the fifth batch
         reconstruction_metrics(fitted_small, mapped, batch_size=100)
+    for metric in (jacobian_sparsity, global_jacobian_sparsity):
+        with pytest.raises(ValueError, match=message):
+            metric(fitted_small, mapped)
     with pytest.raises(ValueError, match="Input X contains NaN"):  # in memory: scanned up front
         fitted_small.score(np.array(mapped))
     clean = np.load(path, mmap_mode="r")[:400]
     assert fitted_small.score(clean) == pytest.approx(fitted_small.score(X[:400]), abs=1e-12)
+    assert jacobian_sparsity(fitted_small, clean) == jacobian_sparsity(fitted_small, X[:400])
+    half = tmp_path / "X16.npy"  # a float16 store: read as its float32 values, batch by batch
+    np.save(half, X[:400].astype(np.float16))
+    values = X[:400].astype(np.float16).astype(np.float32)
+    assert global_jacobian_sparsity(fitted_small, np.load(half, mmap_mode="r")) == global_jacobian_sparsity(
+        fitted_small, values)
 
 
 def test_fit_averages_jacobian_over_the_row_limit(X, gelu_mlp, monkeypatch):

@@ -12,7 +12,7 @@ import torch
 from .jacobian import jacobian_blocks
 from .mlp import placed
 from .sae import SAEParams, encode
-from .train import _Rows
+from .train import _Rows, check_finite_batch
 
 # Upper bound on the elements of one (B, k, d_mlp) intermediate of the Jacobian.
 _JACOBIAN_CHUNK_ELEMENTS = 1 << 25
@@ -62,7 +62,8 @@ def iter_jacobian_blocks(mlp_map, params_x: SAEParams, params_y: SAEParams, X: n
     width = projection.shape[1] if projection is not None else max(mlp_map.d_in, mlp_map.d_out)
     batch_size = batch_size or jacobian_batch_size(k, k, width)
     rows = _Rows(X, device, torch.float32, resident=False)  # one pass in order: no copy of X
-    for x in rows.batches(batch_size):
+    for start, x in zip(range(0, rows.n, batch_size), rows.batches(batch_size)):
+        check_finite_batch(x, start)  # the metrics pass a memmap they have not scanned
         with torch.no_grad():
             _, idx_x = encode(px, x, k)
             _, idx_y = encode(py, mlp_map(x), k)

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from .mlp import placed
 from .sae import SAEParams, decode, encode, pre_activations
-from .train import _Rows
+from .train import _Rows, check_finite_batch
 
 
 def _tensor_params(params: SAEParams, device, dtype=torch.float32) -> SAEParams:
@@ -39,18 +39,6 @@ def latent_values(params: SAEParams, z: torch.Tensor, k: int, latents: torch.Ten
 
 
 @torch.no_grad()
-def _check_finite_batch(x: torch.Tensor, start: int) -> None:
-    """Raise on the first row of the batch (rows ``start`` on) with NaN, inf or a value beyond
-    float32's range (read as inf): a memmap is not scanned before the pass."""
-    bad = ~torch.isfinite(x).all(dim=1)
-    if bool(bad.any()):
-        row = start + int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"X has NaN, inf or values beyond float32's range (about 3.4e38) in row {row}; remove or "
-            f"clip those rows (e.g. X[np.isfinite(X).all(axis=1)]) before measuring."
-        )
-
-
 def reconstruction_statistics(params_x: SAEParams, params_y: SAEParams | None, mlp_map, X: np.ndarray,
                               k_x: int, k_y: int | None, device="cpu", batch_size=4096) -> dict:
     """One pass over the rows of X: per side, the sums that FVU, L0 and dead fractions need.
@@ -74,7 +62,7 @@ def reconstruction_statistics(params_x: SAEParams, params_y: SAEParams | None, m
     rows = _Rows(X, device, torch.float32, resident=False)  # one pass: no copy of X
     start = 0
     for x in rows.batches(batch_size):
-        _check_finite_batch(x, start)
+        check_finite_batch(x, start)
         start += x.shape[0]
         data = {"input": x}
         if "output" in sides:

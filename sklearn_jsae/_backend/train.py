@@ -168,6 +168,19 @@ def _file_rows(X) -> _FileRows | None:
     return _FileRows(base.filename, base.offset + start, row_bytes, X.dtype, X.shape[1:])
 
 
+def check_finite_batch(x: torch.Tensor, start: int) -> None:
+    """Raise on the first row of the batch (rows ``start`` on) with NaN, inf or a value beyond
+    float32's range (read as inf): a pass over a memmap that was not scanned first (inference
+    and the metrics; training reports its own with :class:`NonFiniteTrainingError`)."""
+    bad = ~torch.isfinite(x).all(dim=1)
+    if bool(bad.any()):
+        row = start + int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"X has NaN, inf or values beyond float32's range (about 3.4e38) in row {row}; remove or "
+            f"clip those rows (e.g. X[np.isfinite(X).all(axis=1)]) before measuring."
+        )
+
+
 class _Rows:
     """Minibatches of a (possibly memory-mapped) numpy array as tensors on ``device``.
 

@@ -44,7 +44,7 @@ def _entry_batches(source, X):
     _check_jsae(source)
     if X is None:
         raise ValueError("X is required with a fitted estimator: pass the MLP inputs to evaluate on.")
-    X = _validate_X(source, X, reset=False)
+    X = _validate_X(source, X, reset=False, checked_in_batches=True)  # a memmap: batch by batch
     for J, idx_y, idx_x in source._iter_blocks(X):
         B, k_out, k_in = J.shape
         t = np.repeat(np.arange(B), k_out * k_in)
