@@ -58,6 +58,13 @@ class _Stream:
             return False
         self.n_read += 1
         chunk = _unpack(chunk, self.n_read)
+        shape = getattr(chunk, "shape", None)
+        if shape is not None and len(shape) == 2 and shape[0] == 0:  # a filter that kept no rows
+            width = getattr(self.estimator, "n_features_in_", None)
+            if reset or width is None or shape[1] == width:
+                return True  # nothing to train on; the next batch is read
+            raise ValueError(f"batch {self.n_read} of batches: X has {shape[1]} features, but "
+                             f"{type(self.estimator).__name__} is expecting {width} features as input.")
         try:
             chunk = _validate_X(self.estimator, chunk, reset=reset)
         except ValueError as exc:  # which batch: the stream may be long

@@ -211,6 +211,12 @@ def test_fit_stream_names_the_bad_batch_and_a_source_that_is_not_iterable(kind):
     narrow = good[:50, :5]
     with pytest.raises(ValueError, match="batch 3 of batches: X has 5 features"):
         est.fit_stream(iter([good[:200], good[200:], narrow]), n_statistics=100)
+    empty = good[:0]  # a batch a filter left empty is skipped (one of another width is not)
+    skipping = _estimator(kind, None, n_components=16, k=2, batch_size=64, device="cpu", random_state=0)
+    skipping.fit_stream(iter([empty, good[:200], empty, good[200:], empty]), n_statistics=100)
+    assert sum(row["tokens"] for row in skipping.history_) == len(good)
+    with pytest.raises(ValueError, match="batch 3 of batches: X has 5 features, but .* is expecting 6"):
+        est.fit_stream(iter([good[:200], good[200:], good[:0, :5]]), n_statistics=100)
     broken = good[:50].copy()
     broken[7, 2] = np.nan
     with pytest.raises(ValueError, match="batch 2 of batches: Input X contains NaN"):
