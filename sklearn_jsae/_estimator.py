@@ -430,7 +430,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
             through a shuffle buffer), any generator of arrays or torch tensors, or a torch
             ``DataLoader`` over ``TensorDataset(X)`` (its one-item batches ``[x]`` are read as
             ``x``).  Rows are used in the order they come: the stream must mix them.  Rows are
-            re-cut into ``batch_size`` batches.
+            re-cut into ``batch_size`` batches; empty batches are skipped.
         n_statistics : int, default=16384
             Rows read first to measure the data scales ``c_x``, ``c_y`` and the initial decoder
             biases (then trained on like any others).

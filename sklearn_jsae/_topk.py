@@ -348,7 +348,7 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
             through a shuffle buffer), any generator of arrays or torch tensors, or a torch
             ``DataLoader`` over ``TensorDataset(X)`` (its one-item batches ``[x]`` are read as
             ``x``).  Rows are used in the order they come: the stream must mix them.  Rows are
-            re-cut into ``batch_size`` batches.
+            re-cut into ``batch_size`` batches; empty batches are skipped.
         n_statistics : int, default=16384
             Rows read first to measure the data scale ``scale_`` and the initial decoder bias
             (then trained on like any others).
