@@ -588,7 +588,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         """Input-side codes (n_samples, n_components), at most k non-zeros per row: SciPy CSR, or a
         dense float32 ndarray with ``sparse_output=False``."""
         check_is_fitted(self)
-        X = _validate_X(self, X, reset=False)
+        X = _validate_X(self, X, reset=False, checked_in_batches=True)
         values, indices = self.input_sae_._codes(X, _inference_device(self))
         return _codes_output(self, values, indices, self._n_latents_in)
 
@@ -601,7 +601,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         :meth:`get_output_feature_names_out` columns under ``set_output(transform="pandas")``).
         """
         check_is_fitted(self)
-        X_valid = _validate_X(self, X, reset=False)
+        X_valid = _validate_X(self, X, reset=False, checked_in_batches=True)
         values, indices = self._output_codes(X_valid)
         codes = _codes_output(self, values, indices, self.output_sae_.components_.shape[0], OutputCodes)
         container = _get_output_config("transform", self)["dense"]
@@ -613,7 +613,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
     def mlp_outputs(self, X):
         """The true MLP outputs ``mlp(X)``, float32 ``(n_samples, n_output_features_)``."""
         check_is_fitted(self)
-        X = _validate_X(self, X, reset=False)
+        X = _validate_X(self, X, reset=False, checked_in_batches=True)
         return self._mlp_outputs(X)
 
     def inverse_transform(self, X):
@@ -653,7 +653,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
             sample's k × k active block is stored (at most k² entries per sample).
         """
         check_is_fitted(self)
-        X = _validate_X(self, X, reset=False)
+        X = _validate_X(self, X, reset=False, checked_in_batches=True)
         shape = (X.shape[0], self.output_sae_.components_.shape[0], self._n_latents_in)
         return blocks_to_coo(self._iter_blocks(X), shape)
 

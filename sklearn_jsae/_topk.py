@@ -460,7 +460,7 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         """Codes of shape (n_samples, n_components) with at most k non-zeros per row: SciPy CSR, or a
         dense float32 ndarray with ``sparse_output=False``."""
         check_is_fitted(self)
-        X = _validate_X(self, X, reset=False)
+        X = _validate_X(self, X, reset=False, checked_in_batches=True)
         values, indices = self._codes(X)
         return _codes_output(self, values, indices, self.components_.shape[0])
 

@@ -178,6 +178,10 @@ def test_score_of_a_memmap_checks_each_batch_and_names_the_row(fitted_small, X, 
     for metric in (jacobian_sparsity, global_jacobian_sparsity):
         with pytest.raises(ValueError, match=message):
             metric(fitted_small, mapped)
+    for method in (fitted_small.transform, fitted_small.transform_output, fitted_small.mlp_outputs,
+                   fitted_small.jacobian, fitted_small.input_sae_.transform):
+        with pytest.raises(ValueError, match=message):
+            method(mapped)
     with pytest.raises(ValueError, match="Input X contains NaN"):  # in memory: scanned up front
         fitted_small.score(np.array(mapped))
     clean = np.load(path, mmap_mode="r")[:400]
@@ -186,8 +190,12 @@ def test_score_of_a_memmap_checks_each_batch_and_names_the_row(fitted_small, X, 
     half = tmp_path / "X16.npy"  # a float16 store: read as its float32 values, batch by batch
     np.save(half, X[:400].astype(np.float16))
     values = X[:400].astype(np.float16).astype(np.float32)
-    assert global_jacobian_sparsity(fitted_small, np.load(half, mmap_mode="r")) == global_jacobian_sparsity(
-        fitted_small, values)
+    store = np.load(half, mmap_mode="r")
+    assert global_jacobian_sparsity(fitted_small, store) == global_jacobian_sparsity(fitted_small, values)
+    assert (fitted_small.transform(store) != fitted_small.transform(values)).nnz == 0
+    assert (fitted_small.transform_output(store) != fitted_small.transform_output(values)).nnz == 0
+    np.testing.assert_array_equal(fitted_small.mlp_outputs(store), fitted_small.mlp_outputs(values))
+    np.testing.assert_array_equal(fitted_small.jacobian(store).toarray(), fitted_small.jacobian(values).toarray())
 
 
 def test_fit_averages_jacobian_over_the_row_limit(X, gelu_mlp, monkeypatch):

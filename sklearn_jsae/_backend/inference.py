@@ -34,7 +34,8 @@ def encode_rows(params: SAEParams, X: np.ndarray, k: int, device="cpu", batch_si
     mlp_map = None if mlp_map is None else placed(mlp_map, device, torch.float32)
     rows = _Rows(X, device, torch.float32, resident=False)  # one pass in order: no copy of X
     values, indices = [], []
-    for x in rows.batches(batch_size):
+    for start, x in zip(range(0, rows.n, batch_size), rows.batches(batch_size)):
+        check_finite_batch(x, start)  # a memmap is not scanned before the pass
         v, i = encode(params, x if mlp_map is None else mlp_map(x), k)
         values.append(v.cpu().numpy())
         indices.append(i.cpu().numpy())
@@ -46,7 +47,11 @@ def map_rows(mlp_map, X: np.ndarray, device="cpu", batch_size=4096) -> np.ndarra
     """``mlp_map(X)`` as float32 numpy (n, d_out)."""
     mlp_map = placed(mlp_map, device, torch.float32)
     rows = _Rows(X, device, torch.float32, resident=False)  # one pass in order: no copy of X
-    return np.concatenate([mlp_map(x).cpu().numpy() for x in rows.batches(batch_size)])
+    outputs = []
+    for start, x in zip(range(0, rows.n, batch_size), rows.batches(batch_size)):
+        check_finite_batch(x, start)  # a memmap is not scanned before the pass
+        outputs.append(mlp_map(x).cpu().numpy())
+    return np.concatenate(outputs)
 
 
 def iter_jacobian_blocks(mlp_map, params_x: SAEParams, params_y: SAEParams, X: np.ndarray, k: int,
