@@ -12,7 +12,7 @@ import torch
 from .jacobian import jacobian_blocks
 from .mlp import placed
 from .sae import SAEParams, encode
-from .train import _Rows, check_finite_batch
+from .train import _Rows
 
 # Upper bound on the elements of one (B, k, d_mlp) intermediate of the Jacobian.
 _JACOBIAN_CHUNK_ELEMENTS = 1 << 25
@@ -34,8 +34,7 @@ def encode_rows(params: SAEParams, X: np.ndarray, k: int, device="cpu", batch_si
     mlp_map = None if mlp_map is None else placed(mlp_map, device, torch.float32)
     rows = _Rows(X, device, torch.float32, resident=False)  # one pass in order: no copy of X
     values, indices = [], []
-    for start, x in zip(range(0, rows.n, batch_size), rows.batches(batch_size)):
-        check_finite_batch(x, start)  # a memmap is not scanned before the pass
+    for x in rows.batches(batch_size, check_finite=True):  # X may be a memmap nobody scanned
         v, i = encode(params, x if mlp_map is None else mlp_map(x), k)
         values.append(v.cpu().numpy())
         indices.append(i.cpu().numpy())
@@ -47,11 +46,7 @@ def map_rows(mlp_map, X: np.ndarray, device="cpu", batch_size=4096) -> np.ndarra
     """``mlp_map(X)`` as float32 numpy (n, d_out)."""
     mlp_map = placed(mlp_map, device, torch.float32)
     rows = _Rows(X, device, torch.float32, resident=False)  # one pass in order: no copy of X
-    outputs = []
-    for start, x in zip(range(0, rows.n, batch_size), rows.batches(batch_size)):
-        check_finite_batch(x, start)  # a memmap is not scanned before the pass
-        outputs.append(mlp_map(x).cpu().numpy())
-    return np.concatenate(outputs)
+    return np.concatenate([mlp_map(x).cpu().numpy() for x in rows.batches(batch_size, check_finite=True)])
 
 
 def iter_jacobian_blocks(mlp_map, params_x: SAEParams, params_y: SAEParams, X: np.ndarray, k: int,
@@ -67,8 +62,7 @@ def iter_jacobian_blocks(mlp_map, params_x: SAEParams, params_y: SAEParams, X: n
     width = projection.shape[1] if projection is not None else max(mlp_map.d_in, mlp_map.d_out)
     batch_size = batch_size or jacobian_batch_size(k, k, width)
     rows = _Rows(X, device, torch.float32, resident=False)  # one pass in order: no copy of X
-    for start, x in zip(range(0, rows.n, batch_size), rows.batches(batch_size)):
-        check_finite_batch(x, start)  # the metrics pass a memmap they have not scanned
+    for x in rows.batches(batch_size, check_finite=True):  # X may be a memmap nobody scanned
         with torch.no_grad():
             _, idx_x = encode(px, x, k)
             _, idx_y = encode(py, mlp_map(x), k)

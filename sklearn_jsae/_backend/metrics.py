@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from .mlp import placed
 from .sae import SAEParams, decode, encode, pre_activations
-from .train import _Rows, check_finite_batch
+from .train import _Rows
 
 
 def _tensor_params(params: SAEParams, device, dtype=torch.float32) -> SAEParams:
@@ -60,10 +60,7 @@ def reconstruction_statistics(params_x: SAEParams, params_y: SAEParams | None, m
         for name, p in tensors.items()
     }
     rows = _Rows(X, device, torch.float32, resident=False)  # one pass: no copy of X
-    start = 0
-    for x in rows.batches(batch_size):
-        check_finite_batch(x, start)
-        start += x.shape[0]
+    for x in rows.batches(batch_size, check_finite=True):  # X may be a memmap nobody scanned
         data = {"input": x}
         if "output" in sides:
             data["output"] = mlp_map(x)

@@ -168,19 +168,6 @@ def _file_rows(X) -> _FileRows | None:
     return _FileRows(base.filename, base.offset + start, row_bytes, X.dtype, X.shape[1:])
 
 
-def check_finite_batch(x: torch.Tensor, start: int) -> None:
-    """Raise on the first row of the batch (rows ``start`` on) with NaN, inf or a value beyond
-    float32's range (read as inf): a pass over a memmap that was not scanned first (inference
-    and the metrics; training reports its own with :class:`NonFiniteTrainingError`)."""
-    bad = ~torch.isfinite(x).all(dim=1)
-    if bool(bad.any()):
-        row = start + int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"X has NaN, inf or values beyond float32's range (about 3.4e38) in row {row}; remove or "
-            f"clip those rows (e.g. X[np.isfinite(X).all(axis=1)]) before measuring."
-        )
-
-
 class _Rows:
     """Minibatches of a (possibly memory-mapped) numpy array as tensors on ``device``.
 
@@ -220,10 +207,24 @@ class _Rows:
             release_pages(self.X)
         return torch.as_tensor(rows).to(device=self.device, dtype=self.dtype)
 
-    def batches(self, batch_size: int, order: torch.Tensor | None = None):
+    def batches(self, batch_size: int, order: torch.Tensor | None = None, check_finite: bool = False):
+        """Batches of ``batch_size`` rows in ``order`` (default: the rows in order).  With
+        ``check_finite`` (a pass over X that was not scanned first: inference and the metrics on a
+        memmap), a batch with NaN, inf or a value beyond float32's range raises, naming the row;
+        training reports its own with :class:`NonFiniteTrainingError`."""
         order = torch.arange(self.n, device="cpu") if order is None else order  # indices stay on the CPU
         for start in range(0, len(order), batch_size):
-            yield self.take(order[start : start + batch_size])
+            index = order[start : start + batch_size]
+            x = self.take(index)
+            if check_finite:
+                bad = ~torch.isfinite(x).all(dim=1)
+                if bool(bad.any()):
+                    row = int(index[int(bad.nonzero()[0, 0])])
+                    raise ValueError(
+                        f"X has NaN, inf or values beyond float32's range (about 3.4e38) in row {row}; "
+                        f"remove or clip those rows (e.g. X[np.isfinite(X).all(axis=1)]) before measuring."
+                    )
+            yield x
 
 
 @torch.no_grad()
