@@ -397,7 +397,7 @@ def test_checkpoint_is_safetensors_and_json_not_a_pickle(X, mlp, tmp_path):
 STREAM_KILL_SCRIPT = textwrap.dedent("""
     import sys, numpy as np, torch, transformers
     torch.set_num_threads(1)
-    from sklearn_jsae import JacobianSparseAutoencoder
+    from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
     from sklearn_jsae.hf import ActivationStream, mlp_of
     torch.manual_seed(0)
     model = transformers.GPT2Model(transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32,
@@ -405,19 +405,25 @@ STREAM_KILL_SCRIPT = textwrap.dedent("""
     ids = np.random.default_rng(0).integers(0, 59, size=(700, 12))
     stream = ActivationStream(model, 1, input_ids=ids, batch_size=48, buffer_size=480, seed=2)
     folder, out = sys.argv[1], sys.argv[2]
-    jsae = JacobianSparseAutoencoder(mlp_of(model, 1), n_components=48, k=4, batch_size=64, n_tokens=7000,
-                                     device="cpu", random_state=0, checkpoint_every=1,
-                                     checkpoint_dir=None if folder == "-" else folder)
-    jsae.fit_stream(stream, n_statistics=500)
-    np.savez(out, E_x=jsae.input_sae_.encoder_, E_y=jsae.output_sae_.encoder_, W_y=jsae.output_sae_.components_,
-             loss=np.array([row["loss"] for row in jsae.history_]), tokens=np.array([r["tokens"] for r in jsae.history_]))
+    settings = dict(n_components=48, k=4, batch_size=64, n_tokens=7000, device="cpu", random_state=0,
+                    checkpoint_every=1, checkpoint_dir=None if folder == "-" else folder)
+    if KIND == "jsae":
+        est = JacobianSparseAutoencoder(mlp_of(model, 1), **settings).fit_stream(stream, n_statistics=500)
+        sides = dict(E_x=est.input_sae_.encoder_, E_y=est.output_sae_.encoder_, W_y=est.output_sae_.components_)
+    else:  # one SAE on the same stream
+        est = TopKSparseAutoencoder(**settings).fit_stream(stream, n_statistics=500)
+        sides = dict(E_x=est.encoder_, W_x=est.components_)
+    np.savez(out, **sides, loss=np.array([row["loss"] for row in est.history_]),
+             tokens=np.array([r["tokens"] for r in est.history_]))
 """)
 
 
-def test_sigkill_of_a_stream_fit_then_resume_repeats_and_skips_no_token(tmp_path):
+@pytest.mark.parametrize("kind", ["jsae", "topk"])
+def test_sigkill_of_a_stream_fit_then_resume_repeats_and_skips_no_token(tmp_path, kind):
     """The same kill test for fit_stream: the checkpoint holds the stream's buffer and position."""
     pytest.importorskip("transformers")
-    expected, got, kills = _kill_and_resume(STREAM_KILL_SCRIPT, tmp_path, max_kills=3, seed=99, max_delay=0.3)
+    script = STREAM_KILL_SCRIPT.replace("KIND ==", f"{kind!r} ==")
+    expected, got, kills = _kill_and_resume(script, tmp_path, max_kills=3, seed=99, max_delay=0.3)
     assert kills >= 2, f"only {kills} kills landed before the fit finished"
     assert int(got["tokens"].sum()) == 7000
     for name in expected.files:

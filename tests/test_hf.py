@@ -804,12 +804,20 @@ def test_transformer_lens_hook_names_are_where_harvest_reads(tmp_path):
     X, Y = harvest(folded, 1, input_ids=ids, progress=False)
     _, cache = folded.run_with_cache(ids)
     sae = TopKSparseAutoencoder(16, k=2, max_iter=2, batch_size=8, random_state=0).fit(X)
+    sae_lens = require("sae_lens")
     for side, rows in (("input", X), ("output", Y)):
         folder = to_saelens(sae, tmp_path / side, side=side, model=folded, layer=1)
         with open(os.path.join(folder, "cfg.json")) as f:
             meta = json.load(f)["metadata"]
         assert "model_class_name" not in meta  # SAELens' default: HookedTransformer
-        np.testing.assert_array_equal(cache[meta["hook_name"]].reshape(-1, 32).numpy(), rows)
+        hooked = cache[meta["hook_name"]].reshape(-1, 32)
+        np.testing.assert_array_equal(hooked.numpy(), rows)
+        # SAELens loads it, and encodes what its hook point holds as our transform codes the rows
+        loaded = sae_lens.SAE.load_from_disk(folder)
+        assert loaded.cfg.metadata.hook_name == meta["hook_name"]
+        with torch.no_grad():
+            np.testing.assert_allclose(loaded.encode(hooked).numpy(), sae.transform(rows).toarray(),
+                                       rtol=1e-5, atol=1e-5)
     assert meta["hook_name"] == "blocks.1.hook_mlp_out"
     with pytest.raises(ValueError, match="sparsify trains on Hugging Face models"):
         to_sparsify(sae, tmp_path / "sparsify", side="output", model=folded, layer=1)
