@@ -122,9 +122,10 @@ def _chosen_sae(estimator, side):
     )
 
 
-def _hooks(model, layer, side, named: bool):
+def _hooks(model, layer, side, named: bool, library: str):
     """The :class:`~sklearn_jsae._hookpoints.MLPHookpoints` of ``model``/``layer``, or None.
-    ``named``: the caller gave the hook name, so a missing derived one is no error."""
+    ``named``: the caller gave the hook name, so a missing derived one is no error; ``library``
+    ("saelens" or "sparsify"): whose name must exist."""
     if model is None and layer is None:
         return None
     if model is None or layer is None:
@@ -140,13 +141,16 @@ def _hooks(model, layer, side, named: bool):
     from ._hookpoints import mlp_hookpoints
 
     hooks = mlp_hookpoints(model, layer)
-    if side == "input" and hooks.input is None and not named:
+    name = hooks.saelens(side) if library == "saelens" else hooks.sparsify(side)
+    if name is None and not named:
         lens = (f" (TransformerLens: with LayerNorm weights folded into the MLP, fold_ln=True as "
                 f"from_pretrained does by default, blocks.{layer}.ln2.hook_normalized is the MLP input)"
                 if hooks.lens else "")
+        where = ("no hook point of the TransformerBridge's block" if library == "saelens" and hooks.bridge
+                 else "no module of layer")
         raise ValueError(
-            f"no module of layer {layer} outputs exactly the MLP input of {type(model).__name__}, so "
-            f"there is no hook name for side='input'; pass it yourself (hook_name= or hookpoint=){lens}."
+            f"{where} {layer} outputs exactly the MLP {side} of {type(model).__name__}, so "
+            f"there is no hook name for side={side!r}; pass it yourself (hook_name= or hookpoint=){lens}."
         )
     return hooks
 
@@ -200,12 +204,15 @@ def to_saelens(estimator, path, *, side=None, model=None, layer=None, model_name
     side : {"input", "output"} or None, default=None
         Which SAE of a JSAE; for a TopKSparseAutoencoder, only needed with ``model``/``layer``
         (to say whether it was trained on the MLP's inputs or outputs).
-    model : transformers model or transformer_lens.HookedTransformer, optional
+    model : transformers model, transformer_lens.HookedTransformer or TransformerBridge, optional
         With ``layer``: fill ``model_name``, ``hook_name`` and (with the derived hook name)
         ``model_class_name`` from the Hugging Face model the activations came from (see the
         module docstring); for a TransformerLens model, its hook point names
         (``blocks.3.ln2.hook_normalized``, which needs ``fold_ln=True``, and
-        ``blocks.3.hook_mlp_out``) for SAELens' default model class.
+        ``blocks.3.hook_mlp_out``) for SAELens' default model class; for a ``TransformerBridge``,
+        its hook points that hold exactly the harvested rows (``blocks.3.mlp.hook_in`` on Llama,
+        ``blocks.3.hook_mlp_in`` on BERT; ``blocks.3.hook_mlp_out``), where SAELens'
+        ``SAETransformerBridge`` attaches the SAE.
     layer : int, optional
         The block index passed to :func:`sklearn_jsae.hf.harvest`.
     model_name, hook_name : str, optional
@@ -220,15 +227,16 @@ def to_saelens(estimator, path, *, side=None, model=None, layer=None, model_name
         The folder written.
     """
     sae, side = _chosen_sae(estimator, side)
-    hooks = _hooks(model, layer, side, named=hook_name is not None)
+    hooks = _hooks(model, layer, side, named=hook_name is not None, library="saelens")
     meta = {"sae_lens_version": SAELENS_LAYOUT_VERSION, "sae_lens_training_version": None,
             "model_name": None, "hook_name": None, "hook_head_index": None}
     if hooks is not None:
         meta["model_name"] = hooks.model_name
         if hook_name is None:
             meta["hook_name"] = hooks.saelens(side)
-            if not hooks.lens:  # a Hugging Face module name, which HookedProxyLM hooks; a
-                # TransformerLens hook point is for SAELens' default model class, HookedTransformer
+            if not hooks.lens and hooks.bridge is None:  # a Hugging Face module name, which
+                # HookedProxyLM hooks; a TransformerLens hook point is for SAELens' default model
+                # class (HookedTransformer) and its SAETransformerBridge
                 meta["model_class_name"] = "AutoModelForCausalLM"
     if model_name is not None:
         meta["model_name"] = str(model_name)
@@ -274,9 +282,10 @@ def to_sparsify(estimator, path, *, side=None, model=None, layer=None, model_nam
         The folder to write (created; its two files are replaced).
     side : {"input", "output"} or None, default=None
         Which SAE of a JSAE; for a TopKSparseAutoencoder, only needed with ``model``/``layer``.
-    model : transformers model, optional
+    model : transformers model or transformer_lens TransformerBridge, optional
         With ``layer``: record the model name and the hookpoint (the module name relative to
-        ``model.base_model`` whose output the SAE reads, as sparsify's trainer names them).
+        ``model.base_model`` whose output the SAE reads, as sparsify's trainer names them); for a
+        ``TransformerBridge``, the names in the Hugging Face model it wraps.
     layer : int, optional
         The block index passed to :func:`sklearn_jsae.hf.harvest`.
     model_name, hookpoint : str, optional
@@ -288,7 +297,7 @@ def to_sparsify(estimator, path, *, side=None, model=None, layer=None, model_nam
         The folder written.
     """
     sae, side = _chosen_sae(estimator, side)
-    hooks = _hooks(model, layer, side, named=hookpoint is not None)
+    hooks = _hooks(model, layer, side, named=hookpoint is not None, library="sparsify")
     n, d = sae.components_.shape
     cfg = {"activation": "topk", "normalize_decoder": True, "num_latents": int(n), "k": int(sae.k),
            "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": int(d)}

@@ -20,7 +20,8 @@ downloads anything: every function takes a model object.
 Supported architectures (:data:`SUPPORTED_ARCHITECTURES`): GPT-2, GPT-BigCode, GPT-J,
 GPT-NeoX / Pythia, Falcon, Phi, OPT, LLaMA-style gated MLPs (Llama, Mistral, Qwen2/3, Gemma 1/2,
 OLMo 2, SmolLM2, ...), Phi-3's gated MLP with a fused gate and up projection, and BERT-style
-encoders (BERT, RoBERTa, MiniLM, DistilBERT, ...).  For anything else pass a torch
+encoders (BERT, RoBERTa, MiniLM, DistilBERT, ...); TransformerLens's ``HookedTransformer`` and its
+``TransformerBridge``, read through the Hugging Face model it wraps.  For anything else pass a torch
 callable ``(n, d_in) -> (n, d_out)`` as ``JacobianSparseAutoencoder(mlp=...)``: its
 Jacobian is then computed exactly by autograd (slower).
 """

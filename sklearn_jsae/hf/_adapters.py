@@ -29,6 +29,7 @@ SUPPORTED_ARCHITECTURES = (
     "DistilBERT (ffn.lin1 / ffn.lin2)",
     "OPT (fc1 / fc2 on the decoder layer itself)",
     "TransformerLens HookedTransformer (blocks[i].mlp: W_in / W_out, and W_gate for gated MLPs)",
+    "TransformerLens TransformerBridge around any model above (its Hugging Face model is used)",
 )
 
 # (first linear, second linear, activation) attribute names of Linear -> act -> Linear MLPs.
@@ -84,8 +85,21 @@ class _Layout:
         return self.mlp_module(x)
 
 
+def _is_bridge(model) -> bool:
+    """A TransformerLens ``TransformerBridge``: hook points around a Hugging Face model it runs
+    as it is (``original_model``), whose weights its compatibility mode processes in place."""
+    return (any(cls.__name__ == "TransformerBridge" and cls.__module__.split(".")[0] == "transformer_lens"
+                for cls in type(model).__mro__)
+            and isinstance(model.__dict__.get("original_model"), nn.Module))
+
+
 def _unwrap(model):
-    """The transformers model inside a sentence-transformers wrapper, else ``model``."""
+    """The transformers model inside a sentence-transformers wrapper or a TransformerLens
+    ``TransformerBridge``, else ``model``."""
+    if _is_bridge(model):
+        # The bridge's forward runs these very modules (processed weights included), so the
+        # MLP, its activations and the logits read from the model are the bridge's.
+        return model.__dict__["original_model"]
     auto = getattr(model, "auto_model", None)
     if isinstance(auto, nn.Module):
         return auto
@@ -100,8 +114,9 @@ def _unwrap(model):
 
 def _is_transformer_lens(model) -> bool:
     """A TransformerLens model (``HookedTransformer``), whose forward takes token ids first and
-    returns the logits themselves."""
-    return any(cls.__module__.split(".")[0] == "transformer_lens" for cls in type(model).__mro__)
+    returns the logits themselves (a ``TransformerBridge`` is read through its Hugging Face model)."""
+    return (not _is_bridge(model)
+            and any(cls.__module__.split(".")[0] == "transformer_lens" for cls in type(model).__mro__))
 
 
 def run_model(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
@@ -175,8 +190,10 @@ def _layout(model, layer) -> _Layout:
         if isinstance(gate_up, nn.Module) and isinstance(down, nn.Module) and callable(act):
             return _Layout("fused_gated", index, block, mlp, mlp, mlp, (gate_up, down), act)
         # TransformerLens: weights as parameters of the MLP module itself, (d_model, d_mlp) layout
+        # (a TransformerBridge's MLP component wraps a Hugging Face MLP instead, matched below)
+        bridged = _wrapped(mlp) is not mlp
         W_in, W_out, act = (getattr(mlp, name, None) for name in ("W_in", "W_out", "act_fn"))
-        if isinstance(W_in, nn.Parameter) and isinstance(W_out, nn.Parameter) and callable(act):
+        if not bridged and isinstance(W_in, nn.Parameter) and isinstance(W_out, nn.Parameter) and callable(act):
             if getattr(mlp, "ln", None) is not None:  # SoLU: a LayerNorm inside the MLP
                 raise _Unsupported(_unsupported_message(
                     f"layer {index}'s MLP normalises its hidden activations ({type(mlp.ln).__name__}, "
@@ -187,6 +204,10 @@ def _layout(model, layer) -> _Layout:
             first, second, act = (getattr(mlp, n, None) for n in (first_name, second_name, act_name))
             if isinstance(first, nn.Module) and isinstance(second, nn.Module) and callable(act):
                 return _Layout("elementwise", index, block, mlp, mlp, mlp, (first, second), act)
+        if bridged and not isinstance(block, nn.ModuleList):
+            # a TransformerBridge adds an `mlp` component to blocks whose MLP is not one module
+            # (BERT's intermediate/output, OPT's fc1/fc2): the block's own modules follow
+            return _layout_of_block(block, index, model)
         children = ", ".join(name for name, _ in mlp.named_children()) or "none"
         raise _Unsupported(
             _unsupported_message(
@@ -194,6 +215,11 @@ def _layout(model, layer) -> _Layout:
                 f"{type(mlp).__name__} with sub-modules ({children}) that match no supported layout."
             )
         )
+    return _layout_of_block(block, index, model)
+
+
+def _layout_of_block(block, index, model) -> _Layout:
+    """The layout of a block without an MLP module: BERT's or OPT's."""
     intermediate, output = getattr(block, "intermediate", None), getattr(block, "output", None)
     first, second = getattr(intermediate, "dense", None), getattr(output, "dense", None)
     act = getattr(intermediate, "intermediate_act_fn", None)
@@ -212,8 +238,19 @@ def _layout(model, layer) -> _Layout:
     )
 
 
+def _wrapped(module):
+    """The module a TransformerBridge component (its ``LinearBridge``) wraps, else ``module``: the
+    bridge puts its components in place of the Hugging Face model's own, hooks around them."""
+    if type(module).__module__.split(".")[0] == "transformer_lens":
+        inner = getattr(module, "original_component", None)
+        if isinstance(inner, nn.Module):
+            return inner
+    return module
+
+
 def _affine(module: nn.Module, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Row-vector weights ``W`` (d_in, d_out) and bias (d_out,) or None, float32 on the CPU."""
+    module = _wrapped(module)
     if isinstance(module, nn.Linear):
         W = module.weight.T
     elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # GPT-2: weight is (in, out)
@@ -337,12 +374,14 @@ def mlp_of(model, layer, *, verify=True):
 
     Parameters
     ----------
-    model : transformers.PreTrainedModel or transformer_lens.HookedTransformer
+    model : transformers.PreTrainedModel, transformer_lens.HookedTransformer or TransformerBridge
         A loaded model of a supported architecture (:data:`SUPPORTED_ARCHITECTURES`), with or
         without a task head (``GPT2LMHeadModel`` and ``GPT2Model`` both work); a
         sentence-transformers ``SentenceTransformer`` is unwrapped to its transformer.  A
         TransformerLens model's MLP is read from its ``W_in``/``W_out`` (``W_gate``) parameters,
-        so folded LayerNorm weights (``fold_ln=True``) are part of it, as in TransformerLens.
+        so folded LayerNorm weights (``fold_ln=True``) are part of it, as in TransformerLens; a
+        ``TransformerBridge`` is read through the Hugging Face model it wraps and runs (with the
+        weights its compatibility mode processed in place).
     layer : int
         0-based block index; negative values count from the end.
     verify : bool, default=True
@@ -407,7 +446,7 @@ def mlp_hook_points(model, layer):
 
     Parameters
     ----------
-    model : transformers.PreTrainedModel or transformer_lens.HookedTransformer
+    model : transformers.PreTrainedModel, transformer_lens.HookedTransformer or TransformerBridge
         A model of a supported architecture.
     layer : int
         0-based block index; negative values count from the end.

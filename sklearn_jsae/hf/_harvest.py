@@ -254,7 +254,7 @@ def harvest(
 
     Parameters
     ----------
-    model : transformers.PreTrainedModel or transformer_lens.HookedTransformer
+    model : transformers.PreTrainedModel, transformer_lens.HookedTransformer or TransformerBridge
         A loaded model of a supported architecture (see :func:`mlp_of`); never downloaded here.
     layer : int
         0-based block index; negative values count from the end.

@@ -58,7 +58,7 @@ class ActivationStream:
 
     Parameters
     ----------
-    model : transformers.PreTrainedModel or transformer_lens.HookedTransformer
+    model : transformers.PreTrainedModel, transformer_lens.HookedTransformer or TransformerBridge
         A loaded model of a supported architecture (:func:`sklearn_jsae.hf.mlp_of`).  Runs in
         eval mode under ``torch.no_grad`` on its own device; the forward pass stops right after
         the layer's MLP.

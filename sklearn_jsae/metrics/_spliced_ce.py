@@ -44,8 +44,10 @@ def spliced_ce_score(model, layer, estimator, input_ids, *, attention_mask=None,
 
     Parameters
     ----------
-    model : transformers causal LM (``...ForCausalLM``) or transformer_lens.HookedTransformer
-        In eval mode during the call (its training flag is restored), never modified.
+    model : transformers causal LM (``...ForCausalLM``), transformer_lens.HookedTransformer or TransformerBridge
+        In eval mode during the call (its training flag is restored), never modified.  A
+        ``TransformerBridge`` is scored through the Hugging Face model it wraps, which its own
+        forward runs (processed weights included).
     layer : int
         0-based block index of the MLP the estimator was trained on.
     estimator : fitted JacobianSparseAutoencoder
@@ -98,6 +100,10 @@ def spliced_ce_score(model, layer, estimator, input_ids, *, attention_mask=None,
     _check_jsae(estimator)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a transformers causal LM (a torch.nn.Module), got {type(model).__name__}.")
+    from ..hf._adapters import _is_bridge, _unwrap
+
+    if _is_bridge(model):
+        model = _unwrap(model)
     batch_size = _check_positive_int(batch_size, "batch_size")
     ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
     if ids.ndim != 2 or ids.shape[1] < 2:
