@@ -191,7 +191,10 @@ def _bridge_hook_names(bridge, layout, ids) -> tuple[str | None, str | None]:
         ranked = [block + name for name in preferred] + sorted(n for n in cache.keys() if n.startswith(block))
         for name in ranked:
             value = cache[name] if name in cache else None
-            if isinstance(value, torch.Tensor) and value.shape == target.shape and torch.equal(value, target):
+            # rows of the last dimension: OPT calls its MLP on (n_seq · seq_len, d) tokens
+            if (isinstance(value, torch.Tensor) and value.shape[-1:] == target.shape[-1:]
+                    and value.numel() == target.numel()
+                    and torch.equal(value.reshape(-1, value.shape[-1]), target.reshape(-1, target.shape[-1]))):
                 return name
         return None
 

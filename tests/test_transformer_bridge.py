@@ -3,7 +3,7 @@ around a Hugging Face model that it runs itself, with bridge components put in p
 model's own modules.  mlp_of, harvest, ActivationStream and spliced_ce_score read it through that
 model; to_saelens names its hook points, which SAELens' SAETransformerBridge hooks.
 
-The models are tiny random Llama (gated MLP) and BERT ones built from a config, booted with a
+The models are tiny random GPT-2, Pythia, OPT, Llama (gated MLP) and BERT ones built from a config, booted with a
 word-level tokenizer built here: nothing is downloaded (the bridge reads the config from a folder).
 """
 
@@ -27,6 +27,8 @@ from sklearn_jsae.mlp import ElementwiseMLP, GatedMLP  # noqa: E402
 V = 100
 # kind -> (the bridge's hook point of the MLP input, the closed-form class)
 KINDS = {"llama": ("blocks.1.mlp.hook_in", GatedMLP), "bert": ("blocks.1.hook_mlp_in", ElementwiseMLP)}
+# GPT-2's Conv1D, Pythia's, OPT's MLP on the decoder layer itself, gated, BERT's
+LAYOUTS = ["gpt2", "gpt_neox", "opt", "llama", "bert"]
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
@@ -50,8 +52,17 @@ def _hf_model(kind):
         with torch.no_grad():  # norm weights of 1 would hide a missing one
             for layer in model.model.layers:
                 layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
-    else:
+    elif kind == "bert":
         model = transformers.BertForMaskedLM(transformers.BertConfig(**small))
+    elif kind == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                                                     vocab_size=V))
+    elif kind == "gpt_neox":
+        model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**small))
+    else:
+        model = transformers.OPTForCausalLM(transformers.OPTConfig(
+            vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+            word_embed_proj_dim=32, max_position_embeddings=64))
     return model.eval()
 
 
@@ -98,6 +109,32 @@ def test_bridge_mlp_harvest_and_stream_match_its_hook_points(kind, compatibility
     np.testing.assert_array_equal(streamed[np.lexsort(streamed.T)], X[np.lexsort(X.T)])
 
 
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_a_bridge_reads_as_the_model_it_wraps(kind, tmp_path):
+    """On every layout (GPT-2's Conv1D, Pythia's, OPT's MLP on the decoder layer itself, gated,
+    BERT's): the bridge's MLP, rows and sparsify names are those of the same model unbridged, and
+    the SAELens hook names it gets hold exactly the rows in the bridge's own cache."""
+    bridge, _ = _bridge(kind, tmp_path / "model")
+    twin = _hf_model(kind)  # the same seed: the same weights, never bridged
+    ids = _ids()
+    X, Y = harvest(bridge, 1, input_ids=ids, progress=False)
+    X_twin, Y_twin = harvest(twin, 1, input_ids=ids, progress=False)
+    np.testing.assert_allclose(X, X_twin, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(Y, Y_twin, rtol=1e-6, atol=1e-6)
+    for name, value in mlp_of(bridge, 1).state_dict().items():
+        torch.testing.assert_close(value, mlp_of(twin, 1).state_dict()[name], rtol=0, atol=0)
+    sae = TopKSparseAutoencoder(16, k=3, max_iter=2, batch_size=8, random_state=0).fit(X)
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(ids)
+    for side, rows in (("input", X), ("output", Y)):
+        folder = to_saelens(sae, tmp_path / side, side=side, model=bridge, layer=1)
+        with open(os.path.join(folder, "cfg.json")) as f:
+            hook_name = json.load(f)["metadata"]["hook_name"]
+        np.testing.assert_array_equal(cache[hook_name].reshape(-1, 32).numpy(), rows)
+        assert _sparsify_hookpoint(sae, tmp_path / f"sp_{side}", side, bridge) \
+            == _sparsify_hookpoint(sae, tmp_path / f"sp_twin_{side}", side, twin)
+
+
 def test_bridge_compatibility_mode_changes_what_is_read(tmp_path):
     """Folding LayerNorm into the weights changes the MLP input the bridge's hooks see, and the
     rows and MLP read from it follow (they are read from the processed model, not a stale copy)."""
@@ -125,7 +162,7 @@ def test_spliced_ce_score_on_a_bridge_is_its_own_loss(tmp_path):
     assert scores["ce_zero_input"] > scores["ce_clean"]
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", LAYOUTS)
 def test_saelens_export_of_a_bridge_is_hooked_by_saelens_bridge(kind, tmp_path):
     """Exported with model= a bridge: the hook names are the bridge's hook points that hold exactly
     the rows (the MLP input's differs between architectures), with no model_class_name; SAELens' SAETransformerBridge attaches the

@@ -182,6 +182,10 @@ def _layout(model, layer) -> _Layout:
     mlp = getattr(block, "mlp", None)
     if not isinstance(mlp, nn.Module):
         mlp = getattr(block, "ffn", None)  # DistilBERT
+    if isinstance(mlp, nn.Module) and _wrapped(mlp) is not mlp and getattr(mlp, "name", "") is None:
+        # a TransformerBridge's "containerless" MLP component (OPT's fc1/fc2 sit on the decoder
+        # layer): it wraps the whole layer, attention included, so the block's own modules follow
+        mlp = None
     if isinstance(mlp, nn.Module):
         gate, up, down, act = (getattr(mlp, name, None) for name in _GATED_PATTERN)
         if all(isinstance(m, nn.Module) for m in (gate, up, down)) and callable(act):
