@@ -158,9 +158,15 @@ def test_score_is_the_explained_variance_of_the_reconstructions(fitted_small, X,
 
 
 def test_score_of_a_memmap_checks_each_batch_and_names_the_row(fitted_small, X, tmp_path):
-    """score and the metrics read a memmap batch by batch, without scanning it first: each batch
-    is checked, and the error names the row."""
-    from sklearn_jsae.metrics import global_jacobian_sparsity, jacobian_sparsity, reconstruction_metrics
+    """score and the metrics read a memmap batch by batch (linearity: its sampled rows), without
+    scanning it first: each batch is checked, and the error names the row."""
+    from sklearn_jsae.metrics import (
+        global_jacobian_sparsity,
+        intervention_agreement,
+        jacobian_sparsity,
+        linearity,
+        reconstruction_metrics,
+    )
 
     path = tmp_path / "X.npy"
     store = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=X.shape)
@@ -175,9 +181,11 @@ def test_score_of_a_memmap_checks_each_batch_and_names_the_row(fitted_small, X, 
             estimator.score(mapped)
     with pytest.raises(ValueError, match=message):  # in the fifth batch
         reconstruction_metrics(fitted_small, mapped, batch_size=100)
-    for metric in (jacobian_sparsity, global_jacobian_sparsity):
+    for metric in (jacobian_sparsity, global_jacobian_sparsity, intervention_agreement):
         with pytest.raises(ValueError, match=message):
             metric(fitted_small, mapped)
+    with pytest.raises(ValueError, match=message):  # every row sampled, so row 437 among them
+        linearity(fitted_small, mapped, n_samples=len(X), n_pairs=1, n_points=4)
     for method in (fitted_small.transform, fitted_small.transform_output, fitted_small.mlp_outputs,
                    fitted_small.jacobian, fitted_small.input_sae_.transform):
         with pytest.raises(ValueError, match=message):
@@ -196,6 +204,9 @@ def test_score_of_a_memmap_checks_each_batch_and_names_the_row(fitted_small, X, 
     assert (fitted_small.transform_output(store) != fitted_small.transform_output(values)).nnz == 0
     np.testing.assert_array_equal(fitted_small.mlp_outputs(store), fitted_small.mlp_outputs(values))
     np.testing.assert_array_equal(fitted_small.jacobian(store).toarray(), fitted_small.jacobian(values).toarray())
+    assert intervention_agreement(fitted_small, store[:60]) == intervention_agreement(fitted_small, values[:60])
+    assert linearity(fitted_small, store, n_samples=30, n_points=8, random_state=0) \
+        == linearity(fitted_small, values, n_samples=30, n_points=8, random_state=0)
 
 
 def test_fit_averages_jacobian_over_the_row_limit(X, gelu_mlp, monkeypatch):

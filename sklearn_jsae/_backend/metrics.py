@@ -140,7 +140,7 @@ def unit_interventions(mlp_map, params_x: SAEParams, params_y: SAEParams, k_x: i
     n_out = py.W_dec.shape[0]
     batch_size = batch_size or max(1, (1 << 22) // max(1, k_x * max(n_out, mlp_map.d_in)))
     rows = _Rows(X, device, torch.float32, resident=False)
-    for x in rows.batches(batch_size):
+    for x in rows.batches(batch_size, check_finite=True):  # X may be a memmap nobody scanned
         _, idx_x = encode(px, x, k_x)
         y = mlp_map(x)
         _, idx_y = encode(py, y, k_y)

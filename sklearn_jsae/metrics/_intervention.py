@@ -54,7 +54,7 @@ def intervention_agreement(estimator, X, *, delta=1.0, tol=0.1, return_details=F
     from .._backend.metrics import unit_interventions
 
     _check_jsae(estimator)
-    X = _validate_X(estimator, X, reset=False)
+    X = _validate_X(estimator, X, reset=False, checked_in_batches=True)  # a memmap: batch by batch
     delta = _check_positive_real(delta, "delta")
     tol = _check_positive_real(tol, "tol", allow_zero=True)
     if batch_size is not None:

@@ -143,7 +143,9 @@ def linearity(estimator, X, *, n_samples=256, n_pairs=None, n_points=100, sweep_
     from .._backend.metrics import sweep_curves
 
     _check_jsae(estimator)
-    X = _validate_X(estimator, X, reset=False)
+    # a memmap (a store larger than memory) is neither scanned nor converted whole: only the
+    # sampled rows are read, and checked below
+    X = _validate_X(estimator, X, reset=False, checked_in_batches=True)
     n_samples = _check_positive_int(n_samples, "n_samples")
     n_points = _check_positive_int(n_points, "n_points")
     if n_points < 2:
@@ -155,6 +157,12 @@ def linearity(estimator, X, *, n_samples=256, n_pairs=None, n_points=100, sweep_
     rng = check_random_state(random_state)
     rows = np.sort(rng.choice(X.shape[0], size=min(n_samples, X.shape[0]), replace=False))
     Xs = np.ascontiguousarray(X[rows], dtype=np.float32)
+    bad = ~np.isfinite(Xs).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"X has NaN, inf or values beyond float32's range (about 3.4e38) in row {int(rows[bad.argmax()])}; "
+            f"remove or clip those rows (e.g. X[np.isfinite(X).all(axis=1)]) before measuring."
+        )
 
     values_x, idx_x = estimator.input_sae_._codes(Xs, _inference_device(estimator))
     blocks = list(estimator._iter_blocks(Xs))
