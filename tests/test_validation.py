@@ -74,6 +74,39 @@ def test_non_differentiable_mlp(X):
         JacobianSparseAutoencoder(mlp=lambda x: torch.tanh(x.detach()), **SMALL).fit(X)
 
 
+def test_mlp_returning_nan_names_the_row(X):
+    """A finite row on which the MLP itself goes NaN (a log of negative values) is the MLP's fault."""
+    X_pos = np.abs(X) + 0.1
+    X_pos[5, 0] = -1.0  # log(-1) = NaN on row 5 only
+    with pytest.raises(ValueError, match=r"mlp returned NaN or inf on row 5 of X \(finite input\)"):
+        JacobianSparseAutoencoder(mlp=lambda x: torch.log(x), **SMALL).fit(X_pos)
+
+
+def test_mlp_with_an_infinite_derivative_names_the_row(X):
+    """sqrt(|x|) is finite at 0 but its derivative is not: the Jacobian check names the row."""
+    X_zero = X.copy()
+    X_zero[3, :] = 0.0
+    with pytest.raises(ValueError, match=r"mlp's Jacobian is not finite on rows of X \(row 3\)"):
+        JacobianSparseAutoencoder(mlp=lambda x: torch.sqrt(x.abs()), **SMALL).fit(X_zero)
+
+
+@pytest.mark.parametrize("Estimator", [JacobianSparseAutoencoder, TopKSparseAutoencoder])
+def test_nan_in_the_first_rows_of_a_memmap_names_X_not_the_mlp(tmp_path, X, mlp, Estimator):
+    """A memmap is not scanned up front; a NaN among the rows the MLP is probed on is reported as
+    X's (the MLP is not blamed), as one further on is by the statistics pass, naming the row."""
+    from sklearn_jsae.exceptions import NonFiniteTrainingError
+
+    estimator = Estimator(mlp=mlp, **SMALL) if Estimator is JacobianSparseAutoencoder else Estimator(**SMALL)
+    for row in (2, 40):
+        bad = X.copy()
+        bad[row, 1] = np.nan
+        path = tmp_path / f"X{row}.npy"
+        np.save(path, bad)
+        with pytest.raises(NonFiniteTrainingError, match=rf"X contain NaN or inf on 1 of rows .* \(first: \[{row}\]\)"):
+            estimator.fit(np.load(path, mmap_mode="r"))
+        assert not hasattr(estimator, "n_features_in_")
+
+
 @pytest.mark.parametrize("Estimator", [JacobianSparseAutoencoder, TopKSparseAutoencoder])
 def test_k_larger_than_n_components(X, Estimator):
     with pytest.raises(ValueError, match="k=20 must be <= n_components=16"):

@@ -379,6 +379,15 @@ def resolve_mlp(mlp, X_probe) -> tuple[object, _FrozenMap, int]:
             f"X has {d_in} features, but mlp expects in_features={declared_in}. X must hold the "
             f"MLP's inputs, one row per token: pass X with {declared_in} columns or the matching mlp."
         )
+    bad = ~np.isfinite(np.asarray(X_probe, dtype=np.float32)).all(axis=1)
+    if bad.any():  # an unscanned memmap: X's rows, not the mlp, are at fault (as the statistics pass says)
+        from ..exceptions import NonFiniteTrainingError
+
+        raise NonFiniteTrainingError(
+            f"training stopped before the first step: X contain NaN or inf on {int(bad.sum())} of rows "
+            f"0-{len(bad) - 1} of X (first: {np.flatnonzero(bad)[:5].tolist()}). Remove or repair those rows.",
+            step=None, what="X",
+        )
     frozen = frozen_copy(mlp)
     probe = torch.from_numpy(np.array(X_probe, dtype=np.float32))
     probe_map = as_map(frozen, d_in, 0)
@@ -411,7 +420,9 @@ def resolve_mlp(mlp, X_probe) -> tuple[object, _FrozenMap, int]:
             f"module so that its declared and actual output widths agree."
         )
     if not torch.isfinite(out).all():
-        raise ValueError("mlp returned NaN or inf on rows of X; check the MLP and the input scale.")
+        row = int((~torch.isfinite(out).all(dim=1)).nonzero()[0, 0])
+        raise ValueError(f"mlp returned NaN or inf on row {row} of X (finite input); check the MLP on it "
+                         f"(an overflow, a log or a division of its values) and the input scale.")
     hint = _whole_model_hint(mlp)
     if hint:  # it ran (a BERT block takes each row as a one-token sequence), but is likely a mistake
         warnings.warn(f"mlp:{hint}", UserWarning, stacklevel=4)
@@ -467,7 +478,9 @@ def _check_differentiable(backend_map: CallableMap, probe: torch.Tensor) -> None
             f"tricks that break forward-mode autograd."
         ) from exc
     if tangent is None or not torch.isfinite(tangent).all():
-        raise ValueError("mlp's Jacobian is not finite on rows of X; the JSAE needs a differentiable mlp.")
+        where = "" if tangent is None else f" (row {int((~torch.isfinite(tangent).all(dim=1)).nonzero()[0, 0])})"
+        raise ValueError(f"mlp's Jacobian is not finite on rows of X{where}; the JSAE needs an mlp "
+                         f"differentiable at every input (no sqrt, log or 1/x where they have no derivative).")
     if not tangent.abs().sum() > 0:
         raise ValueError(
             "mlp's output does not depend differentiably on its input (its Jacobian is zero on rows "
