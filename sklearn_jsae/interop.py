@@ -143,9 +143,9 @@ def _hooks(model, layer, side, named: bool, library: str):
     hooks = mlp_hookpoints(model, layer)
     name = hooks.saelens(side) if library == "saelens" else hooks.sparsify(side)
     if name is None and not named:
-        lens = (f" (TransformerLens: with LayerNorm weights folded into the MLP, fold_ln=True as "
-                f"from_pretrained does by default, blocks.{layer}.ln2.hook_normalized is the MLP input)"
-                if hooks.lens else "")
+        lens = (f" (TransformerLens: a norm's hook_normalized comes before its weights; with them folded "
+                f"into the MLP, fold_ln=True as HookedTransformer.from_pretrained does by default, "
+                f"blocks.{layer}.ln2.hook_normalized is the MLP input)" if hooks.lens else "")
         where = ("no hook point of the TransformerBridge's block" if library == "saelens" and hooks.bridge
                  else "no module of layer")
         raise ValueError(

@@ -759,6 +759,37 @@ def test_transformer_lens_mlp_and_harvest_match_its_own_hooks(name):
     torch.testing.assert_close(fast, reference, rtol=1e-9, atol=1e-10)
 
 
+def test_transformer_lens_hooked_encoder_passes_its_mask_and_matches_its_hooks():
+    """TransformerLens's BERT (HookedEncoder, post-LN: the MLP reads ln1's output) takes the padding
+    mask as one_zero_attention_mask: the harvested rows of the kept tokens are what its hooks hold
+    when run with that mask, and mlp_of computes its MLP."""
+    lens = require("transformer_lens")
+    config = lens.HookedTransformerConfig(n_layers=2, d_model=32, d_head=16, n_heads=2, d_mlp=64, d_vocab=V,
+                                          n_ctx=64, act_fn="gelu", normalization_type="LN",
+                                          attention_dir="bidirectional")
+    model = lens.HookedEncoder(config).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # built from a config, its parameters are left uninitialised
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.3)
+    ids, mask = _ids()
+    X, Y = harvest(model, 1, input_ids=ids, attention_mask=mask, progress=False)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(ids, one_zero_attention_mask=mask)
+        _, unmasked = model.run_with_cache(ids)
+    kept = mask.bool().reshape(-1)
+    ln1 = model.blocks[1].ln1
+    with torch.no_grad():
+        normed = (cache["blocks.1.ln1.hook_normalized"] * ln1.w + ln1.b).reshape(-1, 32)[kept]
+    np.testing.assert_allclose(X, normed.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(Y, cache["blocks.1.hook_mlp_out"].reshape(-1, 32)[kept].numpy())
+    assert not np.allclose(Y, unmasked["blocks.1.hook_mlp_out"].reshape(-1, 32)[kept].numpy(), atol=1e-3)
+    mlp = mlp_of(model, 1)
+    assert type(mlp) is ElementwiseMLP and mlp.activation == "gelu"
+    with torch.no_grad():
+        np.testing.assert_allclose(mlp(torch.from_numpy(X)).numpy(), Y, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")
 def test_spliced_ce_score_on_transformer_lens_runs_its_forward():
     """The clean pass of spliced_ce_score is TransformerLens's own next-token loss."""

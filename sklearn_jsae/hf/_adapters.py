@@ -121,9 +121,15 @@ def _is_transformer_lens(model) -> bool:
 
 def run_model(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
     """``model``'s forward pass on token ids (n_seq, seq_len): Hugging Face's ``input_ids=``, or
-    TransformerLens's first argument."""
+    TransformerLens's first argument (with the mask as ``attention_mask``, or, for its BERT,
+    ``HookedEncoder``, as ``one_zero_attention_mask``)."""
     if _is_transformer_lens(model):
-        return model(input_ids, attention_mask=attention_mask)
+        import inspect
+
+        keyword = "attention_mask"
+        if keyword not in inspect.signature(model.forward).parameters:
+            keyword = "one_zero_attention_mask"
+        return model(input_ids, **{keyword: attention_mask})
     return model(input_ids=input_ids, attention_mask=attention_mask)
 
 
