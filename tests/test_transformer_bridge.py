@@ -9,6 +9,7 @@ word-level tokenizer built here: nothing is downloaded (the bridge reads the con
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")  # the `hf` extra; CI installs it
 
-from installed import require  # noqa: E402
+from installed import INSTALL_HINT, prose, require  # noqa: E402
 
 from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder  # noqa: E402
 from sklearn_jsae.hf import ActivationStream, harvest, mlp_of  # noqa: E402
@@ -204,3 +205,37 @@ def _sparsify_hookpoint(sae, folder, side, model):
     folder = to_sparsify(sae, folder, side=side, model=model, layer=1)
     with safe_open(os.path.join(folder, "sae.safetensors"), "pt") as f:
         return f.metadata()["hookpoint"]
+
+
+@pytest.mark.realmodel
+def test_a_bridge_around_smollm2_reads_its_gated_mlp(tmp_path):
+    """SmolLM2-135M (the converted test model, a copy of its own: booting a bridge rewires the
+    model in place) in a bridge: the rows of real text are those of the unbridged model (the
+    bridge runs its own attention path: equal to float32 rounding), mlp_of computes the MLP
+    exactly on them, and the SAELens input hook is blocks.15.mlp.hook_in."""
+    require("transformer_lens")
+    from transformer_lens.model_bridge import TransformerBridge
+
+    folder = Path(os.environ.get("SKLEARN_JSAE_MODELS", Path(__file__).resolve().parents[1] / ".models")) \
+        / "smollm2-135m-instruct"
+    if not (folder / "model.safetensors").exists():
+        message = f"the converted SmolLM2 is not in {folder.parent}; {INSTALL_HINT}"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    bridge = TransformerBridge.boot_transformers(
+        str(folder), hf_model=transformers.AutoModelForCausalLM.from_pretrained(folder).eval(), tokenizer=tokenizer)
+    texts = prose(3)
+    X, Y = harvest(bridge, 15, texts, tokenizer=tokenizer, max_length=64, progress=False)
+    X_plain, Y_plain = harvest(plain, 15, texts, tokenizer=tokenizer, max_length=64, progress=False)
+    assert X.shape == X_plain.shape and X.shape[1] == 576 and X.shape[0] > 100
+    np.testing.assert_allclose(X, X_plain, rtol=1e-4, atol=1e-4 * np.abs(X_plain).max())
+    np.testing.assert_allclose(Y, Y_plain, rtol=1e-4, atol=1e-4 * np.abs(Y_plain).max())
+    mlp = mlp_of(bridge, 15)
+    assert type(mlp) is GatedMLP
+    with torch.no_grad():
+        np.testing.assert_allclose(mlp(torch.from_numpy(X)).numpy(), Y, rtol=1e-5, atol=1e-5 * np.abs(Y).max())
+    sae = TopKSparseAutoencoder(64, k=4, max_iter=2, batch_size=64, random_state=0).fit(X)
+    folder_written = to_saelens(sae, tmp_path / "sae", side="input", model=bridge, layer=15)
+    with open(os.path.join(folder_written, "cfg.json")) as f:
+        assert json.load(f)["metadata"]["hook_name"] == "blocks.15.mlp.hook_in"
