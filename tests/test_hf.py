@@ -261,6 +261,27 @@ def test_activation_stream_yields_the_harvested_rows(name):
     np.testing.assert_allclose(streamed[np.lexsort(streamed.T)], X[np.lexsort(X.T)], rtol=1e-5, atol=1e-6)
 
 
+def test_activation_stream_passes_the_attention_mask_of_input_ids():
+    """Padded token ids with their mask: a bidirectional encoder's real tokens see no padding, so the
+    stream yields exactly harvest's rows with the same mask, and no padding rows; a mask of another
+    shape, or one without input_ids, is refused by name."""
+    model, _, _ = _tiny("bert")
+    ids, mask = _ids()
+    X, _ = harvest(model, 1, input_ids=ids, attention_mask=mask, progress=False)
+    X_unmasked, _ = harvest(model, 1, input_ids=ids, progress=False)
+    stream = ActivationStream(model, 1, input_ids=ids.numpy(), attention_mask=mask.numpy(), batch_size=8,
+                              buffer_size=16, sequences_per_forward=3, exclude_special_tokens=False)
+    streamed = np.concatenate(list(stream))
+    assert streamed.shape == X.shape == (int(mask.sum()), 32)
+    np.testing.assert_allclose(streamed[np.lexsort(streamed.T)], X[np.lexsort(X.T)], rtol=1e-5, atol=1e-6)
+    kept = mask.bool().reshape(-1).numpy()
+    assert not np.allclose(X_unmasked[kept], X, atol=1e-3)  # the mask matters on this model
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(3, 11\) but input_ids has shape \(3, 12\)"):
+        ActivationStream(model, 1, input_ids=ids.numpy(), attention_mask=mask.numpy()[:, :11])
+    with pytest.raises(ValueError, match="attention_mask is for input_ids"):
+        ActivationStream(model, 1, ["a text"], tokenizer=object(), attention_mask=mask.numpy())
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama", "phi3", "bert", "opt"])
 def test_library_jacobian_through_mlp_of_equals_autograd_through_hf_module(name):
     model, block_of, _ = _tiny(name)
@@ -378,6 +399,32 @@ def test_harvest_float16_overflow_is_an_error_and_leaves_no_files(tmp_path):
     with pytest.raises(ValueError, match="exceed the float16 range.*dtype=np.float32"):
         harvest(model, 0, input_ids=ids, dtype=np.float16, out=tmp_path / "acts", progress=False)
     assert not list((tmp_path / "acts").glob("*.npy"))
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_a_bfloat16_model_is_read_in_float32_end_to_end(name):
+    """LLMs are loaded in bf16 on GPUs: mlp_of verifies against the bf16 module, harvest and the
+    stream store float32 rows, the closed form reproduces the bf16 MLP to bf16 rounding, and a JSAE
+    trained on them is spliced back into the bf16 model."""
+    from sklearn_jsae import JacobianSparseAutoencoder
+    from sklearn_jsae.metrics import spliced_ce_score
+
+    model, _, _ = _tiny(name)
+    model = model.to(torch.bfloat16).eval()
+    ids, mask = _ids()
+    X, Y = harvest(model, 1, input_ids=ids, attention_mask=mask, progress=False)
+    assert X.dtype == Y.dtype == np.float32 and np.isfinite(X).all()
+    mlp = mlp_of(model, 1)
+    assert mlp.W_out.dtype == torch.float32 if hasattr(mlp, "W_out") else mlp.W_down.dtype == torch.float32
+    with torch.no_grad():
+        gap = np.abs(mlp(torch.from_numpy(X)).numpy() - Y).max()
+    assert 0 < gap <= 2e-2 * np.abs(Y).max()  # bf16 rounding of the model's own pass, no more
+    streamed = np.concatenate(list(ActivationStream(model, 1, input_ids=ids.numpy(), attention_mask=mask.numpy(),
+                                                    batch_size=8, buffer_size=16)))
+    np.testing.assert_array_equal(streamed[np.lexsort(streamed.T)], X[np.lexsort(X.T)])
+    jsae = JacobianSparseAutoencoder(mlp, n_components=32, k=4, max_iter=3, batch_size=8, random_state=0).fit(X)
+    scores = spliced_ce_score(model, 1, jsae, ids, attention_mask=mask)
+    assert np.isfinite([scores["ce_clean"], scores["ce_input"], scores["ce_output"]]).all()
 
 
 def test_harvest_restores_training_mode_and_removes_hooks_even_on_error():

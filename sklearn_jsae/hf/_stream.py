@@ -72,7 +72,10 @@ class ActivationStream:
     tokenizer : transformers tokenizer, optional
         Required with ``texts``.
     input_ids : 2-D array-like of int, optional
-        Token ids (n_seq, seq_len), every token real; read one batch at a time (a memmap works).
+        Token ids (n_seq, seq_len); read one batch at a time (a memmap works).
+    attention_mask : 2-D array-like of {0, 1}, optional
+        With ``input_ids``: the same shape, 1 for a real token and 0 for padding (passed to the
+        model, and padding rows are not produced); None means every token is real.
     n_tokens : int, optional
         Stop after producing this many rows; None runs until the input ends.
     batch_size : int, default=1024
@@ -112,7 +115,7 @@ class ActivationStream:
     ((64, 16), 400)
     """
 
-    def __init__(self, model, layer, texts=None, *, tokenizer=None, input_ids=None, n_tokens=None,
+    def __init__(self, model, layer, texts=None, *, tokenizer=None, input_ids=None, attention_mask=None, n_tokens=None,
                  batch_size=1024, buffer_size=65536, sequences_per_forward=8, max_length=128,
                  exclude_special_tokens=True, seed=0, skip_texts=0, rank=0, world_size=1):
         if (texts is None) == (input_ids is None):
@@ -123,6 +126,17 @@ class ActivationStream:
         self.model, self.layer, self.tokenizer = model, layer, tokenizer
         self.layout = _layout(model, layer)
         self.texts, self.input_ids = texts, input_ids
+        if attention_mask is not None:
+            if input_ids is None:
+                raise ValueError("attention_mask is for input_ids; with texts the tokenizer pads and masks itself.")
+            shape = lambda a: tuple(a.shape) if a.ndim == 2 else (1, a.shape[0])  # noqa: E731
+            attention_mask = attention_mask if hasattr(attention_mask, "ndim") else np.asarray(attention_mask)
+            if not hasattr(input_ids, "ndim") or shape(attention_mask) != shape(input_ids):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
+                    f"{tuple(getattr(input_ids, 'shape', (len(input_ids),)))}; pass a 2-D input_ids array and a "
+                    f"mask of the same shape (1 = real token, 0 = padding).")
+        self.attention_mask = attention_mask
         if isinstance(texts, (str, os.PathLike)) and not os.path.isfile(texts):
             raise ValueError(f"texts={os.fspath(texts)!r} is not a file; pass a text file's path or a list of str.")
         self.n_tokens = _check_positive_int(n_tokens, "n_tokens", allow_none=True)
@@ -178,7 +192,12 @@ class ActivationStream:
                     continue
                 block = ids[start : start + n]
                 block = torch.as_tensor(np.asarray(block)).to(device="cpu", dtype=torch.long)
-                yield block, torch.ones_like(block)
+                if self.attention_mask is None:
+                    yield block, torch.ones_like(block)
+                    continue
+                mask = self.attention_mask
+                mask = (mask if mask.ndim == 2 else mask.reshape(1, -1))[start : start + n]
+                yield block, torch.as_tensor(np.asarray(mask)).to(device="cpu", dtype=torch.long)
             return
         texts = _lines(self.texts) if isinstance(self.texts, (str, os.PathLike)) else iter(self.texts)
         texts = itertools.islice(texts, self.skip_texts, None)
@@ -287,7 +306,7 @@ class ActivationStream:
         """What makes two streams the same (model, layer, input, settings), for checkpoints."""
         config = getattr(_unwrap(self.model), "config", None)
         source = (os.path.abspath(os.fspath(self.texts)) if isinstance(self.texts, (str, os.PathLike))
-                  else "ids" if self.input_ids is not None else "texts")
+                  else "texts" if self.input_ids is None else "ids" if self.attention_mask is None else "ids+mask")
         parts = [type(self.model).__name__, str(self.layer), source, str(self.buffer_size), str(self.batch_size),
                  str(self.sequences_per_forward), str(self.max_length), str(self.seed), str(self.skip_texts),
                  # The number of shards, not this one's rank: every rank of a job checks its
