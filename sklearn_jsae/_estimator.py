@@ -214,7 +214,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         over ``ceil(n_tokens / batch_size)`` steps (learning-rate warm-up over 1%, decay to 0 over
         the last 20%, ``l1`` ramp over 5%); None warms the learning rate up over 100 steps and
         ``l1`` over 500 and keeps both constant after (the end is unknown).
-    checkpoint_dir : str or None, default=None
+    checkpoint_dir : str, path-like or None, default=None
         A folder where ``fit`` and ``fit_stream`` save a checkpoint (weights, optimiser state,
         schedule position, random states, dead-latent counters, data position) every
         ``checkpoint_every`` steps and at the end of each epoch, and from which they resume when it
@@ -444,7 +444,8 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         the stream's position (its ``state_dict()``, if it has one, as
         :class:`~sklearn_jsae.hf.ActivationStream` does) and the rows read but not yet used, so a
         killed run restarted with the same stream resumes without repeating or skipping a token;
-        a stream without ``state_dict`` cannot resume (an error says so).  With ``warm_start=True``
+        a stream without ``state_dict`` and ``load_state_dict`` cannot resume (a warning says so
+        when the fit starts, an error when it is restarted).  With ``warm_start=True``
         a fitted estimator continues from its weights (with a fresh schedule), as ``fit`` does.
         """
         from ._stream_fit import fit_stream

@@ -70,6 +70,8 @@ def _encode_param(value):
     """A JSON value for a parameter, or raise TypeError."""
     if value is None or isinstance(value, (bool, str)):
         return value
+    if isinstance(value, os.PathLike):  # checkpoint_dir=Path(...): loads as its str
+        return os.fspath(value)
     if isinstance(value, np.bool_):
         return bool(value)
     if isinstance(value, numbers.Integral):

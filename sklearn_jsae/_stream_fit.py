@@ -88,12 +88,16 @@ class _Stream:
     def pending_rows(self, d: int) -> np.ndarray:
         return np.concatenate(self.pending) if self.pending else np.zeros((0, d), dtype=np.float32)
 
+    def resumable(self) -> bool:
+        """Whether the source can be put back where it was: ``state_dict`` and ``load_state_dict``
+        (a ``state_dict`` alone, as SAELens' ActivationsStore has, cannot be loaded back)."""
+        return all(callable(getattr(self.source, name, None)) for name in ("state_dict", "load_state_dict"))
+
     def state(self):
         """``(json_state, arrays)`` of the source (its ``state_dict()``), for a checkpoint."""
-        state_dict = getattr(self.source, "state_dict", None)
-        if state_dict is None:
+        if not self.resumable():
             return None, {}
-        state = state_dict()
+        state = self.source.state_dict()
         arrays = {name: value for name, value in state.items() if isinstance(value, np.ndarray)}
         return {name: value for name, value in state.items() if name not in arrays}, arrays
 
@@ -143,6 +147,14 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int | None 
         restored = _restore(checkpoint, trainer, stream, batches, first.shape[1], parallel)
         if restored is not None:
             used, tail = restored
+        elif not stream.resumable():  # say so now, not when a killed run is restarted
+            import warnings
+
+            warnings.warn(
+                f"checkpoint_dir is set, but this stream ({type(batches).__name__}) has no state_dict/"
+                f"load_state_dict: checkpoints are written, but a killed run cannot resume from them. "
+                f"Stream with sklearn_jsae.hf.ActivationStream, or any iterable with those two methods, "
+                f"to resume.", UserWarning, stacklevel=3)
         if parallel is not None:
             check_resumed_together(parallel, trainer, checkpoint)
     record_every = max(1, (n_steps or 10_000) // 100)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import os
 import sys
 
 import numpy as np
@@ -50,7 +51,7 @@ _COMMON_CONSTRAINTS = {
     "verbose": ["verbose"],
     "warm_start": ["boolean"],
     "n_tokens": [None, Interval(numbers.Integral, 1, None, closed="left")],
-    "checkpoint_dir": [None, str],
+    "checkpoint_dir": [None, str, os.PathLike],
     "checkpoint_every": [Interval(numbers.Integral, 1, None, closed="left")],
 }
 
@@ -170,7 +171,7 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         ``ceil(n_tokens / batch_size)`` steps (learning-rate warm-up over 1%, decay to 0 over the
         last 20%), and ``fit_stream`` stops after ``n_tokens`` rows; None warms the learning rate
         up over 100 steps and keeps it constant after (the end is unknown).
-    checkpoint_dir : str or None, default=None
+    checkpoint_dir : str, path-like or None, default=None
         A folder where ``fit`` and ``fit_stream`` save a checkpoint (weights, optimiser state,
         schedule position, random states, dead-latent counters, data position) every
         ``checkpoint_every`` steps and at the end of each epoch, and from which they resume when it
@@ -365,7 +366,8 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         the stream's position (its ``state_dict()``, if it has one, as
         :class:`~sklearn_jsae.hf.ActivationStream` does) and the rows read but not yet used, so a
         killed run restarted with the same stream resumes without repeating or skipping a token;
-        a stream without ``state_dict`` cannot resume (an error says so).  With ``n_tokens`` and
+        a stream without ``state_dict`` and ``load_state_dict`` cannot resume (a warning says so
+        when the fit starts, an error when it is restarted).  With ``n_tokens`` and
         ``n_statistics`` covering the whole stream, it gives the model of one ``partial_fit`` call
         on the same rows in the same order.
 

@@ -32,6 +32,18 @@ class PersistenceError(ValueError):
     """
 
 
+class CheckpointError(ValueError):
+    """A ``checkpoint_dir`` whose checkpoint cannot be resumed by this fit.
+
+    Raised by ``fit``, ``fit_stream`` (and ``python -m sklearn_jsae train``) with a
+    ``checkpoint_dir`` when its checkpoint is unreadable (truncated, damaged), foreign (not an
+    sklearn-jsae checkpoint, or another format version), or belongs to another fit (other data,
+    MLP, warm start or settings: the message names which); when a stream without ``state_dict``
+    would need one to resume; or when a resumed stream is already at its end.  Nothing is
+    overwritten: the checkpoint stays as it was, for the fit it belongs to.
+    """
+
+
 class MissingMLPError(RuntimeError):
     """An MLP-dependent method of a JacobianSparseAutoencoder loaded without its MLP.
 

@@ -22,6 +22,7 @@ import torch
 from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
 from sklearn_jsae._backend import checkpoint as checkpoint_module
 from sklearn_jsae._backend import trainer as trainer_module
+import sklearn_jsae
 from sklearn_jsae._backend.checkpoint import FILENAME, CheckpointError
 
 SETTINGS = dict(n_components=32, k=4, max_iter=3, batch_size=64, random_state=0, device="cpu", l1=0.5)
@@ -161,7 +162,8 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_model(tmp
 
 
 def _checkpointed(X, mlp, folder, **kw):
-    return JacobianSparseAutoencoder(mlp, **{**SETTINGS, "checkpoint_dir": str(folder), "checkpoint_every": 2, **kw})
+    """A checkpointed JSAE; ``folder`` is a pathlib.Path (other tests pass str)."""
+    return JacobianSparseAutoencoder(mlp, **{**SETTINGS, "checkpoint_dir": folder, "checkpoint_every": 2, **kw})
 
 
 def test_truncated_checkpoint_is_refused_and_nothing_is_loaded(X, mlp, tmp_path):
@@ -198,7 +200,14 @@ def test_foreign_and_other_version_checkpoints_are_refused(X, mlp, tmp_path):
 
 
 def test_checkpoint_of_another_fit_is_refused(X, mlp, tmp_path):
-    _checkpointed(X, mlp, tmp_path).fit(X)
+    """Refused by name, and left as it was for the fit it belongs to (the public error class)."""
+    from sklearn_jsae import exceptions
+
+    assert exceptions.CheckpointError is CheckpointError
+    fitted = _checkpointed(X, mlp, tmp_path).fit(X)
+    before = (tmp_path / FILENAME).read_bytes()
+    saved = fitted.save(tmp_path.parent / f"{tmp_path.name}.jsae")  # a Path parameter saves as str
+    assert sklearn_jsae.load(saved, mlp=mlp).checkpoint_dir == str(tmp_path)
     with pytest.raises(CheckpointError, match="different fit: it differs in settings"):
         _checkpointed(X, mlp, tmp_path, l1=1.0).fit(X)
     other_penalty = "unit_gain" if _checkpointed(X, mlp, tmp_path).penalty == "paper" else "paper"
@@ -209,6 +218,7 @@ def test_checkpoint_of_another_fit_is_refused(X, mlp, tmp_path):
     other = torch.nn.Sequential(torch.nn.Linear(10, 40), torch.nn.GELU(), torch.nn.Linear(40, 10))
     with pytest.raises(CheckpointError, match="differs in mlp"):
         _checkpointed(X, other, tmp_path).fit(X)
+    assert (tmp_path / FILENAME).read_bytes() == before
 
 
 @pytest.mark.parametrize("make", [lambda mlp, **kw: JacobianSparseAutoencoder(mlp, **SETTINGS, **kw),

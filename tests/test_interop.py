@@ -414,3 +414,64 @@ def test_the_saving_page_runs(sae_lens, sparsify, tmp_path, monkeypatch, capsys)
     printed = capsys.readouterr().out
     assert "loaded without its MLP" in printed and "sequential gelu" in printed
     assert sorted(os.listdir(tmp_path / "run")) == ["h.3.ln_2", "h.3.mlp"]
+
+
+def _saelens_store(model, tokens, hook_name):
+    """SAELens' own ActivationsStore over a local dataset of token ids (nothing downloaded)."""
+    require("datasets")
+    from datasets import Dataset
+    from sae_lens.training.activations_store import ActivationsStore
+
+    return ActivationsStore(
+        model=model, dataset=Dataset.from_dict({"input_ids": tokens.tolist()}), streaming=False,
+        hook_name=hook_name, hook_head_index=None, context_size=tokens.shape[1], d_in=model.cfg.d_model,
+        n_batches_in_buffer=16, total_training_tokens=tokens.size, store_batch_size_prompts=8,
+        train_batch_size_tokens=128, prepend_bos=False, normalize_activations="none",
+        device=torch.device("cpu"), dtype="float32", disable_concat_sequences=True,
+    )
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+def test_saelens_activations_store_is_a_stream_for_fit_stream(tmp_path):
+    """A SAELens user's ActivationsStore at the MLP input's hook point (blocks.1.ln2.hook_normalized,
+    with the LayerNorm folded) is a stream of MLP inputs: every row it yields is one harvest reads
+    from the same tokens, fit_stream trains on exactly its rows (the same model as on the recorded
+    batches) up to n_tokens (the store never ends).  Its state_dict (a count of sequences, tensors)
+    has no load_state_dict: a checkpointed fit says up front that it cannot resume, saves its
+    checkpoints all the same, and a restart is refused by name."""
+    from sklearn_jsae.exceptions import CheckpointError
+    from sklearn_jsae.hf import harvest, mlp_of
+
+    require("sae_lens")
+    lens = require("transformer_lens")
+    config = lens.HookedTransformerConfig(n_layers=2, d_model=32, d_head=16, n_heads=2, d_mlp=64, d_vocab=100,
+                                          n_ctx=64, act_fn="gelu_new", normalization_type="LNPre")
+    torch.manual_seed(0)
+    model = lens.HookedTransformer(config).eval()
+    tokens = np.random.default_rng(0).integers(5, 100, size=(64, 16))
+    harvested, _ = harvest(model, 1, input_ids=tokens, progress=False)
+    store = _saelens_store(model, tokens, "blocks.1.ln2.hook_normalized")
+    recorded = []
+
+    def recording():
+        for batch in store:
+            recorded.append(batch.clone())
+            yield batch
+
+    settings = dict(n_components=64, k=4, batch_size=128, n_tokens=1536, random_state=0)
+    jsae = JacobianSparseAutoencoder(mlp_of(model, 1), **settings).fit_stream(recording())
+    rows = torch.cat(recorded).numpy()
+    assert rows.shape[0] >= 1536 and jsae.history_[-1]["tokens_seen"] == 1536
+    # each row the store gave is an MLP input harvest reads from these tokens (float32 rounding)
+    distance = ((rows[:, None, :] - harvested[None, :, :]) ** 2).sum(-1).min(axis=1)
+    assert distance.max() < 1e-8
+    again = JacobianSparseAutoencoder(mlp_of(model, 1), **settings).fit_stream(iter(recorded))
+    np.testing.assert_array_equal(again.input_sae_.components_, jsae.input_sae_.components_)
+    np.testing.assert_array_equal(again.output_sae_.encoder_, jsae.output_sae_.encoder_)
+    checkpointed = JacobianSparseAutoencoder(mlp_of(model, 1), checkpoint_dir=tmp_path / "ck", checkpoint_every=4,
+                                             **settings)
+    with pytest.warns(UserWarning, match=r"\(ActivationsStore\) has no state_dict/load_state_dict"):
+        checkpointed.fit_stream(_saelens_store(model, tokens, "blocks.1.ln2.hook_normalized"))
+    assert (tmp_path / "ck" / "checkpoint.safetensors").is_file()
+    with pytest.raises(CheckpointError, match="has no state_dict/load_state_dict to resume from"):
+        checkpointed.fit_stream(_saelens_store(model, tokens, "blocks.1.ln2.hook_normalized"))

@@ -196,7 +196,9 @@ def test_fit_stream_accepts_any_generator_but_cannot_resume_it(tmp_path, kind):
         _estimator(kind, None, device="cpu").fit_stream(iter([]))
     ck = _estimator(kind, None, n_components=16, k=2, batch_size=64, device="cpu", random_state=0,
                     checkpoint_dir=str(tmp_path), checkpoint_every=2)
-    ck.fit_stream(iter(chunks[:6]), n_statistics=300)
+    with pytest.warns(UserWarning, match=r"\(list_iterator\) has no state_dict/load_state_dict: checkpoints are "
+                                         r"written, but a killed run cannot resume"):
+        ck.fit_stream(iter(chunks[:6]), n_statistics=300)
     with pytest.raises(ValueError, match="no state_dict/load_state_dict to resume from"):
         ck.fit_stream(iter(chunks[:6]), n_statistics=300)
 

@@ -23,13 +23,12 @@ import tempfile
 import numpy as np
 import torch
 
+from ..exceptions import CheckpointError  # noqa: F401  (raised here; public in sklearn_jsae.exceptions)
+
 FORMAT = "sklearn_jsae.checkpoint"
 VERSION = 1
 FILENAME = "checkpoint.safetensors"
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed: unreadable, foreign, another version or another fit."""
 
 
 def fingerprint_array(X) -> str:
