@@ -695,6 +695,12 @@ def test_minilm_max_length_truncates_and_must_leave_room_for_text(minilm):
     stream = ActivationStream(model, 0, ["a b c d e f"], tokenizer=tokenizer, max_length=4, batch_size=8,
                               exclude_special_tokens=False)
     assert sum(len(batch) for batch in stream) == 4
+    rows = [{"id": 0, "text": "a b c"}]  # a datasets.Dataset's rows: told which column to pass
+    hint = r"texts must be strings; got an item of type dict: .* pass its text column, e.g. texts=\(row\['text'\]"
+    with pytest.raises(TypeError, match=hint):
+        harvest(model, 0, rows, tokenizer=tokenizer, progress=False)
+    with pytest.raises(TypeError, match=hint):
+        list(ActivationStream(model, 0, rows, tokenizer=tokenizer))
 
 
 @pytest.mark.realmodel

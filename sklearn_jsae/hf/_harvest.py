@@ -172,15 +172,26 @@ def _text_batches(texts, tokenizer, batch_size, max_length):
 
     for text in texts:
         if not isinstance(text, str):
-            raise TypeError(
-                f"texts must be strings; got an item of type {type(text).__name__}: {text!r:.60}."
-            )
+            raise _not_a_text(text)
         batch.append(text)
         if len(batch) == batch_size:
             yield encode(batch)
             batch = []
     if batch:
         yield encode(batch)
+
+
+def _not_a_text(item) -> TypeError:
+    """The error for an item of ``texts`` that is not a str; a row of a Hugging Face dataset (a dict)
+    is told which column to pass."""
+    hint = ""
+    if isinstance(item, dict):
+        column = "text" if isinstance(item.get("text"), str) else next(
+            (key for key, value in item.items() if isinstance(value, str)), None)
+        if column is not None:
+            hint = (f" It looks like a row of a datasets.Dataset: pass its text column, e.g. "
+                    f"texts=(row[{column!r}] for row in dataset) or dataset[{column!r}].")
+    return TypeError(f"texts must be strings; got an item of type {type(item).__name__}: {item!r:.60}.{hint}")
 
 
 def _id_batches(input_ids, attention_mask, batch_size):

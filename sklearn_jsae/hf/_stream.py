@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from ._adapters import _eval_mode, _layout, _unwrap, run_model
-from ._harvest import _check_positive_int, _check_room_for_text, _HarvestStop, _pad, _special_ids, _token_rows
+from ._harvest import (_check_positive_int, _check_room_for_text, _HarvestStop, _not_a_text, _pad, _special_ids,
+                       _token_rows)
 
 __all__ = ["ActivationStream"]
 
@@ -209,7 +210,7 @@ class ActivationStream:
                 continue
             for text in group:
                 if not isinstance(text, str):
-                    raise TypeError(f"texts must be strings; got {type(text).__name__}: {text!r:.60}.")
+                    raise _not_a_text(text)
             encoded = self.tokenizer(group, truncation=True, max_length=self.max_length)["input_ids"]
             yield _pad(encoded, pad_id)
 
