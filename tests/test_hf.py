@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -280,6 +282,29 @@ def test_activation_stream_passes_the_attention_mask_of_input_ids():
         ActivationStream(model, 1, input_ids=ids.numpy(), attention_mask=mask.numpy()[:, :11])
     with pytest.raises(ValueError, match="attention_mask is for input_ids"):
         ActivationStream(model, 1, ["a text"], tokenizer=object(), attention_mask=mask.numpy())
+
+
+@settings(max_examples=12, deadline=None)
+@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=5), left=st.booleans(),
+       per_forward=st.integers(1, 4), batch=st.integers(1, 9))
+def test_activation_stream_rows_are_harvests_for_any_padding(lengths, left, per_forward, batch):
+    """Property: for any padding (right or left, any lengths) and any forward and batch sizes, the
+    stream of padded ids with their mask yields harvest's rows with the same mask, as a multiset."""
+    model, _, _ = _tiny("bert")  # bidirectional: every real token sees the mask
+    ids = torch.randint(3, V - 1, (len(lengths), 12), generator=torch.Generator().manual_seed(sum(lengths)))
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        if left:
+            mask[row, 12 - length:] = 1
+        else:
+            mask[row, :length] = 1
+    X, _ = harvest(model, 1, input_ids=ids, attention_mask=mask, progress=False)
+    stream = ActivationStream(model, 1, input_ids=ids.numpy(), attention_mask=mask.numpy(), batch_size=batch,
+                              buffer_size=max(batch, 8), sequences_per_forward=per_forward,
+                              exclude_special_tokens=False)
+    streamed = np.concatenate(list(stream))
+    assert streamed.shape == X.shape == (sum(lengths), 32)
+    np.testing.assert_allclose(streamed[np.lexsort(streamed.T)], X[np.lexsort(X.T)], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "phi3", "bert", "opt"])
