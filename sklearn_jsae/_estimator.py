@@ -345,6 +345,96 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         self.distributed = distributed
 
     # ---- fitting -------------------------------------------------------------------------
+    @classmethod
+    def from_saes(cls, mlp, input_sae, output_sae, X, **params):
+        """A fitted JSAE made of two fitted TopK SAEs around ``mlp``, without training.
+
+        The pair's Jacobian, metrics and splicing are then those of the two SAEs as they are: for
+        example two SAEs trained separately (the paper's traditional pair), or SAELens or sparsify
+        SAEs read with :func:`sklearn_jsae.interop.from_saelens` /
+        :func:`~sklearn_jsae.interop.from_sparsify`.  ``fit`` with ``warm_start=True`` then trains
+        the pair on from their weights with the Jacobian penalty.
+
+        Parameters
+        ----------
+        mlp : callable
+            The MLP between them, as in the constructor (:func:`sklearn_jsae.hf.mlp_of`).
+        input_sae, output_sae : TopKSparseAutoencoder
+            Fitted on the MLP's inputs and on its outputs; the same ``k`` (a JSAE has one).
+            They are copied: the returned estimator does not share their arrays.
+        X : array-like of shape (n_samples, n_features)
+            MLP inputs (a memmap is read batch by batch) to measure the data scales ``c_x`` and
+            ``c_y`` on, as ``fit`` does, and ``jacobian_`` (on at most 65,536 of its rows).
+        **params
+            Any other constructor parameter (``l1``, ``device``, ``random_state``, ...);
+            ``n_components``, ``n_output_components`` and ``k`` come from the SAEs.
+
+        Returns
+        -------
+        jsae : JacobianSparseAutoencoder
+            Fitted, with ``n_iter_ = 0`` and an empty ``history_``; its ``input_sae_`` and
+            ``output_sae_`` keep the SAEs' own ``history_``, ``n_iter_`` and ``dead_fraction_``.
+
+        Examples
+        --------
+        >>> import numpy as np, torch
+        >>> from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
+        >>> from sklearn_jsae.metrics import jacobian_sparsity
+        >>> torch.manual_seed(0) and None
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.GELU(), torch.nn.Linear(12, 6))
+        >>> X = np.random.default_rng(0).normal(size=(512, 6)).astype(np.float32)
+        >>> with torch.no_grad():
+        ...     Y = mlp(torch.from_numpy(X)).numpy()
+        >>> sae_x = TopKSparseAutoencoder(16, k=3, batch_size=64, max_iter=25, random_state=0).fit(X)
+        >>> sae_y = TopKSparseAutoencoder(16, k=3, batch_size=64, max_iter=25, random_state=0).fit(Y)
+        >>> pair = JacobianSparseAutoencoder.from_saes(mlp, sae_x, sae_y, X)
+        >>> bool((pair.transform(X) != sae_x.transform(X)).nnz == 0), pair.jacobian(X[:4]).shape
+        (True, (4, 16, 16))
+        >>> above = jacobian_sparsity(pair, X[:100], thresholds=[0.01])[0.01]
+        >>> 0.0 < above <= 1.0
+        True
+        """
+        import torch
+        from sklearn.utils.validation import check_is_fitted
+
+        from ._backend.mlp import placed
+        from ._backend.train import TrainResult, _Rows, data_statistics
+
+        for name, sae in (("input_sae", input_sae), ("output_sae", output_sae)):
+            if not isinstance(sae, TopKSparseAutoencoder):
+                raise TypeError(f"{name} must be a fitted TopKSparseAutoencoder (from_saelens and from_sparsify "
+                                f"give one), got {type(sae).__name__}.")
+            check_is_fitted(sae, "components_")
+        if input_sae.k != output_sae.k:
+            raise ValueError(f"input_sae has k={input_sae.k} and output_sae k={output_sae.k}; a "
+                             f"JacobianSparseAutoencoder has one k for both SAEs: pass two SAEs with the same k.")
+        given = sorted(set(params) & {"n_components", "n_output_components", "k"})
+        if given:
+            raise TypeError(f"{', '.join(given)} come(s) from the SAEs; do not pass them to from_saes.")
+        n_input, n_output = input_sae.components_.shape[0], output_sae.components_.shape[0]
+        estimator = cls(mlp=mlp, n_components=n_input, n_output_components=None if n_output == n_input else n_output,
+                        k=input_sae.k, **params)
+        estimator._validate_params()
+        X = _validate_X(estimator, X, reset=True, checked_in_batches=True)
+        if input_sae.n_features_in_ != X.shape[1]:
+            raise ValueError(f"input_sae was fitted on {input_sae.n_features_in_} features, but X has "
+                             f"{X.shape[1]}: X must hold the inputs of the MLP the input SAE encodes.")
+        config, mlp_copy, mlp_map, d_out, probe_rows = estimator._prepare(X)
+        if output_sae.n_features_in_ != d_out:
+            raise ValueError(f"output_sae was fitted on {output_sae.n_features_in_} features, but mlp returns "
+                             f"{d_out}: the output SAE must encode this MLP's outputs.")
+        # The scales fit measures: the centred RMS of X and of mlp(X), in float32 on the CPU.
+        rows = _Rows(X, "cpu", torch.float32, resident=False)
+        _, scale_x = data_statistics(rows)
+        _, scale_y = data_statistics(rows, placed(mlp_map, "cpu", torch.float32))
+        result = TrainResult(input_sae._params(), output_sae._params(), scale_x, scale_y,
+                             dead_fraction_input=input_sae.dead_fraction_,
+                             dead_fraction_output=output_sae.dead_fraction_)
+        estimator._set_fitted(result, mlp_copy, mlp_map, probe_rows, config.device, d_out, X, previous=[])
+        for side, source in ((estimator.input_sae_, input_sae), (estimator.output_sae_, output_sae)):
+            side.history_, side.n_iter_ = [dict(row) for row in source.history_], source.n_iter_
+        return estimator
+
     @_keep_state_on_error
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
