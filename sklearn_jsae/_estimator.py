@@ -76,6 +76,7 @@ def _check_cache_folder(location) -> None:
 def _cached_mlp_pass(memory):
     """A ``train(mlp_pass=...)`` callable that reads and fills ``memory``; None for no cache."""
     if isinstance(memory, (str, os.PathLike)):
+        memory = os.fspath(memory)  # scikit-learn's check_memory takes a str, not a pathlib.Path
         _check_cache_folder(memory)
     memory = check_memory(memory)
     if isinstance(memory, joblib.Memory) and memory.location is None:
@@ -193,7 +194,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         schedule).  If the ``mlp`` now computes something else on the first training rows (a
         different MLP of the same shape), the output scale ``c_y`` is re-measured from the new
         outputs, with a warning, so that the loss keeps its scale; the SAE weights continue.
-    memory : str, joblib.Memory or None, default=None
+    memory : str, path-like, joblib.Memory or None, default=None
         Where to cache the part of a fit that does not depend on ``l1`` or the SAEs: the MLP's
         outputs and local weights (``φ'(z)``) on every training row and the output
         statistics.  With a cache, a fit computes them once, or reads them if an earlier fit
@@ -293,7 +294,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         "n_output_components": [None, Interval(numbers.Integral, 1, None, closed="left")],
         "l1": [Interval(numbers.Real, 0, None, closed="left")],
         "penalty": [StrOptions(set(_validation.PENALTIES))],
-        "memory": [None, str, HasMethods(["cache"])],
+        "memory": [None, str, os.PathLike, HasMethods(["cache"])],
         "distributed": ["boolean"],
     }
 

@@ -52,7 +52,7 @@ def test_cached_fit_equals_per_step_fit(kind, tmp_path, mlp_pass_calls):
     X, mlps = _mlps()
     plain = JacobianSparseAutoencoder(mlps[kind], l1=0.5, **FAST).fit(X)
     first = JacobianSparseAutoencoder(mlps[kind], l1=0.5, memory=str(tmp_path), **FAST).fit(X)
-    again = JacobianSparseAutoencoder(mlps[kind], l1=0.5, memory=str(tmp_path), **FAST).fit(X)
+    again = JacobianSparseAutoencoder(mlps[kind], l1=0.5, memory=tmp_path, **FAST).fit(X)  # a Path: the same cache
     assert len(mlp_pass_calls) == 1, "the second fit must read the cache"
     _same_model(plain, first)
     _same_model(plain, again)
