@@ -15,12 +15,25 @@ A checkpoint gathers every rank's stream state and pending rows into rank 0's on
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 
 def _unpack(chunk, number: int):
-    """A batch as given, or the one array inside a one-item tuple or list: a torch ``DataLoader``
-    over ``TensorDataset(X)`` yields ``[x]``."""
+    """A batch as given, or the one array inside a one-item tuple, list or dict: a torch
+    ``DataLoader`` over ``TensorDataset(X)`` yields ``[x]``, a Hugging Face dataset's ``iter``
+    ``{column: x}``."""
+    if isinstance(chunk, Mapping):
+        arrays = [key for key, value in chunk.items() if hasattr(value, "shape")]
+        if len(arrays) == 1 and len(chunk) == 1:
+            return chunk[arrays[0]]
+        example = arrays[0] if arrays else "activations"
+        raise ValueError(
+            f"batch {number} of batches is a {type(chunk).__name__} with keys {sorted(map(str, chunk))[:8]}; "
+            f"fit_stream trains on the MLP's inputs alone: yield that column, e.g. "
+            f"(batch[{example!r}] for batch in dataset.iter(batch_size=4096))."
+        )
     if isinstance(chunk, (tuple, list)) and chunk and all(hasattr(item, "shape") for item in chunk):
         if len(chunk) == 1:
             return chunk[0]

@@ -348,8 +348,10 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
             For example :class:`sklearn_jsae.hf.ActivationStream` (a live model's activations
             through a shuffle buffer), any generator of arrays or torch tensors, or a torch
             ``DataLoader`` over ``TensorDataset(X)`` (its one-item batches ``[x]`` are read as
-            ``x``).  Rows are used in the order they come: the stream must mix them.  Rows are
-            re-cut into ``batch_size`` batches; empty batches are skipped.
+            ``x``), a Hugging Face dataset's ``iter(batch_size=...)`` over one column of stored
+            activations (``{column: x}``) or SAELens' ``ActivationsStore``.  Rows are used in the
+            order they come: the stream must mix them.  Rows are re-cut into ``batch_size``
+            batches; empty batches are skipped.
         n_statistics : int, default=16384
             Rows read first to measure the data scale ``scale_`` and the initial decoder bias
             (then trained on like any others).

@@ -277,6 +277,27 @@ def test_fit_stream_reads_a_torch_data_loader(data, kind):
 
 
 @pytest.mark.parametrize("kind", ["jsae", "topk"])
+def test_fit_stream_reads_a_hugging_face_dataset_of_activations(data, kind):
+    """A datasets.Dataset of stored activations yields {column: batch} dicts: one column is read as
+    its array (the same model as the arrays); with more columns the error names them and the fix."""
+    from installed import require
+
+    datasets = require("datasets")
+    X, mlp = data
+    table = datasets.Dataset.from_dict({"acts": X}).with_format("numpy")
+    from_dataset = _estimator(kind, mlp, **STREAM_SETTINGS).fit_stream(table.iter(batch_size=100),
+                                                                        n_statistics=300)
+    arrays = iter(np.array_split(X, range(100, len(X), 100)))
+    expected = _weights(_estimator(kind, mlp, **STREAM_SETTINGS).fit_stream(arrays, n_statistics=300))
+    for name, value in _weights(from_dataset).items():
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
+    two = datasets.Dataset.from_dict({"acts": X, "token_ids": np.arange(len(X))}).with_format("numpy")
+    with pytest.raises(ValueError, match=r"batch 1 of batches is a dict with keys \['acts', 'token_ids'\]; .* "
+                                         r"yield that column, e.g. \(batch\['acts'\] for batch in"):
+        _estimator(kind, mlp, **STREAM_SETTINGS).fit_stream(two.iter(batch_size=100), n_statistics=300)
+
+
+@pytest.mark.parametrize("kind", ["jsae", "topk"])
 def test_fit_stream_with_warm_start_continues_the_fitted_model(data, kind):
     """warm_start=True: a stream fit after fit goes on from the fitted weights, as partial_fit does
     after fit (fresh optimiser and schedule); without it the stream fit starts afresh."""
