@@ -136,6 +136,26 @@ def test_a_bridge_reads_as_the_model_it_wraps(kind, tmp_path):
             == _sparsify_hookpoint(sae, tmp_path / f"sp_twin_{side}", side, twin)
 
 
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_every_layout_in_compatibility_mode_reads_its_processed_model(kind, tmp_path):
+    """After enable_compatibility_mode (weights processed in place: LayerNorm folded where the
+    architecture allows, writing weights centred), harvest's rows are what the bridge's hooks
+    hold, mlp_of computes them, and the SAELens names hold them."""
+    bridge, _ = _bridge(kind, tmp_path / "model")
+    bridge.enable_compatibility_mode()
+    ids = _ids()
+    X, Y = harvest(bridge, 1, input_ids=ids, progress=False)
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(ids)
+        np.testing.assert_allclose(mlp_of(bridge, 1)(torch.from_numpy(X)).numpy(), Y, rtol=1e-5, atol=1e-5)
+    sae = TopKSparseAutoencoder(16, k=3, max_iter=2, batch_size=8, random_state=0).fit(X)
+    for side, rows in (("input", X), ("output", Y)):
+        folder = to_saelens(sae, tmp_path / side, side=side, model=bridge, layer=1)
+        with open(os.path.join(folder, "cfg.json")) as f:
+            hook_name = json.load(f)["metadata"]["hook_name"]
+        np.testing.assert_array_equal(cache[hook_name].reshape(-1, 32).numpy(), rows)
+
+
 def test_bridge_compatibility_mode_changes_what_is_read(tmp_path):
     """Folding LayerNorm into the weights changes the MLP input the bridge's hooks see, and the
     rows and MLP read from it follow (they are read from the processed model, not a stale copy)."""
