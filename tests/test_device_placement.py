@@ -115,6 +115,25 @@ def test_cached_mlp_pass_and_warm_start_on_another_device(X, tmp_path, on_virtua
     assert np.isfinite(cached.score(X))
 
 
+def test_a_pair_from_saes_on_another_device(X, monkeypatch):
+    """from_saes measures on the CPU and serves on the device: its whole surface equals the CPU
+    pair's, bit for bit, and a warm fit on from it runs there."""
+    mlp = _mlps()["gelu"]
+    fitted = JacobianSparseAutoencoder(mlp, device="cpu", **SETTINGS).fit(X)
+    settings = {k: v for k, v in SETTINGS.items() if k != "k" and k != "n_components"}
+    expected = _surface(JacobianSparseAutoencoder.from_saes(mlp, fitted.input_sae_, fitted.output_sae_, X,
+                                                            device="cpu", **settings), X, with_metrics=True)
+    monkeypatch.setattr(_validation, "resolve_device", lambda device, for_inference=False: "meta")
+    with virtual_device():
+        pair = JacobianSparseAutoencoder.from_saes(mlp, fitted.input_sae_, fitted.output_sae_, X, device="cuda",
+                                                   **settings)
+        got = _surface(pair, X, with_metrics=True)
+        pair.set_params(warm_start=True).fit(X)
+        assert np.isfinite(pair.score(X))
+    assert pair.device_ == "meta"
+    _assert_same(got, expected)
+
+
 def test_single_sae_on_another_device(X, on_virtual_device):
     sae = TopKSparseAutoencoder(**SETTINGS).fit(X)
     assert sae.transform(X).shape == (160, 24) and np.isfinite(sae.score(X))

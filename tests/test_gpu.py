@@ -151,3 +151,18 @@ def test_checkpointed_fit_partial_fit_and_stream_on_cuda(problem, tmp_path):
     sae = TopKSparseAutoencoder(**single).fit_stream(iter(np.array_split(X, 8)), n_statistics=512)
     sae.set_params(warm_start=True).fit_stream(iter(np.array_split(X, 8)), n_statistics=512)
     assert sae.device_ == "cuda:0" and np.isfinite(sae.score(X))
+
+
+def test_a_pair_from_saes_on_cuda_matches_the_cpu(problem):
+    """from_saes with device="cuda": the same codes as the CPU pair, the Jacobian within float32
+    rounding, and a warm fit on from them runs on the GPU."""
+    mlp, X = problem
+    fitted = JacobianSparseAutoencoder(mlp, n_components=64, k=4, max_iter=2, batch_size=256, random_state=0,
+                                       device="cpu").fit(X)
+    cpu, gpu = (JacobianSparseAutoencoder.from_saes(mlp, fitted.input_sae_, fitted.output_sae_, X, device=device,
+                                                    batch_size=256, random_state=0) for device in ("cpu", "cuda"))
+    assert gpu.device_ == "cuda:0" and gpu.input_sae_.scale_ == cpu.input_sae_.scale_
+    assert (gpu.transform(X[:256]) != cpu.transform(X[:256])).nnz == 0
+    np.testing.assert_allclose(gpu.jacobian(X[:64]).toarray(), cpu.jacobian(X[:64]).toarray(), rtol=1e-4, atol=1e-5)
+    gpu.set_params(warm_start=True, max_iter=1).fit(X)
+    assert np.isfinite(gpu.score(X))
