@@ -3,8 +3,9 @@ around a Hugging Face model that it runs itself, with bridge components put in p
 model's own modules.  mlp_of, harvest, ActivationStream and spliced_ce_score read it through that
 model; to_saelens names its hook points, which SAELens' SAETransformerBridge hooks.
 
-The models are tiny random GPT-2, Pythia, OPT, Llama (gated MLP) and BERT ones built from a config, booted with a
-word-level tokenizer built here: nothing is downloaded (the bridge reads the config from a folder).
+The models are tiny random ones of ten layouts (LAYOUTS) built from a config, booted with a word-level
+tokenizer built here, and the real SmolLM2: nothing is downloaded (the bridge reads the config
+from a folder).
 """
 
 import json
@@ -28,8 +29,9 @@ from sklearn_jsae.mlp import ElementwiseMLP, GatedMLP  # noqa: E402
 V = 100
 # kind -> (the bridge's hook point of the MLP input, the closed-form class)
 KINDS = {"llama": ("blocks.1.mlp.hook_in", GatedMLP), "bert": ("blocks.1.hook_mlp_in", ElementwiseMLP)}
-# GPT-2's Conv1D, Pythia's, OPT's MLP on the decoder layer itself, gated, BERT's
-LAYOUTS = ["gpt2", "gpt_neox", "opt", "llama", "bert"]
+# GPT-2's Conv1D, Pythia's, GPT-J's, Phi's, OPT's MLP on the decoder layer itself, gated (Llama,
+# Qwen2, Gemma 2, Phi-3's fused gate and up projection), BERT's
+LAYOUTS = ["gpt2", "gpt_neox", "gptj", "phi", "opt", "llama", "qwen2", "gemma2", "phi3", "bert"]
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
@@ -60,6 +62,17 @@ def _hf_model(kind):
                                                                      vocab_size=V))
     elif kind == "gpt_neox":
         model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**small))
+    elif kind == "gptj":
+        model = transformers.GPTJForCausalLM(transformers.GPTJConfig(n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                                                     vocab_size=V, rotary_dim=8))
+    elif kind == "phi":
+        model = transformers.PhiForCausalLM(transformers.PhiConfig(**small))
+    elif kind == "phi3":  # gated, with a fused gate and up projection
+        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(num_key_value_heads=2, pad_token_id=0, **small))
+    elif kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_key_value_heads=2, **small))
+    elif kind == "gemma2":  # its hook_mlp_out alias is after the post-feed-forward norm, not the MLP's
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(num_key_value_heads=2, head_dim=16, **small))
     else:
         model = transformers.OPTForCausalLM(transformers.OPTConfig(
             vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
