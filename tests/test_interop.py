@@ -475,3 +475,31 @@ def test_saelens_activations_store_is_a_stream_for_fit_stream(tmp_path):
     assert (tmp_path / "ck" / "checkpoint.safetensors").is_file()
     with pytest.raises(CheckpointError, match="has no state_dict/load_state_dict to resume from"):
         checkpointed.fit_stream(_saelens_store(model, tokens, "blocks.1.ln2.hook_normalized"))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_spliced_ce_score_equals_saelens_own_splicing(tmp_path):
+    """Our spliced CE against SAELens's: the JSAE's two SAEs exported with model= a HookedTransformer
+    and attached by SAELens's HookedSAETransformer (reconstruction in place of the activation, no
+    error term) give the loss spliced_ce_score reports for each side; the clean loss matches too."""
+    from sklearn_jsae.hf import harvest, mlp_of
+    from sklearn_jsae.metrics import spliced_ce_score
+
+    sae_lens = require("sae_lens")
+    lens = require("transformer_lens")
+    config = lens.HookedTransformerConfig(n_layers=2, d_model=32, d_head=16, n_heads=2, d_mlp=64, d_vocab=100,
+                                          n_ctx=64, act_fn="gelu_new", normalization_type="LNPre")
+    torch.manual_seed(0)
+    model = sae_lens.HookedSAETransformer(config).eval()
+    ids = torch.randint(5, 100, (6, 16), generator=torch.Generator().manual_seed(3))
+    X, _ = harvest(model, 1, input_ids=ids, progress=False)
+    jsae = JacobianSparseAutoencoder(mlp_of(model, 1), n_components=48, k=4, batch_size=16, max_iter=10,
+                                     random_state=0).fit(X)
+    ours = spliced_ce_score(model, 1, jsae, ids)
+    with torch.no_grad():
+        assert ours["ce_clean"] == pytest.approx(float(model(ids, return_type="loss")), rel=1e-5)
+        for side in ("input", "output"):
+            sae = sae_lens.SAE.load_from_disk(to_saelens(jsae, tmp_path / side, side=side, model=model, layer=1))
+            spliced = float(model.run_with_saes(ids, saes=[sae], use_error_term=False, return_type="loss"))
+            assert ours[f"ce_{side}"] == pytest.approx(spliced, rel=1e-5), side
+            assert abs(spliced - ours["ce_clean"]) > 1e-4  # the splice changes the loss: the check bites

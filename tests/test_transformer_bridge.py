@@ -272,3 +272,28 @@ def test_a_bridge_around_smollm2_reads_its_gated_mlp(tmp_path):
     folder_written = to_saelens(sae, tmp_path / "sae", side="input", model=bridge, layer=15)
     with open(os.path.join(folder_written, "cfg.json")) as f:
         assert json.load(f)["metadata"]["hook_name"] == "blocks.15.mlp.hook_in"
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma2", "opt"])
+def test_spliced_ce_score_equals_saelens_bridge_splicing(kind, tmp_path):
+    """spliced_ce_score on a bridge against SAELens's SAETransformerBridge with the exported SAE
+    attached (reconstruction in place of the activation): the same loss on each side."""
+    require("sae_lens")
+    from sae_lens import SAE, SAETransformerBridge
+
+    bridge, _ = _bridge(kind, tmp_path / "model", cls=SAETransformerBridge)
+    ids = _ids(6, 12, seed=4)
+    X, _ = harvest(bridge, 1, input_ids=ids, progress=False)
+    jsae = JacobianSparseAutoencoder(mlp_of(bridge, 1), n_components=48, k=4, batch_size=16, max_iter=10,
+                                     random_state=0).fit(X)
+    ours = spliced_ce_score(bridge, 1, jsae, ids)
+    for side in ("input", "output"):
+        sae = SAE.load_from_disk(to_saelens(jsae, tmp_path / side, side=side, model=bridge, layer=1))
+        bridge.add_sae(sae, use_error_term=False)
+        try:
+            with torch.no_grad():
+                spliced = float(bridge(ids, return_type="loss"))
+        finally:
+            bridge.reset_saes()
+        assert ours[f"ce_{side}"] == pytest.approx(spliced, rel=1e-5), side
+        assert abs(spliced - ours["ce_clean"]) > 1e-4

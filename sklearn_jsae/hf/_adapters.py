@@ -126,9 +126,10 @@ def run_model(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     if _is_transformer_lens(model):
         import inspect
 
-        keyword = "attention_mask"
-        if keyword not in inspect.signature(model.forward).parameters:
-            keyword = "one_zero_attention_mask"
+        # only where the forward names it (a subclass's forward may take *args, **kwargs)
+        parameters = inspect.signature(model.forward).parameters
+        keyword = ("one_zero_attention_mask" if "one_zero_attention_mask" in parameters
+                   and "attention_mask" not in parameters else "attention_mask")
         return model(input_ids, **{keyword: attention_mask})
     return model(input_ids=input_ids, attention_mask=attention_mask)
 
