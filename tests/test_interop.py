@@ -137,6 +137,14 @@ def test_sparsify_loads_our_export_and_encodes_like_transform(sparsify, problem,
     reconstruction = sae.inverse_transform(sae.transform(Z))
     assert_agree(reconstruction, decoded, "decode")
     assert_agree(reconstruction, forward, "forward")
+    # sparsify's own FVU (its training loss) is ours: 1 - score, Σ||z - ẑ||² / Σ||z - mean(z)||²
+    with torch.no_grad():
+        their_fvu = float(loaded(torch.from_numpy(Z)).fvu)
+    assert their_fvu == pytest.approx(1 - sae.score(Z), rel=1e-5)
+    if side is not None:
+        from sklearn_jsae.metrics import fraction_variance_unexplained
+
+        assert their_fvu == pytest.approx(fraction_variance_unexplained(estimator, problem[2])[side], rel=1e-5)
 
 
 def test_sparsify_reads_a_jsae_exported_as_a_run_of_hookpoints(sparsify, problem, tmp_path):

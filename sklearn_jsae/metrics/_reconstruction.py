@@ -90,7 +90,8 @@ def fraction_variance_unexplained(estimator, X, *, batch_size=4096):
     """Fraction of variance unexplained of each SAE: ``{"input": FVU_x, "output": FVU_y}``.
 
     ``FVU = Σ ||z - ẑ||² / Σ ||z - mean(z)||²`` over all rows and features of X (input SAE)
-    and of the true outputs mlp(X) (output SAE); ``1 - FVU`` is the explained variance that
+    and of the true outputs mlp(X) (output SAE), the FVU sparsify trains on (equal to its
+    ``SparseCoder(x).fvu`` on the exported SAE, tested); ``1 - FVU`` is the explained variance that
     :meth:`~sklearn_jsae.JacobianSparseAutoencoder.score` averages.  See
     :func:`reconstruction_metrics` for L0 and dead latents from the same pass.
 
