@@ -511,3 +511,42 @@ def test_spliced_ce_score_equals_saelens_own_splicing(tmp_path):
             spliced = float(model.run_with_saes(ids, saes=[sae], use_error_term=False, return_type="loss"))
             assert ours[f"ce_{side}"] == pytest.approx(spliced, rel=1e-5), side
             assert abs(spliced - ours["ce_clean"]) > 1e-4  # the splice changes the loss: the check bites
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_jacobian_equals_autograd_through_saelens_saes_and_the_lens_mlp(tmp_path):
+    """The Jacobian a SAELens user would take by autograd, through the exported SAEs (SAELens's own
+    encode and decode) and TransformerLens's own MLP module, moving the active input latents at
+    the true input: ours, to float32 rounding, on every token and every active pair."""
+    from sklearn_jsae.hf import harvest, mlp_of
+
+    sae_lens = require("sae_lens")
+    lens = require("transformer_lens")
+    config = lens.HookedTransformerConfig(n_layers=2, d_model=32, d_head=16, n_heads=2, d_mlp=64, d_vocab=100,
+                                          n_ctx=64, act_fn="gelu_new", normalization_type="LNPre")
+    torch.manual_seed(0)
+    model = lens.HookedTransformer(config).eval()
+    X, _ = harvest(model, 1, input_ids=torch.randint(5, 100, (4, 16), generator=torch.Generator().manual_seed(5)),
+                   progress=False)
+    jsae = JacobianSparseAutoencoder(mlp_of(model, 1), n_components=48, n_output_components=40, k=4, batch_size=16,
+                                     max_iter=10, random_state=0).fit(X)
+    sae_x, sae_y = (sae_lens.SAE.load_from_disk(to_saelens(jsae, tmp_path / side, side=side, model=model, layer=1))
+                    for side in ("input", "output"))
+    rows = X[:12]
+    ours = jsae.jacobian(rows).toarray()  # (n, n_out, n_in)
+    _, idx_x = jsae.input_sae_._codes(rows)
+    _, idx_y = jsae.output_sae_._codes(jsae.mlp_outputs(rows))
+    lens_mlp = model.blocks[1].mlp
+    for t in range(len(rows)):
+        x = torch.from_numpy(rows[t : t + 1])
+        active_x, active_y = torch.from_numpy(idx_x[t]).long(), torch.from_numpy(idx_y[t]).long()
+        with torch.no_grad():
+            start = sae_x.encode(x)[0, active_x]
+
+        def latents_out(values):
+            moved = x + (values - start) @ sae_x.W_dec[active_x]  # the input moved along the active decoder rows
+            return sae_y.encode(lens_mlp(moved[None]))[0, 0, active_y]
+
+        theirs = torch.autograd.functional.jacobian(latents_out, start).numpy()
+        np.testing.assert_allclose(ours[t][np.ix_(idx_y[t], idx_x[t])], theirs, rtol=1e-4, atol=1e-5)
+        assert np.abs(theirs).max() > 1e-3
