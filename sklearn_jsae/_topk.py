@@ -348,8 +348,10 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
             For example :class:`sklearn_jsae.hf.ActivationStream` (a live model's activations
             through a shuffle buffer), any generator of arrays or torch tensors, or a torch
             ``DataLoader`` over ``TensorDataset(X)`` (its one-item batches ``[x]`` are read as
-            ``x``), a Hugging Face dataset's ``iter(batch_size=...)`` over one column of stored
-            activations (``{column: x}``) or SAELens' ``ActivationsStore``.  Rows are used in the
+            ``x``), a Hugging Face dataset of stored activations in one column (``{column: x}``
+            batches: ``dataset.iter(batch_size=...)``, or, resumable,
+            ``dataset.to_iterable_dataset().with_format("numpy").batch(n)``) or SAELens'
+            ``ActivationsStore``.  Rows are used in the
             order they come: the stream must mix them.  Rows are re-cut into ``batch_size``
             batches; empty batches are skipped.
         n_statistics : int, default=16384

@@ -186,6 +186,47 @@ def test_fit_stream_resumes_from_its_checkpoint_without_repeating_tokens(gpt2, t
 
 
 @pytest.mark.parametrize("kind", ["jsae", "topk"])
+def test_fit_stream_resumes_a_hugging_face_iterable_dataset(data, tmp_path, monkeypatch, kind):
+    """A datasets.IterableDataset of stored activations, batched (``.batch(n)``: {column: batch}),
+    has state_dict/load_state_dict: a fit interrupted twice resumes to the uninterrupted model."""
+    from installed import require
+
+    datasets = require("datasets")
+    X, mlp = data
+
+    def make():
+        table = datasets.Dataset.from_dict({"acts": X}).to_iterable_dataset(num_shards=3)
+        est = _estimator(kind, mlp, **STREAM_SETTINGS, checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=3)
+        return est, table.with_format("numpy").batch(70)
+
+    expected, stream = make()
+    expected.set_params(checkpoint_dir=None).fit_stream(stream, n_statistics=150)
+    real = trainer_module.Trainer.step
+    stops, steps_run = {5, 12}, []
+
+    def step(self, *args, **kwargs):
+        if self.step_count in stops:
+            stops.discard(self.step_count)
+            raise _Interrupt
+        steps_run.append(self.step_count)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", step)
+    for _ in range(2):
+        est, stream = make()
+        with pytest.raises(_Interrupt):
+            est.fit_stream(stream, n_statistics=150)
+    steps_run.clear()
+    est, stream = make()
+    est.fit_stream(stream, n_statistics=150)
+    assert steps_run[0] == 12 and steps_run[-1] == 15  # from the checkpoint at step 12, not from 0
+    expected_weights = _weights(expected)
+    for name, value in _weights(est).items():
+        np.testing.assert_array_equal(value, expected_weights[name], err_msg=name)
+    assert sum(row["tokens"] for row in est.history_) == len(X)
+
+
+@pytest.mark.parametrize("kind", ["jsae", "topk"])
 def test_fit_stream_accepts_any_generator_but_cannot_resume_it(tmp_path, kind):
     rng = np.random.default_rng(0)
     chunks = [rng.normal(size=(100, 6)).astype(np.float32) for _ in range(12)]
