@@ -8,6 +8,8 @@ pair: codes are each SAE's own), by SAELens folders, and by the errors a user ca
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.exceptions import NotFittedError
 
 from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
@@ -56,6 +58,30 @@ def test_a_fitted_pair_rebuilt_from_its_saes_is_the_same_model(fitted, mlp, X):
     np.testing.assert_array_equal(own.input_sae_.components_, rebuilt.input_sae_.components_)
     np.testing.assert_array_equal(own.output_sae_.encoder_, rebuilt.output_sae_.encoder_)
     assert not np.array_equal(own.input_sae_.components_, before)
+
+
+@settings(max_examples=8, deadline=None)
+@given(n_input=st.integers(4, 40), n_output=st.integers(4, 40), k=st.integers(1, 4),
+       l1=st.sampled_from([0.0, 0.5, 3.0]), gated=st.booleans(), seed=st.integers(0, 3))
+def test_rebuilding_any_fitted_pair_from_its_saes_gives_the_same_model(n_input, n_output, k, l1, gated, seed):
+    """Property: for any widths, k, l1 and MLP kind, from_saes(its SAEs, its training rows) is the
+    fitted pair (codes, Jacobians and scales bit for bit)."""
+    from sklearn_jsae.mlp import GatedMLP
+
+    g = torch.Generator().manual_seed(seed)
+    mlp = (GatedMLP(torch.randn(6, 12, generator=g) / 2, torch.randn(6, 12, generator=g) / 2,
+                    torch.randn(12, 5, generator=g) / 3) if gated
+           else torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 5)))
+    X = np.random.default_rng(seed).normal(size=(200, 6)).astype(np.float32)
+    common = dict(l1=l1, batch_size=50, max_iter=2, random_state=seed)
+    fitted = JacobianSparseAutoencoder(mlp, n_components=n_input, n_output_components=n_output, k=k,
+                                       **common).fit(X)
+    rebuilt = JacobianSparseAutoencoder.from_saes(mlp, fitted.input_sae_, fitted.output_sae_, X, **common)
+    assert (rebuilt.input_sae_.scale_, rebuilt.output_sae_.scale_) == (fitted.input_sae_.scale_,
+                                                                      fitted.output_sae_.scale_)
+    rows = X[:30]
+    assert (rebuilt.transform_output(rows) != fitted.transform_output(rows)).nnz == 0
+    np.testing.assert_array_equal(rebuilt.jacobian(rows).toarray(), fitted.jacobian(rows).toarray())
 
 
 def test_two_separately_trained_saes_are_the_traditional_pair(mlp, X):
