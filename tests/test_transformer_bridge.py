@@ -73,10 +73,12 @@ def _hf_model(kind):
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_key_value_heads=2, **small))
     elif kind == "gemma2":  # its hook_mlp_out alias is after the post-feed-forward norm, not the MLP's
         model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(num_key_value_heads=2, head_dim=16, **small))
-    else:
+    elif kind == "opt":  # fc1 / fc2 on the decoder layer itself
         model = transformers.OPTForCausalLM(transformers.OPTConfig(
             vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
             word_embed_proj_dim=32, max_position_embeddings=64))
+    else:
+        raise ValueError(f"no tiny model of kind {kind!r}")
     return model.eval()
 
 
