@@ -149,6 +149,13 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int | None 
     config, mlp_map, init, finish = estimator._prepare_stream(first, warm)
     parallel, config = join_job(estimator, config)
     data_identity = f"stream:{type(batches).__name__}:{getattr(batches, 'identity', lambda: '')()}"
+    if stream.resumable() and not callable(getattr(batches, "identity", None)) and parallel is None:
+        # A resumable stream without identity() is known by its first rows, which a restarted run
+        # of the same stream reads again (its position is only restored after them): a checkpoint
+        # of another dataset is refused.  (Data-parallel ranks read different first rows.)
+        from ._backend.checkpoint import fingerprint_array
+
+        data_identity += f":first={fingerprint_array(first)}"
     if parallel is not None:
         _check_shard(batches, parallel)
         check_same_fit(parallel, data_identity, mlp_map, config)

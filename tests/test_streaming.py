@@ -17,6 +17,7 @@ from installed import prose, require  # noqa: E402
 
 from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder  # noqa: E402
 from sklearn_jsae._backend import trainer as trainer_module  # noqa: E402
+from sklearn_jsae.exceptions import CheckpointError  # noqa: E402
 from sklearn_jsae._backend.trainer import OPEN_L1_WARMUP_STEPS, OPEN_LR_WARMUP_STEPS, schedule  # noqa: E402
 from sklearn_jsae.hf import ActivationStream, harvest, mlp_of  # noqa: E402
 
@@ -224,6 +225,11 @@ def test_fit_stream_resumes_a_hugging_face_iterable_dataset(data, tmp_path, monk
     for name, value in _weights(est).items():
         np.testing.assert_array_equal(value, expected_weights[name], err_msg=name)
     assert sum(row["tokens"] for row in est.history_) == len(X)
+    # a stream without identity() is known by its first rows: another dataset's checkpoint is refused
+    other = datasets.Dataset.from_dict({"acts": X[::-1].copy()}).to_iterable_dataset(num_shards=3)
+    est, _ = make()
+    with pytest.raises(CheckpointError, match="differs in data"):
+        est.fit_stream(other.with_format("numpy").batch(70), n_statistics=150)
 
 
 @pytest.mark.parametrize("kind", ["jsae", "topk"])
