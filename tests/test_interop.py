@@ -511,6 +511,16 @@ def test_spliced_ce_score_equals_saelens_own_splicing(tmp_path):
             spliced = float(model.run_with_saes(ids, saes=[sae], use_error_term=False, return_type="loss"))
             assert ours[f"ce_{side}"] == pytest.approx(spliced, rel=1e-5), side
             assert abs(spliced - ours["ce_clean"]) > 1e-4  # the splice changes the loss: the check bites
+    # with an SAE left attached, every pass (the clean one too) includes it: said, not hidden
+    model.add_sae(sae, use_error_term=False)
+    try:
+        with pytest.warns(UserWarning, match=r"HookedSAETransformer has SAEs attached at \['blocks.1.hook_mlp_out'\]"):
+            attached = spliced_ce_score(model, 1, jsae, ids)
+        with pytest.warns(UserWarning, match="harvest reads the model with their reconstructions spliced in"):
+            harvest(model, 1, input_ids=ids, progress=False)
+    finally:
+        model.reset_saes()
+    assert attached["ce_clean"] == pytest.approx(ours["ce_output"], rel=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

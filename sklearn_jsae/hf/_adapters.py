@@ -112,6 +112,20 @@ def _unwrap(model):
     return model
 
 
+def _warn_attached_saes(model, what: str) -> None:
+    """Warn when SAELens SAEs are attached to ``model`` (a ``HookedSAETransformer`` or
+    ``SAETransformerBridge``): they run inside every forward pass, so ``what`` sees the model
+    with their reconstructions spliced in, not the model itself."""
+    attached = getattr(model, "acts_to_saes", None)
+    if isinstance(attached, dict) and attached:
+        import warnings
+
+        warnings.warn(
+            f"{type(model).__name__} has SAEs attached at {sorted(attached)}: they run in every forward "
+            f"pass, so {what} the model with their reconstructions spliced in. Call model.reset_saes() "
+            f"first for the model's own activations.", UserWarning, stacklevel=3)
+
+
 def _is_transformer_lens(model) -> bool:
     """A TransformerLens model (``HookedTransformer``), whose forward takes token ids first and
     returns the logits themselves (a ``TransformerBridge`` is read through its Hugging Face model)."""

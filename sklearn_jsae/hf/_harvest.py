@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._adapters import _eval_mode, _layout, _unwrap, run_model
+from ._adapters import _eval_mode, _layout, _unwrap, _warn_attached_saes, run_model
 
 __all__ = ["harvest"]
 
@@ -325,6 +325,7 @@ def harvest(
     True
     """
     layout = _layout(model, layer)
+    _warn_attached_saes(model, "harvest reads")
     if (texts is None) == (input_ids is None):
         raise ValueError(
             "pass exactly one of texts (with tokenizer) and input_ids; got "

@@ -33,7 +33,7 @@ import os
 import numpy as np
 import torch
 
-from ._adapters import _eval_mode, _layout, _unwrap, run_model
+from ._adapters import _eval_mode, _layout, _unwrap, _warn_attached_saes, run_model
 from ._harvest import (_check_positive_int, _check_room_for_text, _HarvestStop, _not_a_text, _pad, _special_ids,
                        _token_rows)
 
@@ -126,6 +126,7 @@ class ActivationStream:
             raise ValueError("texts were given without a tokenizer: pass tokenizer=AutoTokenizer.from_pretrained(...).")
         self.model, self.layer, self.tokenizer = model, layer, tokenizer
         self.layout = _layout(model, layer)
+        _warn_attached_saes(model, "the stream reads")
         self.texts, self.input_ids = texts, input_ids
         if attention_mask is not None:
             if input_ids is None:

@@ -100,8 +100,9 @@ def spliced_ce_score(model, layer, estimator, input_ids, *, attention_mask=None,
     _check_jsae(estimator)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a transformers causal LM (a torch.nn.Module), got {type(model).__name__}.")
-    from ..hf._adapters import _is_bridge, _unwrap
+    from ..hf._adapters import _is_bridge, _unwrap, _warn_attached_saes
 
+    _warn_attached_saes(model, "every pass, the clean one too, scores")
     if _is_bridge(model):
         model = _unwrap(model)
     batch_size = _check_positive_int(batch_size, "batch_size")
