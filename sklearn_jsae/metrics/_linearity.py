@@ -140,7 +140,10 @@ def linearity(estimator, X, *, n_samples=256, n_pairs=None, n_points=100, sweep_
     >>> sorted(fractions), bool(np.isclose(sum(fractions.values()), 1.0))
     (['jumprelu', 'linear', 'other'], True)
     """
+    import torch
+
     from .._backend.metrics import sweep_curves
+    from .._backend.train import _Rows
 
     _check_jsae(estimator)
     # a memmap (a store larger than memory) is neither scanned nor converted whole: only the
@@ -156,13 +159,9 @@ def linearity(estimator, X, *, n_samples=256, n_pairs=None, n_points=100, sweep_
     tol = _check_positive_real(tol, "tol")
     rng = check_random_state(random_state)
     rows = np.sort(rng.choice(X.shape[0], size=min(n_samples, X.shape[0]), replace=False))
-    Xs = np.ascontiguousarray(X[rows], dtype=np.float32)
-    bad = ~np.isfinite(Xs).all(axis=1)
-    if bad.any():
-        raise ValueError(
-            f"X has NaN, inf or values beyond float32's range (about 3.4e38) in row {int(rows[bad.argmax()])}; "
-            f"remove or clip those rows (e.g. X[np.isfinite(X).all(axis=1)]) before measuring."
-        )
+    # the sampled rows alone, read and checked (naming the row) as every pass over a store is
+    sampled = _Rows(X, "cpu", torch.float32, resident=False)
+    Xs = next(sampled.batches(len(rows), order=torch.from_numpy(rows), check_finite=True)).numpy()
 
     values_x, idx_x = estimator.input_sae_._codes(Xs, _inference_device(estimator))
     blocks = list(estimator._iter_blocks(Xs))
