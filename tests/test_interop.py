@@ -424,6 +424,16 @@ def test_the_saving_page_runs(sae_lens, sparsify, tmp_path, monkeypatch, capsys)
     assert sorted(os.listdir(tmp_path / "run")) == ["h.3.ln_2", "h.3.mlp"]
 
 
+def _folded_lens(cls=None):
+    """A tiny random TransformerLens model (``cls``, default HookedTransformer) with its LayerNorm
+    folded (LNPre: ``blocks.1.ln2.hook_normalized`` is the MLP input), built from a config."""
+    lens = require("transformer_lens")
+    config = lens.HookedTransformerConfig(n_layers=2, d_model=32, d_head=16, n_heads=2, d_mlp=64, d_vocab=100,
+                                          n_ctx=64, act_fn="gelu_new", normalization_type="LNPre")
+    torch.manual_seed(0)
+    return (cls or lens.HookedTransformer)(config).eval()
+
+
 def _saelens_store(model, tokens, hook_name):
     """SAELens' own ActivationsStore over a local dataset of token ids (nothing downloaded)."""
     require("datasets")
@@ -451,11 +461,7 @@ def test_saelens_activations_store_is_a_stream_for_fit_stream(tmp_path):
     from sklearn_jsae.hf import harvest, mlp_of
 
     require("sae_lens")
-    lens = require("transformer_lens")
-    config = lens.HookedTransformerConfig(n_layers=2, d_model=32, d_head=16, n_heads=2, d_mlp=64, d_vocab=100,
-                                          n_ctx=64, act_fn="gelu_new", normalization_type="LNPre")
-    torch.manual_seed(0)
-    model = lens.HookedTransformer(config).eval()
+    model = _folded_lens()
     tokens = np.random.default_rng(0).integers(5, 100, size=(64, 16))
     harvested, _ = harvest(model, 1, input_ids=tokens, progress=False)
     store = _saelens_store(model, tokens, "blocks.1.ln2.hook_normalized")
@@ -494,11 +500,7 @@ def test_spliced_ce_score_equals_saelens_own_splicing(tmp_path):
     from sklearn_jsae.metrics import spliced_ce_score
 
     sae_lens = require("sae_lens")
-    lens = require("transformer_lens")
-    config = lens.HookedTransformerConfig(n_layers=2, d_model=32, d_head=16, n_heads=2, d_mlp=64, d_vocab=100,
-                                          n_ctx=64, act_fn="gelu_new", normalization_type="LNPre")
-    torch.manual_seed(0)
-    model = sae_lens.HookedSAETransformer(config).eval()
+    model = _folded_lens(sae_lens.HookedSAETransformer)
     ids = torch.randint(5, 100, (6, 16), generator=torch.Generator().manual_seed(3))
     X, _ = harvest(model, 1, input_ids=ids, progress=False)
     jsae = JacobianSparseAutoencoder(mlp_of(model, 1), n_components=48, k=4, batch_size=16, max_iter=10,
@@ -531,11 +533,7 @@ def test_jacobian_equals_autograd_through_saelens_saes_and_the_lens_mlp(tmp_path
     from sklearn_jsae.hf import harvest, mlp_of
 
     sae_lens = require("sae_lens")
-    lens = require("transformer_lens")
-    config = lens.HookedTransformerConfig(n_layers=2, d_model=32, d_head=16, n_heads=2, d_mlp=64, d_vocab=100,
-                                          n_ctx=64, act_fn="gelu_new", normalization_type="LNPre")
-    torch.manual_seed(0)
-    model = lens.HookedTransformer(config).eval()
+    model = _folded_lens()
     X, _ = harvest(model, 1, input_ids=torch.randint(5, 100, (4, 16), generator=torch.Generator().manual_seed(5)),
                    progress=False)
     jsae = JacobianSparseAutoencoder(mlp_of(model, 1), n_components=48, n_output_components=40, k=4, batch_size=16,

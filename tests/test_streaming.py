@@ -143,6 +143,23 @@ def _weights(est):
             for name in ("components_", "encoder_", "encoder_bias_", "decoder_bias_")}
 
 
+def _interrupt_steps(monkeypatch, stops):
+    """Make the trainer raise _Interrupt once when it reaches each step in ``stops`` (a kill there);
+    returns the list of the steps it runs, which the caller may clear."""
+    real = trainer_module.Trainer.step
+    steps_run = []
+
+    def step(self, *args, **kwargs):
+        if self.step_count in stops:
+            stops.discard(self.step_count)
+            raise _Interrupt
+        steps_run.append(self.step_count)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", step)
+    return steps_run
+
+
 def _estimator(kind, mlp, **settings):
     if kind == "jsae":
         return JacobianSparseAutoencoder(mlp, **settings)
@@ -162,16 +179,7 @@ def test_fit_stream_resumes_from_its_checkpoint_without_repeating_tokens(gpt2, t
 
     expected, stream = make()
     expected.set_params(checkpoint_dir=None).fit_stream(stream, n_statistics=100)
-    real = trainer_module.Trainer.step
-    stops = {4, 11}
-
-    def step(self, *args, **kwargs):
-        if self.step_count in stops:
-            stops.discard(self.step_count)
-            raise _Interrupt
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(trainer_module.Trainer, "step", step)
+    _interrupt_steps(monkeypatch, {4, 11})
     for _ in range(2):
         est, stream = make()
         with pytest.raises(_Interrupt):
@@ -202,17 +210,7 @@ def test_fit_stream_resumes_a_hugging_face_iterable_dataset(data, tmp_path, monk
 
     expected, stream = make()
     expected.set_params(checkpoint_dir=None).fit_stream(stream, n_statistics=150)
-    real = trainer_module.Trainer.step
-    stops, steps_run = {5, 12}, []
-
-    def step(self, *args, **kwargs):
-        if self.step_count in stops:
-            stops.discard(self.step_count)
-            raise _Interrupt
-        steps_run.append(self.step_count)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(trainer_module.Trainer, "step", step)
+    steps_run = _interrupt_steps(monkeypatch, {5, 12})
     for _ in range(2):
         est, stream = make()
         with pytest.raises(_Interrupt):
