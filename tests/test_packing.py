@@ -85,18 +85,19 @@ def test_special_wrapping_is_what_the_tokenizer_adds_around_a_text(tokenizers):
 def test_packed_sequences_hold_every_token_once_in_order_and_resume_exactly(tokenizers, name, max_length,
                                                                             lengths, cut):
     """Property: the sequences' bodies are the texts' tokens in order, the separator between two
-    texts; every sequence but the last has max_length tokens, each between the tokenizer's own
-    special tokens; and a packer restarted from the position after any sequence, on the texts it
-    has not read, hands out the rest unchanged."""
+    texts of one sequence; every sequence but the last has max_length tokens, each between the
+    tokenizer's own special tokens; and a packer restarted from the position after any sequence,
+    on the texts it has not read, hands out the rest unchanged."""
     tokenizer = tokenizers[name]
     paragraphs = prose(len(lengths))
     texts = [paragraph[:length] for paragraph, length in zip(paragraphs, lengths)]  # "" included
     prefix, suffix = special_wrapping(tokenizer)
     separator = separator_ids(tokenizer)
-    plain = _plain_tokens(tokenizer, texts)
-    expected = [token for i, ids in enumerate(plain) for token in (separator if i else []) + ids]
-
     packer = TextPacker(tokenizer, max_length)
+    expected = []  # the token stream: a separator where a text joins another mid-sequence
+    for ids in _plain_tokens(tokenizer, texts):
+        expected += (separator if ids and len(expected) % packer.body else []) + ids
+
     sequences = list(packer.sequences(texts))
     bodies = []
     for i, sequence in enumerate(sequences):
@@ -113,6 +114,24 @@ def test_packed_sequences_hold_every_token_once_in_order_and_resume_exactly(toke
     resumed = TextPacker(tokenizer, max_length)
     resumed.load_state(**state)
     assert head + list(resumed.sequences(texts[state["texts_done"]:])) == sequences
+
+
+@settings(max_examples=40, deadline=None)
+@given(max_length=st.integers(2, 70), lengths=st.lists(st.integers(0, 400), min_size=1, max_size=10))
+def test_packing_equals_saelens_concat_and_batch_sequences(tokenizers, max_length, lengths):
+    """For a tokenizer that adds no special tokens (SmolLM2's), the packed sequences are SAELens's
+    own, separated by EOS, and a last shorter sequence (SAELens drops it)."""
+    require("sae_lens")
+    from sae_lens.tokenization_and_batching import concat_and_batch_sequences
+
+    tokenizer = tokenizers["smollm2"]
+    texts = [paragraph[:length] for paragraph, length in zip(prose(len(lengths)), lengths)]
+    theirs = [sequence.tolist() for sequence in concat_and_batch_sequences(
+        (torch.tensor(ids, dtype=torch.long) for ids in _plain_tokens(tokenizer, texts)), max_length,
+        sequence_separator_token_id=tokenizer.eos_token_id)]
+    ours = list(TextPacker(tokenizer, max_length).sequences(texts))
+    assert ours[: len(theirs)] == theirs
+    assert len(ours) == len(theirs) or (len(ours) == len(theirs) + 1 and len(ours[-1]) < max_length)
 
 
 def test_packer_refuses_a_length_without_room_and_names_a_text_that_is_not_a_string(tokenizers):

@@ -314,10 +314,10 @@ def harvest(
     progress : bool, default=True
         Show a tqdm progress bar (if tqdm is installed).
     pack : bool, default=False
-        Concatenate the texts' tokens (an EOS token between two texts) and cut them into sequences
-        of ``max_length`` tokens, each with the tokenizer's own special tokens, instead of one
-        text per sequence truncated to ``max_length``: every token of a long text is captured,
-        as :class:`ActivationStream` ``(pack=True)`` reads them.
+        Concatenate the texts' tokens (an EOS token between two texts of a sequence) and cut
+        them into sequences of ``max_length`` tokens, each with the tokenizer's own special
+        tokens, instead of one text per sequence truncated to ``max_length``: every token of a
+        long text is captured, as :class:`ActivationStream` ``(pack=True)`` reads them.
 
     Returns
     -------

@@ -9,7 +9,9 @@ store and sparsify's ``chunk_and_tokenize`` do, reads every token once instead:
     seq_i   = prefix + stream[i·b : (i+1)·b] + suffix,   b = max_length - len(prefix) - len(suffix)
 
 ``sep`` is the tokenizer's EOS token (its SEP token when it has no EOS, as BERT's; none when it has
-neither); ``prefix`` and ``suffix`` are the special tokens the tokenizer itself puts around one
+neither), left out before a text that starts a sequence (as SAELens'
+``concat_and_batch_sequences`` does, which equals this packing for a tokenizer that adds no
+special tokens, pinned by a test); an empty text adds nothing.  ``prefix`` and ``suffix`` are the special tokens the tokenizer itself puts around one
 text (BERT: ``[CLS]`` / ``[SEP]``, LLaMA: ``<s>`` / nothing, GPT-2: nothing), so every sequence is
 what the model sees in training.  Every sequence has ``max_length`` tokens but the last, which
 holds what is left.  A token attends to the tokens of earlier texts in its sequence, as in
@@ -103,12 +105,15 @@ class TextPacker:
                     # verbose=False: a long text exceeds the model's length, which is the point here.
                     encoded = self.tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
                     for ids in encoded:
-                        # Between two texts, not after each: the sequences are then a function of
-                        # the texts alone, not of when the packer learns that the input has ended.
-                        if self.texts_done:
+                        self.texts_done += 1
+                        if not ids:
+                            continue
+                        # Between two texts of one sequence: a text that starts a sequence follows
+                        # its special tokens (the emitted tokens are whole bodies, so the stream's
+                        # position in its sequence is len(carry) mod body).
+                        if len(self.carry) % self.body:
                             self.carry.extend(self.separator)
                         self.carry.extend(int(i) for i in ids)
-                        self.texts_done += 1
             if not self.carry:
                 return
             body, self.carry = self.carry[: self.body], self.carry[self.body :]

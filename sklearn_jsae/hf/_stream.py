@@ -88,8 +88,8 @@ class ActivationStream:
     texts : iterable of str or str path, optional
         Texts (each one sequence, truncated to ``max_length`` tokens, unless ``pack``), or the
         path of a UTF-8 text file read lazily, one text per non-empty line, or of a ``.jsonl``
-        file, one JSON object per line whose ``"text"`` field is the text.  Exactly one of ``texts`` and
-        ``input_ids`` is given.  An iterable must give the same texts in the same order when
+        file, one JSON object per line whose ``"text"`` field is the text.  Exactly one of
+        ``texts`` and ``input_ids`` is given.  An iterable must give the same texts in the same order when
         iterated again (a list, or a file path) for a resumed stream to continue correctly.
     tokenizer : transformers tokenizer, optional
         Required with ``texts``.
@@ -109,13 +109,13 @@ class ActivationStream:
     max_length : int, default=128
         Truncation length of ``texts`` (with ``pack``: the length of every packed sequence).
     pack : bool, default=False
-        Concatenate the texts' tokens (an EOS token between two texts) and cut them into sequences
-        of ``max_length`` tokens, each with the tokenizer's own special tokens, instead of one
-        text per sequence truncated to ``max_length``: every token of a long text is read (as
-        SAELens and sparsify do).  The position in the packed input is part of
-        :meth:`state_dict`, so a resumed stream skips the texts already read without tokenising
-        them.  With ``world_size > 1`` every rank tokenises every text (to find the sequence
-        boundaries) and runs the model on its own sequence batches only.
+        Concatenate the texts' tokens (an EOS token between two texts of a sequence) and cut
+        them into sequences of ``max_length`` tokens, each with the tokenizer's own special
+        tokens, instead of one text per sequence truncated to ``max_length``: every token of a
+        long text is read (as SAELens and sparsify do).  The position in the packed input is
+        part of :meth:`state_dict`, so a resumed stream skips the texts already read without
+        tokenising them.  With ``world_size > 1`` every rank tokenises every text (to find the
+        sequence boundaries) and runs the model on its own sequence batches only.
     exclude_special_tokens : bool, default=True
         Drop BOS/EOS/PAD/CLS/SEP tokens (their activations are outliers the SAEs should not
         spend latents on).
