@@ -1,5 +1,6 @@
 """Training beyond one in-memory fit: activation streams, partial_fit and out-of-core stores."""
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -192,6 +193,54 @@ def test_fit_stream_resumes_from_its_checkpoint_without_repeating_tokens(gpt2, t
     assert sum(row["tokens"] for row in est.history_) == 1300
     strip = [{k: v for k, v in row.items() if k != "seconds"} for row in expected.history_]
     assert [{k: v for k, v in row.items() if k != "seconds"} for row in est.history_] == strip
+
+
+def test_a_checkpoint_knows_the_streams_input_by_its_content(minilm, tmp_path, monkeypatch):
+    """Other token ids, another list of texts or another corpus file at the same path: the stream's
+    identity differs, so a killed run's checkpoint is refused rather than resumed at a position in
+    another input; the same input again (a copy) resumes."""
+    _, tokenizer = minilm
+    model = transformers.GPT2Model(transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=64,
+                                                           vocab_size=tokenizer.vocab_size)).eval()
+    ids = _ids(60)
+    other_ids = ids.copy()
+    other_ids[59, 11] = (other_ids[59, 11] + 1) % 59
+    texts = prose(80)
+    corpus = tmp_path / "corpus.txt"
+
+    def make(source, **stream_settings):
+        stream = ActivationStream(model, 1, **source, batch_size=40, buffer_size=200, max_length=32,
+                                  **stream_settings)
+        est = JacobianSparseAutoencoder(mlp_of(model, 1), n_components=16, k=2, batch_size=64, n_tokens=600,
+                                        device="cpu", random_state=0, checkpoint_dir=tmp_path / "ck",
+                                        checkpoint_every=2)
+        return est, stream
+
+    ids_mask = np.ones_like(ids)
+    cases = [(dict(input_ids=ids), dict(input_ids=other_ids), dict(input_ids=ids.copy()), {}),
+             (dict(input_ids=ids, attention_mask=ids_mask),
+              dict(input_ids=ids, attention_mask=np.where(np.arange(12) < 11, ids_mask, 0)),
+              dict(input_ids=torch.as_tensor(ids), attention_mask=ids_mask.copy()), {}),
+             (dict(texts=texts), dict(texts=texts[1:]), dict(texts=list(texts)), {"tokenizer": tokenizer}),
+             (dict(texts=str(corpus)), None, dict(texts=str(corpus)), {"tokenizer": tokenizer})]
+    _interrupt_steps(monkeypatch, {3})
+    for first, other, same, stream_settings in cases:
+        corpus.write_text("\n".join(texts) + "\n")
+        est, stream = make(first, **stream_settings)
+        with pytest.raises(_Interrupt):
+            est.fit_stream(stream, n_statistics=100)
+        if other is None:  # the same path, another corpus in it
+            corpus.write_text("\n".join(reversed(texts)) + "\n")
+            other = first
+        est, stream = make(other, **stream_settings)
+        with pytest.raises(CheckpointError, match="differs in data"):
+            est.fit_stream(stream, n_statistics=100)
+        corpus.write_text("\n".join(texts) + "\n")
+        est, stream = make(same, **stream_settings)
+        est.fit_stream(stream, n_statistics=100)
+        assert sum(row["tokens"] for row in est.history_) == 600
+        shutil.rmtree(tmp_path / "ck")
+        _interrupt_steps(monkeypatch, {3})
 
 
 @pytest.mark.parametrize("kind", ["jsae", "topk"])

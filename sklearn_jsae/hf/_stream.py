@@ -40,6 +40,9 @@ from ._packing import TextPacker
 
 __all__ = ["ActivationStream"]
 
+# The texts at the start of the input that a checkpoint knows the input by (cheap to read again).
+FINGERPRINT_TEXTS = 256
+
 
 def texts_of_file(path):
     """The texts of a UTF-8 file, read lazily: one per non-empty line, or, in a ``.jsonl`` file
@@ -355,7 +358,8 @@ class ActivationStream:
         config = getattr(_unwrap(self.model), "config", None)
         source = (os.path.abspath(os.fspath(self.texts)) if isinstance(self.texts, (str, os.PathLike))
                   else "texts" if self.input_ids is None else "ids" if self.attention_mask is None else "ids+mask")
-        parts = [type(self.model).__name__, str(self.layer), source, str(self.buffer_size), str(self.batch_size),
+        parts = [type(self.model).__name__, str(self.layer), source, self._input_fingerprint(),
+                 str(self.buffer_size), str(self.batch_size),
                  str(self.sequences_per_forward), str(self.max_length), str(self.seed), str(self.skip_texts),
                  # The number of shards, not this one's rank: every rank of a job checks its
                  # stream against the one checkpoint (which holds each rank's position).
@@ -364,6 +368,28 @@ class ActivationStream:
                  str(getattr(config, "_name_or_path", "")), str(getattr(config, "hidden_size", "")),
                  *(["pack"] if self.pack else [])]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+    def _input_fingerprint(self) -> str:
+        """A hash of the input's start (the first texts of a list or file) or of ``input_ids`` rows
+        spread over it (and the mask's): a checkpoint of a run on other texts or ids is refused
+        rather than resumed at a foreign position.  A one-shot iterator of texts is not read here
+        (that would consume it); it cannot be iterated again to resume anyway."""
+        from .._backend.checkpoint import fingerprint_array
+
+        if self.input_ids is not None:
+            ids = self.input_ids if hasattr(self.input_ids, "shape") else np.asarray(self.input_ids)
+            arrays = [ids] + ([] if self.attention_mask is None else [self.attention_mask])
+            return ",".join(fingerprint_array(a.numpy() if isinstance(a, torch.Tensor) else a) for a in arrays)
+        if isinstance(self.texts, (str, os.PathLike)):
+            texts = texts_of_file(self.texts)
+        elif iter(self.texts) is self.texts:
+            return "one-shot iterator"
+        else:
+            texts = iter(self.texts)
+        digest = hashlib.sha256()
+        for text in itertools.islice(texts, FINGERPRINT_TEXTS):
+            digest.update(str(text).encode("utf-8", "surrogatepass") + b"\x00")
+        return digest.hexdigest()[:32]
 
     def state_dict(self) -> dict:
         """The position: JSON-able numbers and numpy arrays (buffer, waiting rows)."""
