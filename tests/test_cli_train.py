@@ -131,7 +131,7 @@ def test_token_counts_and_bad_arguments(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", "0", "--out", str(tmp_path)])
     assert "'0' must be at least 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match=r"--texts '.*absent.txt' is not a file \(one text per line, or a .jsonl file\)"):
+    with pytest.raises(SystemExit, match=r"--texts '.*absent.txt' is not a file \(one text per line, or a .jsonl or .parquet file\)"):
         main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", "10", "--texts",
               str(tmp_path / "absent.txt"), "--out", str(tmp_path / "run")])
     monkeypatch.setenv("SKLEARN_JSAE_MODELS", str(tmp_path / "empty"))

@@ -1,5 +1,6 @@
 """Packed sequences (``pack=True``): texts concatenated and cut into ``max_length`` tokens, read by
-``harvest``, ``ActivationStream`` (resumable, sharded) and the ``train`` command; ``.jsonl`` corpora."""
+``harvest``, ``ActivationStream`` (resumable, sharded) and the ``train`` command; corpora as
+``.jsonl`` and ``.parquet`` files and folders of shards."""
 
 import json
 import os
@@ -284,7 +285,7 @@ def test_fit_stream_on_a_packed_stream_resumes_to_the_uninterrupted_model(tiny_m
     assert sum(row["tokens"] for row in est.history_) == 1500
 
 
-# ------------------------------------------------------------------------------- .jsonl corpora
+# ------------------------------------------------------------------------------- corpus files
 
 
 def test_a_jsonl_corpus_streams_as_its_list_of_texts(tiny_model, minilm, tmp_path):
@@ -313,3 +314,47 @@ def test_a_bad_jsonl_line_is_named(tmp_path):
     corpus.write_text('{"text": "fine"}\nnot json\n')
     with pytest.raises(ValueError, match=r"line 2, is not JSON"):
         list(texts_of_file(corpus))
+
+
+def _write_parquet(path, texts, **columns):
+    pa = require("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": texts, **columns}), path, row_group_size=3)  # several row groups
+
+
+def test_parquet_files_and_folders_of_shards_stream_as_their_texts(tiny_model, minilm, tmp_path):
+    """A .parquet file's "text" column (null and empty rows skipped), and a folder of shards read in
+    sorted order (other files ignored), give the stream the texts of the list."""
+    texts = _documents(10)
+    _write_parquet(tmp_path / "one.parquet", texts[:4] + [None, ""] + texts[4:], id=list(range(12)))
+    assert list(texts_of_file(tmp_path / "one.parquet")) == texts
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _write_parquet(shards / "part-000.parquet", texts[:3])
+    (shards / "part-001.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[3:7]))
+    (shards / "part-002.txt").write_text(" ".join(texts[7].split()) + "\n")  # one text per line
+    _write_parquet(shards / "part-003.parquet", texts[8:])
+    (shards / "README.md").write_text("not a shard")
+    expected = texts[:7] + [" ".join(texts[7].split())] + texts[8:]
+    assert list(texts_of_file(shards)) == expected
+    settings = dict(tokenizer=minilm[1], pack=True, max_length=32, batch_size=50, buffer_size=100)
+    from_folder = list(ActivationStream(tiny_model, 1, shards, **settings))
+    from_list = list(ActivationStream(tiny_model, 1, expected, **settings))
+    assert len(from_folder) == len(from_list) > 0
+    for a, b in zip(from_folder, from_list):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_corpus_without_text_is_named(tmp_path):
+    _write_parquet(tmp_path / "bad.parquet", ["a"], id=[1])
+    import pyarrow.parquet as pq
+
+    pq.write_table(pq.read_table(tmp_path / "bad.parquet").rename_columns(["content", "id"]),
+                   tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"bad.parquet' has no \"text\" column \(its columns: "
+                                         r"\['content', 'id'\]\)"):
+        list(texts_of_file(tmp_path / "bad.parquet"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty' is a folder without .txt, .jsonl, .parquet files"):
+        list(texts_of_file(tmp_path / "empty"))

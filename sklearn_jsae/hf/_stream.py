@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 
 import numpy as np
@@ -44,13 +45,33 @@ __all__ = ["ActivationStream"]
 FINGERPRINT_TEXTS = 256
 
 
-def texts_of_file(path):
-    """The texts of a UTF-8 file, read lazily: one per non-empty line, or, in a ``.jsonl`` file
-    (JSON Lines, as corpora such as the Pile ship), one per line's JSON object (its ``"text"``
-    field, which may hold newlines) or JSON string."""
-    import json
+# The files a corpus folder's texts are read from, in sorted order (shards of one corpus).
+TEXT_FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
-    jsonl = os.fspath(path).endswith(".jsonl")
+
+def texts_of_file(path):
+    """The texts of a corpus file, read lazily.
+
+    - a UTF-8 text file: one text per non-empty line;
+    - a ``.jsonl`` file (JSON Lines, as corpora such as the Pile ship): one text per line, the
+      line's JSON object's ``"text"`` field (which may hold newlines) or a JSON string;
+    - a ``.parquet`` file (as the Hugging Face Hub stores datasets): its ``"text"`` column, read
+      one row group at a time (needs pyarrow);
+    - a folder: the files in it with one of these suffixes, in sorted order (a corpus's shards).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        shards = sorted(name for name in os.listdir(path) if name.endswith(TEXT_FILE_SUFFIXES))
+        if not shards:
+            raise ValueError(f"texts={path!r} is a folder without {', '.join(TEXT_FILE_SUFFIXES)} files; pass a "
+                             f"corpus file, or a folder of its shards.")
+        for name in shards:
+            yield from texts_of_file(os.path.join(path, name))
+        return
+    if path.endswith(".parquet"):
+        yield from _parquet_texts(path)
+        return
+    jsonl = path.endswith(".jsonl")
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             line = line.strip()
@@ -62,14 +83,29 @@ def texts_of_file(path):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{os.fspath(path)!r}, line {number}, is not JSON ({error.msg}); a .jsonl file "
-                                 f"holds one JSON object per line.") from None
+                raise ValueError(f"{path!r}, line {number}, is not JSON ({error.msg}); a .jsonl file holds one "
+                                 f"JSON object per line.") from None
             text = record.get("text") if isinstance(record, dict) else record
             if not isinstance(text, str):
                 found = f"keys {sorted(record)}" if isinstance(record, dict) else f"a {type(record).__name__}"
-                raise ValueError(f"{os.fspath(path)!r}, line {number}: expected an object with a \"text\" string "
-                                 f"field or a JSON string, got {found}. Rename the text field to \"text\".")
+                raise ValueError(f"{path!r}, line {number}: expected an object with a \"text\" string field or a "
+                                 f"JSON string, got {found}. Rename the text field to \"text\".")
             yield text
+
+
+def _parquet_texts(path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"reading {path!r} needs pyarrow: pip install pyarrow (datasets brings it).") from None
+    file = pq.ParquetFile(path)
+    if "text" not in file.schema_arrow.names:
+        raise ValueError(f"{path!r} has no \"text\" column (its columns: {file.schema_arrow.names}); rename the "
+                         f"text column to \"text\".")
+    for batch in file.iter_batches(columns=["text"], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if text:  # a null or empty row is no text, as an empty line is not
+                yield text
 
 
 class ActivationStream:
@@ -90,9 +126,10 @@ class ActivationStream:
         0-based block index (negative counts from the end).
     texts : iterable of str or str path, optional
         Texts (each one sequence, truncated to ``max_length`` tokens, unless ``pack``), or the
-        path of a UTF-8 text file read lazily, one text per non-empty line, or of a ``.jsonl``
-        file, one JSON object per line whose ``"text"`` field is the text.  Exactly one of
-        ``texts`` and ``input_ids`` is given.  An iterable must give the same texts in the same order when
+        path of a corpus read lazily: a UTF-8 text file (one text per non-empty line), a
+        ``.jsonl`` file (one JSON object per line, its ``"text"`` field the text), a ``.parquet``
+        file (its ``"text"`` column) or a folder of such shards (in sorted order).  Exactly one
+        of ``texts`` and ``input_ids`` is given.  An iterable must give the same texts in the same order when
         iterated again (a list, or a file path) for a resumed stream to continue correctly.
     tokenizer : transformers tokenizer, optional
         Required with ``texts``.
@@ -171,8 +208,9 @@ class ActivationStream:
                     f"{tuple(getattr(input_ids, 'shape', (len(input_ids),)))}; pass a 2-D input_ids array and a "
                     f"mask of the same shape (1 = real token, 0 = padding).")
         self.attention_mask = attention_mask
-        if isinstance(texts, (str, os.PathLike)) and not os.path.isfile(texts):
-            raise ValueError(f"texts={os.fspath(texts)!r} is not a file; pass a text file's path or a list of str.")
+        if isinstance(texts, (str, os.PathLike)) and not os.path.exists(texts):
+            raise ValueError(f"texts={os.fspath(texts)!r} is not a file; pass a corpus file's path (text, .jsonl, "
+                             f".parquet) or folder, or a list of str.")
         self.n_tokens = _check_positive_int(n_tokens, "n_tokens", allow_none=True)
         self.batch_size = _check_positive_int(batch_size, "batch_size")
         self.buffer_size = _check_positive_int(buffer_size, "buffer_size")
