@@ -358,3 +358,45 @@ def test_a_corpus_without_text_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"empty' is a folder without .txt, .jsonl, .parquet files"):
         list(texts_of_file(tmp_path / "empty"))
+
+
+# ------------------------------------------------------------------------------- token-id rows
+
+
+@pytest.mark.realmodel
+def test_a_stream_reads_sparsifys_chunked_dataset_and_ragged_rows(minilm, tmp_path, monkeypatch):
+    """The column of sparsify's ``chunk_and_tokenize`` (a datasets Column, not an array) and a list
+    of token-id rows of different lengths stream the rows harvest captures from them, and resume."""
+    datasets = require("datasets")
+    require("sparsify")
+    from sparsify.data import chunk_and_tokenize
+
+    model, tokenizer = minilm
+    tokenized = chunk_and_tokenize(datasets.Dataset.from_dict({"text": _documents(6)}), tokenizer,
+                                   max_seq_len=48, num_proc=1, load_from_cache_file=False)
+    column = tokenized["input_ids"]
+    assert not hasattr(column, "ndim") and len(column) > 8
+    ragged = [list(range(1000, 1000 + n)) for n in (5, 17, 3, 30, 9, 12, 1, 22, 8)]
+    for rows in (column, ragged):
+        X, _ = harvest(model, 2, input_ids=rows, progress=False, batch_size=4)
+
+        def stream():
+            return ActivationStream(model, 2, input_ids=rows, sequences_per_forward=4, batch_size=32,
+                                    buffer_size=96, exclude_special_tokens=False)
+
+        got = list(stream())
+        assert _rows(got) == _rows([X])
+        first = stream()
+        iterator = iter(first)
+        head = [next(iterator) for _ in range(2)]
+        resumed = stream()
+        resumed.load_state_dict(first.state_dict())
+        for a, b in zip(head + list(resumed), got, strict=True):
+            np.testing.assert_array_equal(a, b)
+    changed = [row[:] for row in ragged]
+    changed[4][2] += 1
+    inputs = {"ragged": ragged, "copy": [row[:] for row in ragged], "changed": changed}
+    identity = {name: ActivationStream(model, 2, input_ids=rows).identity() for name, rows in inputs.items()}
+    assert identity["ragged"] == identity["copy"] != identity["changed"]
+    with pytest.raises(TypeError, match="input_ids must be a 2-D array or tensor or a sequence of token-id"):
+        ActivationStream(model, 2, input_ids=(row for row in ragged))

@@ -133,8 +133,11 @@ class ActivationStream:
         iterated again (a list, or a file path) for a resumed stream to continue correctly.
     tokenizer : transformers tokenizer, optional
         Required with ``texts``.
-    input_ids : 2-D array-like of int, optional
-        Token ids (n_seq, seq_len); read one batch at a time (a memmap works).
+    input_ids : 2-D array-like of int, or a sequence of token-id rows, optional
+        Token ids (n_seq, seq_len), read one batch at a time (a memmap works); or any sequence of
+        rows that can be sliced, of equal or different lengths (shorter rows are padded and
+        masked), read a slice at a time: a list of lists, or a Hugging Face dataset's column such
+        as ``chunk_and_tokenize(dataset, tokenizer)["input_ids"]`` (sparsify's packed chunks).
     attention_mask : 2-D array-like of {0, 1}, optional
         With ``input_ids``: the same shape, 1 for a real token and 0 for padding (passed to the
         model, and padding rows are not produced); None means every token is real.
@@ -197,6 +200,11 @@ class ActivationStream:
         self.layout = _layout(model, layer)
         _warn_attached_saes(model, "the stream reads")
         self.texts, self.input_ids = texts, input_ids
+        if input_ids is not None and not hasattr(input_ids, "ndim") and not (
+                hasattr(input_ids, "__len__") and hasattr(input_ids, "__getitem__")):
+            raise TypeError(f"input_ids must be a 2-D array or tensor or a sequence of token-id rows that can be "
+                            f"sliced (a list, a dataset column); got {type(input_ids).__name__}, which cannot be "
+                            f"read again to resume. Pass list(input_ids).")
         if attention_mask is not None:
             if input_ids is None:
                 raise ValueError("attention_mask is for input_ids; with texts the tokenizer pads and masks itself.")
@@ -263,13 +271,17 @@ class ActivationStream:
         place of a batch of another shard (counted, never read or tokenised)."""
         if self.input_ids is not None:
             ids = self.input_ids
-            ids = ids if ids.ndim == 2 else ids.reshape(1, -1)
+            rows = hasattr(ids, "ndim")  # an array or tensor; else a sequence of rows
+            ids = ids if not rows or ids.ndim == 2 else ids.reshape(1, -1)
             n = self.sequences_per_forward
-            for start in range(self.groups_done * n, ids.shape[0], n):
+            for start in range(self.groups_done * n, len(ids), n):
                 if not self._mine(start // n):
                     yield None
                     continue
                 block = ids[start : start + n]
+                if not rows:  # rows of any lengths: padded with 0 and masked
+                    yield _pad([np.asarray(row).reshape(-1).tolist() for row in block], 0)
+                    continue
                 block = torch.as_tensor(np.asarray(block)).to(device="cpu", dtype=torch.long)
                 if self.attention_mask is None:
                     yield block, torch.ones_like(block)
@@ -414,9 +426,14 @@ class ActivationStream:
         (that would consume it); it cannot be iterated again to resume anyway."""
         from .._backend.checkpoint import fingerprint_array
 
+        if self.input_ids is not None and not hasattr(self.input_ids, "ndim"):  # a sequence of rows
+            n = len(self.input_ids)
+            digest = hashlib.sha256(f"rows|{n}".encode())
+            for i in np.unique(np.linspace(0, n - 1, num=min(n, 257)).astype(np.int64)) if n else []:
+                digest.update(np.asarray(self.input_ids[int(i)], dtype=np.int64).reshape(-1).tobytes() + b"|")
+            return digest.hexdigest()[:32]
         if self.input_ids is not None:
-            ids = self.input_ids if hasattr(self.input_ids, "shape") else np.asarray(self.input_ids)
-            arrays = [ids] + ([] if self.attention_mask is None else [self.attention_mask])
+            arrays = [self.input_ids] + ([] if self.attention_mask is None else [self.attention_mask])
             return ",".join(fingerprint_array(a.numpy() if isinstance(a, torch.Tensor) else a) for a in arrays)
         if isinstance(self.texts, (str, os.PathLike)):
             texts = texts_of_file(self.texts)
