@@ -1,6 +1,7 @@
 """Packed sequences (``pack=True``): texts concatenated and cut into ``max_length`` tokens, read by
 ``harvest``, ``ActivationStream`` (resumable, sharded) and the ``train`` command; corpora as
-``.jsonl`` and ``.parquet`` files and folders of shards."""
+``.jsonl`` and ``.parquet`` files and folders of shards; token ids as a sequence of rows (a list,
+a dataset's column)."""
 
 import json
 import os

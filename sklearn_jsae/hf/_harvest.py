@@ -234,9 +234,11 @@ def _id_batches(input_ids, attention_mask, batch_size):
             "attention_mask is only accepted with a 2-D input_ids array or tensor; for a list of "
             "sequences of different lengths leave attention_mask=None (padding is added internally)."
         )
-    sequences = list(input_ids)
+    # A sequence that slices (a list, a datasets Column) is read a batch at a time: with n_tokens,
+    # only the rows needed are read.
+    sequences = input_ids if hasattr(input_ids, "__len__") and hasattr(input_ids, "__getitem__") else list(input_ids)
     for start in range(0, len(sequences), batch_size):
-        yield _pad(sequences[start : start + batch_size], 0)
+        yield _pad([np.asarray(row).reshape(-1).tolist() for row in sequences[start : start + batch_size]], 0)
 
 
 def _progress_bar(progress, total):
@@ -289,8 +291,9 @@ def harvest(
     tokenizer : transformers tokenizer, optional
         Required with ``texts``.  Also used for ``exclude_special_tokens``.
     input_ids : array-like of int, optional
-        Token ids: a 2-D array or tensor (n_seq, seq_len), or a list of sequences of any
-        lengths (padded internally).  Read one batch at a time, so a memmap works.
+        Token ids: a 2-D array or tensor (n_seq, seq_len), or a sequence of rows of any
+        lengths (a list, a Hugging Face dataset's column; padded internally).  Read one batch at
+        a time, so a memmap works.
     attention_mask : array-like of {0, 1}, optional
         Same shape as a 2-D ``input_ids``; None means every token is real.
     n_tokens : int, optional
