@@ -6,7 +6,9 @@ runs the model over the texts batch by batch (:class:`sklearn_jsae.hf.Activation
 shuffle buffer), trains a :class:`~sklearn_jsae.JacobianSparseAutoencoder` on the stream with
 checkpoints in ``RUN/checkpoint/`` and, at the end, writes ``RUN/model.safetensors`` (load it with
 :func:`sklearn_jsae.load`), ``RUN/history.json`` and ``RUN/summary.json`` (the paper's metrics on
-held-out texts).  Run the same command again after a kill and it resumes from the last
+held-out texts: FVU, Jacobian sparsity and, for a causal LM, the spliced cross-entropy of
+:func:`~sklearn_jsae.metrics.spliced_ce_score` on up to 32 held-out sequences).  The model runs on
+the training device (``--device auto``: the GPU when there is one).  Run the same command again after a kill and it resumes from the last
 checkpoint; after the end it prints the summary and trains nothing.  A thin shell over the
 estimator API: everything here is a call a user could make.
 
@@ -41,6 +43,8 @@ from ._validation import PENALTIES
 from .datasets import load_python_doc_texts
 
 _SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9}
+# Held-out sequences the summary's spliced cross-entropy runs on (five passes of the model each).
+HELD_OUT_SEQUENCES = 32
 
 
 def parse_count(text: str) -> int:
@@ -90,8 +94,10 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
-def load_model(name: str):
-    """``(model, tokenizer)`` for a folder, a .gguf file or a bundled test model name; offline only."""
+def load_model(name: str, causal_lm: bool = False):
+    """``(model, tokenizer)`` for a folder, a .gguf file or a bundled test model name; offline only.
+    With ``causal_lm``, a model whose config names a ``...ForCausalLM`` class is loaded with its LM
+    head (for the spliced cross-entropy; harvesting reads it as it reads the base model)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
@@ -110,7 +116,12 @@ def load_model(name: str):
         path, kwargs = path.parent, dict(gguf_file=path.name)
     if not path.exists():
         raise SystemExit(f"--model {name!r}: no such folder or file (models are never downloaded here).")
-    model = transformers.AutoModel.from_pretrained(path, **kwargs).eval()
+    loader = transformers.AutoModel
+    if causal_lm:
+        config = transformers.AutoConfig.from_pretrained(path, **kwargs)
+        if any(name.endswith("ForCausalLM") for name in getattr(config, "architectures", None) or ()):
+            loader = transformers.AutoModelForCausalLM
+    model = loader.from_pretrained(path, **kwargs).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, **kwargs)
     return model, tokenizer
 
@@ -136,6 +147,30 @@ def _held_out(path: str, n: int) -> list[str]:
     return list(itertools.islice(texts_of_file(path), n))
 
 
+def _held_out_sequences(texts: list[str], tokenizer, max_length: int, pack: bool, n: int = HELD_OUT_SEQUENCES):
+    """Up to ``n`` held-out token sequences ``(ids, mask)``, cut as the run's stream cuts its texts."""
+    from .hf._harvest import _pad
+    from .hf._packing import TextPacker
+
+    if pack:
+        sequences = list(itertools.islice(TextPacker(tokenizer, max_length).sequences(texts), n))
+    else:
+        sequences = tokenizer(texts[:n], truncation=True, max_length=max_length)["input_ids"]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, mask = _pad(sequences, pad_id)
+    return ids.numpy(), mask.numpy()
+
+
+def _model_device(device: str, distributed: bool) -> str:
+    """Where the model runs: the training device (``auto``: CUDA when there is one; under torchrun
+    this rank's GPU), so that the stream's forward passes do not run on the CPU of a GPU machine."""
+    from ._backend.distributed import rank_device
+    from ._validation import resolve_device
+
+    resolved = resolve_device(device)
+    return rank_device(device, resolved) if distributed else resolved
+
+
 def _job(args) -> tuple[int, int, bool]:
     """``(rank, world_size, distributed)``: joins the job when torchrun started this process."""
     from ._backend.distributed import launched_by_torchrun
@@ -151,7 +186,7 @@ def _job(args) -> tuple[int, int, bool]:
 def main(argv=None) -> int:
     from . import JacobianSparseAutoencoder
     from .hf import ActivationStream, harvest, mlp_of
-    from .metrics import fraction_variance_unexplained, jacobian_sparsity
+    from .metrics import fraction_variance_unexplained, jacobian_sparsity, spliced_ce_score
 
     args = _parse(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
@@ -163,7 +198,8 @@ def main(argv=None) -> int:
     rank, world_size, distributed = _job(args)
     if rank == 0:
         (out / "config.json").write_text(json.dumps(vars(args), indent=2))
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, causal_lm=True)
+    model.to(_model_device(args.device, distributed))  # the stream runs it where the JSAE trains
     texts = _texts(args.texts, out)
     stream = ActivationStream(model, args.layer, texts, tokenizer=tokenizer,
                               batch_size=-(-args.batch_size // world_size), buffer_size=args.buffer_size,
@@ -184,8 +220,9 @@ def main(argv=None) -> int:
         return 0
     jsae.save(out / "model.safetensors")
     (out / "history.json").write_text(json.dumps(jsae.history_, indent=1))
-    X_test, _ = harvest(model, args.layer, _held_out(texts, args.held_out_texts), tokenizer=tokenizer,
-                        max_length=args.max_length, exclude_special_tokens=True, progress=False, pack=args.pack)
+    held_out = _held_out(texts, args.held_out_texts)
+    X_test, _ = harvest(model, args.layer, held_out, tokenizer=tokenizer, max_length=args.max_length,
+                        exclude_special_tokens=True, progress=False, pack=args.pack)
     fvu = fraction_variance_unexplained(jsae, X_test)
     sparsity = jacobian_sparsity(jsae, X_test[:2048])
     summary = dict(
@@ -196,6 +233,10 @@ def main(argv=None) -> int:
         dead_fraction_input=jsae.input_sae_.dead_fraction_, dead_fraction_output=jsae.output_sae_.dead_fraction_,
         model_file=str(out / "model.safetensors"),
     )
+    if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
+        ids, mask = _held_out_sequences(held_out, tokenizer, args.max_length, args.pack)
+        scores = spliced_ce_score(model, args.layer, jsae, ids, attention_mask=mask)
+        summary["spliced_ce"] = {name: round(float(value), 4) for name, value in scores.items()}
     temporary = summary_path.with_suffix(".tmp")
     temporary.write_text(json.dumps(summary, indent=2))
     os.replace(temporary, summary_path)

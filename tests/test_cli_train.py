@@ -65,6 +65,7 @@ def test_train_command_on_minilm_resumes_after_an_interruption(tmp_path, monkeyp
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "killed")]) == 0  # finished: prints, trains nothing
     assert "already holds a finished run" in capsys.readouterr().out
+    assert "spliced_ce" not in straight  # MiniLM is an encoder: no LM head to score
     if corpus == "packed jsonl":  # the 12 held-out documents, every token of them (none truncated)
         from sklearn_jsae._cli_train import load_model
 
@@ -86,7 +87,19 @@ def test_train_command_on_smollm2_gated_layer(tmp_path):
                  str(tmp_path), *SMALL]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["tokens"] == 1500 and 0 < summary["fvu_output"] < 1.5
-    assert load(tmp_path / "model.safetensors").mlp_.__class__.__name__ == "GatedMLP"
+    jsae = load(tmp_path / "model.safetensors")
+    assert jsae.mlp_.__class__.__name__ == "GatedMLP"
+    # A causal LM: the summary has the spliced cross-entropy of the first 32 held-out texts, as
+    # spliced_ce_score gives it for the saved model (the MiniLM summaries have none: no LM head).
+    from sklearn_jsae._cli_train import _held_out, _held_out_sequences, load_model
+    from sklearn_jsae.metrics import spliced_ce_score
+
+    model, tokenizer = load_model("smollm2", causal_lm=True)
+    ids, mask = _held_out_sequences(_held_out(str(tmp_path / "pydoc_texts.txt"), 12), tokenizer, 128, False)
+    assert ids.shape[0] == 12 and mask.sum() > 12 * 20
+    expected = spliced_ce_score(model, 27, jsae, ids, attention_mask=mask)
+    assert summary["spliced_ce"] == {name: round(float(value), 4) for name, value in expected.items()}
+    assert summary["spliced_ce"]["ce_clean"] < summary["spliced_ce"]["ce_zero_output"]
 
 
 @pytest.mark.realmodel
