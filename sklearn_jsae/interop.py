@@ -146,6 +146,13 @@ def _hooks(model, layer, side, named: bool, library: str):
         lens = (f" (TransformerLens: a norm's hook_normalized comes before its weights; with them folded "
                 f"into the MLP, fold_ln=True as HookedTransformer.from_pretrained does by default, "
                 f"blocks.{layer}.ln2.hook_normalized is the MLP input)" if hooks.lens else "")
+        if hooks.lens and type(model).__name__ == "HookedEncoder":
+            # Post-LN BERT: the MLP reads ln1 after its weights, which TransformerLens cannot fold.
+            lens = (f" (TransformerLens's HookedEncoder is post-LN: its MLP reads blocks.{layer}.ln1's output "
+                    f"after the norm's weight and bias, and its only hook there, "
+                    f"blocks.{layer}.ln1.hook_normalized, is before them; a SAELens SAE hooked there would "
+                    f"read other values. Export for the Hugging Face BertModel instead, or pass a hook_name "
+                    f"and apply ln1's weights to the hooked values yourself)")
         where = ("no hook point of the TransformerBridge's block" if library == "saelens" and hooks.bridge
                  else "no module of layer")
         raise ValueError(

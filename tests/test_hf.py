@@ -13,6 +13,7 @@ Two groups:
 """
 
 import copy
+import json
 import os
 import sys
 from pathlib import Path
@@ -837,7 +838,7 @@ def test_transformer_lens_mlp_and_harvest_match_its_own_hooks(name):
     torch.testing.assert_close(fast, reference, rtol=1e-9, atol=1e-10)
 
 
-def test_transformer_lens_hooked_encoder_passes_its_mask_and_matches_its_hooks():
+def test_transformer_lens_hooked_encoder_passes_its_mask_and_matches_its_hooks(tmp_path):
     """TransformerLens's BERT (HookedEncoder, post-LN: the MLP reads ln1's output) takes the padding
     mask as one_zero_attention_mask: the harvested rows of the kept tokens are what its hooks hold
     when run with that mask, and mlp_of computes its MLP."""
@@ -866,6 +867,16 @@ def test_transformer_lens_hooked_encoder_passes_its_mask_and_matches_its_hooks()
     assert type(mlp) is ElementwiseMLP and mlp.activation == "gelu"
     with torch.no_grad():
         np.testing.assert_allclose(mlp(torch.from_numpy(X)).numpy(), Y, rtol=1e-5, atol=1e-5)
+    # No hook point holds that input: the export says why and what to do instead.
+    from sklearn_jsae import JacobianSparseAutoencoder
+    from sklearn_jsae.interop import to_saelens
+
+    jsae = JacobianSparseAutoencoder(mlp, n_components=16, k=2, max_iter=1, random_state=0).fit(X)
+    with pytest.raises(ValueError, match=r"HookedEncoder is post-LN: its MLP reads blocks.1.ln1's output after "
+                                         r"the norm's weight and bias.*Export for the Hugging Face BertModel"):
+        to_saelens(jsae, tmp_path / "sae", side="input", model=model, layer=1)
+    to_saelens(jsae, tmp_path / "sae", side="output", model=model, layer=1)  # hook_mlp_out is the output
+    assert json.loads((tmp_path / "sae" / "cfg.json").read_text())["metadata"]["hook_name"] == "blocks.1.hook_mlp_out"
 
 
 @pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")
