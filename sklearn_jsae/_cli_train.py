@@ -6,7 +6,8 @@ runs the model over the texts batch by batch (:class:`sklearn_jsae.hf.Activation
 shuffle buffer), trains a :class:`~sklearn_jsae.JacobianSparseAutoencoder` on the stream with
 checkpoints in ``RUN/checkpoint/`` and, at the end, writes ``RUN/model.safetensors`` (load it with
 :func:`sklearn_jsae.load`), ``RUN/history.json`` and ``RUN/summary.json`` (the paper's metrics on
-held-out texts: FVU, Jacobian sparsity and, for a causal LM, the spliced cross-entropy of
+held-out texts: FVU, Jacobian sparsity in both views, linearity, the Jacobian-vs-intervention
+agreement and, for a causal LM, the spliced cross-entropy of
 :func:`~sklearn_jsae.metrics.spliced_ce_score` on up to 32 held-out sequences).  The model runs on
 the training device (``--device auto``: the GPU when there is one).  Run the same command again after a kill and it resumes from the last
 checkpoint; after the end it prints the summary and trains nothing.  A thin shell over the
@@ -38,13 +39,17 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from ._validation import PENALTIES
 from .datasets import load_python_doc_texts
 
 _SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9}
-# Held-out sequences the summary's spliced cross-entropy runs on (five passes of the model each).
+# Held-out sequences the summary's spliced cross-entropy runs on (five passes of the model each),
+# and held-out tokens of its other metrics (Jacobian sparsity and the rest; linearity; the
+# Jacobian-vs-intervention agreement), the sizes of `python -m sklearn_jsae evaluate`'s defaults.
 HELD_OUT_SEQUENCES = 32
+EVALUATION_TOKENS, LINEARITY_TOKENS, INTERVENTION_TOKENS = 2048, 32, 512
 
 
 def parse_count(text: str) -> int:
@@ -156,6 +161,13 @@ def _held_out(path: str, n: int) -> list[str]:
     return list(itertools.islice(texts_of_file(path), n))
 
 
+def _rounded(value):
+    """Metrics as JSON: floats to 4 decimals, dict keys as str."""
+    if isinstance(value, dict):
+        return {str(key): _rounded(item) for key, item in value.items()}
+    return round(float(value), 4)
+
+
 def _held_out_sequences(texts: list[str], tokenizer, max_length: int, pack: bool, n: int = HELD_OUT_SEQUENCES):
     """Up to ``n`` held-out token sequences ``(ids, mask)``, cut as the run's stream cuts its texts."""
     from .hf._harvest import _pad
@@ -195,7 +207,8 @@ def _job(args) -> tuple[int, int, bool]:
 def main(argv=None) -> int:
     from . import JacobianSparseAutoencoder
     from .hf import ActivationStream, harvest, mlp_of
-    from .metrics import fraction_variance_unexplained, jacobian_sparsity, spliced_ce_score
+    from ._evaluate import _evaluate_model
+    from .metrics import fraction_variance_unexplained, spliced_ce_score
 
     args = _parse(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
@@ -233,19 +246,23 @@ def main(argv=None) -> int:
     X_test, _ = harvest(model, args.layer, held_out, tokenizer=tokenizer, max_length=args.max_length,
                         exclude_special_tokens=True, progress=False, pack=args.pack)
     fvu = fraction_variance_unexplained(jsae, X_test)
-    sparsity = jacobian_sparsity(jsae, X_test[:2048])
+    paper = _evaluate_model(jsae, X_test[:EVALUATION_TOKENS], SimpleNamespace(
+        linearity_samples=LINEARITY_TOKENS, intervention_samples=INTERVENTION_TOKENS), args.seed)
     summary = dict(
         model=args.model, layer=args.layer, tokens=int(sum(row["tokens"] for row in jsae.history_)),
         held_out_tokens=int(X_test.shape[0]), seconds_this_session=round(seconds, 1),
         fvu_input=round(float(fvu["input"]), 4), fvu_output=round(float(fvu["output"]), 4),
-        jacobian_above={str(tau): round(float(value), 4) for tau, value in sparsity.items()},
+        jacobian_above=_rounded(paper["sparsity"]),
+        jacobian_above_normalized=_rounded(paper["sparsity_normalized"]),
+        global_jacobian_above=_rounded(paper["global_sparsity"]), jacobian_scale=_rounded(paper["jacobian_scale"]),
+        linearity=_rounded(paper["linearity"]), intervention_agreement=_rounded(paper["intervention"]),
         dead_fraction_input=jsae.input_sae_.dead_fraction_, dead_fraction_output=jsae.output_sae_.dead_fraction_,
         model_file=str(out / "model.safetensors"),
     )
     if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
         ids, mask = _held_out_sequences(held_out, tokenizer, args.max_length, args.pack)
         scores = spliced_ce_score(model, args.layer, jsae, ids, attention_mask=mask)
-        summary["spliced_ce"] = {name: round(float(value), 4) for name, value in scores.items()}
+        summary["spliced_ce"] = _rounded(scores)
     temporary = summary_path.with_suffix(".tmp")
     temporary.write_text(json.dumps(summary, indent=2))
     os.replace(temporary, summary_path)

@@ -66,6 +66,22 @@ def test_train_command_on_minilm_resumes_after_an_interruption(tmp_path, monkeyp
     assert main([*args, "--out", str(tmp_path / "killed")]) == 0  # finished: prints, trains nothing
     assert "already holds a finished run" in capsys.readouterr().out
     assert "spliced_ce" not in straight  # MiniLM is an encoder: no LM head to score
+    if corpus == "pydoc":  # the summary's metrics are the library's own on the held-out texts
+        from sklearn_jsae._cli_train import _held_out, load_model
+        from sklearn_jsae.hf import harvest
+        from sklearn_jsae.metrics import intervention_agreement, jacobian_sparsity, linearity
+
+        model, tokenizer = load_model("minilm")
+        texts = _held_out(str(tmp_path / "straight" / "pydoc_texts.txt"), 12)
+        X_test, _ = harvest(model, 3, texts, tokenizer=tokenizer, exclude_special_tokens=True, progress=False)
+        rounded = lambda d: {str(k): round(float(v), 4) for k, v in d.items()}  # noqa: E731
+        assert straight["held_out_tokens"] == len(X_test) > 500
+        assert straight["jacobian_above"] == rounded(jacobian_sparsity(a, X_test[:2048]))
+        assert straight["jacobian_above_normalized"] == rounded(jacobian_sparsity(a, X_test[:2048],
+                                                                                  scale="normalized"))
+        assert straight["linearity"] == rounded(linearity(a, X_test[:32], n_samples=32, random_state=0))
+        assert abs(sum(straight["linearity"].values()) - 1) < 1e-3
+        assert straight["intervention_agreement"] == round(float(intervention_agreement(a, X_test[:512])), 4)
     if corpus == "packed jsonl":  # the 12 held-out documents, every token of them (none truncated)
         from sklearn_jsae._cli_train import load_model
 
