@@ -166,3 +166,33 @@ def test_a_pair_from_saes_on_cuda_matches_the_cpu(problem):
     np.testing.assert_allclose(gpu.jacobian(X[:64]).toarray(), cpu.jacobian(X[:64]).toarray(), rtol=1e-4, atol=1e-5)
     gpu.set_params(warm_start=True, max_iter=1).fit(X)
     assert np.isfinite(gpu.score(X))
+
+
+def test_a_cuda_model_streams_trains_and_scores_as_the_train_command_runs_it():
+    """The train command's GPU path: the model on CUDA feeds harvest and ActivationStream (its rows
+    those of the CPU model), a JSAE trains on the stream on CUDA, and spliced_ce_score runs the
+    CUDA model with it (the CPU model's losses with the same JSAE)."""
+    import copy
+
+    transformers = pytest.importorskip("transformers")
+    from sklearn_jsae.hf import ActivationStream, harvest, mlp_of
+    from sklearn_jsae.metrics import spliced_ce_score
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config).eval()
+    on_gpu = copy.deepcopy(model).to("cuda")
+    ids = torch.randint(0, 64, (64, 24), generator=torch.Generator().manual_seed(1))
+    X_cpu, _ = harvest(model, 1, input_ids=ids, progress=False)
+    X_gpu, _ = harvest(on_gpu, 1, input_ids=ids, progress=False)
+    np.testing.assert_allclose(X_gpu, X_cpu, rtol=1e-4, atol=1e-4)
+    stream = ActivationStream(on_gpu, 1, input_ids=ids, batch_size=128, buffer_size=512,
+                              exclude_special_tokens=False)
+    jsae = JacobianSparseAutoencoder(mlp_of(on_gpu, 1), n_components=64, k=4, batch_size=128, n_tokens=1536,
+                                     device="cuda", random_state=0).fit_stream(stream, n_statistics=512)
+    assert jsae.device_ == "cuda:0" and sum(row["tokens"] for row in jsae.history_) == 1536
+    gpu_scores = spliced_ce_score(on_gpu, 1, jsae, ids[:8])
+    cpu_scores = spliced_ce_score(model, 1, jsae, ids[:8])
+    for name in ("ce_clean", "ce_input", "ce_output", "ce_zero_output"):
+        assert abs(gpu_scores[name] - cpu_scores[name]) < 1e-3, name
