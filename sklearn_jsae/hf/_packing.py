@@ -85,7 +85,12 @@ class TextPacker:
                              f"tokenizer adds {len(self.prefix) + len(self.suffix)} special tokens to each. "
                              f"Raise max_length.")
         self.texts_done = 0
-        self.carry: list[int] = []
+        self._tokens: list[int] = []  # carry = _tokens[_start:]: a sequence is cut by moving _start,
+        self._start = 0  # not by copying the rest (a book-long text would make that quadratic)
+
+    @property
+    def carry(self) -> list[int]:
+        return self._tokens[self._start :]
 
     def sequences(self, texts):
         """Yield packed sequences (lists of token ids) from ``texts``, which must start at text
@@ -95,7 +100,7 @@ class TextPacker:
         texts = iter(texts)
         exhausted = False
         while True:
-            while len(self.carry) < self.body and not exhausted:
+            while len(self._tokens) - self._start < self.body and not exhausted:
                 batch = list(itertools.islice(texts, TEXTS_PER_CALL))
                 exhausted = len(batch) < TEXTS_PER_CALL
                 for text in batch:
@@ -111,12 +116,16 @@ class TextPacker:
                         # Between two texts of one sequence: a text that starts a sequence follows
                         # its special tokens (the emitted tokens are whole bodies, so the stream's
                         # position in its sequence is len(carry) mod body).
-                        if len(self.carry) % self.body:
-                            self.carry.extend(self.separator)
-                        self.carry.extend(int(i) for i in ids)
-            if not self.carry:
+                        if (len(self._tokens) - self._start) % self.body:
+                            self._tokens.extend(self.separator)
+                        self._tokens.extend(int(i) for i in ids)
+            if self._start == len(self._tokens):
                 return
-            body, self.carry = self.carry[: self.body], self.carry[self.body :]
+            body = self._tokens[self._start : self._start + self.body]
+            self._start += len(body)
+            if self._start > len(self._tokens) // 2:  # drop the handed-out tokens, amortised O(1)
+                del self._tokens[: self._start]
+                self._start = 0
             yield self.prefix + body + self.suffix
 
     def state(self) -> dict:
@@ -124,4 +133,4 @@ class TextPacker:
 
     def load_state(self, texts_done: int, carry) -> None:
         self.texts_done = int(texts_done)
-        self.carry = [int(i) for i in np.asarray(carry).reshape(-1)]
+        self._tokens, self._start = [int(i) for i in np.asarray(carry).reshape(-1)], 0
