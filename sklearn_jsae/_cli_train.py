@@ -19,10 +19,10 @@ estimator API: everything here is a call a user could make.
 text per line), a ``.jsonl`` file (one JSON object per line, its ``"text"`` field the text, which
 may span lines: the format corpora such as the Pile ship in), either compressed (``.gz``,
 ``.bz2``, ``.xz``, ``.zst``), a ``.parquet`` file (a ``"text"`` column, as the Hugging Face Hub
-stores datasets), a folder of such shards, or ``pydoc`` (the Python
-documentation topics that ship with Python, about 900 paragraphs, 70k tokens of English prose).  ``--pack``
-concatenates the texts and cuts them into sequences of ``--max-length`` tokens, so that no token
-of a long document is dropped (without it each text is one sequence, truncated).
+stores datasets), a folder of such shards, or ``pydoc`` (the Python documentation topics that
+ship with Python, about 900 paragraphs, 70k tokens of English prose).  ``--pack`` concatenates the
+texts and cuts them into sequences of ``--max-length`` tokens, so that no token of a long
+document is dropped (without it each text is one sequence, truncated).
 
 Data-parallel: started by ``torchrun`` (``torchrun --nproc-per-node N -m sklearn_jsae train ...``)
 every rank streams its own shard of the texts (``ActivationStream(rank=r, world_size=N)``), the
