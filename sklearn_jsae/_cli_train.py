@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import numbers
 import os
 import sys
 import time
@@ -163,9 +164,11 @@ def _held_out(path: str, n: int) -> list[str]:
 
 
 def _rounded(value):
-    """Metrics as JSON: floats to 4 decimals, dict keys as str."""
+    """Metrics as JSON: floats to 4 decimals, counts (``n_tokens``) as ints, dict keys as str."""
     if isinstance(value, dict):
         return {str(key): _rounded(item) for key, item in value.items()}
+    if isinstance(value, numbers.Integral):
+        return int(value)
     return round(float(value), 4)
 
 

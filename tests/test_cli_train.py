@@ -114,7 +114,9 @@ def test_train_command_on_smollm2_gated_layer(tmp_path):
     ids, mask = _held_out_sequences(_held_out(str(tmp_path / "pydoc_texts.txt"), 12), tokenizer, 128, False)
     assert ids.shape[0] == 12 and mask.sum() > 12 * 20
     expected = spliced_ce_score(model, 27, jsae, ids, attention_mask=mask)
-    assert summary["spliced_ce"] == {name: round(float(value), 4) for name, value in expected.items()}
+    assert summary["spliced_ce"] == {name: value if name == "n_tokens" else round(float(value), 4)
+                                     for name, value in expected.items()}
+    assert isinstance(summary["spliced_ce"]["n_tokens"], int) and summary["spliced_ce"]["n_tokens"] > 12 * 20
     assert summary["spliced_ce"]["ce_clean"] < summary["spliced_ce"]["ce_zero_output"]
 
 
