@@ -103,8 +103,14 @@ class _Stream:
 
     def resumable(self) -> bool:
         """Whether the source can be put back where it was: ``state_dict`` and ``load_state_dict``
-        (a ``state_dict`` alone, as SAELens' ActivationsStore has, cannot be loaded back)."""
-        return all(callable(getattr(self.source, name, None)) for name in ("state_dict", "load_state_dict"))
+        (a ``state_dict`` alone, as SAELens' ActivationsStore has, cannot be loaded back), and no
+        ``resume_problem`` (an ActivationStream over a one-shot iterator of texts has one)."""
+        return (all(callable(getattr(self.source, name, None)) for name in ("state_dict", "load_state_dict"))
+                and not self.resume_problem())
+
+    def resume_problem(self) -> str | None:
+        problem = getattr(self.source, "resume_problem", None)
+        return problem if isinstance(problem, str) else None
 
     def state(self):
         """``(json_state, arrays)`` of the source (its ``state_dict()``), for a checkpoint."""
@@ -170,11 +176,12 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int | None 
         elif not stream.resumable():  # say so now, not when a killed run is restarted
             import warnings
 
-            warnings.warn(
-                f"checkpoint_dir is set, but this stream ({type(batches).__name__}) has no state_dict/"
-                f"load_state_dict: checkpoints are written, but a killed run cannot resume from them. "
-                f"Stream with sklearn_jsae.hf.ActivationStream, or any iterable with those two methods, "
-                f"to resume.", UserWarning, stacklevel=3)
+            why = stream.resume_problem() or (
+                f"this stream ({type(batches).__name__}) has no state_dict/load_state_dict")
+            fix = ("" if stream.resume_problem() else " Stream with sklearn_jsae.hf.ActivationStream, or any "
+                   "iterable with those two methods, to resume.")
+            warnings.warn(f"checkpoint_dir is set, but {why}: checkpoints are written, but a killed run cannot "
+                          f"resume from them.{fix}", UserWarning, stacklevel=3)
         if parallel is not None:
             check_resumed_together(parallel, trainer, checkpoint)
     record_every = max(1, (n_steps or 10_000) // 100)
@@ -273,6 +280,10 @@ def _restore(checkpoint, trainer, stream, batches, d, parallel=None):
         prefix = f"rank{parallel.rank}."
         position = position["ranks"][parallel.rank]
         extra = {name[len(prefix):]: t for name, t in extra.items() if name.startswith(prefix)}
+    problem = getattr(batches, "resume_problem", None)
+    if isinstance(problem, str):
+        raise CheckpointError(f"checkpoint_dir={checkpoint.folder!r} holds a stream checkpoint, but {problem}; "
+                              f"remove the checkpoint to start afresh.")
     if position.get("stream") is None or not hasattr(batches, "load_state_dict"):
         raise CheckpointError(
             f"checkpoint_dir={checkpoint.folder!r} holds a stream checkpoint, but this stream "

@@ -593,3 +593,53 @@ def test_out_of_core_fit_and_score_keep_resident_memory_bounded(tmp_path):
     for step, after in (("fit", after_fit), ("score", after_score)):
         assert after - before < 0.25 * size, \
             f"peak RSS grew by {(after - before) / 1e6:.0f} MB through {step} for a {size / 1e6:.0f} MB store"
+
+
+def test_a_stream_over_a_generator_of_texts_says_it_cannot_resume(minilm, tmp_path, monkeypatch):
+    """Texts given as a generator cannot be read again from the start: a checkpointed fit warns when
+    it starts, and its restart is refused by name (the checkpoint left as it is) instead of
+    skipping the texts read in whatever is left of a new generator."""
+    _, tokenizer = minilm
+    model = transformers.GPT2Model(transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=64,
+                                                           vocab_size=tokenizer.vocab_size)).eval()
+    texts = prose(60)
+
+    def make():
+        stream = ActivationStream(model, 1, (text for text in texts), tokenizer=tokenizer, batch_size=40,
+                                  buffer_size=200, max_length=32)
+        est = JacobianSparseAutoencoder(mlp_of(model, 1), n_components=16, k=2, batch_size=64, n_tokens=600,
+                                        device="cpu", random_state=0, checkpoint_dir=tmp_path, checkpoint_every=2)
+        return est, stream
+
+    _interrupt_steps(monkeypatch, {4})
+    est, stream = make()
+    with pytest.warns(UserWarning, match=r"texts are a one-shot iterator \(generator\), which cannot be read "
+                                         r"again from its start to resume; pass the texts as a list.*: "
+                                         r"checkpoints are written, but a killed run cannot resume"):
+        with pytest.raises(_Interrupt):
+            est.fit_stream(stream, n_statistics=100)
+    checkpoint = (tmp_path / "checkpoint.safetensors").read_bytes()
+    est, stream = make()
+    with pytest.raises(CheckpointError, match="holds a stream checkpoint, but this ActivationStream's texts are "
+                                              "a one-shot iterator"):
+        est.fit_stream(stream, n_statistics=100)
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == checkpoint
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        stream.load_state_dict(ActivationStream(model, 1, texts, tokenizer=tokenizer).state_dict())
+    # without a checkpoint, a generator streams once as its list does
+    once = ActivationStream(model, 1, (text for text in texts), tokenizer=tokenizer, max_length=32, batch_size=50,
+                            buffer_size=100)
+    listed = ActivationStream(model, 1, texts, tokenizer=tokenizer, max_length=32, batch_size=50, buffer_size=100)
+    for a, b in zip(once, listed, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_stream_saved_before_its_first_batch_resumes_from_the_start(gpt2):
+    """state_dict before any row was read (the width unknown) loads back into a stream that yields
+    everything (it raised a reshape error)."""
+    ids = _ids(20)
+    full = list(ActivationStream(gpt2, 1, input_ids=ids, batch_size=16, buffer_size=64))
+    resumed = ActivationStream(gpt2, 1, input_ids=ids, batch_size=16, buffer_size=64)
+    resumed.load_state_dict(ActivationStream(gpt2, 1, input_ids=ids, batch_size=16, buffer_size=64).state_dict())
+    for a, b in zip(resumed, full, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -246,6 +246,12 @@ class ActivationStream:
                     f"{tuple(getattr(input_ids, 'shape', (len(input_ids),)))}; pass a 2-D input_ids array and a "
                     f"mask of the same shape (1 = real token, 0 = padding).")
         self.attention_mask = attention_mask
+        # A generator of texts cannot be read again from its start: a resumed stream would skip
+        # the texts it has read in whatever is left of it.
+        self.resume_problem = (
+            f"this ActivationStream's texts are a one-shot iterator ({type(texts).__name__}), which cannot be "
+            f"read again from its start to resume; pass the texts as a list, a corpus file or a re-iterable"
+            if texts is not None and not isinstance(texts, (str, os.PathLike)) and iter(texts) is texts else None)
         if isinstance(texts, (str, os.PathLike)) and not os.path.exists(texts):
             raise ValueError(f"texts={os.fspath(texts)!r} is not a file; pass a corpus file's path (text, .jsonl, "
                              f".parquet) or folder, or a list of str.")
@@ -484,12 +490,16 @@ class ActivationStream:
                     filled=self.filled, d=d, rng=_json_rng(self.rng.bit_generator.state),
                     buffer=(self.buffer[: self.filled].copy() if self.buffer is not None
                             else np.zeros((0, d), dtype=np.float32)),
-                    waiting=np.asarray(self.waiting, dtype=np.float32).reshape(-1, d),
+                    # before the first rows (d unknown) nothing waits: (0, 0)
+                    waiting=np.asarray(self.waiting, dtype=np.float32).reshape(-1, d) if d
+                    else np.zeros((0, 0), dtype=np.float32),
                     **({} if self.packer is None else
                        {f"pack_{name}": value for name, value in self.packer.state().items()}))
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict`'s position at the next iteration."""
+        if self.resume_problem:
+            raise ValueError(self.resume_problem + ".")
         self._reset()
         self.groups_done, self.produced = int(state["groups_done"]), int(state["produced"])
         self.captured = int(state["captured"])
