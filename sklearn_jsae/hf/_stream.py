@@ -160,7 +160,9 @@ class ActivationStream:
         compressed (``.gz``, ``.bz2``, ``.xz``, ``.zst``), a ``.parquet`` file (its ``"text"``
         column) or a folder of such shards (in sorted order).  Exactly one
         of ``texts`` and ``input_ids`` is given.  An iterable must give the same texts in the same order when
-        iterated again (a list, or a file path) for a resumed stream to continue correctly.
+        iterated again (a list, or a file path) for a resumed stream to continue correctly; a
+        one-shot iterator (a generator) streams once and cannot resume (a checkpointed fit
+        warns when it starts).
     tokenizer : transformers tokenizer, optional
         Required with ``texts``.
     input_ids : 2-D array-like of int, or a sequence of token-id rows, optional
