@@ -158,8 +158,8 @@ class ActivationStream:
         path of a corpus read lazily: a UTF-8 text file (one text per non-empty line), a
         ``.jsonl`` file (one JSON object per line, its ``"text"`` field the text), either
         compressed (``.gz``, ``.bz2``, ``.xz``, ``.zst``), a ``.parquet`` file (its ``"text"``
-        column) or a folder of such shards (in sorted order).  Exactly one
-        of ``texts`` and ``input_ids`` is given.  An iterable must give the same texts in the same order when
+        column) or a folder of such shards (in sorted order).  Exactly one of ``texts`` and
+        ``input_ids`` is given.  An iterable must give the same texts in the same order when
         iterated again (a list, or a file path) for a resumed stream to continue correctly; a
         one-shot iterator (a generator) streams once and cannot resume (a checkpointed fit
         warns when it starts).
@@ -271,8 +271,6 @@ class ActivationStream:
         self.pack = bool(pack)
         if texts is not None and not self.pack:
             _check_room_for_text(tokenizer, self.max_length)
-        if self.pack:
-            TextPacker(tokenizer, self.max_length)  # checks max_length against the special tokens now
         self.special = None
         if exclude_special_tokens:
             special = _special_ids(model, tokenizer)
@@ -320,13 +318,13 @@ class ActivationStream:
                 if not rows:  # rows of any lengths: padded with 0 and masked
                     yield _pad([np.asarray(row).reshape(-1).tolist() for row in block], 0)
                     continue
-                block = torch.as_tensor(np.asarray(block)).to(device="cpu", dtype=torch.long)
+                block = _long_tensor(block)
                 if self.attention_mask is None:
                     yield block, torch.ones_like(block)
                     continue
                 mask = self.attention_mask
                 mask = (mask if mask.ndim == 2 else mask.reshape(1, -1))[start : start + n]
-                yield block, torch.as_tensor(np.asarray(mask)).to(device="cpu", dtype=torch.long)
+                yield block, _long_tensor(mask)
             return
         texts = texts_of_file(self.texts) if isinstance(self.texts, (str, os.PathLike)) else iter(self.texts)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -472,7 +470,7 @@ class ActivationStream:
             return digest.hexdigest()[:32]
         if self.input_ids is not None:
             arrays = [self.input_ids] + ([] if self.attention_mask is None else [self.attention_mask])
-            return ",".join(fingerprint_array(a.numpy() if isinstance(a, torch.Tensor) else a) for a in arrays)
+            return ",".join(fingerprint_array(a.cpu().numpy() if isinstance(a, torch.Tensor) else a) for a in arrays)
         if isinstance(self.texts, (str, os.PathLike)):
             texts = texts_of_file(self.texts)
         elif iter(self.texts) is self.texts:
@@ -514,6 +512,13 @@ class ActivationStream:
         self.rng.bit_generator.state = _json_rng(state["rng"])
         if self.packer is not None:
             self.packer.load_state(state["pack_texts_done"], state["pack_carry"])
+
+
+def _long_tensor(block) -> torch.Tensor:
+    """A block of ids or mask (numpy, memmap, or a tensor on any device) as a CPU int64 tensor."""
+    if isinstance(block, torch.Tensor):
+        return block.to(device="cpu", dtype=torch.long)
+    return torch.as_tensor(np.asarray(block)).to(dtype=torch.long)
 
 
 def _json_rng(state: dict) -> dict:
