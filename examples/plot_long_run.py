@@ -18,6 +18,14 @@ the model to one safetensors file and exports its output SAE for SAELens.
 # few sequences at a time and mixes the captured rows in a shuffle buffer, so
 # that a training batch holds tokens of many texts.  Memory holds the buffer
 # and one batch, whatever the number of tokens.
+#
+# The texts here are documents of ten paragraphs, longer than a sequence.
+# With one text per sequence, truncated to ``max_length`` tokens, most of each
+# document would be dropped; ``pack=True`` concatenates the documents (an EOS
+# or ``[SEP]`` token between two) and cuts them into full sequences, so every
+# token is read once, as SAELens and sparsify do.  A corpus on disk (text,
+# ``.jsonl`` or ``.parquet`` files, compressed or not, or a folder of shards)
+# is passed as its path and read lazily.
 import tempfile
 from pathlib import Path
 
@@ -33,12 +41,22 @@ model = transformers.AutoModel.from_pretrained(path).eval()
 tokenizer = transformers.AutoTokenizer.from_pretrained(path)
 texts = load_python_doc_texts()
 held_out, train_texts = texts[:30], texts[30:]
+documents = [
+    "\n".join(train_texts[i : i + 10]) for i in range(0, len(train_texts), 10)
+]
+encoded = tokenizer(documents, add_special_tokens=False, verbose=False)
+lengths = [len(ids) for ids in encoded["input_ids"]]
+kept = sum(min(n, 128 - 2) for n in lengths)  # [CLS] and [SEP] take two of 128
+print(
+    f"{len(documents)} documents, {sum(lengths)} tokens: one truncated document "
+    f"per sequence reads {kept} of them, packed sequences all"
+)
 
 
 def stream():
     return ActivationStream(
-        model, 3, train_texts, tokenizer=tokenizer, batch_size=256,
-        buffer_size=4096, n_tokens=8192, seed=0,
+        model, 3, documents, tokenizer=tokenizer, pack=True, max_length=128,
+        batch_size=256, buffer_size=4096, n_tokens=8192, seed=0,
     )
 
 

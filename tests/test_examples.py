@@ -24,7 +24,8 @@ PRINTS = {
     "plot_circuit.py": ["output latent", "input latent"],
     "plot_pipeline.py": ["JSAE codes", "balanced accuracy", "coefficient", "fires on"],
     "plot_smollm2.py": ["mlp_of gives a GatedMLP", "and the harvested outputs"],
-    "plot_long_run.py": ["killed at step 12", "resumed == uninterrupted, bit for bit: True",
+    "plot_long_run.py": ["packed sequences all", "killed at step 12",
+                         "resumed == uninterrupted, bit for bit: True",
                          "loaded model gives the same codes: True", "cfg.json"],
 }
 
