@@ -357,7 +357,7 @@ def test_a_corpus_without_text_is_named(tmp_path):
                                          r"\['content', 'id'\]\)"):
         list(texts_of_file(tmp_path / "bad.parquet"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"empty' is a folder without corpus files \(.txt, .jsonl or .parquet"):
+    with pytest.raises(ValueError, match=r"empty' is a folder without corpus files \(.txt, .jsonl or "):
         list(texts_of_file(tmp_path / "empty"))
 
 
@@ -424,3 +424,31 @@ def test_a_compressed_corpus_reads_as_the_plain_one(tmp_path, suffix):
     (folder / "b.jsonl").write_text(json.dumps({"text": "a last plain shard"}) + "\n")
     assert list(texts_of_file(folder / f"a{suffix}")) == texts
     assert list(texts_of_file(folder)) == texts + ["a last plain shard"]
+
+
+def test_a_tokenizer_without_eos_or_sep_packs_texts_back_to_back():
+    """A word-level tokenizer with no special tokens at all: no wrapping, no separator, the texts'
+    tokens end to end."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["the", "mlp", "reads", "its", "input", "and", "writes", "output", "[UNK]"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core)
+    assert special_wrapping(tokenizer) == ([], []) and separator_ids(tokenizer) == []
+    texts = ["the mlp reads its input", "and writes its output", "the output"]
+    sequences = list(TextPacker(tokenizer, 4).sequences(texts))
+    assert sequences == [[0, 1, 2, 3], [4, 5, 6, 3], [7, 0, 7]]
+
+
+def test_missing_readers_name_the_package_to_install(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "corpus.jsonl.zst").write_bytes(b"")
+    (tmp_path / "corpus.parquet").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # import zstandard raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ImportError, match=r"corpus.jsonl.zst' needs zstandard: pip install zstandard"):
+        list(texts_of_file(tmp_path / "corpus.jsonl.zst"))
+    with pytest.raises(ImportError, match=r"corpus.parquet' needs pyarrow: pip install pyarrow"):
+        list(texts_of_file(tmp_path / "corpus.parquet"))
