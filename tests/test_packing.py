@@ -1,7 +1,7 @@
 """Packed sequences (``pack=True``): texts concatenated and cut into ``max_length`` tokens, read by
 ``harvest``, ``ActivationStream`` (resumable, sharded) and the ``train`` command; corpora as
-``.jsonl`` and ``.parquet`` files and folders of shards; token ids as a sequence of rows (a list,
-a dataset's column)."""
+``.jsonl`` and ``.parquet`` files, compressed files and folders of shards; token ids as a sequence
+of rows (a list, a dataset's column)."""
 
 import json
 import os
@@ -59,7 +59,8 @@ def tiny_model(minilm):
 
 
 def _documents(n, seed=0):
-    """Documents of one to six prose paragraphs joined by newlines (some far longer than 64 tokens)."""
+    """Documents of one or more prose paragraphs (three on average) joined by newlines, many longer
+    than 64 tokens."""
     paragraphs = prose(3 * n)
     rng = np.random.default_rng(seed)
     cuts = np.sort(rng.choice(np.arange(1, len(paragraphs)), size=n - 1, replace=False))
