@@ -722,7 +722,7 @@ def test_minilm_max_length_truncates_and_must_leave_room_for_text(minilm):
                               exclude_special_tokens=False)
     assert sum(len(batch) for batch in stream) == 4
     rows = [{"id": 0, "text": "a b c"}]  # a datasets.Dataset's rows: told which column to pass
-    hint = r"texts must be strings; got an item of type dict: .* pass its text column, e.g. texts=\(row\['text'\]"
+    hint = r"texts must be strings; got an item of type dict: .* pass its text column, e.g. texts=dataset\['text'\]"
     with pytest.raises(TypeError, match=hint):
         harvest(model, 0, rows, tokenizer=tokenizer, progress=False)
     with pytest.raises(TypeError, match=hint):

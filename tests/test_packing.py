@@ -453,3 +453,22 @@ def test_missing_readers_name_the_package_to_install(tmp_path, monkeypatch):
         list(texts_of_file(tmp_path / "corpus.jsonl.zst"))
     with pytest.raises(ImportError, match=r"corpus.parquet' needs pyarrow: pip install pyarrow"):
         list(texts_of_file(tmp_path / "corpus.parquet"))
+
+
+def test_a_hugging_face_text_column_streams_and_resumes(tiny_model, minilm):
+    """``dataset["text"]`` of a Dataset or an IterableDataset (what the error for a row suggests) can
+    be read again: the stream over it equals the list's, and resumes from its state_dict."""
+    datasets = require("datasets")
+    texts = _documents(12)
+    settings = dict(tokenizer=minilm[1], pack=True, max_length=32, batch_size=40, buffer_size=120, seed=4)
+    expected = list(ActivationStream(tiny_model, 1, texts, **settings))
+    table = datasets.Dataset.from_dict({"text": texts, "id": list(range(len(texts)))})
+    for column in (table["text"], table.to_iterable_dataset(num_shards=3)["text"]):
+        stream = ActivationStream(tiny_model, 1, column, **settings)
+        assert stream.resume_problem is None
+        iterator = iter(stream)
+        head = [next(iterator) for _ in range(3)]
+        resumed = ActivationStream(tiny_model, 1, column, **settings)
+        resumed.load_state_dict(stream.state_dict())
+        for a, b in zip(head + list(resumed), expected, strict=True):
+            np.testing.assert_array_equal(a, b)

@@ -201,8 +201,11 @@ def _not_a_text(item) -> TypeError:
         column = "text" if isinstance(item.get("text"), str) else next(
             (key for key, value in item.items() if isinstance(value, str)), None)
         if column is not None:
+            # The column itself, not a generator over the rows: it can be read again, so a
+            # checkpointed stream can resume (Dataset and IterableDataset alike).
             hint = (f" It looks like a row of a datasets.Dataset: pass its text column, e.g. "
-                    f"texts=(row[{column!r}] for row in dataset) or dataset[{column!r}].")
+                    f"texts=dataset[{column!r}] (a Dataset's or an IterableDataset's; it can be read again "
+                    f"to resume, a generator over the rows cannot).")
     return TypeError(f"texts must be strings; got an item of type {type(item).__name__}: {item!r:.60}.{hint}")
 
 
