@@ -14,8 +14,12 @@ or :class:`~sklearn_jsae.mlp.GatedMLP`, whose Jacobian has a closed form, and ch
 numerically that it reproduces the Hugging Face module.  :func:`harvest` runs the
 model under ``torch.no_grad`` in eval mode and captures, with forward hooks, the MLP
 input (after the block's normalisation) and the MLP output (before any dropout,
-residual addition or output normalisation) of every non-padding token.  Nothing here
-downloads anything: every function takes a model object.
+residual addition or output normalisation) of every non-padding token.
+:class:`ActivationStream` does the same batch by batch through a shuffle buffer, for
+``fit_stream`` at any number of tokens, resumably.  Texts are one sequence each (truncated to
+``max_length``) or, with ``pack=True``, concatenated and cut into full sequences; a corpus on
+disk (text, ``.jsonl`` or ``.parquet`` files, compressed or not, or a folder of shards) is read
+lazily.  Nothing here downloads anything: every function takes a model object.
 
 Supported architectures (:data:`SUPPORTED_ARCHITECTURES`): GPT-2, GPT-BigCode, GPT-J,
 GPT-NeoX / Pythia, Falcon, Phi, OPT, LLaMA-style gated MLPs (Llama, Mistral, Qwen2/3, Gemma 1/2,
