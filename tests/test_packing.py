@@ -472,3 +472,17 @@ def test_a_hugging_face_text_column_streams_and_resumes(tiny_model, minilm):
         resumed.load_state_dict(stream.state_dict())
         for a, b in zip(head + list(resumed), expected, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["corpus.txt", "corpus.jsonl", "corpus.jsonl.gz"])
+def test_a_byte_order_mark_is_not_part_of_the_first_text(tmp_path, name):
+    """Some Windows tools start a UTF-8 file with a BOM: it is dropped, not read as text (a .jsonl
+    file's first line failed to parse)."""
+    import gzip
+
+    texts = ["first text", "second text"]
+    lines = [json.dumps({"text": t}) for t in texts] if ".jsonl" in name else texts
+    content = "\ufeff" + "\n".join(lines) + "\n"
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(content.encode()) if name.endswith(".gz") else content.encode())
+    assert list(texts_of_file(path)) == texts

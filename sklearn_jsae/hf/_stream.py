@@ -52,6 +52,11 @@ TEXT_FILE_SUFFIXES = (".txt", ".jsonl", ".parquet") + tuple(
     plain + compressed for plain in (".txt", ".jsonl") for compressed in COMPRESSIONS)
 
 
+# UTF-8, a byte-order mark (which some Windows tools write) dropped: it would otherwise start the
+# first text, and make a .jsonl file's first line fail to parse.
+ENCODING = "utf-8-sig"
+
+
 def _open_text(path: str):
     """A UTF-8 text stream of ``path``, decompressed on the fly by its suffix (``.gz``, ``.bz2``,
     ``.xz``: the standard library; ``.zst``: the zstandard package)."""
@@ -63,7 +68,7 @@ def _open_text(path: str):
     openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
     suffix = os.path.splitext(path)[1]
     if suffix in openers:
-        return openers[suffix](path, "rt", encoding="utf-8")
+        return openers[suffix](path, "rt", encoding=ENCODING)
     if suffix == ".zst":
         try:
             import zstandard
@@ -71,8 +76,8 @@ def _open_text(path: str):
             raise ImportError(f"reading {path!r} needs zstandard: pip install zstandard (or "
                               f"sklearn-jsae[corpora]).") from None
         raw = open(path, "rb")  # noqa: SIM115 - closed with the text stream
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), encoding="utf-8")
-    return open(path, encoding="utf-8")  # noqa: SIM115 - the caller's with closes it
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), encoding=ENCODING)
+    return open(path, encoding=ENCODING)  # noqa: SIM115 - the caller's with closes it
 
 
 def texts_of_file(path):
