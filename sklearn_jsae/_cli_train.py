@@ -160,7 +160,7 @@ def _texts(spec: str, out: Path):
 
 
 def _held_out(path: str, n: int) -> list[str]:
-    from .hf._stream import texts_of_file
+    from .hf._corpus import texts_of_file
 
     return list(itertools.islice(texts_of_file(path), n))
 

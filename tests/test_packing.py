@@ -21,7 +21,7 @@ from installed import prose, require  # noqa: E402
 from sklearn_jsae import JacobianSparseAutoencoder  # noqa: E402
 from sklearn_jsae.hf import ActivationStream, harvest, mlp_of  # noqa: E402
 from sklearn_jsae.hf._packing import TextPacker, separator_ids, special_wrapping  # noqa: E402
-from sklearn_jsae.hf._stream import texts_of_file  # noqa: E402
+from sklearn_jsae.hf._corpus import texts_of_file  # noqa: E402
 
 MODELS = Path(os.environ.get("SKLEARN_JSAE_MODELS", Path(__file__).resolve().parents[1] / ".models"))
 
