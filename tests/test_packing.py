@@ -260,7 +260,7 @@ def test_packing_is_part_of_the_streams_identity(tiny_model, minilm):
 @pytest.mark.realmodel
 def test_fit_stream_on_a_packed_stream_resumes_to_the_uninterrupted_model(tiny_model, minilm, tmp_path,
                                                                          monkeypatch):
-    from test_streaming import _Interrupt, _interrupt_steps, _weights
+    from test_streaming import _killed_twice_then_resumed
 
     texts = _documents(40)
     mlp = mlp_of(tiny_model, 1)
@@ -272,18 +272,7 @@ def test_fit_stream_on_a_packed_stream_resumes_to_the_uninterrupted_model(tiny_m
                                         random_state=0, checkpoint_dir=tmp_path / "ck", checkpoint_every=3)
         return est, stream
 
-    expected, stream = make()
-    expected.set_params(checkpoint_dir=None).fit_stream(stream, n_statistics=128)
-    _interrupt_steps(monkeypatch, {5, 13})
-    for _ in range(2):
-        est, stream = make()
-        with pytest.raises(_Interrupt):
-            est.fit_stream(stream, n_statistics=128)
-    est, stream = make()
-    est.fit_stream(stream, n_statistics=128)
-    expected_weights = _weights(expected)
-    for name, value in _weights(est).items():
-        np.testing.assert_array_equal(value, expected_weights[name], err_msg=name)
+    _, est = _killed_twice_then_resumed(make, monkeypatch, {5, 13}, n_statistics=128)
     assert sum(row["tokens"] for row in est.history_) == 1500
 
 

@@ -161,6 +161,25 @@ def _interrupt_steps(monkeypatch, stops):
     return steps_run
 
 
+def _killed_twice_then_resumed(make, monkeypatch, stops, n_statistics):
+    """``(uninterrupted, resumed)``: ``make()`` gives a checkpointed ``(estimator, stream)``; one fits
+    without its checkpoint, then a run is killed at each of the two steps in ``stops`` and restarted
+    until it ends.  Asserts the resumed model's weights are the uninterrupted model's, bit for bit."""
+    expected, stream = make()
+    expected.set_params(checkpoint_dir=None).fit_stream(stream, n_statistics=n_statistics)
+    _interrupt_steps(monkeypatch, set(stops))
+    for _ in stops:
+        est, stream = make()
+        with pytest.raises(_Interrupt):
+            est.fit_stream(stream, n_statistics=n_statistics)
+    est, stream = make()
+    est.fit_stream(stream, n_statistics=n_statistics)
+    expected_weights = _weights(expected)
+    for name, value in _weights(est).items():
+        np.testing.assert_array_equal(value, expected_weights[name], err_msg=name)
+    return expected, est
+
+
 def _estimator(kind, mlp, **settings):
     if kind == "jsae":
         return JacobianSparseAutoencoder(mlp, **settings)
@@ -178,18 +197,7 @@ def test_fit_stream_resumes_from_its_checkpoint_without_repeating_tokens(gpt2, t
                          random_state=0, checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=3)
         return est, stream
 
-    expected, stream = make()
-    expected.set_params(checkpoint_dir=None).fit_stream(stream, n_statistics=100)
-    _interrupt_steps(monkeypatch, {4, 11})
-    for _ in range(2):
-        est, stream = make()
-        with pytest.raises(_Interrupt):
-            est.fit_stream(stream, n_statistics=100)
-    est, stream = make()
-    est.fit_stream(stream, n_statistics=100)
-    expected_weights = _weights(expected)
-    for name, value in _weights(est).items():
-        np.testing.assert_array_equal(value, expected_weights[name], err_msg=name)
+    expected, est = _killed_twice_then_resumed(make, monkeypatch, {4, 11}, n_statistics=100)
     assert sum(row["tokens"] for row in est.history_) == 1300
     strip = [{k: v for k, v in row.items() if k != "seconds"} for row in expected.history_]
     assert [{k: v for k, v in row.items() if k != "seconds"} for row in est.history_] == strip
