@@ -4,7 +4,8 @@
 
 runs the model over the texts batch by batch (:class:`sklearn_jsae.hf.ActivationStream`, a
 shuffle buffer), trains a :class:`~sklearn_jsae.JacobianSparseAutoencoder` on the stream with
-checkpoints in ``RUN/checkpoint/`` and, at the end, writes ``RUN/model.safetensors`` (load it with
+checkpoints in ``RUN/checkpoint/`` (every ``--checkpoint-every``: a duration, 5 minutes by
+default, or a number of steps) and, at the end, writes ``RUN/model.safetensors`` (load it with
 :func:`sklearn_jsae.load`), ``RUN/history.json`` and ``RUN/summary.json`` (the paper's metrics on
 held-out texts: FVU, Jacobian sparsity in both views, linearity, the Jacobian-vs-intervention
 agreement and, for a causal LM, the spliced cross-entropy of
@@ -97,13 +98,27 @@ def _parse(argv):
     parser.add_argument("--pack", action="store_true",
                         help="concatenate the texts and cut them into sequences of --max-length tokens (every "
                              "token of a long text is used), instead of one truncated text per sequence")
-    parser.add_argument("--checkpoint-every", type=int, default=200, help="optimiser steps")
+    parser.add_argument("--checkpoint-every", type=_steps_or_duration, default="5min",
+                        help="optimiser steps (an int) or a duration such as 30s, 5min or 1h between checkpoints "
+                             "(default 5min: on a GPU a step count can mean a buffer-sized write every few seconds)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--dist-timeout", type=float, default=600.0,
                         help="under torchrun: seconds a rank waits for the others before the job stops")
     return parser.parse_args(argv)
+
+
+def _steps_or_duration(value: str):
+    """``--checkpoint-every``: digits are optimiser steps, anything else a duration ("5min")."""
+    from ._backend.checkpoint import checkpoint_interval
+
+    every = int(value) if value.strip().isdigit() else value
+    try:
+        checkpoint_interval(every)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("checkpoint_every=", "")) from None
+    return every
 
 
 def load_model(name: str, causal_lm: bool = False, dtype: str | None = None):

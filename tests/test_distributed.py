@@ -17,7 +17,9 @@ What is checked:
   process group's timeout (processes started by hand, so that torchrun does not kill it first);
 * a one-rank job runs the data-parallel code path and equals the plain fit bit for bit;
 * the same for one SAE (``TopKSparseAutoencoder(distributed=True)``): 2 ranks agree with one
-  process, and a stream fit killed on one rank resumes to the uninterrupted model.
+  process, and a stream fit killed on one rank resumes to the uninterrupted model;
+* a checkpoint interval given as a duration follows rank 0's clock on every rank (the ranks'
+  clocks disagree in the test), and the job resumes from it.
 """
 
 import json
@@ -185,6 +187,21 @@ def test_stream_fit_on_two_shards_resumes_to_the_same_model(tmp_path):
     assert torchrun(tmp_path / "out", "stream", check=False, JSAE_FAIL="1:11:KILL", **env).returncode != 0
     position = checkpoint_header(tmp_path / "checkpoint")["position"]
     assert position["used"] == 10 * 64 and len(position["ranks"]) == 2
+    torchrun(tmp_path / "out", "stream", **env)
+    for rank, resumed in enumerate(load(tmp_path / "out")):
+        assert_identical(resumed, straight[rank])
+
+
+def test_a_duration_checkpoints_on_rank_0s_clock_and_the_job_resumes(tmp_path):
+    """checkpoint_every="3s" with clocks that disagree (rank 0: 1 s per step, rank 1: 7 s): saving
+    is collective, so the ranks follow rank 0's clock (steps 3, 6, 9, ...), do not deadlock, and a
+    job killed at step 11 resumes from step 9 to the uninterrupted model."""
+    torchrun(tmp_path / "straight", "stream")
+    straight = load(tmp_path / "straight")
+    env = dict(JSAE_CHECKPOINT=str(tmp_path / "checkpoint"), JSAE_CHECKPOINT_EVERY="3s", JSAE_CLOCK="1,7",
+               JSAE_TIMEOUT="60")
+    assert torchrun(tmp_path / "out", "stream", check=False, JSAE_FAIL="1:11:KILL", **env).returncode != 0
+    assert checkpoint_header(tmp_path / "checkpoint")["position"]["used"] == 9 * 64
     torchrun(tmp_path / "out", "stream", **env)
     for rank, resumed in enumerate(load(tmp_path / "out")):
         assert_identical(resumed, straight[rank])

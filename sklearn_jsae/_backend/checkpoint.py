@@ -18,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -29,6 +31,28 @@ FORMAT = "sklearn_jsae.checkpoint"
 VERSION = 1
 FILENAME = "checkpoint.safetensors"
 
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(s|secs?|seconds?|m|mins?|minutes?|h|hours?)", re.IGNORECASE)
+
+
+def checkpoint_interval(every) -> tuple[int | None, float | None]:
+    """``(steps, seconds)`` of a ``checkpoint_every`` value, one of them None: an int counts
+    optimiser steps, a str is a duration such as ``"30s"``, ``"10min"`` or ``"1.5h"``.
+
+    A duration suits a run whose step time is not known in advance (a GPU's steps can be a hundred
+    times a CPU's): a stream checkpoint holds the shuffle buffer (``buffer_size · d · 4`` bytes),
+    so a step count that is minutes apart on a CPU can mean a write every few seconds on a GPU."""
+    if isinstance(every, str):
+        match = _DURATION.fullmatch(every.strip())
+        if match is None or float(match.group(1)) <= 0:
+            raise ValueError(
+                f"checkpoint_every={every!r} is neither a number of optimiser steps nor a duration; pass an "
+                f"int >= 1 (steps) or a positive duration such as '30s', '10min' or '2h'.")
+        seconds = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[match.group(2)[0].lower()]
+        return None, seconds
+    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+        raise ValueError(f"checkpoint_every={every!r}: pass an int >= 1 (optimiser steps) or a duration such "
+                         f"as '10min'.")
+    return int(every), None
 
 
 def fingerprint_array(X) -> str:
@@ -110,8 +134,10 @@ class Checkpointer:
     ----------
     folder : str or path
         Created if missing.
-    every : int
-        Save after every ``every`` optimiser steps (and at the end of each epoch or stream).
+    every : int or str
+        Save after every ``every`` optimiser steps, or, for a duration such as ``"10min"``
+        (:func:`checkpoint_interval`), at the first step that ends that long after the last save
+        (and, either way, at the end of each epoch or stream).
     identity : dict of str -> JSON value
         What makes two fits the same (data, MLP and settings fingerprints); a checkpoint whose
         identity differs is refused.  A data-parallel fit adds ``world_size``: its data position
@@ -119,11 +145,17 @@ class Checkpointer:
     writer : bool, default=True
         Whether :meth:`save` writes.  In a data-parallel job only rank 0 writes (every rank holds
         the same state); every rank reads the one file to resume.
+    agree : callable or None, default=None
+        For a duration in a data-parallel job: ``agree(due)`` returns rank 0's ``due`` on every rank.
+        Saving is collective (every rank's stream position goes to rank 0) and the ranks' clocks
+        differ, so rank 0's clock decides, at every step, for all.
     """
 
-    def __init__(self, folder, every: int, identity: dict, writer: bool = True):
+    def __init__(self, folder, every, identity: dict, writer: bool = True, agree=None):
         self.folder = os.fspath(folder)
-        self.every = max(1, int(every))
+        self.steps, self.seconds = checkpoint_interval(every)
+        self.agree = agree
+        self.last_saved = time.monotonic()
         self.identity = identity
         self.writer = bool(writer)
         self.path = os.path.join(self.folder, FILENAME)
@@ -133,7 +165,12 @@ class Checkpointer:
         os.makedirs(self.folder, exist_ok=True)
 
     def due(self, step: int) -> bool:
-        return step % self.every == 0
+        """Whether to save after optimiser step ``step`` (in a data-parallel job every rank calls
+        this at every step: with a duration it is a collective)."""
+        if self.steps is not None:
+            return step % self.steps == 0
+        due = time.monotonic() - self.last_saved >= self.seconds
+        return due if self.agree is None else bool(self.agree(due))
 
     def save(self, trainer, position: dict, extra_tensors: dict | None = None) -> None:
         """Write the trainer's state and ``position`` (JSON) atomically (a no-op unless ``writer``)."""
@@ -142,6 +179,7 @@ class Checkpointer:
         from .. import __version__
 
         if not self.writer:
+            self.last_saved = time.monotonic()
             return
         tensors, meta = trainer.state_dict()
         for name, t in (extra_tensors or {}).items():
@@ -158,6 +196,7 @@ class Checkpointer:
         finally:
             if os.path.exists(temporary):
                 os.remove(temporary)
+        self.last_saved = time.monotonic()  # after the write: a slow write does not eat the interval
 
     def read(self) -> tuple[dict, dict] | None:
         """``(header, tensors)`` of the checkpoint in the folder, None if there is none.
