@@ -213,6 +213,31 @@ def _model_device(device: str, distributed: bool) -> str:
     return rank_device(device, resolved) if distributed else resolved
 
 
+# Options that do not change what a run trains: a run resumes with other values of these.
+_RUN_INDEPENDENT = ("quiet", "checkpoint_every", "dist_timeout")
+
+
+def _check_same_run(out: Path, args) -> None:
+    """Refuse to resume a run folder that a run with other options started.  (The estimator would
+    start that fit afresh next to the first one's checkpoint, and the folder's config, model and
+    summary would then mix two runs.)"""
+    config = out / "config.json"
+    if not config.exists():
+        return
+    try:
+        started = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return  # a config cut short by a kill: the checkpoint's own identity still guards the fit
+    now = json.loads(json.dumps(vars(args)))
+    changed = sorted(name for name in set(started) | set(now)
+                     if name not in _RUN_INDEPENDENT and started.get(name) != now.get(name))
+    if changed:
+        listed = ", ".join(f"--{name.replace('_', '-')} {started.get(name)!r} -> {now.get(name)!r}"
+                           for name in changed)
+        raise SystemExit(f"{out} holds a run started with other options ({listed}); run the same command "
+                         f"to resume it, or give this run another --out.")
+
+
 def _job(args) -> tuple[int, int, bool]:
     """``(rank, world_size, distributed)``: joins the job when torchrun started this process."""
     from ._backend.distributed import launched_by_torchrun
@@ -238,6 +263,7 @@ def main(argv=None) -> int:
     if summary_path.exists():
         print(f"{out} already holds a finished run:\n{summary_path.read_text()}")
         return 0
+    _check_same_run(out, args)
     rank, world_size, distributed = _job(args)
     if rank == 0:
         (out / "config.json").write_text(json.dumps(vars(args), indent=2))

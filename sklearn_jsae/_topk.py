@@ -176,10 +176,13 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         A folder where ``fit`` and ``fit_stream`` save a checkpoint (weights, optimiser state,
         schedule position, random states, dead-latent counters, data position) every
         ``checkpoint_every`` (steps or a duration) and at the end of each epoch, and from which
-        they resume when it holds one: a fit killed at any moment and run again with the same data, MLP and settings
-        ends with the same model as an uninterrupted one (bit for bit on the CPU).  Writes are
-        atomic; a checkpoint of another fit, a truncated or a foreign file is refused with a
-        ``CheckpointError``.  Checkpoints are safetensors and JSON, never pickles.
+        they resume when it holds one: a fit killed at any moment and run again with the same data,
+        MLP and settings ends with the same model as an uninterrupted one (bit for bit on the
+        CPU).  Each fit has its own file in the folder (named by a hash of its data, MLP and
+        settings), so the fits of a ``GridSearchCV`` can share one folder and each resume its own;
+        a fit with other data, MLP or settings starts afresh, with a warning.  Writes are atomic;
+        a truncated or foreign file is refused with a ``CheckpointError``.  Checkpoints are
+        safetensors and JSON, never pickles.
     checkpoint_every : int or str, default=1000
         Optimiser steps between checkpoints, or a duration between them: ``"30s"``, ``"10min"``,
         ``"2h"`` (the first step that ends that long after the last save saves).  A duration

@@ -36,11 +36,13 @@ class CheckpointError(ValueError):
     """A ``checkpoint_dir`` whose checkpoint cannot be resumed by this fit.
 
     Raised by ``fit``, ``fit_stream`` (and ``python -m sklearn_jsae train``) with a
-    ``checkpoint_dir`` when its checkpoint is unreadable (truncated, damaged), foreign (not an
-    sklearn-jsae checkpoint, or another format version), or belongs to another fit (other data,
-    MLP, warm start or settings: the message names which); when a stream without ``state_dict``
-    would need one to resume; or when a resumed stream is already at its end.  Nothing is
-    overwritten: the checkpoint stays as it was, for the fit it belongs to.
+    ``checkpoint_dir`` when this fit's checkpoint is unreadable (truncated, damaged) or foreign
+    (not an sklearn-jsae checkpoint, or another format version); when it was written by a job of
+    another number of ranks; when a stream without ``state_dict`` would need one to resume; or
+    when a resumed stream is already at its end.  Nothing is overwritten: the checkpoint stays as
+    it was.  (Other fits' checkpoints in the folder, of other data, MLP, warm start or settings,
+    are not errors: each fit keeps its own file, and a fit without one starts afresh with a
+    warning.)
     """
 
 

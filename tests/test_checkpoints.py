@@ -14,6 +14,8 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +27,7 @@ from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
 from sklearn_jsae._backend import checkpoint as checkpoint_module
 from sklearn_jsae._backend import trainer as trainer_module
 import sklearn_jsae
-from sklearn_jsae._backend.checkpoint import FILENAME, CheckpointError
+from sklearn_jsae._backend.checkpoint import FILENAME, CheckpointError, checkpoint_paths
 
 SETTINGS = dict(n_components=32, k=4, max_iter=3, batch_size=64, random_state=0, device="cpu", l1=0.5)
 
@@ -127,16 +129,19 @@ def _kill_and_resume(script_text, tmp_path, max_kills, seed, max_delay):
     script = tmp_path / "fit.py"
     script.write_text(script_text)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    checkpoint = tmp_path / "run" / FILENAME
+    def written():
+        """The modification time of the run's checkpoint (None before the first)."""
+        paths = checkpoint_paths(tmp_path / "run")
+        return os.stat(paths[0]).st_mtime_ns if paths else None
 
     def run(folder, out, chooser=None):
         """Whether the run finished (False: it was killed)."""
-        before = checkpoint.stat().st_mtime_ns if checkpoint.exists() else None
+        before = written()
         proc = subprocess.Popen([sys.executable, str(script), folder, str(out)], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 300
         while chooser is not None and proc.poll() is None and time.monotonic() < deadline:
-            if checkpoint.exists() and checkpoint.stat().st_mtime_ns != before:
+            if written() not in (None, before):
                 time.sleep(chooser.uniform(0.0, max_delay))
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
@@ -168,9 +173,22 @@ def _checkpointed(X, mlp, folder, **kw):
     return JacobianSparseAutoencoder(mlp, **{**SETTINGS, "checkpoint_dir": folder, "checkpoint_every": 2, **kw})
 
 
+def _the_checkpoint(folder):
+    """The path of the one checkpoint in ``folder`` (one fit's)."""
+    [path] = checkpoint_paths(folder)
+    return Path(path)
+
+
+def _header_of(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()[checkpoint_module.FORMAT])
+
+
 def test_truncated_checkpoint_is_refused_and_nothing_is_loaded(X, mlp, tmp_path):
     _checkpointed(X, mlp, tmp_path).fit(X)
-    path = tmp_path / FILENAME
+    path = _the_checkpoint(tmp_path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     est = _checkpointed(X, mlp, tmp_path)
@@ -180,47 +198,57 @@ def test_truncated_checkpoint_is_refused_and_nothing_is_loaded(X, mlp, tmp_path)
 
 
 def test_foreign_and_other_version_checkpoints_are_refused(X, mlp, tmp_path):
+    """In this fit's file: a foreign safetensors file, a text file, another format version."""
     from safetensors.torch import save_file
 
-    save_file({"weight": torch.zeros(3)}, str(tmp_path / FILENAME))
+    _checkpointed(X, mlp, tmp_path).fit(X)
+    path = _the_checkpoint(tmp_path)
+    original = path.read_bytes()
+    save_file({"weight": torch.zeros(3)}, str(path))
     with pytest.raises(CheckpointError, match="not an sklearn_jsae checkpoint"):
         _checkpointed(X, mlp, tmp_path).fit(X)
-    (tmp_path / FILENAME).write_text("not even safetensors")
+    path.write_text("not even safetensors")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         _checkpointed(X, mlp, tmp_path).fit(X)
-    (tmp_path / FILENAME).unlink()
-    _checkpointed(X, mlp, tmp_path).fit(X)
+    path.write_bytes(original)
     from safetensors import safe_open
 
-    with safe_open(str(tmp_path / FILENAME), framework="pt") as f:
+    with safe_open(str(path), framework="pt") as f:
         metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
     header = json.loads(metadata[checkpoint_module.FORMAT])
     header["version"] = checkpoint_module.VERSION + 1
-    save_file(tensors, str(tmp_path / FILENAME), metadata={checkpoint_module.FORMAT: json.dumps(header)})
+    save_file(tensors, str(path), metadata={checkpoint_module.FORMAT: json.dumps(header)})
     with pytest.raises(CheckpointError, match=f"format version {checkpoint_module.VERSION + 1}"):
         _checkpointed(X, mlp, tmp_path).fit(X)
 
 
-def test_checkpoint_of_another_fit_is_refused(X, mlp, tmp_path):
-    """Refused by name, and left as it was for the fit it belongs to (the public error class)."""
+def test_other_fits_keep_their_checkpoints_side_by_side_in_one_folder(X, mlp, tmp_path):
+    """Another fit (other settings, data, MLP) in the same folder starts afresh in its own file, with a
+    warning, and leaves the first fit's checkpoint byte for byte; each then resumes its own (a rerun
+    of a finished fit trains nothing more: its model and history are those of the first run)."""
     from sklearn_jsae import exceptions
 
     assert exceptions.CheckpointError is CheckpointError
     fitted = _checkpointed(X, mlp, tmp_path).fit(X)
-    before = (tmp_path / FILENAME).read_bytes()
+    first = _the_checkpoint(tmp_path)
+    before = first.read_bytes()
     saved = fitted.save(tmp_path.parent / f"{tmp_path.name}.jsae")  # a Path parameter saves as str
     assert sklearn_jsae.load(saved, mlp=mlp).checkpoint_dir == str(tmp_path)
-    with pytest.raises(CheckpointError, match="different fit: it differs in settings"):
-        _checkpointed(X, mlp, tmp_path, l1=1.0).fit(X)
     other_penalty = "unit_gain" if _checkpointed(X, mlp, tmp_path).penalty == "paper" else "paper"
-    with pytest.raises(CheckpointError, match="different fit: it differs in settings"):
-        _checkpointed(X, mlp, tmp_path, penalty=other_penalty).fit(X)
-    with pytest.raises(CheckpointError, match="differs in data"):
-        _checkpointed(X, mlp, tmp_path).fit(X[::-1].copy())
-    other = torch.nn.Sequential(torch.nn.Linear(10, 40), torch.nn.GELU(), torch.nn.Linear(40, 10))
-    with pytest.raises(CheckpointError, match="differs in mlp"):
-        _checkpointed(X, other, tmp_path).fit(X)
-    assert (tmp_path / FILENAME).read_bytes() == before
+    other_mlp = torch.nn.Sequential(torch.nn.Linear(10, 40), torch.nn.GELU(), torch.nn.Linear(40, 10))
+    others = [(dict(l1=1.0), X, mlp, "settings"), (dict(penalty=other_penalty), X, mlp, "settings"),
+              ({}, X[::-1].copy(), mlp, "data"), ({}, X, other_mlp, "mlp")]
+    for kw, data, net, differs in others:  # fresh fits, equal to fits without a checkpoint
+        existing = set(checkpoint_paths(tmp_path))
+        with pytest.warns(UserWarning, match="holds checkpoints of other fits .* this fit starts afresh"):
+            est = _checkpointed(X, net, tmp_path, **kw).fit(data)
+        _assert_same_model(est, JacobianSparseAutoencoder(net, **{**SETTINGS, **kw}).fit(data))
+        [new] = set(checkpoint_paths(tmp_path)) - existing
+        identities = _header_of(first)["identity"], _header_of(new)["identity"]
+        assert [key for key in identities[0] if identities[0][key] != identities[1][key]] == [differs]
+    assert first.read_bytes() == before
+    _assert_same_model(_checkpointed(X, mlp, tmp_path).fit(X), fitted)
+    assert first.read_bytes() == before
 
 
 @pytest.mark.parametrize("make", [lambda mlp, **kw: JacobianSparseAutoencoder(mlp, **SETTINGS, **kw),
@@ -248,11 +276,13 @@ def test_interrupted_warm_start_resumes_and_its_checkpoint_is_its_own(X, mlp, tm
             est.fit(X)
     for name, array in first_fit.items():
         np.testing.assert_array_equal(_model_arrays(est)[name], array, err_msg=name)
-    assert (tmp_path / FILENAME).exists()
+    warm_checkpoint = _the_checkpoint(tmp_path)
     est.fit(X)
     _assert_same_model(est, expected)
-    with pytest.raises(CheckpointError, match="differs in warm_start"):
-        make(mlp, checkpoint_dir=str(tmp_path)).fit(X)
+    with pytest.warns(UserWarning, match="holds checkpoints of other fits"):
+        cold = make(mlp, checkpoint_dir=str(tmp_path)).fit(X)
+    _assert_same_model(cold, make(mlp).fit(X))
+    assert len(checkpoint_paths(tmp_path)) == 2 and warm_checkpoint.exists()
 
 
 class _Residual(torch.nn.Module):
@@ -277,7 +307,8 @@ def _shifted_tanh(x):
 
 def test_callable_mlps_resume_and_are_told_apart(X, tmp_path, monkeypatch):
     """Custom modules are fingerprinted by their weights and plain functions by name: an
-    interrupted fit resumes to the uninterrupted model, another MLP's checkpoint is refused."""
+    interrupted fit resumes to the uninterrupted model, and another MLP does not resume it (its fit
+    starts afresh, in its own file)."""
     for mlp, other in ((_Residual(0), _Residual(1)), (_scaled_tanh, _shifted_tanh)):
         folder = tmp_path / getattr(mlp, "__name__", "module")
         expected = JacobianSparseAutoencoder(mlp, **SETTINGS).fit(X)
@@ -288,8 +319,11 @@ def test_callable_mlps_resume_and_are_told_apart(X, tmp_path, monkeypatch):
                 est.fit(X)
         est.fit(X)
         _assert_same_model(est, expected)
-        with pytest.raises(CheckpointError, match="differs in mlp"):
+        with pytest.warns(UserWarning, match="holds checkpoints of other fits"):
             _checkpointed(X, other, folder).fit(X)
+        identities = [_header_of(path)["identity"] for path in checkpoint_paths(folder)]
+        assert len(identities) == 2 and identities[0]["mlp"] != identities[1]["mlp"]
+        assert {key for key in identities[0] if identities[0][key] != identities[1][key]} == {"mlp"}
 
 
 MLP_MODULE = textwrap.dedent("""
@@ -351,7 +385,7 @@ def test_checkpoints_with_corrupt_metadata_or_other_shapes_are_refused(X, mlp, t
     from safetensors.torch import save_file
 
     _checkpointed(X, mlp, tmp_path).fit(X)
-    path = str(tmp_path / FILENAME)
+    path = str(_the_checkpoint(tmp_path))
     with safe_open(path, framework="pt") as f:
         metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
     save_file(tensors, path, metadata={checkpoint_module.FORMAT: metadata[checkpoint_module.FORMAT][:-5]})
@@ -372,7 +406,8 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(X, mlp, tmp_path, 
 
     est = _checkpointed(X, mlp, tmp_path, max_iter=1)
     est.fit(X)
-    before = (tmp_path / FILENAME).read_bytes()
+    path = _the_checkpoint(tmp_path)
+    before = path.read_bytes()
     real = safetensors_torch.save_file
 
     def dies_half_way(tensors, filename, metadata=None):
@@ -383,8 +418,9 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(X, mlp, tmp_path, 
 
     monkeypatch.setattr(safetensors_torch, "save_file", dies_half_way)
     with pytest.raises(_Interrupt):
-        checkpoint_module.Checkpointer(tmp_path, 1, {}).save(_trainer_of(X), {"epoch": 0})
-    assert (tmp_path / FILENAME).read_bytes() == before
+        # the same fit's checkpointer (the same file), over the finished fit's checkpoint
+        checkpoint_module.Checkpointer(tmp_path, 1, _header_of(path)["identity"]).save(_trainer_of(X), {"epoch": 0})
+    assert path.read_bytes() == before
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
@@ -397,7 +433,7 @@ def _trainer_of(X):
 
 def test_checkpoint_is_safetensors_and_json_not_a_pickle(X, mlp, tmp_path):
     _checkpointed(X, mlp, tmp_path, max_iter=1).fit(X)
-    raw = (tmp_path / FILENAME).read_bytes()
+    raw = _the_checkpoint(tmp_path).read_bytes()
     header_length = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + header_length])
     meta = json.loads(header["__metadata__"][checkpoint_module.FORMAT])
@@ -512,10 +548,7 @@ def test_a_stream_fit_checkpoints_by_duration_and_resumes_to_the_uninterrupted_m
     with pytest.raises(_Interrupt):
         est.fit_stream(RowStream(rows, 50), n_statistics=200)
     assert saved == [3, 6, 9]  # a stream has no epochs: only the duration decides
-    from safetensors import safe_open
-
-    with safe_open(str(tmp_path / FILENAME), framework="pt") as f:
-        header = json.loads(f.metadata()[checkpoint_module.FORMAT])
+    header = _header_of(_the_checkpoint(tmp_path))
     assert header["position"]["used"] == 9 * SETTINGS["batch_size"]
     est.fit_stream(RowStream(rows, 50), n_statistics=200)
     _assert_same_model(est, expected)
@@ -528,7 +561,7 @@ def test_a_malformed_checkpoint_every_is_named_with_the_fix(X, mlp, tmp_path):
         # without a folder too: the setting is wrong whether or not it is used yet
         with pytest.raises(ValueError, match=f"checkpoint_every='{value}'"):
             JacobianSparseAutoencoder(mlp, **SETTINGS, checkpoint_every=value).fit(X)
-    assert not (tmp_path / FILENAME).exists()
+    assert not checkpoint_paths(tmp_path)
 
 
 @settings(max_examples=200, deadline=None)
@@ -542,3 +575,72 @@ def test_checkpoint_every_reads_any_duration_spelling_and_any_step_count(number,
         None, pytest.approx(float(number) * {"s": 1, "m": 60, "h": 3600}[unit[0].lower()]))
     assert checkpoint_module.checkpoint_interval(steps) == (steps, None)
     assert checkpoint_module.checkpoint_interval(np.int64(steps)) == (steps, None)
+
+
+def test_a_checkpoint_of_an_earlier_version_name_resumes(X, mlp, tmp_path, monkeypatch):
+    """A folder from before checkpoints were named by their fit holds ``checkpoint.safetensors``:
+    this fit's resumes (to the uninterrupted model); another fit's is left alone."""
+    expected = _checkpointed(X, mlp, None).fit(X)
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, [13])
+        with pytest.raises(_Interrupt):
+            _checkpointed(X, mlp, tmp_path).fit(X)
+    os.replace(_the_checkpoint(tmp_path), tmp_path / FILENAME)
+    steps = _count_steps(monkeypatch)
+    _assert_same_model(_checkpointed(X, mlp, tmp_path).fit(X), expected)
+    assert steps == [SETTINGS["max_iter"] * 10 - 12]  # it resumed after step 12, the last checkpoint
+    legacy = (tmp_path / FILENAME).read_bytes()
+    with pytest.warns(UserWarning, match="holds checkpoints of other fits"):
+        _checkpointed(X, mlp, tmp_path, l1=1.0).fit(X)
+    assert (tmp_path / FILENAME).read_bytes() == legacy
+
+
+def _count_steps(monkeypatch):
+    """A list whose one element counts the optimiser steps run from now on."""
+    count = [0]
+    real = trainer_module.Trainer.step
+
+    def step(self, *args, **kwargs):
+        count[0] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", step)
+    return count
+
+
+def test_a_search_shares_one_checkpoint_dir_and_a_killed_search_resumes(X, mlp, tmp_path, monkeypatch):
+    """GridSearchCV clones the estimator, checkpoint_dir included: every fold and candidate keeps its
+    own checkpoint in the one folder.  A search interrupted in its third fit and run again resumes
+    every fit from its checkpoint (the finished ones train nothing) and scores as an uninterrupted
+    search does."""
+    from sklearn.model_selection import GridSearchCV
+
+    grid, settings = {"l1": [0.0, 0.5]}, dict(SETTINGS, max_iter=2)
+    expected = GridSearchCV(JacobianSparseAutoencoder(mlp, **settings), grid, cv=2).fit(X)
+    search = GridSearchCV(JacobianSparseAutoencoder(mlp, **settings, checkpoint_dir=str(tmp_path),
+                                                    checkpoint_every=3), grid, cv=2)
+    steps_per_fit = settings["max_iter"] * -(-(X.shape[0] // 2) // settings["batch_size"])  # 2 x 5
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, [2 * steps_per_fit + 4])  # Trainer.step_count is per fit: patch by calls
+        calls = _count_steps(patch)
+        real = trainer_module.Trainer.step
+
+        def interrupting(self, *args, **kwargs):
+            if calls[0] == 2 * steps_per_fit + 4:
+                raise _Interrupt("interrupted in the third fit")
+            return real(self, *args, **kwargs)
+
+        patch.setattr(trainer_module.Trainer, "step", interrupting)
+        with pytest.raises(_Interrupt), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            search.fit(X)
+    assert len(checkpoint_paths(tmp_path)) == 3  # two finished fits, the third up to its step 3
+    calls = _count_steps(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        search.fit(X)
+    np.testing.assert_array_equal(search.cv_results_["mean_test_score"], expected.cv_results_["mean_test_score"])
+    _assert_same_model(search.best_estimator_, expected.best_estimator_)
+    assert len(checkpoint_paths(tmp_path)) == 5  # 2 candidates x 2 folds, and the refit
+    refit_steps = settings["max_iter"] * -(-X.shape[0] // settings["batch_size"])
+    assert calls[0] == (steps_per_fit - 3) + 1 * steps_per_fit + refit_steps  # fit 3 after step 3, fit 4, refit

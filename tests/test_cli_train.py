@@ -53,8 +53,15 @@ def test_train_command_on_minilm_resumes_after_an_interruption(tmp_path, monkeyp
     monkeypatch.setattr(trainer_module.Trainer, "step", step)
     with pytest.raises(_Interrupt):
         main([*args, "--out", str(tmp_path / "killed")])
-    assert (tmp_path / "killed" / "checkpoint" / "checkpoint.safetensors").exists()
+    from sklearn_jsae._backend.checkpoint import checkpoint_paths
+
+    assert len(checkpoint_paths(tmp_path / "killed" / "checkpoint")) == 1
     assert not (tmp_path / "killed" / "summary.json").exists()
+    # another setting does not resume this run (nor start a second one in its folder)
+    with pytest.raises(SystemExit, match=r"holds a run started with other options \(--l1 None -> 3\.0\); run "
+                                         r"the same command to resume it, or give this run another --out"):
+        main([*args, "--l1", "3", "--quiet", "--out", str(tmp_path / "killed")])
+    assert len(checkpoint_paths(tmp_path / "killed" / "checkpoint")) == 1
     assert main([*args, "--out", str(tmp_path / "killed")]) == 0
     straight, resumed = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("straight", "killed"))
     assert resumed["tokens"] == straight["tokens"] == 3000

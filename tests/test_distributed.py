@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
-from sklearn_jsae._backend.checkpoint import FILENAME, CheckpointError
+from sklearn_jsae._backend.checkpoint import CheckpointError, checkpoint_name, checkpoint_paths
 from sklearn_jsae._backend.distributed import DataParallel
 from sklearn_jsae.distributed import DistributedTrainingError, is_main_process
 
@@ -85,7 +85,8 @@ def checkpoint_header(folder):
     """The JSON header of the checkpoint in ``folder`` (read without the identity check)."""
     from safetensors import safe_open
 
-    with safe_open(str(Path(folder) / FILENAME), framework="pt") as f:
+    [path] = checkpoint_paths(folder)  # one fit: one file
+    with safe_open(path, framework="pt") as f:
         return json.loads(f.metadata()["sklearn_jsae.checkpoint"])
 
 
@@ -304,15 +305,17 @@ def test_a_checkpoint_resumes_only_with_the_ranks_that_wrote_it(tmp_path):
     X, mlp = worker.data()
     est = JacobianSparseAutoencoder(mlp, checkpoint_dir=str(tmp_path), checkpoint_every=2,
                                     **dict(worker.SETTINGS, max_iter=1)).fit(X)
-    path = tmp_path / FILENAME
+    [path] = checkpoint_paths(tmp_path)
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(path, framework="pt") as f:
         metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
     header = json.loads(metadata["sklearn_jsae.checkpoint"])
-    header["identity"]["world_size"] = 2
-    save_file(tensors, str(path), metadata={"sklearn_jsae.checkpoint": json.dumps(header)})
+    header["identity"]["world_size"] = 2  # as a 2-rank job of this fit writes it, under its own name
+    os.remove(path)
+    save_file(tensors, str(tmp_path / checkpoint_name(header["identity"])),
+              metadata={"sklearn_jsae.checkpoint": json.dumps(header)})
     with pytest.raises(CheckpointError, match=r"written by a job of 2 rank\(s\) and this job has 1.*"
                                               r"torchrun --nproc-per-node 2"):
         est.fit(X)

@@ -1,5 +1,9 @@
 """Checkpoints that survive a kill: one safetensors file per fit, replaced atomically.
 
+A checkpoint folder holds any number of fits' checkpoints side by side, each named by a hash of
+its fit's identity (:func:`checkpoint_name`): the folds and candidates of a search that share one
+``checkpoint_dir`` each resume their own.
+
 A checkpoint holds a :class:`~sklearn_jsae._backend.trainer.Trainer`'s whole state (both SAEs,
 Adam's moments, the step counter behind the schedules, dead-latent counters, the shuffling
 generator, the running history) and the data position (epoch and row for an array; what a
@@ -8,8 +12,8 @@ JSON in the file's metadata, so loading a checkpoint never runs code (no pickle)
 
 Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the
 old checkpoint (``os.replace`` is atomic on POSIX): a kill at any moment leaves either the old
-checkpoint or the new one, never a mix.  A truncated, foreign or version-mismatched file, or the
-checkpoint of a different fit (other data, MLP or settings), is refused with
+checkpoint or the new one, never a mix.  A truncated, foreign or version-mismatched file in a
+fit's name, or its checkpoint from a job of another number of ranks, is refused with
 :class:`CheckpointError` naming what is wrong; nothing is half-loaded.
 """
 
@@ -29,7 +33,26 @@ from ..exceptions import CheckpointError  # noqa: F401  (raised here; public in 
 
 FORMAT = "sklearn_jsae.checkpoint"
 VERSION = 1
+# Before checkpoints were named by their fit, a folder held one, under this name; it still resumes.
 FILENAME = "checkpoint.safetensors"
+
+
+def checkpoint_name(identity: dict) -> str:
+    """The file name of the fit whose identity is ``identity`` in a checkpoint folder:
+    ``checkpoint-<hash of the identity>.safetensors``.  One folder holds the checkpoints of many
+    fits side by side (the folds and candidates of a search share one ``checkpoint_dir``)."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return f"checkpoint-{digest}.safetensors"
+
+
+def checkpoint_paths(folder) -> list[str]:
+    """The checkpoint files in ``folder`` (every fit's, and an unnamed one of an earlier version),
+    sorted; empty when the folder does not exist."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+            if name == FILENAME or (name.startswith("checkpoint-") and name.endswith(".safetensors"))]
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(s|secs?|seconds?|m|mins?|minutes?|h|hours?)", re.IGNORECASE)
 
@@ -127,8 +150,59 @@ def _digest_callable(digest, fn) -> None:
             digest.update(repr(value).encode())
 
 
+def _read_file(path: str, with_tensors: bool) -> tuple[dict, dict]:
+    """``(header, tensors)`` of a checkpoint file (``tensors`` empty without ``with_tensors``: the
+    header alone is cheap to read).  Raises :class:`CheckpointError` for anything but a readable
+    checkpoint of this format and version."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()} if with_tensors else {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}); it may be "
+            f"truncated or not a checkpoint at all. Remove it to start the fit afresh."
+        ) from exc
+    if FORMAT not in metadata:
+        raise CheckpointError(
+            f"{path} is a safetensors file but not an sklearn_jsae checkpoint (no "
+            f"{FORMAT!r} metadata); use an empty folder for checkpoint_dir."
+        )
+    try:
+        header = json.loads(metadata[FORMAT])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} has corrupt checkpoint metadata ({exc}).") from exc
+    if header.get("format") != FORMAT or header.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path} is checkpoint format version {header.get('version')!r} (written by "
+            f"sklearn_jsae {header.get('library_version')!r}); this version reads version {VERSION} "
+            f"only. Finish that fit with the version that wrote it, or remove the checkpoint."
+        )
+    return header, tensors
+
+
+def _differences(identity: dict, header: dict) -> list[str]:
+    written = header.get("identity", {})
+    return sorted(key for key in set(identity) | set(written) if identity.get(key) != written.get(key))
+
+
+def _other_world_size(path: str, header: dict, identity: dict) -> CheckpointError:
+    written = header.get("identity", {}).get("world_size", 1)
+    now = identity.get("world_size", 1)
+    return CheckpointError(
+        f"{path} was written by a job of {written} rank(s) and this job has {now}: a checkpoint "
+        f"resumes with the number of ranks that wrote it. Restart with "
+        + (f"torchrun --nproc-per-node {written} (or that many ranks in all)" if written > 1
+           else "a single process (distributed=False)")
+        + ", or use another checkpoint_dir to start afresh."
+    )
+
+
 class Checkpointer:
-    """Save and resume one fit's checkpoint in ``folder``.
+    """Save and resume one fit's checkpoint in ``folder``, in the file :func:`checkpoint_name` gives
+    its identity: other fits' checkpoints in the same folder are left as they are.
 
     Parameters
     ----------
@@ -158,7 +232,7 @@ class Checkpointer:
         self.last_saved = time.monotonic()
         self.identity = identity
         self.writer = bool(writer)
-        self.path = os.path.join(self.folder, FILENAME)
+        self.path = os.path.join(self.folder, checkpoint_name(identity))
         if os.path.exists(self.folder) and not os.path.isdir(self.folder):
             raise NotADirectoryError(f"checkpoint_dir={self.folder!r} is a file, not a folder; pass a folder (it is "
                                      f"created if missing) for the checkpoint.")
@@ -199,58 +273,54 @@ class Checkpointer:
         self.last_saved = time.monotonic()  # after the write: a slow write does not eat the interval
 
     def read(self) -> tuple[dict, dict] | None:
-        """``(header, tensors)`` of the checkpoint in the folder, None if there is none.
+        """``(header, tensors)`` of this fit's checkpoint, None if the folder has none.
 
-        Raises :class:`CheckpointError` for a file that is not a readable checkpoint of this
-        format and version, or that belongs to another fit.
+        Raises :class:`CheckpointError` for a file in this fit's name that is not a readable
+        checkpoint of this format and version or belongs to another fit, and when the folder holds
+        this fit's checkpoint from a job of another number of ranks (which cannot resume here).
+        Without a checkpoint of this fit, other fits' checkpoints in the folder are left alone and
+        the fit starts afresh, with a warning (a changed setting does not resume).
         """
-        from safetensors import SafetensorError, safe_open
-
-        if not os.path.exists(self.path):
-            return None
-        try:
-            with safe_open(self.path, framework="pt") as f:
-                metadata = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(
-                f"{self.path} is not a readable checkpoint ({type(exc).__name__}: {exc}); it may be "
-                f"truncated or not a checkpoint at all. Remove it to start the fit afresh."
-            ) from exc
-        if FORMAT not in metadata:
-            raise CheckpointError(
-                f"{self.path} is a safetensors file but not an sklearn_jsae checkpoint (no "
-                f"{FORMAT!r} metadata); use an empty folder for checkpoint_dir."
-            )
-        try:
-            header = json.loads(metadata[FORMAT])
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{self.path} has corrupt checkpoint metadata ({exc}).") from exc
-        if header.get("format") != FORMAT or header.get("version") != VERSION:
-            raise CheckpointError(
-                f"{self.path} is checkpoint format version {header.get('version')!r} (written by "
-                f"sklearn_jsae {header.get('library_version')!r}); this version reads version {VERSION} "
-                f"only. Finish that fit with the version that wrote it, or remove the checkpoint."
-            )
-        differs = sorted(key for key in set(self.identity) | set(header.get("identity", {}))
-                         if self.identity.get(key) != header.get("identity", {}).get(key))
+        path = self.path
+        if not os.path.exists(path):
+            path = self._legacy_or_other_fits()
+            if path is None:
+                return None
+        header, tensors = _read_file(path, with_tensors=True)
+        differs = _differences(self.identity, header)
         if "world_size" in differs:
-            written = header.get("identity", {}).get("world_size", 1)
-            now = self.identity.get("world_size", 1)
-            raise CheckpointError(
-                f"{self.path} was written by a job of {written} rank(s) and this job has {now}: a checkpoint "
-                f"resumes with the number of ranks that wrote it. Restart with "
-                + (f"torchrun --nproc-per-node {written} (or that many ranks in all)" if written > 1
-                   else "a single process (distributed=False)")
-                + ", or use another checkpoint_dir to start afresh."
-            )
+            raise _other_world_size(path, header, self.identity)
         if differs:
             raise CheckpointError(
-                f"{self.path} is the checkpoint of a different fit: it differs in {', '.join(differs)}. "
-                f"Resume only with the same data, MLP and settings; use another checkpoint_dir "
-                f"for this fit, or remove the checkpoint."
+                f"{path} is the checkpoint of a different fit: it differs in {', '.join(differs)}, but "
+                f"has this fit's name (copied or renamed by hand?). Remove it to start this fit afresh."
             )
+        self.resumed_from = path
         return header, tensors
+
+    def _legacy_or_other_fits(self) -> str | None:
+        """The folder's unnamed checkpoint (written before checkpoints were named by their fit) if it
+        is this fit's; raises if another job size wrote this fit; None otherwise (a warning names
+        the other fits' checkpoints, which this fit does not resume)."""
+        import warnings
+
+        others = checkpoint_paths(self.folder)
+        for path in others:
+            try:
+                header, _ = _read_file(path, with_tensors=False)
+            except CheckpointError:
+                continue  # not this fit's file: another fit's trouble, met when that fit resumes
+            differs = _differences(self.identity, header)
+            if differs == ["world_size"]:
+                raise _other_world_size(path, header, self.identity)
+            if not differs and os.path.basename(path) == FILENAME:
+                return path
+        if others:
+            warnings.warn(
+                f"checkpoint_dir={self.folder!r} holds checkpoints of other fits (other data, MLP or "
+                f"settings) and none of this one: this fit starts afresh, in its own file next to them "
+                f"(a fit resumes only with the same data, MLP and settings).", UserWarning, stacklevel=4)
+        return None
 
     def restore(self, trainer) -> tuple[dict, dict] | None:
         """Load the folder's checkpoint into ``trainer``; returns ``(position, extra tensors)`` or
@@ -265,7 +335,7 @@ class Checkpointer:
         wrong = sorted(name for name in expected if name not in state or tuple(state[name].shape) != expected[name])
         if wrong or set(state) - set(expected):
             raise CheckpointError(
-                f"{self.path} does not match this fit's shapes ({', '.join(wrong) or 'extra tensors'}); "
+                f"{self.resumed_from} does not match this fit's shapes ({', '.join(wrong) or 'extra tensors'}); "
                 f"it was written for other sizes. Use another checkpoint_dir or remove it."
             )
         trainer.load_state_dict(state, header["trainer"])
