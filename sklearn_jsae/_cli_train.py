@@ -229,8 +229,9 @@ def _check_same_run(out: Path, args) -> None:
     except (OSError, ValueError):
         return  # a config cut short by a kill: the checkpoint's own identity still guards the fit
     now = json.loads(json.dumps(vars(args)))
-    changed = sorted(name for name in set(started) | set(now)
-                     if name not in _RUN_INDEPENDENT and started.get(name) != now.get(name))
+    # Options newer than the run's config are not compared: their defaults are what it ran with.
+    changed = sorted(name for name in set(started) & set(now)
+                     if name not in _RUN_INDEPENDENT and started[name] != now[name])
     if changed:
         listed = ", ".join(f"--{name.replace('_', '-')} {started.get(name)!r} -> {now.get(name)!r}"
                            for name in changed)

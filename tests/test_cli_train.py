@@ -13,7 +13,7 @@ from installed import require  # noqa: E402
 from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder, load  # noqa: E402
 from sklearn_jsae.__main__ import main  # noqa: E402
 from sklearn_jsae._backend import trainer as trainer_module  # noqa: E402
-from sklearn_jsae._cli_train import parse_count  # noqa: E402
+from sklearn_jsae._cli_train import _check_same_run, _parse, parse_count  # noqa: E402
 
 SMALL = ["--n-components", "128", "--k", "8", "--batch-size", "256", "--buffer-size", "1024", "--quiet",
          "--held-out-texts", "12", "--checkpoint-every", "2", "--device", "cpu"]
@@ -216,6 +216,25 @@ def test_train_command_checkpoints_by_steps_or_by_duration(tmp_path, monkeypatch
               "--out", str(tmp_path / "bad")])
     assert "--checkpoint-every: 'soon' is neither a number of optimiser steps nor a duration" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_run_folder_resumes_only_with_its_own_options(tmp_path):
+    """Options that change the fit are compared with the run's config.json; output-only options
+    are not, nor options newer than the config (a run folder from an earlier version resumes)."""
+    args = _parse(["--model", "minilm", "--layer", "3", "--n-tokens", "3k", "--out", str(tmp_path)])
+    config = {name: value for name, value in vars(args).items() if name != "pack"}  # written before --pack
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _check_same_run(tmp_path, args)
+    _check_same_run(tmp_path, _parse([*sys_args(args), "--quiet", "--checkpoint-every", "40"]))
+    for changed, shown in ((["--layer", "4"], "--layer 3 -> 4"), (["--max-length", "64"], "--max-length 128 -> 64"),
+                           (["--model-dtype", "bfloat16"], "--model-dtype None -> 'bfloat16'")):
+        with pytest.raises(SystemExit, match=f"holds a run started with other options \\({shown}\\)"):
+            _check_same_run(tmp_path, _parse([*sys_args(args), *changed]))
+
+
+def sys_args(args):
+    """The command line of the parsed ``args`` of ``train`` (its required options; 3k tokens)."""
+    return ["--model", args.model, "--layer", str(args.layer), "--n-tokens", "3k", "--out", args.out]
 
 
 # ------------------------------------------------------------------------------- progress

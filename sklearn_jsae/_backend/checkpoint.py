@@ -54,6 +54,7 @@ def checkpoint_paths(folder) -> list[str]:
     return [os.path.join(folder, name) for name in sorted(os.listdir(folder))
             if name == FILENAME or (name.startswith("checkpoint-") and name.endswith(".safetensors"))]
 
+
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(s|secs?|seconds?|m|mins?|minutes?|h|hours?)", re.IGNORECASE)
 
 
@@ -213,8 +214,8 @@ class Checkpointer:
         (:func:`checkpoint_interval`), at the first step that ends that long after the last save
         (and, either way, at the end of each epoch or stream).
     identity : dict of str -> JSON value
-        What makes two fits the same (data, MLP and settings fingerprints); a checkpoint whose
-        identity differs is refused.  A data-parallel fit adds ``world_size``: its data position
+        What makes two fits the same (data, MLP and settings fingerprints); it names the fit's
+        file, and a file of that name with another identity is refused.  A data-parallel fit adds ``world_size``: its data position
         (a stream's per-rank state) belongs to that number of ranks.
     writer : bool, default=True
         Whether :meth:`save` writes.  In a data-parallel job only rank 0 writes (every rank holds
