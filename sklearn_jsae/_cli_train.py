@@ -218,11 +218,14 @@ _RUN_INDEPENDENT = ("quiet", "checkpoint_every", "dist_timeout")
 
 
 def _check_same_run(out: Path, args) -> None:
-    """Refuse to resume a run folder that a run with other options started.  (The estimator would
-    start that fit afresh next to the first one's checkpoint, and the folder's config, model and
-    summary would then mix two runs.)"""
+    """Refuse to resume a run folder whose checkpoint a run with other options wrote.  (The estimator
+    would start that fit afresh next to the first one's checkpoint, and the folder's config, model
+    and summary would then mix two runs.)  A run that stopped before its first checkpoint (a wrong
+    --model, say) left nothing to resume: any options may start afresh there."""
+    from ._backend.checkpoint import checkpoint_paths
+
     config = out / "config.json"
-    if not config.exists():
+    if not config.exists() or not checkpoint_paths(out / "checkpoint"):
         return
     try:
         started = json.loads(config.read_text())

@@ -219,11 +219,15 @@ def test_train_command_checkpoints_by_steps_or_by_duration(tmp_path, monkeypatch
 
 
 def test_a_run_folder_resumes_only_with_its_own_options(tmp_path):
-    """Options that change the fit are compared with the run's config.json; output-only options
-    are not, nor options newer than the config (a run folder from an earlier version resumes)."""
+    """Once a run has a checkpoint, options that change the fit are compared with its config.json;
+    output-only options are not, nor options newer than the config (a run folder from an earlier
+    version resumes).  Before its first checkpoint a run folder takes any options."""
     args = _parse(["--model", "minilm", "--layer", "3", "--n-tokens", "3k", "--out", str(tmp_path)])
     config = {name: value for name, value in vars(args).items() if name != "pack"}  # written before --pack
     (tmp_path / "config.json").write_text(json.dumps(config))
+    _check_same_run(tmp_path, _parse([*sys_args(args), "--layer", "4"]))  # nothing to resume yet
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "checkpoint-0123456789abcdef.safetensors").write_bytes(b"")
     _check_same_run(tmp_path, args)
     _check_same_run(tmp_path, _parse([*sys_args(args), "--quiet", "--checkpoint-every", "40"]))
     for changed, shown in ((["--layer", "4"], "--layer 3 -> 4"), (["--max-length", "64"], "--max-length 128 -> 64"),
