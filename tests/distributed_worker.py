@@ -135,26 +135,33 @@ def _fail_hook(rank):
     trainer_module.Trainer.step = step
 
 
-def _clock_hook(rank):
-    """Give the checkpoint module a clock that advances JSAE_CLOCK's seconds per step on this rank."""
-    spec = os.environ.get("JSAE_CLOCK")
-    if not spec:
-        return
+def fake_checkpoint_clock(seconds_per_step, patch=setattr):
+    """Give the checkpoint module a ``time.monotonic`` that advances ``seconds_per_step`` with every
+    optimiser step, so that a duration's checkpoints fall on known steps.  ``patch`` sets the
+    attributes (``monkeypatch.setattr`` in a test; plain ``setattr`` in a worker process)."""
     from types import SimpleNamespace
 
     from sklearn_jsae._backend import checkpoint as checkpoint_module
     from sklearn_jsae._backend import trainer as trainer_module
 
-    rate, clock = float(spec.split(",")[rank]), SimpleNamespace(now=0.0)
-    checkpoint_module.time = SimpleNamespace(monotonic=lambda: clock.now)
+    clock = SimpleNamespace(now=0.0)
+    clock.monotonic = lambda: clock.now
     real = trainer_module.Trainer.step
 
     def step(self, *args, **kwargs):
         result = real(self, *args, **kwargs)
-        clock.now += rate
+        clock.now += seconds_per_step
         return result
 
-    trainer_module.Trainer.step = step
+    patch(trainer_module.Trainer, "step", step)
+    patch(checkpoint_module, "time", clock)
+
+
+def _clock_hook(rank):
+    """This rank's clock advances JSAE_CLOCK's seconds per step (ranks whose clocks disagree)."""
+    spec = os.environ.get("JSAE_CLOCK")
+    if spec:
+        fake_checkpoint_clock(float(spec.split(",")[rank]))
 
 
 def main(out, kind):

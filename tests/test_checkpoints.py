@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from distributed_worker import RowStream, fake_checkpoint_clock
 import torch
 
 from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
@@ -478,26 +479,6 @@ def test_sigkill_of_a_stream_fit_then_resume_repeats_and_skips_no_token(tmp_path
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
-class _FakeClock:
-    """``time.monotonic`` for the checkpoint module that advances ``seconds_per_step`` with every
-    optimiser step, so that a duration's checkpoints fall on known steps."""
-
-    def __init__(self, monkeypatch, seconds_per_step):
-        self.now = 0.0
-        real = trainer_module.Trainer.step
-
-        def step(trainer, *args, **kwargs):
-            result = real(trainer, *args, **kwargs)
-            self.now += seconds_per_step
-            return result
-
-        monkeypatch.setattr(trainer_module.Trainer, "step", step)
-        monkeypatch.setattr(checkpoint_module, "time", self)
-
-    def monotonic(self):
-        return self.now
-
-
 def _saved_steps(monkeypatch):
     """The optimiser step of every checkpoint written from now on."""
     saved = []
@@ -526,7 +507,7 @@ def _expected_duration_saves(steps_per_epoch, n_epochs, seconds_per_step, interv
 def test_a_duration_checkpoints_when_that_long_has_passed_and_at_epoch_ends(X, mlp, tmp_path, monkeypatch,
                                                                              interval):
     seconds = checkpoint_module.checkpoint_interval(interval)[1]
-    _FakeClock(monkeypatch, seconds_per_step=1.0)
+    fake_checkpoint_clock(1.0, monkeypatch.setattr)
     saved = _saved_steps(monkeypatch)
     est = _checkpointed(X, mlp, tmp_path, checkpoint_every=interval).fit(X)
     steps_per_epoch = -(-X.shape[0] // SETTINGS["batch_size"])
@@ -536,12 +517,10 @@ def test_a_duration_checkpoints_when_that_long_has_passed_and_at_epoch_ends(X, m
 
 def test_a_stream_fit_checkpoints_by_duration_and_resumes_to_the_uninterrupted_model(X, mlp, tmp_path,
                                                                                        monkeypatch):
-    from distributed_worker import RowStream
-
     settings = dict(SETTINGS, n_tokens=X.shape[0] * 2)
     rows = np.concatenate([X, X])
     expected = JacobianSparseAutoencoder(mlp, **settings).fit_stream(RowStream(rows, 50), n_statistics=200)
-    _FakeClock(monkeypatch, seconds_per_step=1.0)
+    fake_checkpoint_clock(1.0, monkeypatch.setattr)
     saved = _saved_steps(monkeypatch)
     _interrupt_at(monkeypatch, [11])
     est = JacobianSparseAutoencoder(mlp, **settings, checkpoint_dir=str(tmp_path), checkpoint_every="3s")
