@@ -401,7 +401,8 @@ def _as_estimator(W_enc_rows, b_enc, W_dec, b_dec, k, path):
     n, d = W_dec.shape
     if k > n:
         raise PersistenceError(f"{path!r}: k={k} exceeds the {n} latents.")
-    arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in (W_enc_rows, b_enc, W_dec, b_dec)]
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused just below
+        arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in (W_enc_rows, b_enc, W_dec, b_dec)]
     if not all(np.isfinite(a).all() for a in arrays):
         raise PersistenceError(f"{path!r}: the weights contain NaN or inf (or overflow float32).")
     sae = TopKSparseAutoencoder(n_components=n, k=k)

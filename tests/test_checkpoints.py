@@ -338,6 +338,12 @@ MLP_MODULE = textwrap.dedent("""
             return torch.tanh(x @ W)
         return mlp
 
+    def over_array(A):  # a NumPy array closed over
+        return lambda x: torch.tanh(x @ torch.as_tensor(A))
+
+    def scaled_by(c):  # a number closed over
+        return lambda x: c * torch.tanh(x)
+
     def nested(x):  # a code object among the constants (its repr holds an address)
         return (lambda v: torch.tanh(v) * 2)(x)
 
@@ -352,11 +358,13 @@ def _fingerprints(folder, scale, hash_seed="0"):
     script = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {str(folder)!r})
-        from user_mlps import tanh_mlp, over, nested, with_a_set
+        import numpy as np
+        from user_mlps import tanh_mlp, over, nested, with_a_set, over_array, scaled_by
         from sklearn_jsae._backend.checkpoint import fingerprint_module
         from sklearn_jsae._backend.mlp import CallableMap
         W = torch.eye(10, dtype=torch.float64)
-        fns = [tanh_mlp, over(W), over(2 * W), nested, with_a_set]
+        fns = [tanh_mlp, over(W), over(2 * W), nested, with_a_set, over_array(np.eye(10)),
+               over_array(2 * np.eye(10)), scaled_by(2.0), scaled_by(3.0)]
         print(" ".join(fingerprint_module(CallableMap(fn, 10, 10)) for fn in fns))
     """)
     # -B: no .pyc, which could outlive an edit of the same size within the same second.
@@ -369,7 +377,9 @@ def test_plain_function_fingerprints_see_edits_and_weights_and_are_stable(tmp_pa
     first, again, edited = (_fingerprints(tmp_path, scale, seed) for scale, seed in ((2, "0"), (2, "1"), (3, "2")))
     assert first == again  # the same across processes (string hashing too), nested code and sets included
     assert edited[0] != first[0] and edited[1:] == first[1:]  # an edited body is another MLP
-    assert first[1] != first[2]  # the same function over other weights is another MLP
+    # the same function over other weights (a tensor, an array, a number) is another MLP
+    assert first[1] != first[2] and first[5] != first[6] and first[7] != first[8]
+    assert len(set(first)) == len(first)
 
 
 def test_a_checkpoint_dir_that_is_a_file_is_named_and_left_alone(X, mlp, tmp_path):

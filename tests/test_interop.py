@@ -322,6 +322,68 @@ def test_damaged_or_foreign_folders_are_refused(problem, tmp_path):
         from_sparsify(folder)
 
 
+def _edit_weights(folder, weights_name, edit):
+    path = os.path.join(folder, weights_name)
+    with safe_open(path, framework="np") as f:
+        arrays = {name: f.get_tensor(name) for name in f.keys()}
+    save_file(edit(arrays), path)
+
+
+def _with(arrays, name, value):
+    return {**arrays, name: value}
+
+
+def _nan_at_0(a):
+    a = a.copy()
+    a.flat[0] = np.nan
+    return a
+
+
+# (library, what is changed, the change, the error that names it).  The output side of the
+# problem's JSAE: d = 10 features, 30 latents, k = 5.
+MALFORMED = [
+    ("saelens", "cfg", lambda cfg: [cfg], "cfg.json is not a JSON object"),
+    ("saelens", "cfg", lambda cfg: {**cfg, "k": 0}, r"SAELens cfg.json has k=0; expected a positive integer"),
+    ("saelens", "cfg", lambda cfg: {**cfg, "d_sae": "30"}, r"has d_sae='30'; expected a positive integer"),
+    ("saelens", "cfg", lambda cfg: {**cfg, "k": 31}, "k=31 exceeds the 30 latents"),
+    ("saelens", "cfg", lambda cfg: {**cfg, "finetuning_scaling_factor": True}, "a finetuning scaling factor"),
+    ("saelens", "weights", lambda a: _with(a, "W_dec", _nan_at_0(a["W_dec"])), "weights contain NaN or inf"),
+    ("saelens", "weights", lambda a: _with(a, "b_enc", np.full(30, 1e39)), "contain NaN or inf .or overflow"),
+    ("saelens", "weights", lambda a: _with(a, "b_enc", np.zeros(30, np.int32)),
+     r"tensor 'b_enc' has dtype torch.int32, not a float type"),
+    ("saelens", "weights", lambda a: _with(a, "threshold", np.zeros(30, np.float32)),
+     r"has tensors a TopK SAE does not use: \['threshold'\]"),
+    ("sparsify", "cfg", lambda cfg: {**cfg, "signed": True}, "signed=true"),
+    ("sparsify", "cfg", lambda cfg: {**cfg, "num_latents": 0, "expansion_factor": None},
+     "sparsify cfg.json has expansion_factor=None"),
+    ("sparsify", "weights", lambda a: _with(a, "extra.scale", np.ones(1, np.float32)),
+     r"has tensors a TopK SAE does not use: \['extra.scale'\]"),
+]
+
+
+@pytest.mark.parametrize("library, part, change, message", MALFORMED,
+                         ids=[f"{lib}-{message[:24]}" for lib, _, _, message in MALFORMED])
+def test_a_malformed_export_is_refused_naming_what_is_wrong(problem, tmp_path, library, part, change,
+                                                            message):
+    """Every check of an imported folder: an export of ours with one thing changed is refused
+    with a PersistenceError naming it, and the folder is left as it is."""
+    jsae = problem[0]
+    if library == "saelens":
+        export, load, weights_name = to_saelens, from_saelens, "sae_weights.safetensors"
+    else:
+        export, load, weights_name = to_sparsify, from_sparsify, "sae.safetensors"
+    folder = export(jsae, tmp_path / library, side="output")
+    load(folder)  # as written, it loads
+    if part == "cfg":
+        Path(folder, "cfg.json").write_text(json.dumps(change(_cfg(folder))))
+    else:
+        _edit_weights(folder, weights_name, change)
+    before = {p.name: p.read_bytes() for p in Path(folder).iterdir()}
+    with pytest.raises(PersistenceError, match=message):
+        load(folder)
+    assert {p.name: p.read_bytes() for p in Path(folder).iterdir()} == before
+
+
 def test_export_arguments_are_checked(problem, tmp_path):
     jsae, topk, _ = problem
     with pytest.raises(ValueError, match="pass side='input'.*or side='output'"):
@@ -330,6 +392,11 @@ def test_export_arguments_are_checked(problem, tmp_path):
         to_sparsify(jsae, tmp_path / "a", side="middle")
     with pytest.raises(ValueError, match="pass both model= and layer="):
         to_saelens(topk, tmp_path / "a", side="input", layer=3)
+    with pytest.raises(ValueError, match="name the MLP the SAE was trained on, but not which side"):
+        to_saelens(topk, tmp_path / "a", model=torch.nn.Linear(2, 2), layer=3)
+    with pytest.raises(TypeError, match="metadata must be a dict, got list"):
+        to_saelens(topk, tmp_path / "a", metadata=["trained on pydoc"])
+    assert not (tmp_path / "a").exists()  # nothing written by a refused export
     with pytest.raises(TypeError, match="fitted TopKSparseAutoencoder or JacobianSparseAutoencoder"):
         to_saelens(object(), tmp_path / "a")
     (tmp_path / "file").write_text("x")

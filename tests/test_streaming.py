@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -438,6 +439,23 @@ def test_fit_stream_with_warm_start_continues_the_fitted_model(data, kind):
     with pytest.raises(ValueError, match="warm_start=True but n_components=16 differs from the fitted "
                                          "model's 32"):
         copy.deepcopy(warm).set_params(n_components=16).fit_stream(iter(chunks))
+
+
+@pytest.mark.parametrize("kind", ["jsae", "topk"])
+def test_a_stream_shorter_than_n_tokens_trains_on_all_of_it_and_says_so(data, kind):
+    """n_tokens sets the schedule's length; a stream that ends first is trained on to its end, with
+    a warning naming both counts (the learning rate never reached the end of its decay)."""
+    X, mlp = data
+    chunks = np.split(X[:700], [300, 500])
+    short = _estimator(kind, mlp, **STREAM_SETTINGS, n_tokens=len(X))
+    with pytest.warns(UserWarning, match=r"the stream ended after 700 tokens, before n_tokens=1024; the "
+                                         r"schedule did not finish its decay"):
+        short.fit_stream(iter(chunks), n_statistics=300)
+    assert sum(row["tokens"] for row in short.history_) == 700
+    assert short.n_iter_ == len(short.history_) and np.isfinite(short.score(X[700:]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a stream that reaches n_tokens says nothing
+        _estimator(kind, mlp, **STREAM_SETTINGS, n_tokens=700).fit_stream(iter(chunks), n_statistics=300)
 
 
 # ------------------------------------------------------------------------- partial_fit
