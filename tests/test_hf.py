@@ -508,6 +508,76 @@ def test_harvest_bad_arguments(kwargs, message):
         harvest(model, 0, progress=False, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(), "pass exactly one of texts .with tokenizer. and input_ids; got neither"),
+        (dict(texts=["a"], input_ids=[[1, 2]]), "pass exactly one of texts .* got both"),
+        (dict(texts=["a b"]), "texts were given without a tokenizer: pass tokenizer="),
+    ],
+)
+def test_activation_stream_bad_arguments(kwargs, message):
+    model, _, _ = _tiny("gpt2")
+    with pytest.raises(ValueError, match=message):
+        ActivationStream(model, 0, **kwargs)
+
+
+def test_excluding_special_tokens_that_are_not_known_is_an_error_for_harvest_only():
+    """harvest(exclude_special_tokens=True) asks for them; ActivationStream, where excluding them is
+    the default, streams every token of a model that declares none."""
+    import copy
+
+    model, _, _ = _tiny("gpt2")
+    anonymous = copy.deepcopy(model)
+    anonymous.config.bos_token_id = anonymous.config.eos_token_id = None
+    ids = _ids()[0].numpy()
+    with pytest.raises(ValueError, match="exclude_special_tokens=True, but no special token ids are known: pass "
+                                         "the tokenizer"):
+        harvest(anonymous, 0, input_ids=ids, exclude_special_tokens=True, progress=False)
+    X, _ = harvest(anonymous, 0, input_ids=ids, progress=False)
+    streamed = np.concatenate(list(ActivationStream(anonymous, 0, input_ids=ids, batch_size=8, buffer_size=16)))
+    assert len(X) == ids.size and streamed.shape == X.shape
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "opt"])
+def test_sequences_longer_than_learned_positions_are_named(name):
+    """A model with a table of positions fails on longer sequences deep in its forward (an index or
+    shape error); harvest and the stream say which lengths, and the fix."""
+    model, _, _ = _tiny(name)
+    limit = model.config.max_position_embeddings  # GPT-2's n_positions is an alias of it
+    ids = np.random.default_rng(0).integers(2, V - 1, size=(2, limit + 5))
+    message = rf"sequences of {limit + 5} tokens reached {type(model).__name__}, which has {limit} positions"
+    with pytest.raises(ValueError, match=message + rf".*pass max_length <= {limit}"):
+        harvest(model, 0, input_ids=ids, progress=False)
+    with pytest.raises(ValueError, match=message):
+        list(ActivationStream(model, 0, input_ids=ids, batch_size=8, buffer_size=16))
+    X, _ = harvest(model, 0, input_ids=ids[:, :limit], progress=False)  # at the limit it runs
+    assert len(X) == ids[:, :limit].size
+
+
+def test_a_rotary_model_runs_past_its_configured_length():
+    """Rotary positions have no table: a LLaMA-style model runs on sequences longer than its
+    max_position_embeddings, so the length is not refused up front."""
+    import copy
+
+    model, _, _ = _tiny("llama")
+    short = copy.deepcopy(model)
+    short.config.max_position_embeddings = 8
+    ids = _ids(length=12)[0].numpy()
+    X, _ = harvest(short, 0, input_ids=ids, progress=False)
+    assert len(X) == ids.size
+
+
+def test_harvest_takes_an_attention_mask_as_nested_lists():
+    model, _, _ = _tiny("gpt2")
+    ids, mask = (t.numpy() for t in _ids())
+    X, Y = harvest(model, 0, input_ids=ids, attention_mask=mask, progress=False)
+    X_list, Y_list = harvest(model, 0, input_ids=ids, attention_mask=mask.tolist(), progress=False)
+    assert len(X) == mask.sum()
+    np.testing.assert_array_equal(X_list, X)
+    np.testing.assert_array_equal(Y_list, Y)
+
+
 @pytest.mark.parametrize("name, block_runs", [("gpt2", False), ("llama", False), ("bert", True)])
 def test_a_whole_model_or_block_passed_as_mlp_points_to_mlp_of(name, block_runs):
     """The mistake of passing the model (or one block) itself: the error says to pass its MLP, and so
@@ -712,6 +782,12 @@ def test_minilm_max_length_truncates_and_must_leave_room_for_text(minilm):
     model, tokenizer = minilm
     X, _ = harvest(model, 0, ["a b c d e f"], tokenizer=tokenizer, max_length=4, progress=False)
     assert len(X) == 4  # [CLS] a b [SEP]
+    one_text, _ = harvest(model, 0, "a b c d e f", tokenizer=tokenizer, max_length=4, progress=False)
+    np.testing.assert_array_equal(one_text, X)  # a str is one text, not a list of characters
+    long_text = " ".join(prose(20))
+    default, _ = harvest(model, 0, long_text, tokenizer=tokenizer, progress=False)
+    untruncated, _ = harvest(model, 0, long_text, tokenizer=tokenizer, max_length=None, progress=False)
+    assert len(default) == 128 and len(untruncated) == tokenizer.model_max_length == 512
     for bad in (1, 2):
         with pytest.raises(ValueError, match=rf"max_length={bad} leaves no room for text: the tokenizer adds 2 "
                                              r"special token\(s\) to each text; pass max_length >= 3"):

@@ -136,7 +136,34 @@ def _is_transformer_lens(model) -> bool:
 def run_model(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
     """``model``'s forward pass on token ids (n_seq, seq_len): Hugging Face's ``input_ids=``, or
     TransformerLens's first argument (with the mask as ``attention_mask``, or, for its BERT,
-    ``HookedEncoder``, as ``one_zero_attention_mask``)."""
+    ``HookedEncoder``, as ``one_zero_attention_mask``).
+
+    A model with a table of learned positions fails on longer sequences with an indexing or shape
+    error that does not say why; that failure is raised as a ``ValueError`` naming the lengths.
+    (Rotary models run past their configured length, so the length is only checked on failure.)"""
+    try:
+        return _forward(model, input_ids, attention_mask)
+    except (IndexError, RuntimeError) as exc:
+        name, limit = _max_positions(model)
+        if limit is not None and input_ids.shape[-1] > limit:
+            raise ValueError(
+                f"sequences of {input_ids.shape[-1]} tokens reached {type(model).__name__}, which has "
+                f"{limit} positions ({name}={limit}): pass max_length <= {limit} with texts, or input_ids "
+                f"rows of at most {limit} tokens.") from exc
+        raise
+
+
+def _max_positions(model) -> tuple[str | None, int | None]:
+    """``(config attribute, value)`` of the longest sequence a model's configuration declares."""
+    config = getattr(model, "config", None) or getattr(model, "cfg", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return name, value
+    return None, None
+
+
+def _forward(model, input_ids, attention_mask):
     if _is_transformer_lens(model):
         import inspect
 

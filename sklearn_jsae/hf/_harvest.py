@@ -167,8 +167,9 @@ def _text_batches(texts, tokenizer, batch_size, max_length):
     batch = []
 
     def encode(batch):
-        kwargs = {"truncation": True, "max_length": max_length} if max_length is not None else {}
-        encoded = tokenizer(list(batch), **kwargs)["input_ids"]
+        # max_length=None truncates to the tokenizer's own limit (model_max_length): a text longer
+        # than the model's positions would otherwise reach the model and fail there.
+        encoded = tokenizer(list(batch), truncation=True, max_length=max_length)["input_ids"]
         return _pad(encoded, pad_id)
 
     for text in texts:
