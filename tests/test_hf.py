@@ -531,11 +531,12 @@ def test_excluding_special_tokens_that_are_not_known_is_an_error_for_harvest_onl
     anonymous = copy.deepcopy(model)
     anonymous.config.bos_token_id = anonymous.config.eos_token_id = None
     ids = _ids()[0].numpy()
-    with pytest.raises(ValueError, match="exclude_special_tokens=True, but no special token ids are known: pass "
-                                         "the tokenizer"):
+    with pytest.raises(ValueError, match="exclude_special_tokens=True, but no special token ids are known: "
+                                         "pass the tokenizer"):
         harvest(anonymous, 0, input_ids=ids, exclude_special_tokens=True, progress=False)
     X, _ = harvest(anonymous, 0, input_ids=ids, progress=False)
-    streamed = np.concatenate(list(ActivationStream(anonymous, 0, input_ids=ids, batch_size=8, buffer_size=16)))
+    stream = ActivationStream(anonymous, 0, input_ids=ids, batch_size=8, buffer_size=16)
+    streamed = np.concatenate(list(stream))
     assert len(X) == ids.size and streamed.shape == X.shape
 
 
