@@ -200,8 +200,18 @@ def assert_same_outputs(a, b, X, mlp_methods=True):
     frame=st.booleans(),
 )
 def test_round_trip_is_bit_exact(tmp_path_factory, kind, d_in, d_out, n, n_out, k, seed, frame):
+    _check_round_trip(tmp_path_factory.mktemp("rt"), kind, d_in, d_out, n, n_out, k, seed, frame)
+
+
+@pytest.mark.parametrize("kind", ["topk"] + CLOSED_FORM_KINDS)
+def test_every_kind_round_trips(tmp_path, kind):
+    """The property above draws its kinds at random; every kind is also checked on every run."""
+    _check_round_trip(tmp_path, kind, d_in=4, d_out=3, n=6, n_out=5, k=2, seed=0, frame=False)
+
+
+def _check_round_trip(folder, kind, d_in, d_out, n, n_out, k, seed, frame):
     model, X = fit_model(kind, d_in, d_out, n, n_out, k, seed, frame=frame)
-    path = model.save(tmp_path_factory.mktemp("rt") / "model.safetensors")
+    path = model.save(folder / "model.safetensors")
     loaded = load(path)
     assert_same_estimator(model, loaded)
     assert_same_outputs(model, loaded, X)

@@ -35,6 +35,15 @@ def test_wrong_feature_count_for_mlp_names_both(X, mlp):
         JacobianSparseAutoencoder(mlp=mlp, **SMALL).fit(X[:, :4])
 
 
+def test_a_sequential_mlp_whose_layers_do_not_fit_together_is_named(X):
+    broken = torch.nn.Sequential(torch.nn.Linear(6, 40), torch.nn.GELU(), torch.nn.Linear(30, 6))
+    est = JacobianSparseAutoencoder(mlp=broken, **SMALL)
+    with pytest.raises(ValueError, match=r"mlp is inconsistent: its second nn.Linear has in_features=30 but its "
+                                         r"first produces out_features=40; fix the module's layer sizes"):
+        est.fit(X)
+    assert not hasattr(est, "input_sae_")
+
+
 def test_wrong_feature_count_for_callable_reports_the_failure(X):
     weight = torch.randn(6, 3)
     with pytest.raises(ValueError, match=r"mlp failed on a float32 torch tensor of shape \(8, 5\)") as failure:
