@@ -38,8 +38,8 @@ def test_wrong_feature_count_for_mlp_names_both(X, mlp):
 def test_a_sequential_mlp_whose_layers_do_not_fit_together_is_named(X):
     broken = torch.nn.Sequential(torch.nn.Linear(6, 40), torch.nn.GELU(), torch.nn.Linear(30, 6))
     est = JacobianSparseAutoencoder(mlp=broken, **SMALL)
-    with pytest.raises(ValueError, match=r"mlp is inconsistent: its second nn.Linear has in_features=30 but its "
-                                         r"first produces out_features=40; fix the module's layer sizes"):
+    with pytest.raises(ValueError, match=r"mlp is inconsistent: its second nn.Linear has in_features=30 but "
+                                         r"its first produces out_features=40; fix the module's layer sizes"):
         est.fit(X)
     assert not hasattr(est, "input_sae_")
 
