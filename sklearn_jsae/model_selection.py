@@ -49,13 +49,14 @@ Examples
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
 
 from .metrics import jacobian_sparsity, reconstruction_metrics
 from .metrics._sparsity import _check_scale, _jacobian_sparsity_views
-from .metrics._validation import _check_jsae, _check_thresholds
+from .metrics._validation import _check_jsae
 
 __all__ = [
     "explained_variance_scorer",
@@ -83,9 +84,9 @@ def _reconstruction_scores(estimator, X) -> dict:
 
 
 def _check_threshold(threshold) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
-        raise ValueError(f"threshold must be a number >= 0, got {threshold!r}.")
-    return _check_thresholds(threshold, "threshold")[0]
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= threshold < math.inf:
+        raise ValueError(f"threshold must be a finite number >= 0 (the τ of |J| > τ), got {threshold!r}.")
+    return float(threshold)
 
 
 class _JSAEScoring:

@@ -155,6 +155,11 @@ def test_jacobian_sparsity_rejects_bad_thresholds_and_missing_X():
         jacobian_sparsity(TopKSparseAutoencoder(n_components=6, k=2, max_iter=1).fit(X), X)
     with pytest.raises(ValueError, match="features"):
         jacobian_sparsity(jsae, X[:, :2])
+    with pytest.raises(ValueError, match="X must be None when a Jacobian array is passed instead of an estimator"):
+        jacobian_sparsity(jsae.jacobian(X), X)
+    no_rows = sp.coo_array((np.zeros(0), (np.zeros(0, int),) * 3), shape=(0, 6, 6))
+    with pytest.raises(ValueError, match="the Jacobian has no samples; pass at least one row of X"):
+        jacobian_sparsity(no_rows)
 
 
 # ------------------------------------------------------------------------------ global sparsity
@@ -181,6 +186,26 @@ def test_global_sparsity_matches_dense_reference(d, n_components, k, seed, taus)
     for tau, value in fractions.items():
         expected = np.mean(G_ref > tau)
         assert abs(value - expected) <= ambiguous_fraction(G_ref, tau) + 1e-9
+
+
+def test_global_sparsity_summed_in_parts_equals_one_sum(monkeypatch):
+    """Large evaluations add their entries to the running total in parts (every
+    GLOBAL_FLUSH_ENTRIES); flushing after every batch of 4 rows gives the same matrix."""
+    from sklearn_jsae._backend import inference
+    from sklearn_jsae.metrics import _sparsity
+
+    X = np.random.default_rng(3).normal(size=(30, 4)).astype(np.float32)
+    jsae = fitted(make_mlp(4, 8, 4), X, 12, 3)
+    taus = [0.0, 0.05, 0.2]
+    once, G_once = global_jacobian_sparsity(jsae, X, thresholds=taus, return_matrix=True)
+    batches = []
+    original = inference.jacobian_batch_size
+    monkeypatch.setattr(inference, "jacobian_batch_size", lambda *a: batches.append(a) or 4)
+    monkeypatch.setattr(_sparsity, "GLOBAL_FLUSH_ENTRIES", 1)
+    parts, G_parts = global_jacobian_sparsity(jsae, X, thresholds=taus, return_matrix=True)
+    assert batches and original(3, 3, 12) > len(X)  # the default is one batch, the patched one 8
+    np.testing.assert_allclose(G_parts.toarray(), G_once.toarray(), rtol=1e-12, atol=0)
+    assert parts == pytest.approx(once, abs=1e-12) and G_once.nnz > 0
 
 
 def test_global_sparsity_never_forms_a_dense_pair_array():

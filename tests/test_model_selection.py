@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -79,10 +80,14 @@ def test_scorers_reject_other_estimators_and_bad_thresholds():
         make_scoring()(sae, X)
     with pytest.raises(TypeError, match="JacobianSparseAutoencoder"):
         explained_variance_scorer(sae, X)
-    with pytest.raises(ValueError, match="threshold"):
-        make_scoring(threshold=-1)
+    for threshold in (-1, True, "0.01", float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=rf"threshold must be a finite number >= 0 \(the τ of \|J\| > τ\), "
+                                             rf"got {re.escape(repr(threshold))}"):
+            make_scoring(threshold=threshold)
     with pytest.raises(ValueError, match="tolerance"):
         sparsest_within_tolerance(-0.1)
+    with pytest.raises(TypeError, match="reconstruction must be a scorer name .str., got int"):
+        sparsest_within_tolerance(0.1, reconstruction=1)
 
 
 def test_scoring_objects_pickle_for_parallel_searches(fitted):

@@ -17,6 +17,9 @@ from ._validation import _check_jsae, _check_thresholds
 
 # The paper's thresholds τ; documented in the package, which exports them.
 DEFAULT_THRESHOLDS = (0.005, 0.01, 0.015, 0.02)
+# The global matrix sums its pending entries into the running CSR total once this many are held:
+# one sum per batch would rebuild the total every batch, one sum at the end would hold all entries.
+GLOBAL_FLUSH_ENTRIES = 1 << 22
 
 
 def _is_jacobian_array(obj) -> bool:
@@ -178,7 +181,7 @@ def _sparsity_pass(source, X, thresholds, factors, *, per_sample=True, global_ma
             active_count += np.bincount(active_out, minlength=n_out)
             pending.append((values, i, j))
             pending_size += values.size
-            if pending_size >= 1 << 22:
+            if pending_size >= GLOBAL_FLUSH_ENTRIES:
                 total = total + _coo_sum(pending, (n_out, n_in))
                 pending, pending_size = [], 0
     fractions = G = None
