@@ -84,7 +84,8 @@ def _reconstruction_scores(estimator, X) -> dict:
 
 
 def _check_threshold(threshold) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= threshold < math.inf:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) \
+            or not 0 <= threshold < math.inf:
         raise ValueError(f"threshold must be a finite number >= 0 (the τ of |J| > τ), got {threshold!r}.")
     return float(threshold)
 
