@@ -556,6 +556,18 @@ def test_sequences_longer_than_learned_positions_are_named(name):
     assert len(X) == ids[:, :limit].size
 
 
+def test_running_out_of_memory_on_a_long_sequence_is_not_called_a_length_error(monkeypatch):
+    model, _, _ = _tiny("gpt2")
+    ids = np.random.default_rng(0).integers(2, V - 1, size=(2, model.config.max_position_embeddings + 5))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(model, "forward", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="Tried to allocate"):
+        harvest(model, 0, input_ids=ids, progress=False)
+
+
 def test_a_rotary_model_runs_past_its_configured_length():
     """Rotary positions have no table: a LLaMA-style model runs on sequences longer than its
     max_position_embeddings, so the length is not refused up front."""

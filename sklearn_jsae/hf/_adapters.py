@@ -143,6 +143,8 @@ def run_model(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     (Rotary models run past their configured length, so the length is only checked on failure.)"""
     try:
         return _forward(model, input_ids, attention_mask)
+    except torch.cuda.OutOfMemoryError:  # a RuntimeError too, but never a question of length
+        raise
     except (IndexError, RuntimeError) as exc:
         name, limit = _max_positions(model)
         if limit is not None and input_ids.shape[-1] > limit:
