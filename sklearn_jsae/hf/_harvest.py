@@ -309,7 +309,9 @@ def harvest(
         Truncation length for ``texts``; None keeps the tokenizer's own limit.
     exclude_special_tokens : bool, default=False
         Drop tokens whose id is special: ``tokenizer.all_special_ids`` if a tokenizer is
-        given, else the model config's BOS/EOS/PAD/CLS/SEP ids.
+        given, else the model config's BOS/EOS/PAD/CLS/SEP ids.  The default keeps every token,
+        as the bundled dataset does; :class:`ActivationStream` drops them by default, so pass
+        True to evaluate a model trained on a stream on the tokens it was trained on.
     out : str or path-like, optional
         A folder: stream ``X.npy``, ``Y.npy`` and ``token_ids.npy`` there (overwriting them)
         and return read-only memmaps, so runs larger than memory work.  None keeps everything
