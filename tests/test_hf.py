@@ -417,6 +417,41 @@ def test_harvest_streams_to_npy_memmaps(tmp_path):
     np.testing.assert_allclose(X16, X_mem, rtol=1e-3, atol=1e-3)
 
 
+def test_a_failed_harvest_leaves_the_earlier_store_and_a_new_one_keeps_its_memmaps_valid(tmp_path):
+    """A harvest into a folder that holds an earlier one: an error or an interrupt part-way leaves
+    the earlier files byte for byte (and no partial files); a complete one replaces them, while
+    the memmaps the earlier call returned still read the earlier rows (unlinked, not truncated)."""
+    model, block_of, _ = _tiny("gpt2")
+    ids, mask = _ids(n_seq=6)
+    store = tmp_path / "acts"
+    X_old, Y_old = harvest(model, 1, input_ids=ids[:3], attention_mask=mask[:3], out=store, progress=False)
+    X_before = np.array(X_old)
+    files = {p.name: p.read_bytes() for p in store.iterdir()}
+    assert sorted(files) == ["X.npy", "Y.npy", "token_ids.npy"]
+
+    calls = []
+
+    def interrupt_on_the_second_batch(module, args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    handle = block_of(0).register_forward_pre_hook(interrupt_on_the_second_batch)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            harvest(model, 1, input_ids=ids, attention_mask=mask, out=store, batch_size=2, progress=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # the first batch was written to the new files before the interrupt
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == files
+
+    X_new, _ = harvest(model, 1, input_ids=ids, attention_mask=mask, out=store, batch_size=2, progress=False)
+    assert sorted(p.name for p in store.iterdir()) == ["X.npy", "Y.npy", "token_ids.npy"]
+    assert len(X_new) == mask.sum() > len(X_before)
+    np.testing.assert_array_equal(np.asarray(X_old), X_before)  # the earlier memmap still reads its rows
+    np.testing.assert_array_equal(np.load(store / "X.npy"), X_new)
+
+
 def test_harvest_float16_overflow_is_an_error_and_leaves_no_files(tmp_path):
     model, block_of, _ = _tiny("gpt2")
     with torch.no_grad():

@@ -29,12 +29,16 @@ _HEADER_BYTES = 128  # fixed .npy v1.0 header size, so the shape can be written 
 
 
 class _NpyWriter:
-    """Append rows of a fixed width and dtype to a ``.npy`` file; the header is written on close."""
+    """Append rows of a fixed width and dtype to a ``.npy`` file; the header is written on close.
+
+    The rows go to a hidden ``.<name>.partial`` file next to ``path``, which :class:`_FileSink`
+    moves to ``path`` once the harvest is complete."""
 
     def __init__(self, path: Path, dtype: np.dtype):
         self.path, self.dtype = path, np.dtype(dtype)
+        self.partial = path.with_name(f".{path.name}.partial")
         self.rows, self.width = 0, None
-        self.file = open(path, "wb")
+        self.file = open(self.partial, "wb")
         self.file.write(b"\0" * _HEADER_BYTES)
 
     def append(self, rows: np.ndarray) -> None:
@@ -76,6 +80,14 @@ class _MemorySink:
 
 
 class _FileSink:
+    """``X.npy``, ``Y.npy`` and ``token_ids.npy`` in ``folder``, replaced only by a complete harvest.
+
+    A harvest that fails or is interrupted leaves the folder's earlier files as they were (its own
+    rows are in hidden partial files, removed on error; a killed one's are overwritten by the next
+    harvest).  A complete one removes the earlier files and then moves its own in: an earlier
+    harvest's memmaps stay valid (their files are unlinked, never truncated), and a kill between
+    the moves leaves files missing, never an ``X`` of one harvest beside the ``Y`` of another."""
+
     def __init__(self, folder: Path, dtype):
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
@@ -91,13 +103,18 @@ class _FileSink:
     def result(self, dtype):
         for writer in self.writers.values():
             writer.close()
+        for writer in self.writers.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(writer.path)
+        for writer in self.writers.values():
+            os.replace(writer.partial, writer.path)
         return {name: np.load(w.path, mmap_mode="r") for name, w in self.writers.items()}
 
     def abort(self):
         for writer in self.writers.values():
             writer.file.close()
             with contextlib.suppress(OSError):
-                os.remove(writer.path)
+                os.remove(writer.partial)
 
 
 def _token_rows(captured: torch.Tensor, keep: torch.Tensor) -> np.ndarray:
@@ -313,9 +330,10 @@ def harvest(
         as the bundled dataset does; :class:`ActivationStream` drops them by default, so pass
         True to evaluate a model trained on a stream on the tokens it was trained on.
     out : str or path-like, optional
-        A folder: stream ``X.npy``, ``Y.npy`` and ``token_ids.npy`` there (overwriting them)
-        and return read-only memmaps, so runs larger than memory work.  None keeps everything
-        in memory.
+        A folder: stream ``X.npy``, ``Y.npy`` and ``token_ids.npy`` there and return read-only
+        memmaps, so runs larger than memory work.  Files of an earlier harvest there are replaced
+        when this one is complete; an error or an interrupt leaves them as they were.  None
+        keeps everything in memory.
     dtype : {numpy.float32, numpy.float16}, default=numpy.float32
         Storage dtype of ``X`` and ``Y``.  float16 raises ``ValueError`` if a value overflows.
     return_tokens : bool, default=False
