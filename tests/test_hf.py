@@ -560,8 +560,6 @@ def test_activation_stream_bad_arguments(kwargs, message):
 def test_excluding_special_tokens_that_are_not_known_is_an_error_for_harvest_only():
     """harvest(exclude_special_tokens=True) asks for them; ActivationStream, where excluding them is
     the default, streams every token of a model that declares none."""
-    import copy
-
     model, _, _ = _tiny("gpt2")
     anonymous = copy.deepcopy(model)
     anonymous.config.bos_token_id = anonymous.config.eos_token_id = None
@@ -606,8 +604,6 @@ def test_running_out_of_memory_on_a_long_sequence_is_not_called_a_length_error(m
 def test_a_rotary_model_runs_past_its_configured_length():
     """Rotary positions have no table: a LLaMA-style model runs on sequences longer than its
     max_position_embeddings, so the length is not refused up front."""
-    import copy
-
     model, _, _ = _tiny("llama")
     short = copy.deepcopy(model)
     short.config.max_position_embeddings = 8
