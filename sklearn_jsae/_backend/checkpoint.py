@@ -215,8 +215,9 @@ class Checkpointer:
         (and, either way, at the end of each epoch or stream).
     identity : dict of str -> JSON value
         What makes two fits the same (data, MLP and settings fingerprints); it names the fit's
-        file, and a file of that name with another identity is refused.  A data-parallel fit adds ``world_size``: its data position
-        (a stream's per-rank state) belongs to that number of ranks.
+        file, and a file of that name with another identity is refused.  A data-parallel fit adds
+        ``world_size``: its data position (a stream's per-rank state) belongs to that number of
+        ranks.
     writer : bool, default=True
         Whether :meth:`save` writes.  In a data-parallel job only rank 0 writes (every rank holds
         the same state); every rank reads the one file to resume.
