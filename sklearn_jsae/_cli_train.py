@@ -39,6 +39,7 @@ import itertools
 import json
 import numbers
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,13 @@ def parse_count(text: str) -> int:
 
 
 def _parse(argv):
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_options(parser, args)
+    return args
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sklearn_jsae train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HF folder, .gguf file, 'minilm' or 'smollm2'")
@@ -106,7 +114,41 @@ def _parse(argv):
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--dist-timeout", type=float, default=600.0,
                         help="under torchrun: seconds a rank waits for the others before the job stops")
-    return parser.parse_args(argv)
+    return parser
+
+
+# Integer options the stream and the summary need at least this large (the estimator checks its own).
+_LEAST = dict(held_out_texts=0, buffer_size=1, max_length=1, sequences_per_forward=1)
+
+
+def _check_options(parser: argparse.ArgumentParser, args) -> None:
+    """A usage error, as for a mistyped option, for any option the estimator or the stream would
+    refuse: before the model loads and before the run folder is written, not in a traceback from
+    inside the fit.  The estimator's own parameters are checked by the estimator's rules."""
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    from . import JacobianSparseAutoencoder
+    from ._validation import check_k, resolve_device
+
+    for name, least in _LEAST.items():
+        if getattr(args, name) < least:
+            parser.error(f"argument --{name.replace('_', '-')}: must be >= {least}, got {getattr(args, name)}")
+    if not args.dist_timeout > 0:
+        parser.error(f"argument --dist-timeout: must be a positive number of seconds, got {args.dist_timeout}")
+    chosen = dict(l1=args.l1, learning_rate=args.learning_rate, penalty=args.penalty)
+    estimator = JacobianSparseAutoencoder(
+        None, n_components=args.n_components, k=args.k, batch_size=args.batch_size, n_tokens=args.n_tokens,
+        device=args.device, **{name: value for name, value in chosen.items() if value is not None})
+    try:
+        estimator._validate_params()
+    except InvalidParameterError as exc:
+        name = re.search(r"The '(\w+)' parameter", str(exc)).group(1)
+        parser.error(f"argument --{name.replace('_', '-')}: {exc}")
+    try:
+        check_k(args.k, args.n_components)
+        resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 def _steps_or_duration(value: str):
@@ -159,6 +201,12 @@ def load_model(name: str, causal_lm: bool = False, dtype: str | None = None):
     return model, tokenizer
 
 
+def _check_texts(spec: str) -> None:
+    if spec != "pydoc" and not os.path.exists(spec):
+        raise SystemExit(f"--texts {spec!r} is not a file (one text per line, or a .jsonl or .parquet file) or a "
+                         f"folder of them, nor 'pydoc'.")
+
+
 def _texts(spec: str, out: Path):
     """The texts as a file or folder path (streamed lazily); ``pydoc`` is written once into the run folder."""
     if spec == "pydoc":
@@ -168,9 +216,7 @@ def _texts(spec: str, out: Path):
             temporary.write_text("\n".join(load_python_doc_texts()) + "\n", encoding="utf-8")
             os.replace(temporary, path)
         return str(path)
-    if not os.path.exists(spec):
-        raise SystemExit(f"--texts {spec!r} is not a file (one text per line, or a .jsonl or .parquet file) or a "
-                         f"folder of them, nor 'pydoc'.")
+    _check_texts(spec)
     return os.path.abspath(spec)
 
 
@@ -268,21 +314,26 @@ def main(argv=None) -> int:
         print(f"{out} already holds a finished run:\n{summary_path.read_text()}")
         return 0
     _check_same_run(out, args)
+    _check_texts(args.texts)
     rank, world_size, distributed = _job(args)
-    if rank == 0:
-        (out / "config.json").write_text(json.dumps(vars(args), indent=2))
     model, tokenizer = load_model(args.model, causal_lm=True, dtype=args.model_dtype)
     model.to(_model_device(args.device, distributed))  # the stream runs it where the JSAE trains
-    texts = _texts(args.texts, out)
-    stream = ActivationStream(model, args.layer, texts, tokenizer=tokenizer,
-                              batch_size=-(-args.batch_size // world_size), buffer_size=args.buffer_size,
-                              max_length=args.max_length, seed=args.seed, skip_texts=args.held_out_texts,
-                              sequences_per_forward=args.sequences_per_forward,
-                              rank=rank, world_size=world_size, pack=args.pack)
+    try:  # a --layer the model does not have, or options the stream refuses: before the run's config is written
+        mlp = mlp_of(model, args.layer)
+        texts = _texts(args.texts, out)
+        stream = ActivationStream(model, args.layer, texts, tokenizer=tokenizer,
+                                  batch_size=-(-args.batch_size // world_size), buffer_size=args.buffer_size,
+                                  max_length=args.max_length, seed=args.seed, skip_texts=args.held_out_texts,
+                                  sequences_per_forward=args.sequences_per_forward,
+                                  rank=rank, world_size=world_size, pack=args.pack)
+    except ValueError as exc:
+        raise SystemExit(f"python -m sklearn_jsae train: error: {exc}") from None
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps(vars(args), indent=2))
     chosen = (("l1", args.l1), ("learning_rate", args.learning_rate), ("penalty", args.penalty))
     settings = {name: value for name, value in chosen if value is not None}
     jsae = JacobianSparseAutoencoder(
-        mlp_of(model, args.layer), n_components=args.n_components, k=args.k, batch_size=args.batch_size,
+        mlp, n_components=args.n_components, k=args.k, batch_size=args.batch_size,
         n_tokens=args.n_tokens, device=args.device, random_state=args.seed, verbose=0 if args.quiet else 1,
         checkpoint_dir=str(out / "checkpoint"), checkpoint_every=args.checkpoint_every,
         distributed=distributed, **settings,

