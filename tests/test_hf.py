@@ -549,6 +549,11 @@ def test_harvest_bad_arguments(kwargs, message):
         (dict(), "pass exactly one of texts .with tokenizer. and input_ids; got neither"),
         (dict(texts=["a"], input_ids=[[1, 2]]), "pass exactly one of texts .* got both"),
         (dict(texts=["a b"]), "texts were given without a tokenizer: pass tokenizer="),
+        # A held-out prefix of input_ids, silently trained on before: refused, with the slice to use.
+        (dict(input_ids=np.ones((40, 3), int), skip_texts=30),
+         r"skip_texts=30 skips texts, but input_ids were given; hold sequences out by slicing them \(input_ids\[30:\]"),
+        (dict(input_ids=np.ones((4, 3), int), skip_texts=-5), "skip_texts must be an int >= 0 .* got -5"),
+        (dict(input_ids=np.ones((4, 3), int), skip_texts=1.5), "skip_texts must be an int >= 0 .* got 1.5"),
     ],
 )
 def test_activation_stream_bad_arguments(kwargs, message):

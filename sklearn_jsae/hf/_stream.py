@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import numbers
 import os
 
 import numpy as np
@@ -105,7 +106,8 @@ class ActivationStream:
     seed : int, default=0
         Seeds the buffer's draws.
     skip_texts : int, default=0
-        Texts at the start of ``texts`` not used (held out for evaluation, say).
+        Texts at the start of ``texts`` not used (held out for evaluation, say).  With
+        ``input_ids``, slice the rows instead (a non-zero value is refused).
     rank, world_size : int, default=0 and 1
         Read only shard ``rank`` of ``world_size``: the sequence batches (of
         ``sequences_per_forward`` sequences, counted after ``skip_texts``) whose index modulo
@@ -184,6 +186,12 @@ class ActivationStream:
             special = _special_ids(model, tokenizer)
             self.special = torch.tensor(sorted(special), dtype=torch.long) if special else None
         self.seed = int(seed)
+        if isinstance(skip_texts, bool) or not isinstance(skip_texts, numbers.Integral) or skip_texts < 0:
+            raise ValueError(f"skip_texts must be an int >= 0 (texts held out at the start), got {skip_texts!r}.")
+        if skip_texts and texts is None:
+            # Silently ignored, a held-out prefix would be trained on.
+            raise ValueError(f"skip_texts={skip_texts} skips texts, but input_ids were given; hold sequences out "
+                             f"by slicing them (input_ids[{skip_texts}:], with the mask's rows alike).")
         self.skip_texts = int(skip_texts)
         self.world_size = _check_positive_int(world_size, "world_size")
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) \
