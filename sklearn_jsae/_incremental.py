@@ -61,7 +61,7 @@ def make_checkpointer(estimator, data_identity, mlp_map, config, init, kind: str
     """The :class:`~sklearn_jsae._backend.checkpoint.Checkpointer` for ``estimator.checkpoint_dir``,
     or None without one.  ``data_identity`` fingerprints the training data (a str, or a callable
     returning one, called only when there is a checkpoint folder: it reads the data); ``init``
-    (warm start) is part of the identity too.  Data-parallel (``parallel``): the number of ranks
+    (warm start) is part of the identity too, and for a stream (``kind="stream"``) ``n_tokens``.  Data-parallel (``parallel``): the number of ranks
     is part of the identity and only rank 0 writes."""
     from ._backend.checkpoint import checkpoint_interval
 
@@ -77,6 +77,8 @@ def make_checkpointer(estimator, data_identity, mlp_map, config, init, kind: str
         warm = fingerprint_module(_params_module(init[0], init[1]))
     identity = dict(kind=kind, estimator=type(estimator).__name__, data=data_identity,
                     mlp=fingerprint_module(mlp_map), settings=_settings(config), warm_start=warm)
+    if kind == "stream":  # a stream's length sets its schedule (an array fit's is its rows times max_iter)
+        identity["n_tokens"] = estimator.n_tokens
     if parallel is not None:
         identity["world_size"] = parallel.world_size
     agree = None if parallel is None else (
@@ -119,9 +121,8 @@ def start_trainer(config, X: np.ndarray, mlp_map, init=None, n_steps=None, paral
     pair = config.n_output_components is not None
     mean_x, scale_x = data_statistics(rows, parallel=parallel)
     mean_y = scale_y = None
-    if pair:
-        mlp_map = placed(mlp_map, device, config.dtype)
-        mean_y, scale_y = data_statistics(rows, mlp_map, parallel=parallel)
+    if pair:  # the trainer keeps the map as given (not this copy on the device) for a checkpoint's scales
+        mean_y, scale_y = data_statistics(rows, placed(mlp_map, device, config.dtype), parallel=parallel)
     if init is not None:
         scale_x = init[2]
         scale_y = init[3] if init[3] is not None else scale_y

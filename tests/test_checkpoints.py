@@ -167,6 +167,8 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_model(tmp
     assert kills >= 3, f"only {kills} kills landed before the fit finished; make the fit longer"
     for name in expected.files:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    # A kill during a write leaves its temporary file; the fit's next save removes it.
+    assert not [name for name in os.listdir(tmp_path / "run") if name.endswith(".tmp")]
 
 
 def _checkpointed(X, mlp, folder, **kw):
@@ -435,6 +437,23 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(X, mlp, tmp_path, 
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
+def test_the_temporary_file_a_kill_leaves_is_removed_by_that_fits_next_save(X, mlp, tmp_path, monkeypatch):
+    """A SIGKILL during a write runs no cleanup: its temporary file (as big as a checkpoint, a
+    stream's shuffle buffer included) stays.  It is named after its fit's checkpoint, and that fit's
+    next save removes it; another fit's temporaries in the same folder are not touched."""
+    _interrupt_at(monkeypatch, [3])
+    with pytest.raises(_Interrupt):
+        _checkpointed(X, mlp, tmp_path).fit(X)  # saved at step 2
+    name = _the_checkpoint(tmp_path).name
+    left = [tmp_path / f".{name}.k1ll3d.tmp", tmp_path / f".{name}.0ther.tmp"]
+    other = tmp_path / ".checkpoint-0123456789abcdef.safetensors.a1b2c3.tmp"
+    for path in (*left, other):
+        path.write_bytes(b"half a checkpoint")
+    _checkpointed(X, mlp, tmp_path).fit(X)
+    assert not any(path.exists() for path in left)
+    assert other.read_bytes() == b"half a checkpoint"
+
+
 def _trainer_of(X):
     from sklearn_jsae._backend.train import TrainConfig
     from sklearn_jsae._incremental import start_trainer
@@ -541,6 +560,48 @@ def test_a_stream_fit_checkpoints_by_duration_and_resumes_to_the_uninterrupted_m
     assert header["position"]["used"] == 9 * SETTINGS["batch_size"]
     est.fit_stream(RowStream(rows, 50), n_statistics=200)
     _assert_same_model(est, expected)
+
+
+@pytest.mark.parametrize("make", [lambda mlp, **kw: JacobianSparseAutoencoder(mlp, **SETTINGS, **kw),
+                                  lambda mlp, **kw: TopKSparseAutoencoder(
+                                      **{k: v for k, v in SETTINGS.items() if k != "l1"}, **kw)],
+                         ids=["jsae", "topk"])
+@pytest.mark.parametrize("restart", ["same stream object", "other n_statistics"])
+def test_a_resumed_stream_fit_keeps_the_checkpoints_data_scales(X, mlp, tmp_path, monkeypatch, make, restart):
+    """The scales ``c_x``, ``c_y`` are measured on a stream's first rows, and a resumed run reads
+    other first rows when it continues the stream object that was interrupted (a notebook's Ctrl-C)
+    or measures on another ``n_statistics``: the checkpoint's parameters are in its own scales, so
+    those are restored (they were re-measured, and the model silently changed)."""
+    rows = np.concatenate([X, X])
+    settings = dict(n_tokens=rows.shape[0])
+    expected = make(mlp, **settings).fit_stream(RowStream(rows, 50), n_statistics=200)
+    _interrupt_at(monkeypatch, [11])
+    est = make(mlp, **settings, checkpoint_dir=str(tmp_path), checkpoint_every=4)
+    stream = RowStream(rows, 50)
+    with pytest.raises(_Interrupt):
+        est.fit_stream(stream, n_statistics=200)
+    again = stream if restart == "same stream object" else RowStream(rows, 50)
+    est.fit_stream(again, n_statistics=200 if restart == "same stream object" else 500)
+    sides = (est.input_sae_, est.output_sae_) if hasattr(est, "input_sae_") else (est,)
+    expected_sides = (expected.input_sae_, expected.output_sae_) if hasattr(expected, "input_sae_") else (expected,)
+    assert [side.scale_ for side in sides] == [side.scale_ for side in expected_sides]
+    _assert_same_model(est, expected)
+
+
+def test_a_stream_fit_of_another_length_does_not_resume_a_checkpoint(X, mlp, tmp_path):
+    """``n_tokens`` sets a stream fit's schedule: a fit of another length (a sweep over it, or a
+    changed command) starts afresh in its own file, as any other changed setting does; it resumed
+    the other length's checkpoint and returned that model, trained on the wrong number of tokens."""
+    rows = np.concatenate([X, X])
+    long = JacobianSparseAutoencoder(mlp, **SETTINGS, n_tokens=1200, checkpoint_dir=str(tmp_path))
+    long.fit_stream(RowStream(rows, 50), n_statistics=200)
+    short = JacobianSparseAutoencoder(mlp, **SETTINGS, n_tokens=640, checkpoint_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="holds checkpoints of other fits"):
+        short.fit_stream(RowStream(rows, 50), n_statistics=200)
+    assert sum(row["tokens"] for row in short.history_) == 640
+    _assert_same_model(short, JacobianSparseAutoencoder(mlp, **SETTINGS, n_tokens=640).fit_stream(
+        RowStream(rows, 50), n_statistics=200))
+    assert len(checkpoint_paths(tmp_path)) == 2
 
 
 def test_a_malformed_checkpoint_every_is_named_with_the_fix(X, mlp, tmp_path):

@@ -19,6 +19,8 @@ fit's name, or its checkpoint from a job of another number of ranks, is refused 
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -262,7 +264,10 @@ class Checkpointer:
             tensors[f"extra.{name}"] = t.detach().cpu().contiguous()
         header = dict(format=FORMAT, version=VERSION, library_version=__version__, identity=self.identity,
                       trainer=meta, position=position)
-        handle, temporary = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=self.folder)
+        # The temporary is named after this fit's file, so that one a kill left behind (a SIGKILL runs
+        # no cleanup) is found and removed by this fit's next save, and other fits' are left alone.
+        prefix = f".{os.path.basename(self.path)}."
+        handle, temporary = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=self.folder)
         os.close(handle)
         try:
             save_file(tensors, temporary, metadata={FORMAT: json.dumps(header)})
@@ -272,6 +277,9 @@ class Checkpointer:
         finally:
             if os.path.exists(temporary):
                 os.remove(temporary)
+        for stale in glob.glob(os.path.join(glob.escape(self.folder), glob.escape(prefix) + "*.tmp")):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(stale)
         self.last_saved = time.monotonic()  # after the write: a slow write does not eat the interval
 
     def read(self) -> tuple[dict, dict] | None:

@@ -116,9 +116,10 @@ class Trainer:
         self.pair = config.n_output_components is not None
         self.scale_x, self.scale_y = float(scale_x), (None if scale_y is None else float(scale_y))
         self.total_steps = total_steps
+        self.mlp_map = mlp_map  # raw units, kept to rescale it with a checkpoint's scales
         self.normalised_map = None
         if self.pair:
-            self.normalised_map = placed(mlp_map, self.device, self.dtype).rescaled(self.scale_x, self.scale_y)
+            self.normalised_map = self._normalised(mlp_map)
         input_init, output_init, self.shuffling = generators(config)
 
         def fresh(n, mean, scale, generator):
@@ -158,6 +159,10 @@ class Trainer:
         self.record_rows = 0
         self.record_started = time.perf_counter()
         self.fired_record = [torch.zeros_like(s, dtype=torch.bool) for s in self.since_fired]
+
+    def _normalised(self, mlp_map):
+        """The MLP between normalised units, ``x' ↦ mlp(c_x · x') / c_y``, on the training device."""
+        return placed(mlp_map, self.device, self.dtype).rescaled(self.scale_x, self.scale_y)
 
     def step(self, x_raw: torch.Tensor, index: torch.Tensor | None = None, outputs_and_weights=None,
              share: tuple[int, int] | None = None) -> dict:
@@ -337,6 +342,14 @@ class Trainer:
         self.step_count, self.optimiser.steps = int(meta["step_count"]), int(meta["adam_steps"])
         self.history = list(meta["history"])
         self.sums, self.record_rows = dict(meta["sums"]), int(meta["record_rows"])
+        # The checkpoint's parameters are in the units of its scales.  This run measured its own on
+        # the rows it read first, which differ when a stream is resumed from where it stopped or with
+        # another n_statistics: the checkpoint's are the model's.
+        scale_x, scale_y = float(meta["scale_x"]), None if meta["scale_y"] is None else float(meta["scale_y"])
+        if (scale_x, scale_y) != (self.scale_x, self.scale_y):
+            self.scale_x, self.scale_y = scale_x, scale_y
+            if self.pair:
+                self.normalised_map = self._normalised(self.mlp_map)
 
     def shapes(self) -> dict:
         """Expected shape of every tensor of :meth:`state_dict` (for checking a checkpoint)."""
