@@ -95,6 +95,13 @@ def _cached_mlp_pass(memory):
     return mlp_pass
 
 
+def _column_names(X) -> list[str] | None:
+    """The column names of a DataFrame (pandas or polars): codes under ``set_output``, which name
+    their side (input or output latents); None for any other array."""
+    columns = getattr(X, "columns", None)
+    return None if columns is None else [str(name) for name in columns]
+
+
 def _mlp_changed(fitted_map, new_map, probe_rows) -> bool:
     """Whether ``new_map`` computes something else than ``fitted_map`` on ``probe_rows`` (float32)."""
     from ._backend.inference import map_rows
@@ -485,24 +492,27 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         fresh optimiser.  Rows are used in the order given: shuffle them (or use a stream with a
         shuffle buffer, :class:`sklearn_jsae.hf.ActivationStream`).  ``history_`` gets one row per
         call and ``jacobian_`` is the mean ``|J|`` over the last call's rows.  Parameters are
-        validated at every call.  With ``n_tokens=len(X)``, one call on all rows in ``fit``'s
-        batch order gives ``fit``'s model with ``max_iter=1``, up to the rounding of the data
-        statistics (summed in another order).
+        validated at every call, and a training parameter changed since the optimiser started
+        (``set_params(k=...)``, ``l1``, ...) starts it again from the fitted weights with the new
+        value.  With ``n_tokens=len(X)``, one call on all rows in ``fit``'s batch order gives
+        ``fit``'s model with ``max_iter=1``, up to the rounding of the data statistics (summed in
+        another order).
         """
-        from ._incremental import start_trainer, total_steps, train_rows
+        from ._incremental import start_trainer, total_steps, train_rows, training_params
 
         self._validate_params()
         _refuse_distributed_partial_fit(self)
         trainer = getattr(self, "_trainer", None)
         fitted = hasattr(self, "input_sae_")
         X = _validate_X(self, X, reset=not fitted and trainer is None)
-        if trainer is None or trainer.broken:
+        if trainer is None or trainer.broken or trainer.params != training_params(self):
             _warn_checkpoint_dir_unused(self)
             config, mlp_copy, mlp_map, d_out, probe_rows = self._prepare(X)
             init = self._warm_init(mlp_map, d_out) if fitted else None
             trainer = start_trainer(config, X, mlp_map, init, total_steps(self.n_tokens, self.batch_size))
             trainer.previous_history = list(self.history_) if fitted else []
             trainer.model = (mlp_copy, mlp_map, d_out, probe_rows)
+            trainer.params = training_params(self)
             self._trainer = trainer
         try:
             with _training_precision(trainer.config):
@@ -619,10 +629,11 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         self._probe_rows = probe_rows
         self.device_ = device
         self.n_output_features_ = d_out
+        n_iter = len(result.history)
         self.input_sae_ = self._side_estimator(self.n_components, result.input_params,
-                                               result.input_scale, result.dead_fraction_input, device)
+                                               result.input_scale, result.dead_fraction_input, device, n_iter)
         self.output_sae_ = self._side_estimator(n_output_components, result.output_params,
-                                                result.output_scale, result.dead_fraction_output, device)
+                                                result.output_scale, result.dead_fraction_output, device, n_iter)
         self.history_ = list(previous) + result.history
         for side, prefix in ((self.input_sae_, "input"), (self.output_sae_, "output")):
             side.history_ = [
@@ -630,7 +641,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
                  if key.endswith(prefix) or key in ("epoch", "call", "tokens", "seconds")}
                 for row in self.history_
             ]
-        self.n_iter_ = len(result.history)
+        self.n_iter_ = n_iter
         self.jacobian_ = self._mean_abs_jacobian(X_jacobian)
 
     def __getstate__(self):
@@ -640,7 +651,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         state.pop("_trainer", None)
         return state
 
-    def _side_estimator(self, n_components, params, scale, dead_fraction, device):
+    def _side_estimator(self, n_components, params, scale, dead_fraction, device, n_iter):
         sae = TopKSparseAutoencoder(
             n_components, k=self.k, learning_rate=self.learning_rate, max_iter=self.max_iter,
             batch_size=self.batch_size, aux_coef=self.aux_coef, device=self.device,
@@ -651,14 +662,14 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         sae.device_ = device
         sae.n_features_in_ = params.W_dec.shape[1]
         sae.dead_fraction_ = dead_fraction
-        sae.n_iter_ = self.max_iter
+        sae.n_iter_ = n_iter
         return sae
 
     def _iter_blocks(self, X):
         from ._backend.inference import iter_jacobian_blocks
 
         return iter_jacobian_blocks(
-            self._mlp_map, self.input_sae_._params(), self.output_sae_._params(), X, self.k,
+            self._mlp_map, self.input_sae_._params(), self.output_sae_._params(), X, self.input_sae_.k,
             _inference_device(self),
         )
 
@@ -678,7 +689,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         """Output-side ``(values, indices)`` (n, k) of the true outputs, for validated X."""
         from ._backend.inference import encode_rows
 
-        return encode_rows(self.output_sae_._params(), X, self.k, _inference_device(self),
+        return encode_rows(self.output_sae_._params(), X, self.output_sae_.k, _inference_device(self),
                            _INFERENCE_BATCH, mlp_map=self._mlp_map)
 
     def _mlp_outputs(self, X):
@@ -725,7 +736,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         :meth:`inverse_transform_output`.
         """
         check_is_fitted(self)
-        if isinstance(X, OutputCodes):
+        if isinstance(X, OutputCodes) or _column_names(X) == list(self.get_output_feature_names_out()):
             raise ValueError(
                 "X holds output-side codes (from transform_output), but inverse_transform decodes "
                 "with the input SAE's dictionary; use inverse_transform_output for output codes."
@@ -736,6 +747,11 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         """Decode output-side codes (n_samples, n_output_components), from :meth:`transform_output`,
         to MLP outputs ``(n_samples, n_output_features_)``: ``ŷ = s_y W_dec_y + b_dec_y``."""
         check_is_fitted(self)
+        if _column_names(X) == list(self.get_feature_names_out()):
+            raise ValueError(
+                "X holds input-side codes (from transform), but inverse_transform_output decodes with "
+                "the output SAE's dictionary; use inverse_transform for input codes."
+            )
         return _decode(X, self.output_sae_.components_, self.output_sae_.decoder_bias_, "X")
 
     def get_output_feature_names_out(self, input_features=None):

@@ -35,6 +35,18 @@ def _settings(config) -> str:
     return json.dumps(settings, sort_keys=True)
 
 
+# Parameters that do not change what a running ``partial_fit`` trains.
+_NOT_TRAINING = frozenset({"verbose", "checkpoint_dir", "checkpoint_every", "warm_start", "sparse_output", "memory",
+                           "random_state", "distributed"})
+
+
+def training_params(estimator) -> dict:
+    """The parameters that shape ``estimator``'s training (``k``, ``l1``, the MLP, ...): a
+    ``partial_fit`` whose running optimiser started with other values (``set_params`` between two
+    calls) starts again from the fitted weights with these."""
+    return {name: value for name, value in estimator.get_params(deep=False).items() if name not in _NOT_TRAINING}
+
+
 def join_job(estimator, config):
     """``(parallel, config)``: the :class:`~sklearn_jsae._backend.distributed.DataParallel` of a
     ``distributed=True`` estimator (None otherwise) and the config with rank 0's seed, so that
@@ -123,7 +135,7 @@ def start_trainer(config, X: np.ndarray, mlp_map, init=None, n_steps=None, paral
     mean_y = scale_y = None
     if pair:  # the trainer keeps the map as given (not this copy on the device) for a checkpoint's scales
         mean_y, scale_y = data_statistics(rows, placed(mlp_map, device, config.dtype), parallel=parallel)
-    if init is not None:
+    if init is not None and init[2] is not None:  # an imported SAE has no scale: measured here, as fit does
         scale_x = init[2]
         scale_y = init[3] if init[3] is not None else scale_y
     if config.dead_tokens is None:

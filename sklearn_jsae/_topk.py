@@ -314,18 +314,20 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         of at least a few thousand rows) and starts the optimiser; later calls continue it,
         with the schedule ``n_tokens`` sets.  After ``fit`` (or unpickling) the first call
         continues from the fitted weights with a fresh optimiser.  ``history_`` gets one row per
-        call.  Parameters are validated at every call.  With ``n_tokens`` set, one call on all
-        rows in ``fit``'s batch order gives ``fit``'s model with ``max_iter=1`` (up to the
-        rounding of the data statistics).
+        call.  Parameters are validated at every call, and a training parameter changed since the
+        optimiser started (``set_params(k=...)``, ``learning_rate``, ...) starts it again from the
+        fitted weights with the new value.  With ``n_tokens`` set, one call on all rows in
+        ``fit``'s batch order gives ``fit``'s model with ``max_iter=1`` (up to the rounding of the
+        data statistics).
         """
-        from ._incremental import start_trainer, total_steps, train_rows
+        from ._incremental import start_trainer, total_steps, train_rows, training_params
 
         self._validate_params()
         _refuse_distributed_partial_fit(self)
         trainer = getattr(self, "_trainer", None)
         fitted = hasattr(self, "components_")
         X = _validate_X(self, X, reset=not fitted and trainer is None)
-        if trainer is None or trainer.broken:
+        if trainer is None or trainer.broken or trainer.params != training_params(self):
             _warn_checkpoint_dir_unused(self)
             check_k(self.k, self.n_components)
             if fitted:
@@ -334,6 +336,7 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
             init = (self._params(), None, self.scale_, None) if fitted else None
             trainer = start_trainer(config, X, None, init, total_steps(self.n_tokens, self.batch_size))
             trainer.previous_history = list(self.history_) if fitted else []
+            trainer.params = training_params(self)
             self._trainer = trainer
         try:
             with _training_precision(trainer.config):

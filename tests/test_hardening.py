@@ -306,6 +306,41 @@ def test_output_codes_decode_with_their_own_dictionary(X, gelu_mlp):
     assert jsae.inverse_transform(jsae.transform(X)).shape == X.shape
 
 
+def test_dataframes_of_codes_decode_only_with_their_own_dictionary(X, gelu_mlp):
+    """Under ``set_output(transform="pandas")`` the codes' columns name their side: a DataFrame of
+    output codes was decoded with the input dictionary (the widths match by default), and input
+    codes with the output one.  (A dense ndarray carries no mark: outputs.rst says so.)"""
+    pytest.importorskip("pandas")
+    jsae = _fitted(X, gelu_mlp, sparse_output=False).set_output(transform="pandas")
+    inputs, outputs = jsae.transform(X), jsae.transform_output(X)
+    assert inputs.shape == outputs.shape
+    with pytest.raises(ValueError, match="X holds output-side codes .* use inverse_transform_output"):
+        jsae.inverse_transform(outputs)
+    with pytest.raises(ValueError, match="X holds input-side codes .* use inverse_transform for input codes"):
+        jsae.inverse_transform_output(inputs)
+    np.testing.assert_array_equal(jsae.inverse_transform(inputs), jsae.inverse_transform(inputs.to_numpy()))
+    np.testing.assert_array_equal(jsae.inverse_transform_output(outputs),
+                                  jsae.inverse_transform_output(outputs.to_numpy()))
+
+
+def test_a_fitted_jsae_infers_with_the_k_it_was_fitted_with(X, gelu_mlp):
+    """``set_params(k=...)`` after fit changes the next fit, not the fitted model: ``transform``
+    kept the fitted k while ``transform_output`` and ``jacobian`` took the new one (two values of
+    k in one model's outputs)."""
+    jsae = _fitted(X, gelu_mlp, k=3)
+    before = (jsae.transform(X), jsae.transform_output(X), jsae.jacobian(X[:20]))
+    jsae.set_params(k=6)
+    after = (jsae.transform(X), jsae.transform_output(X), jsae.jacobian(X[:20]))
+    for old, new in zip(before, after):
+        assert (abs(old - new) > 0).nnz == 0 and new.nnz == old.nnz
+    assert np.diff(after[1].indptr).max() == 3 and after[2].nnz <= 20 * 3 * 3
+    # The side SAEs count the epochs this fit trained, as the pair does.
+    assert jsae.input_sae_.n_iter_ == jsae.output_sae_.n_iter_ == jsae.n_iter_ == len(jsae.history_)
+    # One TopK SAE encodes with its current k (its dictionary read at another sparsity; outputs.rst).
+    sae = TopKSparseAutoencoder(**{**FAST, "k": 3}).fit(X).set_params(k=6)
+    assert np.diff(sae.transform(X).indptr).max() == 6
+
+
 # --------------------------------------------------------------------------- mixed precision
 
 

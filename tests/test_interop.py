@@ -170,6 +170,24 @@ def test_our_export_imports_back_bit_for_bit(problem, tmp_path, write):
     assert back.scale_ is None and back.history_ == [] and np.isnan(back.dead_fraction_)
 
 
+@pytest.mark.parametrize("how", ["fit", "partial_fit", "fit_stream"])
+def test_an_imported_sae_trains_on_as_fit_does(problem, tmp_path, how):
+    """An imported SAE has no data scale (``scale_`` None): a warm start measures it.  ``fit`` did;
+    ``partial_fit`` and ``fit_stream(warm_start=True)`` failed with ``float(None)``."""
+    jsae, _, held_out = problem
+    sae = from_saelens(to_saelens(jsae, tmp_path / "sae", side="input")).set_params(batch_size=32, warm_start=True)
+    before = sae.score(held_out)
+    rows = np.concatenate([held_out] * 4)
+    if how == "fit":
+        sae.fit(rows)
+    elif how == "partial_fit":
+        sae.partial_fit(rows)
+    else:
+        sae.fit_stream(np.array_split(rows, 4), n_statistics=200)
+    assert sae.scale_ == pytest.approx(np.sqrt(((rows - rows.mean(0)) ** 2).mean()), rel=0.05)
+    assert sae.score(held_out) >= before - 0.05  # went on from the imported weights
+
+
 # --------------------------------------------------------------------------- imports
 def _train(module, X, loss_of, steps=30):
     optimiser = torch.optim.Adam(module.parameters(), lr=1e-2)

@@ -505,6 +505,31 @@ def test_partial_fit_never_resets_and_validates_each_call(data):
     assert est._trainer.step_count == steps + 1  # the failed calls changed nothing
 
 
+@pytest.mark.parametrize("kind", ["jsae", "topk"])
+def test_partial_fit_after_set_params_trains_with_the_new_value(data, kind):
+    """A training parameter changed between two calls: the optimiser that started with the old
+    value went on with it (while the fitted model claimed the new one); it now starts again from
+    the fitted weights with the new value.  Other parameters (``verbose``) keep it running."""
+    X, mlp = data
+    est = _estimator(kind, mlp, **STREAM_SETTINGS)
+    est.partial_fit(X[:128])
+    running = est._trainer
+    est.set_params(verbose=0).partial_fit(X[128:256])
+    assert est._trainer is running and running.step_count == 4
+    sides = lambda: (est.input_sae_, est.output_sae_) if kind == "jsae" else (est,)  # noqa: E731
+    assert [side.n_iter_ for side in sides()] == [2] * len(sides())  # the calls, as the pair counts them
+    weights = [side.components_.copy() for side in sides()]
+    est.set_params(k=2).partial_fit(X[256:320])
+    assert est._trainer is not running and est._trainer.config.k == 2 and est._trainer.step_count == 1
+    assert [side.k for side in sides()] == [2] * len(sides())
+    assert max(np.diff(est.transform(X).indptr)) == 2
+    assert len(est.history_) == 3 and [row["call"] for row in est.history_] == [1, 2, 1]  # as after fit
+    assert [side.n_iter_ for side in sides()] == [1] * len(sides())
+    # It continued from the fitted weights (one step away from them), not from a fresh start.
+    for side, before in zip(sides(), weights):
+        assert np.abs(side.components_ - before).max() < 0.1
+
+
 def test_partial_fit_after_fit_and_after_pickle_continues_from_the_fitted_weights(data):
     import pickle
 
