@@ -437,6 +437,21 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(X, mlp, tmp_path, 
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
+def test_a_fit_without_a_seed_resumes_its_own_random_draws(X, mlp, tmp_path, monkeypatch):
+    """``random_state=None`` draws a new seed per run, but the seed is not part of a fit's identity
+    and the checkpoint holds every random state: the rerun continues the killed run (its first
+    epoch's record and the remaining epochs' shuffles), not a fresh draw."""
+    _interrupt_at(monkeypatch, [13])  # epoch 2 of 3 (10 steps per epoch); saved at step 12
+    with pytest.raises(_Interrupt):
+        _checkpointed(X, mlp, tmp_path, random_state=None).fit(X)
+    written = _header_of(_the_checkpoint(tmp_path))["trainer"]
+    assert written["step_count"] == 12 and len(written["history"]) == 1
+    resumed = _checkpointed(X, mlp, tmp_path, random_state=None).fit(X)
+    assert resumed.history_[0] == written["history"][0] and len(resumed.history_) == SETTINGS["max_iter"]
+    fresh = _checkpointed(X, mlp, tmp_path / "fresh", random_state=None).fit(X)
+    assert fresh.history_[0]["loss"] != resumed.history_[0]["loss"]  # another draw: a fresh fit differs
+
+
 def test_the_temporary_file_a_kill_leaves_is_removed_by_that_fits_next_save(X, mlp, tmp_path, monkeypatch):
     """A SIGKILL during a write runs no cleanup: its temporary file (as big as a checkpoint, a
     stream's shuffle buffer included) stays.  It is named after its fit's checkpoint, and that fit's
