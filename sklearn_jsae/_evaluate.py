@@ -208,7 +208,7 @@ def _figures(directory, fitted, X_test, data_tokens=None):
     codes = jsae.transform_output(X_test[:512])
     counts = np.bincount(codes.indices, minlength=codes.shape[1])
     _, G = global_jacobian_sparsity(jsae, X_test[:512], thresholds=[0.0], return_matrix=True)
-    strongest = np.where(counts >= max(1, 512 // 100), G.max(axis=1).toarray().ravel(), -1.0)
+    strongest = np.where(counts >= max(1, codes.shape[0] // 100), G.max(axis=1).toarray().ravel(), -1.0)
     latent = int(np.argmax(strongest))
     fig, ax = plt.subplots(figsize=(6, 4.5))
     plot_top_edges(jsae, X_test[:512], latent, n_edges=12, ax=ax)
@@ -251,6 +251,8 @@ def main(argv=None):
                  "intervention_samples"):
         if getattr(args, name) < 1:
             _parser().error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.n_train is not None and args.n_train < 1:  # a negative count sliced from the end
+        _parser().error(f"--n-train must be >= 1 (training tokens), got {args.n_train}")
     if args.threads is not None:
         if args.threads < 1:
             _parser().error("--threads must be >= 1")

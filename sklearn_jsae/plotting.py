@@ -19,7 +19,7 @@ import numbers
 
 import numpy as np
 
-from ._topk import _validate_X
+from ._topk import _inference_device, _validate_X
 from .metrics import global_jacobian_sparsity
 from .metrics._sparsity import _check_scale, _resolve_scale
 from .metrics._validation import _check_jsae, _check_positive_int, _check_positive_real, _check_thresholds
@@ -43,6 +43,12 @@ def _axes(ax):
     if ax is not None:
         return ax
     return _pyplot().subplots()[1]
+
+
+def _code_values(values, indices, latents):
+    """The codes ``(values, indices)`` (1, k) of one row read at ``latents`` (0 where inactive)."""
+    by_latent = dict(zip(indices[0].tolist(), values[0].tolist()))
+    return np.array([by_latent.get(int(latent), 0.0) for latent in latents])
 
 
 def _label(labels, latent):
@@ -149,9 +155,11 @@ def plot_jacobian_histogram(models, X, *, thresholds=(0.01,), bins=60, min_value
 
 
 def _pareto_mask(cost, gain):
-    """True where no other point has cost <= and gain >= with one strict."""
-    mask = np.ones(cost.shape[0], dtype=bool)
-    for a in range(cost.shape[0]):
+    """True where no other point has cost <= and gain >= with one strict; False for a point with
+    a NaN (a failed fit under ``error_score=np.nan``), which no comparison would dominate."""
+    finite = np.isfinite(cost) & np.isfinite(gain)
+    mask = finite.copy()
+    for a in np.flatnonzero(finite):
         dominated = (cost <= cost[a]) & (gain >= gain[a]) & ((cost < cost[a]) | (gain > gain[a]))
         mask[a] = not dominated.any()
     return mask
@@ -309,11 +317,10 @@ def plot_jacobian_block(estimator, x, *, input_labels=None, output_labels=None, 
     x = _validate_X(estimator, x.reshape(1, -1), reset=False)
     (J, idx_y, idx_x), = list(estimator._iter_blocks(x))
     J, idx_y, idx_x = J[0], idx_y[0], idx_x[0]
-    if sort:
-        s_x = estimator.transform(x).toarray()[0]
-        s_y = estimator.transform_output(x).toarray()[0]
-        rows = np.argsort(-s_y[idx_y], kind="stable")
-        cols = np.argsort(-s_x[idx_x], kind="stable")
+    if sort:  # the codes' values, whatever container transform returns (CSR, ndarray, DataFrame)
+        rows = np.argsort(-_code_values(*estimator._output_codes(x), idx_y), kind="stable")
+        cols = np.argsort(-_code_values(*estimator.input_sae_._codes(x, _inference_device(estimator)), idx_x),
+                          kind="stable")
         J, idx_y, idx_x = J[np.ix_(rows, cols)], idx_y[rows], idx_x[cols]
     ax = _axes(ax)
     limit = float(np.abs(J).max()) or 1.0
@@ -390,6 +397,7 @@ def plot_top_edges(estimator, X, output_latent, *, n_edges=10, input_labels=None
     ax.set_yticks(positions)
     ax.set_yticklabels([_label(input_labels, j) for j in latents], fontsize=8)
     ax.set_xlabel("mean |J| when the output latent is active")
+    ax.set_ylabel("input latent")
     name = output_label if output_label is not None else f"output latent {int(output_latent)}"
     ax.set_title(f"Strongest edges into {name}")
     return ax

@@ -57,6 +57,11 @@ def test_bad_options_exit_with_a_usage_error(capsys):
         main(["--k", "0"])
     assert excinfo.value.code == 2
     assert "--k must be >= 1" in capsys.readouterr().err
+    for count in ("0", "-6000"):  # a negative count trained on all but the last tokens
+        with pytest.raises(SystemExit) as excinfo:
+            main(["--synthetic", "--n-train", count])
+        assert excinfo.value.code == 2
+        assert f"--n-train must be >= 1 (training tokens), got {count}" in capsys.readouterr().err
 
 
 def test_runnable_as_a_module():

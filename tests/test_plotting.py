@@ -70,6 +70,19 @@ def test_pareto_front_joins_only_undominated_candidates():
     assert len(ax.collections) == 2  # the candidates, and the starred choice
 
 
+def test_a_failed_candidate_is_not_on_the_pareto_front():
+    """A fit that failed under ``error_score=np.nan`` has NaN scores, which no point dominates: it
+    was drawn as a point of the front."""
+    cv_results = {
+        "param_l1": [0.0, 1.0, 4.0, 8.0],
+        "mean_test_explained_variance": [0.90, 0.85, np.nan, 0.60],
+        "mean_test_neg_jacobian_sparsity": [-0.40, -0.10, np.nan, -0.02],
+    }
+    front = plot_l1_pareto(cv_results).get_lines()[0]
+    assert front.get_xdata().tolist() == [0.02, 0.10, 0.40]
+    assert front.get_ydata().tolist() == [0.60, 0.85, 0.90]
+
+
 def test_pareto_reads_a_fitted_search_and_names_missing_scores():
     class Search:
         def __init__(self):
@@ -100,13 +113,25 @@ def test_jacobian_block_shows_the_sample_block_with_labels(models):
     assert vmin == -vmax  # centred colour scale
 
 
-def test_jacobian_block_sorts_by_activation(models):
+@pytest.mark.parametrize("output", ["sparse", "dense", "pandas"])
+def test_jacobian_block_sorts_by_activation(models, output):
+    """Both axes by decreasing activation, whatever ``transform`` returns (it read ``.toarray()`` of
+    the codes, which dense and DataFrame outputs do not have)."""
     named, X = models
-    jsae = named["traditional"]
+    jsae = copy.deepcopy(named["traditional"])
+    if output != "sparse":
+        jsae.set_params(sparse_output=False)
+    if output == "pandas":
+        pytest.importorskip("pandas")
+        jsae.set_output(transform="pandas")
     ax = plot_jacobian_block(jsae, X[0])
-    s_x = jsae.transform(X[:1]).toarray()[0]
-    shown = [int(t.get_text()) for t in ax.get_xticklabels()]
-    assert list(s_x[shown]) == sorted(s_x[shown], reverse=True)
+    reference = copy.deepcopy(named["traditional"])
+    s_x, s_y = reference.transform(X[:1]).toarray()[0], reference.transform_output(X[:1]).toarray()[0]
+    shown_x = [int(t.get_text()) for t in ax.get_xticklabels()]
+    shown_y = [int(t.get_text()) for t in ax.get_yticklabels()]
+    assert list(s_x[shown_x]) == sorted(s_x[shown_x], reverse=True) and s_x[shown_x].min() > 0
+    assert list(s_y[shown_y]) == sorted(s_y[shown_y], reverse=True) and s_y[shown_y].min() > 0
+    assert len(set(s_x[shown_x])) > 1  # an order to check
 
 
 def test_top_edges_are_the_largest_mean_jacobian_entries(models):
@@ -119,7 +144,7 @@ def test_top_edges_are_the_largest_mean_jacobian_entries(models):
     row = np.sort(G[[latent], :].toarray()[0])[::-1]
     assert widths == pytest.approx(list(row[: len(widths)]))
     assert len(widths) == min(3, np.count_nonzero(row))
-    assert "my latent" in ax.get_title()
+    assert "my latent" in ax.get_title() and ax.get_ylabel() == "input latent"
 
 
 def test_top_edges_rejects_inactive_or_out_of_range_latents(models):
