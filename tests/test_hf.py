@@ -285,6 +285,41 @@ def test_activation_stream_passes_the_attention_mask_of_input_ids():
         ActivationStream(model, 1, ["a text"], tokenizer=object(), attention_mask=mask.numpy())
 
 
+@pytest.mark.parametrize("name", ["gpt2", "gpt_bigcode", "gptj", "gpt_neox", "phi", "llama", "falcon", "opt",
+                                  "bert", "roberta", "distilbert"])
+def test_left_padded_rows_read_the_activations_of_their_unpadded_tokens(name):
+    """A left-padded row (``padding_side="left"``, as LLaMA-style tokenizers pad) reads what the
+    same tokens read alone.  GPT-2, BERT and most others number positions by slot, so each real
+    token was read at its padded slot's position (X off by the whole position embedding)."""
+    model, _, _ = _tiny(name)
+    pad = model.config.pad_token_id if name == "roberta" else 0  # RoBERTa numbers from its pad tokens
+    tokens = torch.randint(3, V - 1, (2, 6), generator=torch.Generator().manual_seed(1))
+    ids = torch.full((2, 10), pad if pad is not None else 0)
+    mask = torch.zeros_like(ids)
+    ids[0, 4:], mask[0, 4:] = tokens[0], 1  # left-padded
+    ids[1, :6], mask[1, :6] = tokens[1], 1  # right-padded, in the same batch
+    X, Y = harvest(model, 1, input_ids=ids, attention_mask=mask, progress=False)
+    X_alone, Y_alone = harvest(model, 1, input_ids=tokens, progress=False)
+    np.testing.assert_allclose(X, X_alone, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(Y, Y_alone, rtol=1e-4, atol=1e-5)
+
+
+class _NoPositions(transformers.GPT2Model):
+    """A wrapper whose forward takes no ``position_ids`` (as a user's own model class may)."""
+
+    def forward(self, input_ids=None, attention_mask=None):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_left_padding_is_refused_where_positions_cannot_be_given():
+    model = _NoPositions(_tiny("gpt2")[0].config)
+    ids, mask = torch.ones((1, 6), dtype=torch.long), torch.tensor([[0, 0, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="left padding.*_NoPositions numbers positions by slot.*padding_side"):
+        harvest(model, 1, input_ids=ids, attention_mask=mask, progress=False)
+    X, _ = harvest(model, 1, input_ids=ids, attention_mask=mask.flip(-1), progress=False)  # right padding runs
+    assert X.shape == (4, model.config.n_embd)
+
+
 @settings(max_examples=12, deadline=None)
 @given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=5), left=st.booleans(),
        per_forward=st.integers(1, 4), batch=st.integers(1, 9))
@@ -707,6 +742,23 @@ def test_unsupported_activation_is_reported():
     model = transformers.GPT2Model(config)
     with pytest.raises(ValueError, match="matches none of the closed-form activations"):
         mlp_of(model, 0)
+    # A clipped GELU equals GELU up to its clip at 10 (it was read as GELU, wrong past the clip).
+    clipped = transformers.GPT2Model(transformers.GPT2Config(**{**config.to_dict(), "activation_function": "gelu_10"}))
+    with pytest.raises(ValueError, match=r"matches none of the closed-form activations .* on \[-40, 40\]"):
+        mlp_of(clipped, 0)
+
+
+def test_encoder_decoder_models_are_refused():
+    """BART's ``decoder.layers`` were found: ``layer`` silently meant a decoder layer, run on the
+    shifted decoder input with the whole encoder input in view (token ids one position off)."""
+    config = transformers.BartConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                     decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=V)
+    model = transformers.BartModel(config)
+    for call in (lambda: mlp_of(model, 0), lambda: harvest(model, 0, input_ids=torch.ones((1, 4), dtype=torch.long),
+                                                           progress=False)):
+        with pytest.raises(ValueError, match="BartModel.* is an encoder-decoder model; only decoder-only and "
+                                             "encoder-only models are read"):
+            call()
 
 
 def test_same_names_but_different_forward_is_caught():
@@ -823,6 +875,22 @@ def test_minilm_exclude_special_tokens_with_tokenizer(minilm):
         progress=False,
     )
     assert len(tokens) > 100 and not np.isin(tokens, tokenizer.all_special_ids).any()
+
+
+@pytest.mark.realmodel
+def test_harvest_reads_a_corpus_path_as_the_stream_does(minilm, tmp_path):
+    """A path as ``texts`` is the corpus (as ActivationStream and the train command read it): a
+    str path was tokenised as a text, its file name's activations returned without a word."""
+    model, tokenizer = minilm
+    texts = prose(3)
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    X, Y = harvest(model, 2, texts, tokenizer=tokenizer, progress=False)
+    for path in (str(tmp_path / "corpus.jsonl"), tmp_path / "corpus.jsonl", tmp_path):
+        X_path, Y_path = harvest(model, 2, path, tokenizer=tokenizer, progress=False)
+        np.testing.assert_array_equal(X_path, X)
+        np.testing.assert_array_equal(Y_path, Y)
+    with pytest.raises(ValueError, match="texts='.*absent.txt' is not a file"):
+        harvest(model, 2, tmp_path / "absent.txt", tokenizer=tokenizer, progress=False)
 
 
 @pytest.mark.realmodel

@@ -174,7 +174,37 @@ def _forward(model, input_ids, attention_mask):
         keyword = ("one_zero_attention_mask" if "one_zero_attention_mask" in parameters
                    and "attention_mask" not in parameters else "attention_mask")
         return model(input_ids, **{keyword: attention_mask})
-    return model(input_ids=input_ids, attention_mask=attention_mask)
+    position_ids = _positions_past_padding(model, attention_mask)
+    if position_ids is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+# Models that number a padded row's positions themselves (OPT from the mask, RoBERTa-style from
+# the pad tokens): left padding is right for them as it is.
+_NUMBER_THEIR_OWN_POSITIONS = ("opt", "roberta", "xlm-roberta", "camembert")
+
+
+def _positions_past_padding(model, attention_mask):
+    """``position_ids`` (B, T) counting each row's real tokens from 0, as ``generate`` numbers a
+    left-padded batch, for a Hugging Face model given a row with padding before a real token; None
+    otherwise.  (GPT-2, BERT and most others number positions by slot: a left-padded token would
+    be read at the position of its slot, and its activations silently be another position's.)"""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.to(torch.long)
+    if not bool((mask.diff(dim=-1) > 0).any()):  # no 0 before a 1: right padding or none
+        return None
+    if getattr(getattr(model, "config", None), "model_type", None) in _NUMBER_THEIR_OWN_POSITIONS:
+        return None
+    import inspect
+
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        raise ValueError(
+            f"some rows of attention_mask have padding before their tokens (left padding), but "
+            f"{type(model).__name__} numbers positions by slot and takes no position_ids: its activations "
+            f"would be those of shifted positions. Pad on the right (tokenizer.padding_side = 'right').")
+    return (mask.cumsum(dim=-1) - 1).clamp_min(0)
 
 
 def logits_of(output) -> torch.Tensor:
@@ -197,6 +227,12 @@ def _blocks(model) -> nn.ModuleList:
             f"{type(model).__name__}. Load one with e.g. AutoModel.from_pretrained(path)."
         )
     inner = _unwrap(model)
+    if getattr(getattr(inner, "config", None), "is_encoder_decoder", False):
+        # BART's decoder.layers would be found, and read on the shifted decoder input with the
+        # whole encoder input in view: not the layer a user of a token's activations means.
+        raise _Unsupported(
+            _unsupported_message(f"model ({type(inner).__name__}) is an encoder-decoder model; only decoder-only "
+                                 f"and encoder-only models are read."))
     candidates = [inner]
     base = getattr(inner, "base_model", None)
     if isinstance(base, nn.Module) and base is not inner:
@@ -325,8 +361,9 @@ def _affine(module: nn.Module, where: str) -> tuple[torch.Tensor, torch.Tensor |
 
 def _activation_name(act, where: str) -> str:
     """Identify a Hugging Face activation by its values on a grid (robust to class renames)."""
+    # A wide grid: a clipped variant (GPT-2's "gelu_10") equals its activation up to the clip.
     for dtype in (torch.float64, torch.float32):
-        z = torch.linspace(-8.0, 8.0, 641, dtype=dtype)
+        z = torch.linspace(-40.0, 40.0, 3201, dtype=dtype)
         try:
             with torch.no_grad():
                 values = act(z).to(torch.float64)
@@ -343,7 +380,7 @@ def _activation_name(act, where: str) -> str:
     raise _Unsupported(
         _unsupported_message(
             f"{where} is {act!r}, which matches none of the closed-form activations {ACTIVATIONS} "
-            f"(checked numerically on [-8, 8])."
+            f"(checked numerically on [-40, 40])."
         )
     )
 

@@ -177,6 +177,19 @@ def _pad(sequences, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def _corpus_or_texts(texts):
+    """A corpus path's texts, read lazily as :class:`~sklearn_jsae.hf.ActivationStream` reads them
+    (a path object, or a str naming an existing file or folder); any other str is one text."""
+    if isinstance(texts, os.PathLike) or (isinstance(texts, str) and os.path.exists(texts)):
+        if not os.path.exists(texts):
+            raise ValueError(f"texts={os.fspath(texts)!r} is not a file; pass a corpus file's path (text, .jsonl, "
+                             f".parquet) or folder, or a list of str.")
+        from ._corpus import texts_of_file
+
+        return texts_of_file(texts)
+    return texts
+
+
 def _text_batches(texts, tokenizer, batch_size, max_length):
     if isinstance(texts, str):
         texts = [texts]
@@ -305,10 +318,12 @@ def harvest(
         A loaded model of a supported architecture (see :func:`mlp_of`); never downloaded here.
     layer : int
         0-based block index; negative values count from the end.
-    texts : iterable of str, optional
+    texts : iterable of str, str or path, optional
         Raw texts, tokenised one batch at a time with ``tokenizer`` (each text becomes one
-        sequence, truncated to ``max_length`` tokens, unless ``pack``).  Exactly one of ``texts`` and
-        ``input_ids`` must be given.
+        sequence, truncated to ``max_length`` tokens, unless ``pack``), or the path of a corpus
+        read lazily as :class:`ActivationStream` reads it (a text, ``.jsonl`` or ``.parquet``
+        file, compressed or not, or a folder of them); a str that names no file or folder is one
+        text.  Exactly one of ``texts`` and ``input_ids`` must be given.
     tokenizer : transformers tokenizer, optional
         Required with ``texts``.  Also used for ``exclude_special_tokens``.
     input_ids : array-like of int, optional
@@ -388,6 +403,7 @@ def harvest(
                          "and an int max_length" + (", not input_ids." if texts is None else "."))
     if texts is not None and not pack:
         _check_room_for_text(tokenizer, max_length)
+    texts = _corpus_or_texts(texts)
     store = np.dtype(dtype)
     if store not in (np.dtype(np.float32), np.dtype(np.float16)):
         raise ValueError(f"dtype must be numpy.float32 or numpy.float16, got {dtype!r}.")
