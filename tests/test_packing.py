@@ -296,6 +296,19 @@ def test_a_jsonl_corpus_streams_as_its_list_of_texts(tiny_model, minilm, tmp_pat
         np.testing.assert_array_equal(a, b)
 
 
+def test_corpus_suffixes_are_read_in_any_case_and_empty_texts_are_skipped(tmp_path):
+    """``CORPUS.JSONL.GZ`` is JSON Lines (its lines were read as plain texts, JSON syntax and all),
+    and an empty ``"text"`` is no text, as an empty line or parquet row is not."""
+    import gzip
+
+    lines = [json.dumps({"text": "first"}), json.dumps({"text": ""}), json.dumps({"text": "second"})]
+    with gzip.open(tmp_path / "CORPUS.JSONL.GZ", "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    (tmp_path / "More.Txt").write_text("third\n")
+    assert list(texts_of_file(tmp_path / "CORPUS.JSONL.GZ")) == ["first", "second"]
+    assert list(texts_of_file(tmp_path)) == ["first", "second", "third"]  # shards named in any case
+
+
 def test_a_bad_jsonl_line_is_named(tmp_path):
     corpus = tmp_path / "bad.jsonl"
     corpus.write_text('{"text": "fine"}\n{"content": "no text field"}\n')

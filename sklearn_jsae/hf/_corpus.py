@@ -28,7 +28,7 @@ def _open_text(path: str):
     import lzma
 
     openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
-    suffix = os.path.splitext(path)[1]
+    suffix = os.path.splitext(path)[1].lower()
     if suffix in openers:
         return openers[suffix](path, "rt", encoding=ENCODING)
     if suffix == ".zst":
@@ -56,7 +56,7 @@ def texts_of_file(path):
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        shards = sorted(name for name in os.listdir(path) if name.endswith(TEXT_FILE_SUFFIXES))
+        shards = sorted(name for name in os.listdir(path) if name.lower().endswith(TEXT_FILE_SUFFIXES))
         if not shards:
             raise ValueError(f"texts={path!r} is a folder without corpus files (.txt, .jsonl or .parquet, the "
                              f"first two possibly compressed: {', '.join(COMPRESSIONS)}); pass a corpus file, or "
@@ -64,10 +64,11 @@ def texts_of_file(path):
         for name in shards:
             yield from texts_of_file(os.path.join(path, name))
         return
-    if path.endswith(".parquet"):
+    name = path.lower()  # suffixes in any case: CORPUS.JSONL.GZ is JSON Lines too
+    if name.endswith(".parquet"):
         yield from _parquet_texts(path)
         return
-    jsonl = path.removesuffix(os.path.splitext(path)[1] if path.endswith(COMPRESSIONS) else "").endswith(".jsonl")
+    jsonl = name.removesuffix(os.path.splitext(name)[1] if name.endswith(COMPRESSIONS) else "").endswith(".jsonl")
     with _open_text(path) as f:
         for number, line in enumerate(f, 1):
             line = line.strip()
@@ -86,7 +87,8 @@ def texts_of_file(path):
                 found = f"keys {sorted(record)}" if isinstance(record, dict) else f"a {type(record).__name__}"
                 raise ValueError(f"{path!r}, line {number}: expected an object with a \"text\" string field or a "
                                  f"JSON string, got {found}. Rename the text field to \"text\".")
-            yield text
+            if text:  # an empty text is no text, as an empty line or parquet row is not
+                yield text
 
 
 def _parquet_texts(path):
