@@ -142,8 +142,8 @@ def _check_options(parser: argparse.ArgumentParser, args) -> None:
     try:
         estimator._validate_params()
     except InvalidParameterError as exc:
-        name = re.search(r"The '(\w+)' parameter", str(exc)).group(1)
-        parser.error(f"argument --{name.replace('_', '-')}: {exc}")
+        named = re.search(r"The '(\w+)' parameter", str(exc))
+        parser.error(f"argument --{named.group(1).replace('_', '-')}: {exc}" if named else str(exc))
     try:
         check_k(args.k, args.n_components)
         resolve_device(args.device)

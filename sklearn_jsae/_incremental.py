@@ -73,8 +73,9 @@ def make_checkpointer(estimator, data_identity, mlp_map, config, init, kind: str
     """The :class:`~sklearn_jsae._backend.checkpoint.Checkpointer` for ``estimator.checkpoint_dir``,
     or None without one.  ``data_identity`` fingerprints the training data (a str, or a callable
     returning one, called only when there is a checkpoint folder: it reads the data); ``init``
-    (warm start) is part of the identity too, and for a stream (``kind="stream"``) ``n_tokens``.  Data-parallel (``parallel``): the number of ranks
-    is part of the identity and only rank 0 writes."""
+    (warm start) is part of the identity too, and for a stream (``kind="stream"``) ``n_tokens``.
+    Data-parallel (``parallel``): the number of ranks is part of the identity and only rank 0
+    writes."""
     from ._backend.checkpoint import checkpoint_interval
 
     checkpoint_interval(estimator.checkpoint_every)  # a malformed duration fails, with or without a folder
