@@ -136,6 +136,21 @@ def _digest(arrays: dict) -> str:
     return digest.hexdigest()
 
 
+# The document's own digest (format 1.0 files written before it was added have none): the
+# parameters and fitted scalars (``k``, ``scale_``, ``history_``, ...) live in the JSON header,
+# outside the tensors' digest, and a changed byte there would change the model unseen.
+DOCUMENT_DIGEST = "document_sha256"
+
+
+def _document_digest(doc: dict) -> str:
+    """SHA-256 of the document without its digests, as JSON with sorted keys.  Computed on the
+    document as it reads back from its JSON (keys as str, numpy scalars as numbers), so that the
+    writer and the reader hash the same text."""
+    body = {key: value for key, value in doc.items() if key not in ("sha256", DOCUMENT_DIGEST)}
+    parsed = json.loads(json.dumps(body, default=_json_default, allow_nan=True))
+    return hashlib.sha256(json.dumps(parsed, sort_keys=True, allow_nan=True).encode()).hexdigest()
+
+
 def document(estimator) -> tuple[dict, dict]:
     """``(JSON document, arrays)`` describing a fitted estimator (the file's two halves)."""
     from sklearn.utils.validation import check_is_fitted
@@ -175,6 +190,7 @@ def document(estimator) -> tuple[dict, dict]:
     if output_config:
         doc["output_config"] = {str(k): str(v) for k, v in output_config.items()}
     doc["sha256"] = _digest(arrays)
+    doc[DOCUMENT_DIGEST] = _document_digest(doc)
     return doc, arrays
 
 
@@ -253,6 +269,12 @@ def read(path) -> tuple[dict, dict]:
         raise PersistenceError(
             f"{path!r} is damaged: its tensors do not match the digest recorded when it was "
             f"written (the file was altered or corrupted after saving). Nothing was loaded."
+        )
+    if DOCUMENT_DIGEST in doc and doc[DOCUMENT_DIGEST] != _document_digest(doc):
+        raise PersistenceError(
+            f"{path!r} is damaged: its description (parameters and fitted values in the header) does "
+            f"not match the digest recorded when it was written (the file was altered or corrupted "
+            f"after saving). Nothing was loaded."
         )
     return doc, arrays
 

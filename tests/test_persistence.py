@@ -240,6 +240,7 @@ def _rewrite(path, target, edit_doc=None, edit_arrays=None, rehash=True):
         edit_arrays(arrays)
     if rehash:
         doc["sha256"] = _model_file._digest(arrays)
+        doc[_model_file.DOCUMENT_DIGEST] = _model_file._document_digest(doc)
     save_file(arrays, os.fspath(target), metadata={"sklearn_jsae": json.dumps(doc)})
     return target
 
@@ -346,6 +347,21 @@ def test_a_flipped_byte_is_caught_by_the_digest(saved, tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(PersistenceError, match="do not match the digest"):
         load(bad)
+
+
+def test_a_changed_byte_in_the_description_is_caught_by_its_digest(saved, tmp_path, gelu_jsae):
+    """The parameters and fitted values live in the JSON header, outside the tensors' digest: a
+    one-byte edit that keeps it valid JSON (k 3 -> 9) loaded, and the model encoded 9 latents.
+    A file written before the description had its digest still loads."""
+    data = Path(saved).read_bytes()
+    assert data.count(b'\\"k\\": 3') >= 1
+    bad = tmp_path / "k9.safetensors"
+    bad.write_bytes(data.replace(b'\\"k\\": 3', b'\\"k\\": 9', 1))
+    with pytest.raises(PersistenceError, match="its description .* does not match the digest"):
+        load(bad)
+    older = _rewrite(saved, tmp_path / "older.safetensors", edit_doc=lambda doc: doc.pop(_model_file.DOCUMENT_DIGEST),
+                     rehash=False)
+    assert_same_outputs(gelu_jsae[0], load(older), gelu_jsae[1])
 
 
 def test_foreign_files_are_refused_with_a_pointer(tmp_path):
