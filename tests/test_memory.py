@@ -159,14 +159,36 @@ def test_mlp_pass_rows_equal_the_step_computation(n, batch_size, gated, scale_x,
     assert result.weights.shape == (n, 2 if gated else 1, d_mlp)
 
 
-@settings(max_examples=30, deadline=None)
-@given(data=st.data(), n=st.integers(1, 30))
-def test_memmapped_rows_come_back_in_the_requested_order(tmp_path_factory, data, n):
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), n=st.integers(1, 30), view=st.sampled_from(["whole", "slice", "asarray", "nested"]))
+def test_memmapped_rows_come_back_in_the_requested_order(tmp_path_factory, data, n, view):
+    """Property: the rows read from a store (through pread, not the mapping) are the rows asked
+    for, of the store or of any row range of it: a slice ``mm[s:]`` is a memmap with its parent's
+    offset, and was read from the file's first rows."""
     path = tmp_path_factory.mktemp("rows") / "rows.npy"
     array = np.arange(n * 3, dtype=np.float32).reshape(n, 3)
     np.save(path, array)
-    rows = _Rows(np.load(path, mmap_mode="r"), "cpu", torch.float32)
-    assert rows.tensor is None, "a memmap must be read per batch"
-    index = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=2 * n))
+    start = data.draw(st.integers(0, n - 1)) if view != "whole" else 0
+    store = np.load(path, mmap_mode="r")
+    X = {"whole": store, "slice": store[start:], "asarray": np.asarray(store[start:]),
+         "nested": store[start:][: n - start]}[view]
+    rows = _Rows(X, "cpu", torch.float32)
+    assert rows.tensor is None and rows.file is not None, "a memmap must be read per batch, from the file"
+    index = data.draw(st.lists(st.integers(0, n - start - 1), min_size=1, max_size=2 * n))
     taken = rows.take(torch.tensor(index))
-    np.testing.assert_array_equal(taken.numpy(), array[index])
+    np.testing.assert_array_equal(taken.numpy(), array[start:][index])
+
+
+def test_a_fit_on_a_row_range_of_a_store_is_the_fit_on_those_rows(tmp_path):
+    """``np.load(store, mmap_mode="r")[n:]`` (a train/test split of a harvest store) trained, scored
+    and encoded the store's first rows instead: the model is the one fitted on the rows in memory."""
+    data, mlps = _mlps()
+    X = np.concatenate([data[:300] * 50 + 20, data[300:]]).astype(np.float32)  # the first rows differ
+    np.save(tmp_path / "X.npy", X)
+    held = np.load(tmp_path / "X.npy", mmap_mode="r")[300:]
+    mlp = mlps["elementwise"]
+    from_store = JacobianSparseAutoencoder(mlp, **FAST).fit(held)
+    in_memory = JacobianSparseAutoencoder(mlp, **FAST).fit(np.array(held))
+    _same_model(from_store, in_memory)
+    assert from_store.score(held) == in_memory.score(X[300:])
+    assert (abs(from_store.transform(held) - in_memory.transform(X[300:])) > 0).nnz == 0

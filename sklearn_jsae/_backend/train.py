@@ -157,15 +157,23 @@ class _FileRows:
 
 
 def _file_rows(X) -> _FileRows | None:
-    """A :class:`_FileRows` for X when it is a C-contiguous view of a file-backed ``np.memmap``."""
-    base = X
-    while base is not None and not isinstance(base, np.memmap):
-        base = getattr(base, "base", None)
-    if base is None or getattr(base, "filename", None) is None or not X.flags.c_contiguous or X.ndim < 2:
+    """A :class:`_FileRows` for X when it is a C-contiguous view of a file-backed ``np.memmap``.
+
+    X's place in the file is measured from the memmap that owns the mapping (its ``base`` is the
+    ``mmap``), whose ``offset`` is where its data starts in the file: a slice of a memmap
+    (``np.load(path, mmap_mode="r")[n:]``) is an ``np.memmap`` too, but with its parent's
+    ``offset``, so measured from the slice itself row ``n`` would be read as row 0."""
+    root, node = None, X
+    while node is not None:
+        if isinstance(node, np.memmap) and isinstance(node.base, mmap.mmap):
+            root = node
+            break
+        node = getattr(node, "base", None)
+    if root is None or getattr(root, "filename", None) is None or not X.flags.c_contiguous or X.ndim < 2:
         return None
-    start = X.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+    start = X.__array_interface__["data"][0] - root.__array_interface__["data"][0]
     row_bytes = X.strides[0]
-    return _FileRows(base.filename, base.offset + start, row_bytes, X.dtype, X.shape[1:])
+    return _FileRows(root.filename, root.offset + start, row_bytes, X.dtype, X.shape[1:])
 
 
 class _Rows:
