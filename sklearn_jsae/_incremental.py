@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 
 import numpy as np
 
@@ -23,8 +24,9 @@ def total_steps(n_tokens, batch_size):
 
 
 def _settings(config) -> str:
-    """The training settings that define a fit, as JSON (the seed is not one: the checkpoint holds
-    every random state, so a fit with ``random_state=None`` can resume too)."""
+    """The training settings that define a fit, as JSON (the seed is not one: an int seed joins
+    the identity in :func:`make_checkpointer`, and the checkpoint holds every random state, so a
+    fit with ``random_state=None`` can resume too)."""
     keys = ("n_components", "n_output_components", "k", "l1", "learning_rate", "max_iter", "batch_size",
             "lr_warmup", "lr_decay", "l1_warmup", "max_grad_norm", "aux_coef", "aux_k", "dead_tokens")
     settings = {key: getattr(config, key) for key in keys}
@@ -73,7 +75,8 @@ def make_checkpointer(estimator, data_identity, mlp_map, config, init, kind: str
     """The :class:`~sklearn_jsae._backend.checkpoint.Checkpointer` for ``estimator.checkpoint_dir``,
     or None without one.  ``data_identity`` fingerprints the training data (a str, or a callable
     returning one, called only when there is a checkpoint folder: it reads the data); ``init``
-    (warm start) is part of the identity too, and for a stream (``kind="stream"``) ``n_tokens``.
+    (warm start) is part of the identity too, and so are an int ``random_state`` and, for a stream
+    (``kind="stream"``), ``n_tokens``.
     Data-parallel (``parallel``): the number of ranks is part of the identity and only rank 0
     writes."""
     from ._backend.checkpoint import checkpoint_interval
@@ -92,6 +95,10 @@ def make_checkpointer(estimator, data_identity, mlp_map, config, init, kind: str
                     mlp=fingerprint_module(mlp_map), settings=_settings(config), warm_start=warm)
     if kind == "stream":  # a stream's length sets its schedule (an array fit's is its rows times max_iter)
         identity["n_tokens"] = estimator.n_tokens
+    if isinstance(estimator.random_state, numbers.Integral):
+        # Another seed is another fit (a seed study sharing a folder); without one (None, or a
+        # RandomState, which draws anew at every fit) a rerun resumes: the checkpoint holds the draws.
+        identity["seed"] = int(estimator.random_state)
     if parallel is not None:
         identity["world_size"] = parallel.world_size
     agree = None if parallel is None else (

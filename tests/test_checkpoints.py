@@ -452,6 +452,16 @@ def test_a_fit_without_a_seed_resumes_its_own_random_draws(X, mlp, tmp_path, mon
     assert fresh.history_[0]["loss"] != resumed.history_[0]["loss"]  # another draw: a fresh fit differs
 
 
+def test_fits_of_other_seeds_do_not_resume_each_others_checkpoints(X, mlp, tmp_path):
+    """A seed study sharing one folder: seed 1 resumed seed 0's finished checkpoint and returned
+    seed 0's model."""
+    _checkpointed(X, mlp, tmp_path, random_state=0).fit(X)
+    with pytest.warns(UserWarning, match="holds checkpoints of other fits"):
+        seed_1 = _checkpointed(X, mlp, tmp_path, random_state=1).fit(X)
+    _assert_same_model(seed_1, JacobianSparseAutoencoder(mlp, **{**SETTINGS, "random_state": 1}).fit(X))
+    assert len(checkpoint_paths(tmp_path)) == 2
+
+
 def test_the_temporary_file_a_kill_leaves_is_removed_by_that_fits_next_save(X, mlp, tmp_path, monkeypatch):
     """A SIGKILL during a write runs no cleanup: its temporary file (as big as a checkpoint, a
     stream's shuffle buffer included) stays.  It is named after its fit's checkpoint, and that fit's
