@@ -468,7 +468,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         config, mlp_copy, mlp_map, d_out, probe_rows = self._prepare(X)
         parallel, config = join_job(self, config)
         if parallel is not None:
-            check_same_fit(parallel, fingerprint_array(X), mlp_map, config)
+            check_same_fit(parallel, fingerprint_array(X), mlp_map, config, self)
         init = self._warm_init(mlp_map, d_out) if warm else None
         mlp_pass = _cached_mlp_pass(self.memory) if supports_mlp_pass(mlp_map) else None
         checkpoint = make_checkpointer(self, lambda: fingerprint_array(X), mlp_map, config, init, "fit",

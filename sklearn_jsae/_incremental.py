@@ -63,12 +63,17 @@ def join_job(estimator, config):
     return parallel, dataclasses.replace(config, seed=parallel.broadcast_int(config.seed, "sharing the seed"))
 
 
-def check_same_fit(parallel, data_identity: str, mlp_map, config) -> None:
-    """Raise on every rank unless all ranks fit the same data, MLP and settings (fingerprints)."""
+def check_same_fit(parallel, data_identity: str, mlp_map, config, estimator) -> None:
+    """Raise on every rank unless all ranks fit the same data, MLP and settings (fingerprints), and
+    all or none of them checkpoint (every ``checkpoint_every``) and cache the MLP pass
+    (``memory``): those change the collectives a rank makes, and ranks that disagree fail in one
+    (a gloo abort, an NCCL hang) instead of with this error.  The folders may differ."""
     from ._backend.checkpoint import fingerprint_module
 
-    parallel.check_same(dict(data=data_identity, mlp=fingerprint_module(mlp_map), settings=_settings(config)),
-                        "X, mlp or settings")
+    parallel.check_same(dict(data=data_identity, mlp=fingerprint_module(mlp_map), settings=_settings(config),
+                             checkpoint=None if estimator.checkpoint_dir is None else str(estimator.checkpoint_every),
+                             memory=getattr(estimator, "memory", None) is not None),
+                        "X, mlp, settings, checkpoint_dir (set or not, checkpoint_every) or memory (set or not)")
 
 
 def make_checkpointer(estimator, data_identity, mlp_map, config, init, kind: str, parallel=None):
@@ -99,7 +104,7 @@ def make_checkpointer(estimator, data_identity, mlp_map, config, init, kind: str
         # Another seed is another fit (a seed study sharing a folder); without one (None, or a
         # RandomState, which draws anew at every fit) a rerun resumes: the checkpoint holds the draws.
         identity["seed"] = int(estimator.random_state)
-    if parallel is not None:
+    if parallel is not None and parallel.world_size > 1:  # a 1-rank job is the one-process fit, bit for bit
         identity["world_size"] = parallel.world_size
     agree = None if parallel is None else (
         lambda due: parallel.broadcast_int(due, "agreeing on rank 0's checkpoint time"))

@@ -164,7 +164,7 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int | None 
         data_identity += f":first={fingerprint_array(first)}"
     if parallel is not None:
         _check_shard(batches, parallel)
-        check_same_fit(parallel, data_identity, mlp_map, config)
+        check_same_fit(parallel, data_identity, mlp_map, config, estimator)
     trainer = start_trainer(config, first, mlp_map, init, n_steps, parallel)
     checkpoint = make_checkpointer(estimator, data_identity, mlp_map, config, init, "stream", parallel)
     used = 0
@@ -277,8 +277,9 @@ def _restore(checkpoint, trainer, stream, batches, d, parallel=None):
         return None
     position, extra = restored
     if "ranks" in position:  # a data-parallel checkpoint (the identity's world_size matched)
-        prefix = f"rank{parallel.rank}."
-        position = position["ranks"][parallel.rank]
+        rank = 0 if parallel is None else parallel.rank  # a 1-rank job's, read by one process
+        prefix = f"rank{rank}."
+        position = position["ranks"][rank]
         extra = {name[len(prefix):]: t for name, t in extra.items() if name.startswith(prefix)}
     problem = getattr(batches, "resume_problem", None)
     if isinstance(problem, str):

@@ -293,7 +293,7 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         _validation.warn_if_few_steps(X.shape[0], self.batch_size, self.max_iter)
         parallel, config = join_job(self, self._train_config(_training_device(self)))
         if parallel is not None:
-            check_same_fit(parallel, fingerprint_array(X), None, config)
+            check_same_fit(parallel, fingerprint_array(X), None, config, self)
         init = None
         if warm:
             _check_warm_shape(self.components_.shape[0], self.n_components, "n_components")

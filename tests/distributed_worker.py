@@ -178,8 +178,9 @@ def main(out, kind):
     _clock_hook(rank)
     X, mlp = data()
     every = os.environ.get("JSAE_CHECKPOINT_EVERY", "2")
-    checkpoint = dict(checkpoint_dir=os.environ.get("JSAE_CHECKPOINT"),
-                      checkpoint_every=int(every) if every.isdigit() else every)
+    only = os.environ.get("JSAE_CHECKPOINT_RANKS")  # "0": a checkpoint_dir on rank 0 only (a user's mistake)
+    folder = os.environ.get("JSAE_CHECKPOINT") if only is None or str(rank) in only.split(",") else None
+    checkpoint = dict(checkpoint_dir=folder, checkpoint_every=int(every) if every.isdigit() else every)
     if kind == "fit":
         est = JacobianSparseAutoencoder(mlp, distributed=True, **SETTINGS, **checkpoint).fit(X)
     elif kind == "topk-fit":

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
+from sklearn_jsae._backend import trainer as trainer_module
 from sklearn_jsae._backend.checkpoint import CheckpointError, checkpoint_name, checkpoint_paths
 from sklearn_jsae._backend.distributed import DataParallel
 from sklearn_jsae.distributed import DistributedTrainingError, is_main_process
@@ -290,6 +291,35 @@ def test_one_rank_job_is_the_plain_fit_bit_for_bit(one_rank_group, monkeypatch, 
     assert is_main_process()
 
 
+@pytest.mark.parametrize("kind", ["fit", "stream"])
+def test_a_one_rank_job_and_one_process_resume_each_others_checkpoints(one_rank_group, tmp_path, monkeypatch, kind):
+    """Both train the same model bit for bit, so either resumes the other's checkpoint; a one-rank
+    job refused a one-process checkpoint as "written by a job of 1 rank(s) and this job has 1"."""
+    X, mlp = worker.data()
+    rows = worker.data(worker.STREAM_ROWS)[0]
+    settings = dict(worker.SETTINGS, max_iter=2) if kind == "fit" else worker.STREAM_SETTINGS
+
+    def run(folder, **extra):
+        est = JacobianSparseAutoencoder(mlp, **settings, checkpoint_dir=str(folder), checkpoint_every=2, **extra)
+        return est.fit(X) if kind == "fit" else est.fit_stream(worker.RowStream(rows, 40), n_statistics=200)
+
+    expected = worker.arrays(run(tmp_path / "straight"))
+    real_step = trainer_module.Trainer.step
+
+    def interrupted(self, *args, **kwargs):
+        if self.step_count == 5:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    for first, then in (({}, dict(distributed=True)), (dict(distributed=True), {})):
+        folder = tmp_path / f"from_{'job' if first else 'process'}"
+        monkeypatch.setattr(trainer_module.Trainer, "step", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run(folder, **first)
+        monkeypatch.setattr(trainer_module.Trainer, "step", real_step)
+        assert_identical(worker.arrays(run(folder, **then)), expected)
+
+
 def test_split_gives_every_row_to_exactly_one_rank(one_rank_group):
     parallel = DataParallel("cpu")
     for world_size in (1, 2, 3, 8):
@@ -319,6 +349,19 @@ def test_a_checkpoint_resumes_only_with_the_ranks_that_wrote_it(tmp_path):
     with pytest.raises(CheckpointError, match=r"written by a job of 2 rank\(s\) and this job has 1.*"
                                               r"torchrun --nproc-per-node 2"):
         est.fit(X)
+
+
+@pytest.mark.parametrize("kind", ["fit", "stream"])
+def test_a_checkpoint_dir_on_some_ranks_only_is_named_before_training(tmp_path, kind):
+    """``checkpoint_dir=... if is_main_process() else None``: the ranks make different collectives
+    (the resume check, the saves), and gloo aborted one rank ("collective mismatch") while the
+    other reported a reset connection.  Every rank now raises the setting's name at the start."""
+    proc = torchrun(tmp_path / "out", kind, check=False, JSAE_CHECKPOINT=str(tmp_path / "ckpt"),
+                    JSAE_CHECKPOINT_RANKS="0", JSAE_TIMEOUT="60")
+    assert proc.returncode != 0
+    assert "checkpoint_dir (set or not, checkpoint_every)" in proc.stderr
+    assert "collective mismatch" not in proc.stderr and "EnforceNotMet" not in proc.stderr
+    assert not checkpoint_paths(tmp_path / "ckpt")
 
 
 def test_distributed_needs_a_job_and_refuses_partial_fit(monkeypatch):
