@@ -45,7 +45,9 @@ Importing
 ---------
 :func:`from_saelens` and :func:`from_sparsify` return a fitted
 :class:`~sklearn_jsae.TopKSparseAutoencoder` whose ``transform`` / ``inverse_transform`` equal
-the package's ``encode`` / ``decode`` up to float32 rounding.  Conventions that differ from ours
+the package's ``encode`` / ``decode`` up to float32 rounding (for a bfloat16 or float16 SAE:
+the package's own computation in float32; in its stored dtype it rounds, and can pick other
+latents near a tie).  Conventions that differ from ours
 are folded into the weights exactly: SAELens' ``rescale_acts_by_decoder_norm`` (encoder rows and
 bias times the decoder norms, decoder rows divided by them) and ``apply_b_dec_to_input=False``
 (``b_enc + b_dec @ W_enc``).  Weights become float32 (float16 and bfloat16 exactly).  What
@@ -413,12 +415,24 @@ def _as_estimator(W_enc_rows, b_enc, W_dec, b_dec, k, path):
     return sae
 
 
+def _saelens_before_6(cfg: dict) -> bool:
+    """Whether SAELens before 6.0 wrote ``cfg`` (no ``sae_lens_version``, or one below 6), as
+    SAELens itself decides when it reads a folder."""
+    metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    version = cfg.get("sae_lens_version") or metadata.get("sae_lens_version")
+    if not version:
+        return True
+    major = str(version).split(".")[0]
+    return major.isdigit() and int(major) < 6
+
+
 def from_saelens(path):
     """Load a SAELens ``topk`` SAE folder as a fitted TopKSparseAutoencoder.
 
     Reads the folder ``SAE.save_model`` / ``TrainingSAE.save_inference_model`` write
-    (``cfg.json`` + ``sae_weights.safetensors``), and the pre-6.0 layout with
-    ``activation_fn="topk"``.  ``rescale_acts_by_decoder_norm`` and
+    (``cfg.json`` + ``sae_weights.safetensors``), and the pre-6.0 layout (architecture
+    ``"standard"`` or none with ``activation_fn="topk"``, and a ``scaling_factor`` of ones,
+    which is dropped as SAELens drops it).  ``rescale_acts_by_decoder_norm`` and
     ``apply_b_dec_to_input=False`` are folded into the weights (module docstring).
 
     Parameters
@@ -430,7 +444,7 @@ def from_saelens(path):
     -------
     sae : TopKSparseAutoencoder
         ``transform(X)`` equals ``sae_lens_sae.encode(X)`` and ``inverse_transform(S)`` equals
-        ``decode(S)`` up to float32 rounding.
+        ``decode(S)`` up to float32 rounding (SAELens loading the SAE in float32).
 
     Raises
     ------
@@ -441,15 +455,27 @@ def from_saelens(path):
     cfg, arrays = _read_folder(path, SAELENS_WEIGHTS, "SAELens")
     path = os.fspath(path)
     architecture = cfg.get("architecture")
-    legacy_topk = architecture is None and "topk" in (cfg.get("activation_fn"), cfg.get("activation_fn_str"))
+    # Before 6.0 SAELens wrote a TopK SAE as architecture "standard" (or none) with the activation
+    # "topk" and k among its keyword arguments; SAELens reads such a folder as a TopK SAE.
+    legacy_topk = ((architecture is None or (architecture == "standard" and _saelens_before_6(cfg)))
+                   and "topk" in (cfg.get("activation_fn"), cfg.get("activation_fn_str")))
     if architecture != "topk" and not legacy_topk:
         raise PersistenceError(
             f"{path!r} is a SAELens {architecture or cfg.get('activation_fn') or 'standard'!r} SAE; only "
             f"'topk' SAEs have an equivalent TopKSparseAutoencoder."
         )
-    if "k" not in cfg and isinstance(cfg.get("activation_fn_kwargs"), dict):
-        cfg = {**cfg, "k": cfg["activation_fn_kwargs"].get("k")}
+    if legacy_topk and isinstance(cfg.get("activation_fn_kwargs"), dict):
+        cfg = {**cfg, "k": cfg["activation_fn_kwargs"].get("k", cfg.get("k"))}
     d, n, k = (_cfg_int(cfg, key, path, "SAELens") for key in ("d_in", "d_sae", "k"))
+    if isinstance(cfg.get("normalize_activations"), bool):  # before 6.0: True meant the expected average
+        cfg = {**cfg, "normalize_activations": "expected_average_only_in" if cfg["normalize_activations"]
+               else "none"}
+    if "scaling_factor" in arrays:
+        # A tensor SAELens wrote for a while: all ones it means nothing (SAELens drops it), else
+        # it is a fine-tuning scaling factor.
+        if not np.allclose(arrays["scaling_factor"], 1.0):
+            raise PersistenceError(f"{path!r} has a finetuning scaling factor, which has no equivalent here.")
+        arrays = {name: value for name, value in arrays.items() if name != "scaling_factor"}
     normalize = cfg.get("normalize_activations") or "none"
     if normalize != "none":
         hint = {

@@ -262,6 +262,46 @@ def test_import_a_saelens_inference_save(sae_lens, tmp_path):
         np.testing.assert_array_equal(old.transform(X[200:]).toarray(), ours.transform(X[200:]).toarray())
 
 
+@pytest.mark.parametrize("version", [None, "5.2.1"])
+def test_import_a_topk_sae_in_saelens_pre_6_layout(sae_lens, tmp_path, version):
+    """SAELens 3-5 wrote a TopK SAE as architecture "standard" with ``activation_fn_str="topk"``,
+    k in ``activation_fn_kwargs`` and, for a while, a ``scaling_factor`` of ones; SAELens reads it
+    as a TopK SAE, and so does the import now (it was refused as a "standard" SAE)."""
+    from safetensors.numpy import save_file
+    from sae_lens import SAE
+
+    rng = np.random.default_rng(3)
+    d, n, k = 16, 40, 5
+    weights = {"W_enc": rng.normal(size=(d, n)).astype(np.float32), "b_enc": rng.normal(size=n).astype(np.float32),
+               "W_dec": rng.normal(size=(n, d)).astype(np.float32), "b_dec": rng.normal(size=d).astype(np.float32),
+               "scaling_factor": np.ones(n, np.float32)}
+    cfg = {"architecture": "standard", "d_in": d, "d_sae": n, "activation_fn_str": "topk",
+           "activation_fn_kwargs": {"k": k}, "apply_b_dec_to_input": True, "normalize_activations": False,
+           "finetuning_scaling_factor": False, "dtype": "float32", "device": "cpu", "model_name": "gpt2",
+           "hook_name": "blocks.0.hook_mlp_out", "hook_layer": 0, "context_size": 128, "prepend_bos": True}
+    if version:
+        cfg["sae_lens_version"] = version
+    folder = tmp_path / "old"
+    folder.mkdir()
+    save_file(weights, str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    theirs, ours = SAE.load_from_disk(str(folder)), from_saelens(folder)
+    assert ours.k == k
+    X = _activations(seed=4, d=d)
+    with torch.no_grad():
+        encoded = theirs.encode(torch.from_numpy(X)).numpy()
+    assert_agree(ours.transform(X).toarray(), encoded, "encode")
+    # A scaling factor that is not all ones is a fine-tuning factor: refused, as before.
+    save_file({**weights, "scaling_factor": np.full(n, 2.0, np.float32)}, str(folder / "sae_weights.safetensors"))
+    with pytest.raises(PersistenceError, match="has a finetuning scaling factor"):
+        from_saelens(folder)
+    # After 6.0 "standard" means a ReLU SAE, whatever its activation field says.
+    save_file(weights, str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "sae_lens_version": "6.1.0"}))
+    with pytest.raises(PersistenceError, match="is a SAELens 'standard' SAE"):
+        from_saelens(folder)
+
+
 @pytest.mark.parametrize("normalize_decoder", [True, False])
 def test_import_a_sparsify_sae(sparsify, tmp_path, normalize_decoder):
     from sparsify import SparseCoder, SparseCoderConfig
