@@ -153,8 +153,10 @@ def start_trainer(config, X: np.ndarray, mlp_map, init=None, n_steps=None, paral
         scale_y = init[3] if init[3] is not None else scale_y
     if config.dead_tokens is None:
         config = dataclasses.replace(config, dead_tokens=10_000_000)
-    return Trainer(config, mlp_map, mean_x, scale_x, mean_y, scale_y,
-                   init=None if init is None else (init[0], init[1]), total_steps=n_steps, parallel=parallel)
+    trainer = Trainer(config, mlp_map, mean_x, scale_x, mean_y, scale_y,
+                      init=None if init is None else (init[0], init[1]), total_steps=n_steps, parallel=parallel)
+    trainer.schedule_by_rows = True  # calls of any length: the schedule follows the rows
+    return trainer
 
 
 def train_rows(trainer, X: np.ndarray, bar=None, offset: int = 0, share=None) -> int:

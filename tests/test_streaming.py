@@ -530,6 +530,31 @@ def test_partial_fit_after_set_params_trains_with_the_new_value(data, kind):
         assert np.abs(side.components_ - before).max() < 0.1
 
 
+@pytest.mark.parametrize("kind", ["jsae", "topk"])
+def test_partial_fit_calls_shorter_than_a_batch_follow_the_schedule_to_its_end(data, kind):
+    """The schedule spans ``n_tokens`` rows: calls of 100 rows with ``batch_size=256`` take one
+    short step each, and counted in steps the schedule ended after 4 of the 10 calls (the learning
+    rate 0 for the other 6, their rows ignored without a word).  Past ``n_tokens`` it warns."""
+    X, mlp = data
+    est = _estimator(kind, mlp, **dict(STREAM_SETTINGS, batch_size=256), n_tokens=1000)
+    sides = lambda: (est.input_sae_, est.output_sae_) if kind == "jsae" else (est,)  # noqa: E731
+    moved = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning while within n_tokens
+        for call in range(10):
+            before = [side.components_.copy() for side in sides()] if call else None
+            est.partial_fit(X[100 * call: 100 * (call + 1)])
+            if before is not None:
+                moved.append(max(np.abs(side.components_ - b).max() for side, b in zip(sides(), before)))
+    assert est._trainer.step_count == 10 and est._trainer.position == 3  # 900 rows before the last step
+    assert min(moved) > 1e-5  # every call learns, the last at the end of the decay
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est.partial_fit(X[1000:1024])  # up to the schedule's whole batches (4 of 256 rows)
+    with pytest.warns(UserWarning, match=r"trained on 1024 rows, the n_tokens=1024 .* the learning rate is 0"):
+        est.partial_fit(X[:76])
+
+
 def test_partial_fit_after_fit_and_after_pickle_continues_from_the_fitted_weights(data):
     import pickle
 

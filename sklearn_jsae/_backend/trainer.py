@@ -149,6 +149,14 @@ class Trainer:
         self.since_fired = [torch.zeros(side.W_dec.shape[0], dtype=torch.long, device=self.device)
                             for side in self.sides]
         self.step_count = 0
+        # partial_fit and stream fits place a step in the schedule by the rows trained before it
+        # (``rows_done // batch_size``): partial_fit calls of any length take a short step at
+        # each call's end, and counted in steps they would run past ``total_steps`` (learning
+        # rate 0 for the rest).  An array fit counts steps, each epoch's last short one included.
+        self.schedule_by_rows = False
+        self.rows_done = 0
+        self.position = 0  # the schedule position of the last step
+        self.warned_past_schedule = False
         self.broken = False  # set by a caller when a step failed half-way (partial_fit)
         self.history: list[dict] = []
         self._new_record()
@@ -175,7 +183,10 @@ class Trainer:
         rows of the global batch.  Returns the step's loss terms as floats (over the global batch).
         """
         config = self.config
-        lr_factor, l1_factor = schedule(self.step_count, self.total_steps, config)
+        self.position = self.rows_done // config.batch_size if self.schedule_by_rows else self.step_count
+        if self.schedule_by_rows and self.total_steps is not None and self.position >= self.total_steps:
+            self._warn_past_schedule()
+        lr_factor, l1_factor = schedule(self.position, self.total_steps, config)
         self.optimiser.param_groups[0]["lr"] = config.learning_rate * lr_factor
         x = x_raw / self.scale_x
         if self.pair and outputs_and_weights is None:
@@ -225,8 +236,21 @@ class Trainer:
         for name, value in values.items():
             self.sums[name] += value * rows
         self.record_rows += rows
+        self.rows_done += rows
         self.step_count += 1
         return values
+
+    def _warn_past_schedule(self):
+        if self.warned_past_schedule:
+            return
+        self.warned_past_schedule = True
+        import warnings
+
+        warnings.warn(
+            f"this fit has trained on {self.rows_done} rows, the n_tokens={self.total_steps * self.config.batch_size} "
+            f"(rounded up to whole batches) its schedule spans: the learning rate is 0 from here on and further "
+            f"rows change nothing. Set n_tokens to the rows all partial_fit calls will see, or start a new fit.",
+            UserWarning, stacklevel=5)
 
     def _non_finite_update(self, gradients_finite: bool) -> NonFiniteTrainingError:
         """The error for a step whose loss was finite but whose gradients (a term overflowed, most
@@ -282,7 +306,7 @@ class Trainer:
                 record.pop(name)
         elif self.config.l1 == 0:
             record.pop("jacobian_l1")
-        record["l1"] = self.config.l1 * schedule(max(0, self.step_count - 1), self.total_steps, self.config)[1] \
+        record["l1"] = self.config.l1 * schedule(self.position, self.total_steps, self.config)[1] \
             if self.pair else 0.0
         record["dead_fraction_input"] = 1.0 - float(self.fired_record[0].float().mean())
         if self.pair:
@@ -323,7 +347,7 @@ class Trainer:
         tensors["shuffling_rng"] = self.shuffling.get_state()
         meta = dict(step_count=self.step_count, adam_steps=self.optimiser.steps, history=self.history,
                     sums=self.sums, record_rows=self.record_rows, scale_x=self.scale_x, scale_y=self.scale_y,
-                    total_steps=self.total_steps)
+                    total_steps=self.total_steps, rows_done=self.rows_done, position=self.position)
         return tensors, meta
 
     def load_state_dict(self, tensors: dict, meta: dict) -> None:
@@ -342,6 +366,9 @@ class Trainer:
         self.step_count, self.optimiser.steps = int(meta["step_count"]), int(meta["adam_steps"])
         self.history = list(meta["history"])
         self.sums, self.record_rows = dict(meta["sums"]), int(meta["record_rows"])
+        # (checkpoints written before these were kept: full batches, as a stream's are)
+        self.rows_done = int(meta.get("rows_done", self.step_count * self.config.batch_size))
+        self.position = int(meta.get("position", max(0, self.step_count - 1)))
         # The checkpoint's parameters are in the units of its scales.  This run measured its own on
         # the rows it read first, which differ when a stream is resumed from where it stopped or with
         # another n_statistics: the checkpoint's are the model's.
