@@ -393,6 +393,7 @@ def test_fused_penalty_under_bfloat16_autocast_stays_close_to_float32():
     entries and bf16 rounding), gradients returned in the parameters' float32."""
     got, grads, expected, expected_grads = _autocast_case("cpu")
     assert abs(got.item() - expected.item()) < 1e-2 * abs(expected.item())
+    assert got.dtype == torch.float32  # summed in float64, not rounded to bf16 on the way out
     for a, b in zip(grads, expected_grads):
         assert a.dtype == torch.float32
         assert (a - b).norm() < 0.1 * b.norm()

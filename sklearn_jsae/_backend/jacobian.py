@@ -334,7 +334,9 @@ class _AbsJacobianSum(torch.autograd.Function):
         ctx.batch = batch
         ctx.dtypes = (PA.dtype, PC.dtype)
         ctx.save_for_backward(grad_a, grad_c)
-        return (total / batch).to(PA.dtype)
+        # At least float32: under bf16 autocast the value (a loss term, history_'s jacobian_l1 and
+        # the backward's scale) would otherwise be rounded to 3 significant digits.
+        return (total / batch).to(torch.promote_types(PA.dtype, torch.float32))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
