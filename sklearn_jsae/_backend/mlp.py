@@ -420,9 +420,14 @@ def resolve_mlp(mlp, X_probe) -> tuple[object, _FrozenMap, int]:
             f"module so that its declared and actual output widths agree."
         )
     if not torch.isfinite(out).all():
+        # The training pass's own check (every row) raises this class too: a caller catching
+        # FloatingPointError sees an MLP that goes non-finite on any row, the probed ones included.
+        from ..exceptions import NonFiniteTrainingError
+
         row = int((~torch.isfinite(out).all(dim=1)).nonzero()[0, 0])
-        raise ValueError(f"mlp returned NaN or inf on row {row} of X (finite input); check the MLP on it "
-                         f"(an overflow, a log or a division of its values) and the input scale.")
+        raise NonFiniteTrainingError(
+            f"mlp returned NaN or inf on row {row} of X (finite input); check the MLP on it (an overflow, a log "
+            f"or a division of its values) and the input scale.", what="mlp output")
     hint = _whole_model_hint(mlp)
     if hint:  # it ran (a BERT block takes each row as a one-token sequence), but is likely a mistake
         warnings.warn(f"mlp:{hint}", UserWarning, stacklevel=4)
