@@ -11,8 +11,9 @@ and shows the tokens on which each of them fires most, in context.
 # %%
 # Fit
 # -----
-# A larger ``l1`` than the default makes the computation sparser still, which
-# makes circuits easier to read.
+# The default ``l1 = 2`` (a larger one makes the computation sparser still, at
+# some reconstruction cost: :doc:`/choosing`); a sparse computation makes
+# circuits easier to read.
 import numpy as np
 
 from sklearn_jsae import JacobianSparseAutoencoder

@@ -115,7 +115,8 @@ print(f"separate SAEs: {before:.0%} of active entries above 0.01; trained on as 
 
 # %%
 # What to look at: in the histogram the JSAE's curve sits left of the
-# traditional pair's (its typical entry is about three times smaller), so far
-# fewer of its entries cross the dashed thresholds, while the table shows
-# almost the same FVU; on the common colour scale the JSAE's block is mostly
-# pale with a few strong cells, the traditional pair's busy throughout.
+# traditional pair's (its median entry is about seven times smaller), so far
+# fewer of its entries cross the dashed thresholds, while the table shows a
+# somewhat higher FVU, mostly on the output SAE; on the common colour scale the
+# JSAE's block is mostly pale with a few strong cells, the traditional pair's
+# busy throughout.

@@ -94,8 +94,8 @@ print(
 # %%
 # A JSAE and a traditional pair
 # -----------------------------
-# The first 3,584 tokens train, the last 512 are held out.  ``l1 = 2`` is the
-# stronger end of the paper's range (:doc:`/choosing`).
+# The first 3,584 tokens train, the last 512 are held out.  ``l1 = 2``, the
+# default; gated layers such as this one may want about 4 (:doc:`/choosing`).
 from sklearn_jsae import JacobianSparseAutoencoder
 from sklearn_jsae.metrics import fraction_variance_unexplained
 

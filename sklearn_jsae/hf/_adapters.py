@@ -486,7 +486,8 @@ def mlp_of(model, layer, *, verify=True):
         A CPU float32 ``torch.nn.Module`` mapping ``x`` (n, d_model) to ``y`` (n, d_model),
         the MLP input (after the block's normalisation) to the MLP output (before dropout,
         residual addition and any output normalisation).  Weights are copies; the model
-        is not modified.  ``mlp.to(torch.float64)`` gives a float64 copy of the same map.
+        is not modified.  ``copy.deepcopy(mlp).to(torch.float64)`` gives a float64 copy of the
+        same map (``.to`` converts a module in place).
 
         - GPT-2, GPT-J, GPT-NeoX, Phi, BERT, DistilBERT, OPT:
           :class:`~sklearn_jsae.mlp.ElementwiseMLP`,
