@@ -37,16 +37,26 @@ def _settings(config) -> str:
     return json.dumps(settings, sort_keys=True)
 
 
-# Parameters that do not change what a running ``partial_fit`` trains.
+# Parameters that do not change what a running ``partial_fit`` trains (``max_iter`` counts fit's
+# epochs; partial_fit has none).
 _NOT_TRAINING = frozenset({"verbose", "checkpoint_dir", "checkpoint_every", "warm_start", "sparse_output", "memory",
-                           "random_state", "distributed"})
+                           "random_state", "distributed", "max_iter"})
 
 
 def training_params(estimator) -> dict:
     """The parameters that shape ``estimator``'s training (``k``, ``l1``, the MLP, ...): a
     ``partial_fit`` whose running optimiser started with other values (``set_params`` between two
-    calls) starts again from the fitted weights with these."""
-    return {name: value for name, value in estimator.get_params(deep=False).items() if name not in _NOT_TRAINING}
+    calls) starts again from the fitted weights with these.  ``device`` is compared as resolved
+    (``"auto"`` is ``"cpu"`` on a machine without CUDA)."""
+    from ._validation import resolve_device
+
+    params = {name: value for name, value in estimator.get_params(deep=False).items() if name not in _NOT_TRAINING}
+    if "device" in params:
+        try:
+            params["device"] = resolve_device(params["device"])
+        except ValueError:  # not a device here: starting the optimiser names it
+            pass
+    return params
 
 
 def join_job(estimator, config):

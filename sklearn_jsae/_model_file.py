@@ -450,7 +450,12 @@ def _attach_mlp(jsae, mlp, saved_outputs) -> None:
     from ._backend.mlp import resolve_mlp
     from ._backend.mlp_io import probe_outputs
 
-    mlp_copy, mlp_map, d_out = resolve_mlp(mlp, jsae._probe_rows)
+    from .exceptions import NonFiniteTrainingError
+
+    try:
+        mlp_copy, mlp_map, d_out = resolve_mlp(mlp, jsae._probe_rows)
+    except NonFiniteTrainingError as exc:  # no training here: the caller's mlp is the fault
+        raise ValueError(str(exc)) from None
     if d_out != jsae.n_output_features_:
         raise ValueError(
             f"mlp returns {d_out} features, but the saved model's MLP returns "

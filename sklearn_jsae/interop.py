@@ -464,8 +464,8 @@ def from_saelens(path):
             f"{path!r} is a SAELens {architecture or cfg.get('activation_fn') or 'standard'!r} SAE; only "
             f"'topk' SAEs have an equivalent TopKSparseAutoencoder."
         )
-    if legacy_topk and isinstance(cfg.get("activation_fn_kwargs"), dict):
-        cfg = {**cfg, "k": cfg["activation_fn_kwargs"].get("k", cfg.get("k"))}
+    if "k" not in cfg and isinstance(cfg.get("activation_fn_kwargs"), dict):  # SAELens 3-5: k among them
+        cfg = {**cfg, "k": cfg["activation_fn_kwargs"].get("k")}
     d, n, k = (_cfg_int(cfg, key, path, "SAELens") for key in ("d_in", "d_sae", "k"))
     if isinstance(cfg.get("normalize_activations"), bool):  # before 6.0: True meant the expected average
         cfg = {**cfg, "normalize_activations": "expected_average_only_in" if cfg["normalize_activations"]

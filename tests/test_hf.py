@@ -128,8 +128,10 @@ def _tiny(name):
         config = t.DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=2, vocab_size=V)
         model = t.DistilBertModel(config)
         return model, lambda L: model.transformer.layer[L], lambda b: b.sa_layer_norm
-    if name in ("bert", "roberta"):
-        cls, config = (t.BertModel, t.BertConfig) if name == "bert" else (t.RobertaModel, t.RobertaConfig)
+    if name in ("bert", "roberta", "data2vec_text", "roberta_prelayernorm"):
+        cls, config = {"bert": (t.BertModel, t.BertConfig), "roberta": (t.RobertaModel, t.RobertaConfig),
+                       "data2vec_text": (t.Data2VecTextModel, t.Data2VecTextConfig),
+                       "roberta_prelayernorm": (t.RobertaPreLayerNormModel, t.RobertaPreLayerNormConfig)}[name]
         model = cls(config(hidden_size=32, intermediate_size=64, pad_token_id=1, **small))
         return model, lambda L: model.encoder.layer[L], lambda b: b.attention.output
     raise KeyError(name)
@@ -286,13 +288,14 @@ def test_activation_stream_passes_the_attention_mask_of_input_ids():
 
 
 @pytest.mark.parametrize("name", ["gpt2", "gpt_bigcode", "gptj", "gpt_neox", "phi", "llama", "falcon", "opt",
-                                  "bert", "roberta", "distilbert"])
+                                  "bert", "roberta", "data2vec_text", "roberta_prelayernorm", "distilbert"])
 def test_left_padded_rows_read_the_activations_of_their_unpadded_tokens(name):
     """A left-padded row (``padding_side="left"``, as LLaMA-style tokenizers pad) reads what the
     same tokens read alone.  GPT-2, BERT and most others number positions by slot, so each real
     token was read at its padded slot's position (X off by the whole position embedding)."""
     model, _, _ = _tiny(name)
-    pad = model.config.pad_token_id if name == "roberta" else 0  # RoBERTa numbers from its pad tokens
+    # the RoBERTa family numbers positions from its pad tokens (so pads must be pad tokens)
+    pad = model.config.pad_token_id if name in ("roberta", "data2vec_text", "roberta_prelayernorm") else 0
     tokens = torch.randint(3, V - 1, (2, 6), generator=torch.Generator().manual_seed(1))
     ids = torch.full((2, 10), pad if pad is not None else 0)
     mask = torch.zeros_like(ids)
@@ -302,6 +305,27 @@ def test_left_padded_rows_read_the_activations_of_their_unpadded_tokens(name):
     X_alone, Y_alone = harvest(model, 1, input_ids=tokens, progress=False)
     np.testing.assert_allclose(X, X_alone, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(Y, Y_alone, rtol=1e-4, atol=1e-5)
+
+
+def test_a_hole_in_a_mask_keeps_the_models_own_position_numbering():
+    """Only leading padding is taken off the positions: a row with a masked token in its middle
+    reads what the model's own forward gives it (cumsum positions moved every later token back)."""
+    model, block, _ = _tiny("gpt2")
+    model.eval()  # no dropout in the reference forward, as harvest runs it
+    ids = torch.randint(3, V - 1, (2, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.tensor([[1, 1, 1, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 1, 1, 1]])  # a hole; left padding and a hole
+    seen = []
+    handle = block(1).mlp.register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model(input_ids=ids[:1], attention_mask=mask[:1])  # the model's own numbering of the hole
+    handle.remove()
+    X, _ = harvest(model, 1, input_ids=ids, attention_mask=mask, progress=False)
+    np.testing.assert_allclose(X[:7], seen[0][0][mask[0].bool()].numpy(), rtol=1e-5, atol=1e-6)
+    # The second row is numbered from its first token: 0, 1, then 3, 4, 5 past its hole.
+    alone = ids[1:, 2:].clone()
+    hole = torch.tensor([[1, 1, 0, 1, 1, 1]])
+    X_alone, _ = harvest(model, 1, input_ids=alone, attention_mask=hole, progress=False)
+    np.testing.assert_allclose(X[7:], X_alone, rtol=1e-4, atol=1e-5)
 
 
 class _NoPositions(transformers.GPT2Model):

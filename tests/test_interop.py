@@ -295,8 +295,11 @@ def test_import_a_topk_sae_in_saelens_pre_6_layout(sae_lens, tmp_path, version):
     save_file({**weights, "scaling_factor": np.full(n, 2.0, np.float32)}, str(folder / "sae_weights.safetensors"))
     with pytest.raises(PersistenceError, match="has a finetuning scaling factor"):
         from_saelens(folder)
-    # After 6.0 "standard" means a ReLU SAE, whatever its activation field says.
+    # SAELens 5 wrote architecture "topk" with k still among the activation's keyword arguments.
     save_file(weights, str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "architecture": "topk", "sae_lens_version": "5.9.1"}))
+    assert from_saelens(folder).k == k and SAE.load_from_disk(str(folder)).cfg.k == k
+    # After 6.0 "standard" means a ReLU SAE, whatever its activation field says.
     (folder / "cfg.json").write_text(json.dumps({**cfg, "sae_lens_version": "6.1.0"}))
     with pytest.raises(PersistenceError, match="is a SAELens 'standard' SAE"):
         from_saelens(folder)

@@ -160,7 +160,7 @@ def test_mlp_pass_rows_equal_the_step_computation(n, batch_size, gated, scale_x,
 
 
 @settings(max_examples=40, deadline=None)
-@given(data=st.data(), n=st.integers(1, 30), view=st.sampled_from(["whole", "slice", "asarray", "nested"]))
+@given(data=st.data(), n=st.integers(1, 30), view=st.sampled_from(["whole", "slice", "asarray", "nested", "one of a stride"]))
 def test_memmapped_rows_come_back_in_the_requested_order(tmp_path_factory, data, n, view):
     """Property: the rows read from a store (through pread, not the mapping) are the rows asked
     for, of the store or of any row range of it: a slice ``mm[s:]`` is a memmap with its parent's
@@ -171,12 +171,25 @@ def test_memmapped_rows_come_back_in_the_requested_order(tmp_path_factory, data,
     start = data.draw(st.integers(0, n - 1)) if view != "whole" else 0
     store = np.load(path, mmap_mode="r")
     X = {"whole": store, "slice": store[start:], "asarray": np.asarray(store[start:]),
-         "nested": store[start:][: n - start]}[view]
+         "nested": store[start:][: n - start],
+         # one row of a strided view: C-contiguous, but its row stride is the view's
+         "one of a stride": store[::2][start // 2: start // 2 + 1]}[view]
+    expected = array[::2][start // 2: start // 2 + 1] if view == "one of a stride" else array[start:]
     rows = _Rows(X, "cpu", torch.float32)
     assert rows.tensor is None and rows.file is not None, "a memmap must be read per batch, from the file"
-    index = data.draw(st.lists(st.integers(0, n - start - 1), min_size=1, max_size=2 * n))
+    index = data.draw(st.lists(st.integers(0, len(expected) - 1), min_size=1, max_size=2 * n))
     taken = rows.take(torch.tensor(index))
-    np.testing.assert_array_equal(taken.numpy(), array[start:][index])
+    np.testing.assert_array_equal(taken.numpy(), expected[index])
+
+
+def test_a_copy_on_write_memmap_is_read_with_its_edits(tmp_path):
+    """``mmap_mode="c"``: edits live in memory only, so the rows are not read from the file."""
+    np.save(tmp_path / "X.npy", np.zeros((6, 3), np.float32))
+    X = np.load(tmp_path / "X.npy", mmap_mode="c")
+    X[2] = 7.0
+    rows = _Rows(X, "cpu", torch.float32)
+    assert rows.file is None
+    np.testing.assert_array_equal(rows.take(torch.tensor([2, 0])).numpy(), X[[2, 0]])
 
 
 def test_a_fit_on_a_row_range_of_a_store_is_the_fit_on_those_rows(tmp_path):

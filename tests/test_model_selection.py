@@ -81,7 +81,7 @@ def test_scorers_reject_other_estimators_and_bad_thresholds():
     with pytest.raises(TypeError, match="JacobianSparseAutoencoder"):
         explained_variance_scorer(sae, X)
     for threshold in (-1, True, "0.01", float("nan"), float("inf")):
-        message = rf"threshold must be a finite number >= 0 \(the τ of \|J\| > τ\), got " + re.escape(repr(threshold))
+        message = r"threshold must be a finite number >= 0 \(the τ of \|J\| > τ\), got " + re.escape(repr(threshold))
         with pytest.raises(ValueError, match=message):
             make_scoring(threshold=threshold)
     with pytest.raises(ValueError, match="tolerance"):

@@ -500,6 +500,10 @@ def test_load_checks_a_given_mlp_against_the_saved_one(gelu_jsae, saved):
         load(saved, mlp=other)
     with pytest.raises(ValueError, match="returns 3 features"):
         load(saved, mlp=torch.nn.Linear(6, 3))
+    # An mlp going NaN is the caller's wrong mlp here (no training): a ValueError, not a training error.
+    with pytest.raises(ValueError, match="mlp returned NaN or inf on row 0") as raised:
+        load(saved, mlp=lambda x: torch.log(-x.abs() - 1)[:, :5])
+    assert not isinstance(raised.value, FloatingPointError)
     topk, _ = fit_model("topk")
     with pytest.raises(ValueError, match="only for a JacobianSparseAutoencoder"):
         load(topk.save(os.path.join(os.path.dirname(saved), "t.safetensors")), mlp=model.mlp)

@@ -514,7 +514,8 @@ def test_partial_fit_after_set_params_trains_with_the_new_value(data, kind):
     est = _estimator(kind, mlp, **STREAM_SETTINGS)
     est.partial_fit(X[:128])
     running = est._trainer
-    est.set_params(verbose=0).partial_fit(X[128:256])
+    # Not training parameters of partial_fit: max_iter counts fit's epochs, "auto" is the CPU here.
+    est.set_params(verbose=0, max_iter=5, device="auto").partial_fit(X[128:256])
     assert est._trainer is running and running.step_count == 4
     sides = lambda: (est.input_sae_, est.output_sae_) if kind == "jsae" else (est,)  # noqa: E731
     assert [side.n_iter_ for side in sides()] == [2] * len(sides())  # the calls, as the pair counts them

@@ -171,8 +171,11 @@ def _file_rows(X) -> _FileRows | None:
         node = getattr(node, "base", None)
     if root is None or getattr(root, "filename", None) is None or not X.flags.c_contiguous or X.ndim < 2:
         return None
+    if root.mode == "c":  # copy-on-write: edits made in memory are not in the file
+        return None
     start = X.__array_interface__["data"][0] - root.__array_interface__["data"][0]
-    row_bytes = X.strides[0]
+    # (not X.strides[0]: one row of a strided view is C-contiguous whatever its row stride)
+    row_bytes = X.itemsize * math.prod(X.shape[1:])
     return _FileRows(root.filename, root.offset + start, row_bytes, X.dtype, X.shape[1:])
 
 

@@ -180,22 +180,29 @@ def _forward(model, input_ids, attention_mask):
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
 
 
-# Models that number a padded row's positions themselves (OPT from the mask, RoBERTa-style from
-# the pad tokens): left padding is right for them as it is.
-_NUMBER_THEIR_OWN_POSITIONS = ("opt", "roberta", "xlm-roberta", "camembert")
+def _numbers_positions_itself(model) -> bool:
+    """Whether a model numbers a padded row's positions itself: OPT from the attention mask, and
+    the RoBERTa family (RoBERTa, XLM-R, data2vec-text, MPNet, ...) from its pad tokens, which its
+    position table marks with a ``padding_idx``.  Left padding is right for them as it is."""
+    if getattr(getattr(model, "config", None), "model_type", None) == "opt":
+        return True
+    return any(isinstance(module, nn.Embedding) and module.padding_idx is not None and "position" in name
+               for name, module in model.named_modules())
 
 
 def _positions_past_padding(model, attention_mask):
-    """``position_ids`` (B, T) counting each row's real tokens from 0, as ``generate`` numbers a
-    left-padded batch, for a Hugging Face model given a row with padding before a real token; None
-    otherwise.  (GPT-2, BERT and most others number positions by slot: a left-padded token would
-    be read at the position of its slot, and its activations silently be another position's.)"""
+    """``position_ids`` (B, T) that start each row's tokens at 0 after its leading padding, as
+    ``generate`` numbers a left-padded batch, for a Hugging Face model given a row with padding
+    before its first token; None otherwise.  (GPT-2, BERT and most others number positions by
+    slot: a left-padded token would be read at the position of its slot, and its activations
+    silently be another position's.)  A hole inside a row keeps the slot numbering the model
+    gives it itself; only the leading padding is taken off."""
     if attention_mask is None:
         return None
     mask = attention_mask.to(torch.long)
-    if not bool((mask.diff(dim=-1) > 0).any()):  # no 0 before a 1: right padding or none
-        return None
-    if getattr(getattr(model, "config", None), "model_type", None) in _NUMBER_THEIR_OWN_POSITIONS:
+    real = mask > 0
+    leading = torch.where(real.any(dim=-1), real.to(torch.int8).argmax(dim=-1), 0)  # zeros before the first 1
+    if not bool((leading > 0).any()) or _numbers_positions_itself(model):
         return None
     import inspect
 
@@ -204,7 +211,8 @@ def _positions_past_padding(model, attention_mask):
             f"some rows of attention_mask have padding before their tokens (left padding), but "
             f"{type(model).__name__} numbers positions by slot and takes no position_ids: its activations "
             f"would be those of shifted positions. Pad on the right (tokenizer.padding_side = 'right').")
-    return (mask.cumsum(dim=-1) - 1).clamp_min(0)
+    slots = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    return (slots - leading.unsqueeze(-1)).clamp_min(0)
 
 
 def logits_of(output) -> torch.Tensor:
