@@ -449,7 +449,6 @@ def _attach_mlp(jsae, mlp, saved_outputs) -> None:
     """Use the caller's ``mlp`` for a loaded JSAE, after checking it is the saved model's MLP."""
     from ._backend.mlp import resolve_mlp
     from ._backend.mlp_io import probe_outputs
-
     from .exceptions import NonFiniteTrainingError
 
     try:
