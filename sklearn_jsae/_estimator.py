@@ -49,12 +49,20 @@ _JACOBIAN_ROWS = 65_536
 DEFAULT_L1 = 2.0
 
 
-def _cacheable_mlp_pass(X, map_kind, map_buffers, scale_x, scale_y, device_type, mlp_map):
+def _cacheable_mlp_pass(X, map_kind, map_buffers, scale_x, scale_y, device_type, library_version, mlp_map):
     """:func:`~sklearn_jsae._backend.train.compute_mlp_pass` in the form ``Memory.cache`` wraps:
-    every argument but ``mlp_map``, which ``map_kind`` and ``map_buffers`` describe, is the key."""
+    every argument but ``mlp_map``, which ``map_kind`` and ``map_buffers`` describe, is the key.
+    ``library_version`` is in the key for the code behind this function, which joblib does not
+    see: an upgrade that changes how the pass is computed does not read an older cache."""
     from ._backend.train import compute_mlp_pass
 
     return compute_mlp_pass(X, mlp_map, scale_x, scale_y, device=device_type)
+
+
+def _library_version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def _check_cache_folder(location) -> None:
@@ -90,7 +98,7 @@ def _cached_mlp_pass(memory):
         kind = (type(mlp_map).__name__, getattr(mlp_map, "activation", None))
         # The pass runs where train() placed the map, and CPU and CUDA round differently.
         device_type = next((b.device.type for b in mlp_map.buffers()), "cpu")
-        return cached(X, kind, buffers, float(scale_x), scale_y, device_type, mlp_map=mlp_map)
+        return cached(X, kind, buffers, float(scale_x), scale_y, device_type, _library_version(), mlp_map=mlp_map)
 
     return mlp_pass
 

@@ -89,6 +89,20 @@ def test_cache_key_is_data_mlp_and_not_l1(tmp_path, mlp_pass_calls):
     assert len(mlp_pass_calls) == 4, "another activation must miss the cache"
 
 
+def test_a_cache_written_by_another_version_is_not_read(tmp_path, mlp_pass_calls, monkeypatch):
+    """joblib keys a cached function by its own code, not by the code it calls: an upgrade that
+    changed how the pass is computed would have read the older version's cache."""
+    import sklearn_jsae
+
+    X, mlps = _mlps()
+    JacobianSparseAutoencoder(mlps["elementwise"], memory=str(tmp_path), **FAST).fit(X)
+    JacobianSparseAutoencoder(mlps["elementwise"], memory=str(tmp_path), **FAST).fit(X)
+    assert len(mlp_pass_calls) == 1
+    monkeypatch.setattr(sklearn_jsae, "__version__", sklearn_jsae.__version__ + ".post1")
+    JacobianSparseAutoencoder(mlps["elementwise"], memory=str(tmp_path), **FAST).fit(X)
+    assert len(mlp_pass_calls) == 2
+
+
 def test_grid_search_over_l1_runs_the_mlp_pass_once_per_fold(tmp_path, mlp_pass_calls):
     X, mlps = _mlps()
     search = GridSearchCV(
