@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from sklearn_jsae import JacobianSparseAutoencoder
-from sklearn_jsae._topk import explained_variance
+from sklearn_jsae.metrics import fraction_variance_unexplained, jacobian_sparsity
 
 
 def main():
@@ -53,13 +53,9 @@ def main():
         started = time.perf_counter()
         jsae.fit(X_train)
         seconds = time.perf_counter() - started
-        J = jsae.jacobian(X_test)
-        k2 = jsae.k ** 2
-        frac = {tau: float((np.abs(J.data) > tau).sum() / (X_test.shape[0] * k2)) for tau in (0.005, 0.01, 0.02)}
-        Y_test = jsae.mlp_outputs(X_test)
-        fvu_x = 1 - explained_variance(X_test, jsae.inverse_transform(jsae.transform(X_test)))
-        fvu_y = 1 - explained_variance(
-            Y_test, jsae.output_sae_.inverse_transform(jsae.transform_output(X_test)))
+        frac = jacobian_sparsity(jsae, X_test, thresholds=(0.005, 0.01, 0.02))  # fraction of active entries
+        fvu = fraction_variance_unexplained(jsae, X_test)
+        fvu_x, fvu_y = fvu["input"], fvu["output"]
         print(f"l1={jsae.l1:<5} |J|>0.005 {frac[0.005]:.3f} |J|>0.01 {frac[0.01]:.3f} |J|>0.02 {frac[0.02]:.3f} "
               f"FVU_x {fvu_x:.3f} FVU_y {fvu_y:.3f} dead_x {jsae.input_sae_.dead_fraction_:.3f} "
               f"dead_y {jsae.output_sae_.dead_fraction_:.3f} fit {seconds:.0f}s", flush=True)

@@ -111,3 +111,30 @@ def test_example_runs(path, one_epoch_fits, monkeypatch, capsys):
     if path.name == "plot_smollm2.py":
         error = float(re.search(r"harvested outputs: (\S+)", out).group(1))
         assert error <= 1e-4
+
+
+def test_the_real_mlp_check_script_runs_on_an_npz_of_its_format(tmp_path):
+    """``scripts/check_real_mlp.py`` reads a user's file, so no example runs it; it had kept an
+    import of a function since removed.  Run it on a small file in the format it documents."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    d, d_mlp = 8, 32
+    np.savez(tmp_path / "mlp.npz", W_in=rng.normal(size=(d_mlp, d)).astype(np.float32) / 3,
+             b_in=np.zeros(d_mlp, np.float32), W_out=rng.normal(size=(d, d_mlp)).astype(np.float32) / 6,
+             b_out=np.zeros(d, np.float32), X=rng.normal(size=(500, d)).astype(np.float32))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "check_real_mlp.py"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "mlp.npz"), "--l1", "0", "2",
+                             "--n-train", "400", "--n-test", "100", "--max-iter", "30", "--batch-size", "64"],
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("l1=")]
+    assert [line.split()[0] for line in lines] == ["l1=0.0", "l1=2.0"]
+    fvu = [float(re.search(r"FVU_x (\S+)", line).group(1)) for line in lines]
+    above = [float(re.search(r"\|J\|>0.01 (\S+)", line).group(1)) for line in lines]
+    assert all(0 <= value < 1 for value in fvu)
+    assert above[1] < above[0]  # the penalty sparsifies the Jacobian (0.44 against 0.89 here)
