@@ -19,6 +19,13 @@ TEXT_FILE_SUFFIXES = (".txt", ".jsonl", ".parquet") + tuple(
 ENCODING = "utf-8-sig"
 
 
+def check_corpus_path(path) -> None:
+    """Raise a ValueError naming ``texts`` unless ``path`` (a corpus given as a path) exists."""
+    if not os.path.exists(path):
+        raise ValueError(f"texts={os.fspath(path)!r} is not a file; pass a corpus file's path (text, .jsonl, "
+                         f".parquet) or folder, or a list of str.")
+
+
 def _open_text(path: str):
     """A UTF-8 text stream of ``path``, decompressed on the fly by its suffix (``.gz``, ``.bz2``,
     ``.xz``: the standard library; ``.zst``: the zstandard package)."""

@@ -181,11 +181,9 @@ def _corpus_or_texts(texts):
     """A corpus path's texts, read lazily as :class:`~sklearn_jsae.hf.ActivationStream` reads them
     (a path object, or a str naming an existing file or folder); any other str is one text."""
     if isinstance(texts, os.PathLike) or (isinstance(texts, str) and os.path.exists(texts)):
-        if not os.path.exists(texts):
-            raise ValueError(f"texts={os.fspath(texts)!r} is not a file; pass a corpus file's path (text, .jsonl, "
-                             f".parquet) or folder, or a list of str.")
-        from ._corpus import texts_of_file
+        from ._corpus import check_corpus_path, texts_of_file
 
+        check_corpus_path(texts)
         return texts_of_file(texts)
     return texts
 

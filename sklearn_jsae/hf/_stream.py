@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ._adapters import _eval_mode, _layout, _unwrap, _warn_attached_saes, run_model
-from ._corpus import texts_of_file
+from ._corpus import check_corpus_path, texts_of_file
 from ._harvest import (_check_positive_int, _check_room_for_text, _HarvestStop, _not_a_text, _pad, _special_ids,
                        _token_rows)
 from ._packing import TextPacker
@@ -164,9 +164,8 @@ class ActivationStream:
             f"this ActivationStream's texts are a one-shot iterator ({type(texts).__name__}), which cannot be "
             f"read again from its start to resume; pass the texts as a list, a corpus file or a re-iterable"
             if texts is not None and not isinstance(texts, (str, os.PathLike)) and iter(texts) is texts else None)
-        if isinstance(texts, (str, os.PathLike)) and not os.path.exists(texts):
-            raise ValueError(f"texts={os.fspath(texts)!r} is not a file; pass a corpus file's path (text, .jsonl, "
-                             f".parquet) or folder, or a list of str.")
+        if isinstance(texts, (str, os.PathLike)):
+            check_corpus_path(texts)
         self.n_tokens = _check_positive_int(n_tokens, "n_tokens", allow_none=True)
         self.batch_size = _check_positive_int(batch_size, "batch_size")
         self.buffer_size = _check_positive_int(buffer_size, "buffer_size")
