@@ -80,7 +80,7 @@ def test_non_callable_mlp_is_a_parameter_error(X):
 
 
 def test_non_differentiable_mlp(X):
-    with pytest.raises(ValueError, match="does not depend differentiably"):
+    with pytest.raises(ValueError, match="detached from its input"):
         JacobianSparseAutoencoder(mlp=lambda x: torch.tanh(x.detach()), **SMALL).fit(X)
 
 
@@ -268,3 +268,64 @@ def test_interrupted_warm_start_keeps_the_fitted_model(X, mlp):
         jsae.fit(X)
     np.testing.assert_array_equal(jsae.input_sae_.components_, before)
     assert jsae.history_ == history
+
+
+class _BiasFreeSwiGLU(torch.nn.Module):
+    """silu(x W) * (x V) has a zero Jacobian at x = 0 (padding rows), like a gated MLP without biases."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.gate = torch.nn.Parameter(torch.randn(6, 10, generator=generator))
+        self.up = torch.nn.Parameter(torch.randn(6, 10, generator=generator))
+
+    def forward(self, x):
+        return torch.nn.functional.silu(x @ self.gate) * (x @ self.up)
+
+
+def test_an_mlp_whose_jacobian_is_zero_on_the_probed_rows_is_accepted(X):
+    """Rows of zeros first (padding, an unshuffled harvest): the MLP is flat there, not detached."""
+    X_padded = X.copy()
+    X_padded[:8] = 0.0
+    jsae = JacobianSparseAutoencoder(mlp=_BiasFreeSwiGLU(), **SMALL).fit(X_padded)
+    J = jsae.jacobian(X_padded[8:12])
+    assert np.isfinite(J.data).all() and np.abs(J.data).max() > 0
+
+
+def _overflowing_fit(X):
+    return JacobianSparseAutoencoder(mlp=lambda x: torch.exp(3 * x), **SMALL).fit(X)
+
+
+@pytest.mark.parametrize("method", ["transform_output", "mlp_outputs", "jacobian", "score", "reconstruction_metrics",
+                                    "jacobian_sparsity", "intervention_agreement"])
+def test_inference_refuses_mlp_outputs_that_overflow_on_a_finite_row(X, method):
+    """Training checks every row's MLP outputs; inference did not, and returned NaN codes and
+    Jacobians, and a finite score (a NaN variance read as no variance)."""
+    from sklearn_jsae import metrics
+
+    jsae = _overflowing_fit(X)
+    X_far = X.copy()
+    X_far[7] = 40.0  # exp(120) overflows float32
+    call = getattr(jsae, method, None) or (lambda Z: getattr(metrics, method)(jsae, Z))
+    with pytest.raises(ValueError, match=r"the mlp returned NaN or inf on row 7 of X \(a finite row\)"):
+        call(X_far)
+    assert np.isfinite(jsae.score(X))  # the model itself is untouched
+
+
+def test_linearity_refuses_a_sweep_on_which_the_mlp_overflows(X):
+    from sklearn_jsae.metrics import linearity
+
+    jsae = _overflowing_fit(X)
+    with pytest.raises(ValueError, match=r"the mlp returned NaN or inf on a point of sweep \d+"):
+        linearity(jsae, X, n_samples=16, sweep_min=200.0)
+
+
+@pytest.mark.parametrize("Estimator", [JacobianSparseAutoencoder, TopKSparseAutoencoder])
+def test_inputs_that_overflow_the_encoder_are_refused_not_returned_as_inf(X, Estimator):
+    model = Estimator(**SMALL).fit(X)
+    X_huge = X.copy()
+    X_huge[3] = 3e38  # finite float32, but x @ W_enc is not
+    with pytest.raises(ValueError, match=r"the codes are NaN or inf on row 3 of X"):
+        model.transform(X_huge)
+    with pytest.raises(ValueError, match=r"FVU is not finite on X"):
+        model.score(X_huge)

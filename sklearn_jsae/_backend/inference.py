@@ -22,6 +22,35 @@ def _as_tensor_params(params: SAEParams, device, dtype) -> SAEParams:
     return params.to(device=device, dtype=dtype)
 
 
+def numbered_batches(rows: _Rows, batch_size: int):
+    """``(first row, batch)`` over the rows in order, each batch of X checked for NaN / inf (X may
+    be a memmap nobody scanned)."""
+    return zip(range(0, rows.n, batch_size), rows.batches(batch_size, check_finite=True))
+
+
+def refuse_non_finite(values: torch.Tensor, first_row: int, what: str, fix: str,
+                      where: str = "row {} of X (a finite row)") -> None:
+    """Raise ``ValueError`` naming the first row of X whose ``values`` (B, ...) hold NaN or inf.
+
+    Inference checks what it computes from finite rows of X, as training does: a row the MLP
+    overflows on would otherwise give NaN codes and Jacobians, and a score that looks finite
+    (FVU's no-variance branch reads a NaN total as zero variance)."""
+    bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        row = first_row + int(bad.nonzero()[0, 0])
+        raise ValueError(f"{what} NaN or inf on {where.format(row)}; {fix}")
+
+
+MLP_FIX = "check the MLP on that row (an overflow, a log or a division of its values) or remove the row from X."
+
+
+def mapped(mlp_map, x: torch.Tensor, first_row: int) -> torch.Tensor:
+    """``mlp_map(x)``, refusing NaN or inf outputs (see :func:`refuse_non_finite`)."""
+    y = mlp_map(x)
+    refuse_non_finite(y, first_row, "the mlp returned", MLP_FIX)
+    return y
+
+
 def jacobian_batch_size(k_out: int, k_in: int, width: int) -> int:
     """Rows per batch so that one (B, max(k), width) intermediate stays under the bound."""
     return max(1, _JACOBIAN_CHUNK_ELEMENTS // (max(k_out, k_in) * max(1, width)))
@@ -34,8 +63,10 @@ def encode_rows(params: SAEParams, X: np.ndarray, k: int, device="cpu", batch_si
     mlp_map = None if mlp_map is None else placed(mlp_map, device, torch.float32)
     rows = _Rows(X, device, torch.float32, resident=False)  # one pass in order: no copy of X
     values, indices = [], []
-    for x in rows.batches(batch_size, check_finite=True):  # X may be a memmap nobody scanned
-        v, i = encode(params, x if mlp_map is None else mlp_map(x), k)
+    for start, x in numbered_batches(rows, batch_size):
+        v, i = encode(params, x if mlp_map is None else mapped(mlp_map, x, start), k)
+        refuse_non_finite(v, start, "the codes are",
+                          "the row's values overflow float32 in the encoder: is X on the scale the model was fitted on?")
         values.append(v.cpu().numpy())
         indices.append(i.cpu().numpy())
     return np.concatenate(values), np.concatenate(indices)
@@ -46,7 +77,7 @@ def map_rows(mlp_map, X: np.ndarray, device="cpu", batch_size=4096) -> np.ndarra
     """``mlp_map(X)`` as float32 numpy (n, d_out)."""
     mlp_map = placed(mlp_map, device, torch.float32)
     rows = _Rows(X, device, torch.float32, resident=False)  # one pass in order: no copy of X
-    return np.concatenate([mlp_map(x).cpu().numpy() for x in rows.batches(batch_size, check_finite=True)])
+    return np.concatenate([mapped(mlp_map, x, start).cpu().numpy() for start, x in numbered_batches(rows, batch_size)])
 
 
 def iter_jacobian_blocks(mlp_map, params_x: SAEParams, params_y: SAEParams, X: np.ndarray, k: int,
@@ -62,9 +93,10 @@ def iter_jacobian_blocks(mlp_map, params_x: SAEParams, params_y: SAEParams, X: n
     width = projection.shape[1] if projection is not None else max(mlp_map.d_in, mlp_map.d_out)
     batch_size = batch_size or jacobian_batch_size(k, k, width)
     rows = _Rows(X, device, torch.float32, resident=False)  # one pass in order: no copy of X
-    for x in rows.batches(batch_size, check_finite=True):  # X may be a memmap nobody scanned
+    for start, x in numbered_batches(rows, batch_size):
         with torch.no_grad():
             _, idx_x = encode(px, x, k)
-            _, idx_y = encode(py, mlp_map(x), k)
+            _, idx_y = encode(py, mapped(mlp_map, x, start), k)
             J = jacobian_blocks(mlp_map, x, px.W_dec, idx_x, py.W_enc, idx_y)
+        refuse_non_finite(J, start, "the mlp's Jacobian is", MLP_FIX)
         yield J.cpu().numpy(), idx_y.cpu().numpy(), idx_x.cpu().numpy()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .inference import MLP_FIX, mapped, numbered_batches, refuse_non_finite
 from .mlp import placed
 from .sae import SAEParams, decode, encode, pre_activations
 from .train import _Rows
@@ -60,10 +61,10 @@ def reconstruction_statistics(params_x: SAEParams, params_y: SAEParams | None, m
         for name, p in tensors.items()
     }
     rows = _Rows(X, device, torch.float32, resident=False)  # one pass: no copy of X
-    for x in rows.batches(batch_size, check_finite=True):  # X may be a memmap nobody scanned
+    for start, x in numbered_batches(rows, batch_size):
         data = {"input": x}
         if "output" in sides:
-            data["output"] = mlp_map(x)
+            data["output"] = mapped(mlp_map, x, start)
         for name, z in data.items():
             params, k = tensors[name], sides[name][1]
             values, indices = encode(params, z, k)
@@ -114,6 +115,10 @@ def sweep_curves(mlp_map, params_x: SAEParams, params_y: SAEParams, k_y: int, x:
         shift = gb - cb[:, None]  # (P, M)
         points = xb[:, None, :] + shift[..., None] * direction[:, None, :]  # (P, M, d_in)
         y = mlp_map(points.reshape(-1, points.shape[-1]))
+        refuse_non_finite(y.reshape(points.shape[0], -1), start, "the mlp returned",
+                          "check the MLP at those inputs (an overflow, a log or a division of their values) "
+                          "or sweep a narrower range (sweep_min, sweep_pad).",
+                          where="a point of sweep {} (an input latent moved along its grid)")
         latents = torch.as_tensor(out_latent[sl], device=device).repeat_interleave(n_points)[:, None]
         curves.append(latent_values(py, y, k_y, latents).reshape(shift.shape).cpu().numpy())
     return np.concatenate(curves) if curves else np.zeros((0, n_points), dtype=np.float32)
@@ -140,14 +145,17 @@ def unit_interventions(mlp_map, params_x: SAEParams, params_y: SAEParams, k_x: i
     n_out = py.W_dec.shape[0]
     batch_size = batch_size or max(1, (1 << 22) // max(1, k_x * max(n_out, mlp_map.d_in)))
     rows = _Rows(X, device, torch.float32, resident=False)
-    for x in rows.batches(batch_size, check_finite=True):  # X may be a memmap nobody scanned
+    for start, x in numbered_batches(rows, batch_size):
         _, idx_x = encode(px, x, k_x)
-        y = mlp_map(x)
+        y = mapped(mlp_map, x, start)
         _, idx_y = encode(py, y, k_y)
         J = jacobian_blocks(mlp_map, x, px.W_dec, idx_x, py.W_enc, idx_y)
+        refuse_non_finite(J, start, "the mlp's Jacobian is", MLP_FIX)
         base = latent_values(py, y, k_y, idx_y)  # (B, k_y)
         moved = x[:, None, :] - delta * px.W_dec[idx_x]  # (B, k_x, d_in)
         y_moved = mlp_map(moved.reshape(-1, x.shape[1]))
+        refuse_non_finite(y_moved.reshape(x.shape[0], -1), start,
+                          "the mlp returned (on the row moved against an active input latent's direction)", MLP_FIX)
         after = latent_values(py, y_moved, k_y, idx_y.repeat_interleave(k_x, dim=0))  # (B·k_x, k_y)
         after = after.reshape(x.shape[0], k_x, k_y).transpose(1, 2)
         observed = base[:, :, None] - after

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from .._sklearn_compat import check_is_fitted
 from .._topk import _inference_device, _validate_X
 from ._validation import _check_positive_int
@@ -73,6 +75,12 @@ def reconstruction_metrics(estimator, X, *, batch_size=4096):
     )
     out = {}
     for name, s in stats.items():
+        if not (math.isfinite(s["total"]) and math.isfinite(s["residual"])):
+            # Outputs and codes are checked row by row; what is left is a sum beyond float64's range.
+            raise ValueError(
+                f"the {name} SAE's FVU is not finite on X (residual {s['residual']:.3g}, variance "
+                f"{s['total']:.3g}): X's values are too large; is X on the scale the model was fitted on?"
+            )
         if s["total"] > 0:
             fvu = s["residual"] / s["total"]
         else:  # rows without variance: score()'s convention (scikit-learn's force_finite), not inf
