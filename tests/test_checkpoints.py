@@ -351,6 +351,15 @@ MLP_MODULE = textwrap.dedent("""
 
     def with_a_set(x):  # a frozenset constant (its order follows the process's string hashing)
         return torch.tanh(x) if "gelu" not in {{"relu", "tanh", "silu", "sigmoid", "swish"}} else x
+
+    def over_module(block):  # a module closed over: its weights
+        return lambda x: torch.tanh(block(x))
+
+    BLOCKS = [torch.nn.Identity(), torch.nn.Tanh()]
+    layer = 0
+
+    def global_layer(x):  # globals it reads: a list of modules and the index of one
+        return BLOCKS[layer](x)
 """)
 
 
@@ -361,13 +370,19 @@ def _fingerprints(folder, scale, hash_seed="0"):
         import sys, torch
         sys.path.insert(0, {str(folder)!r})
         import numpy as np
-        from user_mlps import tanh_mlp, over, nested, with_a_set, over_array, scaled_by
+        import user_mlps
+        from user_mlps import tanh_mlp, over, nested, with_a_set, over_array, scaled_by, over_module
         from sklearn_jsae._backend.checkpoint import fingerprint_module
         from sklearn_jsae._backend.mlp import CallableMap
         W = torch.eye(10, dtype=torch.float64)
+        torch.manual_seed(0)
+        A, B = torch.nn.Linear(10, 10), torch.nn.Linear(10, 10)
         fns = [tanh_mlp, over(W), over(2 * W), nested, with_a_set, over_array(np.eye(10)),
-               over_array(2 * np.eye(10)), scaled_by(2.0), scaled_by(3.0)]
-        print(" ".join(fingerprint_module(CallableMap(fn, 10, 10)) for fn in fns))
+               over_array(2 * np.eye(10)), scaled_by(2.0), scaled_by(3.0), over_module(A), over_module(B),
+               A.forward, B.forward, user_mlps.global_layer]
+        prints = [fingerprint_module(CallableMap(fn, 10, 10)) for fn in fns]
+        user_mlps.layer = 1
+        print(" ".join(prints + [fingerprint_module(CallableMap(user_mlps.global_layer, 10, 10))]))
     """)
     # -B: no .pyc, which could outlive an edit of the same size within the same second.
     result = subprocess.run([sys.executable, "-B", "-c", script], check=True, capture_output=True, text=True,
@@ -379,9 +394,11 @@ def test_plain_function_fingerprints_see_edits_and_weights_and_are_stable(tmp_pa
     first, again, edited = (_fingerprints(tmp_path, scale, seed) for scale, seed in ((2, "0"), (2, "1"), (3, "2")))
     assert first == again  # the same across processes (string hashing too), nested code and sets included
     assert edited[0] != first[0] and edited[1:] == first[1:]  # an edited body is another MLP
-    # the same function over other weights (a tensor, an array, a number) is another MLP
+    # the same function over other weights (a tensor, an array, a number, a module closed over, the
+    # module of a bound method, a global index into a global list of modules) is another MLP
     assert first[1] != first[2] and first[5] != first[6] and first[7] != first[8]
-    assert len(set(first)) == len(first)
+    assert first[9] != first[10] and first[11] != first[12] and first[13] != first[14]
+    assert len(set(first)) == len(first) == 15
 
 
 def test_a_checkpoint_dir_that_is_a_file_is_named_and_left_alone(X, mlp, tmp_path):

@@ -114,10 +114,18 @@ def fingerprint_module(module) -> str:
     return digest.hexdigest()[:32]
 
 
-def _digest_callable(digest, fn) -> None:
-    """Feed a plain callable's name, code and closed-over values into ``digest``, so that an edited
-    function, or the same function over other weights, is another MLP.  Globals it reads are not
-    seen.  Nested code objects go in by their bytes, never by their repr (it holds an address)."""
+def _digest_callable(digest, fn, seen=None) -> None:
+    """Feed a plain callable's name, code and the values it reads into ``digest``, so that an edited
+    function, or the same function over other weights, is another MLP.  The values are its closure
+    cells, the globals its code names (the layer index of ``lambda x: blocks[layer](x)``) and, for a
+    bound method, its object: modules by their parameters and buffers, tensors, arrays, numbers,
+    strings, containers of these and other plain functions (recursively); other objects are not
+    seen (their repr may hold an address).  Nested code objects go in by their bytes, never by their
+    repr (it holds an address)."""
+    seen = set() if seen is None else seen
+    if id(fn) in seen:
+        return
+    seen.add(id(fn))
     digest.update(getattr(fn, "__qualname__", type(fn).__name__).encode())
 
     def add_constant(constant):
@@ -132,25 +140,53 @@ def _digest_callable(digest, fn) -> None:
         else:
             digest.update(repr(constant).encode())
 
+    names = []
+
     def add_code(code):
         digest.update(code.co_code)
+        names.extend(code.co_names)
         for constant in code.co_consts:
             add_constant(constant)
 
     code = getattr(fn, "__code__", None)
     if code is not None:
         add_code(code)
+    if getattr(fn, "__self__", None) is not None:  # a bound method: block.forward
+        _digest_value(digest, fn.__self__, seen)
     for cell in getattr(fn, "__closure__", None) or ():
         try:
             value = cell.cell_contents
         except ValueError:  # a cell not yet filled
             continue
-        if isinstance(value, torch.Tensor):
-            digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        elif isinstance(value, np.ndarray):
-            digest.update(np.ascontiguousarray(value).tobytes())
-        elif isinstance(value, (bool, int, float, str)):
-            digest.update(repr(value).encode())
+        _digest_value(digest, value, seen)
+    namespace = getattr(fn, "__globals__", None) or {}
+    for name in dict.fromkeys(names):  # in order of first use, once each
+        if name in namespace:
+            digest.update(name.encode())
+            _digest_value(digest, namespace[name], seen)
+
+
+def _digest_value(digest, value, seen) -> None:
+    """One value a callable reads (see :func:`_digest_callable`)."""
+    if isinstance(value, torch.nn.Module):
+        if id(value) not in seen:
+            seen.add(id(value))
+            digest.update(fingerprint_module(value).encode())
+    elif isinstance(value, torch.Tensor):
+        digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    elif isinstance(value, np.ndarray):
+        digest.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, (bool, int, float, str)):
+        digest.update(repr(value).encode())
+    elif isinstance(value, (list, tuple, dict)) and id(value) not in seen:
+        seen.add(id(value))
+        digest.update(type(value).__name__.encode())
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            digest.update(repr(key).encode() if isinstance(key, (bool, int, float, str)) else b"?")
+            _digest_value(digest, item, seen)
+    elif getattr(value, "__code__", None) is not None:  # a function it calls: edits to it count too
+        _digest_callable(digest, value, seen)
 
 
 def _read_file(path: str, with_tensors: bool) -> tuple[dict, dict]:
