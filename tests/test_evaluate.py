@@ -64,6 +64,61 @@ def test_bad_options_exit_with_a_usage_error(capsys):
         assert f"--n-train must be >= 1 (training tokens), got {count}" in capsys.readouterr().err
 
 
+@pytest.fixture
+def no_work(monkeypatch):
+    """Loading the data or fitting a model fails the test: the checks must come before any work."""
+    from sklearn_jsae import JacobianSparseAutoencoder
+    from sklearn_jsae import _evaluate
+
+    def refuse(*args, **kwargs):
+        pytest.fail("work started before the options were checked")
+
+    monkeypatch.setattr(_evaluate, "_load", refuse)
+    monkeypatch.setattr(JacobianSparseAutoencoder, "fit", refuse)
+
+
+@pytest.mark.parametrize("given, shown", [
+    (["--l1", "-1"], "argument --l1: The 'l1' parameter of JacobianSparseAutoencoder must be a float in the "
+                     "range [0.0, inf). Got -1.0"),
+    (["--l1", "nan"], "argument --l1: The 'l1' parameter"),
+    (["--k", "9", "--n-components", "8"], "k=9 must be <= n_components=8"),
+    (["--random-state", "-1"], "argument --random-state: The 'random_state' parameter of "
+                               "JacobianSparseAutoencoder must be an int in the range [0, 4294967295]"),
+    (["--verbose", "-1"], "argument --verbose: The 'verbose' parameter"),
+    (["--device", "cuda"], "device='cuda' but torch.cuda.is_available() is False on this machine"),
+])
+def test_options_the_fits_would_refuse_are_usage_errors_before_any_work(no_work, monkeypatch, capsys, given,
+                                                                         shown):
+    """The estimator's own checks (shared with ``train``), on the options before the data loads."""
+    from sklearn_jsae._backend import mlp
+
+    monkeypatch.setattr(mlp, "cuda_device_count", lambda: 0)  # --device cuda is refused on any machine
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--synthetic", *given])
+    assert excinfo.value.code == 2
+    assert shown in capsys.readouterr().err
+
+
+def test_unwritable_output_paths_are_usage_errors_before_any_work(no_work, tmp_path, capsys):
+    """A --json or --figures path that cannot be written would stop the command after all four fits."""
+    regular = tmp_path / "notes.txt"
+    regular.write_text("kept")
+    for given, shown in (
+        (["--json", str(tmp_path / "absent" / "out.json")],
+         f"argument --json: the folder '{tmp_path / 'absent'}' of '{tmp_path / 'absent' / 'out.json'}' does "
+         f"not exist; create it first"),
+        (["--json", str(tmp_path)], f"argument --json: '{tmp_path}' is a folder; give a file path"),
+        (["--figures", str(regular)], f"argument --figures: '{regular}' exists and is not a folder"),
+        (["--figures", str(regular / "figures")],
+         f"argument --figures: cannot create the folder '{regular / 'figures'}': '{regular}' is a file"),
+    ):
+        with pytest.raises(SystemExit) as excinfo:
+            main(["--synthetic", *given])
+        assert excinfo.value.code == 2
+        assert shown in capsys.readouterr().err
+    assert regular.read_text() == "kept" and not (tmp_path / "absent").exists()
+
+
 def test_runnable_as_a_module():
     for command in (["-m", "sklearn_jsae._evaluate", "--help"], ["-m", "sklearn_jsae", "evaluate", "--help"]):
         result = subprocess.run([sys.executable, *command], check=False, capture_output=True, text=True, timeout=300)
