@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.utils import Bunch, check_random_state
+from sklearn.utils import Bunch
 
 from ._backend.mlp import ACTIVATIONS, ElementwiseMLP, GatedMLP
+from .metrics._validation import _check_bool, _check_positive_real, _check_random_state
 
 __all__ = ["load_minilm_mlp", "load_python_doc_texts", "make_synthetic_mlp"]
 
@@ -26,7 +27,10 @@ _SPECIAL_IDS = (0, 100, 101, 102, 103)  # [PAD], [UNK], [CLS], [SEP], [MASK] in 
 
 
 def _float_dtype(dtype, name="dtype"):
-    resolved = np.dtype(dtype)
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError as exc:
+        raise ValueError(f"{name} must be numpy.float32 or numpy.float64, got {dtype!r}.") from exc
     if resolved not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"{name} must be numpy.float32 or numpy.float64, got {dtype!r}.")
     return resolved
@@ -91,6 +95,7 @@ def load_minilm_mlp(*, include_special_tokens=True, dtype=np.float32):
     ('[CLS]', 101)
     """
     dtype = _float_dtype(dtype)
+    include_special_tokens = _check_bool(include_special_tokens, "include_special_tokens")
     with np.load(DATA_DIR / f"{_MINILM}.npz") as stored:
         arrays = {key: stored[key] for key in stored.files}
     metadata = json.loads((DATA_DIR / f"{_MINILM}.json").read_text())
@@ -168,7 +173,7 @@ def make_synthetic_mlp(
     n_active : int, default=4
         Non-zero dictionary coefficients per sample.
     noise : float, default=0.05
-        Standard deviation of the added Gaussian noise, before rescaling.
+        Standard deviation of the added Gaussian noise, before rescaling; finite and >= 0.
     random_state : int, RandomState instance or None, default=None
 
     Returns
@@ -195,9 +200,10 @@ def make_synthetic_mlp(
         raise ValueError(f"n_active={n_active} must be <= n_atoms={n_atoms}.")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not supported; use one of {ACTIVATIONS}.")
-    if not (isinstance(noise, numbers.Real) and noise >= 0):
-        raise ValueError(f"noise must be a float >= 0, got {noise!r}.")
-    rng = check_random_state(random_state)
+    # an infinite noise scale would make every row inf, and the rescaling then NaN
+    noise = _check_positive_real(noise, "noise", allow_zero=True)
+    gated = _check_bool(gated, "gated")
+    rng = _check_random_state(random_state)
 
     D = rng.standard_normal((n_atoms, n_features))
     D /= np.linalg.norm(D, axis=1, keepdims=True)
@@ -235,6 +241,11 @@ def load_python_doc_texts(min_length=80):
     licence): about 900 paragraphs, 55k MiniLM tokens.  Paragraphs of ``min_length`` characters
     or fewer and indented code blocks are left out; whitespace is collapsed.
 
+    Parameters
+    ----------
+    min_length : int, default=80
+        Paragraphs of this many characters or fewer are left out; must be >= 0.
+
     Returns
     -------
     texts : list of str
@@ -248,6 +259,7 @@ def load_python_doc_texts(min_length=80):
     """
     import pydoc_data.topics
 
+    min_length = _check_int(min_length, "min_length", minimum=0)
     out = []
     for topic in pydoc_data.topics.topics.values():
         for paragraph in topic.split("\n\n"):

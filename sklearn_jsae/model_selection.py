@@ -51,12 +51,13 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 
 import numpy as np
 
 from .metrics import jacobian_sparsity, reconstruction_metrics
 from .metrics._sparsity import _check_scale, _jacobian_sparsity_views
-from .metrics._validation import _check_jsae
+from .metrics._validation import _check_bool, _check_jsae
 
 __all__ = [
     "explained_variance_scorer",
@@ -237,14 +238,19 @@ neg_dead_fraction_scorer = _SingleScorer(
     "neg_dead_fraction", lambda est, X: _reconstruction_scores(est, X)["neg_dead_fraction"])
 
 
-class _SparsestWithinTolerance:
-    def __init__(self, tolerance, reconstruction, sparsity, relative):
-        self.tolerance = tolerance
-        self.reconstruction = reconstruction
-        self.sparsity = sparsity
-        self.relative = relative
+def _score_columns(cv_results, names):
+    """The ``mean_test_<name>`` columns of ``cv_results`` as float64 arrays, one score per candidate.
 
-    def _column(self, cv_results, name):
+    Shared by the refit rule and :func:`~sklearn_jsae.plotting.plot_l1_pareto`: a missing, non-numeric
+    or ragged column is refused here, naming it, rather than read as a shorter list of candidates.
+    """
+    if not isinstance(cv_results, Mapping):
+        raise TypeError(
+            f"cv_results must be a dict of columns, such as a fitted search's cv_results_, got "
+            f"{type(cv_results).__name__}."
+        )
+    columns = []
+    for name in names:
         key = f"mean_test_{name}"
         if key not in cv_results:
             available = sorted(k[len("mean_test_"):] for k in cv_results if k.startswith("mean_test_"))
@@ -253,11 +259,36 @@ class _SparsestWithinTolerance:
                 f"{name!r} (available: {available}). Use scoring=make_scoring() or pass "
                 f"reconstruction=/sparsity= names that exist."
             )
-        return np.asarray(cv_results[key], dtype=np.float64)
+        try:
+            column = np.asarray(cv_results[key], dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"cv_results_[{key!r}] must hold one number per candidate, got "
+                             f"{cv_results[key]!r:.100}.") from exc
+        if column.ndim != 1:
+            raise ValueError(f"cv_results_[{key!r}] must be 1-D (one score per candidate), got shape "
+                             f"{column.shape}.")
+        columns.append(column)
+    lengths = {f"mean_test_{name}": column.size for name, column in zip(names, columns)}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(
+            f"the score columns of cv_results_ differ in length ({lengths}); each must hold one score per "
+            f"candidate. Pass the cv_results_ of one search, unedited."
+        )
+    return columns
+
+
+class _SparsestWithinTolerance:
+    def __init__(self, tolerance, reconstruction, sparsity, relative):
+        self.tolerance = tolerance
+        self.reconstruction = reconstruction
+        self.sparsity = sparsity
+        self.relative = relative
 
     def __call__(self, cv_results):
-        recon = self._column(cv_results, self.reconstruction)
-        sparse = self._column(cv_results, self.sparsity)
+        recon, sparse = _score_columns(cv_results, (self.reconstruction, self.sparsity))
+        if recon.size == 0:
+            raise ValueError("cv_results_ holds no candidate (its score columns are empty): nothing to "
+                             "choose from.")
         finite = np.isfinite(recon) & np.isfinite(sparse)
         if not finite.any():
             raise ValueError("every candidate has a NaN score; check the search's error_score and warnings.")
@@ -301,7 +332,15 @@ def sparsest_within_tolerance(tolerance=0.02, *, reconstruction="explained_varia
     -------
     refit : callable
         ``refit(cv_results) -> int`` index of the chosen candidate, for
-        ``GridSearchCV(refit=...)``.
+        ``GridSearchCV(refit=...)``.  It raises KeyError if a score column is missing, and
+        ValueError if the columns differ in length, hold non-numbers, are empty or all NaN.
+
+    Raises
+    ------
+    ValueError
+        If ``tolerance`` is not a number >= 0.
+    TypeError
+        If ``reconstruction`` or ``sparsity`` is not a str, or ``relative`` is not a bool.
 
     Examples
     --------
@@ -318,4 +357,5 @@ def sparsest_within_tolerance(tolerance=0.02, *, reconstruction="explained_varia
     for name, value in (("reconstruction", reconstruction), ("sparsity", sparsity)):
         if not isinstance(value, str):
             raise TypeError(f"{name} must be a scorer name (str), got {type(value).__name__}.")
-    return _SparsestWithinTolerance(float(tolerance), reconstruction, sparsity, bool(relative))
+    relative = _check_bool(relative, "relative")
+    return _SparsestWithinTolerance(float(tolerance), reconstruction, sparsity, relative)

@@ -16,14 +16,22 @@ and the Pareto front take the ``scale`` of :func:`~sklearn_jsae.metrics.jacobian
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping
 
 import numpy as np
 
 from ._topk import _inference_device, _validate_X
 from .metrics import global_jacobian_sparsity
 from .metrics._sparsity import _check_scale, _resolve_scale
-from .metrics._validation import _check_jsae, _check_positive_int, _check_positive_real, _check_thresholds
-from .model_selection import _JSAEScoring
+from .metrics._validation import (
+    _check_bool,
+    _check_index,
+    _check_jsae,
+    _check_positive_int,
+    _check_positive_real,
+    _check_thresholds,
+)
+from .model_selection import _JSAEScoring, _score_columns
 
 __all__ = ["plot_jacobian_block", "plot_jacobian_histogram", "plot_l1_pareto", "plot_top_edges"]
 
@@ -194,12 +202,23 @@ def plot_l1_pareto(search, *, reconstruction="explained_variance", sparsity="neg
         computed, so a factor belongs in ``make_scoring(scale=...)``.
     param : str, default="l1"
     chosen : int or None, default=None
-        Candidate index to star; None uses ``search.best_index_`` if it exists.
+        Candidate index to star, in ``[0, n_candidates)``; None uses ``search.best_index_`` if
+        it exists.
     ax : matplotlib Axes, default=None
 
     Returns
     -------
     ax : matplotlib Axes
+
+    Raises
+    ------
+    TypeError
+        If ``search`` is neither a fitted search nor a dict, or ``chosen`` is not an int.
+    KeyError
+        If a score column is missing.
+    ValueError
+        If ``chosen`` is out of range, or the score (and ``param_<param>``) columns differ in
+        length or hold non-numbers.
 
     Examples
     --------
@@ -218,16 +237,23 @@ def plot_l1_pareto(search, *, reconstruction="explained_variance", sparsity="neg
     ([0.01, 0.05, 0.3], True)
     """
     cv_results = getattr(search, "cv_results_", search)
+    if not isinstance(cv_results, Mapping):
+        fitted_later = " (not fitted yet: fit it first)" if hasattr(search, "get_params") else ""
+        raise TypeError(
+            f"search must be a fitted GridSearchCV / RandomizedSearchCV or its cv_results_ dict, got "
+            f"{type(search).__name__}{fitted_later}."
+        )
     if chosen is None:
         chosen = getattr(search, "best_index_", None)
     sparsity, view, tau = _pareto_column(search, sparsity, scale)
-    keys = (f"mean_test_{reconstruction}", f"mean_test_{sparsity}")
-    missing = [key for key in keys if key not in cv_results]
-    if missing:
-        raise KeyError(f"cv_results has no {missing}; score the search with sklearn_jsae.model_selection.make_scoring().")
-    gain = np.asarray(cv_results[keys[0]], dtype=np.float64)
-    cost = -np.asarray(cv_results[keys[1]], dtype=np.float64)
+    gain, cost = _score_columns(cv_results, (reconstruction, sparsity))
+    cost = -cost
     values = list(cv_results.get(f"param_{param}", [None] * gain.size))
+    if len(values) != gain.size:
+        raise ValueError(f"cv_results['param_{param}'] has {len(values)} values but the score columns have "
+                         f"{gain.size}; each must hold one entry per candidate.")
+    if chosen is not None:
+        chosen = _check_index(chosen, "chosen", gain.size, "candidates")
     ax = _axes(ax)
     front = _pareto_mask(cost, gain)
     order = np.argsort(cost[front])
@@ -310,6 +336,7 @@ def plot_jacobian_block(estimator, x, *, input_labels=None, output_labels=None, 
     (3, 3)
     """
     _check_jsae(estimator)
+    sort = _check_bool(sort, "sort")
     x = np.asarray(x)
     if x.ndim > 2 or (x.ndim == 2 and x.shape[0] != 1):
         raise ValueError(f"x must be one MLP input, of shape (n_features_in_,) or (1, n_features_in_); got "
@@ -359,6 +386,8 @@ def plot_top_edges(estimator, X, output_latent, *, n_edges=10, input_labels=None
 
     Raises
     ------
+    TypeError
+        If ``output_latent`` is not an int (a bool, float or str is refused, not rounded).
     ValueError
         If the output latent is out of range or never active on X.
 
@@ -379,10 +408,9 @@ def plot_top_edges(estimator, X, output_latent, *, n_edges=10, input_labels=None
     _check_jsae(estimator)
     n_edges = _check_positive_int(n_edges, "n_edges")
     n_out = estimator.output_sae_.components_.shape[0]
-    if not 0 <= int(output_latent) < n_out:
-        raise ValueError(f"output_latent={output_latent} is out of range: the output SAE has {n_out} latents.")
+    output_latent = _check_index(output_latent, "output_latent", n_out, "output-SAE latents")
     _, G = global_jacobian_sparsity(estimator, X, thresholds=[0.0], return_matrix=True)
-    row = G[[int(output_latent)], :].tocoo()
+    row = G[[output_latent], :].tocoo()
     if row.nnz == 0:
         raise ValueError(
             f"output latent {output_latent} is never active on X (or all its Jacobian entries are 0); "
@@ -398,6 +426,6 @@ def plot_top_edges(estimator, X, output_latent, *, n_edges=10, input_labels=None
     ax.set_yticklabels([_label(input_labels, j) for j in latents], fontsize=8)
     ax.set_xlabel("mean |J| when the output latent is active")
     ax.set_ylabel("input latent")
-    name = output_label if output_label is not None else f"output latent {int(output_latent)}"
+    name = output_label if output_label is not None else f"output latent {output_latent}"
     ax.set_title(f"Strongest edges into {name}")
     return ax

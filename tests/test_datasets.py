@@ -1,12 +1,14 @@
 """sklearn_jsae.datasets: the bundled MiniLM MLP data and the synthetic generator."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from scipy.special import erf
 
 from sklearn_jsae import JacobianSparseAutoencoder
-from sklearn_jsae.datasets import DATA_DIR, load_minilm_mlp, make_synthetic_mlp
+from sklearn_jsae.datasets import DATA_DIR, load_minilm_mlp, load_python_doc_texts, make_synthetic_mlp
 from sklearn_jsae.mlp import ElementwiseMLP, GatedMLP
 
 
@@ -129,9 +131,47 @@ def test_make_synthetic_gated_mlp():
         (dict(n_features=2.5), "n_features must be an int >= 1, got 2.5"),
         (dict(n_active=9, n_atoms=8), "n_active=9 must be <= n_atoms=8"),
         (dict(activation="swish"), "activation='swish' is not supported"),
-        (dict(noise=-1), "noise must be a float >= 0"),
+        (dict(noise=-1), "noise must be a finite number >= 0, got -1"),
+        (dict(noise=float("inf")), "noise must be a finite number >= 0, got inf"),
+        (dict(noise=float("nan")), "noise must be a finite number >= 0, got nan"),
+        (dict(noise=True), "noise must be a finite number >= 0, got True"),
+        (dict(random_state=-1), r"random_state must be None, an int in \[0, 2\*\*32 - 1\].*got -1"),
     ],
 )
 def test_make_synthetic_mlp_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_synthetic_mlp(**kwargs)
+
+
+def test_make_synthetic_mlp_infinite_noise_is_refused_not_returned_as_nan():
+    """noise=inf returned an all-NaN X (inf rows, then rescaled by inf)."""
+    with pytest.raises(ValueError, match="noise must be a finite number >= 0, got inf"):
+        make_synthetic_mlp(n_samples=10, n_features=3, n_hidden=4, noise=np.inf)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda v: make_synthetic_mlp(n_samples=10, n_features=3, n_hidden=4, gated=v), "gated"),
+    (lambda v: load_minilm_mlp(include_special_tokens=v), "include_special_tokens"),
+])
+@pytest.mark.parametrize("value", ["no", None, 0])
+def test_dataset_flags_must_be_bools(call, name, value):
+    """gated="no" built a GatedMLP and include_special_tokens="no" kept the special tokens."""
+    with pytest.raises(TypeError, match=rf"{name} must be True or False, got {re.escape(repr(value))}"):
+        call(value)
+
+
+@pytest.mark.parametrize("min_length", ["a", -1, 2.5, None])
+def test_python_doc_texts_min_length_must_be_a_count(min_length):
+    with pytest.raises(ValueError, match=rf"min_length must be an int >= 0, got {re.escape(repr(min_length))}"):
+        load_python_doc_texts(min_length)
+
+
+def test_python_doc_texts_min_length_filters():
+    texts = load_python_doc_texts(min_length=np.int64(300))
+    assert texts and all(len(t) > 300 for t in texts)
+    assert len(texts) < len(load_python_doc_texts(0))
+
+
+def test_minilm_dtype_that_numpy_does_not_know_is_named():
+    with pytest.raises(ValueError, match="dtype must be numpy.float32 or numpy.float64, got 'x'"):
+        load_minilm_mlp(dtype="x")

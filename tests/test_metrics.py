@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -718,3 +719,80 @@ def test_metrics_on_cuda_match_cpu():
             assert np.allclose(list(a.values()), list(b.values()), atol=0.02)
         else:
             assert a == pytest.approx(b, abs=0.02)
+
+
+# ------------------------------------------------------------------------- argument checking
+
+
+@pytest.fixture(scope="module")
+def small_fit():
+    X = np.random.default_rng(0).normal(size=(12, 3)).astype(np.float32)
+    return fitted(make_mlp(3, 6, 3), X, 6, 2), X
+
+
+FLAG_CALLS = {
+    "normalize": lambda jsae, X, v: jacobian_sparsity(jsae, X, normalize=v),
+    "return_matrix": lambda jsae, X, v: global_jacobian_sparsity(jsae, X, return_matrix=v),
+    "return_curves": lambda jsae, X, v: linearity(jsae, X, n_samples=2, n_points=3, return_curves=v),
+    "return_details": lambda jsae, X, v: intervention_agreement(jsae, X[:2], return_details=v),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLAG_CALLS))
+@pytest.mark.parametrize("value", ["no", "False", None, 0, 1.0])
+def test_boolean_flags_refuse_what_is_not_a_bool(small_fit, name, value):
+    """A flag was read by truthiness: normalize="no" counted as True."""
+    jsae, X = small_fit
+    with pytest.raises(TypeError, match=rf"{name} must be True or False, got {re.escape(repr(value))}"):
+        FLAG_CALLS[name](jsae, X, value)
+
+
+def test_boolean_flags_take_numpy_bools(small_fit):
+    jsae, X = small_fit
+    assert jacobian_sparsity(jsae, X, normalize=np.bool_(False)) == jacobian_sparsity(jsae, X, normalize=False)
+    assert isinstance(global_jacobian_sparsity(jsae, X, return_matrix=np.bool_(True)), tuple)
+
+
+@pytest.mark.parametrize("random_state", [-1, 2**32, "a", 1.5])
+def test_random_state_errors_name_the_parameter(small_fit, random_state):
+    """numpy's "Seed must be between 0 and 2**32 - 1" named neither random_state nor the value."""
+    jsae, X = small_fit
+    message = rf"random_state must be None, an int in \[0, 2\*\*32 - 1\].*got {re.escape(repr(random_state))}"
+    with pytest.raises(ValueError, match=message):
+        randomize_mlp(make_mlp(3, 4, 3), random_state=random_state)
+    with pytest.raises(ValueError, match=message):
+        linearity(jsae, X, n_samples=2, n_points=3, random_state=random_state)
+
+
+def test_linearity_uses_the_fitted_k_not_a_later_set_params(small_fit):
+    """n_pairs=None means k pairs per row: the fitted k, not the constructor parameter that
+    set_params changes without a refit."""
+    jsae, X = small_fit
+    jsae = copy.deepcopy(jsae)
+    kwargs = dict(n_samples=4, n_points=5, random_state=0, return_curves=True)
+    before, details = linearity(jsae, X, **kwargs)
+    assert details["curves"].shape == (4 * 2, 5)
+    jsae.set_params(k=3)
+    after, details_after = linearity(jsae, X, **kwargs)
+    assert after == before
+    np.testing.assert_array_equal(details_after["curves"], details["curves"])
+
+
+@FAST
+@given(value=st.one_of(st.integers(-5, 12), st.floats(allow_nan=True), st.booleans(), st.text(max_size=2),
+                       st.none()),
+       size=st.integers(0, 8))
+def test_index_check_accepts_exactly_the_ints_in_range(value, size):
+    """The check behind plot_l1_pareto(chosen=) and plot_top_edges(output_latent=): an int in
+    [0, size) comes back unchanged; a float or str is refused rather than cast with int()."""
+    from sklearn_jsae.metrics._validation import _check_index
+
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if is_int and 0 <= value < size:
+        assert _check_index(value, "idx", size, "items") == value
+    elif is_int:
+        with pytest.raises(ValueError, match=rf"idx={value} is out of range: there are {size} items"):
+            _check_index(value, "idx", size, "items")
+    else:
+        with pytest.raises(TypeError, match=r"idx must be an int \(an index into the"):
+            _check_index(value, "idx", size, "items")

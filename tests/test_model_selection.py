@@ -160,3 +160,37 @@ def test_refit_rule_edge_cases():
         rule({"mean_test_explained_variance": [np.nan], "mean_test_neg_jacobian_sparsity": [np.nan]})
     custom = sparsest_within_tolerance(0.0, reconstruction="ev", sparsity="sparsity")
     assert custom({"mean_test_ev": [0.5, 0.9], "mean_test_sparsity": [0.0, -1.0]}) == 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_recon=st.integers(0, 6), n_sparse=st.integers(0, 6))
+def test_refit_rule_refuses_columns_of_unequal_length(n_recon, n_sparse):
+    """Ragged columns were cut to the shorter one (the rule then chose among the candidates that
+    happened to line up) or, when one was empty, gave 0; equal columns give an index in range."""
+    cv = {"mean_test_explained_variance": np.linspace(0.5, 0.9, n_recon),
+          "mean_test_neg_jacobian_sparsity": -np.linspace(0.1, 0.5, n_sparse)}
+    rule = sparsest_within_tolerance(0.1)
+    if n_recon != n_sparse:
+        message = (rf"differ in length \({{'mean_test_explained_variance': {n_recon}, "
+                   rf"'mean_test_neg_jacobian_sparsity': {n_sparse}}}\)")
+        with pytest.raises(ValueError, match=message):
+            rule(cv)
+    elif n_recon == 0:
+        with pytest.raises(ValueError, match="holds no candidate"):
+            rule(cv)
+    else:
+        assert 0 <= rule(cv) < n_recon
+
+
+def test_refit_rule_names_bad_cv_results_and_flags():
+    rule = sparsest_within_tolerance()
+    with pytest.raises(TypeError, match="cv_results must be a dict of columns.*got NoneType"):
+        rule(None)
+    strings = {"mean_test_explained_variance": ["a"], "mean_test_neg_jacobian_sparsity": [-0.1]}
+    with pytest.raises(ValueError, match=r"cv_results_\['mean_test_explained_variance'\] must hold one number "
+                                         r"per candidate, got \['a'\]"):
+        rule(strings)
+    for relative in ("no", None, 1):
+        with pytest.raises(TypeError, match=rf"relative must be True or False, got {re.escape(repr(relative))}"):
+            sparsest_within_tolerance(0.5, relative=relative)
+    assert sparsest_within_tolerance(0.5, relative=np.bool_(True)).relative is True

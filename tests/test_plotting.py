@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import sys
 
 import numpy as np
@@ -178,3 +179,66 @@ def test_missing_matplotlib_gives_an_install_hint(monkeypatch, models):
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(ImportError, match=r"sklearn-jsae\[plot\]"):
         plot_jacobian_block(named["JSAE"], X[0])
+
+
+PARETO = {
+    "param_l1": [0.0, 0.5, 2.0],
+    "mean_test_explained_variance": [0.9, 0.89, 0.85],
+    "mean_test_neg_jacobian_sparsity": [-0.4, -0.1, -0.05],
+}
+
+
+@pytest.mark.parametrize("chosen, error, message", [
+    (10, ValueError, r"chosen=10 is out of range: there are 3 candidates, so it must be in \[0, 2\]"),
+    (-1, ValueError, r"chosen=-1 is out of range"),
+    ("a", TypeError, r"chosen must be an int \(an index into the 3 candidates\), got 'a'"),
+    (1.0, TypeError, r"chosen must be an int .*got 1.0"),
+    (True, TypeError, r"chosen must be an int .*got True"),
+])
+def test_pareto_chosen_must_be_a_candidate_index(chosen, error, message):
+    """chosen=10 or "a" was a bare IndexError from numpy."""
+    with pytest.raises(error, match=message):
+        plot_l1_pareto(PARETO, chosen=chosen)
+
+
+def test_pareto_stars_a_numpy_int_choice():
+    ax = plot_l1_pareto(PARETO, chosen=np.int64(2))
+    assert np.allclose(ax.collections[1].get_offsets(), [[0.05, 0.85]])
+
+
+def test_pareto_refuses_an_unfitted_search_and_ragged_columns():
+    from sklearn.model_selection import GridSearchCV
+
+    with pytest.raises(TypeError, match=r"got GridSearchCV \(not fitted yet: fit it first\)"):
+        plot_l1_pareto(GridSearchCV(JacobianSparseAutoencoder(), {"l1": [0.0, 1.0]}))
+    with pytest.raises(TypeError, match="cv_results_ dict, got NoneType"):
+        plot_l1_pareto(None)
+    ragged = dict(PARETO, mean_test_neg_jacobian_sparsity=[-0.4])
+    with pytest.raises(ValueError, match=r"differ in length .*'mean_test_explained_variance': 3, "
+                                         r"'mean_test_neg_jacobian_sparsity': 1"):
+        plot_l1_pareto(ragged)
+    with pytest.raises(ValueError, match=r"cv_results\['param_l1'\] has 2 values but the score columns have 3"):
+        plot_l1_pareto(dict(PARETO, param_l1=[0.0, 0.5]))
+
+
+@pytest.mark.parametrize("latent", [2.7, "3", "a", None, float("nan"), True])
+def test_top_edges_output_latent_must_be_an_int(models, latent):
+    """output_latent=2.7, "3" or True was silently cast with int(); "a", None and nan gave int()'s
+    own errors, which do not name output_latent."""
+    named, X = models
+    with pytest.raises(TypeError, match=rf"output_latent must be an int \(an index into the 16 output-SAE "
+                                        rf"latents\), got {re.escape(repr(latent))}"):
+        plot_top_edges(named["JSAE"], X, latent)
+
+
+def test_top_edges_take_a_numpy_int_latent(models):
+    named, X = models
+    jsae = named["traditional"]
+    latent = jsae.transform_output(X).indices[0]  # a numpy int32
+    assert plot_top_edges(jsae, X, latent).get_title() == f"Strongest edges into output latent {int(latent)}"
+
+
+def test_jacobian_block_sort_must_be_a_bool(models):
+    named, X = models
+    with pytest.raises(TypeError, match="sort must be True or False, got 'no'"):
+        plot_jacobian_block(named["JSAE"], X[0], sort="no")

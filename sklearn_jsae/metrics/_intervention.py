@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._topk import _inference_device, _validate_X
-from ._validation import _check_jsae, _check_positive_int, _check_positive_real
+from ._validation import _check_bool, _check_jsae, _check_positive_int, _check_positive_real
 
 
 def intervention_agreement(estimator, X, *, delta=1.0, tol=0.1, return_details=False, batch_size=None):
@@ -57,6 +57,7 @@ def intervention_agreement(estimator, X, *, delta=1.0, tol=0.1, return_details=F
     X = _validate_X(estimator, X, reset=False, checked_in_batches=True)  # a memmap: batch by batch
     delta = _check_positive_real(delta, "delta")
     tol = _check_positive_real(tol, "tol", allow_zero=True)
+    return_details = _check_bool(return_details, "return_details")
     if batch_size is not None:
         batch_size = _check_positive_int(batch_size, "batch_size")
     agree, total = 0, 0

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.utils import check_random_state
 
 from .._topk import _inference_device, _validate_X
-from ._validation import _check_jsae, _check_positive_int, _check_positive_real
+from ._validation import (
+    _check_bool,
+    _check_jsae,
+    _check_positive_int,
+    _check_positive_real,
+    _check_random_state,
+)
 
 
 def _line_residuals(grid, curves, weights=None):
@@ -110,7 +115,7 @@ def linearity(estimator, X, *, n_samples=256, n_pairs=None, n_points=100, sweep_
     n_samples : int, default=256
         Rows drawn (without replacement; all rows if X has fewer).
     n_pairs : int or None, default=None
-        Pairs per row; None means k (the paper's choice).
+        Pairs per row; None means the fitted k (the paper's choice).
     n_points : int, default=100
     sweep_min : float, default=5.0
     sweep_pad : float, default=1.0
@@ -153,11 +158,13 @@ def linearity(estimator, X, *, n_samples=256, n_pairs=None, n_points=100, sweep_
     n_points = _check_positive_int(n_points, "n_points")
     if n_points < 2:
         raise ValueError(f"n_points must be >= 2 to fit a line, got {n_points}.")
-    n_pairs = estimator.k if n_pairs is None else _check_positive_int(n_pairs, "n_pairs")
+    # the fitted k: estimator.k is the constructor parameter, which set_params may have changed since
+    n_pairs = estimator.input_sae_.k if n_pairs is None else _check_positive_int(n_pairs, "n_pairs")
     sweep_min = _check_positive_real(sweep_min, "sweep_min")
     sweep_pad = _check_positive_real(sweep_pad, "sweep_pad", allow_zero=True)
     tol = _check_positive_real(tol, "tol")
-    rng = check_random_state(random_state)
+    return_curves = _check_bool(return_curves, "return_curves")
+    rng = _check_random_state(random_state)
     rows = np.sort(rng.choice(X.shape[0], size=min(n_samples, X.shape[0]), replace=False))
     # the sampled rows alone, read and checked (naming the row) as every pass over a store is
     sampled = _Rows(X, "cpu", torch.float32, resident=False)

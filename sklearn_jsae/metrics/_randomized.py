@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-from sklearn.utils import check_random_state
+
+from ._validation import _check_random_state
 
 
 def randomize_mlp(mlp, random_state=None):
@@ -41,7 +42,8 @@ def randomize_mlp(mlp, random_state=None):
     TypeError
         If ``mlp`` is not a torch ``nn.Module`` (a plain function has no weights to re-draw).
     ValueError
-        If ``mlp`` holds no floating-point tensor with two or more dimensions.
+        If ``mlp`` holds no floating-point tensor with two or more dimensions, or
+        ``random_state`` cannot seed a generator (a negative int, a str, ...).
 
     Examples
     --------
@@ -65,7 +67,7 @@ def randomize_mlp(mlp, random_state=None):
             f"nn.Linear, sklearn_jsae.mlp.ElementwiseMLP / GatedMLP (e.g. from sklearn_jsae.hf.mlp_of), "
             f"or any nn.Module with weight-matrix parameters; a plain function has no weights."
         )
-    seed = int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
+    seed = int(_check_random_state(random_state).randint(np.iinfo(np.int32).max))
     randomized = copy.deepcopy(mlp)
     redrawn = redraw_matrices_(randomized, torch.Generator().manual_seed(seed))
     if not redrawn:

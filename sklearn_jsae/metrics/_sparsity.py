@@ -13,7 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._topk import _validate_X
-from ._validation import _check_jsae, _check_thresholds
+from ._validation import _check_bool, _check_jsae, _check_thresholds
 
 # The paper's thresholds τ; documented in the package, which exports them.
 DEFAULT_THRESHOLDS = (0.005, 0.01, 0.015, 0.02)
@@ -263,6 +263,8 @@ def jacobian_sparsity(estimator, X=None, thresholds=DEFAULT_THRESHOLDS, *, norma
     ValueError
         If ``scale="normalized"`` is given with a Jacobian array (it has no scales: pass the
         estimator, or ``scale=jacobian_scale(estimator)``), or ``scale`` is none of the above.
+    TypeError
+        If ``normalize`` is not a bool.
 
     See Also
     --------
@@ -291,6 +293,7 @@ def jacobian_sparsity(estimator, X=None, thresholds=DEFAULT_THRESHOLDS, *, norma
     True
     """
     thresholds = _check_thresholds(thresholds)
+    normalize = _check_bool(normalize, "normalize")
     factor = _resolve_scale(estimator, _check_scale(scale))
     (fractions,), _ = _sparsity_pass(estimator, X, thresholds, [factor], normalize=normalize)
     return fractions
@@ -330,6 +333,8 @@ def global_jacobian_sparsity(estimator, X=None, thresholds=DEFAULT_THRESHOLDS, *
     ------
     ValueError
         As :func:`jacobian_sparsity` for ``scale``.
+    TypeError
+        If ``return_matrix`` is not a bool.
 
     Examples
     --------
@@ -346,6 +351,7 @@ def global_jacobian_sparsity(estimator, X=None, thresholds=DEFAULT_THRESHOLDS, *
     {0.1: 0.16666666666666666}
     """
     thresholds = _check_thresholds(thresholds)
+    return_matrix = _check_bool(return_matrix, "return_matrix")
     factor = _resolve_scale(estimator, _check_scale(scale))
     _, G = _sparsity_pass(estimator, X, thresholds, [factor], per_sample=False, global_matrix=True)
     fractions = _global_fractions(G, thresholds, factor)

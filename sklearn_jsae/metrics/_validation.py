@@ -45,3 +45,33 @@ def _check_positive_real(value, name, allow_zero=False):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
     return float(value)
+
+
+def _check_bool(value, name):
+    """``value`` as a bool; a string such as ``"no"`` is truthy, so anything but a bool is refused."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+    return bool(value)
+
+
+def _check_index(value, name, size, what):
+    """``value`` as an int in ``[0, size)``; ``what`` says what the ``size`` items are."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int (an index into the {size} {what}), got {value!r}.")
+    if not 0 <= value < size:
+        valid = f"so it must be in [0, {size - 1}]" if size else "so no index is valid"
+        raise ValueError(f"{name}={int(value)} is out of range: there are {size} {what}, {valid}.")
+    return int(value)
+
+
+def _check_random_state(random_state, name="random_state"):
+    """``sklearn.utils.check_random_state``, with an error that names the parameter (numpy's own, for
+    a negative seed, names neither it nor the value)."""
+    from sklearn.utils import check_random_state
+
+    try:
+        return check_random_state(random_state)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{name} must be None, an int in [0, 2**32 - 1] or a numpy RandomState, got {random_state!r}."
+        ) from exc
