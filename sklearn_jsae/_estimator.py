@@ -522,16 +522,24 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
             trainer.model = (mlp_copy, mlp_map, d_out, probe_rows)
             trainer.params = training_params(self)
             self._trainer = trainer
+        # An error or interrupt anywhere in this call (the steps, or the jacobian_ pass after them)
+        # puts the optimiser back as it was before it, so the estimator (restored as a whole by
+        # _keep_state_on_error) and its optimiser agree, and the next call continues the run.
+        snapshot = trainer.snapshot()
         try:
             with _training_precision(trainer.config):
                 train_rows(trainer, X)
             trainer.close_record(call=len(trainer.history) + 1)
+            mlp_copy, mlp_map, d_out, probe_rows = trainer.model
+            self._set_fitted(trainer.result(), mlp_copy, mlp_map, probe_rows, trainer.config.device, d_out, X,
+                             previous=trainer.previous_history)
         except BaseException:
-            trainer.broken = True  # half-updated: the next call starts again from the fitted state
+            try:
+                trainer.restore(snapshot)
+            except BaseException:
+                trainer.broken = True  # half-restored: the next call starts again from the fitted state
+                raise
             raise
-        mlp_copy, mlp_map, d_out, probe_rows = trainer.model
-        self._set_fitted(trainer.result(), mlp_copy, mlp_map, probe_rows, trainer.config.device, d_out, X,
-                         previous=trainer.previous_history)
         return self
 
     @_keep_state_on_error

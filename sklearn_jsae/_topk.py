@@ -338,14 +338,22 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
             trainer.previous_history = list(self.history_) if fitted else []
             trainer.params = training_params(self)
             self._trainer = trainer
+        # An error or interrupt anywhere in this call (the steps, or the jacobian_ pass after them)
+        # puts the optimiser back as it was before it, so the estimator (restored as a whole by
+        # _keep_state_on_error) and its optimiser agree, and the next call continues the run.
+        snapshot = trainer.snapshot()
         try:
             with _training_precision(trainer.config):
                 train_rows(trainer, X)
             trainer.close_record(call=len(trainer.history) + 1)
+            self._set_fitted(trainer.result(), trainer.config.device, previous=trainer.previous_history)
         except BaseException:
-            trainer.broken = True  # half-updated: the next call starts again from the fitted state
+            try:
+                trainer.restore(snapshot)
+            except BaseException:
+                trainer.broken = True  # half-restored: the next call starts again from the fitted state
+                raise
             raise
-        self._set_fitted(trainer.result(), trainer.config.device, previous=trainer.previous_history)
         return self
 
     @_keep_state_on_error

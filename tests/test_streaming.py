@@ -589,43 +589,41 @@ def test_partial_fit_says_once_that_it_saves_no_checkpoints(data, kind, tmp_path
 
 
 @pytest.mark.parametrize("kind", ["jsae", "topk"])
-def test_partial_fit_interrupted_mid_call_keeps_the_model_and_restarts_from_it(data, kind):
-    """Ctrl-C after some of a call's steps: the fitted model is the one before the call, and the
-    next call starts again from it (a fresh optimiser, as after unpickling), not from the
-    half-updated trainer."""
-    import pickle
-
+@pytest.mark.parametrize("where", ["in its steps", "after its steps"])
+def test_partial_fit_interrupted_mid_call_keeps_the_model_and_its_optimiser(data, kind, where, monkeypatch):
+    """Ctrl-C during a call, after some of its steps or in the fitted-state pass after them
+    (``jacobian_``): the fitted model is the one before the call, and the retried call continues the
+    same optimiser and schedule, so the run ends bit for bit where an uninterrupted one does (the
+    trainer used to keep the interrupted call's steps, or start a fresh optimiser and schedule)."""
     X, mlp = data
-    settings = dict(n_components=32, k=4, batch_size=64, device="cpu", random_state=0)
-    est = (JacobianSparseAutoencoder(mlp, l1=0.5, **settings) if kind == "jsae"
-           else TopKSparseAutoencoder(**settings)).partial_fit(X[:512])
-    sides = ("input_sae_", "output_sae_") if kind == "jsae" else (None,)
+    settings = dict(n_components=32, k=4, batch_size=64, device="cpu", random_state=0, n_tokens=len(X))
 
-    def components(model):
-        return [(getattr(model, side) if side else model).components_ for side in sides]
+    def make():
+        return (JacobianSparseAutoencoder(mlp, l1=0.5, **settings) if kind == "jsae"
+                else TopKSparseAutoencoder(**settings))
 
-    before = pickle.loads(pickle.dumps(est))  # the fitted state, without the trainer
-    trainer, real_step, calls = est._trainer, est._trainer.step, []
-
-    def interrupted_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 3:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    trainer.step = interrupted_step
-    with pytest.raises(KeyboardInterrupt):
-        est.partial_fit(X[512:])
-    assert len(calls) == 4 and trainer.broken  # three steps of the call were taken
-    for ours, theirs in zip(components(est), components(before)):
-        np.testing.assert_array_equal(ours, theirs)
-    assert est.history_ == before.history_
-    est.partial_fit(X[512:])
-    before.partial_fit(X[512:])
-    assert est._trainer is not trainer
-    for ours, theirs in zip(components(est), components(before)):
-        np.testing.assert_array_equal(ours, theirs)
-    assert len(est.history_) == 2
+    calls = (X[:384], X[384:768], X[768:])
+    uninterrupted = make()
+    for rows in calls:
+        uninterrupted.partial_fit(rows)
+    est = make().partial_fit(calls[0])
+    before, trainer = _weights(est), est._trainer
+    if where == "in its steps":
+        _interrupt_steps(monkeypatch, {trainer.step_count + 3})
+    else:
+        monkeypatch.setattr(type(est), "_set_fitted", lambda *args, **kwargs: (_ for _ in ()).throw(_Interrupt()))
+    with pytest.raises(_Interrupt):
+        est.partial_fit(calls[1])
+    monkeypatch.undo()
+    for name, array in _weights(est).items():
+        np.testing.assert_array_equal(array, before[name], err_msg=name)
+    assert len(est.history_) == 1 and est._trainer is trainer and not trainer.broken
+    for rows in calls[1:]:
+        est.partial_fit(rows)
+    for name, array in _weights(uninterrupted).items():
+        np.testing.assert_array_equal(_weights(est)[name], array, err_msg=name)
+    assert est.history_[-1]["l1"] == uninterrupted.history_[-1]["l1"] and len(est.history_) == 3
+    assert est._trainer.rows_done == uninterrupted._trainer.rows_done == len(X)
 
 
 def test_schedules_with_and_without_a_known_end():

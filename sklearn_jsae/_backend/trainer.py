@@ -378,6 +378,37 @@ class Trainer:
             if self.pair:
                 self.normalised_map = self._normalised(self.mlp_map)
 
+    def snapshot(self) -> tuple:
+        """A copy of the state that :meth:`restore` puts back (``partial_fit``: a call that fails or
+        is interrupted half-way leaves the optimiser, its moments and the schedule as they were, so
+        that the next call continues the run).  Kept on the training device: a copy to the host
+        each call would cost more than a short call's steps on a GPU."""
+        tensors = [t.detach().clone() for t in self.tensors]
+        tensors += [t.clone() for t in self.optimiser.exp_avg + self.optimiser.exp_avg_sq]
+        tensors += [t.clone() for t in self.since_fired + self.fired_record]
+        # A call only appends to the history: its length is enough to undo it (a copy of the
+        # whole history at every call would grow with the calls).
+        meta = dict(step_count=self.step_count, adam_steps=self.optimiser.steps, history_length=len(self.history),
+                    sums=dict(self.sums), record_rows=self.record_rows, rows_done=self.rows_done,
+                    position=self.position, warned_past_schedule=self.warned_past_schedule)
+        return tensors, meta
+
+    def restore(self, snapshot: tuple) -> None:
+        """Put back the state :meth:`snapshot` copied."""
+        tensors, meta = snapshot
+        live = self.tensors + self.optimiser.exp_avg + self.optimiser.exp_avg_sq + self.since_fired + self.fired_record
+        with torch.no_grad():
+            for t, saved in zip(live, tensors, strict=True):
+                t.copy_(saved)
+        for t in self.tensors:
+            t.grad = None
+        self.step_count, self.optimiser.steps = meta["step_count"], meta["adam_steps"]
+        del self.history[meta["history_length"]:]
+        self.sums, self.record_rows = dict(meta["sums"]), meta["record_rows"]
+        self.rows_done, self.position = meta["rows_done"], meta["position"]
+        self.warned_past_schedule = meta["warned_past_schedule"]
+        self.record_started = time.perf_counter()
+
     def shapes(self) -> dict:
         """Expected shape of every tensor of :meth:`state_dict` (for checking a checkpoint)."""
         tensors, _ = self.state_dict()
