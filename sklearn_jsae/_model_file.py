@@ -4,8 +4,9 @@ The file
 --------
 ``estimator.save(path)`` writes one `safetensors <https://huggingface.co/docs/safetensors>`_
 file.  Its tensors are the fitted arrays (float32 weights, the Jacobian's CSR arrays, the MLP's
-weights); its header's ``__metadata__`` holds, under the key ``"sklearn_jsae"``, one JSON
-document with everything else::
+weights, a few training rows and the MLP's outputs on them, recorded for a callable MLP too); its
+header's ``__metadata__`` holds, under the key ``"sklearn_jsae"``, one JSON document with
+everything else::
 
     format, format_version      "sklearn-jsae", "1.0"
     library_version             the sklearn-jsae version that wrote the file
@@ -51,6 +52,9 @@ FORMAT = "sklearn-jsae"
 METADATA_KEY = "sklearn_jsae"
 _RANDOM_STATE_KEY = "numpy.random.RandomState"
 _SAE_ARRAYS = ("encoder_", "encoder_bias_", "components_", "decoder_bias_")
+# Where a JSAE loaded without its (unsaved) callable MLP keeps the file's MLP probe outputs, so
+# that saving it again still records them.
+_LOADED_PROBE_OUTPUTS = "_loaded_mlp_probe_outputs"
 
 
 class _Invalid(Exception):
@@ -176,8 +180,9 @@ def document(estimator) -> tuple[dict, dict]:
         arrays.update({f"mlp.{name}": a for name, a in mlp_arrays.items()})
         probe = np.ascontiguousarray(estimator._probe_rows, dtype=np.float32)
         arrays["_probe_rows"] = probe
-        if spec["module"] != "callable":
-            arrays["_mlp_probe_outputs"] = mlp_io.probe_outputs(estimator._mlp_map, probe)
+        outputs = _probe_fingerprint(estimator, probe)
+        if outputs is not None:
+            arrays["_mlp_probe_outputs"] = outputs
         J = estimator.jacobian_
         doc["jacobian_"] = {"shape": [int(s) for s in J.shape]}
         for part in ("data", "indices", "indptr"):
@@ -193,6 +198,19 @@ def document(estimator) -> tuple[dict, dict]:
     doc[DOCUMENT_DIGEST] = _document_digest(doc)
     return doc, arrays
 
+
+
+def _probe_fingerprint(jsae, probe) -> np.ndarray | None:
+    """The MLP's outputs on ``probe``, which a load with ``mlp=`` compares the given MLP against.
+
+    Recorded for callables too, although the file cannot hold the callable itself: they are what
+    tells the callable the model was fitted with from another one.  A model loaded without its callable
+    cannot compute them and passes on those of its file (None if that file predates them)."""
+    from ._backend import mlp_io
+
+    if isinstance(jsae._mlp_map, mlp_io.UnsavedMLP):
+        return getattr(jsae, _LOADED_PROBE_OUTPUTS, None)
+    return mlp_io.probe_outputs(jsae._mlp_map, probe)
 
 
 def save(estimator, path) -> str:
@@ -408,8 +426,12 @@ def _build_jsae(doc, arrays, mlp):
     probe = _take(arrays, "_probe_rows", (None, d_in))
     if not 1 <= probe.shape[0] <= 8:
         raise _Invalid(f"tensor '_probe_rows' has {probe.shape[0]} rows, expected 1 to 8")
-    if spec["module"] != "callable":
+    saved = None
+    # Files written before callables' outputs were recorded have none for a callable: those load,
+    # with a given mlp unchecked.
+    if spec["module"] != "callable" or "_mlp_probe_outputs" in arrays:
         saved = _take(arrays, "_mlp_probe_outputs", (probe.shape[0], d_out))
+    if spec["module"] != "callable":
         # Another machine's BLAS may round differently: tolerate rounding, not other weights.
         if _mlp_differs(saved, mlp_io.probe_outputs(mlp_map, probe)):
             raise _Invalid("the MLP weights do not reproduce the MLP outputs recorded at saving")
@@ -435,7 +457,9 @@ def _build_jsae(doc, arrays, mlp):
     jsae.n_output_features_, jsae.jacobian_ = d_out, J
     jsae.mlp_, jsae._mlp_map, jsae._probe_rows = mlp_copy, mlp_map, probe
     if mlp is not None:
-        _attach_mlp(jsae, mlp, saved if spec["module"] != "callable" else None)
+        _attach_mlp(jsae, mlp, saved)
+    elif spec["module"] == "callable" and saved is not None:
+        setattr(jsae, _LOADED_PROBE_OUTPUTS, saved)
     return jsae
 
 
@@ -448,7 +472,7 @@ def _mlp_differs(before: np.ndarray, after: np.ndarray) -> bool:
 def _attach_mlp(jsae, mlp, saved_outputs) -> None:
     """Use the caller's ``mlp`` for a loaded JSAE, after checking it is the saved model's MLP."""
     from ._backend.mlp import resolve_mlp
-    from ._backend.mlp_io import probe_outputs
+    from ._backend.mlp_io import UnsavedMLP, probe_outputs
     from .exceptions import NonFiniteTrainingError
 
     try:
@@ -460,11 +484,17 @@ def _attach_mlp(jsae, mlp, saved_outputs) -> None:
             f"mlp returns {d_out} features, but the saved model's MLP returns "
             f"{jsae.n_output_features_}; pass the MLP the model was trained with."
         )
-    if saved_outputs is not None and _mlp_differs(saved_outputs, probe_outputs(mlp_map, jsae._probe_rows)):
+    outputs = None if saved_outputs is None else probe_outputs(mlp_map, jsae._probe_rows)
+    if outputs is not None and _mlp_differs(saved_outputs, outputs):
+        gap = float(np.abs(outputs.astype(np.float64) - saved_outputs).max())
+        size = float(np.abs(saved_outputs).max())
+        without = ("load without mlp= for the SAE-only methods" if isinstance(jsae._mlp_map, UnsavedMLP)
+                   else "load without mlp=, which uses the saved weights")
         raise ValueError(
-            "mlp computes something else than the saved model's MLP on the training rows recorded "
-            "in the file; pass the MLP the model was trained with (or load without mlp=, which "
-            "uses the saved weights)."
+            f"mlp is not the MLP this model was fitted with: on the {len(outputs)} training rows recorded "
+            f"in the file its outputs differ from the fitted MLP's by up to {gap:.3g} (largest output "
+            f"magnitude {size:.3g}; float32 rounding is tolerated). Pass the MLP the model was trained "
+            f"with (or {without})."
         )
     jsae.mlp, jsae.mlp_, jsae._mlp_map = mlp, mlp_copy, mlp_map
 

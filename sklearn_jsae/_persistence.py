@@ -39,8 +39,9 @@ class PersistenceMixin:
         Tensors go in safetensors, everything else (parameters, scales, history, the library
         and format versions, the training device, a JSAE's MLP kind and weights) in JSON inside
         the file's header.  Load it with :func:`sklearn_jsae.load`; loading never runs code.
-        A JSAE whose ``mlp`` is an arbitrary callable is saved without it (see
-        :func:`sklearn_jsae.load`).  The file is written to a temporary name and renamed into
+        A JSAE whose ``mlp`` is an arbitrary callable is saved without it, but with its outputs
+        on a few training rows, against which :func:`sklearn_jsae.load` checks the ``mlp`` passed
+        back.  The file is written to a temporary name and renamed into
         place, so ``path`` always holds a complete file.
 
         Parameters
@@ -145,8 +146,9 @@ def load(path, *, mlp=None):
         ``inverse_transform``, ``inverse_transform_output`` and ``jacobian_`` work, while
         ``transform_output``, ``mlp_outputs``, ``jacobian`` and ``score`` raise
         :class:`~sklearn_jsae.exceptions.MissingMLPError` until you load again passing the MLP
-        here.  A given ``mlp`` is checked against the MLP outputs recorded in the file (for
-        closed forms) and replaces the saved one.
+        here.  A given ``mlp`` replaces the saved one after a check that it reproduces the
+        MLP outputs the file records on a few training rows, up to float32 rounding (for a
+        callable, files written before these outputs were recorded for callables skip it).
 
     Returns
     -------
@@ -163,6 +165,10 @@ def load(path, *, mlp=None):
         If the file is truncated, damaged, not an sklearn-jsae model, written by an
         incompatible format version, or inconsistent (a tensor's shape or dtype differs from
         the description).  Nothing is loaded.
+    ValueError
+        If ``mlp`` is given for a TopKSparseAutoencoder, fails on the recorded training rows,
+        returns another number of features than the saved MLP, or is not the MLP the model
+        was fitted with (its outputs there differ; the message says by how much).
 
     Examples
     --------

@@ -76,6 +76,7 @@ True
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
@@ -94,6 +95,10 @@ SPARSIFY_WEIGHTS = "sae.safetensors"
 # The cfg.json layout written: SAELens reads configs without a version >= 6.0 as its pre-6 layout.
 SAELENS_LAYOUT_VERSION = "6.0.0"
 _SIDES = ("input", "output")
+# The safetensors metadata key of our exports that holds the digest of the cfg.json written with
+# the weights: the two files are replaced one after the other, and a pair torn apart by an
+# interrupt between them must not import as one SAE.
+CFG_DIGEST_KEY = "sklearn_jsae_cfg_sha256"
 
 
 # ---------------------------------------------------------------------------- export
@@ -172,15 +177,23 @@ def _check_folder(path) -> str:
     return path
 
 
+def _cfg_digest(cfg) -> str:
+    """SHA-256 of a parsed cfg.json (sorted keys: its formatting does not count)."""
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+
+
 def _write(path, weights_name, tensors, cfg, header=None) -> str:
-    """Weights (with ``header`` as safetensors metadata) first, then cfg.json, each atomically."""
+    """Weights (with ``header`` and the cfg's digest as safetensors metadata) first, then
+    cfg.json, each atomically; an interrupt between the two leaves a pair the import refuses."""
     from safetensors.numpy import save_file
 
-    text = json.dumps(cfg, indent=2)  # before writing anything: metadata may not be JSON
+    text = json.dumps(cfg, indent=2)
+    # The digest of the cfg as it reads back, as the import computes it (keys become strings).
+    header = {**(header or {}), CFG_DIGEST_KEY: _cfg_digest(json.loads(text))}
     write_atomically(os.path.join(path, weights_name), lambda tmp: save_file(tensors, tmp, metadata=header))
 
     def write_cfg(tmp):
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
     write_atomically(os.path.join(path, CFG_FILENAME), write_cfg)
@@ -228,12 +241,20 @@ def to_saelens(estimator, path, *, side=None, model=None, layer=None, model_name
         ``metadata.model_name`` and ``metadata.hook_name``; override the derived ones.
     metadata : dict, optional
         More SAELens metadata (``context_size``, ``prepend_bos``, ``dataset_path``, ...),
-        merged last.
+        merged last.  Values must be JSON-serialisable.
 
     Returns
     -------
     path : str
-        The folder written.
+        The folder written.  The weights file's safetensors metadata holds a digest of
+        ``cfg.json``: :func:`from_saelens` refuses a folder whose two files are from different
+        exports (an interrupted re-export) or whose ``cfg.json`` was edited since.
+
+    Raises
+    ------
+    TypeError
+        If ``metadata`` is not a dict or holds a value that is not JSON-serialisable (nothing
+        is written).
     """
     sae, side = _chosen_sae(estimator, side)
     hooks = _hooks(model, layer, side, named=hook_name is not None, library="saelens")
@@ -255,6 +276,15 @@ def to_saelens(estimator, path, *, side=None, model=None, layer=None, model_name
     if metadata is not None:
         if not isinstance(metadata, dict):
             raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}.")
+        for key, value in metadata.items():  # checked before the folder is created or written
+            try:
+                json.dumps({key: value})
+            except (TypeError, ValueError) as exc:
+                raise TypeError(
+                    f"metadata[{key!r}]={value!r:.80} cannot be written to cfg.json ({exc}): metadata keys "
+                    f"must be strings and values JSON-serialisable (str, int, float, bool, None, and lists "
+                    f"and dicts of them); convert it first, e.g. str(value) or array.tolist()."
+                ) from None
         meta.update(metadata)
     n, d = sae.components_.shape
     cfg = {
@@ -280,8 +310,10 @@ def to_sparsify(estimator, path, *, side=None, model=None, layer=None, model_nam
     float32 rounding.  sparsify names an SAE by its folder: to build a run that
     ``SparseCoder.load_many(run, local=True)`` reads, export each SAE to ``run/<hookpoint>``.
     ``cfg.json`` holds sparsify's fields only (its loader warns about others); the model name,
-    hookpoint, side and exporting version go in the safetensors header of ``sae.safetensors``
-    (``safe_open(path, "np").metadata()``), which sparsify's loader ignores.
+    hookpoint, side, exporting version and a digest of ``cfg.json`` (with which
+    :func:`from_sparsify` refuses a folder whose two files are from different exports) go in the
+    safetensors header of ``sae.safetensors`` (``safe_open(path, "np").metadata()``), which
+    sparsify's loader ignores.
 
     Parameters
     ----------
@@ -364,12 +396,21 @@ def _read_folder(path, weights_name, package):
     try:
         # framework="pt" reads bfloat16 too; torch is a dependency of the package anyway.
         with safe_open(os.path.join(path, weights_name), framework="pt") as f:
+            header = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise PersistenceError(
             f"{path!r}: {weights_name} cannot be read ({type(exc).__name__}: {exc}); it is "
             f"truncated, damaged or not a safetensors file."
         ) from exc
+    # Only our exports record the digest; folders SAELens or sparsify wrote have none.
+    if CFG_DIGEST_KEY in header and header[CFG_DIGEST_KEY] != _cfg_digest(cfg):
+        raise PersistenceError(
+            f"{path!r}: {CFG_FILENAME} is not the one exported with {weights_name} (the weights record "
+            f"the digest of their {CFG_FILENAME}, and this one differs): the export was interrupted "
+            f"between writing the two files, leaving new weights beside an older {CFG_FILENAME}, or "
+            f"{CFG_FILENAME} was edited afterwards. Nothing was loaded; export the SAE again to rewrite both."
+        )
     arrays = {}
     for name, t in tensors.items():
         if not t.is_floating_point():
@@ -384,6 +425,18 @@ def _cfg_int(cfg, key, path, package):
         raise PersistenceError(f"{path!r}: {package} {CFG_FILENAME} has {key}={value!r}; expected a "
                                f"positive integer.")
     return int(value)
+
+
+def _cfg_bool(cfg, key, default, path, package):
+    """``cfg[key]`` as a bool (``default`` when absent); the strings "true"/"false" in any case
+    are read as such, anything else (a truthy "false", null, 0) is refused."""
+    value = cfg.get(key, default)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise PersistenceError(f"{path!r}: {package} {CFG_FILENAME} has {key}={value!r}; expected true or "
+                           f"false.")
 
 
 def _tensor(arrays, name, shape, path):
@@ -449,8 +502,10 @@ def from_saelens(path):
     Raises
     ------
     PersistenceError
-        For a folder that is not a readable SAELens TopK SAE, or whose settings have no
-        equivalent here.
+        For a folder that is not a readable SAELens TopK SAE, whose settings have no
+        equivalent here (or a boolean setting is neither true nor false), or whose
+        ``cfg.json`` is not the one :func:`to_saelens` wrote with its weights (an interrupted
+        re-export, or an edit since).
     """
     cfg, arrays = _read_folder(path, SAELENS_WEIGHTS, "SAELens")
     path = os.fspath(path)
@@ -484,7 +539,7 @@ def from_saelens(path):
             "covariance_whitening": "fold it first (sae.fold_activation_whitening(...)) and save again",
         }.get(normalize, "a per-row normalisation has no equivalent in a TopKSparseAutoencoder")
         raise PersistenceError(f"{path!r} has normalize_activations={normalize!r}: {hint}.")
-    if cfg.get("finetuning_scaling_factor"):
+    if _cfg_bool(cfg, "finetuning_scaling_factor", False, path, "SAELens"):
         raise PersistenceError(f"{path!r} has a finetuning scaling factor, which has no equivalent here.")
     W_enc = _tensor(arrays, "W_enc", (d, n), path)
     b_enc = _tensor(arrays, "b_enc", (n,), path)
@@ -493,10 +548,10 @@ def from_saelens(path):
     extra = sorted(set(arrays) - {"W_enc", "b_enc", "W_dec", "b_dec"})
     if extra:
         raise PersistenceError(f"{path!r} has tensors a TopK SAE does not use: {extra}.")
-    if not cfg.get("apply_b_dec_to_input", True):
+    if not _cfg_bool(cfg, "apply_b_dec_to_input", True, path, "SAELens"):
         # x @ W_enc + b_enc == (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
         b_enc = b_enc + b_dec @ W_enc
-    if cfg.get("rescale_acts_by_decoder_norm", False):
+    if _cfg_bool(cfg, "rescale_acts_by_decoder_norm", False, path, "SAELens"):
         # SAELens scales the pre-activations by ||W_dec[i]|| and divides them back before decoding.
         norms = np.linalg.norm(W_dec, axis=1)
         W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / np.maximum(norms, 1e-30)[:, None]
@@ -521,7 +576,9 @@ def from_sparsify(path):
     ------
     PersistenceError
         For a folder that is not a readable sparsify TopK SAE (transcoders, skip connections
-        and ``groupmax`` activations have no equivalent here).
+        and ``groupmax`` activations have no equivalent here; a boolean setting must be true
+        or false), or whose ``cfg.json`` is not the one :func:`to_sparsify` wrote with its
+        weights (an interrupted re-export, or an edit since).
     """
     cfg, arrays = _read_folder(path, SPARSIFY_WEIGHTS, "sparsify")
     path = os.fspath(path)
@@ -530,14 +587,14 @@ def from_sparsify(path):
         raise PersistenceError(
             f"{path!r} uses activation={activation!r}; only 'topk' has an equivalent here."
         )
-    if cfg.get("transcode", False):
+    if _cfg_bool(cfg, "transcode", False, path, "sparsify"):
         raise PersistenceError(
             f"{path!r} is a transcoder (transcode=true): it predicts a module's output from its input "
             f"and does not subtract b_dec from its input, so it is not an autoencoder."
         )
-    if cfg.get("skip_connection", False) or "W_skip" in arrays:
+    if _cfg_bool(cfg, "skip_connection", False, path, "sparsify") or "W_skip" in arrays:
         raise PersistenceError(f"{path!r} has a skip connection (W_skip), which has no equivalent here.")
-    if cfg.get("signed", False):
+    if _cfg_bool(cfg, "signed", False, path, "sparsify"):
         raise PersistenceError(f"{path!r} has signed=true (signed activations); only ReLU TopK is supported.")
     d, k = _cfg_int(cfg, "d_in", path, "sparsify"), _cfg_int(cfg, "k", path, "sparsify")
     n = cfg.get("num_latents") or d * _cfg_int(cfg, "expansion_factor", path, "sparsify")

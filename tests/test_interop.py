@@ -18,6 +18,7 @@ installed by ``scripts/install_test_models.sh``; without them these tests skip, 
 ``CI`` where a missing package is an error.
 """
 
+import copy
 import json
 import os
 import re
@@ -27,11 +28,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from installed import require
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
+from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder, interop
 from sklearn_jsae.exceptions import PersistenceError
 from sklearn_jsae.interop import from_saelens, from_sparsify, to_saelens, to_sparsify
 
@@ -371,6 +374,7 @@ def test_damaged_or_foreign_folders_are_refused(problem, tmp_path):
     with pytest.raises(PersistenceError, match="cannot be read.*truncated"):
         from_saelens(folder)
     folder = to_saelens(jsae, tmp_path / "sl2", side="output")
+    _as_foreign(folder, "sae_weights.safetensors")
     Path(folder, "cfg.json").write_text(json.dumps({**_cfg(folder), "d_sae": 31}))
     with pytest.raises(PersistenceError, match=r"'W_enc' has shape \(10, 30\), but cfg.json implies"):
         from_saelens(folder)
@@ -388,6 +392,12 @@ def _edit_weights(folder, weights_name, edit):
     with safe_open(path, framework="np") as f:
         arrays = {name: f.get_tensor(name) for name in f.keys()}
     save_file(edit(arrays), path)
+
+
+def _as_foreign(folder, weights_name):
+    """Drop our safetensors header (with the cfg digest), as in a folder SAELens or sparsify
+    wrote themselves, so that an edited cfg.json is read as such and not refused as torn."""
+    _edit_weights(folder, weights_name, lambda arrays: arrays)
 
 
 def _with(arrays, name, value):
@@ -436,6 +446,7 @@ def test_a_malformed_export_is_refused_naming_what_is_wrong(problem, tmp_path, l
     folder = export(jsae, tmp_path / library, side="output")
     load(folder)  # as written, it loads
     if part == "cfg":
+        _as_foreign(folder, weights_name)
         Path(folder, "cfg.json").write_text(json.dumps(change(_cfg(folder))))
     else:
         _edit_weights(folder, weights_name, change)
@@ -463,6 +474,122 @@ def test_export_arguments_are_checked(problem, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         to_sparsify(topk, tmp_path / "file")
+
+
+@pytest.mark.parametrize("library", ["saelens", "sparsify"])
+def test_an_interrupted_re_export_is_refused_and_a_complete_one_loads(problem, tmp_path, monkeypatch,
+                                                                      library):
+    """A re-export replaces the weights, then cfg.json: interrupted between the two, the folder
+    holds the new weights beside the old cfg.json (here: the old k), which must not import."""
+    topk = problem[1]
+    export, read, weights = ((to_saelens, from_saelens, "sae_weights.safetensors") if library == "saelens"
+                             else (to_sparsify, from_sparsify, "sae.safetensors"))
+    new = copy.deepcopy(topk)
+    new.k, new.components_ = 2, topk.components_ * 2
+    folder = export(topk, tmp_path / "sae")
+    real = interop.write_atomically
+
+    def interrupted(path, write):
+        if os.path.basename(path) == "cfg.json":
+            raise KeyboardInterrupt  # Ctrl-C, or a kill, between the two files
+        return real(path, write)
+
+    monkeypatch.setattr(interop, "write_atomically", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export(new, folder)
+    monkeypatch.undo()
+    assert _cfg(folder)["k"] == 4  # torn: the old cfg.json beside the new weights
+    with pytest.raises(PersistenceError, match=f"cfg.json is not the one exported with {weights}.*the "
+                                               f"export was interrupted.*export the SAE again"):
+        read(folder)
+    back = read(export(new, folder))
+    assert back.k == 2 and np.array_equal(back.components_, new.components_)
+    # The digest is of the cfg's content: another layout of the same JSON still loads.
+    Path(folder, "cfg.json").write_text(json.dumps(_cfg(folder), indent=None, sort_keys=True))
+    assert read(folder).k == 2
+    Path(folder, "cfg.json").write_text(json.dumps({**_cfg(folder), "k": 3}))  # an edit is refused too
+    with pytest.raises(PersistenceError, match="or cfg.json was edited afterwards"):
+        read(folder)
+
+
+def _case_variants(word):
+    return st.lists(st.booleans(), min_size=len(word), max_size=len(word)).map(
+        lambda upper: "".join(c.upper() if u else c for c, u in zip(word, upper, strict=True)))
+
+
+NOT_A_BOOL = st.one_of(st.none(), st.integers(-2, 2), st.floats(allow_nan=False),
+                       st.lists(st.booleans(), max_size=2),
+                       st.text(max_size=6).filter(lambda t: t.lower() not in ("true", "false")))
+
+
+@pytest.fixture(scope="module")
+def foreign_folders(problem, tmp_path_factory):
+    """The problem's TopK SAE exported to each format, then without our header (as if written by
+    the package itself, so that cfg.json can be edited), and its import as written."""
+    topk, root = problem[1], tmp_path_factory.mktemp("flags")
+    saelens, sparsify = to_saelens(topk, root / "saelens"), to_sparsify(topk, root / "sparsify")
+    _as_foreign(saelens, "sae_weights.safetensors")
+    _as_foreign(sparsify, "sae.safetensors")
+    return {"saelens": (saelens, _cfg(saelens), from_saelens),
+            "sparsify": (sparsify, _cfg(sparsify), from_sparsify)}
+
+
+FLAGS = [("saelens", "rescale_acts_by_decoder_norm"), ("saelens", "apply_b_dec_to_input"),
+         ("saelens", "finetuning_scaling_factor"), ("sparsify", "transcode"), ("sparsify", "skip_connection"),
+         ("sparsify", "signed")]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flag=st.sampled_from(FLAGS), truth=st.booleans(), data=st.data())
+def test_boolean_cfg_flags_are_read_strictly(foreign_folders, flag, truth, data):
+    """A flag written as a string "true"/"false" (any case) imports as the bool it names; any
+    other non-bool value is refused naming the key (a truthy "false" once rescaled the weights)."""
+    library, key = flag
+    folder, cfg, read = foreign_folders[library]
+    path = Path(folder, "cfg.json")
+
+    def outcome(value):
+        path.write_text(json.dumps({**cfg, key: value}))
+        try:
+            sae = read(folder)
+        except PersistenceError as exc:  # refused (a transcoder, ...): for the same reason
+            return str(exc)
+        return [getattr(sae, name).tolist() for name in ("encoder_", "encoder_bias_", "components_")]
+
+    try:
+        spelled = data.draw(_case_variants("true" if truth else "false"))
+        assert outcome(spelled) == outcome(truth)
+        value = data.draw(NOT_A_BOOL)
+        with pytest.raises(PersistenceError, match=re.escape(f"has {key}={value!r}; expected true or false")):
+            path.write_text(json.dumps({**cfg, key: value}))
+            read(folder)
+    finally:
+        path.write_text(json.dumps(cfg))
+
+
+def test_a_string_false_does_not_rescale_the_weights(problem, foreign_folders):
+    folder, cfg, _ = foreign_folders["saelens"]
+    try:
+        Path(folder, "cfg.json").write_text(json.dumps({**cfg, "rescale_acts_by_decoder_norm": "false"}))
+        assert np.array_equal(from_saelens(folder).components_, problem[1].components_)
+        Path(folder, "cfg.json").write_text(json.dumps({**cfg, "rescale_acts_by_decoder_norm": "no"}))
+        with pytest.raises(PersistenceError, match="decoder_norm='no'; expected true or false"):
+            from_saelens(folder)
+    finally:
+        Path(folder, "cfg.json").write_text(json.dumps(cfg))
+
+
+def test_unserialisable_metadata_is_named_before_anything_is_written(problem, tmp_path):
+    topk = problem[1]
+    with pytest.raises(TypeError, match=r"metadata\['a'\]=<object object .* cannot be written to cfg.json .*"
+                                        r"values JSON-serialisable"):
+        to_saelens(topk, tmp_path / "new", metadata={"context_size": 128, "a": object()})
+    assert not (tmp_path / "new").exists()
+    folder = to_saelens(topk, tmp_path / "old")
+    before = {p.name: p.read_bytes() for p in Path(folder).iterdir()}
+    with pytest.raises(TypeError, match=r"metadata\[\(1, 2\)\]=1 .*keys must be strings"):
+        to_saelens(topk, folder, metadata={(1, 2): 1})
+    assert {p.name: p.read_bytes() for p in Path(folder).iterdir()} == before
 
 
 # --------------------------------------------------------------------------- hook names from a model

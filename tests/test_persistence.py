@@ -491,12 +491,59 @@ def test_a_callable_mlp_reloads_without_it_and_with_it(kind, tmp_path):
     assert_same_outputs(model, full, X)
 
 
+def _tensors(path):
+    with safe_open(os.fspath(path), framework="np") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def _other_mlp(kind):
+    """An MLP of the same kind and widths as ``fit_model(kind)``'s that computes something else."""
+    return torch.sin if kind == "callable" else make_mlp(kind, 5, 4, seed=1)[0]
+
+
+@pytest.mark.parametrize("kind", CALLABLE_KINDS)
+def test_a_callable_given_at_load_must_be_the_one_fitted(kind, tmp_path):
+    """The file cannot hold a callable, but it records its outputs on the probe rows: load
+    refuses another callable of the same widths, also after the model is loaded without its
+    MLP and saved again, or loaded with it and saved again."""
+    model, X = fit_model(kind, d_in=5, d_out=4)
+    path = model.save(tmp_path / "m.safetensors")
+    outputs = _tensors(path)["_mlp_probe_outputs"]
+    wrong = r"mlp is not the MLP this model was fitted with: .* differ from the fitted MLP's by up to \d"
+    without = load(path)
+    with_mlp = load(path, mlp=model.mlp)
+    assert with_mlp.score(X) == model.score(X)
+    for again in (without.save(tmp_path / "without.st"), with_mlp.save(tmp_path / "with.st")):
+        np.testing.assert_array_equal(_tensors(again)["_mlp_probe_outputs"], outputs)
+        for source in (path, again):
+            with pytest.raises(ValueError, match=wrong):
+                load(source, mlp=_other_mlp(kind))
+            assert load(source, mlp=model.mlp).score(X) == model.score(X)
+
+
+def test_a_file_without_the_callables_outputs_still_loads(tmp_path):
+    """Files written before the outputs of callables were recorded load as before (a given mlp
+    then cannot be checked beyond its width), and saving them again invents no outputs."""
+    model, X = fit_model("callable", d_in=5, d_out=4)
+    older = _rewrite(model.save(tmp_path / "m.safetensors"), tmp_path / "older.safetensors",
+                     edit_arrays=lambda a: a.pop("_mlp_probe_outputs"))
+    assert_same_outputs(model, load(older), X, mlp_methods=False)
+    assert load(older, mlp=model.mlp).score(X) == model.score(X)
+    load(older, mlp=torch.sin)  # unverifiable: accepted as before
+    with pytest.raises(ValueError, match="mlp returns 3 features"):
+        load(older, mlp=lambda x: x[:, :3])
+    assert "_mlp_probe_outputs" not in _tensors(load(older).save(tmp_path / "again.safetensors"))
+    topk, _ = fit_model("topk")
+    assert "_mlp_probe_outputs" not in _tensors(topk.save(tmp_path / "topk.safetensors"))
+
+
 def test_load_checks_a_given_mlp_against_the_saved_one(gelu_jsae, saved):
     model, X = gelu_jsae
     same = load(saved, mlp=model.mlp)
     assert_same_outputs(model, same, X)
     other = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.GELU(), torch.nn.Linear(9, 5))
-    with pytest.raises(ValueError, match="computes something else"):
+    with pytest.raises(ValueError, match=r"mlp is not the MLP this model was fitted with: .* by up to "
+                                         r"\d.*load without mlp=, which uses the saved weights"):
         load(saved, mlp=other)
     with pytest.raises(ValueError, match="returns 3 features"):
         load(saved, mlp=torch.nn.Linear(6, 3))
