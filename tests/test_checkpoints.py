@@ -479,6 +479,26 @@ def test_fits_of_other_seeds_do_not_resume_each_others_checkpoints(X, mlp, tmp_p
     assert len(checkpoint_paths(tmp_path)) == 2
 
 
+def test_a_fit_on_edited_rows_in_memory_does_not_resume_the_other_datas_checkpoint(X, mlp, tmp_path):
+    """The data's identity sampled 257 rows: a rerun after clipping rows between them resumed the
+    original data's checkpoint (its scales, its weights) without a word."""
+    from sklearn_jsae._backend.checkpoint import fingerprint_array
+
+    _checkpointed(X, mlp, tmp_path).fit(X)
+    edited = X.copy()
+    sampled = np.unique(np.linspace(0, len(X) - 1, num=257).astype(np.int64))  # the rows the identity read
+    skipped = np.setdiff1d(np.arange(len(X)), sampled)
+    edited[skipped] = np.clip(edited[skipped], -0.1, 0.1)
+    with pytest.warns(UserWarning, match="holds checkpoints of other fits"):
+        rerun = _checkpointed(edited, mlp, tmp_path).fit(edited)
+    _assert_same_model(rerun, JacobianSparseAutoencoder(mlp, **SETTINGS).fit(edited))
+    assert len(checkpoint_paths(tmp_path)) == 2
+    store = tmp_path / "X.npy"
+    np.save(store, X)
+    mapped = np.load(store, mmap_mode="r")  # a store is sampled: views of it share its identity
+    assert fingerprint_array(mapped) == fingerprint_array(np.asarray(mapped)) == fingerprint_array(mapped[:])
+
+
 def test_the_temporary_file_a_kill_leaves_is_removed_by_that_fits_next_save(X, mlp, tmp_path, monkeypatch):
     """A SIGKILL during a write runs no cleanup: its temporary file (as big as a checkpoint, a
     stream's shuffle buffer included) stays.  It is named after its fit's checkpoint, and that fit's
