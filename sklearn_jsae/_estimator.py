@@ -17,7 +17,7 @@ from ._persistence import PersistenceMixin
 from ._sklearn_compat import (
     ADAPTERS_MANAGER,
     HasMethods,
-    Interval,
+    NumberInterval,
     StrOptions,
     _fit_context,
     _get_output_config,
@@ -312,8 +312,8 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
     _parameter_constraints: dict = {
         **_COMMON_CONSTRAINTS,
         "mlp": [None, callable],
-        "n_output_components": [None, Interval(numbers.Integral, 1, None, closed="left")],
-        "l1": [Interval(numbers.Real, 0, None, closed="left")],
+        "n_output_components": [None, NumberInterval(numbers.Integral, 1, None, closed="left")],
+        "l1": [NumberInterval(numbers.Real, 0, None, closed="left")],
         "penalty": [StrOptions(set(_validation.PENALTIES))],
         "memory": [None, str, os.PathLike, HasMethods(["cache"])],
         "distributed": ["boolean"],

@@ -13,7 +13,7 @@ from sklearn.utils import check_array, check_random_state
 
 from . import _validation
 from ._persistence import PersistenceMixin
-from ._sklearn_compat import Interval, StrOptions, _fit_context, _get_output_config, check_is_fitted, validate_data
+from ._sklearn_compat import NumberInterval, StrOptions, _fit_context, _get_output_config, check_is_fitted, validate_data
 from ._sparse import topk_to_csr
 from ._validation import check_float32_range, check_k
 
@@ -38,22 +38,22 @@ def _keep_state_on_error(fit):
 
 
 _COMMON_CONSTRAINTS = {
-    "n_components": [Interval(numbers.Integral, 1, None, closed="left")],
-    "k": [Interval(numbers.Integral, 1, None, closed="left")],
-    "learning_rate": [Interval(numbers.Real, 0, None, closed="neither")],
-    "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
-    "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
-    "aux_coef": [Interval(numbers.Real, 0, None, closed="left")],
+    "n_components": [NumberInterval(numbers.Integral, 1, None, closed="left")],
+    "k": [NumberInterval(numbers.Integral, 1, None, closed="left")],
+    "learning_rate": [NumberInterval(numbers.Real, 0, None, closed="neither")],
+    "max_iter": [NumberInterval(numbers.Integral, 1, None, closed="left")],
+    "batch_size": [NumberInterval(numbers.Integral, 1, None, closed="left")],
+    "aux_coef": [NumberInterval(numbers.Real, 0, None, closed="left")],
     "device": [str],  # "cpu", "cuda", "cuda:N" or "auto": checked by _validation.resolve_device
     "mixed_precision": ["boolean", StrOptions({"auto"})],
     "sparse_output": ["boolean"],
     "random_state": ["random_state"],
     "verbose": ["verbose"],
     "warm_start": ["boolean"],
-    "n_tokens": [None, Interval(numbers.Integral, 1, None, closed="left")],
+    "n_tokens": [None, NumberInterval(numbers.Integral, 1, None, closed="left")],
     "checkpoint_dir": [None, str, os.PathLike],
     # Steps, or a duration such as "10min" (its form is checked at fit: checkpoint.checkpoint_interval).
-    "checkpoint_every": [Interval(numbers.Integral, 1, None, closed="left"), str],
+    "checkpoint_every": [NumberInterval(numbers.Integral, 1, None, closed="left"), str],
 }
 
 

@@ -329,3 +329,19 @@ def test_inputs_that_overflow_the_encoder_are_refused_not_returned_as_inf(X, Est
         model.transform(X_huge)
     with pytest.raises(ValueError, match=r"FVU is not finite on X"):
         model.score(X_huge)
+
+
+_COUNTS_AND_RATES = ["n_components", "k", "learning_rate", "max_iter", "batch_size", "aux_coef", "n_tokens",
+                     "checkpoint_every"]
+
+
+@pytest.mark.parametrize("Estimator, name", [(JacobianSparseAutoencoder, name) for name in
+                                             _COUNTS_AND_RATES + ["n_output_components", "l1"]]
+                         + [(TopKSparseAutoencoder, name) for name in _COUNTS_AND_RATES])
+@pytest.mark.parametrize("flag", [True, np.True_])
+def test_a_bool_is_not_a_count_or_a_rate(X, Estimator, name, flag):
+    """True is the integer 1 to Python: max_iter=True was one epoch, k=True one latent."""
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match=rf"The '{name}' parameter .* Got (np\.)?True_? instead"):
+        Estimator(**{**SMALL, name: flag}).fit(X)
