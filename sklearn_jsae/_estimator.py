@@ -19,11 +19,12 @@ from ._sklearn_compat import (
     HasMethods,
     NumberInterval,
     StrOptions,
+    _check_feature_names_in,
     _fit_context,
     _get_output_config,
     check_is_fitted,
 )
-from ._sparse import AbsJacobianSum, OutputCodes, blocks_to_coo
+from ._sparse import AbsJacobianSum, InputCodes, OutputCodes, blocks_to_coo
 from ._topk import (
     _COMMON_CONSTRAINTS,
     TopKSparseAutoencoder,
@@ -658,6 +659,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
                 for row in self.history_
             ]
         self.n_iter_ = n_iter
+        self._fit_l1 = self.l1  # paper_lambda_ describes this fit, whatever set_params does after it
         self.jacobian_ = self._mean_abs_jacobian(X_jacobian)
 
     def __getstate__(self):
@@ -719,7 +721,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         check_is_fitted(self)
         X = _validate_X(self, X, reset=False, checked_in_batches=True)
         values, indices = self.input_sae_._codes(X, _inference_device(self))
-        return _codes_output(self, values, indices, self._n_latents_in)
+        return _codes_output(self, values, indices, self._n_latents_in, InputCodes)
 
     def transform_output(self, X):
         """Output-side codes of the true outputs mlp(X), (n_samples, n_output_components).
@@ -763,7 +765,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         """Decode output-side codes (n_samples, n_output_components), from :meth:`transform_output`,
         to MLP outputs ``(n_samples, n_output_features_)``: ``ŷ = s_y W_dec_y + b_dec_y``."""
         check_is_fitted(self)
-        if _column_names(X) == list(self.get_feature_names_out()):
+        if isinstance(X, InputCodes) or _column_names(X) == list(self.get_feature_names_out()):
             raise ValueError(
                 "X holds input-side codes (from transform), but inverse_transform_output decodes with "
                 "the output SAE's dictionary; use inverse_transform for input codes."
@@ -771,8 +773,12 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         return _decode(X, self.output_sae_.components_, self.output_sae_.decoder_bias_, "X")
 
     def get_output_feature_names_out(self, input_features=None):
-        """Names of the output-side latents: ``"<classname>_output0"``, ... (``n_output_components``)."""
+        """Names of the output-side latents: ``"<classname>_output0"``, ... (``n_output_components``).
+
+        ``input_features`` is checked as :meth:`get_feature_names_out` checks it (it must match
+        ``feature_names_in_`` where there is one); the names do not depend on it."""
         check_is_fitted(self)
+        _check_feature_names_in(self, input_features, generate_names=False)
         prefix = type(self).__name__.lower()
         return np.asarray([f"{prefix}_output{i}" for i in range(self.output_sae_.components_.shape[0])],
                           dtype=object)
@@ -832,7 +838,10 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         check_is_fitted(self)
         c_x = float(self.input_sae_.scale_)
         d_in, d_out = self.n_features_in_, self.n_output_features_
-        return float(self.l1 * c_x**2 * self.k**2 / np.sqrt(d_in * d_out))
+        # The fitted k and l1, not the parameters (set_params may have changed them since); a
+        # loaded model's parameters are the ones it was saved with.
+        l1 = getattr(self, "_fit_l1", self.l1)
+        return float(l1 * c_x**2 * self.input_sae_.k**2 / np.sqrt(d_in * d_out))
 
     @property
     def _n_latents_in(self):

@@ -4,11 +4,11 @@ import numpy as np
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils._set_output import ADAPTERS_MANAGER, _get_output_config
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import _check_feature_names_in, check_is_fitted, validate_data
 
 __all__ = [
-    "ADAPTERS_MANAGER", "HasMethods", "Interval", "NumberInterval", "StrOptions", "_fit_context",
-    "_get_output_config", "check_is_fitted", "validate_data",
+    "ADAPTERS_MANAGER", "HasMethods", "Interval", "NumberInterval", "StrOptions", "_check_feature_names_in",
+    "_fit_context", "_get_output_config", "check_is_fitted", "validate_data",
 ]
 
 

@@ -16,6 +16,15 @@ class OutputCodes(sp.csr_array):
     """
 
 
+class InputCodes(sp.csr_array):
+    """CSR codes of a JSAE's *input* SAE (from ``transform``): a plain :class:`scipy.sparse.csr_array`
+    that ``JacobianSparseAutoencoder.inverse_transform_output`` (the output dictionary) rejects, as
+    :class:`OutputCodes` are rejected the other way round.  With the default
+    ``n_output_components`` both sides have the same width, so the shape alone cannot tell them
+    apart.  Operations that build a new array may return a plain ``csr_array``, which loses the mark.
+    """
+
+
 def topk_to_csr(values: np.ndarray, indices: np.ndarray, n_columns: int, container=None) -> sp.csr_array:
     """Codes ``values``/``indices`` (n, k) -> canonical CSR (n, n_columns).
 

@@ -306,6 +306,36 @@ def test_output_codes_decode_with_their_own_dictionary(X, gelu_mlp):
     assert jsae.inverse_transform(jsae.transform(X)).shape == X.shape
 
 
+def test_input_codes_are_refused_by_the_output_dictionary(X, gelu_mlp):
+    """transform's CSR codes were decoded by inverse_transform_output with the output dictionary
+    (both sides are n_components wide by default): a plausible array from the wrong decoder."""
+    import scipy.sparse as sp
+
+    jsae = _fitted(X, gelu_mlp)
+    codes = jsae.transform(X)
+    assert isinstance(codes, sp.csr_array) and codes.shape == jsae.transform_output(X).shape
+    with pytest.raises(ValueError, match="X holds input-side codes .* use inverse_transform for input codes"):
+        jsae.inverse_transform_output(codes)
+    with pytest.raises(ValueError, match="X holds input-side codes"):
+        jsae.inverse_transform_output(jsae.fit_transform(X))
+    np.testing.assert_array_equal(jsae.inverse_transform(codes), jsae.inverse_transform(sp.csr_array(codes)))
+
+
+def test_output_feature_names_check_their_input_features(X, gelu_mlp):
+    jsae = _fitted(X, gelu_mlp)
+    names = [f"x{i}" for i in range(X.shape[1])]
+    np.testing.assert_array_equal(jsae.get_output_feature_names_out(names), jsae.get_output_feature_names_out())
+    with pytest.raises(ValueError, match="input_features should have length equal to number of features"):
+        jsae.get_output_feature_names_out(["x", "x", "x"])
+
+
+def test_paper_lambda_describes_the_fit_not_a_later_set_params(X, gelu_mlp):
+    jsae = _fitted(X, gelu_mlp, k=3)
+    fitted = jsae.paper_lambda_
+    jsae.set_params(l1=10 * jsae.l1 + 1, k=2)
+    assert jsae.paper_lambda_ == fitted
+
+
 def test_dataframes_of_codes_decode_only_with_their_own_dictionary(X, gelu_mlp):
     """Under ``set_output(transform="pandas")`` the codes' columns name their side: a DataFrame of
     output codes was decoded with the input dictionary (the widths match by default), and input
