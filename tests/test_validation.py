@@ -345,3 +345,20 @@ def test_a_bool_is_not_a_count_or_a_rate(X, Estimator, name, flag):
 
     with pytest.raises(InvalidParameterError, match=rf"The '{name}' parameter .* Got (np\.)?True_? instead"):
         Estimator(**{**SMALL, name: flag}).fit(X)
+
+
+@pytest.mark.parametrize("cast", [torch.float64, torch.float16])
+def test_a_callable_computing_in_another_float_dtype_trains_as_its_float32_twin(X, cast):
+    """A ``.double()`` inside the callable failed deep in the first step (mat1 and mat2 dtypes)."""
+    settings = {**SMALL, "max_iter": 3}
+    other = JacobianSparseAutoencoder(mlp=lambda x: torch.tanh(x).to(cast), **settings).fit(X)
+    twin = JacobianSparseAutoencoder(mlp=lambda x: torch.tanh(x).to(cast).float(), **settings).fit(X)
+    # (equal up to float32 rounding: the other callable divides by the output scale before the cast)
+    np.testing.assert_allclose(other.output_sae_.components_, twin.output_sae_.components_, rtol=1e-4, atol=1e-6)
+    assert other.mlp_outputs(X[:4]).dtype == np.float32 and other.jacobian(X[:4]).dtype == np.float32
+
+
+@pytest.mark.parametrize("to", [torch.bool, torch.int64, torch.complex64])
+def test_a_callable_returning_non_float_outputs_is_named(X, to):
+    with pytest.raises(TypeError, match=rf"mlp returned a tensor of dtype {to}; it must return floating-point"):
+        JacobianSparseAutoencoder(mlp=lambda x: torch.tanh(x).to(to), **SMALL).fit(X)

@@ -269,8 +269,12 @@ class CallableMap(_FrozenMap):
 
     def forward(self, x):
         if self.input_scale == 1.0 and self.output_scale == 1.0:
-            return self.fn(x)
-        return self.fn(x * self.input_scale) / self.output_scale
+            y = self.fn(x)
+        else:
+            y = self.fn(x * self.input_scale) / self.output_scale
+        # A callable that computes in another precision (a .double() inside) returns the dtype it
+        # was given, as a module placed in the training dtype does.
+        return y.to(x.dtype) if y.dtype != x.dtype and y.is_floating_point() else y
 
     def rescaled(self, input_scale, output_scale):
         return CallableMap(
@@ -406,6 +410,12 @@ def resolve_mlp(mlp, X_probe) -> tuple[object, _FrozenMap, int]:
         raise TypeError(
             f"mlp must return a torch.Tensor, got {type(out).__name__}. Write the MLP with torch "
             f"operations so that its Jacobian can be computed (numpy callables are not supported)."
+        )
+    if not out.is_floating_point():
+        raise TypeError(
+            f"mlp returned a tensor of dtype {out.dtype}; it must return floating-point outputs (the JSAE "
+            f"differentiates them): compute in float32 or float64, without rounding to integers, bools or "
+            f"complex numbers."
         )
     if out.ndim != 2 or out.shape[0] != probe.shape[0]:
         raise ValueError(
