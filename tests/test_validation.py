@@ -347,14 +347,16 @@ def test_a_bool_is_not_a_count_or_a_rate(X, Estimator, name, flag):
         Estimator(**{**SMALL, name: flag}).fit(X)
 
 
-@pytest.mark.parametrize("cast", [torch.float64, torch.float16])
-def test_a_callable_computing_in_another_float_dtype_trains_as_its_float32_twin(X, cast):
+@pytest.mark.parametrize("cast, rtol", [(torch.float64, 1e-4), (torch.float16, 1e-2)])
+def test_a_callable_computing_in_another_float_dtype_trains_as_its_float32_twin(X, cast, rtol):
     """A ``.double()`` inside the callable failed deep in the first step (mat1 and mat2 dtypes)."""
     settings = {**SMALL, "max_iter": 3}
     other = JacobianSparseAutoencoder(mlp=lambda x: torch.tanh(x).to(cast), **settings).fit(X)
     twin = JacobianSparseAutoencoder(mlp=lambda x: torch.tanh(x).to(cast).float(), **settings).fit(X)
-    # (equal up to float32 rounding: the other callable divides by the output scale before the cast)
-    np.testing.assert_allclose(other.output_sae_.components_, twin.output_sae_.components_, rtol=1e-4, atol=1e-6)
+    # (equal up to the rounding of ``cast``: the other callable is divided by the output scale before
+    # the cast to float32)
+    np.testing.assert_allclose(other.output_sae_.components_, twin.output_sae_.components_, rtol=rtol,
+                               atol=rtol / 100)
     assert other.mlp_outputs(X[:4]).dtype == np.float32 and other.jacobian(X[:4]).dtype == np.float32
 
 
