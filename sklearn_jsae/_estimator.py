@@ -517,7 +517,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         if trainer is None or trainer.broken or trainer.params != training_params(self):
             _warn_checkpoint_dir_unused(self)
             config, mlp_copy, mlp_map, d_out, probe_rows = self._prepare(X)
-            init = self._warm_init(mlp_map, d_out) if fitted else None
+            init = self._warm_init(mlp_map, d_out, "partial_fit") if fitted else None
             trainer = start_trainer(config, X, mlp_map, init, total_steps(self.n_tokens, self.batch_size))
             trainer.previous_history = list(self.history_) if fitted else []
             trainer.model = (mlp_copy, mlp_map, d_out, probe_rows)
@@ -622,17 +622,20 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
             verbose=self.verbose,
         )
 
-    def _warm_init(self, mlp_map, d_out):
-        """``(params_x, params_y, c_x, c_y)`` to continue from; ``c_y`` None (re-measured) when the
-        MLP computes something else than the fitted one."""
+    def _warm_init(self, mlp_map, d_out, continuing="fit"):
+        """``(params_x, params_y, c_x, c_y)`` to continue from (``continuing``: ``"fit"`` with
+        ``warm_start=True``, or ``"partial_fit"``); ``c_y`` None (re-measured) when the MLP computes
+        something else than the fitted one."""
         n_output_components = self.n_output_components or self.n_components
-        _check_warm_shape(self.input_sae_.components_.shape[0], self.n_components, "n_components")
-        _check_warm_shape(self.output_sae_.components_.shape[0], n_output_components, "n_output_components")
-        _check_warm_shape(self.n_output_features_, d_out, "the mlp's output width")
+        _check_warm_shape(self.input_sae_.components_.shape[0], self.n_components, "n_components", continuing)
+        _check_warm_shape(self.output_sae_.components_.shape[0], n_output_components, "n_output_components",
+                          continuing)
+        _check_warm_shape(self.n_output_features_, d_out, "the mlp's output width", continuing)
         scale_y = self.output_sae_.scale_
         if _mlp_changed(self._mlp_map, mlp_map, self._probe_rows):
             warnings.warn(
-                "warm_start=True with an mlp that computes something else than the fitted one on "
+                f"{'warm_start=True' if continuing == 'fit' else 'partial_fit'} with an mlp that computes "
+                "something else than the fitted one on "
                 "the first training rows; the output scale c_y is re-measured from the new "
                 "outputs and training continues from the fitted SAEs.", UserWarning, stacklevel=4,
             )

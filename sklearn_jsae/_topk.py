@@ -331,7 +331,7 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
             _warn_checkpoint_dir_unused(self)
             check_k(self.k, self.n_components)
             if fitted:
-                _check_warm_shape(self.components_.shape[0], self.n_components, "n_components")
+                _check_warm_shape(self.components_.shape[0], self.n_components, "n_components", "partial_fit")
             config = self._train_config(_validation.resolve_device(self.device))
             init = (self._params(), None, self.scale_, None) if fitted else None
             trainer = start_trainer(config, X, None, init, total_steps(self.n_tokens, self.batch_size))
@@ -574,12 +574,20 @@ def _refuse_distributed_partial_fit(estimator) -> None:
         )
 
 
-def _check_warm_shape(fitted: int, requested: int, name: str) -> None:
-    if fitted != requested:
+def _check_warm_shape(fitted: int, requested: int, name: str, continuing: str = "fit") -> None:
+    """Refuse to continue a fitted model (``continuing``: ``"fit"`` with ``warm_start=True``, or
+    ``"partial_fit"``, which never resets) with another width than its own."""
+    if fitted == requested:
+        return
+    if continuing == "partial_fit":
         raise ValueError(
-            f"warm_start=True but {name}={requested} differs from the fitted model's {fitted}; "
-            f"set warm_start=False to refit from scratch or restore {name}={fitted}."
+            f"partial_fit continues the fitted model, whose {name} is {fitted}, but {name}={requested} now; "
+            f"restore {name}={fitted}, or call fit() (warm_start=False) to train a new model of that width."
         )
+    raise ValueError(
+        f"warm_start=True but {name}={requested} differs from the fitted model's {fitted}; "
+        f"set warm_start=False to refit from scratch or restore {name}={fitted}."
+    )
 
 
 def _decode(codes, components, bias, name):

@@ -532,6 +532,18 @@ def test_partial_fit_after_set_params_trains_with_the_new_value(data, kind):
 
 
 @pytest.mark.parametrize("kind", ["jsae", "topk"])
+def test_partial_fit_after_a_change_of_width_says_to_call_fit(data, kind):
+    """The refusal blamed warm_start (and told a caller who never set it to set it to False)."""
+    X, mlp = data
+    est = _estimator(kind, mlp, **STREAM_SETTINGS).partial_fit(X[:128])
+    est.set_params(n_components=16)
+    with pytest.raises(ValueError, match=r"partial_fit continues the fitted model, whose n_components is 32, "
+                                         r"but n_components=16 now; restore n_components=32, or call fit\(\)"):
+        est.partial_fit(X[128:256])
+    assert est.set_params(n_components=32).partial_fit(X[128:256]).transform(X).shape == (len(X), 32)
+
+
+@pytest.mark.parametrize("kind", ["jsae", "topk"])
 def test_partial_fit_calls_shorter_than_a_batch_follow_the_schedule_to_its_end(data, kind):
     """The schedule spans ``n_tokens`` rows: calls of 100 rows with ``batch_size=256`` take one
     short step each, and counted in steps the schedule ended after 4 of the 10 calls (the learning
