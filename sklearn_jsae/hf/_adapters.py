@@ -133,14 +133,18 @@ def _is_transformer_lens(model) -> bool:
             and any(cls.__module__.split(".")[0] == "transformer_lens" for cls in type(model).__mro__))
 
 
-def run_model(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+def run_model(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+              first_row: int | None = None):
     """``model``'s forward pass on token ids (n_seq, seq_len): Hugging Face's ``input_ids=``, or
     TransformerLens's first argument (with the mask as ``attention_mask``, or, for its BERT,
     ``HookedEncoder``, as ``one_zero_attention_mask``).
 
     A model with a table of learned positions fails on longer sequences with an indexing or shape
     error that does not say why; that failure is raised as a ``ValueError`` naming the lengths.
-    (Rotary models run past their configured length, so the length is only checked on failure.)"""
+    (Rotary models run past their configured length, so the length is only checked on failure.)
+    So does a token id outside the vocabulary, checked before the model runs (:func:`check_token_ids`;
+    ``first_row`` is the index of the batch's first sequence in the whole input, for its message)."""
+    check_token_ids(model, input_ids, first_row)
     try:
         return _forward(model, input_ids, attention_mask)
     except torch.cuda.OutOfMemoryError:  # a RuntimeError too, but never a question of length
@@ -153,6 +157,44 @@ def run_model(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
                 f"{limit} positions ({name}={limit}): pass max_length <= {limit} with texts, or input_ids "
                 f"rows of at most {limit} tokens.") from exc
         raise
+
+
+def vocabulary_size(model) -> int | None:
+    """The number of token ids ``model`` embeds: its input embedding's rows (which may exceed
+    ``config.vocab_size``, padded for speed), else the configuration's ``vocab_size`` (Hugging
+    Face) or ``d_vocab`` (TransformerLens); None if neither is known."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    if callable(get_embeddings):
+        try:
+            embeddings = get_embeddings()
+        except (NotImplementedError, AttributeError):  # a PreTrainedModel that does not say
+            embeddings = None
+        if isinstance(embeddings, nn.Embedding):
+            return embeddings.num_embeddings
+    config = getattr(model, "config", None) or getattr(model, "cfg", None)
+    for name in ("vocab_size", "d_vocab"):
+        value = getattr(config, name, None)
+        if isinstance(value, numbers.Integral) and value > 0:
+            return int(value)
+    return None
+
+
+def check_token_ids(model, input_ids: torch.Tensor, first_row: int | None = None) -> None:
+    """Raise a ValueError naming the first token id outside ``[0, vocabulary_size(model))`` and its
+    place, rather than the embedding's bare ``IndexError: index out of range in self``."""
+    vocab = vocabulary_size(model)
+    if vocab is None or input_ids.numel() == 0:
+        return
+    outside = (input_ids < 0) | (input_ids >= vocab)
+    if not bool(outside.any()):
+        return
+    row, column = (int(i) for i in torch.nonzero(outside)[0])
+    # first_row None: the caller's batches are not numbered, so the row is the batch's own
+    place = (f"sequence {first_row + row}, position {column}" if first_row is not None
+             else f"row {row} of a batch, position {column}")
+    raise ValueError(
+        f"token id {int(input_ids[row, column])} at {place} of the input is outside the vocabulary of "
+        f"{type(model).__name__}, ids 0 to {vocab - 1}: pass token ids of this model's own tokenizer.")
 
 
 def _max_positions(model) -> tuple[str | None, int | None]:

@@ -89,7 +89,6 @@ class _FileSink:
     the moves leaves files missing, never an ``X`` of one harvest beside the ``Y`` of another."""
 
     def __init__(self, folder: Path, dtype):
-        folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self.writers = {
             "X": _NpyWriter(folder / "X.npy", dtype),
@@ -238,39 +237,134 @@ def _not_a_text(item) -> TypeError:
     return TypeError(f"texts must be strings; got an item of type {type(item).__name__}: {item!r:.60}.{hint}")
 
 
-def _id_batches(input_ids, attention_mask, batch_size):
-    if isinstance(input_ids, (torch.Tensor, np.ndarray)):
-        ids = input_ids if input_ids.ndim == 2 else input_ids.reshape(1, -1)
+def _is_id_array(input_ids) -> bool:
+    """Whether ``input_ids`` is an array or tensor (read as its rows), not a sequence of rows."""
+    return hasattr(input_ids, "ndim")
+
+
+def _as_rows(array):
+    """A 1-D array of token ids (one sequence) as one row; a 2-D one as it is."""
+    return array if array.ndim == 2 else array.reshape(1, -1)
+
+
+def _is_integer_dtype(dtype) -> bool:
+    if isinstance(dtype, torch.dtype):
+        return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+    try:
+        return np.dtype(dtype).kind in "iu"
+    except TypeError:
+        return False
+
+
+def _check_token_arrays(input_ids, attention_mask):
+    """Raise unless ``input_ids`` and ``attention_mask`` of :func:`harvest` or
+    :class:`~sklearn_jsae.hf.ActivationStream` can be read as token ids and their mask; return the
+    mask, an array (nested lists made one) or None.
+
+    Shapes and dtypes only: the values are checked a batch at a time as they are read
+    (:func:`_array_block`, :func:`_rows_block`, :func:`~sklearn_jsae.hf._adapters.check_token_ids`), so
+    a memmap is not read twice.  A float id, or a 3-D array, would otherwise be truncated or flattened
+    into sequences that are not the caller's."""
+    if attention_mask is not None and input_ids is None:
+        raise ValueError("attention_mask is for input_ids; with texts the tokenizer pads and masks itself.")
+    if input_ids is None:
+        return None
+    if not _is_id_array(input_ids):
         if attention_mask is not None:
-            if not isinstance(attention_mask, (torch.Tensor, np.ndarray)):
-                attention_mask = np.asarray(attention_mask)
-            attention_mask = attention_mask if attention_mask.ndim == 2 else attention_mask.reshape(1, -1)
-            if tuple(attention_mask.shape) != tuple(ids.shape):
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
-                    f"{tuple(ids.shape)}; pass a mask of the same shape (1 = real token, 0 = padding)."
-                )
-
-        def rows(array, start):
-            block = array[start : start + batch_size]
-            block = block if isinstance(block, torch.Tensor) else torch.as_tensor(np.asarray(block))
-            return block.to(device="cpu", dtype=torch.long)
-
-        for start in range(0, ids.shape[0], batch_size):
-            chunk = rows(ids, start)
-            yield chunk, torch.ones_like(chunk) if attention_mask is None else rows(attention_mask, start)
-        return
-    # a list of (possibly ragged) token-id sequences
-    if attention_mask is not None:
+            raise ValueError(
+                "attention_mask is only accepted with a 2-D input_ids array or tensor; for a list of "
+                "sequences of different lengths leave attention_mask=None (padding is added internally).")
+        return None  # a sequence of rows: each row is checked as it is read
+    shape = tuple(input_ids.shape)
+    if len(shape) not in (1, 2) or not _is_integer_dtype(input_ids.dtype):
         raise ValueError(
-            "attention_mask is only accepted with a 2-D input_ids array or tensor; for a list of "
-            "sequences of different lengths leave attention_mask=None (padding is added internally)."
-        )
+            f"input_ids must be a 2-D integer array (n_sequences, seq_len), got shape {shape} and dtype "
+            f"{input_ids.dtype}; token ids are whole numbers (a 1-D array is one sequence, and rows of "
+            f"different lengths are passed as a list of rows).")
+    if attention_mask is None:
+        return None
+    if not _is_id_array(attention_mask):
+        try:
+            attention_mask = np.asarray(attention_mask)
+        except ValueError:  # rows of different lengths
+            attention_mask = np.asarray(attention_mask, dtype=object)
+    mask_shape = tuple(attention_mask.shape)
+    as_rows = lambda dims: dims if len(dims) != 1 else (1, *dims)  # noqa: E731 - a 1-D array is one row
+    if as_rows(mask_shape) != as_rows(shape):
+        raise ValueError(f"attention_mask has shape {mask_shape} but input_ids has shape {shape}; pass a "
+                         f"mask of the same shape (1 = real token, 0 = padding).")
+    dtype = attention_mask.dtype
+    if (dtype.is_complex if isinstance(dtype, torch.dtype) else np.dtype(dtype).kind not in "biuf"):
+        raise ValueError(f"attention_mask must hold 1 (real token) and 0 (padding), as bool or int, got "
+                         f"dtype {dtype}.")
+    return attention_mask
+
+
+def _long_tensor(block) -> torch.Tensor:
+    """A block of ids or mask (numpy, memmap, or a tensor on any device) as a CPU int64 tensor."""
+    if isinstance(block, torch.Tensor):
+        return block.to(device="cpu", dtype=torch.long)
+    return torch.as_tensor(np.asarray(block)).to(dtype=torch.long)
+
+
+def _array_block(ids, mask, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``start:stop`` of a 2-D input_ids array and of its mask (None: every token is real) as CPU
+    int64 tensors; a mask value other than 0 and 1 is refused (cast to int, 0.5 would be padding and
+    2 a real token, silently)."""
+    block = _long_tensor(ids[start:stop])
+    if mask is None:
+        return block, torch.ones_like(block)
+    raw = mask[start:stop]
+    raw = raw.to("cpu") if isinstance(raw, torch.Tensor) else torch.as_tensor(np.asarray(raw))
+    bad = (raw != 0) & (raw != 1)
+    if bool(bad.any()):
+        row, column = (int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(f"attention_mask[{start + row}, {column}] is {raw[row, column].item()!r}; a mask "
+                         f"holds only 1 (real token) and 0 (padding).")
+    return block, raw.to(torch.long)
+
+
+def _rows_block(rows, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows of any lengths, ``input_ids[start]`` onwards, padded with 0 and masked (:func:`_pad`);
+    a row that is not 1-D or not of integers is refused (it would be flattened or truncated)."""
+    sequences = []
+    for index, row in enumerate(rows, start):
+        array = np.asarray(row)
+        if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):  # [] is float64 to numpy
+            raise ValueError(f"input_ids[{index}] must be a 1-D row of integer token ids, got shape "
+                             f"{array.shape} and dtype {array.dtype}; pass a list of rows ([[1, 2, 3]] for "
+                             f"one sequence) or a 2-D integer array.")
+        sequences.append(array.tolist())
+    return _pad(sequences, 0)
+
+
+def _id_batches(input_ids, attention_mask, batch_size):
+    """Batches of ``input_ids`` (and ``attention_mask``, checked by :func:`_check_token_arrays`)."""
+    if _is_id_array(input_ids):
+        ids, mask = _as_rows(input_ids), None if attention_mask is None else _as_rows(attention_mask)
+        for start in range(0, ids.shape[0], batch_size):
+            yield _array_block(ids, mask, start, start + batch_size)
+        return
     # A sequence that slices (a list, a datasets Column) is read a batch at a time: with n_tokens,
     # only the rows needed are read.
     sequences = input_ids if hasattr(input_ids, "__len__") and hasattr(input_ids, "__getitem__") else list(input_ids)
     for start in range(0, len(sequences), batch_size):
-        yield _pad([np.asarray(row).reshape(-1).tolist() for row in sequences[start : start + batch_size]], 0)
+        yield _rows_block(sequences[start : start + batch_size], start)
+
+
+def _out_folder(out) -> Path:
+    """``out`` as a folder, created if missing; a path that cannot be one is refused by name."""
+    if not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"out must be a folder's path (str or path-like) or None, got {type(out).__name__}: "
+                        f"{out!r:.60}.")
+    folder = Path(out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"out={os.fspath(out)!r} is a file, or inside one; out must be a folder (X.npy, "
+                         f"Y.npy and token_ids.npy are written in it): pass the path of a folder, new or "
+                         f"existing.") from None
+    return folder
 
 
 def _progress_bar(progress, total):
@@ -325,11 +419,14 @@ def harvest(
     tokenizer : transformers tokenizer, optional
         Required with ``texts``.  Also used for ``exclude_special_tokens``.
     input_ids : array-like of int, optional
-        Token ids: a 2-D array or tensor (n_seq, seq_len), or a sequence of rows of any
-        lengths (a list, a Hugging Face dataset's column; padded internally).  Read one batch at
-        a time, so a memmap works.
+        Token ids: a 2-D integer array or tensor (n_seq, seq_len) (a 1-D one is one sequence),
+        or a sequence of 1-D integer rows of any lengths (a list, a Hugging Face dataset's
+        column; padded internally).  Read one batch at a time, so a memmap works.  Every id must
+        be in the model's vocabulary, ``0 <= id <`` its input embedding's size: an id outside it,
+        a float array or one of more dimensions raises ``ValueError``.
     attention_mask : array-like of {0, 1}, optional
-        Same shape as a 2-D ``input_ids``; None means every token is real.
+        Same shape as an array ``input_ids``, 1 for a real token and 0 for padding (any other
+        value raises ``ValueError``); None means every token is real.
     n_tokens : int, optional
         Stop after this many captured tokens; None means all of them.  If the input runs
         out first a ``UserWarning`` says how many were captured.
@@ -346,7 +443,7 @@ def harvest(
         A folder: stream ``X.npy``, ``Y.npy`` and ``token_ids.npy`` there and return read-only
         memmaps, so runs larger than memory work.  Files of an earlier harvest there are replaced
         when this one is complete; an error or an interrupt leaves them as they were.  None
-        keeps everything in memory.
+        keeps everything in memory.  The path of a file raises ``ValueError``.
     dtype : {numpy.float32, numpy.float16}, default=numpy.float32
         Storage dtype of ``X`` and ``Y``.  float16 raises ``ValueError`` if a value overflows.
     return_tokens : bool, default=False
@@ -393,6 +490,7 @@ def harvest(
         raise ValueError(
             "texts were given without a tokenizer: pass tokenizer=AutoTokenizer.from_pretrained(...)."
         )
+    attention_mask = _check_token_arrays(input_ids, attention_mask)
     n_tokens = _check_positive_int(n_tokens, "n_tokens", allow_none=True)
     batch_size = _check_positive_int(batch_size, "batch_size")
     max_length = _check_positive_int(max_length, "max_length", allow_none=True)
@@ -402,9 +500,13 @@ def harvest(
     if texts is not None and not pack:
         _check_room_for_text(tokenizer, max_length)
     texts = _corpus_or_texts(texts)
-    store = np.dtype(dtype)
+    try:
+        store = np.dtype(dtype)
+    except (TypeError, ValueError):  # not a dtype at all, as 'x'
+        store = None
     if store not in (np.dtype(np.float32), np.dtype(np.float16)):
-        raise ValueError(f"dtype must be numpy.float32 or numpy.float16, got {dtype!r}.")
+        raise ValueError(f"dtype must be numpy.float32 or numpy.float16 (the storage dtype of X and Y), got "
+                         f"{dtype!r}.")
     special = None
     if exclude_special_tokens:
         special = _special_ids(model, tokenizer)
@@ -432,21 +534,22 @@ def harvest(
         captured["y"] = output[0] if isinstance(output, (tuple, list)) else output
         raise _HarvestStop
 
-    sink = _FileSink(Path(out), store) if out is not None else _MemorySink()
+    sink = _FileSink(_out_folder(out), store) if out is not None else _MemorySink()
     bar = _progress_bar(progress, n_tokens)
     handles = [
         layout.input_module.register_forward_pre_hook(grab_input, with_kwargs=True),
         layout.output_module.register_forward_hook(grab_output),
     ]
-    written = 0
+    written = first_row = 0
     try:
         with torch.no_grad(), _eval_mode(runner):
             for ids, mask in batches:
+                row, first_row = first_row, first_row + ids.shape[0]
                 if ids.numel() == 0:
                     continue
                 captured.clear()
                 try:
-                    run_model(runner, ids.to(device), mask.to(device))
+                    run_model(runner, ids.to(device), mask.to(device), first_row=row)
                 except _HarvestStop:
                     pass
                 if "y" not in captured or "x" not in captured:

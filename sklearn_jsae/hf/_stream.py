@@ -36,8 +36,8 @@ import torch
 
 from ._adapters import _eval_mode, _layout, _unwrap, _warn_attached_saes, run_model
 from ._corpus import check_corpus_path, texts_of_file
-from ._harvest import (_check_positive_int, _check_room_for_text, _HarvestStop, _not_a_text, _pad, _special_ids,
-                       _token_rows)
+from ._harvest import (_array_block, _as_rows, _check_positive_int, _check_room_for_text, _check_token_arrays,
+                       _HarvestStop, _is_id_array, _not_a_text, _pad, _rows_block, _special_ids, _token_rows)
 from ._packing import TextPacker
 
 __all__ = ["ActivationStream"]
@@ -75,13 +75,17 @@ class ActivationStream:
     tokenizer : transformers tokenizer, optional
         Required with ``texts``.
     input_ids : 2-D array-like of int, or a sequence of token-id rows, optional
-        Token ids (n_seq, seq_len), read one batch at a time (a memmap works); or any sequence of
-        rows that can be sliced, of equal or different lengths (shorter rows are padded and
-        masked), read a slice at a time: a list of lists, or a Hugging Face dataset's column such
-        as ``chunk_and_tokenize(dataset, tokenizer)["input_ids"]`` (sparsify's packed chunks).
+        Token ids (n_seq, seq_len), an integer array or tensor read one batch at a time (a memmap
+        works); or any sequence of 1-D integer rows that can be sliced, of equal or different
+        lengths (shorter rows are padded and masked), read a slice at a time: a list of lists, or
+        a Hugging Face dataset's column such as ``chunk_and_tokenize(dataset, tokenizer)["input_ids"]``
+        (sparsify's packed chunks).  Every id must be in the model's vocabulary (``0 <= id <`` its
+        input embedding's size); a float array, one of more dimensions or an id outside the
+        vocabulary raises ``ValueError``.
     attention_mask : 2-D array-like of {0, 1}, optional
         With ``input_ids``: the same shape, 1 for a real token and 0 for padding (passed to the
-        model, and padding rows are not produced); None means every token is real.
+        model, and padding rows are not produced; any other value raises ``ValueError``); None
+        means every token is real.
     n_tokens : int, optional
         Stop after producing this many rows; None runs until the input ends.
     batch_size : int, default=1024
@@ -103,7 +107,7 @@ class ActivationStream:
     exclude_special_tokens : bool, default=True
         Drop BOS/EOS/PAD/CLS/SEP tokens (their activations are outliers the SAEs should not
         spend latents on).
-    seed : int, default=0
+    seed : int >= 0, default=0
         Seeds the buffer's draws.
     skip_texts : int, default=0
         Texts at the start of ``texts`` not used (held out for evaluation, say).  With
@@ -147,17 +151,7 @@ class ActivationStream:
             raise TypeError(f"input_ids must be a 2-D array or tensor or a sequence of token-id rows that can be "
                             f"sliced (a list, a dataset column); got {type(input_ids).__name__}, which cannot be "
                             f"read again to resume. Pass list(input_ids).")
-        if attention_mask is not None:
-            if input_ids is None:
-                raise ValueError("attention_mask is for input_ids; with texts the tokenizer pads and masks itself.")
-            shape = lambda a: tuple(a.shape) if a.ndim == 2 else (1, a.shape[0])  # noqa: E731
-            attention_mask = attention_mask if hasattr(attention_mask, "ndim") else np.asarray(attention_mask)
-            if not hasattr(input_ids, "ndim") or shape(attention_mask) != shape(input_ids):
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
-                    f"{tuple(getattr(input_ids, 'shape', (len(input_ids),)))}; pass a 2-D input_ids array and a "
-                    f"mask of the same shape (1 = real token, 0 = padding).")
-        self.attention_mask = attention_mask
+        self.attention_mask = _check_token_arrays(input_ids, attention_mask)
         # A generator of texts cannot be read again from its start: a resumed stream would skip
         # the texts it has read in whatever is left of it.
         self.resume_problem = (
@@ -184,6 +178,8 @@ class ActivationStream:
         if exclude_special_tokens:
             special = _special_ids(model, tokenizer)
             self.special = torch.tensor(sorted(special), dtype=torch.long) if special else None
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0 (it seeds the shuffle buffer's draws), got {seed!r}.")
         self.seed = int(seed)
         if isinstance(skip_texts, bool) or not isinstance(skip_texts, numbers.Integral) or skip_texts < 0:
             raise ValueError(f"skip_texts must be an int >= 0 (texts held out at the start), got {skip_texts!r}.")
@@ -221,25 +217,18 @@ class ActivationStream:
         """Sequence batches ``(ids, mask)`` from the input, starting after ``groups_done``; None in
         place of a batch of another shard (counted, never read or tokenised)."""
         if self.input_ids is not None:
-            ids = self.input_ids
-            rows = hasattr(ids, "ndim")  # an array or tensor; else a sequence of rows
-            ids = ids if not rows or ids.ndim == 2 else ids.reshape(1, -1)
+            ids, mask = self.input_ids, self.attention_mask
+            array = _is_id_array(ids)  # else a sequence of rows of any lengths: padded with 0 and masked
+            if array:
+                ids, mask = _as_rows(ids), None if mask is None else _as_rows(mask)
             n = self.sequences_per_forward
             for start in range(self.groups_done * n, len(ids), n):
                 if not self._mine(start // n):
                     yield None
-                    continue
-                block = ids[start : start + n]
-                if not rows:  # rows of any lengths: padded with 0 and masked
-                    yield _pad([np.asarray(row).reshape(-1).tolist() for row in block], 0)
-                    continue
-                block = _long_tensor(block)
-                if self.attention_mask is None:
-                    yield block, torch.ones_like(block)
-                    continue
-                mask = self.attention_mask
-                mask = (mask if mask.ndim == 2 else mask.reshape(1, -1))[start : start + n]
-                yield block, _long_tensor(mask)
+                elif array:
+                    yield _array_block(ids, mask, start, start + n)
+                else:
+                    yield _rows_block(ids[start : start + n], start)
             return
         texts = texts_of_file(self.texts) if isinstance(self.texts, (str, os.PathLike)) else iter(self.texts)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -266,8 +255,9 @@ class ActivationStream:
             yield _pad(encoded, pad_id)
 
     @torch.no_grad()
-    def _capture(self, ids, mask) -> np.ndarray:
-        """The MLP inputs of the real (and, if asked, non-special) tokens of one sequence batch."""
+    def _capture(self, ids, mask, first_row) -> np.ndarray:
+        """The MLP inputs of the real (and, if asked, non-special) tokens of one sequence batch, whose
+        first sequence is sequence ``first_row`` of the input."""
         runner = _unwrap(self.model)
         device = next(runner.parameters()).device
         captured = {}
@@ -283,7 +273,7 @@ class ActivationStream:
         try:
             with _eval_mode(runner):
                 try:
-                    run_model(runner, ids.to(device), mask.to(device))
+                    run_model(runner, ids.to(device), mask.to(device), first_row=first_row)
                 except _HarvestStop:
                     pass
         finally:
@@ -310,7 +300,7 @@ class ActivationStream:
             ids, mask = group
             if ids.numel() == 0:
                 continue
-            rows = self._capture(ids, mask)
+            rows = self._capture(ids, mask, (self.groups_done - 1) * self.sequences_per_forward)
             self.captured += len(rows)
             if self.d is None:
                 self.d = rows.shape[1]
@@ -427,13 +417,6 @@ class ActivationStream:
         self.rng.bit_generator.state = _json_rng(state["rng"])
         if self.packer is not None:
             self.packer.load_state(state["pack_texts_done"], state["pack_carry"])
-
-
-def _long_tensor(block) -> torch.Tensor:
-    """A block of ids or mask (numpy, memmap, or a tensor on any device) as a CPU int64 tensor."""
-    if isinstance(block, torch.Tensor):
-        return block.to(device="cpu", dtype=torch.long)
-    return torch.as_tensor(np.asarray(block)).to(dtype=torch.long)
 
 
 def _json_rng(state: dict) -> dict:
