@@ -202,3 +202,21 @@ def test_harvest_out_must_be_a_folder(gpt2, tmp_path):
         _harvest(gpt2, input_ids=ids, out=3)
     X = _harvest(gpt2, input_ids=ids, out=tmp_path / "new" / "acts")  # a new folder is made
     assert X.shape == (36, 32)
+
+
+def test_a_state_that_is_not_the_streams_is_refused_and_leaves_it_as_it_was(gpt2):
+    """A dict without the stream's keys raised a bare KeyError after resetting the stream half-way."""
+    ids = _ids(8, 12)[0]
+    stream = ActivationStream(gpt2, 0, input_ids=ids, batch_size=4, buffer_size=8)
+    batches = iter(stream)
+    next(batches)
+    saved = stream.state_dict()
+    rest = np.concatenate(list(batches))
+    for junk, message in (({}, r"it has no \['buffer', 'captured'"), ([1, 2], "got list"),
+                          ({**saved, "d": "wide"}, r"not a state_dict\(\) of a stream like this one \(ValueError"),
+                          ({**saved, "buffer": np.zeros((3, 7))}, r"not a state_dict\(\) of a stream like this one")):
+        stream.load_state_dict(saved)
+        with pytest.raises(ValueError, match=message):
+            stream.load_state_dict(junk)
+        # the failed load changed nothing: the stream goes on from the state loaded before it
+        np.testing.assert_array_equal(np.concatenate(list(stream)), rest)

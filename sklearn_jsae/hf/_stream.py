@@ -402,21 +402,47 @@ class ActivationStream:
                        {f"pack_{name}": value for name, value in self.packer.state().items()}))
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from :meth:`state_dict`'s position at the next iteration."""
+        """Continue from :meth:`state_dict`'s position at the next iteration.
+
+        Raises ``ValueError`` (and leaves the stream as it was) for a ``state`` that is not a
+        :meth:`state_dict` of a stream like this one (a missing key, a value of another kind, a
+        buffer of another width)."""
         if self.resume_problem:
             raise ValueError(self.resume_problem + ".")
+        expected = {"groups_done", "produced", "captured", "source_done", "filled", "d", "rng", "buffer", "waiting"}
+        if self.pack:
+            expected |= {"pack_texts_done", "pack_carry"}
+        missing = sorted(expected - set(state)) if isinstance(state, dict) else None
+        if missing is None or missing:
+            raise ValueError(
+                "state must be a dict from ActivationStream.state_dict() of a stream with the same settings; "
+                + (f"got {type(state).__name__}." if missing is None else f"it has no {missing}.")
+            )
+        try:  # everything read and checked before the stream changes
+            counts = {name: int(state[name]) for name in ("groups_done", "produced", "captured", "filled", "d")}
+            d = counts["d"] or None
+            buffer = waiting = None
+            if d is not None:
+                buffer = np.zeros((self.buffer_size, d), dtype=np.float32)
+                buffer[: counts["filled"]] = state["buffer"]
+                waiting = np.array(state["waiting"], dtype=np.float32).reshape(-1, d)
+            probe = np.random.default_rng()
+            probe.bit_generator.state = _json_rng(state["rng"])
+            packed = None
+            if self.pack:
+                packed = (int(state["pack_texts_done"]), np.asarray(state["pack_carry"], dtype=np.int64))
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"state is not a state_dict() of a stream like this one ({type(exc).__name__}: "
+                             f"{exc}); pass the state this stream's state_dict() returned.") from exc
         self._reset()
-        self.groups_done, self.produced = int(state["groups_done"]), int(state["produced"])
-        self.captured = int(state["captured"])
-        self.source_done, self.filled = bool(state["source_done"]), int(state["filled"])
-        self.d = int(state["d"]) or None
-        if self.d is not None:
-            self.buffer = np.zeros((self.buffer_size, self.d), dtype=np.float32)
-            self.buffer[: self.filled] = state["buffer"]
-            self.waiting = np.array(state["waiting"], dtype=np.float32).reshape(-1, self.d)
-        self.rng.bit_generator.state = _json_rng(state["rng"])
-        if self.packer is not None:
-            self.packer.load_state(state["pack_texts_done"], state["pack_carry"])
+        self.groups_done, self.produced, self.captured = counts["groups_done"], counts["produced"], counts["captured"]
+        self.source_done, self.filled = bool(state["source_done"]), counts["filled"]
+        self.d = d
+        if d is not None:
+            self.buffer, self.waiting = buffer, waiting
+        self.rng = probe
+        if packed is not None:
+            self.packer.load_state(*packed)
 
 
 def _json_rng(state: dict) -> dict:
