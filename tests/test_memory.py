@@ -13,11 +13,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV
 from sklearn.utils._param_validation import InvalidParameterError
 
 import sklearn_jsae._backend.train as train_module
-from sklearn_jsae import JacobianSparseAutoencoder
+from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
+from sklearn_jsae._backend.checkpoint import fingerprint_array
 from sklearn_jsae._backend.jacobian import map_and_local_weights
 from sklearn_jsae._backend.mlp import ElementwiseMLP, GatedMLP
 from sklearn_jsae._backend.train import _Rows, compute_mlp_pass
@@ -201,9 +203,16 @@ def test_a_copy_on_write_memmap_is_read_with_its_edits(tmp_path):
     np.save(tmp_path / "X.npy", np.zeros((6, 3), np.float32))
     X = np.load(tmp_path / "X.npy", mmap_mode="c")
     X[2] = 7.0
+    edited = np.array(X)
     rows = _Rows(X, "cpu", torch.float32)
     assert rows.file is None
-    np.testing.assert_array_equal(rows.take(torch.tensor([2, 0])).numpy(), X[[2, 0]])
+    np.testing.assert_array_equal(rows.take(torch.tensor([2, 0])).numpy(), edited[[2, 0]])
+    # Releasing a copy-on-write mapping's pages dropped the edits: the caller's own array changed.
+    fingerprint_array(X[1:])
+    np.testing.assert_array_equal(X, edited)
+    model = TopKSparseAutoencoder(n_components=4, k=1, max_iter=1, random_state=0)
+    np.testing.assert_array_equal(model.fit(X).components_, clone(model).fit(edited).components_)
+    np.testing.assert_array_equal(X, edited)
 
 
 def test_a_fit_on_a_row_range_of_a_store_is_the_fit_on_those_rows(tmp_path):

@@ -125,6 +125,11 @@ def release_pages(X) -> None:
     memory stays at a few batches.  A no-op for other arrays and platforms without madvise.
     """
     mapping = file_mapping(X)
+    owner = _owning_memmap(X)
+    if owner is not None and owner.mode == "c":
+        # Copy-on-write: the pages hold the caller's edits, which the file does not; dropping them
+        # would read the file's rows back in their place (the caller's own array changed).
+        return
     if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
         try:
             mapping.madvise(mmap.MADV_DONTNEED)
@@ -156,6 +161,17 @@ class _FileRows:
             os.close(self.fd)
 
 
+def _owning_memmap(X) -> np.memmap | None:
+    """The ``np.memmap`` that owns the mapping behind X (X itself, a view of it, or ``np.asarray`` of
+    one), else None."""
+    node = X
+    while node is not None:
+        if isinstance(node, np.memmap) and isinstance(node.base, mmap.mmap):
+            return node
+        node = getattr(node, "base", None)
+    return None
+
+
 def _file_rows(X) -> _FileRows | None:
     """A :class:`_FileRows` for X when it is a C-contiguous view of a file-backed ``np.memmap``.
 
@@ -163,12 +179,7 @@ def _file_rows(X) -> _FileRows | None:
     ``mmap``), whose ``offset`` is where its data starts in the file: a slice of a memmap
     (``np.load(path, mmap_mode="r")[n:]``) is an ``np.memmap`` too, but with its parent's
     ``offset``, so measured from the slice itself row ``n`` would be read as row 0."""
-    root, node = None, X
-    while node is not None:
-        if isinstance(node, np.memmap) and isinstance(node.base, mmap.mmap):
-            root = node
-            break
-        node = getattr(node, "base", None)
+    root = _owning_memmap(X)
     if root is None or getattr(root, "filename", None) is None or not X.flags.c_contiguous or X.ndim < 2:
         return None
     if root.mode == "c":  # copy-on-write: edits made in memory are not in the file
