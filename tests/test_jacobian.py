@@ -164,3 +164,60 @@ def test_estimator_jacobian_equals_end_to_end_autograd(activation):
         mask = np.zeros_like(J[t], dtype=bool)
         mask[np.ix_(idx_y, idx_x)] = True
         assert not J[t][~mask].any()
+
+
+class _SquaredReLU(torch.nn.ReLU):
+    def forward(self, x):
+        return super().forward(x) ** 2
+
+
+class _ScaledLinear(torch.nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _ShiftedElementwiseMLP(ElementwiseMLP):
+    def forward(self, x):
+        return super().forward(x + 0.5)
+
+
+def _shifted_map():
+    g = torch.Generator().manual_seed(0)
+    return _ShiftedElementwiseMLP(torch.randn(6, 20, generator=g), None, torch.randn(20, 5, generator=g) / 4,
+                                  None, "gelu")
+
+
+def _hooked(where):
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 20), torch.nn.GELU(), torch.nn.Linear(20, 5))
+    if where == "output":
+        mlp.register_forward_hook(lambda module, inputs, output: 3 * output)
+    else:
+        mlp[0].register_forward_pre_hook(lambda module, inputs: (inputs[0] + 1,))
+    return mlp
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.nn.Sequential(torch.nn.Linear(6, 20), _SquaredReLU(), torch.nn.Linear(20, 5)),
+    lambda: torch.nn.Sequential(torch.nn.Linear(6, 20), torch.nn.GELU(), _ScaledLinear(20, 5)),
+    lambda: _ScaledLinear(6, 5),
+    lambda: _hooked("output"),
+    lambda: _hooked("inner input"),
+    _shifted_map,
+], ids=["subclassed activation", "subclassed Linear in a Sequential", "subclassed Linear", "hooked Sequential",
+        "hooked inner Linear", "subclassed sklearn_jsae.mlp class"])
+def test_a_module_whose_forward_is_not_its_class_s_is_run_as_it_computes(make):
+    """The closed form was chosen by isinstance, so a subclass's forward or a hook was ignored: the
+    outputs and Jacobians were those of the plain class (off by up to 0.5 relative)."""
+    torch.manual_seed(0)
+    mlp = make()
+    X = np.random.default_rng(0).normal(size=(300, 6)).astype(np.float32)
+    jsae = JacobianSparseAutoencoder(mlp=mlp, n_components=24, n_output_components=20, k=3, max_iter=2,
+                                     random_state=0).fit(X)
+    with torch.no_grad():
+        expected = mlp(torch.from_numpy(X[:6])).numpy()
+    np.testing.assert_allclose(jsae.mlp_outputs(X[:6]), expected, rtol=1e-5, atol=1e-6)
+    J = jsae.jacobian(X[:6]).toarray()
+    for t in range(6):
+        block, idx_y, idx_x = _end_to_end_reference(jsae, X[t])
+        np.testing.assert_allclose(J[t][np.ix_(idx_y, idx_x)], block, rtol=2e-3, atol=2e-5)

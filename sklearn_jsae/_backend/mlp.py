@@ -77,12 +77,25 @@ def activation_derivative(name: str, z: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
 
 
+def _computes_as(module, cls) -> bool:
+    """Whether ``module`` is a ``cls`` that computes what ``cls`` computes: ``cls``'s own forward and
+    no forward hook.  A subclass that overrides ``forward`` (a squared ReLU, a scaled Linear) or a
+    hook changes the outputs, which a closed form built from the class would not see: such a
+    module is run as any callable is."""
+    import torch.nn.modules.module as torch_module
+
+    global_hooks = (getattr(torch_module, "_global_forward_hooks", None)
+                    or getattr(torch_module, "_global_forward_pre_hooks", None))
+    return (isinstance(module, cls) and type(module).forward is cls.forward and not global_hooks
+            and not module._forward_hooks and not module._forward_pre_hooks)
+
+
 def _activation_of_module(module: nn.Module) -> str | None:
     """The activation name of a torch activation module, or None if unsupported."""
-    if isinstance(module, nn.GELU):
+    if _computes_as(module, nn.GELU):
         return "gelu_tanh" if module.approximate == "tanh" else "gelu"
     for cls, name in ((nn.ReLU, "relu"), (nn.SiLU, "silu"), (nn.Tanh, "tanh"), (nn.Sigmoid, "sigmoid")):
-        if isinstance(module, cls):
+        if _computes_as(module, cls):
             return name
     return None
 
@@ -148,11 +161,11 @@ class ElementwiseMLP(_FrozenMap):
     @classmethod
     def from_sequential(cls, seq: nn.Sequential) -> "ElementwiseMLP | None":
         """Convert ``nn.Sequential(nn.Linear, activation, nn.Linear)``; None if not of that form."""
-        if not isinstance(seq, nn.Sequential) or len(seq) != 3:
+        if not _computes_as(seq, nn.Sequential) or len(seq) != 3:
             return None
         first, act, second = seq
         name = _activation_of_module(act)
-        if not (isinstance(first, nn.Linear) and isinstance(second, nn.Linear)) or name is None:
+        if not (_computes_as(first, nn.Linear) and _computes_as(second, nn.Linear)) or name is None:
             return None
         if second.in_features != first.out_features:
             raise ValueError(
@@ -296,17 +309,21 @@ def as_map(mlp, d_in: int, d_out: int) -> _FrozenMap:
     """The backend map for a user's ``mlp`` (already a frozen copy), see module docstring."""
     if mlp is None:
         return AffineMap(d_in)
-    if isinstance(mlp, _FrozenMap):
-        return mlp
-    if isinstance(mlp, nn.Linear):
+    if isinstance(mlp, _FrozenMap) and any(_computes_as(mlp, cls) for cls in _MAPS):
+        return mlp  # (a subclass of a map may compute something else: run as a callable, below)
+    if _computes_as(mlp, nn.Linear):
         return AffineMap(d_in, mlp.weight.T, mlp.bias)
-    if isinstance(mlp, nn.Identity):
+    if _computes_as(mlp, nn.Identity):
         return AffineMap(d_in)
     if isinstance(mlp, nn.Sequential):
         closed = ElementwiseMLP.from_sequential(mlp)
         if closed is not None:
             return closed
     return CallableMap(mlp, d_in, d_out)
+
+
+# The maps as_map takes as they are (exactly these classes: see _computes_as).
+_MAPS = (AffineMap, ElementwiseMLP, GatedMLP, CallableMap)
 
 
 def placed(mlp_map: _FrozenMap, device, dtype) -> _FrozenMap:
