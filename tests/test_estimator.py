@@ -392,3 +392,29 @@ def test_topk_inverse_transform_accepts_dense_codes(X):
 def test_verbose_prints_epochs(X, capsys):
     TopKSparseAutoencoder(n_components=16, k=3, max_iter=2, verbose=1, random_state=0).fit(X)
     assert "epoch 2/2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_inference_in_many_batches_equals_inference_in_one(X, gelu_mlp, monkeypatch, batch):
+    """Every test array fits in one inference batch (4096 rows; Jacobians 2**25 elements): the
+    batching is pinned here by shrinking both bounds to a few rows, which must change nothing."""
+    import sklearn_jsae._backend.inference as inference
+    import sklearn_jsae._estimator as estimator_module
+    import sklearn_jsae._topk as topk_module
+
+    jsae = _small(gelu_mlp).fit(X)
+    rows = X[:150]
+    whole = dict(codes=jsae.transform(rows), output_codes=jsae.transform_output(rows),
+                 outputs=jsae.mlp_outputs(rows), J=jsae.jacobian(rows), mean=jsae._mean_abs_jacobian(rows))
+    for module in (estimator_module, topk_module):
+        monkeypatch.setattr(module, "_INFERENCE_BATCH", batch)
+    monkeypatch.setattr(inference, "_JACOBIAN_CHUNK_ELEMENTS", batch * jsae.k * 40)  # batch rows per block
+    assert inference.jacobian_batch_size(jsae.k, jsae.k, 40) == batch
+    for name, value in dict(codes=jsae.transform(rows), output_codes=jsae.transform_output(rows),
+                            outputs=jsae.mlp_outputs(rows), J=jsae.jacobian(rows),
+                            mean=jsae._mean_abs_jacobian(rows)).items():
+        expected = whole[name]
+        if hasattr(value, "toarray"):
+            value, expected = value.toarray(), expected.toarray()
+        # (float32 rounding: BLAS blocks a matrix product by its number of rows)
+        np.testing.assert_allclose(value, expected, rtol=1e-5, atol=2e-6, err_msg=name)
