@@ -511,6 +511,29 @@ def test_a_failed_harvest_leaves_the_earlier_store_and_a_new_one_keeps_its_memma
     np.testing.assert_array_equal(np.load(store / "X.npy"), X_new)
 
 
+def test_a_harvest_into_a_folder_another_harvest_is_writing_is_refused(tmp_path):
+    """Two harvests into one folder wrote the same partial files and swapped in a store mixing their
+    rows (and deleted the earlier one).  The folder is locked while a harvest writes (flock, per
+    open descriptor: here the other harvest is this process's own, in the middle of its run)."""
+    from sklearn_jsae.hf._harvest import _FileSink
+
+    model, _, _ = _tiny("gpt2")
+    ids, mask = _ids(n_seq=6)
+    store = tmp_path / "acts"
+    X_old, _ = harvest(model, 1, input_ids=ids[:3], attention_mask=mask[:3], out=store, progress=False)
+    files = {p.name: p.read_bytes() for p in store.iterdir()}
+    running = _FileSink(store, np.float32)  # a harvest part-way through: its partial files are open
+    running.append("X", np.ones((2, 4), np.float32))
+    running.writers["X"].file.flush()
+    with pytest.raises(RuntimeError, match="another harvest is writing into this folder"):
+        harvest(model, 1, input_ids=ids, attention_mask=mask, out=store, progress=False)
+    assert running.writers["X"].partial.stat().st_size > 0  # its rows were not truncated
+    running.abort()
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == files
+    X_new, _ = harvest(model, 1, input_ids=ids, attention_mask=mask, out=store, progress=False)
+    assert len(X_new) == mask.sum() > len(X_old)
+
+
 def test_harvest_float16_overflow_is_an_error_and_leaves_no_files(tmp_path):
     model, block_of, _ = _tiny("gpt2")
     with torch.no_grad():

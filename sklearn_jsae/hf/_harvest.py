@@ -84,36 +84,72 @@ class _FileSink:
 
     A harvest that fails or is interrupted leaves the folder's earlier files as they were (its own
     rows are in hidden partial files, removed on error; a killed one's are overwritten by the next
-    harvest).  A complete one removes the earlier files and then moves its own in: an earlier
+    harvest).  One harvest at a time writes into a folder: it holds a lock on it, and another
+    harvest into it raises ``RuntimeError`` instead of writing into the same partial files.  A complete one removes the earlier files and then moves its own in: an earlier
     harvest's memmaps stay valid (their files are unlinked, never truncated), and a kill between
     the moves leaves files missing, never an ``X`` of one harvest beside the ``Y`` of another."""
 
     def __init__(self, folder: Path, dtype):
         self.folder = folder
-        self.writers = {
-            "X": _NpyWriter(folder / "X.npy", dtype),
-            "Y": _NpyWriter(folder / "Y.npy", dtype),
-            "token_ids": _NpyWriter(folder / "token_ids.npy", np.int32),
-        }
+        # Before anything is written: the partial files have fixed names, and two harvests into
+        # one folder would write into each other's and swap in a store mixing their rows.
+        self.lock = _lock_folder(folder)
+        self.writers = {}
+        try:
+            for name, path, kind in (("X", "X.npy", dtype), ("Y", "Y.npy", dtype),
+                                     ("token_ids", "token_ids.npy", np.int32)):
+                self.writers[name] = _NpyWriter(folder / path, kind)
+        except BaseException:
+            self.abort()
+            raise
 
     def append(self, name, rows):
         self.writers[name].append(rows)
 
     def result(self, dtype):
-        for writer in self.writers.values():
-            writer.close()
-        for writer in self.writers.values():
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(writer.path)
-        for writer in self.writers.values():
-            os.replace(writer.partial, writer.path)
-        return {name: np.load(w.path, mmap_mode="r") for name, w in self.writers.items()}
+        try:
+            for writer in self.writers.values():
+                writer.close()
+            for writer in self.writers.values():
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(writer.path)
+            for writer in self.writers.values():
+                os.replace(writer.partial, writer.path)
+            return {name: np.load(w.path, mmap_mode="r") for name, w in self.writers.items()}
+        finally:
+            self._unlock()
 
     def abort(self):
         for writer in self.writers.values():
             writer.file.close()
             with contextlib.suppress(OSError):
                 os.remove(writer.partial)
+        self._unlock()
+
+    def _unlock(self):
+        if self.lock is not None:
+            os.close(self.lock)  # closing the descriptor releases the lock
+            self.lock = None
+
+
+def _lock_folder(folder: Path) -> int | None:
+    """An exclusive lock on ``folder`` for one harvest (``flock`` on the folder itself, so nothing
+    is added to it), as an open descriptor; another harvest holding it is an error.  None where
+    there is no ``flock`` (Windows): there two harvests into one folder are not told apart."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise RuntimeError(
+            f"out={str(folder)!r}: another harvest is writing into this folder (two harvests into one folder "
+            f"would mix their rows); wait for it to finish or harvest into another folder."
+        ) from None
+    return descriptor
 
 
 def _token_rows(captured: torch.Tensor, keep: torch.Tensor) -> np.ndarray:
