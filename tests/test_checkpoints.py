@@ -516,6 +516,34 @@ def test_the_temporary_file_a_kill_leaves_is_removed_by_that_fits_next_save(X, m
     assert other.read_bytes() == b"half a checkpoint"
 
 
+def test_a_temporary_another_live_process_is_writing_for_the_same_fit_is_left_alone(X, mlp, tmp_path,
+                                                                                    monkeypatch):
+    """Identical fits in parallel (the candidates of a search over a later pipeline step) share a
+    checkpoint name: each one's cleanup deleted the other's temporary mid-write, and that save failed
+    (FileNotFoundError at the rename).  A dead writer's temporary is still removed."""
+    _interrupt_at(monkeypatch, [3])
+    with pytest.raises(_Interrupt):
+        _checkpointed(X, mlp, tmp_path).fit(X)
+    name = _the_checkpoint(tmp_path).name
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead_pid, live_pid = int(finished.stdout), os.getppid()
+    live = tmp_path / f".{name}.{checkpoint_module._HOST}-{live_pid}.x1y2z3.tmp"
+    dead = tmp_path / f".{name}.{checkpoint_module._HOST}-{dead_pid}.x1y2z3.tmp"
+    elsewhere = tmp_path / f".{name}.another_machine-{os.getpid()}.x1y2z3.tmp"
+    for path in (live, dead, elsewhere):
+        path.write_bytes(b"half a checkpoint")
+    _checkpointed(X, mlp, tmp_path).fit(X)
+    assert live.read_bytes() == elsewhere.read_bytes() == b"half a checkpoint" and not dead.exists()
+    written = []
+    real_mkstemp = checkpoint_module.tempfile.mkstemp
+    monkeypatch.setattr(checkpoint_module.tempfile, "mkstemp",
+                        lambda **kw: written.append(kw["prefix"]) or real_mkstemp(**kw))
+    with pytest.warns(UserWarning, match="holds checkpoints of other fits"):
+        _checkpointed(X, mlp, tmp_path, random_state=1).fit(X)
+    assert written and all(p.endswith(f".{checkpoint_module._HOST}-{os.getpid()}.") for p in written)
+
+
 def _trainer_of(X):
     from sklearn_jsae._backend.train import TrainConfig
     from sklearn_jsae._incremental import start_trainer

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import tempfile
 import time
 
@@ -245,6 +246,29 @@ def _other_world_size(path: str, header: dict, identity: dict) -> CheckpointErro
     )
 
 
+# This machine's name as it goes into temporary files' names (letters, digits and _ only).
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
+
+
+def _writer_alive(rest: str) -> bool:
+    """Whether the writer of a temporary named ``<prefix><rest>`` may still be writing it: a process
+    of another machine (not seen from here), or a live process of this one; False for a dead one's,
+    and for a name without a writer (written before writers were named)."""
+    match = re.match(r"([A-Za-z0-9_]+)-(\d+)\.", rest)
+    if match is None:
+        return False
+    host, pid = match.group(1), int(match.group(2))
+    if host != _HOST or pid == os.getpid() or os.name == "nt":  # (os.kill(pid, 0) is a Ctrl-C on Windows)
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
 class Checkpointer:
     """Save and resume one fit's checkpoint in ``folder``, in the file :func:`checkpoint_name` gives
     its identity: other fits' checkpoints in the same folder are left as they are.
@@ -306,10 +330,13 @@ class Checkpointer:
             tensors[f"extra.{name}"] = t.detach().cpu().contiguous()
         header = dict(format=FORMAT, version=VERSION, library_version=__version__, identity=self.identity,
                       trainer=meta, position=position)
-        # The temporary is named after this fit's file, so that one a kill left behind (a SIGKILL runs
-        # no cleanup) is found and removed by this fit's next save, and other fits' are left alone.
+        # The temporary is named after this fit's file and its writer (machine and process), so that
+        # one a kill left behind (a SIGKILL runs no cleanup) is found and removed by this fit's next
+        # save, while other fits' temporaries, and those of another live process training this same
+        # fit (identical candidates of a search in parallel), are left alone.
         prefix = f".{os.path.basename(self.path)}."
-        handle, temporary = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=self.folder)
+        handle, temporary = tempfile.mkstemp(prefix=f"{prefix}{_HOST}-{os.getpid()}.", suffix=".tmp",
+                                             dir=self.folder)
         os.close(handle)
         try:
             save_file(tensors, temporary, metadata={FORMAT: json.dumps(header)})
@@ -320,6 +347,8 @@ class Checkpointer:
             if os.path.exists(temporary):
                 os.remove(temporary)
         for stale in glob.glob(os.path.join(glob.escape(self.folder), glob.escape(prefix) + "*.tmp")):
+            if _writer_alive(os.path.basename(stale)[len(prefix):]):
+                continue
             with contextlib.suppress(FileNotFoundError):
                 os.remove(stale)
         self.last_saved = time.monotonic()  # after the write: a slow write does not eat the interval
