@@ -60,7 +60,7 @@ S_out = jsae.transform_output(X_test)
 t = 5  # one held-out token
 row = slice(S.indptr[t], S.indptr[t + 1])
 order = np.argsort(-S.data[row])[:5]
-print(f"{type(S).__name__} {S.shape}")
+print(f"scipy.sparse {S.format} {S.shape}")
 print(f"active latents per token: at most {np.diff(S.indptr).max()}")
 print(f"token {str(tokens_test[t])!r}:")
 for latent, value in zip(S.indices[row][order], S.data[row][order]):

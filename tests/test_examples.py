@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("plot_*.py"))
 # What each example must print when it runs (its own numbers vary with the seed and the epochs).
 PRINTS = {
-    "plot_quick_start.py": ["csr_array (1024, 512)", "stored entries (k * k = 256)"],
+    "plot_quick_start.py": ["scipy.sparse csr (1024, 512)", "stored entries (k * k = 256)"],
     "plot_jsae_vs_traditional.py": ["JSAE (l1=2)", "traditional (l1=0)", "FVU, output SAE"],
     "plot_l1_sweep.py": ["<- chosen", "search.best_estimator_ is that candidate refitted"],
     "plot_circuit.py": ["output latent", "input latent"],

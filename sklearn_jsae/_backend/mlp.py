@@ -287,7 +287,9 @@ class CallableMap(_FrozenMap):
             y = self.fn(x * self.input_scale) / self.output_scale
         # A callable that computes in another precision (a .double() inside) returns the dtype it
         # was given, as a module placed in the training dtype does.
-        return y.to(x.dtype) if y.dtype != x.dtype and y.is_floating_point() else y
+        if isinstance(y, torch.Tensor) and y.dtype != x.dtype and y.is_floating_point():
+            return y.to(x.dtype)
+        return y  # (not a tensor, or not floating: the first probe says what is wrong with it)
 
     def rescaled(self, input_scale, output_scale):
         return CallableMap(
