@@ -201,7 +201,9 @@ def check_output_file(parser: argparse.ArgumentParser, option: str, path: str) -
     if not os.path.isdir(folder):
         parser.error(f"argument {option}: the folder {folder!r} of {path!r} does not exist; create it first "
                      f"or give a path in an existing folder")
-    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    # An existing file (/dev/stdout, say) needs only to be writable itself, not its folder.
+    writable = os.access(path, os.W_OK) if os.path.exists(path) else os.access(folder, os.W_OK | os.X_OK)
+    if not writable:
         parser.error(f"argument {option}: cannot write {path!r} (permission denied); give a writable path")
 
 

@@ -531,10 +531,14 @@ def test_a_temporary_another_live_process_is_writing_for_the_same_fit_is_left_al
     live = tmp_path / f".{name}.{checkpoint_module._HOST}-{live_pid}.x1y2z3.tmp"
     dead = tmp_path / f".{name}.{checkpoint_module._HOST}-{dead_pid}.x1y2z3.tmp"
     elsewhere = tmp_path / f".{name}.another_machine-{os.getpid()}.x1y2z3.tmp"
-    for path in (live, dead, elsewhere):
+    # another machine's (its processes cannot be seen from here), untouched for two hours: a killed one's
+    abandoned = tmp_path / f".{name}.another_machine-{os.getpid()}.a1b2c3.tmp"
+    for path in (live, dead, elsewhere, abandoned):
         path.write_bytes(b"half a checkpoint")
+    os.utime(abandoned, (time.time() - 7200, time.time() - 7200))
     _checkpointed(X, mlp, tmp_path).fit(X)
-    assert live.read_bytes() == elsewhere.read_bytes() == b"half a checkpoint" and not dead.exists()
+    assert live.read_bytes() == elsewhere.read_bytes() == b"half a checkpoint"
+    assert not dead.exists() and not abandoned.exists()
     written = []
     real_mkstemp = checkpoint_module.tempfile.mkstemp
     monkeypatch.setattr(checkpoint_module.tempfile, "mkstemp",

@@ -220,3 +220,28 @@ def test_a_state_that_is_not_the_streams_is_refused_and_leaves_it_as_it_was(gpt2
             stream.load_state_dict(junk)
         # the failed load changed nothing: the stream goes on from the state loaded before it
         np.testing.assert_array_equal(np.concatenate(list(stream)), rest)
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_a_pandas_series_of_rows_is_read_as_rows(gpt2, reader):
+    """A Series has ndim (1) and an object dtype: it was taken for a 1-D array of ids and refused."""
+    pd = pytest.importorskip("pandas")
+    ids = _ids()[0].numpy()
+    rows = [ids[0].tolist(), ids[1, :7].tolist()]
+    read = READERS[reader]
+    np.testing.assert_array_equal(read(gpt2, input_ids=pd.Series(rows)), read(gpt2, input_ids=rows))
+
+
+def test_a_folder_that_cannot_be_locked_is_harvested_unlocked(gpt2, tmp_path, monkeypatch):
+    """NFS refuses flock on a folder opened read-only (EBADF), Lustre without -o flock has none
+    (ENOSYS): harvest writes there as before instead of failing."""
+    import errno
+    import fcntl
+
+    def no_flock(descriptor, operation):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    ids = _ids()[0].numpy()
+    X, _ = harvest(gpt2, 0, input_ids=ids, out=tmp_path / "acts", progress=False)
+    np.testing.assert_array_equal(X, _harvest(gpt2, input_ids=ids))

@@ -187,6 +187,17 @@ def _shifted_map():
                                   None, "gelu")
 
 
+def _forward_on_the_instance():
+    """As accelerate's add_hook_to_module does: a new forward set on the module itself."""
+    torch.manual_seed(0)
+    import types
+
+    linear = torch.nn.Linear(6, 5)
+    linear.forward = types.MethodType(lambda self, x: 2 * torch.nn.functional.linear(x, self.weight, self.bias),
+                                      linear)
+    return linear
+
+
 def _hooked(where):
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(6, 20), torch.nn.GELU(), torch.nn.Linear(20, 5))
@@ -204,8 +215,9 @@ def _hooked(where):
     lambda: _hooked("output"),
     lambda: _hooked("inner input"),
     _shifted_map,
+    _forward_on_the_instance,
 ], ids=["subclassed activation", "subclassed Linear in a Sequential", "subclassed Linear", "hooked Sequential",
-        "hooked inner Linear", "subclassed sklearn_jsae.mlp class"])
+        "hooked inner Linear", "subclassed sklearn_jsae.mlp class", "forward set on the instance"])
 def test_a_module_whose_forward_is_not_its_class_s_is_run_as_it_computes(make):
     """The closed form was chosen by isinstance, so a subclass's forward or a hook was ignored: the
     outputs and Jacobians were those of the plain class (off by up to 0.5 relative)."""

@@ -521,6 +521,20 @@ def test_a_callable_given_at_load_must_be_the_one_fitted(kind, tmp_path):
             assert load(source, mlp=model.mlp).score(X) == model.score(X)
 
 
+def test_a_callable_passed_back_may_round_as_bfloat16_does(tmp_path):
+    """A callable may compute in bfloat16 inside, which another machine's float32 BLAS can tip by an
+    ulp: its check tolerates that rounding (a closed form's stays at float32's), not another MLP."""
+    model, X = fit_model("callable", d_in=5, d_out=4)
+    path = model.save(tmp_path / "m.safetensors")
+
+    def rounded_elsewhere(x):  # the same MLP, off by 0.3% (about a bfloat16 ulp)
+        return model.mlp(x) * 1.003
+
+    assert load(path, mlp=rounded_elsewhere).score(X) == pytest.approx(model.score(X), abs=0.05)
+    with pytest.raises(ValueError, match="mlp is not the MLP this model was fitted with"):
+        load(path, mlp=lambda x: model.mlp(x) * 1.05)
+
+
 def test_a_file_without_the_callables_outputs_still_loads(tmp_path):
     """Files written before the outputs of callables were recorded load as before (a given mlp
     then cannot be checked beyond its width), and saving them again invents no outputs."""

@@ -79,9 +79,14 @@ def test_non_callable_mlp_is_a_parameter_error(X):
         JacobianSparseAutoencoder(mlp="gelu", **SMALL).fit(X)
 
 
-def test_non_differentiable_mlp(X):
-    with pytest.raises(ValueError, match="detached from its input"):
-        JacobianSparseAutoencoder(mlp=lambda x: torch.tanh(x.detach()), **SMALL).fit(X)
+@pytest.mark.parametrize("mlp", [lambda x: torch.tanh(x.detach()), lambda x: torch.round(x * 100) / 100,
+                                 lambda x: (x * 100).long().float() / 100],
+                         ids=["detached", "rounded", "integer cast"])
+def test_non_differentiable_mlp(X, mlp):
+    """A step function's Jacobian is zero wherever it is taken, though its outputs vary: the check
+    that refused it (a zero Jacobian on the probed rows) also refused flat rows of a real MLP."""
+    with pytest.raises(ValueError, match="does not depend differentiably on its input: its outputs differ"):
+        JacobianSparseAutoencoder(mlp=mlp, **SMALL).fit(X)
 
 
 def test_mlp_returning_nan_names_the_row(X):

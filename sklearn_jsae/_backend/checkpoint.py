@@ -250,16 +250,26 @@ def _other_world_size(path: str, header: dict, identity: dict) -> CheckpointErro
 _HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
 
 
-def _writer_alive(rest: str) -> bool:
-    """Whether the writer of a temporary named ``<prefix><rest>`` may still be writing it: a process
-    of another machine (not seen from here), or a live process of this one; False for a dead one's,
-    and for a name without a writer (written before writers were named)."""
+# A temporary untouched this long is a killed writer's, whoever wrote it (a write takes seconds).
+_STALE_SECONDS = 3600
+
+
+def _writer_alive(rest: str, path: str) -> bool:
+    """Whether the writer of the temporary ``path``, named ``<prefix><rest>``, may still be writing
+    it: a live process of this machine, or one we cannot see (another machine's, or any on Windows)
+    that touched it within the last hour; False for a dead one's, and for a name without a writer
+    (written before writers were named)."""
     match = re.match(r"([A-Za-z0-9_]+)-(\d+)\.", rest)
     if match is None:
         return False
     host, pid = match.group(1), int(match.group(2))
-    if host != _HOST or pid == os.getpid() or os.name == "nt":  # (os.kill(pid, 0) is a Ctrl-C on Windows)
+    if pid == os.getpid() and host == _HOST:
         return True
+    if host != _HOST or os.name == "nt":  # (os.kill(pid, 0) is a Ctrl-C on Windows)
+        try:
+            return time.time() - os.path.getmtime(path) < _STALE_SECONDS
+        except OSError:  # removed meanwhile
+            return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -347,7 +357,7 @@ class Checkpointer:
             if os.path.exists(temporary):
                 os.remove(temporary)
         for stale in glob.glob(os.path.join(glob.escape(self.folder), glob.escape(prefix) + "*.tmp")):
-            if _writer_alive(os.path.basename(stale)[len(prefix):]):
+            if _writer_alive(os.path.basename(stale)[len(prefix):], stale):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.remove(stale)

@@ -78,16 +78,16 @@ def activation_derivative(name: str, z: torch.Tensor) -> torch.Tensor:
 
 
 def _computes_as(module, cls) -> bool:
-    """Whether ``module`` is a ``cls`` that computes what ``cls`` computes: ``cls``'s own forward and
-    no forward hook.  A subclass that overrides ``forward`` (a squared ReLU, a scaled Linear) or a
-    hook changes the outputs, which a closed form built from the class would not see: such a
+    """Whether ``module`` is a ``cls`` that computes what ``cls`` computes: ``cls``'s own forward (not a
+    subclass's, nor one set on the instance, as accelerate's hooks do) and no forward hook.  A
+    subclass that overrides ``forward`` (a squared ReLU, a scaled Linear) or a hook changes the outputs, which a closed form built from the class would not see: such a
     module is run as any callable is."""
     import torch.nn.modules.module as torch_module
 
     global_hooks = (getattr(torch_module, "_global_forward_hooks", None)
                     or getattr(torch_module, "_global_forward_pre_hooks", None))
-    return (isinstance(module, cls) and type(module).forward is cls.forward and not global_hooks
-            and not module._forward_hooks and not module._forward_pre_hooks)
+    return (isinstance(module, cls) and type(module).forward is cls.forward and "forward" not in vars(module)
+            and not global_hooks and not module._forward_hooks and not module._forward_pre_hooks)
 
 
 def _activation_of_module(module: nn.Module) -> str | None:
@@ -515,9 +515,12 @@ def _check_differentiable(backend_map: CallableMap, probe: torch.Tensor) -> None
         where = "" if tangent is None else f" (row {int((~torch.isfinite(tangent).all(dim=1)).nonzero()[0, 0])})"
         raise ValueError(f"mlp's Jacobian is not finite on rows of X{where}; the JSAE needs an mlp "
                          f"differentiable at every input (no sqrt, log or 1/x where they have no derivative).")
-    # A zero JVP on the probe rows is no evidence of a cut graph (dead ReLUs, saturated units or
-    # rows of padding zeros have a zero Jacobian too): the comparison below, off those points,
-    # tells a detached output (zero JVP, non-zero difference) from a flat one.
+    # A zero JVP on the probe rows alone is no evidence of a cut graph (dead ReLUs, saturated units
+    # or rows of padding zeros have a zero Jacobian too): the comparison below, off those points,
+    # tells a detached output (zero JVP, non-zero difference) from a flat one, and a step function
+    # (a rounding or an integer cast: a zero JVP at every point, yet outputs that differ between
+    # rows, which a flat region cannot give) is refused after it.
+    flat_at_probe = tangent
     # Compare with a central difference at the probe rows moved slightly off any kink (rows of
     # exact zeros sit on ReLU's).  Its error is O(h²) for smooth maps, and kinks touch few entries,
     # so a detached branch shows as a disagreement on most entries, a kink on a few.
@@ -532,6 +535,15 @@ def _check_differentiable(backend_map: CallableMap, probe: torch.Tensor) -> None
     tangent = tangent.double()
     tolerance = 0.05 * (difference.abs() + tangent.abs()) + 1e-3 * float(difference.abs().max())
     disagree = float(((difference - tangent).abs() > tolerance).double().mean())
+    if not tangent.abs().sum() > 0 and not flat_at_probe.abs().sum() > 0:
+        with torch.no_grad():
+            outputs = backend_map(probe)
+        if bool((outputs != outputs[:1]).any()):
+            raise ValueError(
+                "mlp's output does not depend differentiably on its input: its outputs differ between rows "
+                "of X, but its Jacobian is zero on every row and next to them (a rounding, an integer cast "
+                "or a .detach() cuts the gradient); remove it."
+            )
     if disagree > 0.5:
         raise ValueError(
             f"mlp's forward-mode derivative disagrees with a finite difference on rows of X "

@@ -127,9 +127,12 @@ class _FileSink:
         self._unlock()
 
     def _unlock(self):
-        if self.lock is not None:
+        if getattr(self, "lock", None) is not None:
             os.close(self.lock)  # closing the descriptor releases the lock
             self.lock = None
+
+    def __del__(self):  # a harvest that fails before its own cleanup runs still lets the folder go
+        self._unlock()
 
 
 def _lock_folder(folder: Path) -> int | None:
@@ -149,6 +152,9 @@ def _lock_folder(folder: Path) -> int | None:
             f"out={str(folder)!r}: another harvest is writing into this folder (two harvests into one folder "
             f"would mix their rows); wait for it to finish or harvest into another folder."
         ) from None
+    except OSError:  # a file system without flock on folders (NFS: EBADF, Lustre: ENOSYS): unlocked
+        os.close(descriptor)
+        return None
     return descriptor
 
 
@@ -274,8 +280,12 @@ def _not_a_text(item) -> TypeError:
 
 
 def _is_id_array(input_ids) -> bool:
-    """Whether ``input_ids`` is an array or tensor (read as its rows), not a sequence of rows."""
-    return hasattr(input_ids, "ndim")
+    """Whether ``input_ids`` is an array or tensor (read as its rows), not a sequence of rows (a list,
+    a dataset's column, or a pandas Series or object array of rows of different lengths)."""
+    if not hasattr(input_ids, "ndim"):
+        return False
+    dtype = getattr(input_ids, "dtype", None)
+    return isinstance(dtype, torch.dtype) or np.dtype(dtype if dtype is not None else object).kind != "O"
 
 
 def _as_rows(array):

@@ -361,13 +361,15 @@ class ActivationStream:
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
     def _input_fingerprint(self) -> str:
-        """A hash of the input's start (the first texts of a list or file) or of ``input_ids`` rows
-        spread over it (and the mask's): a checkpoint of a run on other texts or ids is refused
+        """A hash of the input's start (the first texts of a list or file) or of ``input_ids`` (and the
+        mask; every row of an array in memory, up to 257 rows spread over a memmap or a sequence of
+        rows, :func:`~sklearn_jsae._backend.checkpoint.fingerprint_array`): a checkpoint of a run on
+        other texts or ids is refused
         rather than resumed at a foreign position.  A one-shot iterator of texts is not read here
         (that would consume it); it cannot be iterated again to resume anyway."""
         from .._backend.checkpoint import fingerprint_array
 
-        if self.input_ids is not None and not hasattr(self.input_ids, "ndim"):  # a sequence of rows
+        if self.input_ids is not None and not _is_id_array(self.input_ids):  # a sequence of rows
             n = len(self.input_ids)
             digest = hashlib.sha256(f"rows|{n}".encode())
             for i in np.unique(np.linspace(0, n - 1, num=min(n, 257)).astype(np.int64)) if n else []:
