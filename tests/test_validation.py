@@ -323,6 +323,12 @@ def test_linearity_refuses_a_sweep_on_which_the_mlp_overflows(X):
     jsae = _overflowing_fit(X)
     with pytest.raises(ValueError, match=r"the mlp returned NaN or inf on a point of sweep \d+"):
         linearity(jsae, X, n_samples=16, sweep_min=200.0)
+    X_far = X.copy()
+    X_far[20:] = 40.0
+    # the row of X (20 or after), not its place among the 16 sampled rows (below 16)
+    with pytest.raises(ValueError, match=r"the mlp returned NaN or inf on row \d+ of X") as info:
+        linearity(jsae, X_far, n_samples=16, random_state=0)
+    assert int(str(info.value).split(" on row ")[1].split()[0]) >= 20
 
 
 @pytest.mark.parametrize("Estimator", [JacobianSparseAutoencoder, TopKSparseAutoencoder])
@@ -369,3 +375,12 @@ def test_a_callable_computing_in_another_float_dtype_trains_as_its_float32_twin(
 def test_a_callable_returning_non_float_outputs_is_named(X, to):
     with pytest.raises(TypeError, match=rf"mlp returned a tensor of dtype {to}; it must return floating-point"):
         JacobianSparseAutoencoder(mlp=lambda x: torch.tanh(x).to(to), **SMALL).fit(X)
+
+
+def test_a_callable_computing_in_bfloat16_inside_is_accepted(X):
+    """bfloat16 rounds outputs to 3 digits, which swamped the finite difference the derivative is
+    checked against: the MLP was refused as 'detached'."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(6, 24), torch.nn.GELU(), torch.nn.Linear(24, 5)).bfloat16()
+    jsae = JacobianSparseAutoencoder(mlp=lambda x: module(x.bfloat16()).float(), **SMALL).fit(X)
+    assert np.isfinite(jsae.jacobian(X[:4]).data).all() and jsae.mlp_outputs(X[:4]).dtype == np.float32

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from .._topk import _inference_device, _validate_X
@@ -170,8 +172,12 @@ def linearity(estimator, X, *, n_samples=256, n_pairs=None, n_points=100, sweep_
     sampled = _Rows(X, "cpu", torch.float32, resident=False)
     Xs = next(sampled.batches(len(rows), order=torch.from_numpy(rows), check_finite=True)).numpy()
 
-    values_x, idx_x = estimator.input_sae_._codes(Xs, _inference_device(estimator))
-    blocks = list(estimator._iter_blocks(Xs))
+    try:
+        values_x, idx_x = estimator.input_sae_._codes(Xs, _inference_device(estimator))
+        blocks = list(estimator._iter_blocks(Xs))
+    except ValueError as exc:  # a non-finite code or MLP output, numbered among the sampled rows
+        raise ValueError(re.sub(r"on row (\d+) of X", lambda m: f"on row {rows[int(m.group(1))]} of X",
+                                str(exc), count=1)) from exc
     J = np.concatenate([b[0] for b in blocks])
     idx_y = np.concatenate([b[1] for b in blocks])
     idx_x_blocks = np.concatenate([b[2] for b in blocks])
