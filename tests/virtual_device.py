@@ -361,6 +361,10 @@ def _fail(func, message):
 
 
 def _dispatch(func, args, kwargs, options: _Options):
+    if func is torch.ops.aten._efficientzerotensor.default:
+        # sgn's double backward (|x| in a callable MLP, through forward-mode AD) makes a ZeroTensor,
+        # which inside a wrapper subclass crashes the process; plain zeros have its values.
+        func = torch.ops.aten.zeros.default
     named = _named_arguments(func, args, kwargs)
     leaves = [leaf for name, value in named for leaf in _tensor_leaves(name, value)]
     has_virtual = any(isinstance(t, VirtualTensor) for _, t in leaves)
