@@ -384,3 +384,39 @@ def test_a_callable_computing_in_bfloat16_inside_is_accepted(X):
     module = torch.nn.Sequential(torch.nn.Linear(6, 24), torch.nn.GELU(), torch.nn.Linear(24, 5)).bfloat16()
     jsae = JacobianSparseAutoencoder(mlp=lambda x: module(x.bfloat16()).float(), **SMALL).fit(X)
     assert np.isfinite(jsae.jacobian(X[:4]).data).all() and jsae.mlp_outputs(X[:4]).dtype == np.float32
+
+
+def test_rows_that_are_all_equal_train_with_a_warning_not_a_made_up_scale(X):
+    """Σx²/n - mean² of equal rows is float64 rounding (5e-9 for rows near 1): taken as the data's
+    scale, it blew the data up 10⁸ times and the fit 'diverged' at step 0, blaming the learning rate."""
+    rows = np.tile(X[:1] + 1, (64, 1))
+    with pytest.warns(UserWarning, match=r"X has \(almost\) no variance"):
+        sae = TopKSparseAutoencoder(**SMALL).fit(rows)
+    assert sae.scale_ == 1.0 and np.isfinite(sae.history_[-1]["loss"])
+    np.testing.assert_allclose(sae.inverse_transform(sae.transform(rows)), rows, atol=1e-5)
+
+
+def test_an_mlp_whose_outputs_are_constant_trains_with_a_warning(X):
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.GELU(), torch.nn.Linear(12, 5))
+    with torch.no_grad():
+        mlp[2].weight.zero_()
+        mlp[2].bias.uniform_(-1, 1)
+    with pytest.warns(UserWarning, match=r"the mlp's outputs are \(almost\) constant on X"):
+        jsae = JacobianSparseAutoencoder(mlp=mlp, **SMALL).fit(X)
+    assert jsae.output_sae_.scale_ == 1.0 and np.isfinite(jsae.history_[-1]["loss"])
+
+
+def test_float64_rows_that_differ_below_float32_resolution_are_named(X):
+    """Rows 1e4 ± 1e-4 are one row in float32, the training dtype: the model learnt nothing silently."""
+    far = 1e4 + 1e-4 * X.astype(np.float64)
+    with pytest.warns(UserWarning, match=r"no variance .* centre X in float64 first"):
+        TopKSparseAutoencoder(**SMALL).fit(far)
+
+
+def test_a_first_step_that_diverges_does_not_blame_the_learning_rate(X):
+    """Before the first update the error is the starting model's: here a warm start fitted on data
+    10⁴ times smaller."""
+    sae = TopKSparseAutoencoder(**SMALL).fit(X)
+    with pytest.raises(NonFiniteTrainingError, match=r"starting model's error, before any update .* warm start"):
+        sae.set_params(warm_start=True).fit(X * 1e4)

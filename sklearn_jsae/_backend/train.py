@@ -294,8 +294,35 @@ def data_statistics(rows: _Rows, fn=None, batch_size: int = 2048, part: tuple[in
         raise NonFiniteTrainingError(
             f"training stopped before the first step: the variance of {'the mlp outputs' if fn else 'X'} "
             f"overflows float64 ({variance}); rescale the data.", step=None, what="data variance")
+    mean_square = (mean * mean).mean().item()
+    if variance <= _NO_SPREAD ** 2 * mean_square:
+        _warn_no_spread(fn is not None, variance, mean_square)
+        # Σv²/n - mean² of rows that are all equal is float64 rounding (1e-8 of the mean, say), not
+        # a scale: normalising by it blew the data up 10⁸ times and the first step "diverged".
+        if variance <= _CANCELLATION ** 2 * mean_square:
+            variance = 0.0
     scale = math.sqrt(variance) if variance > 0 else 1.0
     return mean, scale
+
+
+# Spread (RMS about the mean) relative to the RMS of the mean below which the data is as good as
+# constant in the float32 the SAEs train in (its resolution is 1.2e-7 relative): rows round to a
+# handful of values.  Below the second, float64's rounding of Σv²/n - mean² is all there is.
+_NO_SPREAD, _CANCELLATION = 1e-5, 1e-7
+
+
+def _warn_no_spread(outputs: bool, variance: float, mean_square: float) -> None:
+    import warnings
+
+    spread = f"spread {math.sqrt(variance):.3g} around a mean of RMS {math.sqrt(mean_square):.3g}"
+    if outputs:
+        message = (f"the mlp's outputs are (almost) constant on X ({spread}): the output SAE has nothing to "
+                   f"learn and its FVU means nothing; check that mlp is the MLP of X's layer.")
+    else:
+        message = (f"X has (almost) no variance ({spread}): in float32, the training dtype, its rows are (almost) "
+                   f"equal and the input SAE can only learn their mean; centre X in float64 first "
+                   f"(X - X.mean(axis=0)) or check the data.")
+    warnings.warn(message, UserWarning, stacklevel=2)
 
 
 @dataclass

@@ -276,10 +276,16 @@ class Trainer:
         if all(math.isfinite(v) for v in values.values()):
             worst = max(("mse_input", "mse_output"), key=lambda key: values.get(key, -1.0))
             if values[worst] > DIVERGED_MSE:
+                # Before the first update the learning rate has done nothing yet: the error is the
+                # starting model's, on data whose measured scale does not describe it.
+                cause = (f"learning_rate={self.config.learning_rate:g} is too large for this data; lower it (by 10x)."
+                         if self.optimiser.steps else
+                         "this is the starting model's error, before any update (not the learning rate's): a "
+                         "warm start's weights that do not fit this data (fitted at another scale?), or X or "
+                         "the mlp's outputs with almost no variance (a warning says so).")
                 raise _non_finite(
                     self.step_count, f"the fit diverged: {worst}={values[worst]:.3g}, {DIVERGED_MSE:.0e} times "
-                    f"the error of predicting the mean",
-                    f"learning_rate={self.config.learning_rate:g} is too large for this data; lower it (by 10x).")
+                    f"the error of predicting the mean", cause)
             return values
         bad = sorted(name for name, v in values.items() if not math.isfinite(v))
         if self.pair and outputs_and_weights is not None:
