@@ -153,6 +153,35 @@ def test_checkpointed_fit_partial_fit_and_stream_on_cuda(problem, tmp_path):
     assert sae.device_ == "cuda:0" and np.isfinite(sae.score(X))
 
 
+def test_an_interrupted_partial_fit_on_cuda_continues_as_if_uninterrupted(problem):
+    """The optimiser snapshot a partial_fit call takes (on the GPU) is put back on an interrupt: the
+    retried call ends where the uninterrupted run does, and inference refuses an MLP's NaN there."""
+    mlp, X = problem
+    settings = dict(mlp=mlp, n_components=64, k=4, batch_size=256, random_state=0, device="cuda",
+                    mixed_precision=False, n_tokens=len(X))
+    calls = (X[:1024], X[1024:])
+    expected = JacobianSparseAutoencoder(**settings).partial_fit(calls[0]).partial_fit(calls[1])
+    jsae = JacobianSparseAutoencoder(**settings).partial_fit(calls[0])
+    real, stepped = jsae._trainer.step, []
+
+    def interrupted(*args, **kwargs):
+        stepped.append(1)
+        if len(stepped) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    jsae._trainer.step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        jsae.partial_fit(calls[1])
+    jsae._trainer.step = real
+    jsae.partial_fit(calls[1])
+    np.testing.assert_array_equal(jsae.output_sae_.encoder_, expected.output_sae_.encoder_)
+    far = X[:8].copy()
+    far[3] = 3e38  # finite in float32, the MLP overflows on it
+    with pytest.raises(ValueError, match="row 3"):
+        jsae.transform_output(far)
+
+
 def test_a_pair_from_saes_on_cuda_matches_the_cpu(problem):
     """from_saes with device="cuda": the same codes as the CPU pair, the Jacobian within float32
     rounding, and a warm fit on from them runs on the GPU."""
