@@ -214,7 +214,8 @@ def test_a_state_that_is_not_the_streams_is_refused_and_leaves_it_as_it_was(gpt2
     rest = np.concatenate(list(batches))
     for junk, message in (({}, r"it has no \['buffer', 'captured'"), ([1, 2], "got list"),
                           ({**saved, "d": "wide"}, r"not a state_dict\(\) of a stream like this one \(ValueError"),
-                          ({**saved, "buffer": np.zeros((3, 7))}, r"not a state_dict\(\) of a stream like this one")):
+                          ({**saved, "buffer": np.zeros((3, 7))}, r"not a state_dict\(\) of a stream like this one"),
+                          ({**saved, "groups_done": -5}, r"out of range"), ({**saved, "filled": 999}, r"out of range")):
         stream.load_state_dict(saved)
         with pytest.raises(ValueError, match=message):
             stream.load_state_dict(junk)
@@ -245,3 +246,15 @@ def test_a_folder_that_cannot_be_locked_is_harvested_unlocked(gpt2, tmp_path, mo
     ids = _ids()[0].numpy()
     X, _ = harvest(gpt2, 0, input_ids=ids, out=tmp_path / "acts", progress=False)
     np.testing.assert_array_equal(X, _harvest(gpt2, input_ids=ids))
+
+
+def test_a_filtered_pandas_series_of_rows_streams_by_position(gpt2):
+    """The stream's identity read rows of a Series by label (s[i]): a filtered Series (index 1, 3, ...)
+    raised KeyError in every fit_stream."""
+    pd = pytest.importorskip("pandas")
+    ids = _ids(6)[0].numpy()
+    rows = pd.Series([row.tolist() for row in ids])[1::2]  # labels 1, 3, 5
+    stream = ActivationStream(gpt2, 0, input_ids=rows, batch_size=4, buffer_size=8)
+    assert stream.identity() != ActivationStream(gpt2, 0, input_ids=list(rows)[::-1], batch_size=4,
+                                                 buffer_size=8).identity()
+    np.testing.assert_array_equal(np.concatenate(list(stream)), _stream(gpt2, input_ids=list(rows)))

@@ -373,7 +373,9 @@ class ActivationStream:
             n = len(self.input_ids)
             digest = hashlib.sha256(f"rows|{n}".encode())
             for i in np.unique(np.linspace(0, n - 1, num=min(n, 257)).astype(np.int64)) if n else []:
-                digest.update(np.asarray(self.input_ids[int(i)], dtype=np.int64).reshape(-1).tobytes() + b"|")
+                # a one-row slice: positional for a pandas Series too (s[i] is a label lookup there)
+                row = next(iter(self.input_ids[int(i) : int(i) + 1]))
+                digest.update(np.asarray(row, dtype=np.int64).reshape(-1).tobytes() + b"|")
             return digest.hexdigest()[:32]
         if self.input_ids is not None:
             arrays = [self.input_ids] + ([] if self.attention_mask is None else [self.attention_mask])
@@ -422,6 +424,10 @@ class ActivationStream:
             )
         try:  # everything read and checked before the stream changes
             counts = {name: int(state[name]) for name in ("groups_done", "produced", "captured", "filled", "d")}
+            if min(counts.values()) < 0 or counts["filled"] > self.buffer_size:
+                raise ValueError(f"counts {counts} out of range (buffer_size={self.buffer_size})")
+            if counts["d"] and len(state["buffer"]) != counts["filled"]:
+                raise ValueError(f"a buffer of {len(state['buffer'])} rows for filled={counts['filled']}")
             d = counts["d"] or None
             buffer = waiting = None
             if d is not None:
