@@ -611,7 +611,8 @@ def test_hook_points_and_mlp_module():
         (dict(input_ids=[[1, 2]], n_tokens=0), "n_tokens must be a positive int or None, got 0"),
         (dict(input_ids=[[1, 2]], batch_size=1.5), "batch_size must be a positive int, got 1.5"),
         (dict(input_ids=[[1, 2]], dtype=np.float64), "dtype must be numpy.float32 or numpy.float16"),
-        (dict(input_ids=[[1, 2]], attention_mask=[[1, 1]]), "attention_mask is only accepted with a 2-D"),
+        (dict(input_ids=[[1, 2]], attention_mask=[[1, 1]]),
+         r"attention_mask is only accepted with a 2-D .* pass both as arrays \(np.asarray\(column\)\)"),
         (
             dict(input_ids=np.ones((2, 3), int), attention_mask=np.ones((2, 4))),
             r"attention_mask has shape \(2, 4\)",

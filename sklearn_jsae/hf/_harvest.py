@@ -318,8 +318,10 @@ def _check_token_arrays(input_ids, attention_mask):
     if not _is_id_array(input_ids):
         if attention_mask is not None:
             raise ValueError(
-                "attention_mask is only accepted with a 2-D input_ids array or tensor; for a list of "
-                "sequences of different lengths leave attention_mask=None (padding is added internally).")
+                "attention_mask is only accepted with a 2-D input_ids array or tensor: for rows of equal "
+                "length padded by the tokenizer (a dataset column of padding='max_length' ids), pass both as "
+                "arrays (np.asarray(column)); for unpadded rows of different lengths leave attention_mask=None "
+                "(padding is added internally and masked).")
         return None  # a sequence of rows: each row is checked as it is read
     shape = tuple(input_ids.shape)
     if len(shape) not in (1, 2) or not _is_integer_dtype(input_ids.dtype):
