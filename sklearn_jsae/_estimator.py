@@ -476,11 +476,13 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
             _cached_mlp_pass(self.memory)  # a bad cache folder fails before the MLP is even probed
         config, mlp_copy, mlp_map, d_out, probe_rows = self._prepare(X)
         parallel, config = join_job(self, config)
+        # The data's identity (a hash of every row in memory) is computed once, and only when needed.
+        data_identity = (lambda: fingerprint_array(X)) if parallel is None else fingerprint_array(X)
         if parallel is not None:
-            check_same_fit(parallel, fingerprint_array(X), mlp_map, config, self)
+            check_same_fit(parallel, data_identity, mlp_map, config, self)
         init = self._warm_init(mlp_map, d_out) if warm else None
         mlp_pass = _cached_mlp_pass(self.memory) if supports_mlp_pass(mlp_map) else None
-        checkpoint = make_checkpointer(self, lambda: fingerprint_array(X), mlp_map, config, init, "fit",
+        checkpoint = make_checkpointer(self, data_identity, mlp_map, config, init, "fit",
                                        parallel)
         with _training_precision(config):
             result = train(X, mlp_map, config, init=init, mlp_pass=mlp_pass, checkpoint=checkpoint,

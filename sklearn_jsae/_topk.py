@@ -292,13 +292,15 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         check_k(self.k, self.n_components)
         _validation.warn_if_few_steps(X.shape[0], self.batch_size, self.max_iter)
         parallel, config = join_job(self, self._train_config(_training_device(self)))
+        # The data's identity (a hash of every row in memory) is computed once, and only when needed.
+        data_identity = (lambda: fingerprint_array(X)) if parallel is None else fingerprint_array(X)
         if parallel is not None:
-            check_same_fit(parallel, fingerprint_array(X), None, config, self)
+            check_same_fit(parallel, data_identity, None, config, self)
         init = None
         if warm:
             _check_warm_shape(self.components_.shape[0], self.n_components, "n_components")
             init = (self._params(), None, self.scale_, None)
-        checkpoint = make_checkpointer(self, lambda: fingerprint_array(X), None, config, init, "fit",
+        checkpoint = make_checkpointer(self, data_identity, None, config, init, "fit",
                                        parallel)
         with _training_precision(config):
             result = train(X, None, config, init=init, checkpoint=checkpoint, parallel=parallel)
