@@ -34,7 +34,9 @@ def _unpack(chunk, number: int):
             f"fit_stream trains on the MLP's inputs alone: yield that column, e.g. "
             f"(batch[{example!r}] for batch in dataset.iter(batch_size=4096))."
         )
-    if isinstance(chunk, (tuple, list)) and chunk and all(hasattr(item, "shape") for item in chunk):
+    # A DataLoader's ``[x]`` or ``(x, y)`` starts with a batch (2-D); a list of 1-D arrays is rows, as fit reads it.
+    if (isinstance(chunk, (tuple, list)) and chunk and all(hasattr(item, "shape") for item in chunk)
+            and len(chunk[0].shape) >= 2):
         if len(chunk) == 1:
             return chunk[0]
         raise ValueError(

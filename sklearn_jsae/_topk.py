@@ -37,9 +37,10 @@ def _keep_state_on_error(fit):
     return wrapper
 
 
+_K_CONSTRAINT = NumberInterval(numbers.Integral, 1, None, closed="left")
 _COMMON_CONSTRAINTS = {
     "n_components": [NumberInterval(numbers.Integral, 1, None, closed="left")],
-    "k": [NumberInterval(numbers.Integral, 1, None, closed="left")],
+    "k": [_K_CONSTRAINT],
     "learning_rate": [NumberInterval(numbers.Real, 0, None, closed="neither")],
     "max_iter": [NumberInterval(numbers.Integral, 1, None, closed="left")],
     "batch_size": [NumberInterval(numbers.Integral, 1, None, closed="left")],
@@ -81,15 +82,23 @@ def _validate_X(estimator, X, reset: bool, checked_in_batches: bool = False):
     return X
 
 
-def _from_torch(X):
+def _from_torch(X, name="X"):
     """A torch tensor as a float32 numpy array (detached, on the CPU); anything else unchanged.
 
     Activations are often harvested as tensors in bf16 or fp16, on a GPU, or still attached to an
     autograd graph, none of which numpy (and so scikit-learn's validation) reads; float32 holds
-    bf16 and fp16 values exactly, and float64 tensors keep their precision."""
+    bf16 and fp16 values exactly, and float64 tensors keep their precision.  Complex tensors are
+    refused as complex arrays are (the cast would drop the imaginary part), and sparse ones as
+    SciPy sparse input is."""
     torch = sys.modules.get("torch")  # a tensor exists only if torch was imported: no import here
     if torch is None or not isinstance(X, torch.Tensor):
         return X
+    if X.is_complex():
+        raise ValueError(f"{name} is a complex torch tensor ({X.dtype}); pass real activations "
+                         f"(X.real or X.abs(), whichever your data means).")
+    if X.layout != torch.strided:
+        raise TypeError(f"{name} is a sparse torch tensor ({X.layout}); dense data is required: "
+                        f"pass {name}.to_dense().")
     dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
     return X.detach().to(device="cpu", dtype=dtype).numpy()
 
@@ -475,12 +484,24 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         )
 
     # ---- inference ---------------------------------------------------------------------
+    def _encoding_k(self) -> int:
+        """The ``k`` to encode with: the current one (outputs.rst: a fitted SAE's dictionary can be
+        read at another sparsity), checked as ``fit`` checks it, since ``set_params`` does not
+        (``k=0`` gave empty codes, ``k=2.0`` and ``k > n_components`` errors from inside torch)."""
+        n_components = self.components_.shape[0]
+        if not _K_CONSTRAINT.is_satisfied_by(self.k):
+            raise ValueError(f"k={self.k!r} must be an int >= 1 (and <= n_components={n_components}); "
+                             f"set_params(k=...) with such an int.")
+        check_k(int(self.k), n_components)
+        return int(self.k)
+
     def _codes(self, X, device=None):
         """(values, indices) numpy arrays (n, k) for validated X, on ``device`` (default: this
         estimator's; a JSAE passes its own for its two SAEs)."""
         from ._backend.inference import encode_rows
 
-        return encode_rows(self._params(), X, self.k, device or _inference_device(self), _INFERENCE_BATCH)
+        return encode_rows(self._params(), X, self._encoding_k(), device or _inference_device(self),
+                           _INFERENCE_BATCH)
 
     def transform(self, X):
         """Codes of shape (n_samples, n_components) with at most k non-zeros per row: SciPy CSR, or a
@@ -592,7 +613,19 @@ def _check_warm_shape(fitted: int, requested: int, name: str, continuing: str = 
     )
 
 
+def _sparse_torch_as_scipy(codes):
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(codes, torch.Tensor) or codes.layout == torch.strided or codes.ndim != 2:
+        return codes
+    coo = codes.detach().to("cpu").to_sparse_coo().coalesce()
+    values = coo.values()
+    values = values.to(torch.float64 if values.dtype == torch.float64 else torch.float32).numpy()
+    return sp.coo_array((values, tuple(coo.indices().numpy())), shape=tuple(coo.shape))
+
+
 def _decode(codes, components, bias, name):
+    codes = _sparse_torch_as_scipy(codes)  # codes are sparse: a torch COO/CSR tensor of them decodes too
+    codes = _from_torch(codes, name)  # as transform reads tensors: bf16, attached to a graph, on a GPU
     codes = check_array(codes, accept_sparse=("csr", "csc", "coo"), dtype=[np.float32, np.float64], input_name=name)
     if codes.shape[1] != components.shape[0]:
         raise ValueError(

@@ -118,7 +118,7 @@ def test_nan_in_the_first_rows_of_a_memmap_names_X_not_the_mlp(tmp_path, X, mlp,
         bad[row, 1] = np.nan
         path = tmp_path / f"X{row}.npy"
         np.save(path, bad)
-        with pytest.raises(NonFiniteTrainingError, match=rf"X contain NaN or inf on 1 of rows .* \(first: \[{row}\]\)"):
+        with pytest.raises(NonFiniteTrainingError, match=rf"X contain NaN or inf .*on 1 of rows .* \(first: \[{row}\]\)"):
             estimator.fit(np.load(path, mmap_mode="r"))
         assert not hasattr(estimator, "n_features_in_")
 
@@ -206,7 +206,7 @@ def test_float16_store_trains_as_its_float32_values_and_stays_on_disk(tmp_path, 
     broken = values.copy()
     broken[250, 1] = np.nan
     np.save(path, broken)
-    with pytest.raises(NonFiniteTrainingError, match=r"X contain NaN or inf on 1 of rows .* \(first: \[250\]\)"):
+    with pytest.raises(NonFiniteTrainingError, match=r"X contain NaN or inf .*on 1 of rows .* \(first: \[250\]\)"):
         make().fit(np.load(path, mmap_mode="r"))
 
 
@@ -420,3 +420,74 @@ def test_a_first_step_that_diverges_does_not_blame_the_learning_rate(X):
     sae = TopKSparseAutoencoder(**SMALL).fit(X)
     with pytest.raises(NonFiniteTrainingError, match=r"starting model's error, before any update .* warm start"):
         sae.set_params(warm_start=True).fit(X * 1e4)
+
+
+# --------------------------------------------------------------------------- types and dtypes
+
+
+@pytest.mark.parametrize("k, message", [(17, r"k=17 must be <= n_components=16"),
+                                        (0, r"k=0 must be an int >= 1"), (2.0, r"k=2.0 must be an int >= 1")])
+def test_a_fitted_topk_sae_checks_its_current_k_at_inference(X, k, message):
+    """A fitted TopK SAE encodes with its current k (outputs.rst), which set_params does not check:
+    k=0 gave empty codes, k=17 and k=2.0 errors from inside torch."""
+    sae = TopKSparseAutoencoder(**SMALL).fit(X)
+    sae.set_params(k=k)
+    for call in (sae.transform, sae.score):
+        with pytest.raises(ValueError, match=message):
+            call(X)
+    assert np.diff(sae.set_params(k=5).transform(X).indptr).max() == 5  # a valid k still reads it
+
+
+@pytest.mark.parametrize("Estimator", [JacobianSparseAutoencoder, TopKSparseAutoencoder])
+def test_inverse_transform_reads_the_tensors_transform_reads(X, Estimator):
+    est = Estimator(**{**SMALL, "sparse_output": False}).fit(X)
+    codes = est.transform(X[:5])
+    expected = est.inverse_transform(codes)
+    for tensor in (torch.from_numpy(codes).bfloat16(), torch.from_numpy(codes).requires_grad_(),
+                   torch.from_numpy(codes).to_sparse()):
+        np.testing.assert_allclose(est.inverse_transform(tensor), expected, rtol=1e-2, atol=1e-2)
+    # float32 and sparse tensors decode as their numpy twins (a sparse product sums in another order)
+    np.testing.assert_allclose(est.inverse_transform(torch.from_numpy(codes).to_sparse()), expected, rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_array_equal(est.inverse_transform(torch.from_numpy(codes)), expected)
+
+
+@pytest.mark.parametrize("Estimator", [JacobianSparseAutoencoder, TopKSparseAutoencoder])
+def test_complex_and_sparse_tensors_are_refused_by_name(X, Estimator):
+    """A complex tensor was cast to float32 (its imaginary part dropped without a word) while a
+    complex array is refused; a sparse tensor raised torch's "can't convert Sparse layout"."""
+    est = Estimator(**SMALL)
+    with pytest.raises(ValueError, match=r"X is a complex torch tensor \(torch.complex64\)"):
+        est.fit(torch.from_numpy(X).to(torch.complex64))
+    with pytest.raises(TypeError, match=r"X is a sparse torch tensor .*pass X.to_dense\(\)"):
+        est.fit(torch.from_numpy(X).to_sparse())
+    est.fit(X)
+    with pytest.raises(ValueError, match=r"X is a complex torch tensor"):
+        est.transform(torch.from_numpy(X).to(torch.complex64))
+
+
+def test_fit_stream_reads_a_list_of_rows_as_fit_does(X):
+    """A list of 1-D rows was taken for a DataLoader's ``(x, y)`` (refused), and ``[row]`` for its
+    ``[x]`` (a 1-D batch, refused)."""
+    rows = list(X)
+    streamed = TopKSparseAutoencoder(**SMALL).fit_stream([rows[:40], rows[40:], [rows[0]]])
+    assert streamed.n_features_in_ == X.shape[1] and streamed.history_[-1]["tokens_seen"] == len(X) + 1
+    together = TopKSparseAutoencoder(**SMALL).fit_stream([np.stack(rows[:40]), X[40:], X[:1]])
+    np.testing.assert_array_equal(streamed.components_, together.components_)
+    with pytest.raises(ValueError, match=r"is a list of 2 arrays; fit_stream trains on the MLP's inputs alone"):
+        TopKSparseAutoencoder(**SMALL).fit_stream([[X, X]])
+
+
+@pytest.mark.parametrize("Estimator", [TopKSparseAutoencoder, JacobianSparseAutoencoder])
+def test_a_float64_store_beyond_float32_range_is_named_as_such(tmp_path, X, Estimator):
+    """A memmapped store is not scanned up front; its value of 1e300 became inf in float32 and the
+    error said only "NaN or inf"."""
+    path = tmp_path / "X.npy"
+    np.save(path, X.astype(np.float64))
+    store = np.load(path, mmap_mode="r+")
+    store[3, 1] = 1e300
+    store.flush()
+    with pytest.raises(NonFiniteTrainingError, match=r"X contain NaN or inf \(or values beyond float32's "
+                                                     r"range, 3.4e\+38.*on 1 of rows 0-\d+ of X \(first: \[3\]\)\. "
+                                                     r"Remove, repair or rescale"):
+        Estimator(**SMALL).fit(np.load(path, mmap_mode="r"))

@@ -407,8 +407,10 @@ def resolve_mlp(mlp, X_probe) -> tuple[object, _FrozenMap, int]:
         from ..exceptions import NonFiniteTrainingError
 
         raise NonFiniteTrainingError(
-            f"training stopped before the first step: X contain NaN or inf on {int(bad.sum())} of rows "
-            f"0-{len(bad) - 1} of X (first: {np.flatnonzero(bad)[:5].tolist()}). Remove or repair those rows.",
+            f"training stopped before the first step: X contain NaN or inf (or values beyond float32's "
+            f"range, {np.finfo(np.float32).max:.1e}, which float32 makes inf) on {int(bad.sum())} of rows "
+            f"0-{len(bad) - 1} of X (first: {np.flatnonzero(bad)[:5].tolist()}). Remove, repair or rescale "
+            f"those rows.",
             step=None, what="X",
         )
     frozen = frozen_copy(mlp)

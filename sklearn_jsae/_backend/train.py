@@ -272,10 +272,12 @@ def data_statistics(rows: _Rows, fn=None, batch_size: int = 2048, part: tuple[in
             bad = (torch.nonzero(~finite).flatten()[:5] + start).tolist()
             what = "the mlp's outputs" if fn is not None else "X"
             raise NonFiniteTrainingError(
-                f"training stopped before the first step: {what} contain NaN or inf on "
-                f"{int((~finite).sum())} of rows {start}-{start + x.shape[0] - 1} of X (first: {bad}). "
+                f"training stopped before the first step: {what} contain NaN or inf"
+                + ("" if fn is not None else f" (or values beyond float32's range, {float(np.finfo(np.float32).max):.1e}, "
+                                             f"which float32 makes inf)")
+                + f" on {int((~finite).sum())} of rows {start}-{start + x.shape[0] - 1} of X (first: {bad}). "
                 + ("Check the MLP on those rows (an overflow, a log or division of their values) or "
-                   "remove them from X." if fn is not None else "Remove or repair those rows."),
+                   "remove them from X." if fn is not None else "Remove, repair or rescale those rows."),
                 step=None, what="mlp output" if fn is not None else "X",
             )
         v = v.double()

@@ -70,7 +70,7 @@ def reconstruction_metrics(estimator, X, *, batch_size=4096):
     X = _validate_X(estimator, X, reset=False, checked_in_batches=True)
     stats = reconstruction_statistics(
         sides[0]._params(), None if sides[1] is None else sides[1]._params(), mlp_map, X,
-        sides[0].k, None if sides[1] is None else sides[1].k,
+        sides[0]._encoding_k(), None if sides[1] is None else sides[1]._encoding_k(),
         _inference_device(estimator), batch_size,
     )
     out = {}
