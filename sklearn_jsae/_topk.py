@@ -21,13 +21,20 @@ _INFERENCE_BATCH = 4096
 
 
 def _keep_state_on_error(fit):
-    """Run ``fit``; on any error or interrupt restore the estimator's previous ``__dict__``,
-    so that a failed fit never leaves a half-fitted estimator or damages a fitted one."""
+    """Run ``fit`` with gradients on; on any error or interrupt restore the estimator's previous
+    ``__dict__``, so that a failed fit never leaves a half-fitted estimator or damages a fitted one.
+
+    Training differentiates its loss, so a caller's ``torch.no_grad()`` or ``inference_mode()``
+    (left around the code that produced X, or an MLP callable that itself fits) is lifted for the
+    call: it stopped every fit at ``backward()`` with torch's "does not require grad"."""
 
     def wrapper(self, *args, **kwargs):
+        import torch
+
         snapshot = dict(self.__dict__)
         try:
-            return fit(self, *args, **kwargs)
+            with torch.inference_mode(False), torch.enable_grad():
+                return fit(self, *args, **kwargs)
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(snapshot)

@@ -465,3 +465,50 @@ def test_non_finite_mlp_output_during_training_names_the_step_and_rows(X):
     assert f"step {info.value.step}:" in str(info.value)
     rows = [int(r) for r in str(info.value).split("rows [")[1].split("]")[0].split(", ")]
     assert all(X[r, 0] > 1.0 for r in rows)
+
+
+# --------------------------------------------------------------------------- threads and grad mode
+
+
+def _generic_mlp():
+    """No closed form (a LayerNorm inside): Jacobians go through torch.func.jvp."""
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+
+
+def test_threads_sharing_a_model_with_a_jvp_mlp_get_the_serial_answers(X):
+    """torch keeps one forward-AD level stack per process: two threads in jvp at once raised "no
+    level exists" / "invalid index" (and a fit blamed the user's MLP as "not differentiable")."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    mlp = _generic_mlp()
+    jsae = _fitted(X, mlp, max_iter=1)
+    blocks = [X[i * 16:(i + 1) * 16] for i in range(8)]
+    serial = [jsae.jacobian(b) for b in blocks]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(jsae.jacobian, blocks * 2))
+        fits = list(pool.map(lambda seed: _fitted(X, mlp, max_iter=1, random_state=seed), [0, 1, 0, 1]))
+    for got, expected in zip(threaded, serial * 2):
+        np.testing.assert_array_equal(got.todense(), expected.todense())
+    for a, b in ((fits[0], fits[2]), (fits[1], fits[3]), (fits[0], jsae)):  # each fit as if alone
+        np.testing.assert_array_equal(a.input_sae_.components_, b.input_sae_.components_)
+        np.testing.assert_array_equal(a.output_sae_.encoder_, b.output_sae_.encoder_)
+    assert not np.array_equal(fits[0].input_sae_.components_, fits[1].input_sae_.components_)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("method", ["fit", "partial_fit", "fit_stream"])
+@pytest.mark.parametrize("Estimator", [JacobianSparseAutoencoder, TopKSparseAutoencoder])
+def test_a_fit_inside_no_grad_trains_as_outside(X, gelu_mlp, context, method, Estimator):
+    """A caller's no_grad() (around the code that produced X) stopped every fit at backward()."""
+    def fitted():
+        est = Estimator(gelu_mlp, **FAST) if Estimator is JacobianSparseAutoencoder else Estimator(**FAST)
+        return getattr(est, method)([X] if method == "fit_stream" else X)
+
+    with context():
+        inside = fitted()
+        assert not torch.is_grad_enabled()  # the caller's mode is back
+    outside = fitted()
+    sae_in, sae_out = (inside.input_sae_, outside.input_sae_) if Estimator is JacobianSparseAutoencoder \
+        else (inside, outside)
+    np.testing.assert_array_equal(sae_in.components_, sae_out.components_)

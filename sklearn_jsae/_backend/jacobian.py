@@ -44,6 +44,7 @@ route on a 2-core CPU, at a sixth of the authors' peak memory.
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 
 import torch
@@ -98,6 +99,22 @@ def _unique_products(rows: torch.Tensor, indices: torch.Tensor, projection: torc
     return (active if projection is None else active @ projection), inverse
 
 
+# torch keeps one stack of forward-mode AD levels per process, not per thread: two threads inside
+# ``torch.func.jvp`` at once (a GridSearchCV under joblib's threading backend, a web server sharing
+# one fitted model) pop each other's level ("no level exists", "invalid index"), which a fit then
+# blamed on the user's MLP.  Every jvp of this package runs under this lock; closed-form MLPs never
+# take it.  Reentrant, since a callable MLP may itself call into this package.
+JVP_LOCK = threading.RLock()
+
+
+def jvp(fn, primals, tangents):
+    """``torch.func.jvp`` under :data:`JVP_LOCK` (see there)."""
+    from torch.func import jvp as torch_jvp
+
+    with JVP_LOCK:
+        return torch_jvp(fn, primals, tangents)
+
+
 @functools.lru_cache(maxsize=None)
 def load_forward_ad() -> None:
     """Run torch's one-time set-up of forward-mode AD with its own DeprecationWarning silenced.
@@ -106,9 +123,7 @@ def load_forward_ad() -> None:
     which warns that it is deprecated: under ``-W error::DeprecationWarning`` that import fails
     halfway, and the failure would be blamed on the user's MLP.  Call before any ``jvp``.
     """
-    from torch.func import jvp
-
-    with warnings.catch_warnings():
+    with JVP_LOCK, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=DeprecationWarning)
         zero = torch.zeros(1, dtype=torch.float32, device="cpu")
         jvp(torch.sin, (zero,), (torch.ones_like(zero),))
@@ -119,8 +134,6 @@ def _jvp_columns(mlp, x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor
 
     x (B, d_in), directions (B, k, d_in) -> (B, k, d_out).  Differentiable in ``directions``.
     """
-    from torch.func import jvp
-
     load_forward_ad()
     columns = []
     for a in range(directions.shape[1]):

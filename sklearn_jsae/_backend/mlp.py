@@ -498,9 +498,7 @@ _NOT_DIFFERENTIABLE = (RuntimeError, TypeError, NotImplementedError, ValueError,
 def _check_differentiable(backend_map: CallableMap, probe: torch.Tensor) -> None:
     """Forward-mode derivative of the callable on the probe rows, compared with a central finite
     difference: a callable that detaches part of its graph has a JVP that misses that part."""
-    from torch.func import jvp
-
-    from .jacobian import load_forward_ad
+    from .jacobian import jvp, load_forward_ad
 
     load_forward_ad()
     direction = torch.randn(probe.shape, generator=torch.Generator(device="cpu").manual_seed(0),
