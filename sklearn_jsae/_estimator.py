@@ -99,9 +99,44 @@ def _cached_mlp_pass(memory):
         kind = (type(mlp_map).__name__, getattr(mlp_map, "activation", None))
         # The pass runs where train() placed the map, and CPU and CUDA round differently.
         device_type = next((b.device.type for b in mlp_map.buffers()), "cpu")
-        return cached(X, kind, buffers, float(scale_x), scale_y, device_type, _library_version(), mlp_map=mlp_map)
+        args = (X, kind, buffers, float(scale_x), scale_y, device_type, _library_version())
+        entry = cached.call_and_shelve(*args, mlp_map=mlp_map)
+        result = entry.get()
+        problem = _cached_pass_problem(result, X.shape[0])
+        if problem is not None:
+            # joblib checks that an entry unpickles, not what it holds: a damaged one (a flipped bit
+            # made an output inf, and the fit "diverged" blaming learning_rate; a low bit changed the
+            # model silently) would be read by every later fit.  It is computed again.
+            warnings.warn(f"the memory cache's MLP pass for this X {problem}; it is computed again "
+                          f"(in {getattr(memory, 'location', memory)!r}).", UserWarning, stacklevel=4)
+            entry.clear()
+            result = cached.call_and_shelve(*args, mlp_map=mlp_map).get()
+        return result
 
     return mlp_pass
+
+
+def _cached_pass_problem(result, n_rows: int) -> str | None:
+    """What is wrong with an MLP pass read from the cache, or None."""
+    from ._backend.train import MLPPass
+
+    if not isinstance(result, MLPPass):
+        return f"is a {type(result).__name__}, not an MLP pass"
+    arrays = {"outputs": result.outputs, "mean_y": result.mean_y}
+    if result.weights is not None:
+        arrays["weights"] = result.weights
+    for name, value in arrays.items():
+        if not isinstance(value, np.ndarray):
+            return f"holds {name} of type {type(value).__name__}"
+    if result.outputs.ndim != 2 or result.outputs.shape[0] != n_rows or result.mean_y.shape != result.outputs.shape[1:] \
+            or (result.weights is not None and result.weights.shape[0] != n_rows):
+        return f"has outputs of shape {result.outputs.shape} for {n_rows} rows"
+    if not (np.isfinite(result.scale_y) and result.scale_y > 0):
+        return f"has an output scale of {result.scale_y}"
+    for name, value in arrays.items():
+        if not np.isfinite(value).all():
+            return f"holds NaN or inf in its {name}"
+    return None
 
 
 def _column_names(X) -> list[str] | None:

@@ -7,7 +7,10 @@ often the pass is computed (once per distinct X, MLP and device, so once per fol
 ``l1`` sweep), and check the row-wise invariants the cache relies on.
 """
 
+import warnings
+
 import joblib
+from sklearn.exceptions import ConvergenceWarning
 import numpy as np
 import pytest
 import torch
@@ -58,6 +61,43 @@ def test_cached_fit_equals_per_step_fit(kind, tmp_path, mlp_pass_calls):
     assert len(mlp_pass_calls) == 1, "the second fit must read the cache"
     _same_model(plain, first)
     _same_model(plain, again)
+
+
+@pytest.mark.parametrize("n, batch_size", [(385, 64), (386, 64), (4097, 1000)])
+@pytest.mark.parametrize("gated", [False, True])
+def test_cached_fit_equals_per_step_fit_with_a_short_last_batch(n, batch_size, gated, tmp_path):
+    """A last minibatch (385, 386 rows) or a last 4,096-row chunk of the cached pass (4,097) of 1-3
+    rows went through BLAS's small-matrix kernels on one route only: models 6e-8 apart."""
+    X, mlp = make_synthetic_mlp(n, 16, 64, gated=gated, random_state=0)
+    settings_ = {**FAST, "batch_size": batch_size, "max_iter": 2 if n < 1000 else 1}
+    plain = JacobianSparseAutoencoder(mlp, l1=0.5, **settings_).fit(X)
+    cached = JacobianSparseAutoencoder(mlp, l1=0.5, memory=tmp_path, **settings_).fit(X)
+    _same_model(plain, cached)
+
+
+@pytest.mark.parametrize("damage", ["inf", "rows", "not a pass"])
+def test_a_damaged_cache_entry_is_computed_again(damage, tmp_path):
+    """joblib checks that an entry unpickles, not what it holds: an inf in the cached outputs
+    stopped every later fit with "diverged ... learning_rate too large"."""
+    X, mlps = _mlps()
+    plain = JacobianSparseAutoencoder(mlps["elementwise"], l1=0.5, **FAST).fit(X)
+    JacobianSparseAutoencoder(mlps["elementwise"], l1=0.5, memory=tmp_path, **FAST).fit(X)
+    (entry,) = tmp_path.rglob("output.pkl")
+    result = joblib.load(entry)
+    if damage == "inf":
+        result.outputs[3, 1] = np.inf
+    elif damage == "rows":
+        result.outputs = result.outputs[:-1]
+    else:
+        result = {"outputs": result.outputs}
+    joblib.dump(result, entry)
+    with pytest.warns(UserWarning, match="the memory cache's MLP pass for this X .*; it is computed again"):
+        again = JacobianSparseAutoencoder(mlps["elementwise"], l1=0.5, memory=tmp_path, **FAST).fit(X)
+    _same_model(plain, again)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the entry was replaced: no second warning
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        _same_model(plain, JacobianSparseAutoencoder(mlps["elementwise"], l1=0.5, memory=tmp_path, **FAST).fit(X))
 
 
 def test_memmapped_cache_equals_per_step_fit(tmp_path, mlp_pass_calls):
