@@ -79,7 +79,8 @@ def resolve_autocast(mixed_precision, device: str):
 def check_float32_range(X, name: str = "X") -> None:
     """Reject float64 X holding values that become inf in float32, the training dtype."""
     if X.dtype == np.float64 and X.size:
-        largest = float(np.abs(X).max())
+        # max and -min, not abs(X).max(): that made a float64 copy of all of X (2x its memory)
+        largest = max(float(X.max()), -float(X.min()))
         limit = float(np.finfo(np.float32).max)
         if largest > limit:
             raise ValueError(

@@ -54,11 +54,13 @@ def test_jacobian_blocks_to_coo_and_running_mean(J, seed):
         dense[t][np.ix_(idx_out[t], idx_in[t])] = J[t]
     coo = blocks_to_coo([(J[:2], idx_out[:2], idx_in[:2]), (J[2:], idx_out[2:], idx_in[2:])], (B, n_out, n_in))
     np.testing.assert_array_equal(coo.toarray(), dense)
-    for limit in (0, 1 << 20):  # sparse and dense accumulators
-        total = AbsJacobianSum(n_out, n_in, dense_limit=limit)
-        total.add(J[:2], idx_out[:2], idx_in[:2])
-        total.add(J[2:], idx_out[2:], idx_in[2:])
+    # the dense accumulator, and the sparse one flushing at every add, at some, or only at the end
+    for limit, flush in ((1 << 20, 1), (0, 1), (0, 3), (0, 1 << 22)):
+        total = AbsJacobianSum(n_out, n_in, dense_limit=limit, flush_entries=flush)
+        for t in range(B):
+            total.add(J[t:t + 1], idx_out[t:t + 1], idx_in[t:t + 1])
         np.testing.assert_allclose(total.mean().toarray(), np.abs(dense).mean(0), rtol=1e-6, atol=1e-7)
+        assert total.mean().nnz == np.count_nonzero(np.abs(dense).mean(0))
 
 
 def _params(seed, n=10, d=5):
