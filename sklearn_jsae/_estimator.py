@@ -301,8 +301,12 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
     ----------
     input_sae_ : TopKSparseAutoencoder
         Fitted SAE on the MLP inputs; ``input_sae_.components_`` has shape ``(n_components, n_features_in_)``.
+        Its ``history_`` rows hold this side's terms of the pair's rows without the side's suffix
+        (``mse``, ``aux``, ``dead_fraction``, with ``epoch`` or ``call``, ``tokens``, ``seconds``);
+        after :meth:`from_saes`, the SAE's own rows.
     output_sae_ : TopKSparseAutoencoder
-        Fitted SAE on the MLP outputs; ``components_`` shape (n_output_components, d_out).
+        Fitted SAE on the MLP outputs; ``components_`` shape (n_output_components, d_out).  Its
+        ``history_`` as ``input_sae_``'s.
     mlp_ : object
         Frozen CPU copy of ``mlp`` (None for the identity).
     jacobian_ : scipy.sparse.csr_array of shape (n_output_components, n_components)
@@ -314,6 +318,8 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         Per-epoch ``loss``, ``mse_input``, ``mse_output``, ``jacobian_l1``, ``aux_input``,
         ``aux_output``, ``l1``, ``dead_fraction_input``, ``dead_fraction_output``, ``seconds``.
     n_iter_ : int
+        The rows this fit added to ``history_``: epochs for ``fit``, calls since the optimiser
+        (re)started for ``partial_fit``, records for ``fit_stream``.
     device_ : str
         The device the last ``fit`` trained on (``"cpu"`` or ``"cuda:N"``).
     n_features_in_ : int

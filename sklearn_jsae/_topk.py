@@ -229,7 +229,9 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
     dead_fraction_ : float
         Fraction of latents that never fired during the last epoch.
     n_iter_ : int
-        Epochs run by the last ``fit``.
+        ``len(history_)`` of the last fit: its epochs for ``fit``, the calls since the optimiser
+        (re)started for ``partial_fit``, the records (one per ``max(1, steps // 100)`` steps) for
+        ``fit_stream``.
     device_ : str
         The device the last ``fit`` trained on (``"cpu"`` or ``"cuda:N"``).
     n_features_in_ : int
