@@ -256,3 +256,66 @@ def test_a_thread_that_met_torch_earlier_keeps_a_count_set_since_elsewhere(threa
             "main thread after": torch.get_num_threads()}
     assert seen == {"T's thread after": THREADS, "fresh thread after": THREADS - 1,
                     "main thread after": THREADS - 1}
+
+
+@pytest.mark.parametrize("state_bytes, expected", [(0, THREADS), (1, THREADS), (400, 2), (700, 1), (10**9, 1)])
+def test_workers_stop_at_the_memory_budget_and_the_sum_is_the_same(threads, monkeypatch, state_bytes, expected):
+    """Each worker holds a full-size accumulator (1.9 GB for the penalty's at 65,536 latents):
+    one per thread on 16 threads was 30 GB, so the workers' states share a budget."""
+    import sklearn_jsae._backend.chunks as chunks
+
+    monkeypatch.setattr(chunks, "worker_state_budget", lambda: 1000)
+    rows, src = problem(0)
+    states = run_chunks(BATCH, CHUNK, make_state, adder(rows, src), "cpu", state_bytes=state_bytes)
+    assert len(states) == expected
+    total = sum(state["acc"] for state in states)
+    torch.testing.assert_close(total, sum(serial(rows, src)), rtol=1e-12, atol=1e-12)
+    assert torch.get_num_threads() == THREADS
+
+
+@pytest.mark.parametrize("need", ["both", "decoder", "encoder"])
+def test_the_backward_passes_size_their_workers_by_their_accumulators(threads, monkeypatch, need):
+    """The penalty's backward holds grad_a (|U_x|, r·d_mlp) and grad_c (|U_y|, d_mlp) per worker, the
+    SAEs' backward a W_enc or W_dec-sized gradient: each says so, and one worker past the budget
+    gives the gradients of the many (up to the order of the final sum)."""
+    import sklearn_jsae._backend.chunks as chunks
+    import sklearn_jsae._backend.jacobian as jacobian
+    import sklearn_jsae._backend.sae as sae
+    from sklearn_jsae._backend.mlp import ElementwiseMLP
+
+    g = torch.Generator().manual_seed(0)
+    d, m, n, k, batch = 6, 10, 40, 4, 64
+    mlp = ElementwiseMLP(torch.randn(d, m, generator=g, dtype=F64), torch.randn(m, generator=g, dtype=F64),
+                         torch.randn(m, d, generator=g, dtype=F64), None, "gelu")
+    x = torch.randn(batch, d, generator=g, dtype=F64)
+    W_dec = torch.randn(n, d, generator=g, dtype=F64).requires_grad_(need != "encoder")
+    W_enc = torch.randn(n, d, generator=g, dtype=F64).requires_grad_(need != "decoder")
+    idx_x, idx_y = (torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(batch)]) for _ in range(2))
+    leaves = [w for w in (W_dec, W_enc) if w.requires_grad]
+
+    def gradients():
+        return torch.autograd.grad(jacobian.jacobian_penalty(mlp, x, W_dec, idx_x, W_enc, idx_y, chunk_elements=64),
+                                   leaves)
+
+    seen = []
+
+    def spy(*args, state_bytes=0):
+        seen.append(state_bytes)
+        return chunks.run_chunks(*args, state_bytes=state_bytes)
+
+    many = gradients()
+    monkeypatch.setattr(jacobian, "run_chunks", spy)
+    monkeypatch.setattr(chunks, "worker_state_budget", lambda: 1)
+    one = gradients()
+    rows = {"decoder": idx_x.unique().numel() * m, "encoder": idx_y.unique().numel() * m}
+    assert seen == [8 * sum(size for side, size in rows.items() if need in ("both", side))]
+    for a, b in zip(one, many):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    seen.clear()
+    monkeypatch.setattr(sae, "run_chunks", spy)
+    params = sae.SAEParams.initialise(n, d, torch.zeros(d, dtype=F64), g)
+    for p in params.tensors():
+        p.requires_grad_()
+    values, indices = sae.encode(params, x, k)
+    sae.decode(params, values, indices).square().sum().backward()
+    assert seen and seen == [n * d * 8] * len(seen)  # a W_enc- or W_dec-sized gradient per worker

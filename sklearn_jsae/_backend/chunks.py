@@ -26,6 +26,7 @@ copy the 1.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
@@ -36,7 +37,19 @@ import torch
 _THREAD_COUNT_LOCK = threading.Lock()
 
 
-def run_chunks(batch: int, chunk: int, make_state, work, device) -> list:
+def worker_state_budget() -> int:
+    """Bytes all workers' states of one call may hold together: an eighth of the machine's memory
+    (at least 1 GiB).  A backward pass's state is a full-size gradient accumulator (the Jacobian
+    penalty's is |U|·(r + 1)·d_mlp floats: 1.9 GB at 65,536 latents and d_mlp = 4,096), so one
+    per thread would need 30 GB on 16 threads; past the budget fewer workers run."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not POSIX: assume a 16 GiB machine
+        memory = 16 << 30
+    return max(1 << 30, memory // 8)
+
+
+def run_chunks(batch: int, chunk: int, make_state, work, device, state_bytes: int = 0) -> list:
     """Call ``work(state, start, stop)`` for every chunk ``[start, stop)`` of ``range(batch)``.
 
     Safe to call from several threads at once.  After the call, the calling thread's torch
@@ -53,6 +66,10 @@ def run_chunks(batch: int, chunk: int, make_state, work, device) -> list:
         Runs with torch's grad mode of the calling thread and, on a worker thread, with
         torch's thread count at 1.
     device : torch.device of the tensors; threads are used on the CPU only.
+    state_bytes : bytes one state holds; the workers are as many as the thread count allows and
+        :func:`worker_state_budget` holds (at least one).  The number of workers, and so the
+        order of the final reduction, then depends on the machine's memory as well as on the
+        thread count, for states that large only.
 
     Returns
     -------
@@ -70,7 +87,7 @@ def run_chunks(batch: int, chunk: int, make_state, work, device) -> list:
     if torch.device(device).type == "cpu":
         with _THREAD_COUNT_LOCK:  # a thread's first read copies the process-wide count: not another call's 1
             threads = torch.get_num_threads()
-        workers = max(1, min(threads, len(starts)))
+        workers = max(1, min(threads, len(starts), worker_state_budget() // max(1, state_bytes)))
     if workers == 1:
         state = make_state()
         for start in starts:

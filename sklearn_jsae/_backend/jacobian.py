@@ -336,7 +336,9 @@ class _AbsJacobianSum(torch.autograd.Function):
                 add_rows_(st["grad_c"], rows_c, dC.reshape(nb * k_out, m).to(accumulate))
 
         with torch.autocast(PA.device.type, enabled=False):
-            states = run_chunks(batch, chunk, make_state, work, PA.device)
+            accumulators = (PA.numel() if need_a else 0) + (PC.numel() if need_c else 0)
+            states = run_chunks(batch, chunk, make_state, work, PA.device,
+                                state_bytes=accumulators * torch.empty((), dtype=accumulate).element_size())
         total, grad_a, grad_c = states[0]["total"], states[0]["grad_a"], states[0]["grad_c"]
         for st in states[1:]:  # fixed order: deterministic
             total += st["total"]

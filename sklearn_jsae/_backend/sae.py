@@ -141,7 +141,8 @@ class _ActiveValues(torch.autograd.Function):
                 rows = torch.mul(g[start:stop, :, None], centred[start:stop, None, :], out=st["rows"][: stop - start])
                 add_rows_(st["grad"], flat[start * k : stop * k], rows.view(-1, d))
 
-            states = run_chunks(batch, chunk, make_state, work, W_enc.device)
+            states = run_chunks(batch, chunk, make_state, work, W_enc.device,
+                                state_bytes=W_enc.numel() * W_enc.element_size())
             grad_w = states[0]["grad"]
             for st in states[1:]:
                 grad_w += st["grad"]
@@ -233,7 +234,8 @@ class _SparseDecode(torch.autograd.Function):
                                   out=st["rows"][: nb * k].view(nb, k, d))
                 add_rows_(st["grad"], rows, outer.view(nb * k, d))
 
-        states = run_chunks(batch, chunk, make_state, work, W_dec.device)
+        states = run_chunks(batch, chunk, make_state, work, W_dec.device,
+                            state_bytes=W_dec.numel() * W_dec.element_size() if need_w else 0)
         grad_w = None
         if need_w:
             grad_w = states[0]["grad"]
