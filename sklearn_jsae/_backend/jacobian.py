@@ -385,8 +385,9 @@ def jacobian_penalty(
     constants.  The per-latent products (one per distinct active latent) stay in
     autograd; everything per sample is formed ``chunk`` samples at a time, and the
     gradient of ``|J|`` with respect to those products is accumulated in the forward
-    pass, so memory is O(|U| · d_mlp + chunk · k · d_mlp) instead of O(B · k · d_mlp).
-    Maps without a closed form fall back to the plain route.
+    pass, so memory is O(W · (|U| · d_mlp + chunk · k · d_mlp)) instead of O(B · k · d_mlp),
+    with W the CPU worker threads (one on CUDA), as many as the thread count and
+    :func:`~sklearn_jsae._backend.chunks.worker_state_budget` allow.  Maps without a closed form fall back to the plain route.
 
     Parameters
     ----------
