@@ -584,6 +584,159 @@ def test_harvest_restores_training_mode_and_removes_hooks_even_on_error():
     assert (len(inp._forward_pre_hooks), len(out._forward_hooks)) == before
 
 
+def _flags(model):
+    return {name: module.training for name, module in model.named_modules()}
+
+
+@pytest.mark.parametrize("mixed", ["train with a frozen block", "eval with MC dropout"])
+def test_every_submodules_training_flag_is_put_back_even_on_error(mixed):
+    """harvest, the stream and spliced_ce_score set the root's flag back on every submodule
+    (model.train(flag)): a frozen block in eval mode came back in train mode, MC dropout off."""
+    from sklearn_jsae import JacobianSparseAutoencoder
+    from sklearn_jsae.metrics import spliced_ce_score
+
+    model, block_of, _ = _tiny("gpt2")
+    if mixed == "train with a frozen block":
+        model.train()
+        block_of(0).eval()
+    else:
+        model.eval()
+        model.transformer.drop.train()
+    before = _flags(model)
+    assert len(set(before.values())) == 2
+    ids, mask = _ids()
+    X, _ = harvest(model, 1, input_ids=ids, attention_mask=mask, progress=False)
+    assert _flags(model) == before
+    list(ActivationStream(model, 1, input_ids=ids, attention_mask=mask, batch_size=8, buffer_size=16))
+    assert _flags(model) == before
+    jsae = JacobianSparseAutoencoder(mlp_of(model, 1), n_components=32, k=4, max_iter=1, batch_size=8,
+                                     random_state=0).fit(X)
+    assert _flags(model) == before
+    spliced_ce_score(model, 1, jsae, ids, attention_mask=mask)
+    assert _flags(model) == before
+    outside = ids.clone()
+    outside[0, 0] = V  # refused inside the forward loop: the flags are put back on the way out
+    with pytest.raises(ValueError, match="vocabulary"):
+        harvest(model, 1, input_ids=outside, progress=False)
+    assert _flags(model) == before
+    with pytest.raises(ValueError, match="vocabulary"):
+        list(ActivationStream(model, 1, input_ids=outside, batch_size=8, buffer_size=16))
+    assert _flags(model) == before
+    with pytest.raises(ValueError, match="vocabulary"):
+        spliced_ce_score(model, 1, jsae, outside)
+    assert _flags(model) == before
+
+
+def _in_two_threads(reads):
+    """``{name: result or the error raised}`` of two reads run at once, in two threads; an error in
+    one breaks the barriers the other may wait at (``reads`` is {name: (read, barriers)})."""
+    import threading
+
+    results = {}
+
+    def run(name, read, barriers):
+        try:
+            results[name] = read()
+        except BaseException as error:  # noqa: BLE001 - the caller asserts there is none
+            results[name] = error
+            for barrier in barriers:
+                barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(name, *item)) for name, item in reads.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(isinstance(value, BaseException) for value in results.values()), results
+    return results
+
+
+def test_concurrent_harvests_of_one_model_each_get_their_own_rows():
+    """The hooks sit on the shared model: a harvest in another thread captured this one's rows (or
+    stopped its forward, so that its own hook never fired).  A hook of the user's holds every
+    forward at block 0 until both are there, so that both harvests' hooks are on the model."""
+    import threading
+
+    model, block_of, _ = _tiny("gpt2")
+    model.train()  # the eval mode is held until the last reader leaves, then the flags are put back
+    block_of(0).eval()
+    before = _flags(model)
+    inputs = [_ids(8, 12, seed=1)[0], _ids(8, 12, seed=2)[0]]
+    serial = [harvest(model, 1, input_ids=ids, batch_size=4, progress=False) for ids in inputs]
+    meet = threading.Barrier(2, timeout=20)
+
+    def hold(module, args):
+        meet.wait()
+
+    handle = block_of(0).register_forward_pre_hook(hold)
+    try:
+        results = _in_two_threads({
+            name: (lambda ids=ids: harvest(model, 1, input_ids=ids, batch_size=4, progress=False), [meet])
+            for name, ids in zip("ab", inputs)})
+    finally:
+        handle.remove()
+    for name, expected in zip("ab", serial):
+        for got, rows in zip(results[name], expected, strict=True):
+            np.testing.assert_array_equal(got, rows)
+    assert _flags(model) == before
+
+
+def test_a_stream_leaves_the_users_own_forward_in_another_thread_alone():
+    """The stream's hook stopped (raising its private exception) a forward of the same model that
+    the user ran in another thread while the stream read a batch.  Barriers put the user's forward
+    through layer 1 while the stream's hooks are on the model, before the stream's own forward."""
+    import threading
+
+    model, block_of, _ = _tiny("gpt2")
+    model.eval()
+    ids, other = _ids(8, 12, seed=1)[0], _ids(8, 12, seed=2)[0]
+
+    def stream():
+        return np.concatenate(list(ActivationStream(model, 1, input_ids=ids, sequences_per_forward=4,
+                                                    batch_size=16, buffer_size=32)))
+
+    def forwards():
+        logits = []
+        for rows in (other[:4], other[4:]):
+            with torch.no_grad():
+                logits.append(model(rows).logits)
+            passed.wait()  # the stream's forward of this round goes on
+        return torch.cat(logits)
+
+    expected_rows = stream()
+    with torch.no_grad():
+        expected_logits = model(other).logits
+    meet, passed = threading.Barrier(2, timeout=20), threading.Barrier(2, timeout=20)
+    user = {}
+
+    def hold(module, args):
+        meet.wait()  # both forwards are under way: the stream's hooks are on the model
+        if threading.get_ident() != user.get("thread"):
+            passed.wait()
+
+    def forwards_here():
+        user["thread"] = threading.get_ident()
+        return forwards()
+
+    handle = block_of(0).register_forward_pre_hook(hold)
+    try:
+        results = _in_two_threads({"stream": (stream, [meet, passed]), "user": (forwards_here, [meet, passed])})
+    finally:
+        handle.remove()
+    np.testing.assert_array_equal(results["stream"], expected_rows)
+    torch.testing.assert_close(results["user"], expected_logits)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_the_mlp_input_width_is_read_off_the_first_weight(name):
+    """What a stream's state is checked against: the width of the rows harvested."""
+    from sklearn_jsae.hf._adapters import _input_width, _layout
+
+    model, _, _ = _tiny(name)
+    X, _ = harvest(model.eval(), 1, input_ids=_ids()[0], progress=False)
+    assert _input_width(_layout(model, 1)) == X.shape[1]
+
+
 def test_hook_points_and_mlp_module():
     gpt2, block_of, _ = _tiny("gpt2")
     assert mlp_module(gpt2, 1) is block_of(1).mlp

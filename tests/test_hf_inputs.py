@@ -223,6 +223,33 @@ def test_a_state_that_is_not_the_streams_is_refused_and_leaves_it_as_it_was(gpt2
         np.testing.assert_array_equal(np.concatenate(list(stream)), rest)
 
 
+def test_a_state_of_another_width_or_a_bad_rng_is_refused_when_loaded(gpt2):
+    """A state with another d was taken, and failed at the first rows with a numpy shape error; an
+    rng that is not a dict raised a bare AttributeError; a (n, 1) buffer broadcast into the rows."""
+    ids = _ids(8, 12)[0]
+
+    def stream():
+        return ActivationStream(gpt2, 0, input_ids=ids, batch_size=4, buffer_size=8)
+
+    started = stream()
+    batches = iter(started)
+    next(batches)
+    saved = started.state_dict()
+    rest = np.concatenate(list(batches))
+    filled = saved["filled"]
+    narrow = {**saved, "d": 5, "buffer": np.zeros((filled, 5), np.float32), "waiting": np.zeros((0, 5), np.float32)}
+    for junk, message in ((narrow, r"d=5, but layer 0's MLP input has width 32: the state is of another model"),
+                          ({**saved, "rng": [1, 2]}, r"rng is a list, not a numpy bit generator's state"),
+                          ({**saved, "buffer": np.zeros((filled, 1), np.float32)},
+                           rf"a buffer of shape \({filled}, 1\) for filled={filled}, d=32"),
+                          ({**saved, "waiting": np.zeros((4, 8), np.float32)}, r"waiting rows of shape \(4, 8\)")):
+        for target in (stream(), started):  # before the first rows (the width from the model) and after
+            target.load_state_dict(saved)
+            with pytest.raises(ValueError, match=r"not a state_dict\(\) of a stream like this one .*" + message):
+                target.load_state_dict(junk)
+            np.testing.assert_array_equal(np.concatenate(list(target)), rest)
+
+
 @pytest.mark.parametrize("reader", sorted(READERS))
 def test_a_pandas_series_of_rows_is_read_as_rows(gpt2, reader):
     """A Series has ndim (1) and an object dtype: it was taken for a 1-D array of ids and refused."""

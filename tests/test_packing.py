@@ -429,6 +429,73 @@ def test_a_compressed_corpus_reads_as_the_plain_one(tmp_path, suffix):
     assert list(texts_of_file(folder)) == texts + ["a last plain shard"]
 
 
+def _compressed(suffix, content):
+    import bz2
+    import gzip
+    import lzma
+
+    if suffix.endswith(".zst"):
+        return require("zstandard").ZstdCompressor().compress(content)
+    return {".gz": gzip, ".bz2": bz2, ".xz": lzma}[suffix[suffix.rindex("."):]].compress(content)
+
+
+@pytest.mark.parametrize("suffix", [".txt.zst", ".jsonl.zst", ".txt.gz", ".txt.bz2", ".txt.xz"])
+def test_a_truncated_compressed_corpus_is_an_error_naming_the_file(tmp_path, suffix):
+    """A cut .zst file read as a shorter corpus without a word (zstandard's stream_reader ends
+    quietly inside a frame); the others raised the codec's EOFError, which names no file."""
+    texts = [f"document {i} " + "word " * 40 for i in range(2000)]
+    content = "".join((json.dumps({"text": t}) if ".jsonl" in suffix else t.strip()) + "\n" for t in texts).encode()
+    packed = _compressed(suffix, content)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a first plain shard\n")
+    (folder / f"b{suffix}").write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(ValueError, match=rf"corpus file '.*b{suffix}' could not be read( after line \d+)? \(EOFError: "
+                                         rf".*\); it is truncated or damaged: write or download it again"):
+        list(texts_of_file(folder))
+
+
+def test_a_zst_corpus_of_several_frames_reads_every_frame(tmp_path):
+    """pzstd (and appending to a .zst file) writes one frame after another: every frame is read."""
+    zstandard = require("zstandard")
+    compressor = zstandard.ZstdCompressor()
+    path = tmp_path / "corpus.txt.zst"
+    path.write_bytes(compressor.compress(b"one\ntwo\n") + compressor.compress(b"") + compressor.compress(b"three\n"))
+    assert list(texts_of_file(path)) == ["one", "two", "three"]
+    path.write_bytes(b"")
+    assert list(texts_of_file(path)) == []
+
+
+def test_a_damaged_shard_is_named_with_its_line(tiny_model, minilm, tmp_path):
+    """A shard that is not UTF-8, a parquet file that is not one or has no string "text" column:
+    the decoder's, pyarrow's or the tokenizer's error named neither the file nor the line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "shard-000.txt").write_text("a first text\na second text\n")
+    bad = folder / "shard-001.txt"
+    bad.write_bytes(b"fine\nfine too\n" + b"x" * 9000 + b"\ncaf\xe9 au lait\n")  # past the first block read
+
+    def refused(message):
+        with pytest.raises(ValueError, match=message) as caught:
+            list(texts_of_file(folder))
+        with pytest.raises(ValueError, match=message):  # the stream over the folder says the same
+            list(ActivationStream(tiny_model, 1, folder, tokenizer=minilm[1], batch_size=8, buffer_size=16))
+        return caught.value
+
+    error = refused(r"corpus file '.*shard-001.txt', line 4, is not UTF-8 text \('utf-8' codec can't decode byte "
+                    r"0xe9 .*\); convert it to UTF-8")
+    assert isinstance(error.__cause__, UnicodeDecodeError)
+    bad.unlink()
+    pq.write_table(pa.table({"text": list(range(5))}), folder / "shard-001.parquet")
+    refused(r"shard-001.parquet': the \"text\" column holds int64, not strings; cast it to strings")
+    (folder / "shard-001.parquet").write_text("not a parquet file at all\n")
+    refused(r"corpus file '.*shard-001.parquet' could not be read \(ArrowInvalid: .*\); it is truncated or "
+            r"damaged")
+
+
 def test_a_tokenizer_without_eos_or_sep_packs_texts_back_to_back():
     """A word-level tokenizer with no special tokens at all: no wrapping, no separator, the texts'
     tokens end to end."""

@@ -237,7 +237,7 @@ def spliced_cross_entropies(model, input_module, output_module, params_x: SAEPar
     1..T-1 whose mask is 1 (and whose predicting position is also 1).  Returns
     ``{"clean", "zero_input", "zero_output", "input", "output", "n_tokens"}``.
     """
-    from ..hf._adapters import logits_of, run_model  # a Hugging Face or TransformerLens forward
+    from ..hf._adapters import _eval_mode, logits_of, run_model  # a Hugging Face or TransformerLens forward
 
     parameter = next(iter(model.parameters()), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
@@ -268,28 +268,28 @@ def spliced_cross_entropies(model, input_module, output_module, params_x: SAEPar
         input_module.register_forward_pre_hook(pre_hook, with_kwargs=True),
         output_module.register_forward_hook(post_hook),
     ]
-    was_training = model.training
-    model.eval()
     sums = dict.fromkeys(SPLICE_PASSES, 0.0)
     n_tokens = 0
     try:
-        for start in range(0, input_ids.shape[0], batch_size):
-            ids = input_ids[start : start + batch_size].to(device)
-            mask = None if attention_mask is None else attention_mask[start : start + batch_size].to(device)
-            valid = torch.ones_like(ids[:, 1:], dtype=torch.bool) if mask is None else (
-                (mask[:, 1:] > 0) & (mask[:, :-1] > 0))
-            n_tokens += int(valid.sum())
-            for name in sums:
-                mode["value"] = name
-                logits = logits_of(run_model(model, ids, mask))[:, :-1].float()
-                losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                         reduction="none").reshape(valid.shape)
-                sums[name] += float(losses[valid].double().sum())
+        # each submodule's own train/eval flag is put back after, not the root's flag on all of
+        # them (a frozen block in a model in train mode, MC dropout in one in eval mode)
+        with _eval_mode(model):
+            for start in range(0, input_ids.shape[0], batch_size):
+                ids = input_ids[start : start + batch_size].to(device)
+                mask = None if attention_mask is None else attention_mask[start : start + batch_size].to(device)
+                valid = torch.ones_like(ids[:, 1:], dtype=torch.bool) if mask is None else (
+                    (mask[:, 1:] > 0) & (mask[:, :-1] > 0))
+                n_tokens += int(valid.sum())
+                for name in sums:
+                    mode["value"] = name
+                    logits = logits_of(run_model(model, ids, mask))[:, :-1].float()
+                    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                             reduction="none").reshape(valid.shape)
+                    sums[name] += float(losses[valid].double().sum())
     finally:
         mode["value"] = "clean"
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     if n_tokens == 0:
         raise ValueError("input_ids has no next-token targets: pass sequences of at least 2 unmasked tokens.")
     out = {name: value / n_tokens for name, value in sums.items()}

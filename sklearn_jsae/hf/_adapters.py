@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -378,6 +379,19 @@ def _layout_of_block(block, index, model) -> _Layout:
     )
 
 
+def _input_width(layout: _Layout) -> int | None:
+    """The width of the MLP input (the rows a harvest or stream captures), read off the first
+    weight's shape; None where the module is of an unknown kind (the first rows tell then)."""
+    first = _wrapped(layout.linears[0])
+    if layout.family in ("lens", "lens_gated"):  # W_in is (d_model, d_mlp)
+        return int(first.W_in.shape[0])
+    if isinstance(first, nn.Linear):
+        return int(first.in_features)
+    if type(first).__name__ == "Conv1D" and hasattr(first, "nf"):  # GPT-2: weight is (in, out)
+        return int(first.weight.shape[0])
+    return None
+
+
 def _wrapped(module):
     """The module a TransformerBridge component (its ``LinearBridge``) wraps, else ``module``: the
     bridge puts its components in place of the Hugging Face model's own, hooks around them."""
@@ -435,14 +449,35 @@ def _activation_name(act, where: str) -> str:
     )
 
 
+# Every module in eval mode under some _eval_mode, by identity: (entries not yet left, the flag it had
+# before the first).  Two reads of one model in two threads (or one inside another) overlap: the
+# flag saved is the one from before the first, put back when the last leaves, not the eval mode
+# the other read had set.
+_HELD_IN_EVAL: dict[int, tuple[nn.Module, int, bool]] = {}
+_HELD_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _eval_mode(module: nn.Module):
-    was_training = module.training
-    module.eval()
+    """``module`` and all its submodules in eval mode, then each submodule's own ``training`` flag
+    put back (also on error): a model in train mode with a frozen block in eval mode, or in eval
+    mode with MC dropout on, is left as the user set it, not flattened to the root's flag."""
+    modules = list(module.modules())
+    with _HELD_LOCK:
+        for sub in modules:
+            _, count, flag = _HELD_IN_EVAL.get(id(sub), (sub, 0, sub.training))
+            _HELD_IN_EVAL[id(sub)] = (sub, count + 1, flag)
+        module.eval()
     try:
         yield
     finally:
-        module.train(was_training)
+        with _HELD_LOCK:
+            for sub in modules:
+                _, count, flag = _HELD_IN_EVAL.pop(id(sub))
+                if count > 1:
+                    _HELD_IN_EVAL[id(sub)] = (sub, count - 1, flag)
+                else:  # the attribute itself: train() would set the submodules too
+                    sub.training = flag
 
 
 def _build(layout: _Layout):

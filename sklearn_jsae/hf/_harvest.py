@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import numbers
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -574,11 +575,18 @@ def harvest(
     runner = _unwrap(model)
     device = next(runner.parameters()).device
     captured = {}
+    # The hooks sit on the model, so they fire for whoever runs it: another harvest (or any
+    # forward) of the same model in another thread would put its rows here, or be stopped.
+    thread = threading.get_ident()
 
     def grab_input(module, args, kwargs):
+        if threading.get_ident() != thread:
+            return
         captured["x"] = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
 
     def grab_output(module, args, output):
+        if threading.get_ident() != thread:
+            return
         captured["y"] = output[0] if isinstance(output, (tuple, list)) else output
         raise _HarvestStop
 

@@ -30,11 +30,12 @@ import hashlib
 import itertools
 import numbers
 import os
+import threading
 
 import numpy as np
 import torch
 
-from ._adapters import _eval_mode, _layout, _unwrap, _warn_attached_saes, run_model
+from ._adapters import _eval_mode, _input_width, _layout, _unwrap, _warn_attached_saes, run_model
 from ._corpus import check_corpus_path, texts_of_file
 from ._harvest import (_array_block, _as_rows, _check_positive_int, _check_room_for_text, _check_token_arrays,
                        _HarvestStop, _is_id_array, _not_a_text, _pad, _rows_block, _special_ids, _token_rows)
@@ -105,8 +106,10 @@ class ActivationStream:
         tokenising them.  With ``world_size > 1`` every rank tokenises every text (to find the
         sequence boundaries) and runs the model on its own sequence batches only.
     exclude_special_tokens : bool, default=True
-        Drop BOS/EOS/PAD/CLS/SEP tokens (their activations are outliers the SAEs should not
-        spend latents on).
+        Drop tokens whose id is special: ``tokenizer.all_special_ids`` if a tokenizer is given
+        (every special token, [UNK] and [MASK] included), else the model config's
+        BOS/EOS/PAD/CLS/SEP ids (their activations are outliers the SAEs should not spend
+        latents on).
     seed : int >= 0, default=0
         Seeds the buffer's draws.
     skip_texts : int, default=0
@@ -261,11 +264,18 @@ class ActivationStream:
         runner = _unwrap(self.model)
         device = next(runner.parameters()).device
         captured = {}
+        # The hooks sit on the model, so they fire for whoever runs it: a harvest (or any forward)
+        # of the same model in another thread would put its rows here, or be stopped.
+        thread = threading.get_ident()
 
         def grab_input(module, args, kwargs):
+            if threading.get_ident() != thread:
+                return
             captured["x"] = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
 
         def stop(module, args, output):
+            if threading.get_ident() != thread:
+                return
             raise _HarvestStop
 
         handles = [self.layout.input_module.register_forward_pre_hook(grab_input, with_kwargs=True),
@@ -431,9 +441,24 @@ class ActivationStream:
             d = counts["d"] or None
             buffer = waiting = None
             if d is not None:
+                # A state of another model's (or layer's) width would be taken, and fail at the
+                # first rows captured with a numpy shape error.
+                width = self.d if self.d is not None else _input_width(self.layout)
+                if width is not None and d != width:
+                    raise ValueError(f"d={d}, but layer {self.layout.layer}'s MLP input has width {width}: the "
+                                     f"state is of another model or layer")
                 buffer = np.zeros((self.buffer_size, d), dtype=np.float32)
-                buffer[: counts["filled"]] = state["buffer"]
-                waiting = np.array(state["waiting"], dtype=np.float32).reshape(-1, d)
+                rows = np.asarray(state["buffer"], dtype=np.float32)
+                if rows.shape != (counts["filled"], d):  # (n, 1) would broadcast into the buffer
+                    raise ValueError(f"a buffer of shape {rows.shape} for filled={counts['filled']}, d={d}")
+                buffer[: counts["filled"]] = rows
+                waiting = np.array(state["waiting"], dtype=np.float32)
+                if waiting.size and (waiting.ndim != 2 or waiting.shape[1] != d):  # reshaped, it could fit
+                    raise ValueError(f"waiting rows of shape {waiting.shape} for d={d}")
+                waiting = waiting.reshape(-1, d)
+            if not isinstance(state["rng"], dict):
+                raise TypeError(f"rng is a {type(state['rng']).__name__}, not a numpy bit generator's state "
+                                f"(a dict)")
             probe = np.random.default_rng()
             probe.bit_generator.state = _json_rng(state["rng"])
             packed = None
