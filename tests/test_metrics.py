@@ -798,3 +798,44 @@ def test_index_check_accepts_exactly_the_ints_in_range(value, size):
     else:
         with pytest.raises(TypeError, match=r"idx must be an int \(an index into the"):
             _check_index(value, "idx", size, "items")
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 12), k=st.integers(1, 12), rows=st.integers(1, 6),
+       m=st.integers(1, 4), ties=st.booleans())
+def test_latent_values_equal_their_dense_mask_twin(seed, n, k, rows, m, ties):
+    """latent_values tests membership in the top k on (rows, k, m), not on an (rows, n) mask (which
+    doubled a sweep batch's memory at 65,536 latents); the same values, ties included."""
+    from sklearn_jsae._backend.metrics import latent_values
+    from sklearn_jsae._backend.sae import SAEParams, pre_activations
+
+    k = min(k, n)
+    g = torch.Generator().manual_seed(seed)
+    params = SAEParams.initialise(n, 3, torch.zeros(3, dtype=torch.float64), g)
+    if ties:
+        params.W_enc[1::2] = params.W_enc[0]  # equal pre-activations at the top-k boundary
+    z = torch.randn(rows, 3, generator=g, dtype=torch.float64)
+    latents = torch.randint(0, n, (rows, m), generator=g)
+    pre = pre_activations(params, z)
+    top = pre.topk(k, dim=1, sorted=False).indices
+    mask = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, top, True)
+    expected = torch.where(mask.gather(1, latents), torch.relu(pre.gather(1, latents)), torch.zeros(()))
+    torch.testing.assert_close(latent_values(params, z, k, latents), expected, rtol=0, atol=0)
+
+
+def test_sweep_curves_do_not_depend_on_the_rows_per_batch():
+    from sklearn_jsae._backend.metrics import sweep_curves
+    from sklearn_jsae._backend.sae import SAEParams
+
+    g = torch.Generator().manual_seed(0)
+    d, n, P, M = 5, 30, 7, 9
+    mlp = ElementwiseMLP(torch.randn(d, 11, generator=g), torch.randn(11, generator=g),
+                         torch.randn(11, d, generator=g), None, "gelu")
+    px, py = (SAEParams.initialise(n, d, torch.zeros(d), g) for _ in range(2))
+    x = torch.randn(P, d, generator=g).numpy()
+    args = (mlp, px, py, 4, x, np.ones(P, dtype=np.float32), np.arange(P) % n, (np.arange(P) * 3) % n,
+            np.tile(np.linspace(0, 5, M, dtype=np.float32), (P, 1)))
+    reference = sweep_curves(*args, max_rows=M * P)
+    assert reference.shape == (P, M) and (reference > 0).any()
+    for rows in (1, M, 2 * M + 1, None):  # the same curves, up to the rounding of products of other sizes
+        np.testing.assert_allclose(sweep_curves(*args, max_rows=rows), reference, rtol=1e-6, atol=1e-6)
