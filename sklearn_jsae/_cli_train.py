@@ -240,8 +240,11 @@ def load_model(name: str, causal_lm: bool = False, dtype: str | None = None):
     """``(model, tokenizer)`` for a folder, a .gguf file or a bundled test model name; offline only.
     With ``causal_lm``, a model whose config names a ``...ForCausalLM`` class is loaded with its LM
     head (for the spliced cross-entropy; harvesting reads it as it reads the base model).  ``dtype``
-    (``"float32"``, ``"bfloat16"``, ``"float16"``) is the weights' dtype; None keeps the file's."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    (``"float32"``, ``"bfloat16"``, ``"float16"``) is the weights' dtype; None keeps the file's.
+
+    Offline by ``local_files_only=True`` on every ``from_pretrained``, not by ``HF_HUB_OFFLINE``:
+    the commands also run in-process (``sklearn_jsae.__main__.main(argv)``), and the variable (or
+    huggingface_hub's constant, read from it at import) would leave the caller's session offline."""
     import transformers
 
     if name == "minilm":
@@ -254,9 +257,9 @@ def load_model(name: str, causal_lm: bool = False, dtype: str | None = None):
         if not os.path.isdir(name):
             raise SystemExit(f"SmolLM2 is not in {root}: run `bash scripts/install_test_models.sh` first.")
     path = Path(name)
-    kwargs = {}
+    kwargs = {"local_files_only": True}  # models are never downloaded here
     if path.suffix == ".gguf":
-        path, kwargs = path.parent, dict(gguf_file=path.name)
+        path, kwargs = path.parent, {**kwargs, "gguf_file": path.name}
     if not path.exists():
         raise SystemExit(f"--model {name!r}: no such folder or file (models are never downloaded here).")
     loader = transformers.AutoModel
@@ -350,6 +353,10 @@ def _check_same_run(out: Path, args) -> None:
         started = json.loads(config.read_text())
     except (OSError, ValueError):
         return  # a config cut short by a kill: the checkpoint's own identity still guards the fit
+    if not isinstance(started, dict):  # valid JSON, but not what this command writes: not a kill's doing
+        raise SystemExit(f"{config} is not a run's config: train writes a JSON object of its options, and "
+                         f"this file holds {json.dumps(started)[:60]}, not an object. Restore it, delete it to "
+                         f"resume from the checkpoint, or give this run another --out.")
     now = json.loads(json.dumps(vars(args)))
     # Options newer than the run's config are not compared: their defaults are what it ran with.
     changed = sorted(name for name in set(started) & set(now)

@@ -180,24 +180,32 @@ def _table(results, args, description, n_train, n_test, seconds):
     return "\n".join(lines)
 
 
+def _figure(**kwargs):
+    """A Figure with its own Agg canvas, outside pyplot: main() also runs in-process (a notebook, a
+    test), where matplotlib.use("Agg") would switch the caller's backend and its rcParams."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def _figures(directory, fitted, X_test, data_tokens=None):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from .plotting import plot_jacobian_block, plot_jacobian_histogram, plot_top_edges
 
     os.makedirs(directory, exist_ok=True)
     saved = []
     names = dict(zip(MODELS, ("JSAE", "traditional", "JSAE, random MLP", "traditional, random MLP")))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig = _figure(figsize=(13, 4.5))
+    axes = fig.subplots(1, 2)
     for ax, scale in zip(axes, ("absolute", "normalized")):
         plot_jacobian_histogram({names[m]: fitted[m] for m in MODELS}, X_test[:512], thresholds=DEFAULT_THRESHOLDS,
                                 scale=scale, ax=ax)
     saved.append(_save(fig, directory, "jacobian_histogram.png"))
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    fig = _figure(figsize=(13, 5.5))
+    axes = fig.subplots(1, 2)
     for ax, model in zip(axes, (("jsae", "trained"), ("traditional", "trained"))):
         plot_jacobian_block(fitted[model], X_test[0], ax=ax)
         ax.set_title(f"{names[model]}: Jacobian of one token")
@@ -210,12 +218,14 @@ def _figures(directory, fitted, X_test, data_tokens=None):
     _, G = global_jacobian_sparsity(jsae, X_test[:512], thresholds=[0.0], return_matrix=True)
     strongest = np.where(counts >= max(1, codes.shape[0] // 100), G.max(axis=1).toarray().ravel(), -1.0)
     latent = int(np.argmax(strongest))
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig = _figure(figsize=(6, 4.5))
+    ax = fig.subplots()
     plot_top_edges(jsae, X_test[:512], latent, n_edges=12, ax=ax)
     saved.append(_save(fig, directory, "top_edges.png"))
 
     _, details = linearity(jsae, X_test[:64], n_samples=64, random_state=0, return_curves=True)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig = _figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
     for ax, label in zip(axes, ("linear", "jumprelu", "other")):
         chosen = np.flatnonzero(details["labels"] == label)
         # show the curves that move most: flat lines say little
@@ -233,9 +243,6 @@ def _save(fig, directory, name):
     path = os.path.join(directory, name)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
     return path
 
 
@@ -245,7 +252,6 @@ def main(argv=None):
     Returns 0 on success (the process exit status).
     """
     from ._cli_train import check_estimator_options, check_output_file, check_output_folder
-    from ._estimator import JacobianSparseAutoencoder
 
     parser = _parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
@@ -271,10 +277,24 @@ def main(argv=None):
         if importlib.util.find_spec("matplotlib") is None:
             parser.error("argument --figures: needs matplotlib, which is not installed "
                          "(pip install matplotlib)")
-    if args.threads is not None:
-        import torch
+    if args.threads is None:
+        return _run(args)
+    import torch
 
-        torch.set_num_threads(args.threads)
+    # main() also runs in-process (a notebook, a test): the caller's thread count comes back
+    # however the run ends.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args):
+    """The four fits, their metrics and the outputs, once the options are checked."""
+    from ._estimator import JacobianSparseAutoencoder
+
     X, mlp, description = _load(args)
     order = np.random.default_rng(args.random_state).permutation(X.shape[0])
     n_test = min(args.n_test, X.shape[0] // 2)

@@ -150,15 +150,17 @@ def summary(results, tau=0.01):
 
 def save_figure(results, X_test, path, l1):
     """|J| histograms of both models and their fractions above each τ, as one PNG at ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure with its own Agg canvas, outside pyplot: main() also runs in-process (a notebook, a
+    # test), where matplotlib.use("Agg") would switch the caller's backend and its rcParams.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from .plotting import plot_jacobian_histogram
 
     names = {"jsae": f"JSAE (l1={l1:g})", "traditional": "traditional (l1=0)"}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    fig = Figure(figsize=(12, 4.5))
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     plot_jacobian_histogram({names[m]: results[m]["model"] for m in ("jsae", "traditional")},
                             X_test[:512], thresholds=THRESHOLDS, ax=left)
     left.set_title("|J| over the active k x k entries, 512 held-out tokens")
@@ -177,7 +179,6 @@ def save_figure(results, X_test, path, l1):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -186,10 +187,22 @@ def main(argv=None):
     args = _parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     if args.threads < 0:
         _parser().error(f"--threads must be >= 0, got {args.threads}")
-    if args.threads > 0:
-        import torch
+    if args.threads == 0:
+        return _run(args)
+    import torch
 
-        torch.set_num_threads(args.threads)  # this process is ours: a command-line option, not library code
+    # A command-line option, but main() also runs in-process (a notebook, a test): the caller's
+    # thread count comes back however the run ends.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args):
+    """The comparison itself, once the options are checked and the threads set."""
     from .datasets import load_minilm_mlp
 
     data = load_minilm_mlp()

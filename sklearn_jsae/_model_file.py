@@ -25,7 +25,8 @@ everything else::
     sha256                      digest of every tensor's name, dtype, shape and bytes
 
 ``sklearn_jsae.load(path)`` reads the header without executing anything, checks the format, the
-version, the digest and every tensor's shape and dtype against the JSON, and only then builds
+version, the digest, every tensor's shape and dtype against the JSON and every weight and scale
+for NaN or inf (which ``save`` refuses to write), and only then builds
 the estimator, so a damaged or foreign file raises :class:`~sklearn_jsae.exceptions.
 PersistenceError` and nothing is half-loaded.  Writes go to a temporary file in the target's
 folder, flushed and renamed over the target (``os.replace`` is atomic), so a crash leaves the old
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import numbers
 import os
 import warnings
@@ -215,11 +217,44 @@ def _probe_fingerprint(jsae, probe) -> np.ndarray | None:
     return mlp_io.probe_outputs(jsae._mlp_map, probe)
 
 
+def _attribute_of(name: str) -> str:
+    """The estimator attribute a tensor of the file holds (``"mlp.W_in"`` -> ``mlp_ (its weight W_in)``)."""
+    if name.startswith("mlp."):
+        return f"mlp_ (its weight {name[len('mlp.'):]})"
+    if name.startswith("jacobian_."):
+        return f"jacobian_ (its {name[len('jacobian_.'):]})"
+    return {"_probe_rows": "the training rows recorded for the MLP check (_probe_rows)",
+            "_mlp_probe_outputs": "the MLP's outputs on the recorded training rows"}.get(name, name)
+
+
+def _check_finite(estimator, doc: dict, arrays: dict, path) -> None:
+    """Refuse to write a model with NaN or inf in its weights or scales: :func:`load` refuses such
+    a file (its transform would fail later, blaming X), so ``save`` says so now, naming the
+    attribute, before anything is written."""
+    where = f"{type(estimator).__name__}.save({os.fspath(path)!r})"
+    fix = ("Such values come from weights set by hand or a fit resumed from a damaged checkpoint: fit the "
+           "model again (without that checkpoint), or set finite weights, before saving. Nothing was written.")
+    for name in sorted(arrays):
+        a = arrays[name]
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+            raise PersistenceError(f"{where}: {_attribute_of(name)} holds {bad} NaN or inf value(s) of "
+                                   f"{a.size}. {fix}")
+    scalars = [("fit_l1 (the l1 the fit trained with)", doc.get("fitted", {}).get("fit_l1"))]
+    for prefix in ("", "input_sae_.", "output_sae_."):
+        part = doc if not prefix else doc.get(prefix[:-1], {})
+        scalars.append((prefix + "scale_", part.get("fitted", {}).get("scale_")))
+    for label, value in scalars:
+        if value is not None and not np.isfinite(value):
+            raise PersistenceError(f"{where}: {label}={value!r} is not finite. {fix}")
+
+
 def save(estimator, path) -> str:
     """Write ``estimator`` to ``path``; see :meth:`PersistenceMixin.save`."""
     from safetensors.numpy import save_file
 
     doc, arrays = document(estimator)
+    _check_finite(estimator, doc, arrays, path)
     header = {METADATA_KEY: json.dumps(doc, default=_json_default, allow_nan=True)}
     return write_atomically(path, lambda temporary: save_file(arrays, temporary, metadata=header))
 
@@ -328,18 +363,42 @@ def _take(arrays, name, shape, dtype=np.float32):
     ):
         expected = tuple("any" if s is None else s for s in shape)
         raise _Invalid(f"tensor {name!r} has shape {a.shape}, expected {expected}")
+    # save refuses such a model: NaN or inf here would surface later, in transform, as a fault of X.
+    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        raise _Invalid(f"tensor {name!r} holds {bad} NaN or inf value(s) of {a.size}")
     return a
 
 
-def _decode_param(value):
+def _finite_scalar(fitted, key, where, types=(int, float), *, optional=False):
+    """A fitted float of the document (``scale_``, ``fit_l1``), which must be finite."""
+    value = _field(fitted, key, types, where, optional=optional)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past float's range
+        number = math.inf
+    if not math.isfinite(number):
+        raise _Invalid(f"{where}{key}={value!r:.40} is not finite")
+    return number
+
+
+def _decode_param(name, value, where):
     if isinstance(value, dict) and set(value) == {_RANDOM_STATE_KEY}:
         s = value[_RANDOM_STATE_KEY]
         rs = np.random.RandomState()
-        rs.set_state((s["kind"], np.asarray(s["keys"], dtype=np.uint32), s["pos"], s["has_gauss"],
-                      s["cached_gaussian"]))
+        # set_state raises whatever its argument's fault is (an IndexError for keys of the wrong
+        # length, a TypeError for a list): all of them mean a damaged description.
+        try:
+            rs.set_state((s["kind"], np.asarray(s["keys"], dtype=np.uint32), s["pos"], s["has_gauss"],
+                          s["cached_gaussian"]))
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
+            raise _Invalid(f"{where}params {name}={value!r:.120} is not a RandomState's state "
+                           f"({type(exc).__name__}: {exc})") from exc
         return rs
     if isinstance(value, (dict, list)):
-        raise _Invalid(f"parameter value {value!r:.80} is not a number, string, bool or None")
+        raise _Invalid(f"{where}params {name}={value!r:.80} is not a number, string, bool or None")
     return value
 
 
@@ -353,7 +412,7 @@ def _with_params(cls, doc, where, **extra):
     if unknown:
         raise _Invalid(f"{where}params has parameters this version does not know: {unknown}")
     try:
-        estimator.set_params(**{name: _decode_param(v) for name, v in params.items()}, **extra)
+        estimator.set_params(**{name: _decode_param(name, v, where) for name, v in params.items()}, **extra)
         estimator._validate_params()
     except (InvalidParameterError, ValueError, TypeError, KeyError) as exc:
         raise _Invalid(f"{where}params are invalid: {exc}") from exc
@@ -385,8 +444,7 @@ def _build_sae(doc, arrays, prefix, where):
     sae = _with_params(TopKSparseAutoencoder, doc, where)
     fitted = _field(doc, "fitted", dict, where)
     d = _set_common(sae, fitted, where + "fitted.")
-    sae.scale_ = _field(fitted, "scale_", (int, float), where + "fitted.", optional=True)
-    sae.scale_ = None if sae.scale_ is None else float(sae.scale_)
+    sae.scale_ = _finite_scalar(fitted, "scale_", where + "fitted.", optional=True)
     sae.dead_fraction_ = float(_field(fitted, "dead_fraction_", (int, float), where + "fitted."))
     components = _take(arrays, prefix + "components_", (None, d))
     n = components.shape[0]
@@ -412,15 +470,20 @@ def _build_jsae(doc, arrays, mlp):
     output_sae = _build_sae(_field(doc, "output_sae_", dict, ""), arrays, "output_sae_.", "output_sae_.")
     spec = _field(doc, "mlp", dict, "")
     mlp_arrays = {name[len("mlp."):]: arrays.pop(name) for name in list(arrays) if name.startswith("mlp.")}
+    for name, a in mlp_arrays.items():  # (rebuild would only report the NaN as a mismatch: NaN != NaN)
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            raise _Invalid(f"tensor 'mlp.{name}' holds {int(a.size - np.count_nonzero(np.isfinite(a)))} "
+                           f"NaN or inf value(s) of {a.size}")
     try:
         mlp_param, mlp_copy, mlp_map = mlp_io.rebuild(spec, mlp_arrays)
-    except ValueError as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as exc:
+        # rebuild runs no user code: whatever it raises comes from the file's description.
         raise _Invalid(f"the MLP description is inconsistent: {exc}") from exc
     jsae = _with_params(JacobianSparseAutoencoder, doc, "", mlp=mlp_param)
     d_in = _set_common(jsae, fitted, "fitted.")
     d_out = _field(fitted, "n_output_features_", int, "fitted.")
     if "fit_l1" in fitted:  # (files written before it was recorded: paper_lambda_ reads the l1 parameter)
-        jsae._fit_l1 = _field(fitted, "fit_l1", float, "fitted.")
+        jsae._fit_l1 = _finite_scalar(fitted, "fit_l1", "fitted.", float)
     if input_sae.n_features_in_ != d_in or output_sae.n_features_in_ != d_out:
         raise _Invalid(f"the SAEs' widths ({input_sae.n_features_in_}, {output_sae.n_features_in_}) "
                        f"differ from n_features_in_={d_in}, n_output_features_={d_out}")
@@ -436,8 +499,12 @@ def _build_jsae(doc, arrays, mlp):
     if spec["module"] != "callable" or "_mlp_probe_outputs" in arrays:
         saved = _take(arrays, "_mlp_probe_outputs", (probe.shape[0], d_out))
     if spec["module"] != "callable":
+        try:
+            outputs = mlp_io.probe_outputs(mlp_map, probe)
+        except (ValueError, RuntimeError) as exc:  # the saved weights on the saved rows: the file's fault
+            raise _Invalid(f"the MLP fails on the recorded training rows: {exc}") from exc
         # Another machine's BLAS may round differently: tolerate rounding, not other weights.
-        if _mlp_differs(saved, mlp_io.probe_outputs(mlp_map, probe)):
+        if _mlp_differs(saved, outputs):
             raise _Invalid("the MLP weights do not reproduce the MLP outputs recorded at saving")
     shape = _field(doc.get("jacobian_", {}), "shape", list, "jacobian_.")
     n_out, n_in = output_sae.components_.shape[0], input_sae.components_.shape[0]
@@ -509,6 +576,20 @@ def _attach_mlp(jsae, mlp, saved_outputs) -> None:
     jsae.mlp, jsae.mlp_, jsae._mlp_map = mlp, mlp_copy, mlp_map
 
 
+def _output_config(config) -> dict:
+    """The document's ``set_output`` settings, checked as sklearn checks them in ``transform``
+    (an unknown container would load, and fail at the first transform)."""
+    from sklearn.utils._set_output import ADAPTERS_MANAGER
+
+    supported = sorted(ADAPTERS_MANAGER.supported_outputs)
+    if not isinstance(config, dict):
+        raise _Invalid(f"output_config={config!r:.80} is not a JSON object like {{\"transform\": \"pandas\"}}")
+    for method, container in config.items():
+        if container not in supported:
+            raise _Invalid(f"output_config {method}={container!r:.80} is not one of {supported}")
+    return dict(config)
+
+
 def build(path, doc: dict, arrays: dict, mlp=None):
     """The estimator described by ``doc`` and ``arrays`` (from :func:`read`); consumes ``arrays``."""
     name = doc.get("estimator")
@@ -525,7 +606,7 @@ def build(path, doc: dict, arrays: dict, mlp=None):
             raise _Invalid(f"unexpected tensors {sorted(arrays)}")
         output_config = doc.get("output_config")
         if output_config:
-            estimator._sklearn_output_config = dict(output_config)
+            estimator._sklearn_output_config = _output_config(output_config)
     except _Invalid as exc:
         raise PersistenceError(
             f"{path!r} (sklearn-jsae {doc.get('library_version')!r}, format "

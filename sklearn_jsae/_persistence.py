@@ -55,6 +55,13 @@ class PersistenceMixin:
         path : str
             The path written.
 
+        Raises
+        ------
+        PersistenceError
+            If a fitted array (weights, ``jacobian_``) or ``scale_`` / the fit's ``l1`` holds NaN
+            or inf: :func:`sklearn_jsae.load` would refuse the file.  The message names the
+            attribute; nothing is written and a file already at ``path`` is left as it was.
+
         Examples
         --------
         >>> import os, tempfile, numpy as np
@@ -164,7 +171,8 @@ def load(path, *, mlp=None):
     PersistenceError
         If the file is truncated, damaged, not an sklearn-jsae model, written by an
         incompatible format version, or inconsistent (a tensor's shape or dtype differs from
-        the description).  Nothing is loaded.
+        the description, a value of the description has the wrong type, or a weight or scale
+        is NaN or inf).  Nothing is loaded.
     ValueError
         If ``mlp`` is given for a TopKSparseAutoencoder, fails on the recorded training rows,
         returns another number of features than the saved MLP, or is not the MLP the model

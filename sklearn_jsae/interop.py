@@ -531,7 +531,11 @@ def from_saelens(path):
         if not np.allclose(arrays["scaling_factor"], 1.0):
             raise PersistenceError(f"{path!r} has a finetuning scaling factor, which has no equivalent here.")
         arrays = {name: value for name, value in arrays.items() if name != "scaling_factor"}
-    normalize = cfg.get("normalize_activations") or "none"
+    normalize = cfg.get("normalize_activations")
+    if normalize is not None and not isinstance(normalize, str):  # a list or dict is unhashable below
+        raise PersistenceError(f"{path!r}: SAELens {CFG_FILENAME} has normalize_activations={normalize!r:.80}; "
+                               f"expected a string such as \"none\" (or a boolean, before SAELens 6.0).")
+    normalize = normalize or "none"
     if normalize != "none":
         hint = {
             "expected_average_only_in": "fold the scaling factor first "

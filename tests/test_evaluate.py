@@ -46,6 +46,53 @@ def test_synthetic_run_prints_the_table_and_writes_json_and_figures(tmp_path, ca
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture
+def caller_state():
+    """A caller with 3 torch threads and the svg backend (a stand-in for a notebook's inline one),
+    restored after the test."""
+    matplotlib = pytest.importorskip("matplotlib")
+    import torch
+
+    threads, backend = torch.get_num_threads(), matplotlib.get_backend()
+    torch.set_num_threads(3)
+    matplotlib.use("svg")
+    yield
+    torch.set_num_threads(threads)
+    matplotlib.use(backend)
+
+
+def _process_state():
+    import matplotlib
+    import torch
+
+    return (torch.get_num_threads(), matplotlib.get_backend(),
+            {key: str(value) for key, value in matplotlib.rcParams.items()})
+
+
+def test_an_in_process_run_leaves_the_callers_threads_backend_and_rcparams(caller_state, tmp_path, capsys):
+    """main(argv) runs in notebooks and tests too: --threads stayed set after it, and the figures
+    switched matplotlib to Agg (matplotlib.use, which also rewrites rcParams)."""
+    before = _process_state()
+    assert main(TINY + ["--synthetic", "--threads", "1", "--figures", str(tmp_path)]) == 0
+    assert len(list(tmp_path.glob("*.png"))) == 4
+    assert _process_state() == before
+
+
+def test_the_thread_count_comes_back_when_the_run_fails(caller_state, monkeypatch):
+    import torch
+
+    from sklearn_jsae import _evaluate
+
+    def fail(args):
+        assert torch.get_num_threads() == 2  # the run itself has --threads
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(_evaluate, "_load", fail)
+    with pytest.raises(RuntimeError, match="stopped"):
+        main(TINY + ["--synthetic", "--threads", "2"])
+    assert torch.get_num_threads() == 3
+
+
 def test_bundled_run_uses_the_real_minilm_mlp(capsys):
     assert main(TINY) == 0
     text = capsys.readouterr().out

@@ -418,6 +418,11 @@ MALFORMED = [
     ("saelens", "cfg", lambda cfg: {**cfg, "d_sae": "30"}, r"has d_sae='30'; expected a positive integer"),
     ("saelens", "cfg", lambda cfg: {**cfg, "k": 31}, "k=31 exceeds the 30 latents"),
     ("saelens", "cfg", lambda cfg: {**cfg, "finetuning_scaling_factor": True}, "a finetuning scaling factor"),
+    # (a list or a dict raised a bare TypeError: unhashable)
+    ("saelens", "cfg", lambda cfg: {**cfg, "normalize_activations": ["none"]},
+     r"normalize_activations=\['none'\]; expected a string such as \"none\""),
+    ("saelens", "cfg", lambda cfg: {**cfg, "normalize_activations": {"a": 1}},
+     r"normalize_activations=\{'a': 1\}; expected a string"),
     ("saelens", "weights", lambda a: _with(a, "W_dec", _nan_at_0(a["W_dec"])), "weights contain NaN or inf"),
     ("saelens", "weights", lambda a: _with(a, "b_enc", np.full(30, 1e39)), "contain NaN or inf .or overflow"),
     ("saelens", "weights", lambda a: _with(a, "b_enc", np.zeros(30, np.int32)),

@@ -43,6 +43,51 @@ def test_small_run_prints_both_models_side_by_side_and_saves_the_figure(tmp_path
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _process_state():
+    import matplotlib
+    import torch
+
+    return (torch.get_num_threads(), matplotlib.get_backend(),
+            {key: str(value) for key, value in matplotlib.rcParams.items()})
+
+
+@pytest.fixture
+def caller_state():
+    """A caller with 3 torch threads and the svg backend (a stand-in for a notebook's inline one),
+    restored after the test."""
+    matplotlib = pytest.importorskip("matplotlib")
+    import torch
+
+    threads, backend = torch.get_num_threads(), matplotlib.get_backend()
+    torch.set_num_threads(3)
+    matplotlib.use("svg")
+    yield
+    torch.set_num_threads(threads)
+    matplotlib.use(backend)
+
+
+def test_an_in_process_run_leaves_the_callers_threads_backend_and_rcparams(caller_state, tmp_path, capsys):
+    """main(argv) runs in notebooks and tests too: it left torch on --threads' 1 thread and
+    matplotlib switched to Agg (matplotlib.use, which also rewrites rcParams)."""
+    before = _process_state()
+    assert main([*SMALL, "--max-iter", "1", "--figure", str(tmp_path / "f.png")]) == 0
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _process_state() == before
+
+
+def test_the_thread_count_comes_back_when_the_run_fails(caller_state, monkeypatch):
+    import torch
+
+    def fail(*args, **kwargs):
+        assert torch.get_num_threads() == 1  # the run itself has --threads
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(_main_job, "compare", fail)
+    with pytest.raises(RuntimeError, match="stopped"):
+        main([*SMALL, "--figure", "none"])
+    assert torch.get_num_threads() == 3
+
+
 def test_the_two_models_differ_only_in_l1():
     from sklearn_jsae.datasets import load_minilm_mlp
 

@@ -15,6 +15,7 @@ import json
 import numbers
 import os
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -446,11 +447,116 @@ def test_inconsistent_tensors_are_named(saved, tmp_path, edit, message):
     (lambda d: d["mlp"].update(module="linear"), "MLP kind 'linear' must be an AffineMap with a weight"),
     (lambda d: d["mlp"].update(module="none"), "MLP kind 'none' .* must be an AffineMap without weights"),
     (lambda d: d["jacobian_"].update(shape=[3, 3]), "differs from the SAEs' sizes"),
+    # non-finite fitted scalars: they loaded, and transform failed later or scaled X by NaN
+    (lambda d: d["input_sae_"]["fitted"].update(scale_=float("nan")), r"input_sae_.fitted.scale_=nan is not finite"),
+    (lambda d: d["output_sae_"]["fitted"].update(scale_=float("inf")), r"output_sae_.fitted.scale_=inf is not finite"),
+    (lambda d: d["fitted"].update(fit_l1=float("nan")), r"fitted.fit_l1=nan is not finite"),
+    # JSON of the wrong shape, which raised bare IndexError, TypeError or AttributeError
+    (lambda d: d["params"].update(random_state={"numpy.random.RandomState": {
+        "kind": "MT19937", "keys": [1, 2], "pos": 0, "has_gauss": 0, "cached_gaussian": 0.0}}),
+     r"params random_state=.* is not a RandomState's state \(IndexError"),
+    (lambda d: d["params"].update(random_state={"numpy.random.RandomState": [1]}),
+     r"params random_state=.* is not a RandomState's state \(TypeError"),
+    (lambda d: d["mlp"]["buffers"].update(W_in="float32"), r"unknown dtype or layout 'float32': expected"),
+    (lambda d: d["mlp"]["buffers"]["W_in"].update(dtype=["float32"]), r"unknown dtype or layout .*\['float32'\]"),
+    (lambda d: d["mlp"].update(map=["ElementwiseMLP"]), r"unknown MLP map \['ElementwiseMLP'\]"),
+    (lambda d: d["mlp"].update(d_in=True), r"MLP widths d_in=True, d_out=5 are not positive integers"),
+    (lambda d: d["mlp"].update(module="identity"), "MLP kind 'identity' must be an AffineMap without weights"),
+    (lambda d: d["mlp"].update(module="callable", description=["x"]), r"description \['x'\] is not a string"),
+    (lambda d: d.update(output_config=["pandas"]), r"output_config=\['pandas'\] is not a JSON object"),
+    (lambda d: d.update(output_config="pandas"), r"output_config='pandas' is not a JSON object"),
+    (lambda d: d.update(output_config={"transform": "bogus"}),
+     r"output_config transform='bogus' is not one of \[.*'pandas'"),
 ])
 def test_inconsistent_descriptions_are_named(saved, tmp_path, edit, message):
     bad = _rewrite(saved, tmp_path / "bad.safetensors", edit_doc=edit)
-    with pytest.raises(PersistenceError, match=message):
+    with pytest.raises(PersistenceError, match=message) as refused:
         load(bad)
+    assert str(refused.value).startswith(repr(str(bad)))  # the file is named
+
+
+def _spoiled(name, value=np.nan, where=0):
+    """An ``edit_arrays`` setting one entry of tensor ``name`` to ``value``."""
+    def edit(arrays):
+        a = np.array(arrays[name], copy=True)
+        a.flat[where] = value
+        arrays[name] = a
+    return edit
+
+
+@pytest.mark.parametrize("name, value", [
+    ("input_sae_.encoder_", np.nan), ("input_sae_.components_", np.inf), ("output_sae_.encoder_bias_", -np.inf),
+    ("output_sae_.decoder_bias_", np.nan), ("jacobian_.data", np.inf), ("mlp.W_in", np.nan),
+    ("mlp.b_out", np.inf), ("_probe_rows", np.nan), ("_mlp_probe_outputs", np.nan),
+])
+def test_non_finite_tensors_are_refused_naming_the_file_and_tensor(saved, tmp_path, name, value):
+    """A consistent file (digests recomputed) with NaN or inf in a tensor loaded, and the error came
+    later, from transform, blaming X ("is X on the scale..."), or never (jacobian_)."""
+    bad = _rewrite(saved, tmp_path / "bad.safetensors", edit_arrays=_spoiled(name, value))
+    with pytest.raises(PersistenceError, match=rf"tensor '{re.escape(name)}' holds 1 NaN or inf value\(s\)") as refused:
+        load(bad)
+    assert str(refused.value).startswith(repr(str(bad)))
+
+
+def test_a_topk_file_with_nan_weights_is_refused(tmp_path):
+    model, _ = fit_model("topk")
+    path = model.save(tmp_path / "m.safetensors")
+    bad = _rewrite(path, tmp_path / "bad.safetensors", edit_arrays=_spoiled("encoder_", np.nan, 3))
+    with pytest.raises(PersistenceError, match=r"'.*bad.safetensors' .* tensor 'encoder_' holds 1 NaN or inf"):
+        load(bad)
+    bad = _rewrite(path, tmp_path / "scale.safetensors",
+                   edit_doc=lambda d: d["fitted"].update(scale_=float("nan")))
+    with pytest.raises(PersistenceError, match=r"fitted.scale_=nan is not finite"):
+        load(bad)
+
+
+def test_saved_rows_the_mlp_cannot_run_are_the_files_fault(gelu_jsae, saved, tmp_path):
+    """Finite probe rows on which the saved MLP overflows: the check's ValueError (about "X") was
+    raised bare, not naming the file."""
+    W = gelu_jsae[0]._mlp_map.W_in.detach().numpy()
+    column = np.abs(W).sum(axis=0).argmax()
+    assert np.abs(W[:, column]).sum() > 1  # rows of float32's largest value, signed as that column: inf
+
+    def huge(arrays):
+        row = np.sign(W[:, column]) * np.finfo(np.float32).max
+        arrays["_probe_rows"] = np.tile(row, (len(arrays["_probe_rows"]), 1)).astype(np.float32)
+
+    bad = _rewrite(saved, tmp_path / "bad.safetensors", edit_arrays=huge)
+    with pytest.raises(PersistenceError, match=r"'.*bad.safetensors' .* the MLP fails on the recorded training rows"):
+        load(bad)
+
+
+@pytest.mark.parametrize("spoil, shown", [
+    (lambda m: m.encoder_.__setitem__((0, 0), np.nan), r"encoder_ holds 1 NaN or inf value\(s\) of 45"),
+    (lambda m: setattr(m, "scale_", float("inf")), r"scale_=inf is not finite"),
+])
+def test_save_refuses_a_topk_model_with_non_finite_values_and_keeps_the_file(tmp_path, spoil, shown):
+    """save wrote such a model (a fit resumed from a damaged checkpoint), and load read it back."""
+    model, _ = fit_model("topk")
+    path = model.save(tmp_path / "m.safetensors")
+    before = Path(path).read_bytes()
+    spoil(model)
+    with pytest.raises(PersistenceError, match=rf"TopKSparseAutoencoder.save\('.*m.safetensors'\): {shown}.*"
+                                               rf"fit the model again .*Nothing was written"):
+        model.save(path)
+    assert Path(path).read_bytes() == before
+    assert os.listdir(tmp_path) == ["m.safetensors"]  # no temporary left either
+
+
+@pytest.mark.parametrize("spoil, shown", [
+    (lambda m: m.jacobian_.data.__setitem__(0, np.inf), r"jacobian_ \(its data\) holds 1 NaN or inf"),
+    (lambda m: m.output_sae_.components_.__setitem__((1, 2), np.nan), r"output_sae_.components_ holds 1 NaN"),
+    (lambda m: m.input_sae_.__setattr__("scale_", float("nan")), r"input_sae_.scale_=nan is not finite"),
+    (lambda m: m.__setattr__("_fit_l1", float("inf")), r"fit_l1 \(the l1 the fit trained with\)=inf is not finite"),
+])
+def test_save_refuses_a_jsae_with_non_finite_values(gelu_jsae, tmp_path, spoil, shown):
+    import copy
+
+    model = copy.deepcopy(gelu_jsae[0])
+    spoil(model)
+    with pytest.raises(PersistenceError, match=rf"JacobianSparseAutoencoder.save\('.*j.safetensors'\): {shown}"):
+        model.save(tmp_path / "j.safetensors")
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_failed_save_leaves_the_previous_file_and_no_temporary(saved, monkeypatch, gelu_jsae):

@@ -97,9 +97,13 @@ def _encode_tensor(t: torch.Tensor) -> tuple[dict, np.ndarray]:
 
 def _decode_tensor(meta: dict, array: np.ndarray) -> torch.Tensor:
     """Inverse of :func:`_encode_tensor`: a tensor in fresh memory with the saved dtype and layout."""
-    dtype = _DTYPES.get(meta.get("dtype"))
+    # (a damaged description may hold any JSON here: a string, a list, a list as the dtype, which
+    # is unhashable)
+    known = isinstance(meta, dict) and isinstance(meta.get("dtype"), str)
+    dtype = _DTYPES.get(meta["dtype"]) if known else None
     if dtype is None or meta.get("layout") not in ("rows", "columns"):
-        raise ValueError(f"unknown dtype or layout {meta!r}")
+        raise ValueError(f"unknown dtype or layout {meta!r:.80}: expected {{'dtype': one of {sorted(_DTYPES)}, "
+                         f"'layout': 'rows' or 'columns'}}")
     if meta["layout"] == "columns" and array.ndim != 2:
         raise ValueError(f"layout 'columns' needs a 2-D array, got shape {array.shape}")
     t = torch.from_numpy(np.array(array, copy=True)).to(dtype).clone()
@@ -167,16 +171,20 @@ def rebuild(spec: dict, arrays: dict[str, np.ndarray]) -> tuple[object, object, 
     ``map`` the backend map.  For a callable all three are one :class:`UnsavedMLP`.
     """
     module, map_name = spec.get("module"), spec.get("map")
-    if module not in MODULE_KINDS:
-        raise ValueError(f"unknown MLP kind {module!r}; expected one of {MODULE_KINDS}")
+    # isinstance first: a list is unhashable (a TypeError from the dict lookups below)
+    if not isinstance(module, str) or module not in MODULE_KINDS:
+        raise ValueError(f"unknown MLP kind {module!r:.80}; expected one of {MODULE_KINDS}")
     d_in, d_out = spec.get("d_in"), spec.get("d_out")
-    if not (isinstance(d_in, int) and isinstance(d_out, int) and d_in > 0 and d_out > 0):
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in (d_in, d_out)):
         raise ValueError(f"MLP widths d_in={d_in!r}, d_out={d_out!r} are not positive integers")
     if module == "callable":
-        placeholder = UnsavedMLP(d_in, d_out, spec.get("description", "a callable"))
+        description = spec.get("description", "a callable")
+        if not isinstance(description, str):
+            raise ValueError(f"the callable's description {description!r:.80} is not a string")
+        placeholder = UnsavedMLP(d_in, d_out, description)
         return placeholder, placeholder, placeholder
-    if map_name not in _MAP_CLASSES:
-        raise ValueError(f"unknown MLP map {map_name!r}; expected one of {sorted(_MAP_CLASSES)}")
+    if not isinstance(map_name, str) or map_name not in _MAP_CLASSES:
+        raise ValueError(f"unknown MLP map {map_name!r:.80}; expected one of {sorted(_MAP_CLASSES)}")
     buffer_specs = spec.get("buffers")
     names = _MAP_BUFFERS[map_name]
     if not isinstance(buffer_specs, dict) or set(buffer_specs) != set(names):
@@ -206,6 +214,8 @@ def rebuild(spec: dict, arrays: dict[str, np.ndarray]) -> tuple[object, object, 
         mlp = frozen_copy(mlp_map)
         return mlp, mlp_map, mlp_map
     if module == "identity":
+        if not (map_name == "AffineMap" and mlp_map.W is None and mlp_map.b is None):
+            raise ValueError("MLP kind 'identity' must be an AffineMap without weights")
         mlp = nn.Identity()
     elif module == "linear":
         if map_name != "AffineMap" or mlp_map.W is None:
