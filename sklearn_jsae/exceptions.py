@@ -20,11 +20,12 @@ class NonFiniteTrainingError(FloatingPointError):
 
 
 class PersistenceError(ValueError):
-    """A saved model that this version of sklearn-jsae cannot load.
+    """A saved model that this version of sklearn-jsae cannot load, or a model it will not save.
 
     Raised by :func:`sklearn_jsae.load` for a file that is not readable (truncated, damaged),
     not an sklearn-jsae model (another safetensors or JSON file), written by an incompatible
-    format version, or whose tensors do not match its own description; by unpickling an
+    format version, whose tensors do not match its own description or hold NaN or inf; by
+    ``save`` for a model whose fitted arrays hold NaN or inf (before anything is written); by unpickling an
     estimator pickled with an incompatible version; and by :mod:`sklearn_jsae.interop` for
     folders that are not a loadable SAELens or sparsify TopK SAE.  The message names the file,
     what is wrong and what to do.  Nothing is half-loaded: the error comes before any estimator
