@@ -836,7 +836,10 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         -------
         J : scipy.sparse.coo_array of shape (n_samples, n_output_components, n_components)
             ``J[t, i, j] = ∂ s_y[i] / ∂ s_x[j]`` at the true input ``X[t]``; only each
-            sample's k × k active block is stored (at most k² entries per sample).
+            sample's k × k active block is stored (at most k² entries per sample).  As in the
+            paper, the TopK/ReLU derivative is 1 on the whole active set: an output latent TopK
+            keeps at a pre-activation ≤ 0 (code 0) keeps its row, where autograd through the
+            ReLU gives 0 (see the User Guide's "The model").
         """
         check_is_fitted(self)
         X = _validate_X(self, X, reset=False, checked_in_batches=True)
