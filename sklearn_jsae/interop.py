@@ -519,8 +519,11 @@ def from_saelens(path):
             f"{path!r} is a SAELens {architecture or cfg.get('activation_fn') or 'standard'!r} SAE; only "
             f"'topk' SAEs have an equivalent TopKSparseAutoencoder."
         )
-    if "k" not in cfg and isinstance(cfg.get("activation_fn_kwargs"), dict):  # SAELens 3-5: k among them
-        cfg = {**cfg, "k": cfg["activation_fn_kwargs"].get("k")}
+    kwargs = cfg.get("activation_fn_kwargs")
+    if isinstance(kwargs, dict) and "k" in kwargs and ("k" not in cfg or _saelens_before_6(cfg)):
+        # SAELens 3-5 kept k among them, and SAELens reads a pre-6.0 folder's k from there even
+        # when the config also has a top-level k (which then may be another, stale value).
+        cfg = {**cfg, "k": kwargs["k"]}
     d, n, k = (_cfg_int(cfg, key, path, "SAELens") for key in ("d_in", "d_sae", "k"))
     if isinstance(cfg.get("normalize_activations"), bool):  # before 6.0: True meant the expected average
         cfg = {**cfg, "normalize_activations": "expected_average_only_in" if cfg["normalize_activations"]
@@ -543,8 +546,9 @@ def from_saelens(path):
             "covariance_whitening": "fold it first (sae.fold_activation_whitening(...)) and save again",
         }.get(normalize, "a per-row normalisation has no equivalent in a TopKSparseAutoencoder")
         raise PersistenceError(f"{path!r} has normalize_activations={normalize!r}: {hint}.")
-    if _cfg_bool(cfg, "finetuning_scaling_factor", False, path, "SAELens"):
-        raise PersistenceError(f"{path!r} has a finetuning scaling factor, which has no equivalent here.")
+    # The flag alone means nothing: SAELens resets it when the folder has no scaling_factor or an
+    # all-ones one (both dropped above), and a factor that is not all ones was refused above.
+    _cfg_bool(cfg, "finetuning_scaling_factor", False, path, "SAELens")
     W_enc = _tensor(arrays, "W_enc", (d, n), path)
     b_enc = _tensor(arrays, "b_enc", (n,), path)
     W_dec = _tensor(arrays, "W_dec", (n, d), path)

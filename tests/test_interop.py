@@ -298,6 +298,14 @@ def test_import_a_topk_sae_in_saelens_pre_6_layout(sae_lens, tmp_path, version):
     save_file({**weights, "scaling_factor": np.full(n, 2.0, np.float32)}, str(folder / "sae_weights.safetensors"))
     with pytest.raises(PersistenceError, match="has a finetuning scaling factor"):
         from_saelens(folder)
+    # The flag alone, with an all-ones factor or none, is reset by SAELens: a plain TopK SAE (it was refused).
+    for arrays in (weights, {name: a for name, a in weights.items() if name != "scaling_factor"}):
+        save_file(arrays, str(folder / "sae_weights.safetensors"))
+        (folder / "cfg.json").write_text(json.dumps({**cfg, "finetuning_scaling_factor": True}))
+        assert_agree(from_saelens(folder).transform(X).toarray(), encoded, "encode, finetuning flag alone")
+    # A stale top-level k beside the keyword arguments' one: SAELens reads the latter before 6.0 (ours took k=8).
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "k": 8}))
+    assert from_saelens(folder).k == SAE.load_from_disk(str(folder)).cfg.k == k
     # SAELens 5 wrote architecture "topk" with k still among the activation's keyword arguments.
     save_file(weights, str(folder / "sae_weights.safetensors"))
     (folder / "cfg.json").write_text(json.dumps({**cfg, "architecture": "topk", "sae_lens_version": "5.9.1"}))
@@ -417,7 +425,6 @@ MALFORMED = [
     ("saelens", "cfg", lambda cfg: {**cfg, "k": 0}, r"SAELens cfg.json has k=0; expected a positive integer"),
     ("saelens", "cfg", lambda cfg: {**cfg, "d_sae": "30"}, r"has d_sae='30'; expected a positive integer"),
     ("saelens", "cfg", lambda cfg: {**cfg, "k": 31}, "k=31 exceeds the 30 latents"),
-    ("saelens", "cfg", lambda cfg: {**cfg, "finetuning_scaling_factor": True}, "a finetuning scaling factor"),
     # (a list or a dict raised a bare TypeError: unhashable)
     ("saelens", "cfg", lambda cfg: {**cfg, "normalize_activations": ["none"]},
      r"normalize_activations=\['none'\]; expected a string such as \"none\""),
