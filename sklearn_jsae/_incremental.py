@@ -90,7 +90,8 @@ def make_checkpointer(estimator, data_identity, mlp_map, config, init, kind: str
     """The :class:`~sklearn_jsae._backend.checkpoint.Checkpointer` for ``estimator.checkpoint_dir``,
     or None without one.  ``data_identity`` fingerprints the training data (a str, or a callable
     returning one, called only when there is a checkpoint folder: it reads the data); ``init``
-    (warm start) is part of the identity too, and so are an int ``random_state`` and, for a stream
+    (warm start) is part of the identity too, and so are the seed of an int ``random_state`` or a
+    ``RandomState`` (the seed drawn from it) and, for a stream
     (``kind="stream"``), ``n_tokens``.
     Data-parallel (``parallel``): the number of ranks is part of the identity and only rank 0
     writes."""
@@ -111,9 +112,15 @@ def make_checkpointer(estimator, data_identity, mlp_map, config, init, kind: str
     if kind == "stream":  # a stream's length sets its schedule (an array fit's is its rows times max_iter)
         identity["n_tokens"] = estimator.n_tokens
     if isinstance(estimator.random_state, numbers.Integral):
-        # Another seed is another fit (a seed study sharing a folder); without one (None, or a
-        # RandomState, which draws anew at every fit) a rerun resumes: the checkpoint holds the draws.
+        # Another seed is another fit (a seed study sharing a folder); without one (None) a rerun
+        # resumes: the checkpoint holds the draws.
         identity["seed"] = int(estimator.random_state)
+    elif estimator.random_state is not None:
+        # A RandomState: the seed this fit drew from it.  A rerun that builds RandomState(s) again
+        # draws the same one and resumes; fits drawing in turn from one RandomState (a seed study)
+        # are distinct fits, which shared one checkpoint (every fit after the first returned the
+        # first's model).
+        identity["seed"] = int(config.seed)
     if parallel is not None and parallel.world_size > 1:  # a 1-rank job is the one-process fit, bit for bit
         identity["world_size"] = parallel.world_size
     agree = None if parallel is None else (

@@ -277,12 +277,7 @@ def _restore(checkpoint, trainer, stream, batches, d, parallel=None):
     restored = checkpoint.restore(trainer)
     if restored is None:
         return None
-    position, extra = restored
-    if "ranks" in position:  # a data-parallel checkpoint (the identity's world_size matched)
-        rank = 0 if parallel is None else parallel.rank  # a 1-rank job's, read by one process
-        prefix = f"rank{rank}."
-        position = position["ranks"][rank]
-        extra = {name[len(prefix):]: t for name, t in extra.items() if name.startswith(prefix)}
+    position, extra = _checked_position(checkpoint, *restored, d, parallel)
     problem = getattr(batches, "resume_problem", None)
     if isinstance(problem, str):
         raise CheckpointError(f"checkpoint_dir={checkpoint.folder!r} holds a stream checkpoint, but {problem}; "
@@ -300,5 +295,42 @@ def _restore(checkpoint, trainer, stream, batches, d, parallel=None):
     pending = extra["pending"].numpy()
     stream.pending = [pending] if len(pending) else []
     stream.n_pending = len(pending)
-    stream.exhausted = bool(position.get("exhausted", False))
-    return int(position["used"]), extra["tail"].numpy()
+    stream.exhausted = position.get("exhausted", False)
+    return position["used"], extra["tail"].numpy()
+
+
+def _checked_position(checkpoint, position, extra, d, parallel):
+    """This rank's ``(position, extra tensors)`` of a stream checkpoint, checked: a header or tensors
+    that are not this fit's (a foreign writer's, or a version-1 file, without a digest, damaged on
+    disk) are refused by name, not met later as a bare KeyError or a concatenation of rows of
+    another width."""
+    import torch
+
+    from ._backend.checkpoint import damaged
+
+    path = checkpoint.resumed_from
+    if "ranks" in position:  # a data-parallel checkpoint (the identity's world_size matched)
+        rank = 0 if parallel is None else parallel.rank  # a 1-rank job's, read by one process
+        ranks = position["ranks"]
+        if not isinstance(ranks, list) or rank >= len(ranks) or not isinstance(ranks[rank], dict):
+            raise damaged(path, f"its position holds no stream position for rank {rank}")
+        prefix = f"rank{rank}."
+        position = ranks[rank]
+        extra = {name[len(prefix):]: t for name, t in extra.items() if name.startswith(prefix)}
+    used = position.get("used")
+    if isinstance(used, bool) or not isinstance(used, int) or used < 0:
+        raise damaged(path, f"its position has used={used!r}, not a number of rows")
+    if not isinstance(position.get("stream"), (dict, type(None))):
+        raise damaged(path, f"its stream state is a {type(position['stream']).__name__}, not a JSON object")
+    if not isinstance(position.get("exhausted", False), bool):
+        raise damaged(path, f"its position has exhausted={position['exhausted']!r}, not true or false")
+    for name in ("pending", "tail"):  # rows of this fit's width, finite: they are trained on, or make jacobian_
+        t = extra.get(name)
+        if t is None or t.dtype != torch.float32 or t.ndim != 2 or t.shape[1] != d:
+            raise damaged(path, f"its {'rows read but not yet used' if name == 'pending' else 'last rows'} "
+                                f"(extra.{name}) are " + ("missing" if t is None else
+                                                          f"{t.dtype} of shape {tuple(t.shape)}")
+                                + f", not float32 rows of this stream's {d} features")
+        if not bool(torch.isfinite(t).all()):
+            raise damaged(path, f"its extra.{name} rows hold NaN or inf")
+    return position, extra

@@ -37,7 +37,9 @@ class CheckpointError(ValueError):
     """A ``checkpoint_dir`` whose checkpoint cannot be resumed by this fit.
 
     Raised by ``fit``, ``fit_stream`` (and ``python -m sklearn_jsae train``) with a
-    ``checkpoint_dir`` when this fit's checkpoint is unreadable (truncated, damaged) or foreign
+    ``checkpoint_dir`` when this fit's checkpoint is unreadable (truncated, damaged: its content
+    does not match the SHA-256 digest recorded when it was written, or holds NaN, inf or a header
+    that is not a fit's) or foreign
     (not an sklearn-jsae checkpoint, or another format version); when it was written by a job of
     another number of ranks; when a stream without ``state_dict`` would need one to resume; or
     when a resumed stream is already at its end.  Nothing is overwritten: the checkpoint stays as

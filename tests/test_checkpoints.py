@@ -189,6 +189,27 @@ def _header_of(path):
         return json.loads(f.metadata()[checkpoint_module.FORMAT])
 
 
+def _read_checkpoint(path):
+    """``(header, tensors)`` of a checkpoint file, as written."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (json.loads(f.metadata()[checkpoint_module.FORMAT]),
+                {name: f.get_tensor(name) for name in f.keys()})
+
+
+def _write_checkpoint(path, header, tensors, digest=True):
+    """Write a checkpoint as a writer other than this fit's would, with a digest that matches
+    (``digest=False``: none, as version 1 wrote them)."""
+    from safetensors.torch import save_file
+
+    text = json.dumps(header)
+    metadata = {checkpoint_module.FORMAT: text}
+    if digest and hasattr(checkpoint_module, "DIGEST"):  # (none before checkpoints had one)
+        metadata[checkpoint_module.DIGEST] = checkpoint_module._digest(text, tensors)
+    save_file(tensors, str(path), metadata=metadata)
+
+
 def test_truncated_checkpoint_is_refused_and_nothing_is_loaded(X, mlp, tmp_path):
     _checkpointed(X, mlp, tmp_path).fit(X)
     path = _the_checkpoint(tmp_path)
@@ -423,7 +444,7 @@ def test_checkpoints_with_corrupt_metadata_or_other_shapes_are_refused(X, mlp, t
         _checkpointed(X, mlp, tmp_path).fit(X)
     name = next(n for n in tensors if not n.startswith("extra.") and tensors[n].ndim == 2)
     resized = {**tensors, name: tensors[name][:-1].clone()}
-    save_file(resized, path, metadata=metadata)
+    _write_checkpoint(path, json.loads(metadata[checkpoint_module.FORMAT]), resized)  # its digest matches
     est = _checkpointed(X, mlp, tmp_path)
     with pytest.raises(CheckpointError, match=rf"does not match this fit's shapes \({name}\)"):
         est.fit(X)
@@ -467,6 +488,27 @@ def test_a_fit_without_a_seed_resumes_its_own_random_draws(X, mlp, tmp_path, mon
     assert resumed.history_[0] == written["history"][0] and len(resumed.history_) == SETTINGS["max_iter"]
     fresh = _checkpointed(X, mlp, tmp_path / "fresh", random_state=None).fit(X)
     assert fresh.history_[0]["loss"] != resumed.history_[0]["loss"]  # another draw: a fresh fit differs
+
+
+def test_fits_drawing_from_one_random_state_are_distinct_fits_and_a_rerun_resumes_each(X, mlp, tmp_path):
+    """A seed study drawing in turn from one RandomState shared one checkpoint: every fit after the
+    first returned the first's model.  Now the seed each draws is its identity, so a rerun that
+    builds RandomState(0) again draws the same seeds and finds each its own checkpoint."""
+    def study():
+        state = np.random.RandomState(0)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "checkpoint_dir .* holds checkpoints of other fits")
+            return [_checkpointed(X, mlp, tmp_path, random_state=state).fit(X) for _ in range(2)]
+
+    first, second = study()
+    assert len(checkpoint_paths(tmp_path)) == 2
+    state = np.random.RandomState(0)
+    alone = [JacobianSparseAutoencoder(mlp, **{**SETTINGS, "random_state": state}).fit(X) for _ in range(2)]
+    _assert_same_model(first, alone[0])
+    _assert_same_model(second, alone[1])
+    for fit, again in zip((first, second), study()):  # resumed from their finished checkpoints
+        _assert_same_model(fit, again)
+    assert len(checkpoint_paths(tmp_path)) == 2
 
 
 def test_fits_of_other_seeds_do_not_resume_each_others_checkpoints(X, mlp, tmp_path):
@@ -787,3 +829,175 @@ def test_a_search_shares_one_checkpoint_dir_and_a_killed_search_resumes(X, mlp, 
     assert len(checkpoint_paths(tmp_path)) == 5  # 2 candidates x 2 folds, and the refit
     refit_steps = settings["max_iter"] * -(-X.shape[0] // settings["batch_size"])
     assert calls[0] == (steps_per_fit - 3) + 1 * steps_per_fit + refit_steps  # fit 3 after step 3, fit 4, refit
+
+
+def _refused(fit, path, match):
+    """``fit()`` raises a CheckpointError that names ``path`` and says to delete it, matching
+    ``match``, and leaves the file byte for byte as it was."""
+    before = Path(path).read_bytes()
+    with pytest.raises(CheckpointError, match=match) as error:
+        fit()
+    assert str(path) in str(error.value) and "Delete it" in str(error.value)
+    assert Path(path).read_bytes() == before
+
+
+def test_a_checkpoint_damaged_on_disk_is_refused_by_its_digest_and_left_as_it_is(X, mlp, tmp_path):
+    """One flipped bit (bit rot, a bad sector) in a finished fit's checkpoint was resumed without a
+    word: the exponent bit of a weight made it 1e37, and the model scored -1e73; a bit in the header
+    ('trainer' to 'trainEr') gave a bare KeyError.  The digest of the header and tensors refuses both."""
+    _checkpointed(X, mlp, tmp_path).fit(X)
+    path = _the_checkpoint(tmp_path)
+    clean = path.read_bytes()
+    header_length = int.from_bytes(clean[:8], "little")
+    start, _ = json.loads(clean[8 : 8 + header_length])["W_enc_x"]["data_offsets"]
+    weight = 8 + header_length + start + 3  # the top byte of the first float32 of W_enc_x
+    key = clean.index(b'\\"trainer\\"') + 2 + 5  # the 'e' of 'trainer' in the metadata's JSON text
+    for offset, bit in ((weight, 0x40), (weight - 2, 0x01), (key, 0x20)):
+        damaged = bytearray(clean)
+        damaged[offset] ^= bit
+        path.write_bytes(bytes(damaged))
+        est = _checkpointed(X, mlp, tmp_path)
+        _refused(lambda est=est: est.fit(X), path, "do not match the digest recorded when it was written")
+        assert not hasattr(est, "input_sae_")
+    path.write_bytes(clean)
+    header, tensors = _read_checkpoint(path)
+    _write_checkpoint(path, header, tensors, digest=False)  # a version-2 file without its digest
+    _refused(lambda: _checkpointed(X, mlp, tmp_path).fit(X), path, "its digest .* is missing")
+
+
+def _as_version_1(path, change=None):
+    """Rewrite the checkpoint ``path`` as version 1 wrote it (no digest), after ``change(header,
+    tensors)``."""
+    header, tensors = _read_checkpoint(path)
+    header["version"] = 1
+    if change is not None:
+        change(header, tensors)
+    _write_checkpoint(path, header, tensors, digest=False)
+
+
+def test_a_version_1_checkpoint_without_a_digest_resumes_but_not_with_nan(X, mlp, tmp_path, monkeypatch):
+    """Checkpoints written before the digest still resume (an upgrade must not lose a long run),
+    checked for what needs no digest: a NaN or inf in its tensors or scales came back as a fitted
+    model of NaN (a finished fit's checkpoint has no step left to notice it)."""
+    expected = _checkpointed(X, mlp, None).fit(X)
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, [13])
+        with pytest.raises(_Interrupt):
+            _checkpointed(X, mlp, tmp_path).fit(X)
+    path = _the_checkpoint(tmp_path)
+    _as_version_1(path)
+    _assert_same_model(_checkpointed(X, mlp, tmp_path).fit(X), expected)  # resumed, to the same model
+    clean = path.read_bytes()  # the finished fit's, written as version 2
+    changes = {r"its tensors \['W_enc_x'\] hold NaN": lambda h, t: t["W_enc_x"].view(-1).__setitem__(0, np.nan),
+               r"adam_v_1.* hold NaN or inf": lambda h, t: t["adam_v_1"].view(-1).__setitem__(3, np.inf),
+               "scale_y=inf": lambda h, t: h["trainer"].__setitem__("scale_y", float("inf")),
+               "scale_x=nan": lambda h, t: h["trainer"].__setitem__("scale_x", float("nan"))}
+    for match, change in changes.items():
+        path.write_bytes(clean)
+        _as_version_1(path, change)
+        est = _checkpointed(X, mlp, tmp_path)
+        _refused(lambda est=est: est.fit(X), path, match)
+        assert not hasattr(est, "input_sae_")
+
+
+def _set(*keys, value):
+    def change(header, tensors):
+        for key in keys[:-1]:
+            header = header[key]
+        header[keys[-1]] = value
+    return change
+
+
+def _delete(*keys):
+    def change(header, tensors):
+        for key in keys[:-1]:
+            header = header[key]
+        del header[keys[-1]]
+    return change
+
+
+MALFORMED = {
+    "header is a list": (lambda h, t: [h], "metadata is a JSON list, not an object"),
+    "no trainer": (_delete("trainer"), "'trainer' is missing"),
+    "position a list": (_set("position", value=[1]), "'position' is a list"),
+    "identity's world_size a str": (_set("identity", "world_size", value="two"), "world_size is 'two'"),
+    "step_count a str": (_set("trainer", "step_count", value="abc"), "step_count='abc', not a count"),
+    "no adam_steps": (_delete("trainer", "adam_steps"), "adam_steps=None"),
+    "sums a list": (_set("trainer", "sums", value=[1]), r"sums=\[1\]"),
+    "history a str": (_set("trainer", "history", value="abc"), "history that is not a list"),
+    "scale_x zero": (_set("trainer", "scale_x", value=0.0), "scale_x=0.0, not a positive"),
+    "scale_y a str": (_set("trainer", "scale_y", value="x"), "scale_y='x'"),
+    "epoch -5": (_set("position", "epoch", value=-5), r"position \(epoch=-5, row=0\) is not a place"),
+    "epoch past the end": (_set("position", "epoch", value=10**6), "epoch=1000000"),
+    "row not a batch's start": (_set("position", "row", value=7), "row=7"),
+    "row in a finished fit": (_set("position", "row", value=64), "epoch=3, row=64"),
+    "no epoch": (_delete("position", "epoch"), "epoch=None"),
+    "W_enc_x float16": (lambda h, t: t.__setitem__("W_enc_x", t["W_enc_x"].half()), "W_enc_x is torch.float16"),
+    "shuffling_rng float32": (lambda h, t: t.__setitem__("shuffling_rng", t["shuffling_rng"].float()),
+                              "shuffling_rng is torch.float32"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_well_digested_but_malformed_header_is_refused_by_name(X, mlp, tmp_path, case):
+    """A header whose digest matches but whose content is not this fit's (a foreign or buggy
+    writer's) gave bare KeyError, TypeError, ValueError or AttributeError, or, with epoch -5,
+    trained 9 epochs of a 3-epoch fit: it is refused with a CheckpointError naming the file, what is
+    wrong and the fix."""
+    change, match = MALFORMED[case]
+    _checkpointed(X, mlp, tmp_path).fit(X)
+    path = _the_checkpoint(tmp_path)
+    header, tensors = _read_checkpoint(path)
+    header = change(header, tensors) or header
+    _write_checkpoint(path, header, tensors)
+    est = _checkpointed(X, mlp, tmp_path)
+    _refused(lambda: est.fit(X), path, match)
+    assert not hasattr(est, "input_sae_")
+
+
+def test_a_mid_epoch_checkpoint_without_its_epochs_shuffling_state_is_refused(X, mlp, tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, [13])
+        with pytest.raises(_Interrupt):
+            _checkpointed(X, mlp, tmp_path).fit(X)  # saved at step 12, inside epoch 2
+    path = _the_checkpoint(tmp_path)
+    header, tensors = _read_checkpoint(path)
+    assert header["position"]["row"] > 0
+    del tensors["extra.epoch_rng"]
+    _write_checkpoint(path, header, tensors)
+    _refused(lambda: _checkpointed(X, mlp, tmp_path).fit(X), path, r"extra.epoch_rng\) is missing")
+
+
+STREAM_DAMAGE = {
+    "no pending rows": (lambda h, t: t.pop("extra.pending"), r"extra.pending\) are missing"),
+    "no tail": (lambda h, t: t.pop("extra.tail"), r"extra.tail\) are missing"),
+    "tail of another width": (lambda h, t: t.__setitem__("extra.tail", t["extra.tail"][:, :4].contiguous()),
+                              r"shape \(\d+, 4\), not float32 rows of this stream's 10 features"),
+    "pending rows of another width": (lambda h, t: t.__setitem__("extra.pending", torch.zeros((1, 4))),
+                                      r"shape \(1, 4\)"),
+    "NaN in the tail": (lambda h, t: t["extra.tail"].view(-1).__setitem__(0, np.nan), "extra.tail rows hold NaN"),
+    "no used": (lambda h, t: h["position"].pop("used"), "used=None, not a number of rows"),
+    "stream state a list": (lambda h, t: h["position"].__setitem__("stream", [1]), "stream state is a list"),
+    "exhausted a str": (lambda h, t: h["position"].__setitem__("exhausted", "no"), "exhausted='no'"),
+}
+
+
+@pytest.mark.parametrize("case", list(STREAM_DAMAGE))
+def test_a_stream_checkpoint_with_missing_or_misshapen_rows_is_refused(X, mlp, tmp_path, monkeypatch, case):
+    """A stream checkpoint's pending rows and Jacobian tail were used unchecked: missing, a bare
+    KeyError; of another width, a NumPy concatenation error mid-fit; NaN, a jacobian_ of NaN."""
+    change, match = STREAM_DAMAGE[case]
+    rows = np.concatenate([X, X])
+    est = JacobianSparseAutoencoder(mlp, **SETTINGS, n_tokens=len(rows), checkpoint_dir=str(tmp_path),
+                                    checkpoint_every=2)
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, [5])
+        with pytest.raises(_Interrupt):
+            est.fit_stream(RowStream(rows, 50), n_statistics=200, jacobian_rows=100)
+    path = _the_checkpoint(tmp_path)
+    header, tensors = _read_checkpoint(path)
+    assert tensors["extra.tail"].shape == (100, 10) and tensors["extra.pending"].shape[0] > 0
+    change(header, tensors)
+    _write_checkpoint(path, header, tensors)
+    _refused(lambda: est.fit_stream(RowStream(rows, 50), n_statistics=200, jacobian_rows=100), path, match)
+    assert not hasattr(est, "input_sae_")

@@ -473,9 +473,7 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
     if checkpoint is not None:
         restored = checkpoint.restore(trainer)
         if restored is not None:
-            where, extra = restored
-            first_epoch, position = int(where["epoch"]), int(where["row"])
-            epoch_rng = extra.get("epoch_rng") if position > 0 else None
+            first_epoch, position, epoch_rng = checkpoint.array_position(trainer, *restored, rows.n, config)
         if parallel is not None:
             check_resumed_together(parallel, trainer, checkpoint)
     shown = bool(config.verbose) and (parallel is None or parallel.is_main)

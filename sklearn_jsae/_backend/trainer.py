@@ -356,8 +356,43 @@ class Trainer:
                     total_steps=self.total_steps, rows_done=self.rows_done, position=self.position)
         return tensors, meta
 
+    def meta_problem(self, meta: dict) -> str | None:
+        """What is wrong with :meth:`state_dict`'s ``meta`` as a checkpoint holds it (a phrase), or
+        None.  A checkpoint's digest catches damage on disk; this catches a header that is well
+        formed JSON but not this trainer's (another writer's, a buggy one's, or a digest-less
+        version-1 file damaged on disk), before :meth:`load_state_dict` touches anything."""
+        def count(value):
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+        def number(value):
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        def scale(value):
+            return number(value) and value > 0
+
+        for name in ("step_count", "adam_steps", "record_rows"):
+            if not count(meta.get(name)):
+                return f"has {name}={meta.get(name)!r}, not a count"
+        for name in ("rows_done", "position"):  # (absent from checkpoints written before they were kept)
+            if name in meta and not count(meta[name]):
+                return f"has {name}={meta[name]!r}, not a count"
+        if not scale(meta.get("scale_x")):
+            return f"has scale_x={meta.get('scale_x')!r}, not a positive finite number"
+        scale_y = meta.get("scale_y", "missing")
+        if (self.pair and not scale(scale_y)) or (not self.pair and scale_y is not None):
+            return f"has scale_y={scale_y!r}, not " + ("a positive finite number" if self.pair else "null (one SAE)")
+        sums = meta.get("sums")
+        if not isinstance(sums, dict) or set(sums) != set(self.sums) or not all(map(number, sums.values())):
+            return f"has sums={sums!r}, not finite numbers for {sorted(self.sums)}"
+        history = meta.get("history")
+        if not isinstance(history, list) or not all(
+                isinstance(row, dict) and all(number(v) for v in row.values()) for row in history):
+            return "has a history that is not a list of records of finite numbers"
+        return None
+
     def load_state_dict(self, tensors: dict, meta: dict) -> None:
-        """Restore :meth:`state_dict`'s output (shapes were checked by the caller)."""
+        """Restore :meth:`state_dict`'s output (shapes, dtypes and :meth:`meta_problem` were checked
+        by the caller)."""
         with torch.no_grad():
             for name, side in zip(("x", "y"), self.sides):
                 for field, t in zip(("W_enc", "b_enc", "W_dec", "b_dec"), side.tensors()):
@@ -414,12 +449,6 @@ class Trainer:
         self.rows_done, self.position = meta["rows_done"], meta["position"]
         self.warned_past_schedule = meta["warned_past_schedule"]
         self.record_started = time.perf_counter()
-
-    def shapes(self) -> dict:
-        """Expected shape of every tensor of :meth:`state_dict` (for checking a checkpoint)."""
-        tensors, _ = self.state_dict()
-        return {name: tuple(t.shape) for name, t in tensors.items()}
-
 
 def as_rows_tensor(rows: np.ndarray, device, dtype) -> torch.Tensor:
     """A numpy batch (B, d) as a tensor on ``device`` in ``dtype`` (copied: never aliases numpy)."""
