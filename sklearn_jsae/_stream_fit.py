@@ -170,11 +170,12 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int | None 
     trainer = start_trainer(config, first, mlp_map, init, n_steps, parallel)
     checkpoint = make_checkpointer(estimator, data_identity, mlp_map, config, init, "stream", parallel)
     used = 0
-    tail = np.zeros((0, first.shape[1]), dtype=np.float32)
+    tail = _LastRows(jacobian_rows or 0, first.shape[1])
     if checkpoint is not None:
         restored = _restore(checkpoint, trainer, stream, batches, first.shape[1], parallel)
         if restored is not None:
-            used, tail = restored
+            used, rows = restored
+            tail.add(rows)
         elif not stream.resumable():  # say so now, not when a killed run is restarted
             import warnings
 
@@ -210,19 +211,19 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int | None 
                     train_rows(trainer, batch if n_real else first[:1], bar, offset=used,
                                share=(n_real, n_global))
                     used += n_global
-                if jacobian_rows is not None and batch is not None and batch.shape[0]:
-                    tail = np.concatenate([tail, batch])[-jacobian_rows:]
+                if batch is not None:
+                    tail.add(batch)
                 if trainer.step_count % record_every == 0:
                     trainer.close_record(tokens_seen=used)
                 if checkpoint is not None and checkpoint.due(trainer.step_count):
-                    _save(checkpoint, trainer, stream, used, tail, first.shape[1], parallel)
+                    _save(checkpoint, trainer, stream, used, tail.rows(), first.shape[1], parallel)
     finally:
         if bar is not None:
             bar.close()
     if trainer.record_rows:
         trainer.close_record(tokens_seen=used)
     if checkpoint is not None:
-        _save(checkpoint, trainer, stream, used, tail, first.shape[1], parallel)
+        _save(checkpoint, trainer, stream, used, tail.rows(), first.shape[1], parallel)
     if used == 0:
         raise CheckpointError("the checkpoint is already at the end of this stream: nothing left to train.") \
             if checkpoint is not None else ValueError("batches produced no rows to train on.")
@@ -232,8 +233,36 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int | None 
         warnings.warn(f"the stream ended after {used} tokens, before n_tokens={n_tokens}; the schedule "
                       f"did not finish its decay.", UserWarning, stacklevel=3)
     estimator._trainer = None
-    finish(trainer.result(), tail)
+    finish(trainer.result(), tail.rows())
     return estimator
+
+
+class _LastRows:
+    """The last ``size`` rows added, in order, kept in a preallocated ring (for ``jacobian_``).
+
+    Concatenating each batch onto them and slicing copied all of them at every step: 50 ms per
+    step for 65,536 rows of d = 1,024, an hour over the paper's 73,000 steps."""
+
+    def __init__(self, size: int, d: int):
+        self.buffer = np.empty((size, d), dtype=np.float32)
+        self.n = 0  # rows held
+        self.next = 0  # where the next row goes
+
+    def add(self, rows: np.ndarray) -> None:
+        size = self.buffer.shape[0]
+        rows = rows[len(rows) - min(len(rows), size):]  # the last size rows of the batch at most
+        m = len(rows)
+        first = min(m, size - self.next)
+        self.buffer[self.next:self.next + first] = rows[:first]
+        self.buffer[:m - first] = rows[first:]
+        self.next = (self.next + m) % size if size else 0
+        self.n = min(size, self.n + m)
+
+    def rows(self) -> np.ndarray:
+        """A copy of the rows held, oldest first."""
+        if self.n < self.buffer.shape[0]:  # not yet wrapped: rows 0..n-1, in order
+            return self.buffer[:self.n].copy()
+        return np.concatenate([self.buffer[self.next:], self.buffer[:self.next]])
 
 
 def _check_shard(batches, parallel) -> None:

@@ -738,3 +738,20 @@ def test_a_stream_saved_before_its_first_batch_resumes_from_the_start(gpt2):
     resumed.load_state_dict(ActivationStream(gpt2, 1, input_ids=ids, batch_size=16, buffer_size=64).state_dict())
     for a, b in zip(resumed, full, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(0, 12), batches=st.lists(st.integers(0, 30), max_size=8), seed=st.integers(0, 100))
+def test_the_last_rows_ring_equals_concatenating_and_slicing(size, batches, seed):
+    """jacobian_'s last rows of a stream are kept in a ring instead of concatenating each batch onto
+    them and slicing (a copy of all of them at every step); the plain twin pins it."""
+    from sklearn_jsae._stream_fit import _LastRows
+
+    rng = np.random.default_rng(seed)
+    ring, plain = _LastRows(size, 3), np.zeros((0, 3), dtype=np.float32)
+    for n in batches:
+        rows = rng.normal(size=(n, 3)).astype(np.float32)
+        ring.add(rows)
+        plain = np.concatenate([plain, rows])[len(plain) + n - min(len(plain) + n, size):]
+        np.testing.assert_array_equal(ring.rows(), plain)
+        assert ring.rows().dtype == np.float32 and ring.rows().shape == (min(size, len(plain)), 3)
