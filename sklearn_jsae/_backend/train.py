@@ -200,12 +200,15 @@ class _Rows:
     does not grow with the array.
     """
 
-    def __init__(self, X: np.ndarray, device, dtype, resident: bool = True):
+    def __init__(self, X: np.ndarray, device, dtype, resident: bool = True, own: bool = False):
         self.n = X.shape[0]
         self.device, self.dtype = device, dtype
         in_memory = resident and file_mapping(X) is None and X.nbytes <= _IN_MEMORY_BYTES
-        # np.array copies, so read-only inputs (memmaps, frozen arrays) never alias a tensor.
-        self.tensor = torch.from_numpy(np.array(X)).to(device=device, dtype=dtype) if in_memory else None
+        # np.array copies, so read-only inputs (memmaps, frozen arrays) never alias a tensor; an
+        # array this library made for the fit (``own``: the cached MLP pass) is used as it is.
+        usable = own and X.flags.writeable and X.flags.c_contiguous
+        self.tensor = (torch.from_numpy(X if usable else np.array(X)).to(device=device, dtype=dtype)
+                       if in_memory else None)
         self.X = X
         # A memmap is read with pread, never through its mapping: a page fault maps a whole
         # page-cache folio (up to megabytes), so one batch of 2048 scattered rows of a 400 MB
@@ -370,17 +373,23 @@ def compute_mlp_pass(X: np.ndarray, mlp_map, scale_x: float, scale_y: float | No
     mean_y, measured_scale_y = data_statistics(rows, mlp_map)
     scale_y = measured_scale_y if scale_y is None else scale_y
     normalised_map = mlp_map.rescaled(scale_x, scale_y)
-    outputs, weights = [], []
-    for x in rows.batches(batch_size):
+    # Filled batch by batch into arrays of their final size: lists of batches concatenated at the
+    # end held the pass twice (the documented n · (d_out + r · d_mlp) floats were 2.9 times that).
+    outputs = weights = None
+    for start, x in zip(range(0, rows.n, batch_size), rows.batches(batch_size)):
         y, w = map_and_local_weights(normalised_map, x / scale_x)
-        outputs.append(y.cpu().numpy())
+        y, w = y.cpu().numpy(), None if w is None else w.cpu().numpy()
+        if outputs is None:
+            outputs = np.empty((rows.n,) + y.shape[1:], dtype=y.dtype)
+            weights = None if w is None else np.empty((rows.n,) + w.shape[1:], dtype=w.dtype)
+        outputs[start:start + x.shape[0]] = y
         if w is not None:
-            weights.append(w.cpu().numpy())
+            weights[start:start + x.shape[0]] = w
     return MLPPass(
         mean_y=mean_y.cpu().numpy(),
         scale_y=scale_y,
-        outputs=np.concatenate(outputs),
-        weights=np.concatenate(weights) if weights else None,
+        outputs=outputs,
+        weights=weights,
     )
 
 
@@ -460,8 +469,9 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
         else:
             precomputed = mlp_pass(X, mlp_map, scale_x, fixed_scale_y)
             mean_y, scale_y = torch.from_numpy(np.array(precomputed.mean_y)), precomputed.scale_y
-            outputs_rows = _Rows(precomputed.outputs, device, dtype)
-            weights_rows = None if precomputed.weights is None else _Rows(precomputed.weights, device, dtype)
+            outputs_rows = _Rows(precomputed.outputs, device, dtype, own=True)
+            weights_rows = None if precomputed.weights is None else _Rows(precomputed.weights, device, dtype,
+                                                                          own=True)
         if fixed_scale_y is not None:
             scale_y = fixed_scale_y
 
