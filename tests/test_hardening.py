@@ -512,3 +512,24 @@ def test_a_fit_inside_no_grad_trains_as_outside(X, gelu_mlp, context, method, Es
     sae_in, sae_out = (inside.input_sae_, outside.input_sae_) if Estimator is JacobianSparseAutoencoder \
         else (inside, outside)
     np.testing.assert_array_equal(sae_in.components_, sae_out.components_)
+
+
+@pytest.mark.parametrize("Estimator, params, cause", [
+    (JacobianSparseAutoencoder, {"l1": 1e39}, r"the loss is NaN or inf while each of its terms is finite\. Likely "
+                                              r"cause: l1=1e\+39 weighs the Jacobian penalty"),
+    (TopKSparseAutoencoder, {"aux_coef": 1e39}, r"Likely cause: aux_coef=1e\+39 weighs the AuxK loss so heavily "
+                                                r"that the weighted sum overflows"),
+    (TopKSparseAutoencoder, {"aux_coef": 1e36}, r"a gradient is NaN or inf .*Likely cause: aux_coef=1e\+36 weighs "
+                                                r"the AuxK loss so heavily that its gradient overflows"),
+    (JacobianSparseAutoencoder, {"aux_coef": 1e36}, r"Likely cause: aux_coef=1e\+36 weighs the AuxK loss"),
+])
+def test_a_loss_weight_that_overflows_float32_is_named(X, gelu_mlp, Estimator, params, cause):
+    """A legal but huge l1 or aux_coef overflowed the loss or a gradient; the error blamed the
+    learning rate (before any update), X's values or l1."""
+    # 64 latents, k = 1: latents go dead within the fit, so AuxK acts
+    settings_ = {**FAST, "n_components": 64, "k": 1, "batch_size": 64, **params}
+    est = Estimator(gelu_mlp, **settings_) if Estimator is JacobianSparseAutoencoder else Estimator(**settings_)
+    with pytest.raises(NonFiniteTrainingError, match=cause) as info:
+        est.fit(X)
+    assert "learning_rate" not in str(info.value)
+    assert not hasattr(est, "n_iter_")

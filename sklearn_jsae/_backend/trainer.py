@@ -259,12 +259,26 @@ class Trainer:
         if gradients_finite:
             return _non_finite(self.step_count, "an SAE parameter is NaN or inf after the update",
                                f"learning_rate={config.learning_rate:g} is too large for this data; lower it.")
-        if self.pair and config.l1 > 0:
+        heavy = self._heavy_weight()
+        if heavy is not None:
+            cause = f"{heavy} so heavily that its gradient overflows; lower it."
+        elif self.pair and config.l1 > 0:
             cause = (f"l1={config.l1:g} weighs the Jacobian penalty so heavily that its gradient overflows; "
                      f"lower l1.")
         else:
             cause = "a reconstruction term's gradient overflows: X holds extreme values; check or rescale X."
         return _non_finite(self.step_count, "a gradient is NaN or inf (the loss was finite)", cause)
+
+    def _heavy_weight(self) -> str | None:
+        """The largest loss weight above 1 (``l1`` of the penalty, ``aux_coef`` of AuxK) as "<name>=<value>
+        weighs <its term>", or None: a weight of 1e36 overflows float32 where the terms it weighs do not
+        (and aux_coef times a zero AuxK term at inf is NaN before any latent is dead)."""
+        config = self.config
+        weights = [(config.aux_coef, "aux_coef", "the AuxK loss")]
+        if self.pair:
+            weights.append((config.l1, "l1", "the Jacobian penalty"))
+        value, name, term = max(weights)
+        return f"{name}={value:g} weighs {term}" if value > 1 else None
 
     def _check_losses(self, loss, terms, x, index, outputs_and_weights, values=None) -> dict:
         """The step's terms as floats; raise :class:`NonFiniteTrainingError` if one is non-finite
@@ -297,9 +311,18 @@ class Trainer:
         if not bool(torch.isfinite(x).all()):
             raise _non_finite(self.step_count, "the normalised input batch is not finite",
                               "X holds values too large for the training dtype.")
-        raise _non_finite(self.step_count, f"the loss terms {bad} are NaN or inf",
-                          f"learning_rate={self.config.learning_rate:g} too large, or data with extreme outliers; "
-                          f"lower learning_rate.")
+        heavy = self._heavy_weight()
+        if bad == ["loss"] and heavy is not None:  # every term finite, their weighted sum is not
+            raise _non_finite(self.step_count, "the loss is NaN or inf while each of its terms is finite",
+                              f"{heavy} so heavily that the weighted sum overflows float32; lower it.")
+        if not self.optimiser.steps:  # no update yet: the learning rate has done nothing
+            cause = (f"{heavy} so heavily that it overflows float32; lower it." if heavy is not None else
+                     "the starting model's loss on this data overflows: X or the mlp's outputs hold extreme "
+                     "values; check or rescale them.")
+        else:
+            cause = (f"learning_rate={self.config.learning_rate:g} too large, or data with extreme outliers; "
+                     f"lower learning_rate.")
+        raise _non_finite(self.step_count, f"the loss terms {bad} are NaN or inf", cause)
 
     # ---- history ------------------------------------------------------------------------
     def close_record(self, **extra) -> dict:
