@@ -1001,3 +1001,13 @@ def test_a_stream_checkpoint_with_missing_or_misshapen_rows_is_refused(X, mlp, t
     _write_checkpoint(path, header, tensors)
     _refused(lambda: est.fit_stream(RowStream(rows, 50), n_statistics=200, jacobian_rows=100), path, match)
     assert not hasattr(est, "input_sae_")
+
+
+def test_numpy_scalar_settings_checkpoint_as_their_python_values(X, mlp, tmp_path):
+    """GridSearchCV over np.arange gives k=np.int64(3): the checkpoint identity (JSON) raised
+    "Object of type int64 is not JSON serializable" in every checkpointed fit."""
+    numpy_settings = dict(k=np.int64(4), batch_size=np.int64(64), l1=np.float32(0.5), learning_rate=np.float64(5e-3))
+    with_numpy = _checkpointed(X, mlp, tmp_path, **numpy_settings).fit(X)
+    plain = _checkpointed(X, mlp, tmp_path, **{name: value.item() for name, value in numpy_settings.items()}).fit(X)
+    _assert_same_model(with_numpy, plain)
+    assert len(checkpoint_paths(tmp_path)) == 1  # one fit: the second resumed the first's finished checkpoint

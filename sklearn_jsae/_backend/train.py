@@ -90,6 +90,13 @@ class TrainConfig:
     init_seed: int | None = None
     shuffle_seed: int | None = None
 
+    def __post_init__(self):
+        # Python numbers, not NumPy scalars (k=np.int64(4) from a GridSearchCV over np.arange, say):
+        # the settings go into JSON (checkpoint identities, the ranks' agreement), which has no int64.
+        for name, value in vars(self).items():
+            if isinstance(value, np.generic):
+                setattr(self, name, value.item())
+
 
 @dataclass
 class TrainResult:
