@@ -238,8 +238,10 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
     random_state : int, RandomState instance or None, default=None
         Seeds the initialisation of both SAEs (independent draws) and the batch order.
     verbose : int, default=0
-        When > 0, a tqdm progress bar over optimiser steps with the live loss terms, tokens per
-        second and the time left, and one line of loss terms per epoch; silent otherwise.
+        When > 0, ``fit`` and ``fit_stream`` show a tqdm progress bar over optimiser steps with the
+        live loss terms, tokens per second and the time left, and one line of loss terms per epoch;
+        silent otherwise.  ``partial_fit`` is always silent (its calls are the caller's loop: read
+        ``history_``, one row per call).
     warm_start : bool, default=False
         Continue from the fitted weights on the next ``fit`` or ``fit_stream`` (with a fresh
         schedule).  If the ``mlp`` now computes something else on the first training rows (a

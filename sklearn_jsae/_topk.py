@@ -178,8 +178,10 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
     random_state : int, RandomState instance or None, default=None
         Seeds initialisation and shuffling (same seed and device -> identical model).
     verbose : int, default=0
-        When > 0, a tqdm progress bar over optimiser steps with the live loss terms, tokens per
-        second and the time left, and one line of loss terms per epoch; silent otherwise.
+        When > 0, ``fit`` and ``fit_stream`` show a tqdm progress bar over optimiser steps with the
+        live loss terms, tokens per second and the time left, and one line of loss terms per epoch;
+        silent otherwise.  ``partial_fit`` is always silent (its calls are the caller's loop: read
+        ``history_``, one row per call).
     warm_start : bool, default=False
         Continue from the fitted weights on the next ``fit`` or ``fit_stream`` (with a fresh schedule).
     n_tokens : int or None, default=None
