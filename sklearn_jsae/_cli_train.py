@@ -113,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--dist-timeout", type=float, default=600.0,
-                        help="under torchrun: seconds a rank waits for the others before the job stops")
+                        help="under torchrun: seconds a rank waits for the others before the job stops "
+                             "(at most 1e8)")
     return parser
 
 
@@ -128,8 +129,13 @@ def _check_options(parser: argparse.ArgumentParser, args) -> None:
     for name, least in _LEAST.items():
         if getattr(args, name) < least:
             parser.error(f"argument --{name.replace('_', '-')}: must be >= {least}, got {getattr(args, name)}")
+    from .distributed import MAX_TIMEOUT
+
     if not args.dist_timeout > 0:
         parser.error(f"argument --dist-timeout: must be a positive number of seconds, got {args.dist_timeout}")
+    if not args.dist_timeout <= MAX_TIMEOUT:  # inf and 1e15 overflowed torch's timedelta mid-start
+        parser.error(f"argument --dist-timeout: must be a finite number of seconds, at most {MAX_TIMEOUT:g} "
+                     f"(about 3 years), got {args.dist_timeout}")
     chosen = dict(l1=args.l1, learning_rate=args.learning_rate, penalty=args.penalty)
     chosen = {name: value for name, value in chosen.items() if value is not None}
     check_estimator_options(parser, dict(

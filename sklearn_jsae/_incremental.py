@@ -73,17 +73,79 @@ def join_job(estimator, config):
     return parallel, dataclasses.replace(config, seed=parallel.broadcast_int(config.seed, "sharing the seed"))
 
 
-def check_same_fit(parallel, data_identity: str, mlp_map, config, estimator) -> None:
-    """Raise on every rank unless all ranks fit the same data, MLP and settings (fingerprints), and
-    all or none of them checkpoint (every ``checkpoint_every``) and cache the MLP pass
-    (``memory``): those change the collectives a rank makes, and ranks that disagree fail in one
-    (a gloo abort, an NCCL hang) instead of with this error.  The folders may differ."""
+# What a fit continues from when ``check_same_fit`` is not told: the estimator's fitted model
+# under ``warm_start`` (``fit`` builds its ``init`` only after the check).
+_FITTED = object()
+
+
+def _warm_state(estimator):
+    """``(params_x, params_y, scale_x, scale_y)`` of the fitted model a ``warm_start`` fit continues
+    from, or None (a fresh model): the tensors and scales its ``init`` is built from."""
+    if not (estimator.warm_start and estimator.__sklearn_is_fitted__()):
+        return None
+    if hasattr(estimator, "input_sae_"):  # the pair
+        return (estimator.input_sae_._params(), estimator.output_sae_._params(), estimator.input_sae_.scale_,
+                estimator.output_sae_.scale_)
+    return estimator._params(), None, estimator.scale_, None
+
+
+def _warm_fingerprint(init) -> str:
+    """Hash of a warm start's SAE parameters and scales; ``"none"`` for a fresh model."""
     from ._backend.checkpoint import fingerprint_module
 
-    parallel.check_same(dict(data=data_identity, mlp=fingerprint_module(mlp_map), settings=_settings(config),
-                             checkpoint=None if estimator.checkpoint_dir is None else str(estimator.checkpoint_every),
-                             memory=getattr(estimator, "memory", None) is not None),
-                        "X, mlp, settings, checkpoint_dir (set or not, checkpoint_every) or memory (set or not)")
+    if init is None:
+        return "none"
+    scales = tuple(None if scale is None else float(scale) for scale in init[2:])
+    return f"{fingerprint_module(_params_module(init[0], init[1]))}:{scales}"
+
+
+def _seed_setting(random_state):
+    """``random_state`` as the ranks compare it: an int's value; None and a RandomState by kind (they
+    are drawn from on rank 0 alone, and the draw broadcast, see :func:`join_job`)."""
+    if isinstance(random_state, numbers.Integral):
+        return int(random_state)
+    return None if random_state is None else type(random_state).__name__
+
+
+# check_same_fit's values as its error names them, and what to do when one differs between ranks.
+_LABELS = dict(data="X (or the stream)", settings="settings (n_components, k, l1, ...)",
+               warm_start="warm start (the fitted model warm_start=True continues from)",
+               checkpoint="checkpoint_dir (set or not, checkpoint_every)", memory="memory (set or not)")
+_FIXES = dict(
+    random_state="Pass the same random_state on every rank (not the rank): the ranks train one model, "
+                 "from one seed, and a checkpoint names that seed.",
+    warm_start="With warm_start=True every rank must continue from the same fitted model: fit it "
+               "data-parallel, or load the same saved model on every rank (or pass warm_start=False).",
+    n_tokens="n_tokens is the whole job's number of tokens (every rank's shard together): pass the same "
+             "value on every rank.",
+)
+
+
+def check_same_fit(parallel, data_identity: str, mlp_map, config, estimator, init=_FITTED,
+                   kind: str = "fit") -> None:
+    """Raise on every rank unless all ranks fit the same data, MLP, settings, ``random_state`` and
+    warm start (fingerprints of the ``init`` the fit continues from: by default the estimator's
+    fitted model under ``warm_start``; None: a fresh model), for a stream (``kind="stream"``) the
+    same ``n_tokens``, and all or none of them checkpoint (every ``checkpoint_every``) and cache the
+    MLP pass (``memory``): those change the collectives a rank makes, and ranks that disagree fail in
+    one (a gloo abort, an NCCL hang) instead of with this error.  The folders may differ.
+
+    ``random_state``: rank 0's seed trains every rank (:func:`join_job`), so a seed per rank
+    (``random_state=rank``) was silently ignored, and the checkpoint identity, which names an int
+    seed, differed between ranks: the job could never resume.  ``n_tokens`` sets a stream's
+    schedule and its stopping point: ranks that disagree train different models or fail mid-run."""
+    from ._backend.checkpoint import fingerprint_module
+
+    if init is _FITTED:
+        init = _warm_state(estimator)
+    values = dict(data=data_identity, mlp=fingerprint_module(mlp_map), settings=_settings(config),
+                  random_state=_seed_setting(estimator.random_state), warm_start=_warm_fingerprint(init),
+                  checkpoint=None if estimator.checkpoint_dir is None else str(estimator.checkpoint_every),
+                  memory=getattr(estimator, "memory", None) is not None)
+    if kind == "stream":
+        values["n_tokens"] = None if estimator.n_tokens is None else int(estimator.n_tokens)
+    parallel.check_same(values, "X, mlp, settings, random_state, warm start, n_tokens, checkpoint_dir or memory",
+                        _FIXES, _LABELS)
 
 
 def make_checkpointer(estimator, data_identity, mlp_map, config, init, kind: str, parallel=None):
@@ -110,7 +172,8 @@ def make_checkpointer(estimator, data_identity, mlp_map, config, init, kind: str
     identity = dict(kind=kind, estimator=type(estimator).__name__, data=data_identity,
                     mlp=fingerprint_module(mlp_map), settings=_settings(config), warm_start=warm)
     if kind == "stream":  # a stream's length sets its schedule (an array fit's is its rows times max_iter)
-        identity["n_tokens"] = estimator.n_tokens
+        # an int, not a NumPy scalar (np.int64 is not JSON): the identity is hashed as JSON
+        identity["n_tokens"] = None if estimator.n_tokens is None else int(estimator.n_tokens)
     if isinstance(estimator.random_state, numbers.Integral):
         # Another seed is another fit (a seed study sharing a folder); without one (None) a rerun
         # resumes: the checkpoint holds the draws.

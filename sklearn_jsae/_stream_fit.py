@@ -151,22 +151,33 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int | None 
     # The first rows: they fix the data scales and probe the MLP, and are trained on after.
     while stream.n_pending < n_statistics and stream.read(reset=not warm and stream.n_pending == 0):
         pass
+    if stream.n_pending == 0 and getattr(estimator, "distributed", False):
+        # This rank's shard is empty (fewer batches than ranks): it joins the job all the same, so
+        # that every rank raises the one error below at once, instead of the others waiting at the
+        # join for the process group's timeout.  It has no rows to build the fit's config from; the
+        # job needs only the device and the seed's broadcast (join_job).
+        from ._topk import _training_device
+
+        parallel, _ = join_job(estimator, estimator._train_config(_training_device(estimator)))
+        _check_no_empty_shard(parallel, 0)
     if stream.n_pending == 0:
         raise ValueError("batches is empty: fit_stream needs at least one row.")
     first = stream.pending_rows(0)[:n_statistics]
     config, mlp_map, init, finish = estimator._prepare_stream(first, warm)
     parallel, config = join_job(estimator, config)
+    if parallel is not None:
+        _check_no_empty_shard(parallel, stream.n_pending)
     data_identity = f"stream:{type(batches).__name__}:{getattr(batches, 'identity', lambda: '')()}"
-    if stream.resumable() and not callable(getattr(batches, "identity", None)) and parallel is None:
-        # A resumable stream without identity() is known by its first rows, which a restarted run
-        # of the same stream reads again (its position is only restored after them): a checkpoint
-        # of another dataset is refused.  (Data-parallel ranks read different first rows.)
-        from ._backend.checkpoint import fingerprint_array
-
-        data_identity += f":first={fingerprint_array(first)}"
+    # A resumable stream without identity() is known by its first rows, which a restarted run of
+    # the same stream reads again (its position is only restored after them): a checkpoint of
+    # another dataset is refused.  Data-parallel: every rank's first rows, in rank order.
+    by_first_rows = stream.resumable() and not callable(getattr(batches, "identity", None))
+    first_rows = _first_rows_identity(first, parallel, by_first_rows)
+    if by_first_rows:
+        data_identity += f":first={first_rows}"
     if parallel is not None:
         _check_shard(batches, parallel)
-        check_same_fit(parallel, data_identity, mlp_map, config, estimator)
+        check_same_fit(parallel, data_identity, mlp_map, config, estimator, init=init, kind="stream")
     trainer = start_trainer(config, first, mlp_map, init, n_steps, parallel)
     checkpoint = make_checkpointer(estimator, data_identity, mlp_map, config, init, "stream", parallel)
     used = 0
@@ -263,6 +274,39 @@ class _LastRows:
         if self.n < self.buffer.shape[0]:  # not yet wrapped: rows 0..n-1, in order
             return self.buffer[:self.n].copy()
         return np.concatenate([self.buffer[self.next:], self.buffer[:self.next]])
+
+
+def _check_no_empty_shard(parallel, n_rows: int) -> None:
+    """Raise on every rank when some rank's shard of the stream yielded no rows (``n_rows``: this
+    rank's first rows), naming those ranks and the fix.  A 1-rank job's empty stream is the
+    one-process error ("batches is empty"): there are no fewer ranks to start."""
+    if parallel.world_size == 1:
+        return
+    counts = parallel.gather_counts(n_rows, "counting the ranks' first rows")
+    empty = [rank for rank, count in enumerate(counts) if count == 0]
+    if empty:
+        shards = (f"shard of rank {empty[0]}" if len(empty) == 1 else
+                  f"shards of ranks {', '.join(map(str, empty))}")
+        raise ValueError(
+            f"distributed=True: the stream {shards} of {parallel.world_size} yielded no rows (batches is "
+            f"empty there): the stream has fewer batches than the job has ranks. Start fewer ranks "
+            f"(torchrun --nproc-per-node), or stream more data (more sequences, texts or chunks) so "
+            f"that every rank's shard gets at least one batch."
+        )
+
+
+def _first_rows_identity(first, parallel, needed: bool) -> str:
+    """The fingerprint of the stream's first rows (when ``needed``: a hash of up to
+    ``n_statistics`` rows); data-parallel, every rank's (each reads its own shard), in rank order,
+    the same string on every rank.  A job of several ranks gathers them whether or not this rank
+    needs them, so that every rank makes the same collectives (ranks whose streams differ in
+    kind are refused by the data identity after it)."""
+    from ._backend.checkpoint import fingerprint_array
+
+    digest = fingerprint_array(first) if needed else "0" * 32
+    if parallel is None or parallel.world_size == 1:  # a 1-rank job is the one-process fit, checkpoint included
+        return digest
+    return ",".join(parallel.gather_digests(digest, "gathering the ranks' first-rows fingerprints"))
 
 
 def _check_shard(batches, parallel) -> None:

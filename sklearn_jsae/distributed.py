@@ -29,6 +29,11 @@ from __future__ import annotations
 
 __all__ = ["DistributedTrainingError", "init_process_group", "is_main_process"]
 
+# The longest timeout accepted, in seconds (about 3 years): "never time out" in practice.  torch
+# converts the timeout to a ``datetime.timedelta``, which overflows (a bare OverflowError from
+# inside init_process_group) from about 1e14 s, and ``inf`` does not convert at all.
+MAX_TIMEOUT = 1e8
+
 
 class DistributedTrainingError(RuntimeError):
     """A data-parallel fit stopped because a collective operation failed.
@@ -64,7 +69,8 @@ def init_process_group(backend=None, timeout=600.0, device="auto"):
     timeout : float, default=600.0
         Seconds a collective may wait for the other ranks before every rank stops with
         :class:`DistributedTrainingError`.  It must exceed the longest pause of any rank between
-        two steps: rank 0 writing a checkpoint, a stream filling its shuffle buffer.
+        two steps: rank 0 writing a checkpoint, a stream filling its shuffle buffer.  At most
+        ``1e8`` (about 3 years; ``inf`` is refused).
     device : {"auto", "cpu", "cuda", "cuda:N"}, default="auto"
         The training device, as the estimator's ``device``: ``"auto"`` and ``"cuda"`` mean
         ``cuda:LOCAL_RANK`` (one GPU per process) when CUDA is there.  With NCCL it becomes the
@@ -81,9 +87,12 @@ def init_process_group(backend=None, timeout=600.0, device="auto"):
 
     if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0):
         raise ValueError(f"timeout={timeout!r} must be a positive number of seconds.")
+    if not timeout <= MAX_TIMEOUT:  # inf and 1e15 overflowed torch's timedelta with a bare OverflowError
+        raise ValueError(f"timeout={timeout!r} must be a finite number of seconds, at most {MAX_TIMEOUT:g} "
+                         f"(about 3 years): pass that for a job that should wait as long as it takes.")
     if backend not in (None, "nccl", "gloo"):
         raise ValueError(f"backend={backend!r} must be 'nccl', 'gloo' or None.")
-    init_default_group(backend, timeout, rank_device(device, resolve_device(device)))
+    init_default_group(backend, timeout, rank_device(device, resolve_device(device)), caller="init_process_group")
     return dist.get_rank(), dist.get_world_size()
 
 

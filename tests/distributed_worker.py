@@ -1,10 +1,10 @@
 """One rank of the data-parallel fits that ``tests/test_distributed.py`` starts (with torchrun or by
 hand), and the data they share with the one-process reference.
 
-    python distributed_worker.py OUT_DIR {fit,stream,topk-fit,topk-stream,packed-stream}
+    python distributed_worker.py OUT_DIR {fit,stream,topk-fit,topk-stream,packed-stream,refusals}
 
-writes ``OUT_DIR/rank<r>.npz`` (the fitted model's arrays and history) on every rank.  The
-environment steers it:
+writes ``OUT_DIR/rank<r>.npz`` (the fitted model's arrays and history) on every rank; ``refusals``
+writes ``OUT_DIR/rank<r>.json`` instead (see :func:`refusals`).  The environment steers it:
 
 ``JSAE_CHECKPOINT``  checkpoint_dir (default: none)
 ``JSAE_SYNC``        ``allreduce`` or ``ddp`` (the backend's gradient all-reduce)
@@ -164,6 +164,138 @@ def _clock_hook(rank):
         fake_checkpoint_clock(float(spec.split(",")[rank]))
 
 
+def model_digest(est):
+    """A short hash of the fitted model's arrays (the SAEs' weights and biases)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, value in sorted(arrays(est).items()):
+        if not name.startswith(("history_", "jacobian")):
+            digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()[:16]
+
+
+class FirstRowsStream:
+    """:class:`RowStream` without ``identity()``, resumable: a checkpoint knows it by its first rows."""
+
+    def __init__(self, *args, **kwargs):
+        self.rows = RowStream(*args, **kwargs)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def state_dict(self):
+        return self.rows.state_dict()
+
+    def load_state_dict(self, state):
+        self.rows.load_state_dict(state)
+
+
+def refusals(out, rank, world_size):
+    """Fits that ranks given different things must refuse, each rank with the same clear error,
+    and their controls, in one job: ``{scenario: outcome}`` into ``OUT_DIR/rank<r>.json``, where an
+    outcome is ``"trained <model digest>"`` or ``"<Exception>: <message>"`` (after a collective
+    failed the process group is gone, and the later scenarios say so)."""
+    import json
+    import time
+    import warnings
+
+    import torch.distributed as dist
+
+    from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
+    from sklearn_jsae._backend import trainer as trainer_module
+
+    X, mlp = data()
+    rows = data(STREAM_ROWS)[0]
+    quick = dict(SETTINGS, max_iter=1)
+    outcome, seconds = {}, {}
+
+    def attempt(name, fit):
+        if not dist.is_initialized():
+            outcome[name] = "skipped: the process group is gone"
+            return
+        start = time.monotonic()
+        try:
+            outcome[name] = f"trained {model_digest(fit())}"
+        except Exception as exc:  # noqa: BLE001 -- every outcome is recorded, the old code's too
+            outcome[name] = f"{type(exc).__name__}: {exc}"
+        seconds[name] = time.monotonic() - start
+
+    def shard(source, rows_per_batch=40, cls=RowStream):
+        return cls(source, rows_per_batch, rank, world_size)
+
+    # warm_start from a model each rank fitted alone, with its own seed (or, the control, the same);
+    # the data-parallel fit then has the same settings and seed on every rank.
+    continued = dict(random_state=0, warm_start=True, distributed=True)
+
+    def warm_pair(seed):
+        est = JacobianSparseAutoencoder(mlp, **dict(quick, random_state=seed)).fit(X)
+        return est.set_params(**continued).fit(X)
+
+    def warm_topk(seed):
+        est = TopKSparseAutoencoder(**topk_settings(dict(quick, random_state=seed))).fit(X)
+        return est.set_params(**continued).fit(X)
+
+    def warm_stream(seed):
+        est = JacobianSparseAutoencoder(mlp, **dict(quick, random_state=seed)).fit(X)
+        return est.set_params(**continued, n_tokens=256).fit_stream(shard(rows), n_statistics=100)
+
+    attempt("warm-fit", lambda: warm_pair(rank))
+    attempt("warm-fit-same", lambda: warm_pair(0))
+    attempt("warm-topk-fit", lambda: warm_topk(rank))
+    attempt("warm-stream", lambda: warm_stream(rank))
+    attempt("warm-stream-same", lambda: warm_stream(0))
+    # A seed per rank (rank 0's trained every rank) and, the control, None (drawn on rank 0).
+    attempt("seed-per-rank", lambda: JacobianSparseAutoencoder(
+        mlp, **dict(quick, random_state=rank), distributed=True).fit(X))
+    attempt("seed-none", lambda: JacobianSparseAutoencoder(
+        mlp, **dict(quick, random_state=None), distributed=True).fit(X))
+
+    # A stream known by its first rows: a job interrupted on dataset A, then run on B (the same
+    # rows reversed) with the same checkpoint_dir, starts afresh; run on A again, it resumes.
+    folder = os.path.join(out, "checkpoint-first-rows")
+    other = rows[::-1].copy()
+
+    def stream_fit(source, checkpoint=True):
+        kwargs = dict(checkpoint_dir=folder, checkpoint_every=2) if checkpoint else {}
+        return JacobianSparseAutoencoder(mlp, **dict(STREAM_SETTINGS, n_tokens=640), distributed=True,
+                                         **kwargs).fit_stream(shard(source, cls=FirstRowsStream),
+                                                              n_statistics=100)
+
+    real_step = trainer_module.Trainer.step
+
+    def interrupted(self, *args, **kwargs):
+        if self.step_count == 5:  # on every rank: the job stops between two steps
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    trainer_module.Trainer.step = interrupted
+    try:
+        stream_fit(rows)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        trainer_module.Trainer.step = real_step
+    for name, source in (("other-data", other), ("same-data", rows)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            attempt(f"{name}-checkpointed", lambda source=source: stream_fit(source))
+        outcome[f"{name}-warned"] = any("holds checkpoints of other fits" in str(w.message) for w in caught)
+        attempt(f"{name}-fresh", lambda source=source: stream_fit(source, checkpoint=False))
+
+    # Last, as the old code desynchronised the ranks on them: n_tokens per rank (its shard's
+    # length, say), and a stream with fewer batches than ranks (rank 1's shard is empty).
+    attempt("n-tokens-per-rank", lambda: JacobianSparseAutoencoder(
+        mlp, **dict(STREAM_SETTINGS, n_tokens=400 + 200 * rank), distributed=True).fit_stream(
+            shard(rows), n_statistics=100))
+    attempt("empty-shard", lambda: JacobianSparseAutoencoder(mlp, **STREAM_SETTINGS, distributed=True).fit_stream(
+        [rows[:100]][rank::world_size], n_statistics=100))
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(dict(outcome=outcome, seconds=seconds), f)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(out, kind):
     torch.set_num_threads(1)
     import torch.distributed as dist
@@ -176,6 +308,8 @@ def main(out, kind):
     rank, world_size = init_process_group(timeout=float(os.environ.get("JSAE_TIMEOUT", "600")), device="cpu")
     _fail_hook(rank)
     _clock_hook(rank)
+    if kind == "refusals":
+        return refusals(out, rank, world_size)
     X, mlp = data()
     every = os.environ.get("JSAE_CHECKPOINT_EVERY", "2")
     only = os.environ.get("JSAE_CHECKPOINT_RANKS")  # "0": a checkpoint_dir on rank 0 only (a user's mistake)

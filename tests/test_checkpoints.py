@@ -1011,3 +1011,7 @@ def test_numpy_scalar_settings_checkpoint_as_their_python_values(X, mlp, tmp_pat
     plain = _checkpointed(X, mlp, tmp_path, **{name: value.item() for name, value in numpy_settings.items()}).fit(X)
     _assert_same_model(with_numpy, plain)
     assert len(checkpoint_paths(tmp_path)) == 1  # one fit: the second resumed the first's finished checkpoint
+    topk_settings = {name: value for name, value in SETTINGS.items() if name != "l1"}
+    streamed = TopKSparseAutoencoder(**topk_settings, n_tokens=np.int64(300), checkpoint_dir=tmp_path / "s")
+    streamed.fit_stream([X[:300]])
+    assert len(checkpoint_paths(tmp_path / "s")) == 1

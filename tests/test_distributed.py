@@ -19,11 +19,16 @@ What is checked:
 * the same for one SAE (``TopKSparseAutoencoder(distributed=True)``): 2 ranks agree with one
   process, and a stream fit killed on one rank resumes to the uninterrupted model;
 * a checkpoint interval given as a duration follows rank 0's clock on every rank (the ranks'
-  clocks disagree in the test), and the job resumes from it.
+  clocks disagree in the test), and the job resumes from it;
+* ranks given different warm starts, seeds or ``n_tokens``, or a stream with fewer batches than
+  ranks, stop on every rank with one error naming the parameter and the fix (one job runs them
+  all, :func:`distributed_worker.refusals`); a stream known by its first rows resumes only the
+  checkpoint of its own data, every rank's first rows counting.
 """
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -227,6 +232,116 @@ def test_packed_text_stream_on_two_ranks_resumes_to_the_same_model(tmp_path):
     torchrun(tmp_path / "out", "packed-stream", **env)
     for rank, resumed in enumerate(load(tmp_path / "out")):
         assert_identical(resumed, straight[rank])
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory):
+    """Each rank's outcome of every scenario of :func:`distributed_worker.refusals` (one job; a
+    20 s timeout, so that the old code's desynchronised ranks stop soon)."""
+    out = tmp_path_factory.mktemp("refusals")
+    torchrun(out, "refusals", JSAE_TIMEOUT="20")
+    ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    return [rank["outcome"] for rank in ranks], [rank["seconds"] for rank in ranks]
+
+
+def _refused(outcomes, scenario, *phrases):
+    """Every rank raised a ValueError naming ``phrases`` in ``scenario``."""
+    for rank, outcome in enumerate(outcomes):
+        message = outcome[scenario]
+        assert message.startswith("ValueError: distributed=True: "), f"rank {rank}: {message}"
+        for phrase in phrases:
+            assert phrase in message, f"rank {rank}: {message}"
+
+
+def test_warm_starts_that_differ_between_ranks_are_refused(refusals):
+    """warm_start=True from a model each rank fitted alone: every rank trained its own model from
+    its own weights (the check compared data, MLP and settings only)."""
+    outcomes, _ = refusals
+    for scenario in ("warm-fit", "warm-topk-fit", "warm-stream"):
+        _refused(outcomes, scenario, "were given different warm start (the fitted model warm_start=True continues "
+                                     "from) (rank ", "continue from the same fitted model")
+    for scenario in ("warm-fit-same", "warm-stream-same"):  # the same fitted model everywhere: one model
+        assert outcomes[0][scenario].startswith("trained ") and outcomes[0][scenario] == outcomes[1][scenario]
+
+
+def test_a_seed_per_rank_is_refused_and_none_is_drawn_on_rank_0(refusals):
+    """random_state=rank trained silently from rank 0's seed, and each rank named its own seed in
+    the checkpoint's identity, so that the job could never resume."""
+    outcomes, _ = refusals
+    _refused(outcomes, "seed-per-rank", "were given different random_state (rank ", "{'random_state': ",
+             "Pass the same random_state on every rank")
+    assert outcomes[0]["seed-none"].startswith("trained ") and outcomes[0]["seed-none"] == outcomes[1]["seed-none"]
+
+
+def test_n_tokens_that_differ_between_ranks_are_refused(refusals):
+    """n_tokens per rank: rank 0 returned a model, rank 1 failed with an unrelated error."""
+    outcomes, _ = refusals
+    _refused(outcomes, "n-tokens-per-rank", "were given different n_tokens (rank ", "the same value on every rank")
+    assert "{'n_tokens': 400}" in outcomes[0]["n-tokens-per-rank"]
+
+
+def test_a_stream_resumes_only_the_checkpoint_of_every_ranks_first_rows(refusals):
+    """A resumable stream without identity() under distributed=True: another dataset's checkpoint
+    was resumed silently (the first rows were left out of the identity); it now starts afresh
+    with the one-process warning, and the same data resumes its own checkpoint."""
+    outcomes, _ = refusals
+    for outcome in outcomes:
+        assert outcome["other-data-checkpointed"].startswith("trained ")
+        assert outcome["other-data-checkpointed"] == outcome["other-data-fresh"]
+        assert outcome["same-data-checkpointed"] == outcome["same-data-fresh"]
+    assert outcomes[0]["other-data-warned"] and not outcomes[0]["same-data-warned"]
+
+
+def test_an_empty_stream_shard_stops_every_rank_at_once_naming_it(refusals):
+    """One batch, two ranks: rank 1 raised a bare "batches is empty" before joining the job, and
+    rank 0 waited at the join for the process group's timeout."""
+    outcomes, seconds = refusals
+    _refused(outcomes, "empty-shard", "the stream shard of rank 1 of 2 yielded no rows",
+             "Start fewer ranks", "every rank's shard gets at least one batch")
+    assert max(seconds[0]["empty-shard"], seconds[1]["empty-shard"]) < 10  # not the 20 s timeout
+
+
+def test_init_process_group_refuses_an_infinite_timeout(monkeypatch):
+    """timeout=inf or 1e15 passed the check and overflowed torch's timedelta (a bare OverflowError)."""
+    from sklearn_jsae.distributed import init_process_group
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for timeout in (float("inf"), 1e15):
+        with pytest.raises(ValueError, match=re.escape(f"timeout={timeout!r} must be a finite number of "
+                                                       f"seconds, at most 1e+08")):
+            init_process_group(timeout=timeout, device="cpu")
+
+
+def test_init_process_group_outside_torchrun_names_what_is_missing(monkeypatch):
+    """The error was the estimator's, telling the caller to call the function it had called."""
+    from sklearn_jsae.distributed import init_process_group
+
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(ValueError) as refused:
+        init_process_group(device="cpu")
+    message = str(refused.value)
+    assert message.startswith("init_process_group(): this process was not started by torchrun (MASTER_PORT not "
+                              "set)")
+    assert "torchrun --nproc-per-node N script.py" in message and "set RANK, WORLD_SIZE" in message
+    assert "call sklearn_jsae.distributed.init_process_group() first" not in message
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("given", ["inf", "1e15"])
+def test_train_refuses_an_infinite_dist_timeout_before_anything_runs(tmp_path, capsys, given):
+    from sklearn_jsae.__main__ import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", "3k", "--dist-timeout", given,
+              "--out", str(tmp_path / "run")])
+    assert stopped.value.code == 2
+    assert (f"argument --dist-timeout: must be a finite number of seconds, at most 1e+08 (about 3 years), "
+            f"got {float(given)}") in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def _free_port():

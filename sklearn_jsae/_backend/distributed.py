@@ -75,17 +75,26 @@ def backend_for(device: str) -> str:
 
 
 def init_default_group(backend: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
-                       device: str = "cpu") -> None:
+                       device: str = "cpu", caller: str = "estimator") -> None:
     """Initialise the default process group from torchrun's environment (``env://``).
 
     ``backend`` None picks it from ``device`` (:func:`backend_for`); with NCCL the rank's CUDA
     device (``device``) becomes the current one, as NCCL requires.  A no-op if it is initialised.
+    ``caller`` words the error outside torchrun: ``"estimator"`` (``distributed=True``) or
+    ``"init_process_group"`` (the public helper, whose user cannot be told to call it first).
     """
     if not dist.is_available():
         raise DistributedTrainingError("this torch build has no torch.distributed; install a build with it.")
     if dist.is_initialized():
         return
     missing = [name for name in _LAUNCH_VARIABLES if name not in os.environ]
+    if missing and caller == "init_process_group":
+        raise ValueError(
+            f"init_process_group(): this process was not started by torchrun ({', '.join(missing)} not "
+            f"set), so there is no job to join. Launch the script with `torchrun --nproc-per-node N "
+            f"script.py`, or set {', '.join(_LAUNCH_VARIABLES)} in the environment (env://) before "
+            f"calling it."
+        )
     if missing:
         raise ValueError(
             f"distributed=True, but this process was not started by torchrun ({', '.join(missing)} not "
@@ -236,6 +245,11 @@ class DataParallel:
         t[self.rank] = int(n)
         return [int(v) for v in self.all_reduce(t, what).tolist()]
 
+    def gather_digests(self, digest: str, what: str) -> list[str]:
+        """Every rank's hex ``digest``, in rank order, on every rank: its first 15 hex digits (60
+        bits) travel as an int64 in :meth:`gather_counts`' all-reduce (no pickling, NCCL too)."""
+        return [f"{value:015x}" for value in self.gather_counts(int(digest[:15], 16), what)]
+
     def gather_object(self, obj, what: str) -> list | None:
         """Every rank's picklable ``obj`` on rank 0, in rank order (None on the others).  The objects
         travel between the job's own processes and are never written to disk as pickles."""
@@ -244,18 +258,28 @@ class DataParallel:
             dist.gather_object(obj, gathered, dst=0)
         return gathered
 
-    def check_same(self, values: dict, what: str) -> None:
+    def check_same(self, values: dict, what: str, fixes: dict | None = None, labels: dict | None = None) -> None:
         """Raise unless every rank passes the same ``values`` (JSON-able), e.g. data fingerprints.
 
-        Compares a 63-bit hash of ``repr(values)`` by an all-reduce of its minimum and maximum."""
-        digest = int(hashlib.sha256(repr(sorted(values.items())).encode()).hexdigest()[:15], 16)
-        t = torch.tensor([digest, -digest], dtype=torch.int64, device=self.device)
+        Compares a 60-bit hash of each value's ``repr`` by one all-reduce of their minima and
+        maxima, so that the error names the values that differ (every rank passes the same keys):
+        by their ``labels`` (default: the key), with ``fixes[key]``, what to do, after.  ``what``
+        names them all, for a failing collective."""
+        names = sorted(values)
+        digests = [int(hashlib.sha256(repr(values[name]).encode()).hexdigest()[:15], 16) for name in names]
+        t = torch.tensor(digests + [-d for d in digests], dtype=torch.int64, device=self.device)
         self.all_reduce(t, f"checking {what}", op=dist.ReduceOp.MIN)
-        if int(t[0]) != -int(t[1]):
+        n = len(names)
+        differ = [name for i, name in enumerate(names) if int(t[i]) != -int(t[n + i])]
+        if differ:
+            labels, fixes = labels or {}, fixes or {}
+            advice = "".join(f" {fixes[name]}" for name in differ if name in fixes)
+            held = {name: values[name] for name in differ}
             raise ValueError(
-                f"distributed=True: the ranks of this job were given different {what} "
-                f"(rank {self.rank} has {values}). Every rank must call fit with the same X, mlp and "
-                f"settings (the same memmap, say): each rank reads only its share of every batch."
+                f"distributed=True: the ranks of this job were given different "
+                f"{', '.join(labels.get(name, name) for name in differ)} (rank {self.rank} has {held}). "
+                f"Every rank must call fit with the same X, mlp and settings (the same memmap, say): each "
+                f"rank reads only its share of every batch.{advice}"
             )
 
     def agree(self, value: int, what: str) -> tuple[int, int]:
