@@ -15,9 +15,12 @@ A checkpoint gathers every rank's stream state and pending rows into rank 0's on
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
+
+from ._validation import MIN_STEPS
 
 
 def _unpack(chunk, number: int):
@@ -142,11 +145,23 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int | None 
             continue
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    if n_statistics < 2:  # the scales are a spread: one row has none (scale 1, then a warning blaming X)
+        raise ValueError(f"n_statistics={n_statistics}: the data scales are measured on the first n_statistics "
+                         f"rows, and one row has no spread; pass at least 2 (the default, 16384, measures them "
+                         f"well).")
     stream = _Stream(estimator, batches)
     # A warm start keeps the fitted model's features: the first batch is checked against them.
     warm = estimator.warm_start and estimator.__sklearn_is_fitted__()
     n_tokens = estimator.n_tokens
     n_steps = total_steps(n_tokens, estimator.batch_size)
+    if n_steps is not None and n_steps < MIN_STEPS:  # as fit warns: a stream's length is its n_tokens
+        from sklearn.exceptions import ConvergenceWarning
+
+        warnings.warn(
+            f"this fit runs only {n_steps} optimiser steps (n_tokens={n_tokens}, batch_size="
+            f"{estimator.batch_size}); below {MIN_STEPS} steps the SAEs are usually far from converged (score "
+            f"well below its plateau). Use batch_size<={max(1, n_tokens // MIN_STEPS)} or stream more tokens.",
+            ConvergenceWarning, stacklevel=3)
 
     # The first rows: they fix the data scales and probe the MLP, and are trained on after.
     while stream.n_pending < n_statistics and stream.read(reset=not warm and stream.n_pending == 0):
@@ -188,8 +203,6 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int | None 
             used, rows = restored
             tail.add(rows)
         elif not stream.resumable():  # say so now, not when a killed run is restarted
-            import warnings
-
             why = stream.resume_problem() or (
                 f"this stream ({type(batches).__name__}) has no state_dict/load_state_dict")
             fix = ("" if stream.resume_problem() else " Stream with sklearn_jsae.hf.ActivationStream, or any "
@@ -239,8 +252,6 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int | None 
         raise CheckpointError("the checkpoint is already at the end of this stream: nothing left to train.") \
             if checkpoint is not None else ValueError("batches produced no rows to train on.")
     if n_tokens is not None and used < n_tokens:
-        import warnings
-
         warnings.warn(f"the stream ended after {used} tokens, before n_tokens={n_tokens}; the schedule "
                       f"did not finish its decay.", UserWarning, stacklevel=3)
     estimator._trainer = None

@@ -755,3 +755,30 @@ def test_the_last_rows_ring_equals_concatenating_and_slicing(size, batches, seed
         plain = np.concatenate([plain, rows])[len(plain) + n - min(len(plain) + n, size):]
         np.testing.assert_array_equal(ring.rows(), plain)
         assert ring.rows().dtype == np.float32 and ring.rows().shape == (min(size, len(plain)), 3)
+
+
+@pytest.mark.parametrize("Estimator", [JacobianSparseAutoencoder, TopKSparseAutoencoder])
+def test_n_statistics_of_one_row_is_refused(Estimator):
+    """One row has no spread: the scale fell back to 1 and the warning (or a step-0 divergence) blamed X."""
+    X = np.random.default_rng(0).normal(size=(64, 5)).astype(np.float32)
+    est = Estimator(n_components=16, k=2, batch_size=16, device="cpu", random_state=0)
+    with pytest.raises(ValueError, match=r"n_statistics=1: .*one row has no spread; pass at least 2"):
+        est.fit_stream([X], n_statistics=1)
+    assert not hasattr(est, "n_iter_")
+    est.fit_stream([X], n_statistics=2)
+
+
+@pytest.mark.parametrize("n_tokens, warns", [(300, True), (64 * 100, False), (None, False)])
+def test_a_stream_fit_of_few_steps_warns_as_fit_does(n_tokens, warns):
+    from sklearn.exceptions import ConvergenceWarning
+
+    X = np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)
+    est = TopKSparseAutoencoder(n_components=16, k=2, batch_size=64, device="cpu", random_state=0, n_tokens=n_tokens)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est.fit_stream([X])
+    few = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+    assert bool(few) == warns
+    if warns:
+        assert "runs only 5 optimiser steps (n_tokens=300, batch_size=64)" in str(few[0].message)
+        assert "batch_size<=3" in str(few[0].message)
