@@ -122,12 +122,17 @@ def write_atomically(path, write) -> str:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot write {path!r}: the folder {folder!r} does not exist; create it first "
                                 f"(os.makedirs) or pass a path in an existing folder.")
+    from ._backend.files import give_default_mode
+
     handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(handle)
     try:
         write(temporary)
         with open(temporary, "rb+") as f:
             os.fsync(f.fileno())
+        # After the write: mkstemp's 0600 (which safetensors' writer also sets) would leave the file
+        # unreadable to the owner's group.
+        give_default_mode(temporary)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -751,3 +751,26 @@ def test_deepcopy_and_clone_still_work(gelu_jsae):
         twin = copy.deepcopy(model)
     assert_same_outputs(model, twin, X)
     assert not hasattr(clone(model), "input_sae_")
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_saved_files_get_the_mode_open_would_give_them(tmp_path, mask):
+    """mkstemp creates 0600 files and the rename kept it: a model, an export or a checkpoint written on
+    a shared cluster was unreadable to the owner's group whatever the umask."""
+    import stat
+
+    from sklearn_jsae import TopKSparseAutoencoder
+    from sklearn_jsae._backend.checkpoint import checkpoint_paths
+    from sklearn_jsae.interop import to_saelens
+
+    X = np.random.default_rng(0).normal(size=(64, 5)).astype(np.float32)
+    previous = os.umask(mask)
+    try:
+        sae = TopKSparseAutoencoder(n_components=8, k=2, max_iter=1, batch_size=32, random_state=0,
+                                    checkpoint_dir=tmp_path / "ckpt").fit(X)
+        written = [sae.save(tmp_path / "sae.safetensors"), *checkpoint_paths(tmp_path / "ckpt"),
+                   *(str(p) for p in Path(to_saelens(sae, tmp_path / "export")).iterdir())]
+    finally:
+        os.umask(previous)
+    for path in written:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask, path

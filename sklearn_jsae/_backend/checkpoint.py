@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ..exceptions import CheckpointError  # noqa: F401  (raised here; public in sklearn_jsae.exceptions)
+from .files import give_default_mode
 
 FORMAT = "sklearn_jsae.checkpoint"
 # Version 2 adds the digest (metadata key DIGEST); version 1 files, without one, are still read.
@@ -409,6 +410,7 @@ class Checkpointer:
             save_file(tensors, temporary, metadata=metadata)
             with open(temporary, "rb+") as f:
                 os.fsync(f.fileno())
+            give_default_mode(temporary)  # after the write: safetensors (and mkstemp) leave it 0600
             os.replace(temporary, self.path)
         finally:
             if os.path.exists(temporary):

@@ -1,0 +1,34 @@
+"""The permissions of the files this package writes through a temporary (atomic) file.
+
+``tempfile.mkstemp`` creates its file readable by its owner alone (0600), whatever the umask, and
+the rename keeps that: a model, an export or a checkpoint written on a shared cluster could not be
+read by the owner's group, as a file written with ``open`` (0666 less the umask) can.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+_UMASK_LOCK = threading.Lock()
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux's
+    ``/proc/self/status``); elsewhere set and put back at once, under a lock."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def give_default_mode(path: str) -> None:
+    """Give ``path`` the mode ``open`` would have given a new file (0666 less the umask)."""
+    os.chmod(path, 0o666 & ~umask())
