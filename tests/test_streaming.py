@@ -784,3 +784,21 @@ def test_a_stream_fit_of_few_steps_warns_as_fit_does(n_tokens, warns):
     if warns:
         assert "runs only 5 optimiser steps (n_tokens=300, batch_size=64)" in str(few[0].message)
         assert "batch_size<=3" in str(few[0].message)
+
+
+@pytest.mark.parametrize("tty, interval", [(True, 0.1), (False, 30.0)])
+def test_the_progress_bar_redraws_rarely_into_a_log(monkeypatch, tty, interval):
+    """With stderr redirected to a file the bar wrote an update several times a second (18 KB in
+    24 s of a CLI run); a terminal keeps tqdm's usual rate."""
+    import io
+
+    from sklearn_jsae._backend.train import progress_bar
+
+    stream = io.StringIO()
+    stream.isatty = lambda: tty
+    monkeypatch.setattr(sys, "stderr", stream)
+    bar = progress_bar(10, 0, True)
+    try:
+        assert bar.mininterval == interval
+    finally:
+        bar.close()

@@ -404,9 +404,17 @@ def progress_bar(total: int | None, initial: int, enabled: bool, unit: str = "st
     """A tqdm bar over steps (live loss terms and tokens/s set by the caller), or None when off."""
     if not enabled:
         return None
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True, leave=True)
+    # Into a log file (stderr not a terminal) every redraw is a new line's worth of bytes: several
+    # a second, megabytes per hour of a long run.  There, one line every 30 s; a terminal and a
+    # notebook's widget (tqdm.auto picks tqdm.notebook there) keep tqdm's rate.
+    notebook = any(cls.__module__.startswith("tqdm.notebook") for cls in tqdm.__mro__)
+    interactive = notebook or bool(getattr(sys.stderr, "isatty", lambda: False)())
+    return tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True, leave=True,
+                mininterval=0.1 if interactive else 30.0)
 
 
 def show_step(bar, trainer, values: dict, rows: int) -> None:
