@@ -4,15 +4,22 @@ compare them (see :mod:`sklearn_jsae._main_job`; ``python -m sklearn_jsae --help
 ``python -m sklearn_jsae evaluate [...]`` runs the paper-style evaluation instead
 (see ``python -m sklearn_jsae evaluate --help``), and ``python -m sklearn_jsae train [...]`` a long,
 resumable run streamed from a model (see ``python -m sklearn_jsae train --help``).
+
+Output piped into a reader that stops early (``| head``) ends the command quietly with status 1
+(Python's own recipe for a closed pipe); Ctrl-C ends it with one line on stderr and status 130
+(``train``'s line says how to resume).
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import sys
 
+COMMANDS = ("evaluate", "train")
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+
+def _dispatch(argv):
     if argv and argv[0] == "evaluate":
         from ._evaluate import main as evaluate
 
@@ -21,9 +28,40 @@ def main(argv=None):
         from ._cli_train import main as train
 
         return train(argv[1:])
+    if argv and not argv[0].startswith("-"):
+        # The main job takes no positional argument: a bare word first is a command, mistyped
+        # (argparse alone would answer "unrecognized arguments", naming no command).
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        print(f"python -m sklearn_jsae: error: unknown command {argv[0]!r}; {hint}the commands are "
+              f"{' and '.join(COMMANDS)} (none: the main job; python -m sklearn_jsae --help)", file=sys.stderr)
+        return 2
     from ._main_job import main as main_job
 
     return main_job(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        try:
+            return _dispatch(argv)
+        finally:
+            # Flushed here, inside the try: a reader that closed the pipe (| head) otherwise
+            # raises at the interpreter's exit, past any handler ("Exception ignored ...").
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Python's recipe (the signal module's docs, "Note on SIGPIPE"): point stdout at devnull
+        # so that the exit's own flush does not raise again, and exit 1.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # in-process, stdout captured: nothing to redirect
+            pass
+        return 1
+    except KeyboardInterrupt as interrupt:
+        # One line, not the traceback of wherever the fit was; train's says how to resume.
+        print(f"\n{str(interrupt) or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def parse_count(text: str) -> int:
     number = value[:-1] if value[-1:] in _SUFFIXES else value
     try:
         count = int(float(number) * factor)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: inf, 1e400 (int() of an infinite float)
         raise argparse.ArgumentTypeError(f"{text!r} is not a token count (e.g. 4096, 250k, 10M)") from None
     if count < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
@@ -168,11 +168,12 @@ def check_estimator_options(parser: argparse.ArgumentParser, params: dict,
             parser.error(str(exc))
         name = named.group(1)
         parser.error(f"argument {options.get(name, '--' + name.replace('_', '-'))}: {exc}")
-    try:
-        check_k(estimator.k, estimator.n_components)
-        resolve_device(estimator.device)
-    except ValueError as exc:
-        parser.error(str(exc))
+    for option, check in ((options.get("k", "--k"), lambda: check_k(estimator.k, estimator.n_components)),
+                          (options.get("device", "--device"), lambda: resolve_device(estimator.device))):
+        try:
+            check()
+        except ValueError as exc:
+            parser.error(f"argument {option}: {exc}")
 
 
 def _nearest_existing(path: str) -> Path:
@@ -263,23 +264,32 @@ def load_model(name: str, causal_lm: bool = False, dtype: str | None = None):
         if not os.path.isdir(name):
             raise SystemExit(f"SmolLM2 is not in {root}: run `bash scripts/install_test_models.sh` first.")
     path = Path(name)
+    # The file itself, not the folder a .gguf file is read from (an existing folder passed for a
+    # missing file, and transformers' traceback followed).
+    if not path.exists():
+        raise SystemExit(f"--model {name!r}: no such folder or file (models are never downloaded here).")
     kwargs = {"local_files_only": True}  # models are never downloaded here
     if path.suffix == ".gguf":
         path, kwargs = path.parent, {**kwargs, "gguf_file": path.name}
-    if not path.exists():
-        raise SystemExit(f"--model {name!r}: no such folder or file (models are never downloaded here).")
-    loader = transformers.AutoModel
-    if causal_lm:
-        config = transformers.AutoConfig.from_pretrained(path, **kwargs)
-        if any(architecture.endswith("ForCausalLM") for architecture in getattr(config, "architectures", None) or ()):
-            loader = transformers.AutoModelForCausalLM
-    if dtype is not None:
-        import torch
+    try:
+        loader = transformers.AutoModel
+        if causal_lm:
+            config = transformers.AutoConfig.from_pretrained(path, **kwargs)
+            if any(architecture.endswith("ForCausalLM")
+                   for architecture in getattr(config, "architectures", None) or ()):
+                loader = transformers.AutoModelForCausalLM
+        if dtype is not None:
+            import torch
 
-        kwargs["dtype"] = getattr(torch, dtype)
-    model = loader.from_pretrained(path, **kwargs).eval()
-    kwargs.pop("dtype", None)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, **kwargs)
+            kwargs["dtype"] = getattr(torch, dtype)
+        model = loader.from_pretrained(path, **kwargs).eval()
+        kwargs.pop("dtype", None)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:  # an empty folder, a file that is no model: transformers' traceback
+        raise SystemExit(f"--model {name!r} cannot be read as a model ({type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}); give a Hugging Face "
+                         f"model folder (config.json, the weights and the tokenizer's files), a .gguf file, 'minilm' "
+                         f"or 'smollm2'.") from exc
     return model, tokenizer
 
 
@@ -341,19 +351,29 @@ def _model_device(device: str, distributed: bool) -> str:
     return rank_device(device, resolved) if distributed else resolved
 
 
-# Options that do not change what a run trains: a run resumes with other values of these.
-_RUN_INDEPENDENT = ("quiet", "checkpoint_every", "dist_timeout")
+# Options that do not change what a run trains: a run resumes with other values of these.  (--out
+# is the folder itself, however it is spelled: run2, run2/, ./run2 or its absolute path.)
+_RUN_INDEPENDENT = ("quiet", "checkpoint_every", "dist_timeout", "out")
+# Paths compared as paths: corpus.txt and ./corpus.txt name the same file.
+_PATH_OPTIONS = ("model", "texts")
 
 
-def _check_same_run(out: Path, args) -> None:
+def _same_value(name: str, before, now) -> bool:
+    if name in _PATH_OPTIONS and isinstance(before, str) and isinstance(now, str):
+        return os.path.normpath(before) == os.path.normpath(now)
+    return before == now
+
+
+def _check_same_run(out: Path, args, finished: bool = False) -> None:
     """Refuse to resume a run folder whose checkpoint a run with other options wrote.  (The estimator
     would start that fit afresh next to the first one's checkpoint, and the folder's config, model
     and summary would then mix two runs.)  A run that stopped before its first checkpoint (a wrong
-    --model, say) left nothing to resume: any options may start afresh there."""
+    --model, say) left nothing to resume: any options may start afresh there.  A ``finished`` run
+    (its summary written) is compared too: its summary is not what other options would give."""
     from ._backend.checkpoint import checkpoint_paths
 
     config = out / "config.json"
-    if not config.exists() or not checkpoint_paths(out / "checkpoint"):
+    if not config.exists() or not (finished or checkpoint_paths(out / "checkpoint")):
         return
     try:
         started = json.loads(config.read_text())
@@ -366,10 +386,14 @@ def _check_same_run(out: Path, args) -> None:
     now = json.loads(json.dumps(vars(args)))
     # Options newer than the run's config are not compared: their defaults are what it ran with.
     changed = sorted(name for name in set(started) & set(now)
-                     if name not in _RUN_INDEPENDENT and started[name] != now[name])
+                     if name not in _RUN_INDEPENDENT and not _same_value(name, started[name], now[name]))
     if changed:
         listed = ", ".join(f"--{name.replace('_', '-')} {started.get(name)!r} -> {now.get(name)!r}"
                            for name in changed)
+        if finished:
+            raise SystemExit(f"{out} holds a finished run with other options ({listed}); its summary is not "
+                             f"this command's: give this run another --out (the same command prints that "
+                             f"run's summary).")
         raise SystemExit(f"{out} holds a run started with other options ({listed}); run the same command "
                          f"to resume it, or give this run another --out.")
 
@@ -387,34 +411,76 @@ def _job(args) -> tuple[int, int, bool]:
 
 
 def main(argv=None) -> int:
-    from . import JacobianSparseAutoencoder
-    from .hf import ActivationStream, harvest, mlp_of
-    from ._evaluate import _evaluate_model
-    from .metrics import fraction_variance_unexplained, spliced_ce_score
-
     args = _parse(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "summary.json"
+    # Before the finished run's summary is shown: a rerun with other options printed the old
+    # summary and exited 0, as if it had run what it was asked.
+    _check_same_run(out, args, finished=summary_path.exists())
     if summary_path.exists():
         print(f"{out} already holds a finished run:\n{summary_path.read_text()}")
         return 0
-    _check_same_run(out, args)
     _check_texts(args.texts)
+    try:
+        return _run(args, out, summary_path)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_interrupted(out)) from None
+
+
+def _interrupted(out: Path) -> str:
+    """What Ctrl-C prints (:func:`sklearn_jsae.__main__.main`): how to go on, not a traceback."""
+    from ._backend.checkpoint import checkpoint_paths
+
+    if checkpoint_paths(out / "checkpoint"):
+        return f"interrupted; run the same command to resume from {out}"
+    return f"interrupted before the first checkpoint; run the same command to start again in {out}"
+
+
+def _usage_error(message: str):
+    """Exit status 2, as argparse's usage errors, in one line (the usage text says nothing here)."""
+    _parser().exit(2, f"python -m sklearn_jsae train: error: {message}\n")
+
+
+def _check_corpus(texts: str, spec: str, held_out: int) -> None:
+    """A usage error when no text is left to train on (an empty corpus, or every text held out):
+    the fit would stop in a traceback ("batches is empty"), after the model loaded."""
+    from .hf._corpus import texts_of_file
+
+    n = sum(1 for _ in itertools.islice(texts_of_file(texts), held_out + 1))  # reads at most held_out + 1
+    if n == 0:
+        _usage_error(f"--texts {spec!r} holds no text (an empty file, or only blank lines); give a corpus "
+                     f"with text in it.")
+    if n <= held_out:
+        _usage_error(f"all {n} texts of --texts {spec!r} are held out for the summary (--held-out-texts "
+                     f"{held_out}): none is left to train on; lower --held-out-texts below {n} or give more texts.")
+
+
+def _run(args, out: Path, summary_path: Path) -> int:
+    """The run itself, once the options are checked and the folder is known to be this run's."""
+    from . import JacobianSparseAutoencoder
+    from ._evaluate import _evaluate_model
+    from .hf import ActivationStream, harvest, mlp_of
+    from .metrics import fraction_variance_unexplained, spliced_ce_score
+
+    try:  # before the model loads: a corpus with nothing to train on, a folder without corpus files
+        texts = _texts(args.texts, out)
+        _check_corpus(texts, args.texts, args.held_out_texts)
+    except ValueError as exc:
+        _usage_error(str(exc))
     rank, world_size, distributed = _job(args)
     model, tokenizer = load_model(args.model, causal_lm=True, dtype=args.model_dtype)
     model.to(_model_device(args.device, distributed))  # the stream runs it where the JSAE trains
     try:  # a --layer the model does not have, or options the stream refuses: before the run's config is written
         mlp = mlp_of(model, args.layer)
         _check_max_length(model, args.max_length)
-        texts = _texts(args.texts, out)
         stream = ActivationStream(model, args.layer, texts, tokenizer=tokenizer,
                                   batch_size=-(-args.batch_size // world_size), buffer_size=args.buffer_size,
                                   max_length=args.max_length, seed=args.seed, skip_texts=args.held_out_texts,
                                   sequences_per_forward=args.sequences_per_forward,
                                   rank=rank, world_size=world_size, pack=args.pack)
     except ValueError as exc:
-        raise SystemExit(f"python -m sklearn_jsae train: error: {exc}") from None
+        _usage_error(str(exc))
     if rank == 0:
         (out / "config.json").write_text(json.dumps(vars(args), indent=2))
     chosen = (("l1", args.l1), ("learning_rate", args.learning_rate), ("penalty", args.penalty))

