@@ -194,7 +194,8 @@ def test_token_counts_and_bad_arguments(tmp_path, capsys, monkeypatch):
     (["--max-length", "0"], "argument --max-length: must be >= 1, got 0"),
     (["--buffer-size", "0"], "argument --buffer-size: must be >= 1, got 0"),
     (["--sequences-per-forward", "-2"], "argument --sequences-per-forward: must be >= 1, got -2"),
-    (["--held-out-texts", "-1"], "argument --held-out-texts: must be >= 0, got -1"),
+    (["--held-out-texts", "-1"], "argument --held-out-texts: must be >= 1, got -1"),
+    (["--held-out-texts", "0"], "argument --held-out-texts: must be >= 1, got 0"),  # the summary needs them
     (["--dist-timeout", "0"], "argument --dist-timeout: must be a positive number of seconds, got 0.0"),
     (["--seed", "-1"], "argument --seed: The 'random_state' parameter of JacobianSparseAutoencoder must be "
                        "an int in the range [0, 4294967295]"),
