@@ -101,12 +101,16 @@ def _cached_mlp_pass(memory):
         device_type = next((b.device.type for b in mlp_map.buffers()), "cpu")
         args = (X, kind, buffers, float(scale_x), scale_y, device_type, _library_version())
         entry = cached.call_and_shelve(*args, mlp_map=mlp_map)
-        result = entry.get()
-        problem = _cached_pass_problem(result, X.shape[0])
+        try:
+            result = entry.get()
+        except Exception as exc:  # noqa: BLE001 -- an entry that no longer unpickles (cut short, ...)
+            result, problem = None, f"cannot be read ({type(exc).__name__})"
+        else:
+            problem = _cached_pass_problem(result, X.shape[0])
         if problem is not None:
-            # joblib checks that an entry unpickles, not what it holds: a damaged one (a flipped bit
-            # made an output inf, and the fit "diverged" blaming learning_rate; a low bit changed the
-            # model silently) would be read by every later fit.  It is computed again.
+            # What an entry holds is not checked by joblib here (call_and_shelve reads it only at
+            # get()): a damaged one (cut short; a flipped bit made an output inf, and the fit
+            # "diverged" blaming learning_rate) would fail every later fit.  It is computed again.
             warnings.warn(f"the memory cache's MLP pass for this X {problem}; it is computed again "
                           f"(in {getattr(memory, 'location', memory)!r}).", UserWarning, stacklevel=4)
             entry.clear()
@@ -134,7 +138,9 @@ def _cached_pass_problem(result, n_rows: int) -> str | None:
     if not (np.isfinite(result.scale_y) and result.scale_y > 0):
         return f"has an output scale of {result.scale_y}"
     for name, value in arrays.items():
-        if not np.isfinite(value).all():
+        # A memory-mapped entry (joblib.Memory(mmap_mode="r")) is not scanned: that would read the
+        # whole pass through its mapping; training checks the rows it reads.
+        if not isinstance(value, np.memmap) and not np.isfinite(value).all():
             return f"holds NaN or inf in its {name}"
     return None
 
@@ -735,8 +741,8 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         from ._backend.inference import iter_jacobian_blocks
 
         return iter_jacobian_blocks(
-            self._mlp_map, self.input_sae_._params(), self.output_sae_._params(), X, self.input_sae_.k,
-            _inference_device(self),
+            self._mlp_map, self.input_sae_._params(), self.output_sae_._params(), X,
+            self.input_sae_._encoding_k(), _inference_device(self),
         )
 
     def _mean_abs_jacobian(self, X):
@@ -755,8 +761,8 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         """Output-side ``(values, indices)`` (n, k) of the true outputs, for validated X."""
         from ._backend.inference import encode_rows
 
-        return encode_rows(self.output_sae_._params(), X, self.output_sae_.k, _inference_device(self),
-                           _INFERENCE_BATCH, mlp_map=self._mlp_map)
+        return encode_rows(self.output_sae_._params(), X, self.output_sae_._encoding_k(),
+                           _inference_device(self), _INFERENCE_BATCH, mlp_map=self._mlp_map)
 
     def _mlp_outputs(self, X):
         from ._backend.inference import map_rows

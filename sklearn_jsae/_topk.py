@@ -628,6 +628,8 @@ def _sparse_torch_as_scipy(codes):
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(codes, torch.Tensor) or codes.layout == torch.strided or codes.ndim != 2:
         return codes
+    if codes.is_complex():  # refused as a dense complex tensor is, not cast (the imaginary part dropped)
+        return codes
     coo = codes.detach().to("cpu").to_sparse_coo().coalesce()
     values = coo.values()
     values = values.to(torch.float64 if values.dtype == torch.float64 else torch.float32).numpy()

@@ -491,3 +491,28 @@ def test_a_float64_store_beyond_float32_range_is_named_as_such(tmp_path, X, Esti
                                                      r"range, 3.4e\+38.*on 1 of rows 0-\d+ of X \(first: \[3\]\)\. "
                                                      r"Remove, repair or rescale"):
         Estimator(**SMALL).fit(np.load(path, mmap_mode="r"))
+
+
+@pytest.mark.parametrize("side", ["input_sae_", "output_sae_"])
+@pytest.mark.parametrize("k", [0, 2.0])
+def test_a_jsae_side_with_a_bad_k_is_refused_on_every_path(X, mlp, side, k):
+    """``_encoding_k`` checked a TopK SAE's k in transform and score, but a JSAE's transform_output,
+    jacobian and metrics read its sides' k unchecked (k=0: empty codes or a ZeroDivisionError)."""
+    from sklearn_jsae.metrics import intervention_agreement, linearity
+
+    jsae = JacobianSparseAutoencoder(mlp, **SMALL).fit(X)
+    getattr(jsae, side).set_params(k=k)
+    calls = [lambda rows: intervention_agreement(jsae, rows), lambda rows: linearity(jsae, rows, n_samples=2)]
+    # the Jacobian's blocks take the pair's one k from the input side
+    calls += [jsae.transform, jsae.jacobian] if side == "input_sae_" else [jsae.transform_output]
+    for call in calls:
+        with pytest.raises(ValueError, match=rf"k={k!r} must be an int >= 1"):
+            call(X[:8])
+
+
+def test_a_complex_sparse_tensor_is_refused_by_inverse_transform(X):
+    est = TopKSparseAutoencoder(**{**SMALL, "sparse_output": False}).fit(X)
+    codes = torch.from_numpy(est.transform(X[:4])).to(torch.complex64)
+    for tensor in (codes.to_sparse(), codes.to_sparse_csr(), codes):
+        with pytest.raises(ValueError, match=r"X is a complex torch tensor"):
+            est.inverse_transform(tensor)

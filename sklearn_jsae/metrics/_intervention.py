@@ -64,7 +64,8 @@ def intervention_agreement(estimator, X, *, delta=1.0, tol=0.1, return_details=F
     keep = {"jacobian": [], "observed": [], "output_latent": [], "input_latent": []}
     for J, observed, idx_y, idx_x in unit_interventions(
         estimator._mlp_map, estimator.input_sae_._params(), estimator.output_sae_._params(),
-        estimator.input_sae_.k, estimator.output_sae_.k, X, delta, _inference_device(estimator), batch_size,
+        estimator.input_sae_._encoding_k(), estimator.output_sae_._encoding_k(), X, delta,
+        _inference_device(estimator), batch_size,
     ):
         agree += int(np.count_nonzero(np.abs(observed - delta * J) <= tol))
         total += J.size

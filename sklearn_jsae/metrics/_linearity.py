@@ -161,7 +161,7 @@ def linearity(estimator, X, *, n_samples=256, n_pairs=None, n_points=100, sweep_
     if n_points < 2:
         raise ValueError(f"n_points must be >= 2 to fit a line, got {n_points}.")
     # the fitted k: estimator.k is the constructor parameter, which set_params may have changed since
-    n_pairs = estimator.input_sae_.k if n_pairs is None else _check_positive_int(n_pairs, "n_pairs")
+    n_pairs = estimator.input_sae_._encoding_k() if n_pairs is None else _check_positive_int(n_pairs, "n_pairs")
     sweep_min = _check_positive_real(sweep_min, "sweep_min")
     sweep_pad = _check_positive_real(sweep_pad, "sweep_pad", allow_zero=True)
     tol = _check_positive_real(tol, "tol")
@@ -194,7 +194,7 @@ def linearity(estimator, X, *, n_samples=256, n_pairs=None, n_points=100, sweep_
     grid = np.linspace(0.0, 1.0, n_points)[None, :] * upper[:, None]
     curves = sweep_curves(
         estimator._mlp_map, estimator.input_sae_._params(), estimator.output_sae_._params(),
-        estimator.output_sae_.k, Xs[sample], current, in_latent, out_latent, grid,
+        estimator.output_sae_._encoding_k(), Xs[sample], current, in_latent, out_latent, grid,
         device=_inference_device(estimator),
     )
     labels = classify_curves(grid, curves, tol)

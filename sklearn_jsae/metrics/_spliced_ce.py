@@ -124,8 +124,8 @@ def spliced_ce_score(model, layer, estimator, input_ids, *, attention_mask=None,
             f"is {d_model}; pass the JSAE trained on this model's layer-{layer} MLP inputs."
         )
     ce = spliced_cross_entropies(
-        model, input_module, output_module, estimator.input_sae_._params(), estimator.input_sae_.k,
-        estimator.output_sae_._params(), estimator.output_sae_.k, ids, mask, batch_size,
+        model, input_module, output_module, estimator.input_sae_._params(), estimator.input_sae_._encoding_k(),
+        estimator.output_sae_._params(), estimator.output_sae_._encoding_k(), ids, mask, batch_size,
     )
     scores = {f"ce_{name}": ce[name] for name in ("clean", "zero_input", "zero_output", "input", "output")}
     scores["ce_zero"] = ce["zero_output"]
