@@ -22,7 +22,8 @@ _INFERENCE_BATCH = 4096
 
 def _keep_state_on_error(fit):
     """Run ``fit`` with gradients on; on any error or interrupt restore the estimator's previous
-    ``__dict__``, so that a failed fit never leaves a half-fitted estimator or damages a fitted one.
+    ``__dict__``, so that a failed fit never leaves a half-fitted estimator or damages a fitted one
+    (nor advances a ``RandomState`` passed as ``random_state``).
 
     Training differentiates its loss, so a caller's ``torch.no_grad()`` or ``inference_mode()``
     (left around the code that produced X, or an MLP callable that itself fits) is lifted for the
@@ -32,12 +33,18 @@ def _keep_state_on_error(fit):
         import torch
 
         snapshot = dict(self.__dict__)
+        # A RandomState random_state is advanced by the fit's draw: put back on failure, a rerun
+        # draws the same seed, so it resumes the failed fit's checkpoint (the seed is its identity).
+        random_state = self.random_state if isinstance(self.random_state, np.random.RandomState) else None
+        drawn_from = None if random_state is None else random_state.get_state()
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 return fit(self, *args, **kwargs)
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(snapshot)
+            if random_state is not None:
+                random_state.set_state(drawn_from)
             raise
 
     wrapper.__name__, wrapper.__doc__, wrapper.__wrapped__ = fit.__name__, fit.__doc__, fit

@@ -511,6 +511,22 @@ def test_fits_drawing_from_one_random_state_are_distinct_fits_and_a_rerun_resume
     assert len(checkpoint_paths(tmp_path)) == 2
 
 
+def test_an_interrupted_random_state_fit_run_again_in_the_session_resumes(X, mlp, tmp_path, monkeypatch):
+    """The seed a RandomState draws is a fit's identity, and the failed fit had advanced it: the
+    rerun drew another seed and started afresh beside the interrupted checkpoint."""
+    state = np.random.RandomState(0)
+    before = state.get_state()[1].copy()
+    est = _checkpointed(X, mlp, tmp_path, random_state=state)
+    _interrupt_at(monkeypatch, [13])
+    with pytest.raises(_Interrupt):
+        est.fit(X)
+    np.testing.assert_array_equal(state.get_state()[1], before)  # not advanced by the failed fit
+    resumed = est.fit(X)
+    assert len(checkpoint_paths(tmp_path)) == 1
+    alone = JacobianSparseAutoencoder(mlp, **{**SETTINGS, "random_state": np.random.RandomState(0)}).fit(X)
+    _assert_same_model(resumed, alone)
+
+
 def test_fits_of_other_seeds_do_not_resume_each_others_checkpoints(X, mlp, tmp_path):
     """A seed study sharing one folder: seed 1 resumed seed 0's finished checkpoint and returned
     seed 0's model."""
