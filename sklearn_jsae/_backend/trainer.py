@@ -259,20 +259,21 @@ class Trainer:
         if gradients_finite:
             return _non_finite(self.step_count, "an SAE parameter is NaN or inf after the update",
                                f"learning_rate={config.learning_rate:g} is too large for this data; lower it.")
-        heavy = self._heavy_weight()
-        if heavy is not None:
-            cause = f"{heavy} so heavily that its gradient overflows; lower it."
-        elif self.pair and config.l1 > 0:
+        if self.pair and config.l1 > 0 and config.l1 >= config.aux_coef:
             cause = (f"l1={config.l1:g} weighs the Jacobian penalty so heavily that its gradient overflows; "
                      f"lower l1.")
+        elif config.aux_coef > 1:
+            cause = (f"aux_coef={config.aux_coef:g} weighs the AuxK loss so heavily that its gradient overflows; "
+                     f"lower it.")
         else:
             cause = "a reconstruction term's gradient overflows: X holds extreme values; check or rescale X."
         return _non_finite(self.step_count, "a gradient is NaN or inf (the loss was finite)", cause)
 
     def _heavy_weight(self) -> str | None:
         """The largest loss weight above 1 (``l1`` of the penalty, ``aux_coef`` of AuxK) as "<name>=<value>
-        weighs <its term>", or None: a weight of 1e36 overflows float32 where the terms it weighs do not
-        (and aux_coef times a zero AuxK term at inf is NaN before any latent is dead)."""
+        weighs <its term>", or None: when every term is finite and the loss is not, only a weight can
+        have overflowed float32 (a weight of 1e39 is inf in float32, and inf times a zero AuxK term is
+        NaN before any latent is dead)."""
         config = self.config
         weights = [(config.aux_coef, "aux_coef", "the AuxK loss")]
         if self.pair:
@@ -316,8 +317,8 @@ class Trainer:
             raise _non_finite(self.step_count, "the loss is NaN or inf while each of its terms is finite",
                               f"{heavy} so heavily that the weighted sum overflows float32; lower it.")
         if not self.optimiser.steps:  # no update yet: the learning rate has done nothing
-            cause = (f"{heavy} so heavily that it overflows float32; lower it." if heavy is not None else
-                     "the starting model's loss on this data overflows: X or the mlp's outputs hold extreme "
+            # (a term itself is NaN or inf here, so no weight is to blame: lowering it cannot help)
+            cause = ("the starting model's loss on this data overflows: X or the mlp's outputs hold extreme "
                      "values; check or rescale them.")
         else:
             cause = (f"learning_rate={self.config.learning_rate:g} too large, or data with extreme outliers; "
