@@ -260,31 +260,33 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int | None 
 
 
 class _LastRows:
-    """The last ``size`` rows added, in order, kept in a preallocated ring (for ``jacobian_``).
+    """The last ``size`` rows added, in order (for ``jacobian_``).
 
     Concatenating each batch onto them and slicing copied all of them at every step: 50 ms per
-    step for 65,536 rows of d = 1,024, an hour over the paper's 73,000 steps."""
+    step for 65,536 rows of d = 1,024, an hour over the paper's 73,000 steps.  Here the batches are
+    kept as they come and cut back to the last ``size`` rows once they hold twice that: each row is
+    copied at most about twice, and memory is at most twice ``size`` rows plus a batch (and only
+    what the stream gave: a ``jacobian_rows`` far beyond the stream's length allocates nothing)."""
 
     def __init__(self, size: int, d: int):
-        self.buffer = np.empty((size, d), dtype=np.float32)
-        self.n = 0  # rows held
-        self.next = 0  # where the next row goes
+        self.size, self.d = size, d
+        self.parts, self.n = [], 0
 
     def add(self, rows: np.ndarray) -> None:
-        size = self.buffer.shape[0]
-        rows = rows[len(rows) - min(len(rows), size):]  # the last size rows of the batch at most
-        m = len(rows)
-        first = min(m, size - self.next)
-        self.buffer[self.next:self.next + first] = rows[:first]
-        self.buffer[:m - first] = rows[first:]
-        self.next = (self.next + m) % size if size else 0
-        self.n = min(size, self.n + m)
+        if self.size == 0 or len(rows) == 0:
+            return
+        self.parts.append(np.array(rows[-self.size:], dtype=np.float32))
+        self.n += len(self.parts[-1])
+        if self.n >= 2 * self.size:
+            self.parts = [self.rows()]
+            self.n = len(self.parts[0])
 
     def rows(self) -> np.ndarray:
-        """A copy of the rows held, oldest first."""
-        if self.n < self.buffer.shape[0]:  # not yet wrapped: rows 0..n-1, in order
-            return self.buffer[:self.n].copy()
-        return np.concatenate([self.buffer[self.next:], self.buffer[:self.next]])
+        """A copy of the last ``size`` rows, oldest first."""
+        if not self.parts:
+            return np.zeros((0, self.d), dtype=np.float32)
+        held = np.concatenate(self.parts) if len(self.parts) > 1 else self.parts[0]
+        return held[-self.size:].copy()
 
 
 def _check_no_empty_shard(parallel, n_rows: int) -> None:

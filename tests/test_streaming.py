@@ -745,8 +745,9 @@ def test_a_stream_saved_before_its_first_batch_resumes_from_the_start(gpt2):
 @settings(max_examples=60, deadline=None)
 @given(size=st.integers(0, 12), batches=st.lists(st.integers(0, 30), max_size=8), seed=st.integers(0, 100))
 def test_the_last_rows_ring_equals_concatenating_and_slicing(size, batches, seed):
-    """jacobian_'s last rows of a stream are kept in a ring instead of concatenating each batch onto
-    them and slicing (a copy of all of them at every step); the plain twin pins it."""
+    """jacobian_'s last rows of a stream are kept in batches cut back at twice their number instead
+    of concatenating each batch onto them and slicing (a copy of all of them at every step); the
+    plain twin pins it."""
     from sklearn_jsae._stream_fit import _LastRows
 
     rng = np.random.default_rng(seed)
@@ -757,6 +758,10 @@ def test_the_last_rows_ring_equals_concatenating_and_slicing(size, batches, seed
         plain = np.concatenate([plain, rows])[len(plain) + n - min(len(plain) + n, size):]
         np.testing.assert_array_equal(ring.rows(), plain)
         assert ring.rows().dtype == np.float32 and ring.rows().shape == (min(size, len(plain)), 3)
+        assert ring.n <= 2 * size + max(batches)  # cut back: memory bounded by the size, not the stream
+    huge = _LastRows(10**9, 3)  # a jacobian_rows far beyond the stream allocates only what it gets
+    huge.add(np.ones((5, 3), dtype=np.float32))
+    assert huge.rows().shape == (5, 3)
 
 
 @pytest.mark.parametrize("Estimator", [JacobianSparseAutoencoder, TopKSparseAutoencoder])
