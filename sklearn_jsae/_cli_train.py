@@ -493,7 +493,7 @@ def _run(args, out: Path, summary_path: Path) -> int:
         distributed=distributed, **settings,
     )
     started = time.perf_counter()
-    jsae.fit_stream(stream, n_statistics=min(args.n_tokens, 16384))
+    jsae.fit_stream(stream, n_statistics=max(2, min(args.n_tokens, 16384)))  # fit_stream needs 2 rows of spread
     seconds = time.perf_counter() - started
     if rank != 0:  # every rank holds the model; rank 0 writes it and evaluates it
         return 0

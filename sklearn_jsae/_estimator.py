@@ -612,7 +612,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
             batches; empty batches are skipped.
         n_statistics : int, default=16384
             Rows read first to measure the data scales ``c_x``, ``c_y`` and the initial decoder
-            biases (then trained on like any others).
+            biases (then trained on like any others); at least 2.
         jacobian_rows : int, default=4096
             ``jacobian_`` is the mean ``|J|`` over the last this many rows of the stream (over
             every ``s``-th of them beyond 65,536, as for ``fit``).

@@ -403,7 +403,7 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
             batches; empty batches are skipped.
         n_statistics : int, default=16384
             Rows read first to measure the data scale ``scale_`` and the initial decoder bias
-            (then trained on like any others).
+            (then trained on like any others); at least 2.
 
         Returns
         -------
