@@ -132,7 +132,7 @@ def write_atomically(path, write) -> str:
             os.fsync(f.fileno())
         # After the write: mkstemp's 0600 (which safetensors' writer also sets) would leave the file
         # unreadable to the owner's group.
-        give_default_mode(temporary)
+        give_default_mode(temporary, replacing=path)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -1337,3 +1337,35 @@ def test_transformer_lens_hook_names_are_where_harvest_reads(tmp_path):
         to_sparsify(sae, tmp_path / "sparsify", side="output", model=folded, layer=1)
     with pytest.raises(ValueError, match=r"no module of layer 1 outputs exactly the MLP input .*fold_ln=True"):
         to_saelens(sae, tmp_path / "unfolded", side="input", model=_lens("gelu_ln"), layer=1)
+
+
+def test_an_interrupt_while_entering_eval_mode_leaves_no_entry_behind():
+    """Entries registered before an interrupt inside the entry (a Ctrl-C) were never released: every
+    later harvest left the model in eval mode, and the registry pinned the model in memory."""
+    import gc
+    import weakref
+
+    from sklearn_jsae.hf._adapters import _HELD_IN_EVAL, _eval_mode
+
+    class Flaky(torch.nn.Module):
+        armed = True
+
+        def __setattr__(self, name, value):
+            if name == "training" and value is False and Flaky.armed:
+                Flaky.armed = False
+                raise KeyboardInterrupt  # a Ctrl-C arriving halfway through the entry
+            super().__setattr__(name, value)
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5), Flaky(), torch.nn.Linear(4, 4))
+    model.train()
+    with pytest.raises(KeyboardInterrupt):
+        with _eval_mode(model):
+            pass
+    assert not _HELD_IN_EVAL and all(m.training for m in model.modules())
+    with _eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert all(m.training for m in model.modules())
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

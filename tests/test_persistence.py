@@ -774,3 +774,6 @@ def test_saved_files_get_the_mode_open_would_give_them(tmp_path, mask):
         os.umask(previous)
     for path in written:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask, path
+    os.chmod(written[0], 0o600)  # made private by its owner: a save over it keeps it so, as open() would
+    sae.save(written[0])
+    assert stat.S_IMODE(os.stat(written[0]).st_mode) == 0o600

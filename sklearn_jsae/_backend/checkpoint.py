@@ -410,7 +410,8 @@ class Checkpointer:
             save_file(tensors, temporary, metadata=metadata)
             with open(temporary, "rb+") as f:
                 os.fsync(f.fileno())
-            give_default_mode(temporary)  # after the write: safetensors (and mkstemp) leave it 0600
+            # after the write: safetensors (and mkstemp) leave it 0600
+            give_default_mode(temporary, replacing=self.path)
             os.replace(temporary, self.path)
         finally:
             if os.path.exists(temporary):

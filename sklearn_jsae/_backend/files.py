@@ -29,6 +29,14 @@ def umask() -> int:
     return mask
 
 
-def give_default_mode(path: str) -> None:
-    """Give ``path`` the mode ``open`` would have given a new file (0666 less the umask)."""
-    os.chmod(path, 0o666 & ~umask())
+def give_default_mode(path: str, replacing: str | None = None) -> None:
+    """Give ``path`` the mode ``open`` would give the file ``replacing`` (the one it is about to be
+    renamed over): that file's own mode when it exists (a model the user made private stays so),
+    else a new file's, 0666 less the umask."""
+    import stat
+
+    try:
+        mode = stat.S_IMODE(os.stat(replacing).st_mode) if replacing is not None else None
+    except OSError:
+        mode = None
+    os.chmod(path, 0o666 & ~umask() if mode is None else mode)

@@ -462,17 +462,20 @@ def _eval_mode(module: nn.Module):
     """``module`` and all its submodules in eval mode, then each submodule's own ``training`` flag
     put back (also on error): a model in train mode with a frozen block in eval mode, or in eval
     mode with MC dropout on, is left as the user set it, not flattened to the root's flag."""
-    modules = list(module.modules())
-    with _HELD_LOCK:
-        for sub in modules:
-            _, count, flag = _HELD_IN_EVAL.get(id(sub), (sub, 0, sub.training))
-            _HELD_IN_EVAL[id(sub)] = (sub, count + 1, flag)
-        module.eval()
+    registered = []  # the submodules this entry holds: only those are released (an interrupt can
+    # land halfway through; entries left behind would pin the model and its flags for good)
     try:
+        with _HELD_LOCK:
+            for sub in module.modules():
+                _, count, flag = _HELD_IN_EVAL.get(id(sub), (sub, 0, sub.training))
+                _HELD_IN_EVAL[id(sub)] = (sub, count + 1, flag)
+                registered.append(sub)
+                # the attribute itself, not eval(): a module's own train() override runs no code here
+                sub.training = False
         yield
     finally:
         with _HELD_LOCK:
-            for sub in modules:
+            for sub in registered:
                 _, count, flag = _HELD_IN_EVAL.pop(id(sub))
                 if count > 1:
                     _HELD_IN_EVAL[id(sub)] = (sub, count - 1, flag)
