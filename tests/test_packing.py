@@ -488,6 +488,8 @@ def test_a_damaged_shard_is_named_with_its_line(tiny_model, minilm, tmp_path):
     error = refused(r"corpus file '.*shard-001.txt', line 4, is not UTF-8 text \('utf-8' codec can't decode byte "
                     r"0xe9 .*\); convert it to UTF-8")
     assert isinstance(error.__cause__, UnicodeDecodeError)
+    bad.write_bytes(b"fine\rfine too\r" + b"x" * 9000 + b"\rcaf\xe9 au lait\r")  # lines ended by \r alone
+    refused(r"corpus file '.*shard-001.txt', line 4, is not UTF-8 text")  # counted as the reader counts them
     bad.unlink()
     pq.write_table(pa.table({"text": list(range(5))}), folder / "shard-001.parquet")
     refused(r"shard-001.parquet': the \"text\" column holds int64, not strings; cast it to strings")

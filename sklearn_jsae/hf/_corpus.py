@@ -57,10 +57,12 @@ def _first_line_not_utf8(path: str) -> int | None:
     """The number of the first line of ``path`` that is not UTF-8 (a decoding error's position is
     in a block read ahead, not a line); None if it cannot be found."""
     try:
-        with _open_binary(path) as f:
-            for number, line in enumerate(f, 1):
+        # Lines split as the text reader splits them (a lone \r ends one too), so that this number
+        # and the "after line N" of other errors count alike: latin-1 maps every byte to one char.
+        with _open_binary(path) as f, io.TextIOWrapper(f, encoding="latin-1", newline=None) as text:
+            for number, line in enumerate(text, 1):
                 try:
-                    line.decode("utf-8")  # a byte-order mark is UTF-8 too
+                    line.encode("latin-1").decode("utf-8")  # a byte-order mark is UTF-8 too
                 except UnicodeDecodeError:
                     return number
     except Exception:  # noqa: BLE001 - only a better message is lost: the error is raised anyway
