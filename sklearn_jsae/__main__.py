@@ -6,8 +6,8 @@ compare them (see :mod:`sklearn_jsae._main_job`; ``python -m sklearn_jsae --help
 resumable run streamed from a model (see ``python -m sklearn_jsae train --help``).
 
 Output piped into a reader that stops early (``| head``) ends the command quietly with status 1
-(Python's own recipe for a closed pipe); Ctrl-C ends it with one line on stderr and status 130
-(``train``'s line says how to resume).
+(Python's own recipe for a closed pipe); Ctrl-C ends it with one line on stderr (``train``'s
+line says how to resume), by SIGINT as Python's default does (status 130 in a shell).
 """
 
 from __future__ import annotations
@@ -59,10 +59,26 @@ def main(argv=None):
             pass
         return 1
     except KeyboardInterrupt as interrupt:
-        # One line, not the traceback of wherever the fit was; train's says how to resume.
+        # One line (train's says how to resume), then the interrupt goes on: a caller's loop of
+        # in-process main() calls (a notebook) must stop, not run the next one.
         print(f"\n{str(interrupt) or 'interrupted'}", file=sys.stderr)
-        return 130
+        raise
+
+
+def _run_as_program():
+    """``python -m sklearn_jsae``: on Ctrl-C the one line above instead of a traceback, then the
+    process ends by SIGINT, as Python's default does, so that a shell loop over commands stops
+    (an exit with status 130 would not stop it)."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        import signal
+
+        if hasattr(signal, "SIGINT") and os.name == "posix":
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _run_as_program()

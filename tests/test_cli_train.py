@@ -513,7 +513,7 @@ def test_a_model_that_is_missing_or_not_a_model_is_named(tmp_path):
             load_model(str(name), causal_lm=True)
 
 
-def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
     """A 42-frame KeyboardInterrupt traceback, and no word on resuming."""
     from sklearn_jsae import _cli_train
 
@@ -524,11 +524,13 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, monkeypatch, capsys):
     texts = tmp_path / "corpus.txt"
     texts.write_text("one\ntwo\n")
     args = ["train", *_train_args(tmp_path / "run", "--texts", str(texts), "--held-out-texts", "1")]
-    assert main(args) == 130
+    with pytest.raises(KeyboardInterrupt):  # in-process, the interrupt goes on (a notebook's loop stops)
+        main(args)
     err = capsys.readouterr().err
     assert err.strip() == f"interrupted before the first checkpoint; run the same command to start again in " \
                           f"{tmp_path / 'run'}"
     (tmp_path / "run" / "checkpoint").mkdir()
     (tmp_path / "run" / "checkpoint" / "checkpoint-0123456789abcdef.safetensors").write_bytes(b"")
-    assert main(args) == 130
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
     assert capsys.readouterr().err.strip() == f"interrupted; run the same command to resume from {tmp_path / 'run'}"

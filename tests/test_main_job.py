@@ -219,14 +219,33 @@ def test_top_level_help_names_both_commands_and_a_mistyped_command_is_named(caps
     assert "unknown command 'evalute'; did you mean 'evaluate'?" in capsys.readouterr().err
 
 
-def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys):
+def test_ctrl_c_prints_one_line_and_goes_on(monkeypatch, capsys):
+    """In-process the interrupt goes on after its line (a loop of main() calls stopped only at its end
+    when main returned 130)."""
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(_main_job, "compare", interrupted)
-    assert main([*SMALL, "--figure", "none"]) == 130
+    with pytest.raises(KeyboardInterrupt):
+        main([*SMALL, "--figure", "none"])
     err = capsys.readouterr().err
     assert err.strip() == "interrupted" and "Traceback" not in err
+
+
+def test_ctrl_c_ends_the_program_by_sigint_with_one_line():
+    """As a program: one line, no traceback, and the process ends by SIGINT (a shell loop over
+    commands stops; an exit status of 130 did not stop it)."""
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "sklearn_jsae", *SMALL, "--max-iter", "1000",
+                                "--figure", "none"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    time.sleep(8)  # past the imports, into the fits
+    process.send_signal(signal.SIGINT)
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=120) == -signal.SIGINT
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
 
 
 def test_a_reader_that_stops_early_ends_the_command_quietly():
