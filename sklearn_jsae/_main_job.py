@@ -204,10 +204,18 @@ def _figure_path(parser, path):
     suffix = os.path.splitext(path)[1]
     if not suffix:
         path += ".png"
-    elif suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
-        parser.error(f"argument --figure: {path!r}: matplotlib cannot write {suffix!r} files; end the path in "
-                     f"one of " + ", ".join(f".{kind}" for kind in sorted(FigureCanvasBase.get_supported_filetypes()))
-                     + " (.png without a suffix)")
+    else:
+        import shutil
+
+        import matplotlib
+
+        kinds = set(FigureCanvasBase.get_supported_filetypes())
+        if shutil.which(str(matplotlib.rcParams.get("pgf.texsystem", "xelatex"))) is None:
+            kinds.discard("pgf")  # written through a TeX program this machine lacks: it failed after both fits
+        if suffix[1:].lower() not in kinds:
+            parser.error(f"argument --figure: {path!r}: matplotlib cannot write {suffix!r} files here; end the "
+                         f"path in one of " + ", ".join(f".{kind}" for kind in sorted(kinds))
+                         + " (.png without a suffix)")
     # save_figure creates the folder: its nearest existing ancestor must be a writable folder.
     existing = _nearest_existing(os.path.dirname(os.path.abspath(path)))
     if not existing.is_dir():

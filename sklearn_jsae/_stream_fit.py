@@ -264,29 +264,30 @@ class _LastRows:
 
     Concatenating each batch onto them and slicing copied all of them at every step: 50 ms per
     step for 65,536 rows of d = 1,024, an hour over the paper's 73,000 steps.  Here the batches are
-    kept as they come and cut back to the last ``size`` rows once they hold twice that: each row is
-    copied at most about twice, and memory is at most twice ``size`` rows plus a batch (and only
-    what the stream gave: a ``jacobian_rows`` far beyond the stream's length allocates nothing)."""
+    kept as they come, and a leading batch is dropped once the others hold ``size`` rows without
+    it: memory is ``size`` rows plus a batch (only what the stream gave: a ``jacobian_rows`` far
+    beyond the stream's length allocates nothing), and only :meth:`rows` concatenates."""
 
     def __init__(self, size: int, d: int):
+        from collections import deque
+
         self.size, self.d = size, d
-        self.parts, self.n = [], 0
+        self.parts, self.n = deque(), 0
 
     def add(self, rows: np.ndarray) -> None:
         if self.size == 0 or len(rows) == 0:
             return
         self.parts.append(np.array(rows[-self.size:], dtype=np.float32))
         self.n += len(self.parts[-1])
-        if self.n >= 2 * self.size:
-            self.parts = [self.rows()]
-            self.n = len(self.parts[0])
+        while self.n - len(self.parts[0]) >= self.size:
+            self.n -= len(self.parts.popleft())
 
     def rows(self) -> np.ndarray:
         """A copy of the last ``size`` rows, oldest first."""
         if not self.parts:
             return np.zeros((0, self.d), dtype=np.float32)
-        held = np.concatenate(self.parts) if len(self.parts) > 1 else self.parts[0]
-        return held[-self.size:].copy()
+        first = self.parts[0][max(0, self.n - self.size):]  # a view: the first part's rows still wanted
+        return np.concatenate([first, *list(self.parts)[1:]])
 
 
 def _check_no_empty_shard(parallel, n_rows: int) -> None:

@@ -179,13 +179,23 @@ def test_figure_paths_that_cannot_be_written_are_usage_errors_before_any_work(no
         (tmp_path, (f"argument --figure: '{tmp_path}' is a folder; give a file path, such as "
                     f"'{tmp_path / 'jsae_vs_traditional.png'}'")),
         (regular / "x.png", f"argument --figure: cannot write '{regular / 'x.png'}': '{regular}' is a file"),
-        (tmp_path / "x.jpgx", "matplotlib cannot write '.jpgx' files; end the path in one of"),
+        (tmp_path / "x.jpgx", "matplotlib cannot write '.jpgx' files here; end the path in one of"),
+        # PGF goes through a TeX program: without one it failed after both fits (none on this machine)
+        *([(tmp_path / "x.pgf", "matplotlib cannot write '.pgf' files here")] if not _has_tex() else []),
     ):
         with pytest.raises(SystemExit) as stopped:
             main([*SMALL, "--figure", str(figure)])
         assert stopped.value.code == 2
         assert shown in capsys.readouterr().err
     assert regular.read_text() == "kept" and not (tmp_path.with_suffix(".png")).exists()
+
+
+def _has_tex():
+    import shutil
+
+    import matplotlib
+
+    return shutil.which(str(matplotlib.rcParams["pgf.texsystem"])) is not None
 
 
 def _fake_results():

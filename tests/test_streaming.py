@@ -758,7 +758,7 @@ def test_the_last_rows_ring_equals_concatenating_and_slicing(size, batches, seed
         plain = np.concatenate([plain, rows])[len(plain) + n - min(len(plain) + n, size):]
         np.testing.assert_array_equal(ring.rows(), plain)
         assert ring.rows().dtype == np.float32 and ring.rows().shape == (min(size, len(plain)), 3)
-        assert ring.n <= 2 * size + max(batches)  # cut back: memory bounded by the size, not the stream
+        assert ring.n <= size + max(batches)  # memory bounded by the size and a batch, not the stream
     huge = _LastRows(10**9, 3)  # a jacobian_rows far beyond the stream allocates only what it gets
     huge.add(np.ones((5, 3), dtype=np.float32))
     assert huge.rows().shape == (5, 3)
