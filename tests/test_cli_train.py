@@ -478,7 +478,7 @@ def test_token_counts_that_overflow_are_usage_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("lines, held_out, shown", [
-    ("", "0", "--texts '{texts}' holds no text (an empty file, or only blank lines)"),
+    ("", "1", "--texts '{texts}' holds no text (an empty file, or only blank lines)"),
     ("\n\n", "2", "--texts '{texts}' holds no text"),
     ("one\ntwo\nthree\n", "3", ("all 3 texts of --texts '{texts}' are held out for the summary (--held-out-texts "
                                 "3): none is left to train on; lower --held-out-texts below 3 or give more texts")),
