@@ -304,13 +304,27 @@ def _texts(spec: str, out: Path):
     """The texts as a file or folder path (streamed lazily); ``pydoc`` is written once into the run folder."""
     if spec == "pydoc":
         path = out / "pydoc_texts.txt"
-        if not path.exists():  # a temporary per process: the ranks of a job may all write it
-            temporary = path.with_suffix(f".{os.getpid()}.tmp")
-            temporary.write_text("\n".join(load_python_doc_texts()) + "\n", encoding="utf-8")
-            os.replace(temporary, path)
+        if not path.exists():  # a temporary per process (mkstemp): the ranks of a job may all write it
+            _write_text(path, "\n".join(load_python_doc_texts()) + "\n")
         return str(path)
     _check_texts(spec)
     return os.path.abspath(spec)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a fresh temporary in its folder, renamed over it.
+
+    The temporary is made with mkstemp (never a fixed name, so a symlink planted in the run folder
+    is not followed) and removed when the write fails (a full disk leaves no partial file behind,
+    and the previous file, if any, intact).
+    """
+    from ._persistence import write_atomically
+
+    def write(temporary):
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    write_atomically(path, write)
 
 
 def _held_out(path: str, n: int) -> list[str]:
@@ -483,7 +497,7 @@ def _run(args, out: Path, summary_path: Path) -> int:
     except ValueError as exc:
         _usage_error(str(exc))
     if rank == 0:
-        (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+        _write_text(out / "config.json", json.dumps(vars(args), indent=2))
     chosen = (("l1", args.l1), ("learning_rate", args.learning_rate), ("penalty", args.penalty))
     settings = {name: value for name, value in chosen if value is not None}
     jsae = JacobianSparseAutoencoder(
@@ -498,7 +512,7 @@ def _run(args, out: Path, summary_path: Path) -> int:
     if rank != 0:  # every rank holds the model; rank 0 writes it and evaluates it
         return 0
     jsae.save(out / "model.safetensors")
-    (out / "history.json").write_text(json.dumps(jsae.history_, indent=1))
+    _write_text(out / "history.json", json.dumps(jsae.history_, indent=1))
     held_out = _held_out(texts, args.held_out_texts)
     X_test, _ = harvest(model, args.layer, held_out, tokenizer=tokenizer, max_length=args.max_length,
                         exclude_special_tokens=True, progress=False, pack=args.pack)
@@ -520,8 +534,6 @@ def _run(args, out: Path, summary_path: Path) -> int:
         ids, mask = _held_out_sequences(held_out, tokenizer, args.max_length, args.pack)
         scores = spliced_ce_score(model, args.layer, jsae, ids, attention_mask=mask)
         summary["spliced_ce"] = _rounded(scores)
-    temporary = summary_path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(summary, indent=2))
-    os.replace(temporary, summary_path)
+    _write_text(summary_path, json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return 0

@@ -100,21 +100,18 @@ def _cached_mlp_pass(memory):
         # The pass runs where train() placed the map, and CPU and CUDA round differently.
         device_type = next((b.device.type for b in mlp_map.buffers()), "cpu")
         args = (X, kind, buffers, float(scale_x), scale_y, device_type, _library_version())
-        entry = cached.call_and_shelve(*args, mlp_map=mlp_map)
-        try:
-            result = entry.get()
-        except Exception as exc:  # noqa: BLE001 -- an entry that no longer unpickles (cut short, ...)
-            result, problem = None, f"cannot be read ({type(exc).__name__})"
-        else:
-            problem = _cached_pass_problem(result, X.shape[0])
+        # A miss computes the pass and stores it as far as the disk lets it (joblib warns when it
+        # cannot); a hit loads it, and an entry that no longer unpickles is computed again by joblib.
+        result = cached(*args, mlp_map=mlp_map)
+        problem = _cached_pass_problem(result, X.shape[0])
         if problem is not None:
-            # What an entry holds is not checked by joblib here (call_and_shelve reads it only at
-            # get()): a damaged one (cut short; a flipped bit made an output inf, and the fit
-            # "diverged" blaming learning_rate) would fail every later fit.  It is computed again.
+            # What an entry that unpickles holds is not checked by joblib: a damaged one (a flipped
+            # bit made an output inf, and the fit "diverged" blaming learning_rate) would fail every
+            # later fit.  It is cleared and computed again.
             warnings.warn(f"the memory cache's MLP pass for this X {problem}; it is computed again "
                           f"(in {getattr(memory, 'location', memory)!r}).", UserWarning, stacklevel=4)
-            entry.clear()
-            result = cached.call_and_shelve(*args, mlp_map=mlp_map).get()
+            cached.call_and_shelve(*args, mlp_map=mlp_map).clear()
+            result = cached(*args, mlp_map=mlp_map)
         return result
 
     return mlp_pass

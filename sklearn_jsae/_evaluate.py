@@ -253,7 +253,7 @@ def _save(fig, directory, name):
 def main(argv=None):
     """Run the evaluation; ``argv`` as for ``python -m sklearn_jsae evaluate`` (without "evaluate").
 
-    Returns 0 on success (the process exit status).
+    Returns 0 on success, 1 when the ``--json`` file could not be written (the process exit status).
     """
     from ._cli_train import check_estimator_options, check_output_file, check_output_folder
 
@@ -357,6 +357,7 @@ def _evaluate(args, to_stdout):
                   f"metrics {time.perf_counter() - started:.0f} s", flush=True)
     print()
     print(_table(results, args, description, len(train), len(test), seconds))
+    status = 0  # 1 when the --json file could not be written (the figures are still made)
     if args.json:
         payload = {
             "data": description, "n_train": len(train), "n_test": len(test),
@@ -367,13 +368,39 @@ def _evaluate(args, to_stdout):
                       "linear": PAPER["linear"], "intervention": PAPER["intervention"]},
         }
         if not to_stdout:
-            with open(args.json, "w") as handle:
-                json.dump(payload, handle, indent=2, default=float)
-            print(f"\nnumbers written to {args.json}")
+            status = _write_json(args.json, payload)
+            if status == 0:
+                print(f"\nnumbers written to {args.json}")
     if args.figures:
         saved = _figures(args.figures, fitted, X_test)
         print("\nfigures: " + ", ".join(saved))
-    return payload if to_stdout else 0
+    return payload if to_stdout else status
+
+
+def _write_json(path, payload):
+    """Write the report to ``path`` through a temporary renamed over it; 0, or 1 with a one-line error.
+
+    A plain ``open(path, "w")`` truncated an existing report first, and a full disk then left cut-off
+    JSON at ``path`` and a traceback; now the previous file stays whole and the run says so.
+    """
+    from ._persistence import write_atomically
+
+    text = json.dumps(payload, indent=2, default=float)
+
+    def write(temporary):
+        with open(temporary, "w") as handle:
+            handle.write(text)
+
+    try:
+        write_atomically(path, write)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if repr(path) not in reason:  # write_atomically's own errors name the path and what is intact
+            reason = f"cannot write {path!r} ({reason}): the previous file there, if any, is intact"
+        print(f"python -m sklearn_jsae evaluate: error: --json: {reason} (the table above holds the "
+              f"numbers).", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

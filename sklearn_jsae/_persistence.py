@@ -122,9 +122,12 @@ def write_atomically(path, write) -> str:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot write {path!r}: the folder {folder!r} does not exist; create it first "
                                 f"(os.makedirs) or pass a path in an existing folder.")
-    from ._backend.files import give_default_mode
+    from ._backend.files import give_default_mode, temporary_prefix, write_failed
 
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=folder)
+    except OSError as exc:  # a read-only folder, one without write permission
+        raise write_failed(path, exc) from exc
     os.close(handle)
     try:
         write(temporary)
@@ -134,6 +137,12 @@ def write_atomically(path, write) -> str:
         # unreadable to the owner's group.
         give_default_mode(temporary, replacing=path)
         os.replace(temporary, path)
+    except Exception as exc:
+        # A full disk: safetensors raises its own SafetensorError (not an OSError, naming no path),
+        # an fsync a bare OSError; both are said with the path.  Other errors are the caller's.
+        if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":
+            raise write_failed(path, exc) from exc
+        raise
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)

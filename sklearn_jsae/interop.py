@@ -76,6 +76,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -84,7 +85,6 @@ import os
 
 import numpy as np
 
-from ._persistence import write_atomically
 from .exceptions import PersistenceError
 
 __all__ = ["from_saelens", "from_sparsify", "to_saelens", "to_sparsify"]
@@ -183,20 +183,50 @@ def _cfg_digest(cfg) -> str:
 
 
 def _write(path, weights_name, tensors, cfg, header=None) -> str:
-    """Weights (with ``header`` and the cfg's digest as safetensors metadata) first, then
-    cfg.json, each atomically; an interrupt between the two leaves a pair the import refuses."""
+    """Write the weights (with ``header`` and the cfg's digest as safetensors metadata) and
+    cfg.json to temporary files in ``path``, then rename both into place.
+
+    Both temporaries are written and synced before either rename (renames need no space), so an
+    error while writing (a full disk, say) leaves the folder's previous pair as it was; only an
+    interrupt between the two renames can leave a pair the import refuses."""
+    import tempfile
+
     from safetensors.numpy import save_file
+
+    from ._backend.files import give_default_mode
 
     text = json.dumps(cfg, indent=2)
     # The digest of the cfg as it reads back, as the import computes it (keys become strings).
     header = {**(header or {}), CFG_DIGEST_KEY: _cfg_digest(json.loads(text))}
-    write_atomically(os.path.join(path, weights_name), lambda tmp: save_file(tensors, tmp, metadata=header))
-
-    def write_cfg(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
+    weights_path, cfg_path = os.path.join(path, weights_name), os.path.join(path, CFG_FILENAME)
+    temporaries = []
+    try:
+        for final in (weights_path, cfg_path):
+            handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(final)}.", suffix=".tmp", dir=path)
+            os.close(handle)
+            temporaries.append(temporary)
+        weights_tmp, cfg_tmp = temporaries
+        save_file(tensors, weights_tmp, metadata=header)
+        with open(cfg_tmp, "w", encoding="utf-8") as f:
             f.write(text)
-
-    write_atomically(os.path.join(path, CFG_FILENAME), write_cfg)
+        for temporary, final in ((weights_tmp, weights_path), (cfg_tmp, cfg_path)):
+            with open(temporary, "rb+") as f:
+                os.fsync(f.fileno())
+            # After the write: mkstemp's 0600 (which safetensors' writer also sets) would leave
+            # the file unreadable to the owner's group.
+            give_default_mode(temporary, replacing=final)
+        os.replace(weights_tmp, weights_path)
+        os.replace(cfg_tmp, cfg_path)
+    except OSError as e:
+        raise type(e)(
+            e.errno, f"could not write the export to {path!r} ({e.strerror or e}); the folder's previous "
+            f"{weights_name} and {CFG_FILENAME}, if any, are unchanged unless the error came while "
+            f"renaming. Free space on that disk (or pass another path) and export again."
+        ) from e
+    finally:
+        for temporary in temporaries:
+            with contextlib.suppress(OSError):
+                os.remove(temporary)
     return path
 
 

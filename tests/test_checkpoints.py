@@ -1031,3 +1031,53 @@ def test_numpy_scalar_settings_checkpoint_as_their_python_values(X, mlp, tmp_pat
     streamed = TopKSparseAutoencoder(**topk_settings, n_tokens=np.int64(300), checkpoint_dir=tmp_path / "s")
     streamed.fit_stream([X[:300]])
     assert len(checkpoint_paths(tmp_path / "s")) == 1
+
+
+def _disk_full_at(monkeypatch, saves):
+    """safetensors' save_file (the checkpoint's writer) raises as a full disk does (a SafetensorError,
+    not an OSError, naming no path) at the given save calls (1-based)."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real, calls = safetensors.torch.save_file, []
+
+    def save_file(*args, **kwargs):
+        calls.append(1)
+        if len(calls) in saves:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)  # imported at each save
+
+
+def test_a_full_disk_at_a_checkpoint_names_the_file_and_keeps_the_previous_one(X, mlp, tmp_path, monkeypatch):
+    """A full disk mid-fit raised safetensors' SafetensorError (not an OSError) naming no path."""
+    _disk_full_at(monkeypatch, {3})
+    with pytest.raises(OSError, match=r"cannot write '.*checkpoint-[0-9a-f]{16}\.safetensors' \(No space left on "
+                                      r"device\): the previous checkpoint, if any, is left as it was .*free "
+                                      r"space on its disk") as info:
+        _checkpointed(X, mlp, tmp_path).fit(X)
+    assert info.value.errno == 28
+    path = _the_checkpoint(tmp_path)
+    assert _header_of(path)["trainer"]["step_count"] == 4  # the second save's, intact
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    monkeypatch.undo()
+    _assert_same_model(_checkpointed(X, mlp, tmp_path).fit(X), JacobianSparseAutoencoder(mlp, **SETTINGS).fit(X))
+
+
+def test_a_checkpoint_dir_that_cannot_be_written_is_named_before_training(X, mlp, tmp_path, monkeypatch):
+    """It was found at the first save, after an epoch (or "10min") of training, naming a temporary."""
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    steps = []
+    real = trainer_module.Trainer.step
+    monkeypatch.setattr(trainer_module.Trainer, "step", lambda self, *a, **k: steps.append(1) or real(self, *a, **k))
+    with pytest.raises(ValueError, match=r"checkpoint_dir='.*' cannot hold checkpoints \(Read-only file system\); "
+                                         r"pass a folder you can write to"):
+        _checkpointed(X, mlp, str(tmp_path)).fit(X)
+    assert not steps

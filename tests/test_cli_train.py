@@ -534,3 +534,75 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
     with pytest.raises(KeyboardInterrupt):
         main(args)
     assert capsys.readouterr().err.strip() == f"interrupted; run the same command to resume from {tmp_path / 'run'}"
+
+
+# ---------------------------------------------------------------------- run-folder files and full disks
+
+TINY_TRAIN = ["--model", "minilm", "--layer", "1", "--n-tokens", "512", "--n-components", "16", "--k", "2",
+              "--batch-size", "64", "--buffer-size", "128", "--held-out-texts", "2", "--max-length", "32",
+              "--device", "cpu", "--quiet", "--checkpoint-every", "2"]
+
+
+def test_a_symlink_at_the_old_summary_temporary_is_not_followed(tmp_path, capsys):
+    """summary.json went through a fixed "summary.tmp": a symlink planted there had its target
+    overwritten with the summary, and summary.json became that symlink."""
+    out = tmp_path / "run"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    os.symlink(victim, out / "summary.tmp")
+    assert main(["train", *TINY_TRAIN, "--out", str(out)]) == 0
+    assert victim.read_text() == "precious\n"
+    summary = out / "summary.json"
+    assert summary.is_file() and not summary.is_symlink()
+    assert json.loads(summary.read_text())["model"] == "minilm"
+    for name in ("config.json", "history.json", "pydoc_texts.txt"):
+        assert (out / name).is_file() and not (out / name).is_symlink()
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp") and not p.is_symlink()]
+
+
+@pytest.mark.parametrize("full", ["summary", "pydoc_texts"])
+def test_a_full_disk_leaves_no_temporary_in_the_run_folder(tmp_path, monkeypatch, full):
+    """An ENOSPC part-way through a run-folder file left summary.tmp (or pydoc_texts.<pid>.tmp) behind."""
+    import builtins
+    import errno
+
+    from sklearn_jsae import _cli_train
+
+    def no_space(write, data):
+        write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_write_text, real_open = Path.write_text, builtins.open
+
+    def write_text(self, data, *args, **kwargs):  # the old code's route
+        if full in self.name:
+            return no_space(lambda part: real_write_text(self, part, *args, **kwargs), data)
+        return real_write_text(self, data, *args, **kwargs)
+
+    class Full:
+        def __init__(self, handle):
+            self._handle = handle
+
+        def write(self, data):
+            no_space(self._handle.write, data)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._handle.close()
+
+    def open_(file, mode="r", *args, **kwargs):  # the new code's route
+        handle = real_open(file, mode, *args, **kwargs)
+        return Full(handle) if "w" in mode and full in os.path.basename(file) else handle
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    monkeypatch.setattr(_cli_train, "open", open_, raising=False)
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match="No space left"):
+        main(["train", *TINY_TRAIN, "--out", str(out)])
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not (out / "summary.json").exists()
+    if full == "pydoc_texts":
+        assert not (out / "pydoc_texts.txt").exists()

@@ -212,3 +212,62 @@ def test_json_to_the_file_stdout_is_redirected_to_holds_the_json(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(report.read_text())["n_test"] == 64
     assert "tau = 0.005" in result.stderr
+
+
+def _full_disk_open(monkeypatch, module):
+    """``open`` in ``module`` gives files that write half of what they are given, then raise ENOSPC."""
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, handle):
+            self._handle = handle
+
+        def write(self, text):
+            self._handle.write(text[: len(text) // 2])
+            self._handle.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self._handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._handle.close()
+
+    def full_open(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        return Full(handle) if "w" in mode else handle
+
+    monkeypatch.setattr(module, "open", full_open, raising=False)
+
+
+def test_a_full_disk_keeps_the_previous_json_report_and_says_so(tmp_path, monkeypatch, capsys):
+    """``--json PATH`` truncated the old report, left cut-off JSON at PATH and a bare OSError traceback."""
+    from sklearn_jsae import _evaluate
+
+    report = tmp_path / "report.json"
+    report.write_text('{"old": "report, still valid"}')
+    _full_disk_open(monkeypatch, _evaluate)
+    assert main(TINY + ["--synthetic", "--threads", "1", "--json", str(report)]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("python -m sklearn_jsae evaluate: error: --json: ")
+    assert repr(str(report)) in lines[0] and "No space left on device" in lines[0]
+    assert "previous file" in lines[0] and "intact" in lines[0]
+    assert json.loads(report.read_text()) == {"old": "report, still valid"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # no temporary left
+
+
+def test_json_report_replaces_an_existing_file_whole(tmp_path, capsys):
+    report = tmp_path / "report.json"
+    report.write_text('{"old": 1}')
+    assert main(TINY + ["--synthetic", "--threads", "1", "--json", str(report)]) == 0
+    assert "models" in json.loads(report.read_text())
+    assert f"numbers written to {report}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]

@@ -15,6 +15,7 @@ Two groups:
 import copy
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -542,6 +543,56 @@ def test_harvest_float16_overflow_is_an_error_and_leaves_no_files(tmp_path):
     with pytest.raises(ValueError, match="exceed the float16 range.*dtype=np.float32"):
         harvest(model, 0, input_ids=ids, dtype=np.float16, out=tmp_path / "acts", progress=False)
     assert not list((tmp_path / "acts").glob("*.npy"))
+
+
+def test_a_disk_full_at_the_final_flush_leaves_the_earlier_store_and_no_partial_files(tmp_path, monkeypatch):
+    """The writers' final flush (the .npy headers and buffered rows, in _FileSink.result) ran
+    outside the abort path: a full disk there left full-size hidden .partial files and open
+    descriptors behind."""
+    import errno
+
+    from sklearn_jsae.hf import _harvest
+
+    model, _, _ = _tiny("gpt2")
+    ids, mask = _ids(n_seq=6)
+    store = tmp_path / "acts"
+    harvest(model, 1, input_ids=ids[:3], attention_mask=mask[:3], out=store, progress=False)
+    files = {p.name: p.read_bytes() for p in store.iterdir()}
+    real_close, writers = _harvest._NpyWriter.close, []
+
+    def full_at_the_last_flush(self):
+        writers.append(self)
+        if self.path.name == "token_ids.npy":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_close(self)
+
+    monkeypatch.setattr(_harvest._NpyWriter, "close", full_at_the_last_flush)
+    with pytest.raises(OSError, match=f"could not finish writing the harvest into {re.escape(str(store))}.*No "
+                                      f"space left.*partial files were removed.*Free space") as info:
+        harvest(model, 1, input_ids=ids, attention_mask=mask, out=store, progress=False)
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == files  # no .partial files either
+    assert len(writers) == 3 and all(w.file.closed for w in writers)  # no descriptor is left open
+    X_new, _ = harvest(model, 1, input_ids=ids, attention_mask=mask, out=store, progress=False)
+    assert len(X_new) == mask.sum()  # the folder's lock was let go
+
+
+def test_a_symlink_planted_at_a_partial_file_name_is_not_followed(tmp_path):
+    """The partial files have fixed names and were opened with open(..., "wb"): a symlink planted
+    at .X.npy.partial had its target overwritten, and X.npy became a link to it."""
+    model, _, _ = _tiny("gpt2")
+    ids, mask = _ids()
+    store, victim = tmp_path / "acts", tmp_path / "victim.txt"
+    store.mkdir()
+    victim.write_text("precious data\n")
+    (store / ".X.npy.partial").symlink_to(victim)
+    X, _ = harvest(model, 1, input_ids=ids, attention_mask=mask, out=store, progress=False)
+    assert victim.read_text() == "precious data\n"
+    assert not (store / "X.npy").is_symlink() and (store / "X.npy").is_file()
+    assert sorted(p.name for p in store.iterdir()) == ["X.npy", "Y.npy", "token_ids.npy"]
+    np.testing.assert_array_equal(np.load(store / "X.npy"), X)
+    assert len(X) == mask.sum()
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])

@@ -499,17 +499,18 @@ def test_an_interrupted_re_export_is_refused_and_a_complete_one_loads(problem, t
     new = copy.deepcopy(topk)
     new.k, new.components_ = 2, topk.components_ * 2
     folder = export(topk, tmp_path / "sae")
-    real = interop.write_atomically
+    real = os.replace
 
-    def interrupted(path, write):
-        if os.path.basename(path) == "cfg.json":
-            raise KeyboardInterrupt  # Ctrl-C, or a kill, between the two files
-        return real(path, write)
+    def interrupted(source, destination):
+        if os.path.basename(destination) == "cfg.json":
+            raise KeyboardInterrupt  # Ctrl-C, or a kill, between the two renames
+        return real(source, destination)
 
-    monkeypatch.setattr(interop, "write_atomically", interrupted)
+    monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         export(new, folder)
     monkeypatch.undo()
+    assert sorted(os.listdir(folder)) == sorted(["cfg.json", weights])  # no temporaries left
     assert _cfg(folder)["k"] == 4  # torn: the old cfg.json beside the new weights
     with pytest.raises(PersistenceError, match=f"cfg.json is not the one exported with {weights}.*the "
                                                f"export was interrupted.*export the SAE again"):
@@ -522,6 +523,53 @@ def test_an_interrupted_re_export_is_refused_and_a_complete_one_loads(problem, t
     Path(folder, "cfg.json").write_text(json.dumps({**_cfg(folder), "k": 3}))  # an edit is refused too
     with pytest.raises(PersistenceError, match="or cfg.json was edited afterwards"):
         read(folder)
+
+
+@pytest.mark.parametrize("library", ["saelens", "sparsify"])
+def test_a_re_export_that_fills_the_disk_at_cfg_json_leaves_the_previous_export(problem, tmp_path,
+                                                                                monkeypatch, library):
+    """The weights were renamed into place before cfg.json was written: a full disk at cfg.json
+    left the new weights beside the old cfg.json, which the import refuses, so the previous
+    export was lost.  Both files are written before either is renamed."""
+    import builtins
+    import errno
+
+    topk = problem[1]
+    export, read, weights = ((to_saelens, from_saelens, "sae_weights.safetensors") if library == "saelens"
+                             else (to_sparsify, from_sparsify, "sae.safetensors"))
+    new = copy.deepcopy(topk)
+    new.k, new.components_ = 2, topk.components_ * 2
+    folder = export(topk, tmp_path / "sae")
+    before = {name: Path(folder, name).read_bytes() for name in os.listdir(folder)}
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+            return False
+
+        def write(self, text):
+            self.f.write(text[:10])  # part-way, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full_at_cfg(file, mode="r", *args, **kwargs):
+        f = builtins.open(file, mode, *args, **kwargs)
+        return Full(f) if "w" in mode and "cfg.json" in os.path.basename(os.fspath(file)) else f
+
+    monkeypatch.setattr(interop, "open", full_at_cfg, raising=False)
+    with pytest.raises(OSError, match=f"could not write the export to .*{re.escape(str(folder))}.*No space "
+                                      f"left.*Free space") as info:
+        export(new, folder)
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC
+    assert {name: Path(folder, name).read_bytes() for name in os.listdir(folder)} == before  # no temporaries
+    back = read(folder)
+    assert back.k == 4 and np.array_equal(back.components_, topk.components_)
 
 
 def _case_variants(word):

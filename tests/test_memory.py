@@ -91,15 +91,34 @@ def test_a_damaged_cache_entry_is_computed_again(damage, tmp_path):
     else:
         result = {"outputs": result.outputs}
     joblib.dump(result, entry)
-    if damage == "cut short":  # no longer unpickles (joblib's own fallback is skipped by call_and_shelve)
+    if damage == "cut short":  # no longer unpickles: joblib's own warning, and it computes it again
         entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
-    with pytest.warns(UserWarning, match="the memory cache's MLP pass for this X .*; it is computed again"):
+    warned = "the memory cache's MLP pass for this X .*; it is computed again" if damage != "cut short" else ""
+    with pytest.warns(UserWarning, match=warned):
         again = JacobianSparseAutoencoder(mlps["elementwise"], l1=0.5, memory=tmp_path, **FAST).fit(X)
     _same_model(plain, again)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # the entry was replaced: no second warning
         warnings.simplefilter("ignore", ConvergenceWarning)
         _same_model(plain, JacobianSparseAutoencoder(mlps["elementwise"], l1=0.5, memory=tmp_path, **FAST).fit(X))
+
+
+def test_a_cache_that_cannot_be_written_still_gives_the_fit(tmp_path, monkeypatch):
+    """A full disk: joblib warns that it cannot store the pass; the fit went on to read the entry
+    back and failed with a KeyError ("Non-existing item")."""
+    import errno
+
+    X, mlps = _mlps()
+    plain = JacobianSparseAutoencoder(mlps["elementwise"], l1=0.5, **FAST).fit(X)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(joblib.numpy_pickle, "dump", disk_full)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # joblib's own warning that it could not persist the output
+        cached = JacobianSparseAutoencoder(mlps["elementwise"], l1=0.5, memory=tmp_path, **FAST).fit(X)
+    _same_model(plain, cached)
 
 
 def test_memmapped_cache_equals_per_step_fit(tmp_path, mlp_pass_calls):

@@ -777,3 +777,38 @@ def test_saved_files_get_the_mode_open_would_give_them(tmp_path, mask):
     os.chmod(written[0], 0o600)  # made private by its owner: a save over it keeps it so, as open() would
     sae.save(written[0])
     assert stat.S_IMODE(os.stat(written[0]).st_mode) == 0o600
+
+
+def test_a_full_disk_during_save_names_the_file_and_keeps_the_previous_model(tmp_path, monkeypatch):
+    """safetensors raises its own SafetensorError on a full disk (not an OSError, naming no path)."""
+    import safetensors.numpy
+    from safetensors import SafetensorError
+
+    from sklearn_jsae import TopKSparseAutoencoder, load
+
+    X = np.random.default_rng(0).normal(size=(64, 5)).astype(np.float32)
+    sae = TopKSparseAutoencoder(n_components=8, k=2, max_iter=1, batch_size=32, random_state=0).fit(X)
+    path = Path(sae.save(tmp_path / "sae.safetensors"))
+    before = path.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
+    with pytest.raises(OSError, match=r"cannot write '.*sae\.safetensors' \(No space left on device\): the previous "
+                                      r"file there, if any, is intact; free space on its disk") as info:
+        sae.save(path)
+    assert info.value.errno == 28 and path.read_bytes() == before and os.listdir(tmp_path) == ["sae.safetensors"]
+    monkeypatch.undo()
+    load(path)
+
+
+def test_a_file_name_of_the_longest_legal_length_saves(tmp_path):
+    """The temporary's name added 14 characters: a legal name of 242-255 characters failed."""
+    from sklearn_jsae import TopKSparseAutoencoder, load
+
+    X = np.random.default_rng(0).normal(size=(64, 5)).astype(np.float32)
+    sae = TopKSparseAutoencoder(n_components=8, k=2, max_iter=1, batch_size=32, random_state=0).fit(X)
+    path = tmp_path / ("m" * 239 + ".safetensors")  # 251 characters
+    load(sae.save(path))
+    assert os.listdir(tmp_path) == [path.name]

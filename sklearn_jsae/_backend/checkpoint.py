@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..exceptions import CheckpointError  # noqa: F401  (raised here; public in sklearn_jsae.exceptions)
-from .files import give_default_mode
+from .files import give_default_mode, write_failed
 
 FORMAT = "sklearn_jsae.checkpoint"
 # Version 2 adds the digest (metadata key DIGEST); version 1 files, without one, are still read.
@@ -373,6 +373,14 @@ class Checkpointer:
             raise NotADirectoryError(f"checkpoint_dir={self.folder!r} is a file, not a folder; pass a folder (it is "
                                      f"created if missing) for the checkpoint.")
         os.makedirs(self.folder, exist_ok=True)
+        if self.writer:
+            # Found now, not at the first save after an epoch (or "10min") of training.
+            try:
+                with tempfile.TemporaryFile(dir=self.folder):
+                    pass
+            except OSError as exc:
+                raise ValueError(f"checkpoint_dir={self.folder!r} cannot hold checkpoints "
+                                 f"({exc.strerror or exc}); pass a folder you can write to.") from exc
 
     def due(self, step: int) -> bool:
         """Whether to save after optimiser step ``step`` (in a data-parallel job every rank calls
@@ -403,8 +411,13 @@ class Checkpointer:
         # save, while other fits' temporaries, and those of another live process training this same
         # fit (identical candidates of a search in parallel), are left alone.
         prefix = f".{os.path.basename(self.path)}."
-        handle, temporary = tempfile.mkstemp(prefix=f"{prefix}{_HOST}-{os.getpid()}.", suffix=".tmp",
-                                             dir=self.folder)
+        kept = ("the previous checkpoint, if any, is left as it was (run the same fit again to resume from "
+                "it once the disk has room), and so is the estimator")
+        try:
+            handle, temporary = tempfile.mkstemp(prefix=f"{prefix}{_HOST}-{os.getpid()}.", suffix=".tmp",
+                                                 dir=self.folder)
+        except OSError as exc:
+            raise write_failed(self.path, exc, kept) from exc
         os.close(handle)
         try:
             save_file(tensors, temporary, metadata=metadata)
@@ -413,6 +426,11 @@ class Checkpointer:
             # after the write: safetensors (and mkstemp) leave it 0600
             give_default_mode(temporary, replacing=self.path)
             os.replace(temporary, self.path)
+        except Exception as exc:
+            # A full disk: safetensors' SafetensorError is not an OSError and names no path.
+            if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":
+                raise write_failed(self.path, exc, kept) from exc
+            raise
         finally:
             if os.path.exists(temporary):
                 os.remove(temporary)

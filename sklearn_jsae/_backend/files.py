@@ -40,3 +40,32 @@ def give_default_mode(path: str, replacing: str | None = None) -> None:
     except OSError:
         mode = None
     os.chmod(path, 0o666 & ~umask() if mode is None else mode)
+
+
+def temporary_prefix(path: str) -> str:
+    """The prefix of the temporary written beside ``path`` (``.<name>.``), its name cut so that the
+    temporary's (the prefix, mkstemp's 8 characters and ``.tmp``) stays within the 255 bytes a file
+    name may have: a legal name of 242-255 bytes could not be saved."""
+    name = os.path.basename(path).encode()[:200].decode(errors="ignore")
+    return f".{name}."
+
+
+def write_failed(path: str, exc: BaseException,
+                 kept: str = "the previous file there, if any, is intact") -> OSError:
+    """An ``OSError`` naming ``path`` for a write that failed (safetensors' ``SafetensorError``,
+    which a full disk raises, is not an ``OSError`` and names no path), saying what was ``kept``
+    and what to do."""
+    import errno as errno_module
+    import re
+
+    number, reason = getattr(exc, "errno", None), getattr(exc, "strerror", None)
+    if number is None:  # safetensors: "... No space left on device (os error 28)"
+        found = re.search(r"os error (\d+)", str(exc))
+        if found:
+            number = int(found.group(1))
+            reason = os.strerror(number)
+    reason = reason or str(exc) or type(exc).__name__
+    number = errno_module.EIO if number is None else number
+    advice = ("free space on its disk, or write elsewhere" if number == errno_module.ENOSPC else
+              "check that the folder can be written, or write elsewhere")
+    return OSError(number, f"cannot write {path!r} ({reason}): {kept}; {advice}")

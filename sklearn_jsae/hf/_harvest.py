@@ -39,8 +39,24 @@ class _NpyWriter:
         self.path, self.dtype = path, np.dtype(dtype)
         self.partial = path.with_name(f".{path.name}.partial")
         self.rows, self.width = 0, None
-        self.file = open(self.partial, "wb")
-        self.file.write(b"\0" * _HEADER_BYTES)
+        # The partial name is fixed: remove whatever is there (a killed harvest's file, or a
+        # symlink planted to redirect the write) and create a new file, following nothing.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.partial)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+        try:
+            fd = os.open(self.partial, flags, 0o666)
+        except FileExistsError as e:
+            raise FileExistsError(
+                e.errno, f"{self.partial} was created by something else while harvest was starting; "
+                f"make sure nothing else writes into {path.parent} and harvest again."
+            ) from e
+        self.file = os.fdopen(fd, "wb")
+        try:
+            self.file.write(b"\0" * _HEADER_BYTES)
+        except BaseException:
+            self.file.close()
+            raise
 
     def append(self, rows: np.ndarray) -> None:
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
@@ -58,9 +74,11 @@ class _NpyWriter:
         header = header.encode("latin1").ljust(body_len - 1) + b"\n"
         if len(header) != body_len:  # never for 1-D / 2-D shapes below 10**30 rows
             raise RuntimeError(f"npy header too long for {self.path}: {header!r}")
-        self.file.seek(0)
-        self.file.write(prefix + body_len.to_bytes(2, "little") + header)
-        self.file.close()
+        try:
+            self.file.seek(0)
+            self.file.write(prefix + body_len.to_bytes(2, "little") + header)
+        finally:
+            self.file.close()  # flushes: a full disk raises here; the descriptor is released anyway
 
 
 class _MemorySink:
@@ -109,8 +127,19 @@ class _FileSink:
 
     def result(self, dtype):
         try:
-            for writer in self.writers.values():
-                writer.close()
+            try:
+                for writer in self.writers.values():
+                    writer.close()
+            except BaseException as e:
+                self.abort()
+                if isinstance(e, OSError):
+                    raise type(e)(
+                        e.errno, f"could not finish writing the harvest into {self.folder} "
+                        f"({e.strerror or e}); its partial files were removed and the folder's earlier "
+                        f"X.npy / Y.npy / token_ids.npy, if any, are unchanged. Free space on that disk "
+                        f"(or pass another out= folder, or fewer n_tokens) and harvest again."
+                    ) from e
+                raise
             for writer in self.writers.values():
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(writer.path)
@@ -121,11 +150,14 @@ class _FileSink:
             self._unlock()
 
     def abort(self):
-        for writer in self.writers.values():
-            writer.file.close()
-            with contextlib.suppress(OSError):
-                os.remove(writer.partial)
-        self._unlock()
+        try:
+            for writer in self.writers.values():
+                with contextlib.suppress(OSError):  # a close that flushes can fail on a full disk
+                    writer.file.close()
+                with contextlib.suppress(OSError):
+                    os.remove(writer.partial)
+        finally:
+            self._unlock()
 
     def _unlock(self):
         if getattr(self, "lock", None) is not None:
@@ -656,7 +688,11 @@ def harvest(
             UserWarning,
             stacklevel=2,
         )
-    result = sink.result(store)
+    try:
+        result = sink.result(store)
+    except BaseException:
+        sink.abort()  # result already cleaned up after a failed write; this is for anything else
+        raise
     if return_tokens:
         return result["X"], result["Y"], result["token_ids"]
     return result["X"], result["Y"]
