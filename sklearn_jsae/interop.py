@@ -193,7 +193,7 @@ def _write(path, weights_name, tensors, cfg, header=None) -> str:
 
     from safetensors.numpy import save_file
 
-    from ._backend.files import give_default_mode
+    from ._backend.files import give_default_mode, temporary_prefix, write_failed
 
     text = json.dumps(cfg, indent=2)
     # The digest of the cfg as it reads back, as the import computes it (keys become strings).
@@ -202,7 +202,7 @@ def _write(path, weights_name, tensors, cfg, header=None) -> str:
     temporaries = []
     try:
         for final in (weights_path, cfg_path):
-            handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(final)}.", suffix=".tmp", dir=path)
+            handle, temporary = tempfile.mkstemp(prefix=temporary_prefix(final), suffix=".tmp", dir=path)
             os.close(handle)
             temporaries.append(temporary)
         weights_tmp, cfg_tmp = temporaries
@@ -217,12 +217,12 @@ def _write(path, weights_name, tensors, cfg, header=None) -> str:
             give_default_mode(temporary, replacing=final)
         os.replace(weights_tmp, weights_path)
         os.replace(cfg_tmp, cfg_path)
-    except OSError as e:
-        raise type(e)(
-            e.errno, f"could not write the export to {path!r} ({e.strerror or e}); the folder's previous "
-            f"{weights_name} and {CFG_FILENAME}, if any, are unchanged unless the error came while "
-            f"renaming. Free space on that disk (or pass another path) and export again."
-        ) from e
+    except Exception as e:
+        # A full disk: safetensors raises its SafetensorError (not an OSError), an fsync an OSError.
+        if not (isinstance(e, OSError) or type(e).__name__ == "SafetensorError"):
+            raise
+        raise write_failed(path, e, f"the folder's previous {weights_name} and {CFG_FILENAME}, if any, are "
+                                    f"unchanged unless the error came while renaming; export again") from e
     finally:
         for temporary in temporaries:
             with contextlib.suppress(OSError):

@@ -562,8 +562,8 @@ def test_a_re_export_that_fills_the_disk_at_cfg_json_leaves_the_previous_export(
         return Full(f) if "w" in mode and "cfg.json" in os.path.basename(os.fspath(file)) else f
 
     monkeypatch.setattr(interop, "open", full_at_cfg, raising=False)
-    with pytest.raises(OSError, match=f"could not write the export to .*{re.escape(str(folder))}.*No space "
-                                      f"left.*Free space") as info:
+    with pytest.raises(OSError, match=f"cannot write .*{re.escape(str(folder))}.*No space left on device.*: "
+                                      f"the folder's previous .* unchanged .*free space on its disk") as info:
         export(new, folder)
     monkeypatch.undo()
     assert info.value.errno == errno.ENOSPC
