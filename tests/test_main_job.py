@@ -246,15 +246,19 @@ def test_ctrl_c_ends_the_program_by_sigint_with_one_line():
     """As a program: one line, no traceback, and the process ends by SIGINT (a shell loop over
     commands stops; an exit status of 130 did not stop it)."""
     import signal
-    import time
 
-    process = subprocess.Popen([sys.executable, "-m", "sklearn_jsae", *SMALL, "--max-iter", "1000",
-                                "--figure", "none"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    # Unbuffered, and far too long to finish: the interrupt lands in the fits, which start just
+    # after the first line ("data: ...") is printed.
+    process = subprocess.Popen([sys.executable, "-u", "-m", "sklearn_jsae", *SMALL, "--max-iter", "1000000",
+                                "--figure", "none"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-    time.sleep(8)  # past the imports, into the fits
-    process.send_signal(signal.SIGINT)
-    err = process.stderr.read().decode()
-    assert process.wait(timeout=120) == -signal.SIGINT
+    try:
+        assert process.stdout.readline().startswith(b"data:")
+        process.send_signal(signal.SIGINT)
+        err = process.stderr.read().decode()
+        assert process.wait(timeout=120) == -signal.SIGINT
+    finally:
+        process.kill()
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
 
 
