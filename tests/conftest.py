@@ -28,3 +28,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def caller_state():
+    """A caller with 3 torch threads and the svg backend (a stand-in for a notebook's inline one),
+    restored after the test."""
+    matplotlib = pytest.importorskip("matplotlib")
+    import torch
+
+    threads, backend = torch.get_num_threads(), matplotlib.get_backend()
+    torch.set_num_threads(3)
+    matplotlib.use("svg")
+    yield
+    torch.set_num_threads(threads)
+    matplotlib.use(backend)

@@ -46,21 +46,6 @@ def test_synthetic_run_prints_the_table_and_writes_json_and_figures(tmp_path, ca
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture
-def caller_state():
-    """A caller with 3 torch threads and the svg backend (a stand-in for a notebook's inline one),
-    restored after the test."""
-    matplotlib = pytest.importorskip("matplotlib")
-    import torch
-
-    threads, backend = torch.get_num_threads(), matplotlib.get_backend()
-    torch.set_num_threads(3)
-    matplotlib.use("svg")
-    yield
-    torch.set_num_threads(threads)
-    matplotlib.use(backend)
-
-
 def _process_state():
     import matplotlib
     import torch

@@ -488,17 +488,23 @@ def test_export_arguments_are_checked(problem, tmp_path):
         to_sparsify(topk, tmp_path / "file")
 
 
-@pytest.mark.parametrize("library", ["saelens", "sparsify"])
-def test_an_interrupted_re_export_is_refused_and_a_complete_one_loads(problem, tmp_path, monkeypatch,
-                                                                      library):
-    """A re-export replaces the weights, then cfg.json: interrupted between the two, the folder
-    holds the new weights beside the old cfg.json (here: the old k), which must not import."""
+def _re_export_case(problem, tmp_path, library):
+    """A fitted TopK SAE exported to ``library``'s format, its export functions and weights' file
+    name, and another model (k = 2, other weights) to export over it."""
     topk = problem[1]
     export, read, weights = ((to_saelens, from_saelens, "sae_weights.safetensors") if library == "saelens"
                              else (to_sparsify, from_sparsify, "sae.safetensors"))
     new = copy.deepcopy(topk)
     new.k, new.components_ = 2, topk.components_ * 2
-    folder = export(topk, tmp_path / "sae")
+    return topk, export, read, weights, new, export(topk, tmp_path / "sae")
+
+
+@pytest.mark.parametrize("library", ["saelens", "sparsify"])
+def test_an_interrupted_re_export_is_refused_and_a_complete_one_loads(problem, tmp_path, monkeypatch,
+                                                                      library):
+    """A re-export renames the weights into place, then cfg.json: interrupted between the two, the
+    folder holds the new weights beside the old cfg.json (here: the old k), which must not import."""
+    topk, export, read, weights, new, folder = _re_export_case(problem, tmp_path, library)
     real = os.replace
 
     def interrupted(source, destination):
@@ -534,12 +540,7 @@ def test_a_re_export_that_fills_the_disk_at_cfg_json_leaves_the_previous_export(
     import builtins
     import errno
 
-    topk = problem[1]
-    export, read, weights = ((to_saelens, from_saelens, "sae_weights.safetensors") if library == "saelens"
-                             else (to_sparsify, from_sparsify, "sae.safetensors"))
-    new = copy.deepcopy(topk)
-    new.k, new.components_ = 2, topk.components_ * 2
-    folder = export(topk, tmp_path / "sae")
+    topk, export, read, weights, new, folder = _re_export_case(problem, tmp_path, library)
     before = {name: Path(folder, name).read_bytes() for name in os.listdir(folder)}
 
     class Full:

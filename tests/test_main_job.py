@@ -52,21 +52,6 @@ def _process_state():
             {key: str(value) for key, value in matplotlib.rcParams.items()})
 
 
-@pytest.fixture
-def caller_state():
-    """A caller with 3 torch threads and the svg backend (a stand-in for a notebook's inline one),
-    restored after the test."""
-    matplotlib = pytest.importorskip("matplotlib")
-    import torch
-
-    threads, backend = torch.get_num_threads(), matplotlib.get_backend()
-    torch.set_num_threads(3)
-    matplotlib.use("svg")
-    yield
-    torch.set_num_threads(threads)
-    matplotlib.use(backend)
-
-
 def test_an_in_process_run_leaves_the_callers_threads_backend_and_rcparams(caller_state, tmp_path, capsys):
     """main(argv) runs in notebooks and tests too: it left torch on --threads' 1 thread and
     matplotlib switched to Agg (matplotlib.use, which also rewrites rcParams)."""
