@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import numbers
 import os
+import sys
 import tempfile
 import warnings
 
@@ -28,6 +30,7 @@ from ._sparse import AbsJacobianSum, InputCodes, OutputCodes, blocks_to_coo
 from ._topk import (
     _COMMON_CONSTRAINTS,
     TopKSparseAutoencoder,
+    _check_codes_output,
     _check_warm_shape,
     _codes_output,
     _decode,
@@ -494,8 +497,9 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
                              f"{d_out}: the output SAE must encode this MLP's outputs.")
         # The scales fit measures: the centred RMS of X and of mlp(X), in float32 on the CPU.
         rows = _Rows(X, "cpu", torch.float32, resident=False)
-        _, scale_x = data_statistics(rows)
-        _, scale_y = data_statistics(rows, placed(mlp_map, "cpu", torch.float32))
+        _, scale_x = data_statistics(rows, spread_required="X given to from_saes sets the pair's data scales")
+        _, scale_y = data_statistics(rows, placed(mlp_map, "cpu", torch.float32),
+                                     spread_required="X given to from_saes sets the pair's data scales")
         result = TrainResult(input_sae._params(), output_sae._params(), scale_x, scale_y,
                              dead_fraction_input=input_sae.dead_fraction_,
                              dead_fraction_output=output_sae.dead_fraction_)
@@ -636,7 +640,8 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         check_k(self.k, self.n_components)
         check_k(self.k, n_output_components, "n_output_components")
         device = _training_device(self)
-        probe_rows = np.array(X[: min(8, X.shape[0])], dtype=np.float32)
+        with np.errstate(over="ignore"):  # rows beyond float32's range: resolve_mlp names them
+            probe_rows = np.array(X[: min(8, X.shape[0])], dtype=np.float32)
         mlp_copy, mlp_map, d_out = resolve_mlp(self.mlp, probe_rows)
         return self._train_config(device), mlp_copy, mlp_map, d_out, probe_rows
 
@@ -718,6 +723,14 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         # model: a pickled estimator's next partial_fit starts from its fitted weights.
         state = super().__getstate__()
         state.pop("_trainer", None)
+        # The ``mlp`` parameter is the caller's module, on its device: a module on a GPU would make
+        # the pickle unreadable on a CPU-only machine, which the fitted state (NumPy, a CPU copy of
+        # the MLP) never is.  Pickled, it is a CPU copy (unpickling always gives a copy).
+        mlp, torch = state.get("mlp"), sys.modules.get("torch")  # a module exists only if torch was imported
+        if torch is not None and isinstance(mlp, torch.nn.Module) and any(
+            t.device.type != "cpu" for t in [*mlp.parameters(), *mlp.buffers()]
+        ):
+            state["mlp"] = copy.deepcopy(mlp).to("cpu")
         return state
 
     def _side_estimator(self, n_components, params, scale, dead_fraction, device, n_iter):
@@ -766,6 +779,12 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
 
         return map_rows(self._mlp_map, X, _inference_device(self), _INFERENCE_BATCH)
 
+    def fit_transform(self, X, y=None, **fit_params):
+        """``fit(X)`` then ``transform(X)``; a sparse ``sparse_output`` under a DataFrame output
+        (``set_output``, ``set_config``) is refused before any training, not after it."""
+        _check_codes_output(self)
+        return super().fit_transform(X, y, **fit_params)
+
     def transform(self, X):
         """Input-side codes (n_samples, n_components), at most k non-zeros per row: SciPy CSR, or a
         dense float32 ndarray with ``sparse_output=False``."""
@@ -810,7 +829,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
                 "X holds output-side codes (from transform_output), but inverse_transform decodes "
                 "with the input SAE's dictionary; use inverse_transform_output for output codes."
             )
-        return _decode(X, self.input_sae_.components_, self.input_sae_.decoder_bias_, "X")
+        return _decode(X, self.input_sae_.components_, self.input_sae_.decoder_bias_, "X", self.get_feature_names_out())
 
     def inverse_transform_output(self, X):
         """Decode output-side codes (n_samples, n_output_components), from :meth:`transform_output`,
@@ -821,7 +840,8 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
                 "X holds input-side codes (from transform), but inverse_transform_output decodes with "
                 "the output SAE's dictionary; use inverse_transform for input codes."
             )
-        return _decode(X, self.output_sae_.components_, self.output_sae_.decoder_bias_, "X")
+        return _decode(X, self.output_sae_.components_, self.output_sae_.decoder_bias_, "X",
+                       self.get_output_feature_names_out())
 
     def get_output_feature_names_out(self, input_features=None):
         """Names of the output-side latents: ``"<classname>_output0"``, ... (``n_output_components``).

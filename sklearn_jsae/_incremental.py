@@ -205,7 +205,8 @@ def _params_module(*params):
     return module
 
 
-def start_trainer(config, X: np.ndarray, mlp_map, init=None, n_steps=None, parallel=None):
+def start_trainer(config, X: np.ndarray, mlp_map, init=None, n_steps=None, parallel=None,
+                  rows_are: str = "the rows of partial_fit's first call set the data scales for the whole run"):
     """A :class:`~sklearn_jsae._backend.trainer.Trainer` whose scales come from the rows of ``X``
     (or from ``init``, a warm start ``(params_x, params_y, scale_x, scale_y)``).
 
@@ -224,10 +225,15 @@ def start_trainer(config, X: np.ndarray, mlp_map, init=None, n_steps=None, paral
     device = torch.device(config.device)
     rows = _Rows(X, device, config.dtype, resident=False)  # the statistics: a pass or two, in order
     pair = config.n_output_components is not None
-    mean_x, scale_x = data_statistics(rows, parallel=parallel)
+    # rows_are: what X is, for the error when its scale would be measured on rows without spread
+    # (a warm start keeps its fitted scales and only needs the means)
+    measured_x = init is None or init[2] is None
+    measured_y = init is None or init[2] is None or init[3] is None
+    mean_x, scale_x = data_statistics(rows, parallel=parallel, spread_required=rows_are if measured_x else False)
     mean_y = scale_y = None
     if pair:  # the trainer keeps the map as given (not this copy on the device) for a checkpoint's scales
-        mean_y, scale_y = data_statistics(rows, placed(mlp_map, device, config.dtype), parallel=parallel)
+        mean_y, scale_y = data_statistics(rows, placed(mlp_map, device, config.dtype), parallel=parallel,
+                                          spread_required=rows_are if measured_y else False)
     if init is not None and init[2] is not None:  # an imported SAE has no scale: measured here, as fit does
         scale_x = init[2]
         scale_y = init[3] if init[3] is not None else scale_y

@@ -47,11 +47,20 @@ def topk_to_csr(values: np.ndarray, indices: np.ndarray, n_columns: int, contain
 
 def blocks_to_coo(blocks, shape: tuple[int, int, int]) -> sp.coo_array:
     """Jacobian batches ``[(J (B, k_out, k_in), idx_out (B, k_out), idx_in (B, k_in)), ...]`` ->
-    3-D COO array of ``shape`` = (n_samples, n_out, n_in) holding every active-block entry."""
+    3-D COO array of ``shape`` = (n_samples, n_out, n_in) holding every active-block entry.
+
+    Each block's rows and columns are put in ascending latent order, so the entries are sorted
+    (sample, output latent, input latent) without repeats: SciPy's canonical format, which
+    readers (the sparsity metrics) then need not sort again."""
     samples, rows, cols, data = [], [], [], []
     offset = 0
     for J, idx_out, idx_in in blocks:
         B, k_out, k_in = J.shape
+        order_out = np.argsort(idx_out, axis=1, kind="stable")
+        order_in = np.argsort(idx_in, axis=1, kind="stable")
+        idx_out = np.take_along_axis(idx_out, order_out, axis=1)
+        idx_in = np.take_along_axis(idx_in, order_in, axis=1)
+        J = np.take_along_axis(np.take_along_axis(J, order_out[:, :, None], axis=1), order_in[:, None, :], axis=2)
         samples.append(np.repeat(np.arange(offset, offset + B), k_out * k_in))
         rows.append(np.repeat(idx_out, k_in, axis=1).ravel())
         cols.append(np.tile(idx_in, (1, k_out)).ravel())
@@ -61,7 +70,9 @@ def blocks_to_coo(blocks, shape: tuple[int, int, int]) -> sp.coo_array:
         empty = np.zeros(0, dtype=np.int64)
         return sp.coo_array((np.zeros(0, dtype=np.float32), (empty, empty, empty)), shape=shape)
     coords = tuple(np.concatenate(c) for c in (samples, rows, cols))
-    return sp.coo_array((np.concatenate(data), coords), shape=shape)
+    out = sp.coo_array((np.concatenate(data), coords), shape=shape)
+    out.has_canonical_format = True
+    return out
 
 
 class AbsJacobianSum:

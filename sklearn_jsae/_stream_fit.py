@@ -193,7 +193,9 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int | None 
     if parallel is not None:
         _check_shard(batches, parallel)
         check_same_fit(parallel, data_identity, mlp_map, config, estimator, init=init, kind="stream")
-    trainer = start_trainer(config, first, mlp_map, init, n_steps, parallel)
+    trainer = start_trainer(config, first, mlp_map, init, n_steps, parallel,
+                            rows_are=f"the stream's first {len(first)} rows (n_statistics={n_statistics}) set the "
+                                     f"data scales for the whole run")
     checkpoint = make_checkpointer(estimator, data_identity, mlp_map, config, init, "stream", parallel)
     used = 0
     tail = _LastRows(jacobian_rows or 0, first.shape[1])

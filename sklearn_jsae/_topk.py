@@ -15,7 +15,7 @@ from . import _validation
 from ._persistence import PersistenceMixin
 from ._sklearn_compat import NumberInterval, StrOptions, _fit_context, _get_output_config, check_is_fitted, validate_data
 from ._sparse import topk_to_csr
-from ._validation import check_float32_range, check_k
+from ._validation import check_finite_rows, check_float32_range, check_k
 
 _INFERENCE_BATCH = 4096
 
@@ -88,10 +88,11 @@ def _validate_X(estimator, X, reset: bool, checked_in_batches: bool = False):
         # A float16 store (harvest(..., dtype=np.float16)) stays on disk: each batch is converted
         # as it is read.  Converting it here would load all of it into memory, twice its size.
         dtype=[np.float32, np.float64] + ([np.float16] if out_of_core else []),
-        ensure_all_finite=not out_of_core,
+        ensure_all_finite=False,  # checked below, naming the row (a memmap: batch by batch)
         ensure_min_samples=1,
     )
     if not out_of_core:
+        check_finite_rows(X)
         check_float32_range(X)
     return X
 
@@ -107,6 +108,9 @@ def _from_torch(X, name="X"):
     torch = sys.modules.get("torch")  # a tensor exists only if torch was imported: no import here
     if torch is None or not isinstance(X, torch.Tensor):
         return X
+    if X.is_meta:
+        raise ValueError(f"{name} is a tensor on the meta device, which holds shapes but no values; "
+                         f"compute it on a real device ('cpu' or 'cuda') and pass that.")
     if X.is_complex():
         raise ValueError(f"{name} is a complex torch tensor ({X.dtype}); pass real activations "
                          f"(X.real or X.abs(), whichever your data means).")
@@ -128,13 +132,21 @@ def _codes_output(estimator, values, indices, n_latents, container=None):
         dense = np.zeros((values.shape[0], n_latents), dtype=np.float32)
         np.put_along_axis(dense, indices, values, axis=1)
         return dense
-    if _get_output_config("transform", estimator)["dense"] != "default":
-        raise ValueError(
-            f"set_output(transform={_get_output_config('transform', estimator)['dense']!r}) needs dense "
-            f"codes, but sparse_output=True; set sparse_output=False on {type(estimator).__name__} "
-            f"to get a DataFrame of codes."
-        )
+    _check_codes_output(estimator)
     return topk_to_csr(values, indices, n_latents, container=container)
+
+
+def _check_codes_output(estimator):
+    """Sparse codes cannot be a DataFrame: refuse the combination (``transform`` and, before any
+    training, ``fit_transform``)."""
+    dense = _get_output_config("transform", estimator)["dense"]
+    if estimator.sparse_output and dense != "default":
+        raise ValueError(
+            f"the transform output is set to {dense!r} (by set_output(transform={dense!r}), or globally by "
+            f"sklearn.set_config / config_context(transform_output={dense!r})), which needs dense codes, but "
+            f"sparse_output=True; set sparse_output=False on {type(estimator).__name__} to get a DataFrame "
+            f"of codes."
+        )
 
 
 def _draw_seed(random_state) -> int:
@@ -521,6 +533,12 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         return encode_rows(self._params(), X, self._encoding_k(), device or _inference_device(self),
                            _INFERENCE_BATCH)
 
+    def fit_transform(self, X, y=None, **fit_params):
+        """``fit(X)`` then ``transform(X)``; a sparse ``sparse_output`` under a DataFrame output
+        (``set_output``, ``set_config``) is refused before any training, not after it."""
+        _check_codes_output(self)
+        return super().fit_transform(X, y, **fit_params)
+
     def transform(self, X):
         """Codes of shape (n_samples, n_components) with at most k non-zeros per row: SciPy CSR, or a
         dense float32 ndarray with ``sparse_output=False``."""
@@ -532,7 +550,7 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
     def inverse_transform(self, X):
         """Decode codes of shape (n_samples, n_components) (sparse or dense) to (n_samples, n_features)."""
         check_is_fitted(self)
-        return _decode(X, self.components_, self.decoder_bias_, "X")
+        return _decode(X, self.components_, self.decoder_bias_, "X", self.get_feature_names_out())
 
     def score(self, X, y=None):
         """Explained variance of the reconstruction, ``1 - ||X - X̂||² / ||X - mean(X)||²`` (higher is
@@ -643,16 +661,57 @@ def _sparse_torch_as_scipy(codes):
     return sp.coo_array((values, tuple(coo.indices().numpy())), shape=tuple(coo.shape))
 
 
-def _decode(codes, components, bias, name):
+def _check_latent_names(codes, latent_names, name):
+    """Refuse a DataFrame of codes whose string column names are not this dictionary's latents in
+    order (a reordered or renamed frame would decode silently wrong); as scikit-learn does for
+    feature names, integer column names (a frame built from an array) carry no names to check."""
+    columns = getattr(codes, "columns", None)
+    if columns is None or not len(columns) or not all(isinstance(column, str) for column in columns):
+        return
+    columns, latent_names = list(columns), [str(latent) for latent in latent_names]
+    if columns == latent_names:
+        return
+    if sorted(columns) == sorted(latent_names):
+        problem = "in another order"
+    else:
+        unknown = [column for column in columns if column not in set(latent_names)]
+        problem = f"with other names ({', '.join(map(repr, unknown[:3]))}{', ...' if len(unknown) > 3 else ''})"
+    raise ValueError(
+        f"{name}'s columns hold this dictionary's latents {problem}: decoding them by position would mix "
+        f"latents up. Pass the codes as transform returned them, or reorder the frame: "
+        f"{name}[list(estimator.get_feature_names_out())] (get_output_feature_names_out() for output codes)."
+    )
+
+
+def _decode(codes, components, bias, name, latent_names):
+    _check_latent_names(codes, latent_names, name)
     codes = _sparse_torch_as_scipy(codes)  # codes are sparse: a torch COO/CSR tensor of them decodes too
     codes = _from_torch(codes, name)  # as transform reads tensors: bf16, attached to a graph, on a GPU
+    if sp.issparse(codes) and codes.ndim != 2:
+        # check_array does not look at the number of dimensions of an n-D COO array: a (t, m, n)
+        # Jacobian would broadcast through the product below into a 3-D "reconstruction".
+        raise ValueError(
+            f"{name} must be 2-D codes of shape (n_samples, {components.shape[0]}); got a sparse array "
+            f"of shape {codes.shape}. Pass codes from this estimator's transform."
+        )
     codes = check_array(codes, accept_sparse=("csr", "csc", "coo"), dtype=[np.float32, np.float64], input_name=name)
     if codes.shape[1] != components.shape[0]:
         raise ValueError(
             f"{name} has {codes.shape[1]} columns but the dictionary has n_components="
             f"{components.shape[0]}; pass codes from this estimator's transform."
         )
-    out = codes @ components.astype(codes.dtype, copy=False)
-    out = out.toarray() if sp.issparse(out) else np.asarray(out)
-    return out + bias
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, by row
+        out = codes @ components.astype(codes.dtype, copy=False)
+        out = out.toarray() if sp.issparse(out) else np.asarray(out)
+        out = out + bias
+    finite = np.isfinite(out).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise ValueError(
+            f"the reconstruction of row {row} of {name} (and of {int((~finite).sum())} row(s) in all) "
+            f"overflows {out.dtype}: its codes are far larger than any transform gives (largest "
+            f"|code| {float(abs(codes).max()):.3g}). Pass codes from this estimator's transform, or "
+            f"scale them down."
+        )
+    return out
 

@@ -24,7 +24,10 @@ Jacobian scores take the ``scale`` of :func:`~sklearn_jsae.metrics.jacobian_spar
 ``(c_x / c_y) · J``, each candidate's own scales), so that a sweep can be read in either view
 (:ref:`absolute-normalised-thresholds`).
 :func:`sparsest_within_tolerance` is a ``refit`` callable that picks the sparsest Jacobian
-among the candidates whose reconstruction is within a tolerance of the best.
+among the candidates whose reconstruction is within a tolerance of the best.  Every scorer also
+scores a fitted :class:`~sklearn.pipeline.Pipeline` with one ``JacobianSparseAutoencoder`` step
+(a search over ``make_pipeline(..., JacobianSparseAutoencoder(...))``): that step, on X sent
+through the steps before it.
 
 Examples
 --------
@@ -91,6 +94,28 @@ def _check_threshold(threshold) -> float:
     return float(threshold)
 
 
+def _scored_jsae(estimator, X):
+    """``(jsae, X)`` for a scorer: a fitted JSAE as it is, or the one JSAE step of a fitted
+    ``Pipeline`` (a search over ``make_pipeline(..., JacobianSparseAutoencoder(...))``) with X
+    sent through the steps before it, as the pipeline's own ``fit`` sent the training data."""
+    from sklearn.pipeline import Pipeline
+
+    from ._estimator import JacobianSparseAutoencoder
+
+    if isinstance(estimator, Pipeline):
+        at = [i for i, (_, step) in enumerate(estimator.steps) if isinstance(step, JacobianSparseAutoencoder)]
+        if len(at) != 1:
+            raise TypeError(
+                f"estimator is a Pipeline with {len(at)} JacobianSparseAutoencoder steps; the JSAE scorers "
+                f"score one: pass a pipeline with exactly one, or score its JSAE step directly."
+            )
+        jsae = estimator.steps[at[0]][1]
+        _check_jsae(jsae, f"the pipeline's step {estimator.steps[at[0]][0]!r}")
+        return jsae, (estimator[: at[0]].transform(X) if at[0] else X)
+    _check_jsae(estimator)
+    return estimator, X
+
+
 class _JSAEScoring:
     """Callable ``(estimator, X, y=None) -> dict`` of every score (see module docstring)."""
 
@@ -99,7 +124,7 @@ class _JSAEScoring:
         self.scale = _check_scale(scale)
 
     def __call__(self, estimator, X, y=None):
-        _check_jsae(estimator)
+        estimator, X = _scored_jsae(estimator, X)
         scores = _reconstruction_scores(estimator, X)
         tau = self.threshold
         views = _jacobian_sparsity_views(estimator, X, [tau], [self.scale, "absolute", "normalized"])
@@ -173,7 +198,7 @@ class _SingleScorer:
         self.name, self._fn = name, fn
 
     def __call__(self, estimator, X, y=None):
-        _check_jsae(estimator)
+        estimator, X = _scored_jsae(estimator, X)
         return float(self._fn(estimator, X))
 
     def __repr__(self):
@@ -188,7 +213,7 @@ class _JacobianSparsityScorer:
         self.scale = _check_scale(scale)
 
     def __call__(self, estimator, X, y=None):
-        _check_jsae(estimator)
+        estimator, X = _scored_jsae(estimator, X)
         return -jacobian_sparsity(estimator, X, [self.threshold], scale=self.scale)[self.threshold]
 
     def __repr__(self):
@@ -254,6 +279,13 @@ def _score_columns(cv_results, names):
         key = f"mean_test_{name}"
         if key not in cv_results:
             available = sorted(k[len("mean_test_"):] for k in cv_results if k.startswith("mean_test_"))
+            if available == ["score"] and np.isnan(np.asarray(cv_results["mean_test_score"], dtype=float)).all():
+                # scikit-learn records a failed dict scorer as one NaN "score" per candidate
+                raise ValueError(
+                    "the scoring failed on every candidate (cv_results_['mean_test_score'] is all NaN, "
+                    "and no named scores were recorded): scikit-learn's 'Scoring failed' warnings above "
+                    "give the cause."
+                )
             raise KeyError(
                 f"cv_results_ has no {key!r}: the search's scoring must produce a score named "
                 f"{name!r} (available: {available}). Use scoring=make_scoring() or pass "

@@ -497,7 +497,7 @@ def test_fits_drawing_from_one_random_state_are_distinct_fits_and_a_rerun_resume
     def study():
         state = np.random.RandomState(0)
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "checkpoint_dir .* holds checkpoints of other fits")
+            warnings.filterwarnings("ignore", "checkpoint_dir=.* holds checkpoints of other fits")
             return [_checkpointed(X, mlp, tmp_path, random_state=state).fit(X) for _ in range(2)]
 
     first, second = study()

@@ -190,7 +190,7 @@ def test_score_of_a_memmap_checks_each_batch_and_names_the_row(fitted_small, X, 
                    fitted_small.jacobian, fitted_small.input_sae_.transform):
         with pytest.raises(ValueError, match=message):
             method(mapped)
-    with pytest.raises(ValueError, match="Input X contains NaN"):  # in memory: scanned up front
+    with pytest.raises(ValueError, match=r"X contains NaN or inf in row 437 "):  # in memory: scanned up front
         fitted_small.score(np.array(mapped))
     clean = np.load(path, mmap_mode="r")[:400]
     assert fitted_small.score(clean) == pytest.approx(fitted_small.score(X[:400]), abs=1e-12)

@@ -332,7 +332,7 @@ def test_fit_stream_names_the_bad_batch_and_a_source_that_is_not_iterable(kind):
         est.fit_stream(iter([good[:200], good[200:], good[:0, :5]]), n_statistics=100)
     broken = good[:50].copy()
     broken[7, 2] = np.nan
-    with pytest.raises(ValueError, match="batch 2 of batches: Input X contains NaN"):
+    with pytest.raises(ValueError, match=r"batch 2 of batches: X contains NaN or inf in row 7 \(1 row\(s\) in all\)"):
         est.fit_stream(iter([good, broken]), n_statistics=100)
     # every failed fit left it unfitted
     assert not hasattr(est, "input_sae_" if kind == "jsae" else "components_")

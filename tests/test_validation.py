@@ -118,7 +118,7 @@ def test_nan_in_the_first_rows_of_a_memmap_names_X_not_the_mlp(tmp_path, X, mlp,
         bad[row, 1] = np.nan
         path = tmp_path / f"X{row}.npy"
         np.save(path, bad)
-        with pytest.raises(NonFiniteTrainingError, match=rf"X contain NaN or inf .*on 1 of rows .* \(first: \[{row}\]\)"):
+        with pytest.raises(NonFiniteTrainingError, match=rf"X contains NaN or inf .*on 1 of rows .* \(first: \[{row}\]\)"):
             estimator.fit(np.load(path, mmap_mode="r"))
         assert not hasattr(estimator, "n_features_in_")
 
@@ -206,7 +206,7 @@ def test_float16_store_trains_as_its_float32_values_and_stays_on_disk(tmp_path, 
     broken = values.copy()
     broken[250, 1] = np.nan
     np.save(path, broken)
-    with pytest.raises(NonFiniteTrainingError, match=r"X contain NaN or inf .*on 1 of rows .* \(first: \[250\]\)"):
+    with pytest.raises(NonFiniteTrainingError, match=r"X contains NaN or inf .*on 1 of rows .* \(first: \[250\]\)"):
         make().fit(np.load(path, mmap_mode="r"))
 
 
@@ -487,7 +487,7 @@ def test_a_float64_store_beyond_float32_range_is_named_as_such(tmp_path, X, Esti
     store = np.load(path, mmap_mode="r+")
     store[3, 1] = 1e300
     store.flush()
-    with pytest.raises(NonFiniteTrainingError, match=r"X contain NaN or inf \(or values beyond float32's "
+    with pytest.raises(NonFiniteTrainingError, match=r"X contains NaN or inf \(or values beyond float32's "
                                                      r"range, 3.4e\+38.*on 1 of rows 0-\d+ of X \(first: \[3\]\)\. "
                                                      r"Remove, repair or rescale"):
         Estimator(**SMALL).fit(np.load(path, mmap_mode="r"))

@@ -488,7 +488,9 @@ class Checkpointer:
             warnings.warn(
                 f"checkpoint_dir={self.folder!r} holds checkpoints of other fits (other data, MLP or "
                 f"settings) and none of this one: this fit starts afresh, in its own file next to them "
-                f"(a fit resumes only with the same data, MLP and settings).", UserWarning, stacklevel=4)
+                f"(a fit resumes only with the same data, MLP and settings; in a search whose fits share "
+                f"the folder this is expected: filter it with warnings.filterwarnings('ignore', "
+                f"'checkpoint_dir=.* holds checkpoints of other fits')).", UserWarning, stacklevel=4)
         return None
 
     def restore(self, trainer) -> tuple[dict, dict] | None:

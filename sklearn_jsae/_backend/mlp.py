@@ -396,18 +396,25 @@ def resolve_mlp(mlp, X_probe) -> tuple[object, _FrozenMap, int]:
             f"mlp must be None (identity), a torch nn.Module or a differentiable torch callable "
             f"(n, d_in) -> (n, d_out); got {type(mlp).__name__} ({mlp!r:.80}), which is not callable."
         )
+    if isinstance(mlp, torch.nn.Module) and any(t.is_meta for t in [*mlp.parameters(), *mlp.buffers()]):
+        raise ValueError(
+            f"mlp ({type(mlp).__name__}) has parameters on the meta device, which hold shapes but no "
+            f"values; load its weights first (e.g. module.to_empty(device='cpu') then load_state_dict, "
+            f"or from_pretrained without a meta-device context)."
+        )
     declared_in = _declared_in_features(mlp)
     if declared_in is not None and declared_in != d_in:
         raise ValueError(
             f"X has {d_in} features, but mlp expects in_features={declared_in}. X must hold the "
             f"MLP's inputs, one row per token: pass X with {declared_in} columns or the matching mlp."
         )
-    bad = ~np.isfinite(np.asarray(X_probe, dtype=np.float32)).all(axis=1)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: named just below
+        bad = ~np.isfinite(np.asarray(X_probe, dtype=np.float32)).all(axis=1)
     if bad.any():  # an unscanned memmap: X's rows, not the mlp, are at fault (as the statistics pass says)
         from ..exceptions import NonFiniteTrainingError
 
         raise NonFiniteTrainingError(
-            f"training stopped before the first step: X contain NaN or inf (or values beyond float32's "
+            f"training stopped before the first step: X contains NaN or inf (or values beyond float32's "
             f"range, {np.finfo(np.float32).max:.1e}, which float32 makes inf) on {int(bad.sum())} of rows "
             f"0-{len(bad) - 1} of X (first: {np.flatnonzero(bad)[:5].tolist()}). Remove, repair or rescale "
             f"those rows.",

@@ -261,8 +261,13 @@ class _Rows:
 
 @torch.no_grad()
 def data_statistics(rows: _Rows, fn=None, batch_size: int = 2048, part: tuple[int, int] | None = None,
-                    parallel=None):
+                    parallel=None, spread_required: str | bool | None = None):
     """Mean (d,) and centred per-element RMS of ``fn(x)`` (or x) over all rows, in float64.
+
+    Rows without spread get the scale 1 and a warning (``fit`` of constant data), or, with
+    ``spread_required`` (what the rows are and what their scale is for, for the message), a
+    ``ValueError``: a scale measured on them would be applied to other rows.  ``False``: neither
+    (only the mean is used: a warm start keeps its fitted scale).
 
     Data-parallel (``parallel``, a :class:`~sklearn_jsae._backend.distributed.DataParallel`):
     this rank reads only rows ``part = (lo, hi)`` (all rows when None) and the float64 sums
@@ -280,9 +285,9 @@ def data_statistics(rows: _Rows, fn=None, batch_size: int = 2048, part: tuple[in
         finite = torch.isfinite(v).all(dim=1)
         if not bool(finite.all()):
             bad = (torch.nonzero(~finite).flatten()[:5] + start).tolist()
-            what = "the mlp's outputs" if fn is not None else "X"
+            what = "the mlp's outputs contain" if fn is not None else "X contains"
             raise NonFiniteTrainingError(
-                f"training stopped before the first step: {what} contain NaN or inf"
+                f"training stopped before the first step: {what} NaN or inf"
                 + ("" if fn is not None else f" (or values beyond float32's range, {float(np.finfo(np.float32).max):.1e}, "
                                              f"which float32 makes inf)")
                 + f" on {int((~finite).sum())} of rows {start}-{start + x.shape[0] - 1} of X (first: {bad}). "
@@ -307,7 +312,14 @@ def data_statistics(rows: _Rows, fn=None, batch_size: int = 2048, part: tuple[in
             f"training stopped before the first step: the variance of {'the mlp outputs' if fn else 'X'} "
             f"overflows float64 ({variance}); rescale the data.", step=None, what="data variance")
     mean_square = (mean * mean).mean().item()
-    if variance <= _NO_SPREAD ** 2 * mean_square:
+    if variance <= _NO_SPREAD ** 2 * mean_square and spread_required is not False:
+        if spread_required is not None:
+            what = "the mlp's outputs on them have" if fn is not None else "they have"
+            raise ValueError(
+                f"{spread_required}, but {what} (almost) no spread (spread {math.sqrt(variance):.3g} "
+                f"around a mean of RMS {math.sqrt(mean_square):.3g}): a scale measured on them describes "
+                f"no other data. Pass rows that vary (a representative sample, at least 2 different rows)."
+            )
         _warn_no_spread(fn is not None, variance, mean_square)
         # Σv²/n - mean² of rows that are all equal is float64 rounding (1e-8 of the mean, say), not
         # a scale: normalising by it blew the data up 10⁸ times and the first step "diverged".

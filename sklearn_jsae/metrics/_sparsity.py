@@ -38,8 +38,23 @@ def _entry_batches(source, X):
         if X is not None:
             raise ValueError("X must be None when a Jacobian array is passed instead of an estimator.")
         J = source.tocoo() if source.format != "coo" else source
+        if np.iscomplexobj(J.data) or not np.issubdtype(J.dtype, np.number):
+            raise ValueError(f"the Jacobian array must hold real numbers, got dtype {J.dtype}; pass the "
+                             f"array jacobian() returns (or its real part, J.real).")
+        if not J.has_canonical_format:
+            # SciPy's meaning of repeated coordinates is their sum (what tocsr or todense give):
+            # read one by one they would count as several entries of other values.
+            J = J.copy()
+            J.sum_duplicates()
         t, i, j = (np.asarray(c, dtype=np.int64) for c in J.coords)
         n, n_out = J.shape[0], J.shape[1]
+        finite = np.isfinite(J.data)
+        if not finite.all():
+            raise ValueError(
+                f"the Jacobian array holds NaN or inf (first in sample {int(t[~finite][0])}, "
+                f"{int((~finite).sum())} entries in all); no fraction above a threshold is defined for "
+                f"them. Pass the array jacobian() returns, or drop those samples."
+            )
         pairs = np.unique(t * n_out + i)
         values = np.abs(np.asarray(J.data, dtype=np.float64))
         yield t, i, j, values, np.bincount(t, minlength=n), (pairs // n_out, pairs % n_out)

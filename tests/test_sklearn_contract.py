@@ -1,0 +1,166 @@
+"""The scikit-learn contract beyond ``check_estimator``, as a researcher meets it: DataFrames of
+codes, pipelines in a search, the global output config, pickles of a model whose ``mlp`` lives
+on an accelerator.  Each test failed on the code before it."""
+
+import copy
+import pickle
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import sklearn
+import torch
+from sklearn.model_selection import GridSearchCV, cross_validate
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
+from virtual_device import is_virtual, virtual_device
+
+from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
+from sklearn_jsae.model_selection import make_jacobian_sparsity_scorer, make_scoring, sparsest_within_tolerance
+
+FAST = dict(n_components=32, k=4, max_iter=2, batch_size=64, device="cpu", random_state=0)
+
+
+@pytest.fixture(scope="module")
+def X():
+    return np.random.default_rng(0).normal(size=(256, 8)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def df(X):
+    return pd.DataFrame(X, columns=[f"f{i}" for i in range(8)])
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 6))
+
+
+@pytest.fixture(scope="module")
+def framed(df, mlp):
+    return JacobianSparseAutoencoder(mlp, **FAST, sparse_output=False).set_output(transform="pandas").fit(df)
+
+
+# --- DataFrames of codes are decoded by name, not silently by position --------------------------
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_reordered_code_columns_are_refused(framed, df, side):
+    codes = framed.transform(df) if side == "input" else framed.transform_output(df)
+    decode = framed.inverse_transform if side == "input" else framed.inverse_transform_output
+    shuffled = codes[sorted(codes.columns)]  # ...0, ...1, ...10: another order, the same names
+    assert list(shuffled.columns) != list(codes.columns)
+    with pytest.raises(ValueError, match="X's columns hold this dictionary's latents in another order"):
+        decode(shuffled)
+    np.testing.assert_array_equal(decode(shuffled[list(codes.columns)]), decode(codes))  # the fix it gives
+
+
+def test_renamed_code_columns_are_refused_and_unnamed_ones_decode(framed, df):
+    codes = framed.transform(df)
+    with pytest.raises(ValueError, match=r"with other names \('xjacobiansparseautoencoder0'"):
+        framed.inverse_transform(codes.add_prefix("x"))
+    # integer column names (a frame built from an array) carry no names, as in scikit-learn
+    np.testing.assert_array_equal(framed.inverse_transform(pd.DataFrame(codes.to_numpy())),
+                                  framed.inverse_transform(codes))
+
+
+def test_a_topk_sae_checks_the_names_of_its_codes(df):
+    sae = TopKSparseAutoencoder(**FAST, sparse_output=False).set_output(transform="pandas").fit(df)
+    codes = sae.transform(df)
+    with pytest.raises(ValueError, match="in another order"):
+        sae.inverse_transform(codes[codes.columns[::-1]])
+
+
+# --- the global output config -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [TopKSparseAutoencoder, JacobianSparseAutoencoder])
+def test_sparse_codes_under_a_global_pandas_config_are_refused_before_training(df, cls):
+    estimator = cls(**FAST)
+    with sklearn.config_context(transform_output="pandas"):
+        with pytest.raises(ValueError, match=r"config_context\(transform_output='pandas'\).*set sparse_output=False"):
+            estimator.fit_transform(df)
+    assert not hasattr(estimator, "n_features_in_")  # refused before the fit, not after it
+    with sklearn.config_context(transform_output="pandas"):
+        assert isinstance(cls(**FAST, sparse_output=False).fit_transform(df), pd.DataFrame)
+
+
+# --- a pipeline in a search: the scorers score its JSAE step --------------------------------------
+
+
+def test_scorers_score_the_jsae_step_of_a_pipeline_on_the_transformed_X(X, mlp):
+    pipe = make_pipeline(StandardScaler(), JacobianSparseAutoencoder(mlp, **FAST)).fit(X)
+    inner = pipe[:-1].transform(X)
+    assert make_scoring()(pipe, X) == make_scoring()(pipe[-1], inner)
+    scorer = make_jacobian_sparsity_scorer(scale="normalized")
+    assert scorer(pipe, X) == scorer(pipe[-1], inner)
+
+
+def test_a_search_over_a_pipeline_scores_every_candidate(X, mlp):
+    pipe = make_pipeline(StandardScaler(), JacobianSparseAutoencoder(mlp, **FAST))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "Scoring failed" is a UserWarning
+        warnings.filterwarnings("ignore", category=sklearn.exceptions.ConvergenceWarning)
+        search = GridSearchCV(pipe, {"jacobiansparseautoencoder__l1": [0.0, 1.0]}, cv=2,
+                              scoring=make_scoring(), refit=sparsest_within_tolerance()).fit(X)
+    assert np.isfinite(search.cv_results_["mean_test_neg_jacobian_sparsity"]).all()
+    assert search.best_params_["jacobiansparseautoencoder__l1"] in (0.0, 1.0)
+    scores = cross_validate(pipe, X, cv=2, scoring=make_jacobian_sparsity_scorer())["test_score"]
+    assert np.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("n_jsae", [0, 2])
+def test_a_pipeline_without_exactly_one_jsae_is_named(X, mlp, n_jsae):
+    steps = [FunctionTransformer()] + [JacobianSparseAutoencoder(None, **FAST, sparse_output=False) for _ in range(n_jsae)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = make_pipeline(*steps).fit(X)
+    with pytest.raises(TypeError, match=f"a Pipeline with {n_jsae} JacobianSparseAutoencoder steps"):
+        make_scoring()(pipe, X)
+
+
+def test_the_refit_rule_says_when_every_candidate_failed_to_score():
+    """scikit-learn records a failed dict scorer as one NaN 'score' column: the rule said to use
+    make_scoring(), which was in use."""
+    results = {"mean_test_score": np.array([np.nan, np.nan]), "params": [{}, {}]}
+    with pytest.raises(ValueError, match="the scoring failed on every candidate .* 'Scoring failed' warnings"):
+        sparsest_within_tolerance()(results)
+
+
+# --- pickles of a model whose mlp sits on an accelerator ------------------------------------------
+
+
+@pytest.mark.parametrize("copier", ["pickle", "deepcopy"])
+def test_a_pickled_model_carries_its_mlp_parameter_on_the_cpu(X, mlp, copier):
+    """The pickle of a model whose ``mlp`` was on a GPU could not be read on a CPU-only machine
+    (the virtual device stands in for CUDA here: its tensors report another device)."""
+    jsae = JacobianSparseAutoencoder(mlp, **FAST).fit(X)
+    with virtual_device(strict_dtype=None):
+        jsae.mlp = copy.deepcopy(mlp).to("meta")
+        assert is_virtual(next(jsae.mlp.parameters()))
+        back = pickle.loads(pickle.dumps(jsae)) if copier == "pickle" else copy.deepcopy(jsae)
+    assert all(t.device.type == "cpu" and not is_virtual(t) for t in back.mlp.parameters())
+    for mine, theirs in zip(back.mlp.parameters(), mlp.parameters()):
+        assert torch.equal(mine, theirs)
+    assert (back.transform(X[:5]) != jsae.transform(X[:5])).nnz == 0
+
+
+# --- a search sharing one checkpoint folder --------------------------------------------------------
+
+
+def test_the_filter_the_warning_suggests_silences_it(tmp_path, X):
+    """Every fit of a search after the first warns that the folder holds other fits' checkpoints;
+    the message (and docs/long_runs.rst) give a filter, which must match it."""
+    first = TopKSparseAutoencoder(**FAST, checkpoint_dir=tmp_path)
+    first.fit(X)
+    with pytest.warns(UserWarning, match="holds checkpoints of other fits") as caught:
+        TopKSparseAutoencoder(**{**FAST, "k": 3}, checkpoint_dir=tmp_path).fit(X)
+    suggested = next(str(w.message) for w in caught if "other fits" in str(w.message))
+    pattern = suggested.split("filterwarnings('ignore', '")[1].split("')")[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", category=sklearn.exceptions.ConvergenceWarning)
+        warnings.filterwarnings("ignore", pattern)
+        TopKSparseAutoencoder(**{**FAST, "k": 2}, checkpoint_dir=tmp_path).fit(X)
