@@ -427,6 +427,8 @@ def _set_common(estimator, fitted, where):
     if not all(isinstance(row, dict) for row in history):
         raise _Invalid(f"{where}history_ is not a list of dicts")
     n_iter = _field(fitted, "n_iter_", int, where)
+    if n_iter < 0:
+        raise _Invalid(f"{where}n_iter_={n_iter} is negative")
     device = _field(fitted, "device_", str, where)
     names = _field(fitted, "feature_names_in_", list, where, optional=True)
     if names is not None:
@@ -445,7 +447,11 @@ def _build_sae(doc, arrays, prefix, where):
     fitted = _field(doc, "fitted", dict, where)
     d = _set_common(sae, fitted, where + "fitted.")
     sae.scale_ = _finite_scalar(fitted, "scale_", where + "fitted.", optional=True)
-    sae.dead_fraction_ = float(_field(fitted, "dead_fraction_", (int, float), where + "fitted."))
+    if sae.scale_ is not None and sae.scale_ <= 0:  # an RMS: a fit measures one > 0 (1 for constant data)
+        raise _Invalid(f"{where}fitted.scale_={sae.scale_!r} is not positive")
+    sae.dead_fraction_ = _finite_scalar(fitted, "dead_fraction_", where + "fitted.")
+    if not 0 <= sae.dead_fraction_ <= 1:
+        raise _Invalid(f"{where}fitted.dead_fraction_={sae.dead_fraction_!r} is not a fraction in [0, 1]")
     components = _take(arrays, prefix + "components_", (None, d))
     n = components.shape[0]
     if n < 1:

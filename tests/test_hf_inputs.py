@@ -238,7 +238,12 @@ def test_a_state_of_another_width_or_a_bad_rng_is_refused_when_loaded(gpt2):
     rest = np.concatenate(list(batches))
     filled = saved["filled"]
     narrow = {**saved, "d": 5, "buffer": np.zeros((filled, 5), np.float32), "waiting": np.zeros((0, 5), np.float32)}
+    assert filled > 0
+    damaged = np.array(saved["buffer"], dtype=np.float32)
+    damaged[filled - 1, 3] = np.nan  # a damaged state was taken, and the NaN met batches later
     for junk, message in ((narrow, r"d=5, but layer 0's MLP input has width 32: the state is of another model"),
+                          ({**saved, "buffer": damaged}, r"the buffer rows hold NaN or inf"),
+                          ({**saved, "source_done": "False"}, r"source_done='False' is not a bool"),
                           ({**saved, "rng": [1, 2]}, r"rng is a list, not a numpy bit generator's state"),
                           ({**saved, "buffer": np.zeros((filled, 1), np.float32)},
                            rf"a buffer of shape \({filled}, 1\) for filled={filled}, d=32"),

@@ -451,6 +451,13 @@ def test_inconsistent_tensors_are_named(saved, tmp_path, edit, message):
     (lambda d: d["input_sae_"]["fitted"].update(scale_=float("nan")), r"input_sae_.fitted.scale_=nan is not finite"),
     (lambda d: d["output_sae_"]["fitted"].update(scale_=float("inf")), r"output_sae_.fitted.scale_=inf is not finite"),
     (lambda d: d["fitted"].update(fit_l1=float("nan")), r"fitted.fit_l1=nan is not finite"),
+    # fitted scalars out of their range: they loaded and scaled X by 0 or a negative, or reported
+    # more dead latents than there are
+    (lambda d: d["input_sae_"]["fitted"].update(scale_=0.0), r"input_sae_.fitted.scale_=0.0 is not positive"),
+    (lambda d: d["output_sae_"]["fitted"].update(scale_=-1.5), r"output_sae_.fitted.scale_=-1.5 is not positive"),
+    (lambda d: d["input_sae_"]["fitted"].update(dead_fraction_=1.5), r"dead_fraction_=1.5 is not a fraction"),
+    (lambda d: d["input_sae_"]["fitted"].update(dead_fraction_=float("nan")), r"dead_fraction_=nan is not finite"),
+    (lambda d: d["fitted"].update(n_iter_=-3), r"fitted.n_iter_=-3 is negative"),
     # JSON of the wrong shape, which raised bare IndexError, TypeError or AttributeError
     (lambda d: d["params"].update(random_state={"numpy.random.RandomState": {
         "kind": "MT19937", "keys": [1, 2], "pos": 0, "has_gauss": 0, "cached_gaussian": 0.0}}),

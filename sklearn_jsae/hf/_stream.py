@@ -456,6 +456,13 @@ class ActivationStream:
                 if waiting.size and (waiting.ndim != 2 or waiting.shape[1] != d):  # reshaped, it could fit
                     raise ValueError(f"waiting rows of shape {waiting.shape} for d={d}")
                 waiting = waiting.reshape(-1, d)
+                # A model's activations are finite (a capture checks them): NaN here is a damaged
+                # state, which the fit would meet many batches later, far from its cause.
+                for name, values in (("buffer", buffer[: counts["filled"]]), ("waiting", waiting)):
+                    if not np.isfinite(values).all():
+                        raise ValueError(f"the {name} rows hold NaN or inf")
+            if not isinstance(state["source_done"], (bool, np.bool_)):  # bool("False") is True
+                raise TypeError(f"source_done={state['source_done']!r} is not a bool")
             if not isinstance(state["rng"], dict):
                 raise TypeError(f"rng is a {type(state['rng']).__name__}, not a numpy bit generator's state "
                                 f"(a dict)")
