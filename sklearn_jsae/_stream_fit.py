@@ -182,11 +182,12 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int | None 
     parallel, config = join_job(estimator, config)
     if parallel is not None:
         _check_no_empty_shard(parallel, stream.n_pending)
-    data_identity = f"stream:{type(batches).__name__}:{getattr(batches, 'identity', lambda: '')()}"
+    identity = getattr(batches, "identity", None)  # a method; any other attribute of that name is not one
+    data_identity = f"stream:{type(batches).__name__}:{identity() if callable(identity) else ''}"
     # A resumable stream without identity() is known by its first rows, which a restarted run of
     # the same stream reads again (its position is only restored after them): a checkpoint of
     # another dataset is refused.  Data-parallel: every rank's first rows, in rank order.
-    by_first_rows = stream.resumable() and not callable(getattr(batches, "identity", None))
+    by_first_rows = stream.resumable() and not callable(identity)
     first_rows = _first_rows_identity(first, parallel, by_first_rows)
     if by_first_rows:
         data_identity += f":first={first_rows}"

@@ -44,6 +44,17 @@ MODELS = Path(os.environ.get("SKLEARN_JSAE_MODELS", ROOT / ".models"))
 V = 100  # vocabulary of the tiny models
 
 
+def _added(cls_name, since):
+    """``transformers.<cls_name>``, or a skip: the `hf` extra allows transformers 4.40, and the
+    newer architectures' classes only exist from the release that added them (looked up here, per
+    architecture, so that one missing class skips only its own cases)."""
+    cls = getattr(transformers, cls_name, None)
+    if cls is None:
+        pytest.skip(f"transformers.{cls_name} was added in transformers {since} "
+                    f"(installed: {transformers.__version__})")
+    return cls
+
+
 def _tiny(name):
     """(model, block accessor, module whose output is the MLP input) for one architecture."""
     t = transformers
@@ -103,18 +114,18 @@ def _tiny(name):
         model = t.FalconForCausalLM(config)
         return model, lambda L: model.transformer.h[L], lambda b: b.input_layernorm
     if name in ("qwen3", "olmo2", "gemma2"):
-        cls, config = {"qwen3": (t.Qwen3ForCausalLM, t.Qwen3Config),
-                       "olmo2": (t.Olmo2ForCausalLM, t.Olmo2Config),
-                       "gemma2": (t.Gemma2ForCausalLM, t.Gemma2Config)}[name]
+        prefix, since = {"qwen3": ("Qwen3", "4.51"), "olmo2": ("Olmo2", "4.47"),
+                         "gemma2": ("Gemma2", "4.42")}[name]
+        cls, config = _added(f"{prefix}ForCausalLM", since), _added(f"{prefix}Config", since)
         model = cls(config(hidden_size=32, intermediate_size=48, num_key_value_heads=1, head_dim=16,
                            pad_token_id=0, bos_token_id=V - 1, eos_token_id=V - 1, **small))
         # OLMo2 normalises the MLP's output, not its input: its MLP input is the residual stream
         norm = {"qwen3": "post_attention_layernorm", "gemma2": "pre_feedforward_layernorm"}.get(name)
         return model, lambda L: model.model.layers[L], (lambda b: getattr(b, norm)) if norm else None
     if name == "phi3":  # the gate and up projections fused in one linear
-        config = t.Phi3Config(hidden_size=32, intermediate_size=48, num_key_value_heads=1, pad_token_id=0,
-                              bos_token_id=V - 1, eos_token_id=V - 1, **small)
-        model = t.Phi3ForCausalLM(config)
+        config = _added("Phi3Config", "4.41")(hidden_size=32, intermediate_size=48, num_key_value_heads=1,
+                                              pad_token_id=0, bos_token_id=V - 1, eos_token_id=V - 1, **small)
+        model = _added("Phi3ForCausalLM", "4.41")(config)
         return model, lambda L: model.model.layers[L], lambda b: b.post_attention_layernorm
     if name == "gemma":
         model = t.GemmaForCausalLM(
@@ -220,6 +231,9 @@ def test_mlp_of_splits_phi3_fused_projection_into_gate_then_up():
 
 def test_mlp_of_keeps_llama_biases_when_present():
     model, block_of, _ = _tiny("llama_bias")
+    if block_of(0).mlp.up_proj.bias is None:  # the config keeps the flag, the MLP ignores it
+        pytest.skip(f"LlamaConfig(mlp_bias=True) builds biases from transformers 4.41 "
+                    f"(installed: {transformers.__version__})")
     mlp = mlp_of(model, 0)
     assert mlp.b_gate is not None and torch.equal(mlp.b_up, block_of(0).mlp.up_proj.bias)
     plain = mlp_of(_tiny("llama")[0], 0)
@@ -293,7 +307,10 @@ def test_activation_stream_passes_the_attention_mask_of_input_ids():
 def test_left_padded_rows_read_the_activations_of_their_unpadded_tokens(name):
     """A left-padded row (``padding_side="left"``, as LLaMA-style tokenizers pad) reads what the
     same tokens read alone.  GPT-2, BERT and most others number positions by slot, so each real
-    token was read at its padded slot's position (X off by the whole position embedding)."""
+    token was read at its padded slot's position (X off by the whole position embedding).  A model
+    whose forward takes no ``position_ids`` (DistilBERT's before transformers 5) is refused instead."""
+    import inspect
+
     model, _, _ = _tiny(name)
     # the RoBERTa family numbers positions from its pad tokens (so pads must be pad tokens)
     pad = model.config.pad_token_id if name in ("roberta", "data2vec_text", "roberta_prelayernorm") else 0
@@ -302,6 +319,12 @@ def test_left_padded_rows_read_the_activations_of_their_unpadded_tokens(name):
     mask = torch.zeros_like(ids)
     ids[0, 4:], mask[0, 4:] = tokens[0], 1  # left-padded
     ids[1, :6], mask[1, :6] = tokens[1], 1  # right-padded, in the same batch
+    # (older OPTs take no position_ids either, but number positions from the mask themselves)
+    if name == "distilbert" and "position_ids" not in inspect.signature(model.forward).parameters:
+        refused = f"left padding.*{type(model).__name__} numbers positions by slot and takes no position_ids"
+        with pytest.raises(ValueError, match=refused + ".*padding_side"):
+            harvest(model, 1, input_ids=ids, attention_mask=mask, progress=False)
+        return
     X, Y = harvest(model, 1, input_ids=ids, attention_mask=mask, progress=False)
     X_alone, Y_alone = harvest(model, 1, input_ids=tokens, progress=False)
     np.testing.assert_allclose(X, X_alone, rtol=1e-4, atol=1e-5)
@@ -917,11 +940,18 @@ def test_harvest_takes_an_attention_mask_as_nested_lists():
 @pytest.mark.parametrize("name, block_runs", [("gpt2", False), ("llama", False), ("bert", True)])
 def test_a_whole_model_or_block_passed_as_mlp_points_to_mlp_of(name, block_runs):
     """The mistake of passing the model (or one block) itself: the error says to pass its MLP, and so
-    does a warning when the block runs on rows anyway (BERT's takes each row as a one-token text)."""
+    does a warning when the block runs on rows anyway (BERT's takes each row as a one-token text;
+    with older transformers its attention fails on 2-D input, and then the error says it)."""
     from sklearn_jsae import JacobianSparseAutoencoder
 
     model, block, _ = _tiny(name)
     X = np.random.default_rng(0).normal(size=(64, model.config.hidden_size)).astype(np.float32)
+    if block_runs:  # whether this transformers' block runs on rows at all
+        try:
+            with torch.no_grad():
+                block(1)(torch.from_numpy(X[:8]))
+        except Exception:  # noqa: BLE001 - transformers' own error; the library's is asserted below
+            block_runs = False
     hint = r"holds attention or embedding modules: it looks like a whole model or transformer block.*mlp_of"
     with pytest.raises(ValueError, match="mlp failed on .*" + hint):
         JacobianSparseAutoencoder(model, n_components=16, k=2, max_iter=1).fit(X)

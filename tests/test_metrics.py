@@ -599,6 +599,9 @@ def biased_llama_setup():
     )
     model = transformers.LlamaForCausalLM(config).eval()
     mlp = model.model.layers[1].mlp
+    if mlp.up_proj.bias is None:  # the config keeps the flag, the MLP ignores it
+        pytest.skip(f"LlamaConfig(mlp_bias=True) builds biases from transformers 4.41 "
+                    f"(installed: {transformers.__version__})")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # transformers initialises biases to 0, which would make f(0) = 0
         for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):

@@ -807,3 +807,37 @@ def test_the_progress_bar_redraws_rarely_into_a_log(monkeypatch, tty, interval):
         assert bar.mininterval == interval
     finally:
         bar.close()
+
+
+class _StreamWithAnIdentityField:
+    """A resumable stream of X's rows whose ``identity`` is a field (a dataset's name), not the
+    ``identity()`` method fit_stream calls: it is known by its first rows, as a stream without one."""
+
+    identity = "activations, run 3"
+
+    def __init__(self, X, rows_per_batch):
+        self.X, self.rows_per_batch, self.position = X, rows_per_batch, 0
+
+    def __iter__(self):
+        while self.position < len(self.X):
+            start = self.position
+            self.position += self.rows_per_batch
+            yield self.X[start : self.position]
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+@pytest.mark.parametrize("kind", ["jsae", "topk"])
+def test_a_stream_whose_identity_is_not_a_method_resumes_by_its_first_rows(data, tmp_path, monkeypatch, kind):
+    """It crashed at the start ("'str' object is not callable") when checkpointed."""
+    X, mlp = data
+
+    def make():
+        est = _estimator(kind, mlp, **STREAM_SETTINGS, checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=3)
+        return est, _StreamWithAnIdentityField(X, 70)
+
+    _killed_twice_then_resumed(make, monkeypatch, (4, 9), n_statistics=150)
