@@ -184,7 +184,9 @@ def document(estimator) -> tuple[dict, dict]:
         arrays.update({f"mlp.{name}": a for name, a in mlp_arrays.items()})
         probe = np.ascontiguousarray(estimator._probe_rows, dtype=np.float32)
         arrays["_probe_rows"] = probe
-        outputs = _probe_fingerprint(estimator, probe)
+        # A weight with NaN or inf would fail this probe naming X; _check_finite names the weight.
+        outputs = (_probe_fingerprint(estimator, probe)
+                   if all(np.isfinite(a).all() for a in mlp_arrays.values()) else None)
         if outputs is not None:
             arrays["_mlp_probe_outputs"] = outputs
         J = estimator.jacobian_

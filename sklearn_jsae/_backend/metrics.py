@@ -206,7 +206,11 @@ def _first_tensor(args, kwargs):
     for key, value in kwargs.items():
         if isinstance(value, torch.Tensor):
             return "kw", key
-    raise ValueError("the MLP input module was called without a tensor argument; pass module=... explicitly")
+    raise ValueError(
+        "the MLP input module was called without a tensor argument, so there is no input to replace; with "
+        "module= given, pass the module (or the (input, output) pair) whose first argument is the MLP's input "
+        "tensor, else pass module=... explicitly"
+    )
 
 
 def _reconstruct(params: SAEParams, k: int, z: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,6 @@ import contextlib
 import math
 import time
 
-import numpy as np
 import torch
 
 from ..exceptions import NonFiniteTrainingError
@@ -473,7 +472,3 @@ class Trainer:
         self.rows_done, self.position = meta["rows_done"], meta["position"]
         self.warned_past_schedule = meta["warned_past_schedule"]
         self.record_started = time.perf_counter()
-
-def as_rows_tensor(rows: np.ndarray, device, dtype) -> torch.Tensor:
-    """A numpy batch (B, d) as a tensor on ``device`` in ``dtype`` (copied: never aliases numpy)."""
-    return torch.from_numpy(np.array(rows)).to(device=device, dtype=dtype)
