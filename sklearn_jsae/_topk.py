@@ -550,7 +550,7 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
     def inverse_transform(self, X):
         """Decode codes of shape (n_samples, n_components) (sparse or dense) to (n_samples, n_features)."""
         check_is_fitted(self)
-        return _decode(X, self.components_, self.decoder_bias_, "X", self.get_feature_names_out())
+        return _decode(X, self.components_, self.decoder_bias_, "X", self.get_feature_names_out)
 
     def score(self, X, y=None):
         """Explained variance of the reconstruction, ``1 - ||X - X̂||² / ||X - mean(X)||²`` (higher is
@@ -664,12 +664,13 @@ def _sparse_torch_as_scipy(codes):
 def _check_latent_names(codes, latent_names, name):
     """Refuse a DataFrame of codes whose string column names are not this dictionary's latents in
     order (a reordered or renamed frame would decode silently wrong); as scikit-learn does for
-    feature names, integer column names (a frame built from an array) carry no names to check."""
+    feature names, integer column names (a frame built from an array) carry no names to check.
+    ``latent_names``: a callable giving the names (built only for a frame: 65,536 of them cost)."""
     columns = getattr(codes, "columns", None)
     if columns is None or not len(columns) or not all(isinstance(column, str) for column in columns):
         return
-    columns, latent_names = list(columns), [str(latent) for latent in latent_names]
-    if columns == latent_names:
+    columns, latent_names = list(columns), [str(latent) for latent in latent_names()]
+    if columns == latent_names or len(columns) != len(latent_names):  # another width: _decode names it
         return
     if sorted(columns) == sorted(latent_names):
         problem = "in another order"

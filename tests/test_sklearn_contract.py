@@ -66,6 +66,12 @@ def test_renamed_code_columns_are_refused_and_unnamed_ones_decode(framed, df):
                                   framed.inverse_transform(codes))
 
 
+def test_a_frame_of_another_width_is_named_by_its_width_not_its_names(framed, df):
+    codes = framed.transform(df)
+    with pytest.raises(ValueError, match="X has 31 columns but the dictionary has n_components=32"):
+        framed.inverse_transform(codes.iloc[:, :31])
+
+
 def test_a_topk_sae_checks_the_names_of_its_codes(df):
     sae = TopKSparseAutoencoder(**FAST, sparse_output=False).set_output(transform="pandas").fit(df)
     codes = sae.transform(df)
