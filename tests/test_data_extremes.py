@@ -179,7 +179,7 @@ def test_repeated_coordinates_count_as_their_sum(jsae, X, split, seed):
 def test_a_jacobian_array_with_nan_or_inf_names_the_sample(jsae, X, value, metric):
     J = jsae.jacobian(X[:5])
     J.data[np.flatnonzero(J.coords[0] == 3)[7]] = value
-    with pytest.raises(ValueError, match=r"holds NaN or inf \(first in sample 3, 1 entries in all\)"):
+    with pytest.raises(ValueError, match=r"holds NaN or inf \(1 of its entries, the first in sample 3\)"):
         metric(J)
 
 

@@ -51,8 +51,8 @@ def _entry_batches(source, X):
         finite = np.isfinite(J.data)
         if not finite.all():
             raise ValueError(
-                f"the Jacobian array holds NaN or inf (first in sample {int(t[~finite][0])}, "
-                f"{int((~finite).sum())} entries in all); no fraction above a threshold is defined for "
+                f"the Jacobian array holds NaN or inf ({int((~finite).sum())} of its entries, the first in "
+                f"sample {int(t[~finite][0])}); no fraction above a threshold is defined for "
                 f"them. Pass the array jacobian() returns, or drop those samples."
             )
         pairs = np.unique(t * n_out + i)
