@@ -145,6 +145,20 @@ def _cached_pass_problem(result, n_rows: int) -> str | None:
     return None
 
 
+def _side_rows_kept(old_history, new_history, old_side) -> list:
+    """The side SAE's history rows that carry over: those of ``old_side`` (the side estimator of the
+    last fit) when the pair's old history is the start of the new one, row for row (the same
+    objects: a ``partial_fit`` call appends to it); else none."""
+    import operator
+
+    old_rows = getattr(old_side, "history_", None)
+    if (old_history is None or old_rows is None or len(old_rows) != len(old_history)
+            or len(old_history) > len(new_history)
+            or not all(map(operator.is_, old_history, new_history))):
+        return []
+    return list(old_rows)
+
+
 def _column_names(X) -> list[str] | None:
     """The column names of a DataFrame (pandas or polars): codes under ``set_output``, which name
     their side (input or output latents); None for any other array."""
@@ -697,6 +711,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
 
     def _set_fitted(self, result, mlp_copy, mlp_map, probe_rows, device, d_out, X_jacobian, previous):
         n_output_components = self.n_output_components or self.n_components
+        earlier = getattr(self, "history_", None), getattr(self, "input_sae_", None), getattr(self, "output_sae_", None)
         self.mlp_ = mlp_copy
         self._mlp_map = mlp_map
         self._probe_rows = probe_rows
@@ -708,11 +723,15 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         self.output_sae_ = self._side_estimator(n_output_components, result.output_params,
                                                 result.output_scale, result.dead_fraction_output, device, n_iter)
         self.history_ = list(previous) + result.history
-        for side, prefix in ((self.input_sae_, "input"), (self.output_sae_, "output")):
-            side.history_ = [
+        for (side, prefix), earlier_side in zip(((self.input_sae_, "input"), (self.output_sae_, "output")), earlier[1:]):
+            # A partial_fit call adds one row to the history: its sides' rows are those of the last
+            # call plus the new one (rebuilding all of them at every call made a loop of calls
+            # quadratic: 2.9 s per call after 73,000 calls).
+            done = _side_rows_kept(earlier[0], self.history_, earlier_side)
+            side.history_ = done + [
                 {key.replace(f"_{prefix}", ""): value for key, value in row.items()
                  if key.endswith(prefix) or key in ("epoch", "call", "tokens", "seconds")}
-                for row in self.history_
+                for row in self.history_[len(done):]
             ]
         self.n_iter_ = n_iter
         self._fit_l1 = self.l1  # paper_lambda_ describes this fit, whatever set_params does after it
