@@ -451,8 +451,9 @@ def _build_sae(doc, arrays, prefix, where):
     sae.scale_ = _finite_scalar(fitted, "scale_", where + "fitted.", optional=True)
     if sae.scale_ is not None and sae.scale_ <= 0:  # an RMS: a fit measures one > 0 (1 for constant data)
         raise _Invalid(f"{where}fitted.scale_={sae.scale_!r} is not positive")
-    sae.dead_fraction_ = _finite_scalar(fitted, "dead_fraction_", where + "fitted.")
-    if not 0 <= sae.dead_fraction_ <= 1:
+    sae.dead_fraction_ = float(_field(fitted, "dead_fraction_", (int, float), where + "fitted."))
+    # NaN is "not known" (an SAE imported from SAELens or sparsify); anything else is a fraction
+    if not (math.isnan(sae.dead_fraction_) or 0 <= sae.dead_fraction_ <= 1):
         raise _Invalid(f"{where}fitted.dead_fraction_={sae.dead_fraction_!r} is not a fraction in [0, 1]")
     components = _take(arrays, prefix + "components_", (None, d))
     n = components.shape[0]

@@ -456,7 +456,7 @@ def test_inconsistent_tensors_are_named(saved, tmp_path, edit, message):
     (lambda d: d["input_sae_"]["fitted"].update(scale_=0.0), r"input_sae_.fitted.scale_=0.0 is not positive"),
     (lambda d: d["output_sae_"]["fitted"].update(scale_=-1.5), r"output_sae_.fitted.scale_=-1.5 is not positive"),
     (lambda d: d["input_sae_"]["fitted"].update(dead_fraction_=1.5), r"dead_fraction_=1.5 is not a fraction"),
-    (lambda d: d["input_sae_"]["fitted"].update(dead_fraction_=float("nan")), r"dead_fraction_=nan is not finite"),
+    (lambda d: d["input_sae_"]["fitted"].update(dead_fraction_=float("inf")), r"dead_fraction_=inf is not a fraction"),
     (lambda d: d["fitted"].update(n_iter_=-3), r"fitted.n_iter_=-3 is negative"),
     # JSON of the wrong shape, which raised bare IndexError, TypeError or AttributeError
     (lambda d: d["params"].update(random_state={"numpy.random.RandomState": {
