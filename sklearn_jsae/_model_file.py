@@ -258,7 +258,33 @@ def save(estimator, path) -> str:
     doc, arrays = document(estimator)
     _check_finite(estimator, doc, arrays, path)
     header = {METADATA_KEY: json.dumps(doc, default=_json_default, allow_nan=True)}
+    _check_header_size(estimator, header, arrays, path)
     return write_atomically(path, lambda temporary: save_file(arrays, temporary, metadata=header))
+
+
+# safetensors refuses to write (or read) a file whose JSON header is larger than this; the header
+# holds the document, so a history_ of some 175,000 rows (a JSAE's partial_fit calls) exceeds it.
+SAFETENSORS_MAX_HEADER = 100_000_000
+
+
+def _check_header_size(estimator, header: dict, arrays: dict, path) -> None:
+    """Refuse, before writing, a document safetensors cannot hold: its own error ("header too
+    large") read as a folder that cannot be written."""
+    # the header is JSON holding the document as an escaped string, and one entry per array
+    size = len(json.dumps(header)) + 200 * len(arrays)
+    if size <= SAFETENSORS_MAX_HEADER:
+        return
+    rows = {name: len(getattr(part, "history_", [])) for name, part in
+            (("history_", estimator), ("input_sae_.history_", getattr(estimator, "input_sae_", None)),
+             ("output_sae_.history_", getattr(estimator, "output_sae_", None))) if part is not None}
+    raise PersistenceError(
+        f"{type(estimator).__name__}.save({os.fspath(path)!r}): the file's header would be about "
+        f"{size / 1e6:.0f} MB, over the {SAFETENSORS_MAX_HEADER / 1e6:.0f} MB that safetensors writes and reads; "
+        f"it holds the parameters and the history as JSON ({', '.join(f'{k}: {n} rows' for k, n in rows.items())}: "
+        f"one per epoch or partial_fit call). Keep fewer history rows before saving, for example "
+        f"est.history_ = est.history_[-10000:] (and the same for est.input_sae_ and est.output_sae_ of a "
+        f"JacobianSparseAutoencoder). Nothing was written."
+    )
 
 
 

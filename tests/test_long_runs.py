@@ -64,3 +64,59 @@ def test_side_histories_equal_a_rebuild_after_any_sequence_of_fits(X, mlp, ops):
                 jsae.set_params(warm_start=op == "warm_fit").fit(X[:64])
     for side, prefix in ((jsae.input_sae_, "input"), (jsae.output_sae_, "output")):
         assert side.history_ == _side_rows_from_scratch(jsae.history_, prefix)
+
+
+def _header_estimate(estimator):
+    import json
+
+    from sklearn_jsae import _model_file
+
+    doc, arrays = _model_file.document(estimator)
+    header = {_model_file.METADATA_KEY: json.dumps(doc, default=_model_file._json_default, allow_nan=True)}
+    return len(json.dumps(header)) + 200 * len(arrays)
+
+
+@pytest.mark.parametrize("names", ["ascii", "unicode"])
+def test_the_header_estimate_bounds_the_header_safetensors_writes(X, mlp, tmp_path, names):
+    """save refuses a document too large for safetensors before writing; its estimate must not be
+    below the real header (the first 8 bytes of the file give its length), or an oversized file
+    would still fail in safetensors' own words."""
+    import pandas as pd
+
+    columns = [f"{'特征' if names == 'unicode' else 'f'}{i}" for i in range(6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        jsae = JacobianSparseAutoencoder(mlp, **SETTINGS, max_iter=3).fit(pd.DataFrame(X, columns=columns))
+        for start in range(0, 96, 16):
+            jsae.partial_fit(pd.DataFrame(X[start:start + 16], columns=columns))
+    path = jsae.save(tmp_path / "m.safetensors")
+    with open(path, "rb") as f:
+        written = int.from_bytes(f.read(8), "little")
+    assert written <= _header_estimate(jsae) <= 2 * written
+
+
+def test_a_history_too_long_for_the_file_is_refused_before_writing(X, mlp, tmp_path, monkeypatch):
+    """safetensors caps its header at 100 MB (a JSAE's history reaches it after about 175,000
+    partial_fit calls): the write failed as "cannot write ... check that the folder can be written".
+    Now save says what is too large and how to go on, and leaves a previous file as it was."""
+    from sklearn_jsae import _model_file
+    from sklearn_jsae.exceptions import PersistenceError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        jsae = JacobianSparseAutoencoder(mlp, **SETTINGS, max_iter=1).fit(X[:64])
+        path = jsae.save(tmp_path / "m.safetensors")
+        before = open(path, "rb").read()
+        for start in range(0, 320, 8):
+            jsae.partial_fit(X[start:start + 8])
+    monkeypatch.setattr(_model_file, "SAFETENSORS_MAX_HEADER", _header_estimate(jsae) - 1)
+    with pytest.raises(PersistenceError, match=r"header would be about .* MB, over the .* that safetensors writes "
+                                               r"and reads.*history_: 41 rows.*history_\[-10000:\].*Nothing was written"):
+        jsae.save(path)
+    assert open(path, "rb").read() == before
+    jsae.history_ = jsae.history_[-5:]
+    for side in (jsae.input_sae_, jsae.output_sae_):
+        side.history_ = side.history_[-5:]
+    from sklearn_jsae import load
+
+    assert len(load(jsae.save(path)).history_) == 5  # the way out it gives
