@@ -805,6 +805,9 @@ def test_the_progress_bar_redraws_rarely_into_a_log(monkeypatch, tty, interval):
     bar = progress_bar(10, 0, True)
     try:
         assert bar.mininterval == interval
+        # tqdm's monitor thread forces a redraw of a bar that has not printed for maxinterval
+        # (10 s by default): the log got a line every 10-20 s, not every 30 s
+        assert bar.maxinterval >= bar.mininterval
     finally:
         bar.close()
 

@@ -425,8 +425,9 @@ def progress_bar(total: int | None, initial: int, enabled: bool, unit: str = "st
     # notebook's widget (tqdm.auto picks tqdm.notebook there) keep tqdm's rate.
     notebook = any(cls.__module__.startswith("tqdm.notebook") for cls in tqdm.__mro__)
     interactive = notebook or bool(getattr(sys.stderr, "isatty", lambda: False)())
+    # (tqdm's monitor thread redraws a bar idle for maxinterval, 10 s by default: raised with it)
     return tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True, leave=True,
-                mininterval=0.1 if interactive else 30.0)
+                mininterval=0.1 if interactive else 30.0, maxinterval=10.0 if interactive else 30.0)
 
 
 def show_step(bar, trainer, values: dict, rows: int) -> None:
