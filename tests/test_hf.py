@@ -535,6 +535,37 @@ def test_a_failed_harvest_leaves_the_earlier_store_and_a_new_one_keeps_its_memma
     np.testing.assert_array_equal(np.load(store / "X.npy"), X_new)
 
 
+@pytest.mark.parametrize("at", range(6))
+def test_an_interrupt_while_the_files_are_swapped_in_leaves_the_earlier_store(tmp_path, monkeypatch, at):
+    """The swap unlinked the earlier X, Y and token_ids before renaming the new ones in: an interrupt
+    there lost the earlier store, and the abort after it the complete new one too.  Now an interrupt
+    at any of the swap's six renames puts the earlier files back byte for byte, with nothing left
+    beside them, and the next harvest completes."""
+    from sklearn_jsae.hf import _harvest
+
+    model, _, _ = _tiny("gpt2")
+    ids, mask = _ids(n_seq=6)
+    store = tmp_path / "acts"
+    harvest(model, 1, input_ids=ids[:3], attention_mask=mask[:3], out=store, progress=False)
+    files = {p.name: p.read_bytes() for p in store.iterdir()}
+    real_replace, renames = os.replace, []
+
+    def interrupted(src, dst):
+        renames.append((src, dst))
+        if len(renames) == at + 1 and store.samefile(os.path.dirname(src)):
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(_harvest.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        harvest(model, 1, input_ids=ids, attention_mask=mask, out=store, progress=False)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == files
+    X_new, _ = harvest(model, 1, input_ids=ids, attention_mask=mask, out=store, progress=False)
+    assert sorted(p.name for p in store.iterdir()) == ["X.npy", "Y.npy", "token_ids.npy"]
+    assert len(X_new) == mask.sum()
+
+
 def test_a_harvest_into_a_folder_another_harvest_is_writing_is_refused(tmp_path):
     """Two harvests into one folder wrote the same partial files and swapped in a store mixing their
     rows (and deleted the earlier one).  The folder is locked while a harvest writes (flock, per

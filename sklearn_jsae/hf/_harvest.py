@@ -104,9 +104,8 @@ class _FileSink:
     A harvest that fails or is interrupted leaves the folder's earlier files as they were (its own
     rows are in hidden partial files, removed on error; a killed one's are overwritten by the next
     harvest).  One harvest at a time writes into a folder: it holds a lock on it, and another
-    harvest into it raises ``RuntimeError`` instead of writing into the same partial files.  A complete one removes the earlier files and then moves its own in: an earlier
-    harvest's memmaps stay valid (their files are unlinked, never truncated), and a kill between
-    the moves leaves files missing, never an ``X`` of one harvest beside the ``Y`` of another."""
+    harvest into it raises ``RuntimeError`` instead of writing into the same partial files.  A
+    complete one swaps its files in all or none (:meth:`_swap_in`)."""
 
     def __init__(self, folder: Path, dtype):
         self.folder = folder
@@ -140,14 +139,40 @@ class _FileSink:
                         f"(or pass another out= folder, or fewer n_tokens) and harvest again."
                     ) from e
                 raise
-            for writer in self.writers.values():
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(writer.path)
-            for writer in self.writers.values():
-                os.replace(writer.partial, writer.path)
+            self._swap_in()
             return {name: np.load(w.path, mmap_mode="r") for name, w in self.writers.items()}
         finally:
             self._unlock()
+
+    def _swap_in(self):
+        """Move the complete harvest's files in, all or none.  The earlier files are first renamed
+        aside (``.X.npy.old``: never truncated, so an earlier harvest's memmaps stay valid), then
+        the new ones renamed in, then the aside ones removed.  An error or interrupt part-way puts
+        the earlier files back (unlinking them first lost them, and the abort after it the new
+        ones too); a kill part-way leaves the earlier files under their ``.old`` names, never an
+        ``X`` of one harvest beside the ``Y`` of another."""
+        writers = list(self.writers.values())
+        set_aside, moved_in = [], []
+        try:
+            for writer in writers:
+                aside = writer.path.with_name(f".{writer.path.name}.old")
+                if os.path.lexists(writer.path):
+                    os.replace(writer.path, aside)
+                    set_aside.append((writer, aside))
+            for writer in writers:
+                os.replace(writer.partial, writer.path)
+                moved_in.append(writer)
+        except BaseException:
+            for writer in moved_in:  # back to its partial name, which the abort then removes
+                with contextlib.suppress(OSError):
+                    os.replace(writer.path, writer.partial)
+            for writer, aside in set_aside:
+                with contextlib.suppress(OSError):
+                    os.replace(aside, writer.path)
+            raise
+        for writer in writers:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(writer.path.with_name(f".{writer.path.name}.old"))
 
     def abort(self):
         try:
@@ -523,7 +548,9 @@ def harvest(
     out : str or path-like, optional
         A folder: stream ``X.npy``, ``Y.npy`` and ``token_ids.npy`` there and return read-only
         memmaps, so runs larger than memory work.  Files of an earlier harvest there are replaced
-        when this one is complete; an error or an interrupt leaves them as they were.  None
+        when this one is complete; an error or an interrupt leaves them as they were (a kill in the
+        fraction of a second the final renames take leaves them as ``.X.npy.old``,
+        ``.Y.npy.old`` and ``.token_ids.npy.old``: rename them back).  None
         keeps everything in memory.  The path of a file raises ``ValueError``.
     dtype : {numpy.float32, numpy.float16}, default=numpy.float32
         Storage dtype of ``X`` and ``Y``.  float16 raises ``ValueError`` if a value overflows.
