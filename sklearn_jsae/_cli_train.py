@@ -429,6 +429,31 @@ def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    lock = _lock_run_folder(out)
+    try:
+        return _main(args, out)
+    finally:
+        if lock is not None:
+            os.close(lock)  # closing the descriptor releases the lock
+
+
+def _lock_run_folder(out: Path) -> int | None:
+    """Hold ``out`` for this command: a second train command into the same folder, started before
+    the first had written its first checkpoint, ran unchecked and overwrote the first's config,
+    model and summary with its own (mixing two runs in one folder).  Under torchrun the job's rank 0
+    holds it for the job (its other ranks write nothing there)."""
+    from ._backend.files import lock_folder
+
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    try:
+        return lock_folder(out)
+    except BlockingIOError:
+        raise SystemExit(f"python -m sklearn_jsae train: error: {out} is in use by another train command (it "
+                         f"holds the folder); wait for it to end, or give this run another --out.") from None
+
+
+def _main(args, out: Path) -> int:
     summary_path = out / "summary.json"
     # Before the finished run's summary is shown: a rerun with other options printed the old
     # summary and exited 0, as if it had run what it was asked.

@@ -606,3 +606,33 @@ def test_a_full_disk_leaves_no_temporary_in_the_run_folder(tmp_path, monkeypatch
     assert not (out / "summary.json").exists()
     if full == "pydoc_texts":
         assert not (out / "pydoc_texts.txt").exists()
+
+
+def test_a_second_train_command_into_a_folder_in_use_is_refused(tmp_path, monkeypatch, capsys):
+    """Two train commands with one --out, the second started before the first's first checkpoint,
+    both ran: the folder ended with the second's config beside the first's model and summary, and
+    a rerun of the second printed the first's summary as its own.  The folder is now held for the
+    whole command (flock, per open of the folder: here the "other command" is this test's)."""
+    from sklearn_jsae._backend.files import lock_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"n_tokens": 15000}')
+    held = lock_folder(out)
+    assert held is not None
+    try:
+        with pytest.raises(SystemExit, match=rf"{re.escape(str(out))} is in use by another train command .*another --out"):
+            main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", "1k", "--out", str(out)])
+        assert (out / "config.json").read_text() == '{"n_tokens": 15000}'  # nothing of the second run
+        monkeypatch.setenv("RANK", "1")  # torchrun: rank 0 holds the folder for its job's other ranks
+        from sklearn_jsae._cli_train import _lock_run_folder
+
+        assert _lock_run_folder(out) is None
+    finally:
+        os.close(held)
+    monkeypatch.delenv("RANK")
+    from sklearn_jsae._cli_train import _lock_run_folder
+
+    mine = _lock_run_folder(out)  # released: the next command gets the folder
+    assert mine is not None
+    os.close(mine)

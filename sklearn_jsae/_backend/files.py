@@ -69,3 +69,24 @@ def write_failed(path: str, exc: BaseException,
     advice = ("free space on its disk, or write elsewhere" if number == errno_module.ENOSPC else
               "check that the folder can be written, or write elsewhere")
     return OSError(number, f"cannot write {path!r} ({reason}): {kept}; {advice}")
+
+
+def lock_folder(folder) -> int | None:
+    """An exclusive ``flock`` on ``folder`` itself (nothing is added to it), as an open descriptor:
+    close it to let go.  Raises ``BlockingIOError`` when another process (or another open of the
+    folder) holds it.  None where there is no ``flock`` (Windows), or where the file system has
+    none for folders (NFS: EBADF, Lustre without ``-o flock``: ENOSYS): there nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise
+    except OSError:
+        os.close(descriptor)
+        return None
+    return descriptor

@@ -194,26 +194,18 @@ class _FileSink:
 
 
 def _lock_folder(folder: Path) -> int | None:
-    """An exclusive lock on ``folder`` for one harvest (``flock`` on the folder itself, so nothing
-    is added to it), as an open descriptor; another harvest holding it is an error.  None where
-    there is no ``flock`` (Windows): there two harvests into one folder are not told apart."""
+    """An exclusive lock on ``folder`` for one harvest (:func:`~sklearn_jsae._backend.files.lock_folder`),
+    as an open descriptor; another harvest holding it is an error.  None where there is no
+    ``flock``: there two harvests into one folder are not told apart."""
+    from .._backend.files import lock_folder
+
     try:
-        import fcntl
-    except ImportError:
-        return None
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return lock_folder(folder)
     except BlockingIOError:
-        os.close(descriptor)
         raise RuntimeError(
             f"out={str(folder)!r}: another harvest is writing into this folder (two harvests into one folder "
             f"would mix their rows); wait for it to finish or harvest into another folder."
         ) from None
-    except OSError:  # a file system without flock on folders (NFS: EBADF, Lustre: ENOSYS): unlocked
-        os.close(descriptor)
-        return None
-    return descriptor
 
 
 def _token_rows(captured: torch.Tensor, keep: torch.Tensor) -> np.ndarray:
