@@ -290,3 +290,17 @@ def test_a_filtered_pandas_series_of_rows_streams_by_position(gpt2):
     assert stream.identity() != ActivationStream(gpt2, 0, input_ids=list(rows)[::-1], batch_size=4,
                                                  buffer_size=8).identity()
     np.testing.assert_array_equal(np.concatenate(list(stream)), _stream(gpt2, input_ids=list(rows)))
+
+
+@pytest.mark.parametrize("dtype", ["int64", "Int64"])
+def test_a_pandas_series_of_token_ids_is_one_sequence(gpt2, dtype):
+    """A 1-D Series of ids (numpy int64, or pandas' nullable Int64) is one sequence, as a 1-D array
+    is: it crashed ('Series' object has no attribute 'reshape') or gave a bare numpy TypeError."""
+    pd = pytest.importorskip("pandas")
+    ids = _ids()[0].numpy()[0]
+    expected = _harvest(gpt2, input_ids=ids)
+    np.testing.assert_array_equal(_harvest(gpt2, input_ids=pd.Series(ids, dtype=dtype)), expected)
+    stream = ActivationStream(gpt2, 0, input_ids=pd.Series(ids, dtype=dtype), batch_size=len(ids), buffer_size=len(ids))
+    assert np.concatenate(list(stream)).shape == expected.shape
+    with pytest.raises(ValueError, match=r"input_ids \(or attention_mask\) holds missing values \(NA\)"):
+        _harvest(gpt2, input_ids=pd.Series([*ids[:3], None], dtype="Int64"))

@@ -335,11 +335,24 @@ def _is_id_array(input_ids) -> bool:
     if not hasattr(input_ids, "ndim"):
         return False
     dtype = getattr(input_ids, "dtype", None)
-    return isinstance(dtype, torch.dtype) or np.dtype(dtype if dtype is not None else object).kind != "O"
+    if isinstance(dtype, torch.dtype):
+        return True
+    # pandas' nullable dtypes (Int64) are not numpy dtypes: their numpy_dtype says what they hold
+    dtype = getattr(dtype, "numpy_dtype", dtype)
+    try:
+        return np.dtype(dtype if dtype is not None else object).kind != "O"
+    except TypeError:
+        return False
 
 
 def _as_rows(array):
-    """A 1-D array of token ids (one sequence) as one row; a 2-D one as it is."""
+    """A 1-D array of token ids (one sequence) as one row; a 2-D one as it is.  Array-likes that are
+    neither numpy arrays nor tensors (a pandas Series of ids) are read as numpy arrays."""
+    if not isinstance(array, (np.ndarray, torch.Tensor)):
+        if hasattr(array, "isna") and bool(np.asarray(array.isna()).any()):  # pandas' NA would read as -2⁶³
+            raise ValueError("input_ids (or attention_mask) holds missing values (NA); every token needs an id: "
+                             "drop or fill them first.")
+        array = np.asarray(array)
     return array if array.ndim == 2 else array.reshape(1, -1)
 
 
@@ -347,7 +360,7 @@ def _is_integer_dtype(dtype) -> bool:
     if isinstance(dtype, torch.dtype):
         return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
     try:
-        return np.dtype(dtype).kind in "iu"
+        return np.dtype(getattr(dtype, "numpy_dtype", dtype)).kind in "iu"  # (pandas' Int64: its numpy dtype)
     except TypeError:
         return False
 
