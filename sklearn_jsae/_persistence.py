@@ -122,10 +122,11 @@ def write_atomically(path, write) -> str:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot write {path!r}: the folder {folder!r} does not exist; create it first "
                                 f"(os.makedirs) or pass a path in an existing folder.")
-    from ._backend.files import give_default_mode, temporary_prefix, write_failed
+    from ._backend.files import give_default_mode, remove_dead_temporaries, temporary_prefix, write_failed, writer_prefix
 
     try:
-        handle, temporary = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=folder)
+        # named after its writer: one a kill left behind is removed by the next write of this path
+        handle, temporary = tempfile.mkstemp(prefix=writer_prefix(temporary_prefix(path)), suffix=".tmp", dir=folder)
     except OSError as exc:  # a read-only folder, one without write permission
         raise write_failed(path, exc) from exc
     os.close(handle)
@@ -146,6 +147,7 @@ def write_atomically(path, write) -> str:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+    remove_dead_temporaries(folder, temporary_prefix(path))
     return path
 
 

@@ -193,7 +193,7 @@ def _write(path, weights_name, tensors, cfg, header=None) -> str:
 
     from safetensors.numpy import save_file
 
-    from ._backend.files import give_default_mode, temporary_prefix, write_failed
+    from ._backend.files import give_default_mode, remove_dead_temporaries, temporary_prefix, write_failed, writer_prefix
 
     text = json.dumps(cfg, indent=2)
     # The digest of the cfg as it reads back, as the import computes it (keys become strings).
@@ -202,7 +202,7 @@ def _write(path, weights_name, tensors, cfg, header=None) -> str:
     temporaries = []
     try:
         for final in (weights_path, cfg_path):
-            handle, temporary = tempfile.mkstemp(prefix=temporary_prefix(final), suffix=".tmp", dir=path)
+            handle, temporary = tempfile.mkstemp(prefix=writer_prefix(temporary_prefix(final)), suffix=".tmp", dir=path)
             os.close(handle)
             temporaries.append(temporary)
         weights_tmp, cfg_tmp = temporaries
@@ -227,6 +227,8 @@ def _write(path, weights_name, tensors, cfg, header=None) -> str:
         for temporary in temporaries:
             with contextlib.suppress(OSError):
                 os.remove(temporary)
+    for final in (weights_path, cfg_path):  # a killed export's (named after their dead writer)
+        remove_dead_temporaries(path, temporary_prefix(final))
     return path
 
 

@@ -876,3 +876,16 @@ def test_jacobian_equals_autograd_through_saelens_saes_and_the_lens_mlp(tmp_path
         theirs = torch.autograd.functional.jacobian(latents_out, start).numpy()
         np.testing.assert_allclose(ours[t][np.ix_(idx_y[t], idx_x[t])], theirs, rtol=1e-4, atol=1e-5)
         assert np.abs(theirs).max() > 1e-3
+
+
+def test_an_export_removes_the_temporaries_a_killed_export_left(problem, tmp_path):
+    """As save does: an export's temporaries are named after their writer, and the next export into
+    the folder removes a killed one's (every one of 15 kills left them) but not a live writer's."""
+    from test_persistence import _dead_and_live_temporaries
+
+    folder = tmp_path / "sl"
+    to_saelens(problem[0], folder, side="output")
+    left = [_dead_and_live_temporaries(folder, name) for name in ("cfg.json", "sae_weights.safetensors")]
+    from_saelens(to_saelens(problem[0], folder, side="output"))
+    for dead, live in left:
+        assert not dead.exists() and live.exists()

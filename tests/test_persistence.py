@@ -819,3 +819,37 @@ def test_a_file_name_of_the_longest_legal_length_saves(tmp_path):
     path = tmp_path / ("m" * 239 + ".safetensors")  # 251 characters
     load(sae.save(path))
     assert os.listdir(tmp_path) == [path.name]
+
+
+def _dead_and_live_temporaries(folder, final_name):
+    """Temporaries of ``final_name`` as a killed writer (a finished process) and a live one (this
+    process's parent) of this machine leave them."""
+    import subprocess
+    import sys
+
+    from sklearn_jsae._backend.files import HOST, temporary_prefix
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    prefix = temporary_prefix(os.path.join(folder, final_name))
+    dead = Path(folder) / f"{prefix}{HOST}-{int(finished.stdout)}.abcd1234.tmp"
+    live = Path(folder) / f"{prefix}{HOST}-{os.getppid()}.efgh5678.tmp"
+    for path in (dead, live):
+        path.write_bytes(b"half a file")
+    return dead, live
+
+
+def test_a_save_removes_the_temporary_a_killed_save_left_and_names_its_own(tmp_path, monkeypatch):
+    """A save killed part-way (SIGKILL runs no cleanup) left a full-size hidden temporary that no
+    later save removed.  Temporaries are now named after their writer, as checkpoints' are: the
+    next save of the path removes a dead writer's and leaves a live one's (a save in progress)."""
+    from sklearn_jsae._backend.files import HOST
+
+    model, _ = fit_model("topk")
+    path = tmp_path / "model.safetensors"
+    dead, live = _dead_and_live_temporaries(tmp_path, path.name)
+    prefixes, real_mkstemp = [], _persistence.tempfile.mkstemp
+    monkeypatch.setattr(_persistence.tempfile, "mkstemp", lambda **kw: prefixes.append(kw["prefix"]) or real_mkstemp(**kw))
+    load(model.save(path))
+    assert not dead.exists() and live.read_bytes() == b"half a file"
+    assert prefixes and all(p.endswith(f".{HOST}-{os.getpid()}.") for p in prefixes)

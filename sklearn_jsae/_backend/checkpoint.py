@@ -26,13 +26,10 @@ tensors and scales.
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import hashlib
 import json
 import os
 import re
-import socket
 import tempfile
 import time
 
@@ -40,7 +37,15 @@ import numpy as np
 import torch
 
 from ..exceptions import CheckpointError  # noqa: F401  (raised here; public in sklearn_jsae.exceptions)
-from .files import give_default_mode, write_failed
+from .files import (
+    HOST,
+    STALE_SECONDS,
+    give_default_mode,
+    remove_dead_temporaries,
+    write_failed,
+    writer_alive,
+    writer_prefix,
+)
 
 FORMAT = "sklearn_jsae.checkpoint"
 # Version 2 adds the digest (metadata key DIGEST); version 1 files, without one, are still read.
@@ -302,37 +307,8 @@ def _other_world_size(path: str, header: dict, identity: dict) -> CheckpointErro
     )
 
 
-# This machine's name as it goes into temporary files' names (letters, digits and _ only).
-_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
-
-
-# A temporary untouched this long is a killed writer's, whoever wrote it (a write takes seconds).
-_STALE_SECONDS = 3600
-
-
-def _writer_alive(rest: str, path: str) -> bool:
-    """Whether the writer of the temporary ``path``, named ``<prefix><rest>``, may still be writing
-    it: a live process of this machine, or one we cannot see (another machine's, or any on Windows)
-    that touched it within the last hour; False for a dead one's, and for a name without a writer
-    (written before writers were named)."""
-    match = re.match(r"([A-Za-z0-9_]+)-(\d+)\.", rest)
-    if match is None:
-        return False
-    host, pid = match.group(1), int(match.group(2))
-    if pid == os.getpid() and host == _HOST:
-        return True
-    if host != _HOST or os.name == "nt":  # (os.kill(pid, 0) is a Ctrl-C on Windows)
-        try:
-            return time.time() - os.path.getmtime(path) < _STALE_SECONDS
-        except OSError:  # removed meanwhile
-            return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: alive
-        return True
-    return True
+# (named here too: the tests and earlier code read them from this module)
+_HOST, _STALE_SECONDS, _writer_alive = HOST, STALE_SECONDS, writer_alive
 
 
 class Checkpointer:
@@ -414,8 +390,7 @@ class Checkpointer:
         kept = ("the previous checkpoint, if any, is left as it was (run the same fit again to resume from "
                 "it once the disk has room), and so is the estimator")
         try:
-            handle, temporary = tempfile.mkstemp(prefix=f"{prefix}{_HOST}-{os.getpid()}.", suffix=".tmp",
-                                                 dir=self.folder)
+            handle, temporary = tempfile.mkstemp(prefix=writer_prefix(prefix), suffix=".tmp", dir=self.folder)
         except OSError as exc:
             raise write_failed(self.path, exc, kept) from exc
         os.close(handle)
@@ -434,11 +409,7 @@ class Checkpointer:
         finally:
             if os.path.exists(temporary):
                 os.remove(temporary)
-        for stale in glob.glob(os.path.join(glob.escape(self.folder), glob.escape(prefix) + "*.tmp")):
-            if _writer_alive(os.path.basename(stale)[len(prefix):], stale):
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(stale)
+        remove_dead_temporaries(self.folder, prefix)
         self.last_saved = time.monotonic()  # after the write: a slow write does not eat the interval
 
     def read(self) -> tuple[dict, dict] | None:

@@ -7,8 +7,13 @@ read by the owner's group, as a file written with ``open`` (0666 less the umask)
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import re
+import socket
 import threading
+import time
 
 _UMASK_LOCK = threading.Lock()
 
@@ -43,11 +48,59 @@ def give_default_mode(path: str, replacing: str | None = None) -> None:
 
 
 def temporary_prefix(path: str) -> str:
-    """The prefix of the temporary written beside ``path`` (``.<name>.``), its name cut so that the
-    temporary's (the prefix, mkstemp's 8 characters and ``.tmp``) stays within the 255 bytes a file
-    name may have: a legal name of 242-255 bytes could not be saved."""
-    name = os.path.basename(path).encode()[:200].decode(errors="ignore")
+    """The prefix of the temporaries written beside ``path`` (``.<name>.``), its name cut so that a
+    temporary's (the prefix, its writer's name, mkstemp's 8 characters and ``.tmp``) stays within
+    the 255 bytes a file name may have: a legal name of 242-255 bytes could not be saved."""
+    name = os.path.basename(path).encode()[:150].decode(errors="ignore")
     return f".{name}."
+
+
+# This machine's name as it goes into temporary files' names (letters, digits and _ only).
+HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
+
+# A temporary untouched this long is a killed writer's, whoever wrote it (a write takes seconds).
+STALE_SECONDS = 3600
+
+
+def writer_prefix(prefix: str) -> str:
+    """``prefix`` with this process's name (machine and pid) for ``tempfile.mkstemp``: a temporary a
+    kill left behind (a SIGKILL runs no cleanup) is then known as a dead writer's, and removed by
+    :func:`remove_dead_temporaries` at the next write of the same file."""
+    return f"{prefix}{HOST}-{os.getpid()}."
+
+
+def writer_alive(rest: str, path: str) -> bool:
+    """Whether the writer of the temporary ``path``, named ``<prefix><rest>``, may still be writing
+    it: a live process of this machine, or one we cannot see (another machine's, or any on Windows)
+    that touched it within the last hour; False for a dead one's, and for a name without a writer
+    (written before writers were named)."""
+    match = re.match(r"([A-Za-z0-9_]+)-(\d+)\.", rest)
+    if match is None:
+        return False
+    host, pid = match.group(1), int(match.group(2))
+    if pid == os.getpid() and host == HOST:
+        return True
+    if host != HOST or os.name == "nt":  # (os.kill(pid, 0) is a Ctrl-C on Windows)
+        try:
+            return time.time() - os.path.getmtime(path) < STALE_SECONDS
+        except OSError:  # removed meanwhile
+            return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_dead_temporaries(folder: str, prefix: str) -> None:
+    """Remove the temporaries ``<prefix>*.tmp`` in ``folder`` whose writers are dead (killed part-way
+    through a write); live writers' (another process writing the same file now) are left alone."""
+    for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*.tmp")):
+        if not writer_alive(os.path.basename(stale)[len(prefix):], stale):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(stale)
 
 
 def write_failed(path: str, exc: BaseException,
