@@ -1481,3 +1481,32 @@ def test_an_interrupt_while_entering_eval_mode_leaves_no_entry_behind():
     del model
     gc.collect()
     assert ref() is None
+
+
+def test_a_harvest_whose_first_write_fails_leaves_no_partial_file(tmp_path, monkeypatch):
+    """A writer whose header write failed (a disk full at the very start) closed its file but left
+    the hidden partial file: the sink cleans up only writers that finished starting."""
+    import errno
+
+    from sklearn_jsae.hf import _harvest
+
+    model, _, _ = _tiny("gpt2")
+    ids, mask = _ids(n_seq=2)
+    real_fdopen = os.fdopen
+
+    class NoSpace:
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            self.file.close()
+
+    monkeypatch.setattr(_harvest.os, "fdopen", lambda fd, mode: NoSpace(real_fdopen(fd, mode)))
+    store = tmp_path / "acts"
+    with pytest.raises(OSError, match="No space left"):
+        harvest(model, 1, input_ids=ids, attention_mask=mask, out=store, progress=False)
+    monkeypatch.undo()
+    assert list(store.iterdir()) == []

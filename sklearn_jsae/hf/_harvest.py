@@ -56,6 +56,8 @@ class _NpyWriter:
             self.file.write(b"\0" * _HEADER_BYTES)
         except BaseException:
             self.file.close()
+            with contextlib.suppress(OSError):  # not yet the sink's to clean up
+                os.remove(self.partial)
             raise
 
     def append(self, rows: np.ndarray) -> None:
