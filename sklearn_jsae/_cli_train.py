@@ -39,6 +39,7 @@ import itertools
 import json
 import numbers
 import os
+import pickle
 import re
 import sys
 import time
@@ -286,7 +287,8 @@ def load_model(name: str, causal_lm: bool = False, dtype: str | None = None):
         model = loader.from_pretrained(path, **kwargs).eval()
         kwargs.pop("dtype", None)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:  # an empty folder, a file that is no model: transformers' traceback
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:  # an empty folder, a file that is no model,
+        # pickled weights torch refuses to unpickle (weights_only): transformers' traceback
         raise SystemExit(f"--model {name!r} cannot be read as a model ({type(exc).__name__}: "
                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}); give a Hugging Face "
                          f"model folder (config.json, the weights and the tokenizer's files), a .gguf file, 'minilm' "

@@ -848,7 +848,9 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
                 "X holds output-side codes (from transform_output), but inverse_transform decodes "
                 "with the input SAE's dictionary; use inverse_transform_output for output codes."
             )
-        return _decode(X, self.input_sae_.components_, self.input_sae_.decoder_bias_, "X", self.get_feature_names_out)
+        # (the input SAE's own codes, from input_sae_.transform, are these latents under its names)
+        return _decode(X, self.input_sae_.components_, self.input_sae_.decoder_bias_, "X",
+                       (self.get_feature_names_out, self.input_sae_.get_feature_names_out))
 
     def inverse_transform_output(self, X):
         """Decode output-side codes (n_samples, n_output_components), from :meth:`transform_output`,
@@ -860,7 +862,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
                 "the output SAE's dictionary; use inverse_transform for input codes."
             )
         return _decode(X, self.output_sae_.components_, self.output_sae_.decoder_bias_, "X",
-                       self.get_output_feature_names_out)
+                       (self.get_output_feature_names_out, self.output_sae_.get_feature_names_out))
 
     def get_output_feature_names_out(self, input_features=None):
         """Names of the output-side latents: ``"<classname>_output0"``, ... (``n_output_components``).

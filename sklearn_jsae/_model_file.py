@@ -91,6 +91,10 @@ def _encode_param(value):
     raise TypeError(type(value).__name__)
 
 
+# Parameters save leaves out (a model's memory cache belongs to one machine and holds pickles).
+_NEVER_SAVED = frozenset({"mlp", "memory"})
+
+
 def _params_doc(estimator, stacklevel: int) -> tuple[dict, dict]:
     """``(params, dropped)``: JSON-ready parameters and ``{name: repr}`` of those left out
     (``stacklevel`` points the warning at the caller of ``save``)."""
@@ -283,7 +287,8 @@ def _check_header_size(estimator, header: dict, arrays: dict, path) -> None:
         f"it holds the parameters and the history as JSON ({', '.join(f'{k}: {n} rows' for k, n in rows.items())}: "
         f"one per epoch or partial_fit call). Keep fewer history rows before saving, for example "
         f"est.history_ = est.history_[-10000:] (and the same for est.input_sae_ and est.output_sae_ of a "
-        f"JacobianSparseAutoencoder). Nothing was written."
+        f"JacobianSparseAutoencoder), before every save: a partial_fit run keeps its rows and the next "
+        f"call gives them back. Nothing was written."
     )
 
 
@@ -312,11 +317,17 @@ def read(path) -> tuple[dict, dict]:
         )
     if not os.path.exists(path):
         raise FileNotFoundError(f"No such file: {path!r}")
+    from ._backend.files import not_a_regular_file
+
+    kind = not_a_regular_file(path)
+    if kind is not None:  # a FIFO would block the read forever
+        raise PersistenceError(f"{path!r} is {kind}, not a model file written by estimator.save(path). "
+                               f"Nothing was loaded.")
     try:
         with safe_open(path, framework="np") as f:
             metadata = f.metadata() or {}
             arrays = {name: np.array(f.get_tensor(name), copy=True) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:  # (TypeError: a dtype numpy lacks, bf16)
         raise PersistenceError(
             f"{path!r} cannot be read as a model file ({type(exc).__name__}: {exc}): it is "
             f"truncated or damaged, or not a file written by estimator.save(path) (those are "
@@ -331,8 +342,9 @@ def read(path) -> tuple[dict, dict]:
         )
     try:
         doc = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise PersistenceError(f"{path!r} has a damaged sklearn-jsae header (invalid JSON: {exc}).") from exc
+    except (json.JSONDecodeError, RecursionError) as exc:  # (nested past Python's recursion limit)
+        raise PersistenceError(f"{path!r} has a damaged sklearn-jsae header (invalid JSON: "
+                               f"{type(exc).__name__}: {exc}).") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise PersistenceError(
             f"{path!r} has an {METADATA_KEY!r} header entry that is not an sklearn-jsae model "
@@ -439,6 +451,12 @@ def _with_params(cls, doc, where, **extra):
     unknown = sorted(set(params) - set(estimator.get_params(deep=False)))
     if unknown:
         raise _Invalid(f"{where}params has parameters this version does not know: {unknown}")
+    # save never writes these: memory holds joblib pickles, which a fit loads, so a file naming a
+    # folder of someone else's pickles would run their code at the first fit; mlp is its own entry
+    unwritten = sorted(set(params) & _NEVER_SAVED)
+    if unwritten:
+        raise _Invalid(f"{where}params has {unwritten}, which save never writes (a memory cache holds "
+                       f"pickles, which a fit would load)")
     try:
         estimator.set_params(**{name: _decode_param(name, v, where) for name, v in params.items()}, **extra)
         estimator._validate_params()

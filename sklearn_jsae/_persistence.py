@@ -124,8 +124,10 @@ def write_atomically(path, write) -> str:
                                 f"(os.makedirs) or pass a path in an existing folder.")
     from ._backend.files import give_default_mode, remove_dead_temporaries, temporary_prefix, write_failed, writer_prefix
 
+    # named after its writer: one a kill left behind (full size: it may be what fills the disk) is
+    # removed by the next write of this path, before it writes
+    remove_dead_temporaries(folder, temporary_prefix(path))
     try:
-        # named after its writer: one a kill left behind is removed by the next write of this path
         handle, temporary = tempfile.mkstemp(prefix=writer_prefix(temporary_prefix(path)), suffix=".tmp", dir=folder)
     except OSError as exc:  # a read-only folder, one without write permission
         raise write_failed(path, exc) from exc

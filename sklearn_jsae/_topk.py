@@ -665,17 +665,22 @@ def _check_latent_names(codes, latent_names, name):
     """Refuse a DataFrame of codes whose string column names are not this dictionary's latents in
     order (a reordered or renamed frame would decode silently wrong); as scikit-learn does for
     feature names, integer column names (a frame built from an array) carry no names to check.
-    ``latent_names``: a callable giving the names (built only for a frame: 65,536 of them cost)."""
+    ``latent_names``: a callable giving the names (built only for a frame: 65,536 of them cost), or a
+    tuple of such callables, any of whose names is accepted (the first is the one a message names)."""
     columns = getattr(codes, "columns", None)
     if columns is None or not len(columns) or not all(isinstance(column, str) for column in columns):
         return
-    columns, latent_names = list(columns), [str(latent) for latent in latent_names()]
-    if columns == latent_names or len(columns) != len(latent_names):  # another width: _decode names it
+    columns = list(columns)
+    accepted = [[str(latent) for latent in names()] for names in
+                (latent_names if isinstance(latent_names, tuple) else (latent_names,))]
+    if any(columns == names for names in accepted) or len(columns) != len(accepted[0]):  # another width: _decode names it
         return
+    latent_names = accepted[0]
     if sorted(columns) == sorted(latent_names):
         problem = "in another order"
     else:
-        unknown = [column for column in columns if column not in set(latent_names)]
+        known = set(latent_names)
+        unknown = [column for column in columns if column not in known]
         problem = f"with other names ({', '.join(map(repr, unknown[:3]))}{', ...' if len(unknown) > 3 else ''})"
     raise ValueError(
         f"{name}'s columns hold this dictionary's latents {problem}: decoding them by position would mix "

@@ -83,7 +83,8 @@ def check_finite_rows(X, name: str = "X", chunk_rows: int = 65536) -> None:
         # One pass and no boolean copy of X in the usual case: a float64 sum of finite float32
         # values cannot overflow, so a finite sum means finite X (float64 X near its own range
         # can overflow it: the row scan below then finds nothing and X passes).
-        if X.size == 0 or np.isfinite(X.sum(dtype=np.float64)):
+        # (first in X's own dtype, the fastest pass; a float32 sum of large finite values can overflow)
+        if X.size == 0 or np.isfinite(X.sum()) or np.isfinite(X.sum(dtype=np.float64)):
             return
     first, n_bad = None, 0
     for start in range(0, X.shape[0], chunk_rows):

@@ -421,8 +421,8 @@ def _read_folder(path, weights_name, package):
     try:
         with open(os.path.join(path, CFG_FILENAME)) as f:
             cfg = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PersistenceError(f"{path!r}: {CFG_FILENAME} is not valid JSON ({exc}).") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise PersistenceError(f"{path!r}: {CFG_FILENAME} is not valid JSON ({type(exc).__name__}: {exc}).") from exc
     if not isinstance(cfg, dict):
         raise PersistenceError(f"{path!r}: {CFG_FILENAME} is not a JSON object.")
     try:

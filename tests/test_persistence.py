@@ -458,6 +458,9 @@ def test_inconsistent_tensors_are_named(saved, tmp_path, edit, message):
     (lambda d: d["input_sae_"]["fitted"].update(dead_fraction_=1.5), r"dead_fraction_=1.5 is not a fraction"),
     (lambda d: d["input_sae_"]["fitted"].update(dead_fraction_=float("inf")), r"dead_fraction_=inf is not a fraction"),
     (lambda d: d["fitted"].update(n_iter_=-3), r"fitted.n_iter_=-3 is negative"),
+    # a memory cache holds pickles that a fit loads: a file naming one ran their code at the first fit
+    (lambda d: d["params"].update(memory="/tmp/somebody-elses-cache"),
+     r"params has \['memory'\], which save never writes \(a memory cache holds pickles"),
     # JSON of the wrong shape, which raised bare IndexError, TypeError or AttributeError
     (lambda d: d["params"].update(random_state={"numpy.random.RandomState": {
         "kind": "MT19937", "keys": [1, 2], "pos": 0, "has_gauss": 0, "cached_gaussian": 0.0}}),
@@ -853,3 +856,16 @@ def test_a_save_removes_the_temporary_a_killed_save_left_and_names_its_own(tmp_p
     load(model.save(path))
     assert not dead.exists() and live.read_bytes() == b"half a file"
     assert prefixes and all(p.endswith(f".{HOST}-{os.getpid()}.") for p in prefixes)
+
+
+def test_a_save_leaves_the_temporaries_of_a_path_that_only_starts_like_its_own(tmp_path):
+    """``.model.`` (the temporaries of ``model``) is also the start of ``.model.safetensors.``'s: a
+    save of ``model`` deleted another save's temporary of ``model.safetensors`` mid-write."""
+    from sklearn_jsae._backend.files import HOST
+
+    model, _ = fit_model("topk")
+    dead, live = _dead_and_live_temporaries(tmp_path, "model.safetensors")
+    mine = tmp_path / f".model.safetensors.{HOST}-{os.getpid()}.ijkl9012.tmp"  # this process, another path
+    mine.write_bytes(b"half a file")
+    load(model.save(tmp_path / "model"))
+    assert dead.exists() and live.exists() and mine.exists()  # none of them is a temporary of 'model'

@@ -66,6 +66,17 @@ def test_renamed_code_columns_are_refused_and_unnamed_ones_decode(framed, df):
                                   framed.inverse_transform(codes))
 
 
+def test_the_side_saes_own_frames_of_codes_decode_through_the_pair(framed, df):
+    """``jsae.input_sae_.transform`` gives the same codes under the side SAE's names: the pair decodes
+    them (the name check refused them as "other names")."""
+    for side, decode in ((framed.input_sae_, framed.inverse_transform),
+                         (framed.output_sae_, framed.inverse_transform_output)):
+        inputs = df if side is framed.input_sae_ else framed.mlp_outputs(df)
+        codes = side.set_output(transform="pandas").transform(inputs)
+        assert list(codes.columns)[0].startswith("topksparseautoencoder")
+        np.testing.assert_allclose(decode(codes), side.inverse_transform(codes), rtol=1e-6, atol=1e-6)
+
+
 def test_a_frame_of_another_width_is_named_by_its_width_not_its_names(framed, df):
     codes = framed.transform(df)
     with pytest.raises(ValueError, match="X has 31 columns but the dictionary has n_components=32"):

@@ -41,6 +41,7 @@ from .files import (
     HOST,
     STALE_SECONDS,
     give_default_mode,
+    not_a_regular_file,
     remove_dead_temporaries,
     write_failed,
     writer_alive,
@@ -241,6 +242,9 @@ def _read_file(path: str, with_tensors: bool) -> tuple[dict, dict]:
     its content; the header's sections are JSON objects."""
     from safetensors import SafetensorError, safe_open
 
+    kind = not_a_regular_file(path)
+    if kind is not None:  # a FIFO in a checkpoint's name blocked every fit in the folder
+        raise CheckpointError(f"{path} is {kind}, not a checkpoint; remove it from the checkpoint folder.")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}

@@ -94,11 +94,19 @@ def writer_alive(rest: str, path: str) -> bool:
     return True
 
 
+# What follows the prefix in a temporary's name: its writer (machine and pid) and mkstemp's
+# random characters, or those alone (written before writers were named).  Anything else that matches
+# the prefix is another file's (``.model.`` is also the start of ``.model.safetensors.``'s).
+_TEMPORARY_REST = re.compile(r"(?:[A-Za-z0-9_]+-\d+\.)?[A-Za-z0-9_]+\.tmp")
+
+
 def remove_dead_temporaries(folder: str, prefix: str) -> None:
     """Remove the temporaries ``<prefix>*.tmp`` in ``folder`` whose writers are dead (killed part-way
-    through a write); live writers' (another process writing the same file now) are left alone."""
+    through a write); live writers' (another process writing the same file now), and files whose
+    names only start like this path's temporaries, are left alone."""
     for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*.tmp")):
-        if not writer_alive(os.path.basename(stale)[len(prefix):], stale):
+        rest = os.path.basename(stale)[len(prefix):]
+        if _TEMPORARY_REST.fullmatch(rest) and not writer_alive(rest, stale):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(stale)
 
@@ -122,6 +130,24 @@ def write_failed(path: str, exc: BaseException,
     advice = ("free space on its disk, or write elsewhere" if number == errno_module.ENOSPC else
               "check that the folder can be written, or write elsewhere")
     return OSError(number, f"cannot write {path!r} ({reason}): {kept}; {advice}")
+
+
+def not_a_regular_file(path) -> str | None:
+    """What ``path`` is when it is not a regular file (after symlinks), as a phrase ("a FIFO"), else
+    None.  Reading a FIFO blocks until something writes to it: a file standing in for a model,
+    a checkpoint or a corpus shard hung the reader forever."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # missing or unreadable: the reader's own error says so
+    for test, what in ((stat.S_ISREG, None), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
 
 
 def lock_folder(folder) -> int | None:

@@ -8,6 +8,8 @@ import io
 import json
 import os
 
+from .._backend.files import not_a_regular_file
+
 # The files a corpus folder's texts are read from, in sorted order (shards of one corpus); text and
 # JSON Lines files may be compressed.
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
@@ -137,8 +139,15 @@ def texts_of_file(path):
                              f"first two possibly compressed: {', '.join(COMPRESSIONS)}); pass a corpus file, or "
                              f"a folder of its shards.")
         for name in shards:
+            kind = not_a_regular_file(os.path.join(path, name))
+            if kind is not None:  # a link to the folder itself recursed 40 levels, rereading its texts
+                raise ValueError(f"corpus folder {path!r} holds {name!r}, which is {kind}, not a corpus file; "
+                                 f"remove it from the folder (shards are the folder's own files).")
             yield from texts_of_file(os.path.join(path, name))
         return
+    kind = not_a_regular_file(path)
+    if kind is not None:  # a FIFO blocked the read forever
+        raise ValueError(f"corpus file {path!r} is {kind}; pass a corpus file or a folder of its shards.")
     name = path.lower()  # suffixes in any case: CORPUS.JSONL.GZ is JSON Lines too
     where = {"line": 0, "row": None}  # the last line (or parquet row) read, for an error's message
     try:
@@ -190,8 +199,9 @@ def _lines_texts(path, name, where):
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path!r}, line {number}, is not JSON ({error.msg}); a .jsonl file holds one "
+            except (ValueError, RecursionError) as error:  # (an int past 4,300 digits, nesting past the limit)
+                reason = error.msg if isinstance(error, json.JSONDecodeError) else f"{type(error).__name__}: {error}"
+                raise ValueError(f"{path!r}, line {number}, is not JSON ({reason}); a .jsonl file holds one "
                                  f"JSON object per line.") from None
             text = record.get("text") if isinstance(record, dict) else record
             if not isinstance(text, str):

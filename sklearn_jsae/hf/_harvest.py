@@ -354,7 +354,9 @@ def _as_rows(array):
         if hasattr(array, "isna") and bool(np.asarray(array.isna()).any()):  # pandas' NA would read as -2⁶³
             raise ValueError("input_ids (or attention_mask) holds missing values (NA); every token needs an id: "
                              "drop or fill them first.")
-        array = np.asarray(array)
+        dtype = getattr(getattr(array, "dtype", None), "numpy_dtype", None)  # pandas' Int64: int64
+        # (a copy: np.asarray of a Series can be a read-only view, or, of Int64, an object array)
+        array = array.to_numpy(dtype=dtype, copy=True) if hasattr(array, "to_numpy") else np.asarray(array)
     return array if array.ndim == 2 else array.reshape(1, -1)
 
 
