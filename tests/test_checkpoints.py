@@ -942,6 +942,11 @@ MALFORMED = {
     "sums a list": (_set("trainer", "sums", value=[1]), r"sums=\[1\]"),
     "history a str": (_set("trainer", "history", value="abc"), "history that is not a list"),
     "scale_x zero": (_set("trainer", "scale_x", value=0.0), "scale_x=0.0, not a positive"),
+    # 0 in float32, where training divides by it: the fit stopped blaming X
+    "scale_x below float32": (_set("trainer", "scale_x", value=1e-300), r"scale_x=1e-300, not a positive number in "
+                                                                         r"float32's range"),
+    "scale_y beyond float32": (_set("trainer", "scale_y", value=1e39), r"scale_y=1e\+39, not a positive number in "
+                                                                        r"float32's range"),
     "scale_y a str": (_set("trainer", "scale_y", value="x"), "scale_y='x'"),
     "epoch -5": (_set("position", "epoch", value=-5), r"position \(epoch=-5, row=0\) is not a place"),
     "epoch past the end": (_set("position", "epoch", value=10**6), "epoch=1000000"),

@@ -869,3 +869,15 @@ def test_a_save_leaves_the_temporaries_of_a_path_that_only_starts_like_its_own(t
     mine.write_bytes(b"half a file")
     load(model.save(tmp_path / "model"))
     assert dead.exists() and live.exists() and mine.exists()  # none of them is a temporary of 'model'
+
+
+def test_an_mlp_weight_stored_in_another_dtype_than_described_is_refused(saved, tmp_path):
+    """A complex MLP weight (digests recomputed, as a forged file would) loaded with its imaginary
+    part dropped by the cast to the described dtype."""
+    def complex_weight(arrays):
+        name = next(n for n in arrays if n.startswith("mlp."))
+        arrays[name] = arrays[name].astype(np.complex64) + 1j
+
+    bad = _rewrite(saved, tmp_path / "bad.safetensors", edit_arrays=complex_weight)
+    with pytest.raises(PersistenceError, match=r"the weight is stored as complex64, but its description says float32"):
+        load(bad)

@@ -106,6 +106,10 @@ def _decode_tensor(meta: dict, array: np.ndarray) -> torch.Tensor:
                          f"'layout': 'rows' or 'columns'}}")
     if meta["layout"] == "columns" and array.ndim != 2:
         raise ValueError(f"layout 'columns' needs a 2-D array, got shape {array.shape}")
+    stored = np.dtype(np.float32 if meta["dtype"] == "bfloat16" else meta["dtype"])  # as _encode_tensor stores it
+    if array.dtype != stored:  # (a complex array lost its imaginary part in the cast below)
+        raise ValueError(f"the weight is stored as {array.dtype}, but its description says {meta['dtype']} "
+                         f"(stored as {stored})")
     t = torch.from_numpy(np.array(array, copy=True)).to(dtype).clone()
     return t.T if meta["layout"] == "columns" else t
 

@@ -23,6 +23,10 @@ import time
 import torch
 
 from ..exceptions import NonFiniteTrainingError
+
+# The range of a positive float32 (subnormals included): data scales outside it cannot be trained with.
+_FLOAT32_TINY, _FLOAT32_MAX = float(torch.finfo(torch.float32).smallest_normal) * 2.0 ** -23, float(
+    torch.finfo(torch.float32).max)
 from .jacobian import map_and_local_weights
 from .mlp import placed
 from .optim import Adam
@@ -391,7 +395,9 @@ class Trainer:
             return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
         def scale(value):
-            return number(value) and value > 0
+            # a data RMS in float32, where training divides by it: 1e-300 became 0 there, and the
+            # fit stopped blaming X
+            return number(value) and _FLOAT32_TINY <= value <= _FLOAT32_MAX
 
         for name in ("step_count", "adam_steps", "record_rows"):
             if not count(meta.get(name)):
@@ -400,10 +406,11 @@ class Trainer:
             if name in meta and not count(meta[name]):
                 return f"has {name}={meta[name]!r}, not a count"
         if not scale(meta.get("scale_x")):
-            return f"has scale_x={meta.get('scale_x')!r}, not a positive finite number"
+            return f"has scale_x={meta.get('scale_x')!r}, not a positive number in float32's range"
         scale_y = meta.get("scale_y", "missing")
         if (self.pair and not scale(scale_y)) or (not self.pair and scale_y is not None):
-            return f"has scale_y={scale_y!r}, not " + ("a positive finite number" if self.pair else "null (one SAE)")
+            return f"has scale_y={scale_y!r}, not " + ("a positive number in float32's range" if self.pair
+                                                       else "null (one SAE)")
         sums = meta.get("sums")
         if not isinstance(sums, dict) or set(sums) != set(self.sums) or not all(map(number, sums.values())):
             return f"has sums={sums!r}, not finite numbers for {sorted(self.sums)}"
