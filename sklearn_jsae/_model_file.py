@@ -566,6 +566,8 @@ def _build_jsae(doc, arrays, mlp):
     if shape != [n_out, n_in]:
         raise _Invalid(f"jacobian_.shape={shape} differs from the SAEs' sizes [{n_out}, {n_in}]")
     data = _take(arrays, "jacobian_.data", (None,))
+    if data.size and not float(data.min()) >= 0:  # a mean of |J|: never negative (NaN is refused too)
+        raise _Invalid(f"jacobian_ holds {float(data.min()):.3g}, but it is a mean of |J| (never negative)")
     indices = arrays.get("jacobian_.indices")
     index_dtype = indices.dtype if indices is not None and indices.dtype in (np.int32, np.int64) else np.int64
     indices = _take(arrays, "jacobian_.indices", (data.shape[0],), index_dtype)

@@ -881,3 +881,14 @@ def test_an_mlp_weight_stored_in_another_dtype_than_described_is_refused(saved, 
     bad = _rewrite(saved, tmp_path / "bad.safetensors", edit_arrays=complex_weight)
     with pytest.raises(PersistenceError, match=r"the weight is stored as complex64, but its description says float32"):
         load(bad)
+
+
+def test_a_negative_mean_jacobian_entry_is_refused(saved, tmp_path):
+    """``jacobian_`` is the mean |J| over the training tokens: a file with a negative entry loaded."""
+    def negative(arrays):
+        arrays["jacobian_.data"] = arrays["jacobian_.data"].copy()
+        arrays["jacobian_.data"][0] = -0.5
+
+    bad = _rewrite(saved, tmp_path / "bad.safetensors", edit_arrays=negative)
+    with pytest.raises(PersistenceError, match=r"jacobian_ holds -0.5, but it is a mean of \|J\|"):
+        load(bad)
