@@ -145,3 +145,23 @@ def test_train_refuses_pickled_weights_by_name_and_runs_nothing(tmp_path, monkey
     with pytest.raises(SystemExit, match=r"--model .* cannot be read as a model \(UnpicklingError"):
         load_model(str(folder))
     assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl.gz"])
+def test_a_line_longer_than_the_limit_is_refused_not_read_whole(tmp_path, monkeypatch, suffix):
+    """A file without newlines (a gzip of 8 GiB of one character, 8 MB on disk) was read whole into
+    memory, then died with a bare MemoryError."""
+    import gzip
+
+    from sklearn_jsae.hf import _corpus
+
+    monkeypatch.setattr(_corpus, "MAX_LINE", 1000)
+    path = tmp_path / f"c{suffix}"
+    opener = gzip.open if suffix.endswith(".gz") else open
+    with opener(path, "wt") as f:
+        f.write('"short"\n' + "a" * 5000)
+    with pytest.raises(ValueError, match=r"line 2, is longer than 1,000 characters \(no newline within them\)"):
+        list(texts_of_file(path))
+    with opener(path, "wt") as f:  # a line of exactly the limit, its newline included, is read
+        f.write('"short"\n"' + "a" * 997 + '"\n"last"')
+    assert len(list(texts_of_file(path))) == 3

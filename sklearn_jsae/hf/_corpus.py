@@ -186,10 +186,32 @@ def _read_errors() -> tuple:
     return tuple(errors)
 
 
+# The longest line a corpus may have (characters): one text, or one JSON document, per line.  A
+# file without newlines (or a decompression bomb of one) was read whole into memory.
+MAX_LINE = 64 << 20
+
+
+def _bounded_lines(f, path, limit=None):
+    """The lines of the text stream ``f``, each read at most ``limit`` characters at a time; a longer
+    one raises ``ValueError`` naming the file and the line."""
+    limit = MAX_LINE if limit is None else limit
+    number = 0
+    while True:
+        line = f.readline(limit)
+        if not line:
+            return
+        number += 1
+        if len(line) == limit and not line.endswith(("\n", "\r")):
+            raise ValueError(f"corpus file {path!r}, line {number}, is longer than {limit:,} characters (no newline "
+                             f"within them): one text or JSON document per line is expected; split the file into "
+                             f"lines.")
+        yield line
+
+
 def _lines_texts(path, name, where):
     jsonl = name.removesuffix(os.path.splitext(name)[1] if name.endswith(COMPRESSIONS) else "").endswith(".jsonl")
     with _open_text(path) as f:
-        for number, line in enumerate(f, 1):
+        for number, line in enumerate(_bounded_lines(f, path), 1):
             where["line"] = number
             line = line.strip()
             if not line:
