@@ -23,15 +23,15 @@ import time
 import torch
 
 from ..exceptions import NonFiniteTrainingError
-
-# The range of a positive float32 (subnormals included): data scales outside it cannot be trained with.
-_FLOAT32_TINY, _FLOAT32_MAX = float(torch.finfo(torch.float32).smallest_normal) * 2.0 ** -23, float(
-    torch.finfo(torch.float32).max)
 from .jacobian import map_and_local_weights
 from .mlp import placed
 from .optim import Adam
 from .sae import SAEParams
 from .step import jsae_step_losses, optimiser_step
+
+# The range of a positive float32 (subnormals included): data scales outside it cannot be trained with.
+_FLOAT32_TINY, _FLOAT32_MAX = float(torch.finfo(torch.float32).smallest_normal) * 2.0 ** -23, float(
+    torch.finfo(torch.float32).max)
 
 # In normalised units predicting the mean gives MSE 1 and a fresh SAE about 1 to 2k/d; a
 # reconstruction 10^4 times worse than the mean only happens when the optimiser has diverged.
