@@ -18,11 +18,11 @@ import torch
 from safetensors import safe_open
 
 from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder, load
-from sklearn_jsae import _model_file
 from sklearn_jsae._backend import checkpoint as checkpoint_module
 from sklearn_jsae._backend.checkpoint import CheckpointError, checkpoint_paths
 from sklearn_jsae._backend.mlp import CallableMap
 from sklearn_jsae.exceptions import PersistenceError
+from test_persistence import _rewrite  # a model file edited, its digests recomputed
 
 SETTINGS = dict(n_components=16, k=4, max_iter=2, batch_size=64, random_state=0, device="cpu", l1=0.5)
 TOPK = {key: value for key, value in SETTINGS.items() if key != "l1"}
@@ -295,23 +295,6 @@ def saved_models(X, mlp, tmp_path_factory):
     topk = TopKSparseAutoencoder(**TOPK).fit(X).save(folder / "topk.safetensors")
     jsae = JacobianSparseAutoencoder(mlp, **SETTINGS).fit(X).save(folder / "jsae.safetensors")
     return {"topk": topk, "jsae": jsae}
-
-
-def _rewrite(path, target, edit_doc=None, edit_arrays=None):
-    """A copy of a model file with its document and/or tensors edited and both digests recomputed."""
-    from safetensors.numpy import save_file
-
-    with safe_open(os.fspath(path), framework="np") as f:
-        doc = json.loads(f.metadata()["sklearn_jsae"])
-        arrays = {name: f.get_tensor(name) for name in f.keys()}
-    if edit_doc:
-        edit_doc(doc)
-    if edit_arrays:
-        edit_arrays(arrays)
-    doc["sha256"] = _model_file._digest(arrays)
-    doc[_model_file.DOCUMENT_DIGEST] = _model_file._document_digest(doc)
-    save_file(arrays, os.fspath(target), metadata={"sklearn_jsae": json.dumps(doc)})
-    return target
 
 
 def _fitted(key, value):
