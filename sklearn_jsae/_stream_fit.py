@@ -15,11 +15,13 @@ A checkpoint gathers every rank's stream state and pending rows into rank 0's on
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Mapping
 
 import numpy as np
 
+from ._backend import stop
 from ._validation import MIN_STEPS
 
 
@@ -217,40 +219,44 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int | None 
     record_every = max(1, (n_steps or 10_000) // 100)
     bar = progress_bar(n_steps, trainer.step_count,
                        bool(estimator.verbose) and (parallel is None or parallel.is_main))
-    try:
-        with _training_precision(config):
-            while n_tokens is None or used < n_tokens:
-                size = config.batch_size if n_tokens is None else min(config.batch_size, n_tokens - used)
-                if parallel is None:
-                    batch = stream.take(size)
-                    if batch is None:
-                        break
-                    train_rows(trainer, batch, bar, offset=used)
-                    used += batch.shape[0]
-                else:
-                    lo, hi = parallel.split(size)
-                    batch = stream.take(hi - lo) if hi > lo else None
-                    n_real = 0 if batch is None else batch.shape[0]
-                    n_global = sum(parallel.gather_counts(n_real, "counting the ranks' rows"))
-                    if n_global == 0:
-                        break
-                    # A rank without rows trains a stand-in row with weight 0 (same collectives).
-                    train_rows(trainer, batch if n_real else first[:1], bar, offset=used,
-                               share=(n_real, n_global))
-                    used += n_global
-                if batch is not None:
-                    tail.add(batch)
-                if trainer.step_count % record_every == 0:
-                    trainer.close_record(tokens_seen=used)
-                if checkpoint is not None and checkpoint.due(trainer.step_count):
-                    _save(checkpoint, trainer, stream, used, tail.rows(), first.shape[1], parallel)
-    finally:
-        if bar is not None:
-            bar.close()
-    if trainer.record_rows:
-        trainer.close_record(tokens_seen=used)
-    if checkpoint is not None:
-        _save(checkpoint, trainer, stream, used, tail.rows(), first.shape[1], parallel)
+    # With a checkpoint, a stop request (graceful_stop: SIGTERM) ends the fit after a step and its save.
+    with stop.checkpointed_loop(parallel is not None) if checkpoint is not None \
+            else contextlib.nullcontext():
+        try:
+            with _training_precision(config):
+                while n_tokens is None or used < n_tokens:
+                    size = config.batch_size if n_tokens is None else min(config.batch_size, n_tokens - used)
+                    if parallel is None:
+                        batch = stream.take(size)
+                        if batch is None:
+                            break
+                        train_rows(trainer, batch, bar, offset=used)
+                        used += batch.shape[0]
+                    else:
+                        lo, hi = parallel.split(size)
+                        batch = stream.take(hi - lo) if hi > lo else None
+                        n_real = 0 if batch is None else batch.shape[0]
+                        n_global = sum(parallel.gather_counts(n_real, "counting the ranks' rows"))
+                        if n_global == 0:
+                            break
+                        # A rank without rows trains a stand-in row with weight 0 (same collectives).
+                        train_rows(trainer, batch if n_real else first[:1], bar, offset=used,
+                                   share=(n_real, n_global))
+                        used += n_global
+                    if batch is not None:
+                        tail.add(batch)
+                    if trainer.step_count % record_every == 0:
+                        trainer.close_record(tokens_seen=used)
+                    if checkpoint is not None and checkpoint.due(trainer.step_count):
+                        _save(checkpoint, trainer, stream, used, tail.rows(), first.shape[1], parallel)
+                        checkpoint.stop_if_requested()
+        finally:
+            if bar is not None:
+                bar.close()
+        if trainer.record_rows:
+            trainer.close_record(tokens_seen=used)
+        if checkpoint is not None:
+            _save(checkpoint, trainer, stream, used, tail.rows(), first.shape[1], parallel)
     if used == 0:
         raise CheckpointError("the checkpoint is already at the end of this stream: nothing left to train.") \
             if checkpoint is not None else ValueError("batches produced no rows to train on.")

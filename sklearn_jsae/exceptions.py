@@ -59,3 +59,23 @@ class MissingMLPError(RuntimeError):
     (``transform``, ``inverse_transform``, ``inverse_transform_output``, ``jacobian_``) work
     without it.
     """
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """A fit, or a ``python -m sklearn_jsae train`` run, stopped by a signal inside
+    :func:`sklearn_jsae.graceful_stop` (SIGTERM: a scheduler's time limit or pre-emption).
+
+    A ``KeyboardInterrupt``, so that what cleans up after Ctrl-C cleans up after it.  When a
+    checkpointed fit was training, it stopped after an optimiser step and wrote its checkpoint
+    first: running the same fit again resumes from that step.  The estimator keeps the state it
+    had before the fit.  Attributes: ``signal`` (the signal's number), ``step`` (the optimiser
+    steps done when the checkpoint was written, or None when the signal stopped something else)
+    and ``checkpoint`` (the checkpoint file written, or None).
+    """
+
+    def __init__(self, message: str = "", *, signal: int | None = None, step: int | None = None,
+                 checkpoint: str | None = None):
+        super().__init__(message)
+        self.signal = signal
+        self.step = step
+        self.checkpoint = checkpoint

@@ -9,8 +9,12 @@ writes ``OUT_DIR/rank<r>.json`` instead (see :func:`refusals`).  The environment
 ``JSAE_CHECKPOINT``  checkpoint_dir (default: none)
 ``JSAE_SYNC``        ``allreduce`` or ``ddp`` (the backend's gradient all-reduce)
 ``JSAE_TIMEOUT``     seconds of the process group's timeout (default 600)
-``JSAE_FAIL``        ``RANK:STEP:SIGNAL``: that rank sends itself SIGKILL (dies) or SIGSTOP (hangs)
-                     when it is about to run that optimiser step
+``JSAE_FAIL``        ``RANK:STEP:SIGNAL``: that rank sends itself SIGKILL (dies), SIGSTOP (hangs) or
+                     SIGTERM (``TERM``: a scheduler's stop) when it is about to run that optimiser step
+``JSAE_GRACEFUL``    ``1``: fit inside :func:`sklearn_jsae.graceful_stop` (SIGTERM saves, then stops);
+                     a rank stopped so writes ``OUT_DIR/rank<r>.stopped.json`` (the step, and whether
+                     it wrote the checkpoint) instead of its model, and exits 0
+``JSAE_STEP_SECONDS``  every optimiser step takes at least that long (default 0)
 ``JSAE_CHECKPOINT_EVERY``  checkpoint_every: steps (default 2) or a duration such as ``3s``
 ``JSAE_CLOCK``       ``SECONDS0,SECONDS1``: the checkpoint module's clock on rank r advances
                      SECONDSr per optimiser step (ranks whose clocks disagree)
@@ -115,6 +119,25 @@ def topk_settings(settings):
     return {name: value for name, value in settings.items() if name != "l1"}
 
 
+def _slow_hook():
+    """Make every optimiser step take at least JSAE_STEP_SECONDS (a job that runs long enough for a
+    signal from outside to land mid-run)."""
+    seconds = float(os.environ.get("JSAE_STEP_SECONDS", "0"))
+    if not seconds:
+        return
+    import time
+
+    from sklearn_jsae._backend import trainer as trainer_module
+
+    real = trainer_module.Trainer.step
+
+    def step(self, *args, **kwargs):
+        time.sleep(seconds)
+        return real(self, *args, **kwargs)
+
+    trainer_module.Trainer.step = step
+
+
 def _fail_hook(rank):
     """Make this rank kill or stop itself before the optimiser step that JSAE_FAIL names."""
     spec = os.environ.get("JSAE_FAIL")
@@ -129,7 +152,7 @@ def _fail_hook(rank):
 
     def step(self, *args, **kwargs):
         if self.step_count == int(fail_step):
-            os.kill(os.getpid(), signal.SIGKILL if how == "KILL" else signal.SIGSTOP)
+            os.kill(os.getpid(), {"KILL": signal.SIGKILL, "STOP": signal.SIGSTOP, "TERM": signal.SIGTERM}[how])
         return real(self, *args, **kwargs)
 
     trainer_module.Trainer.step = step
@@ -297,6 +320,26 @@ def refusals(out, rank, world_size):
 
 
 def main(out, kind):
+    if os.environ.get("JSAE_GRACEFUL") != "1":
+        return _main(out, kind)
+    import json
+
+    import torch.distributed as dist
+
+    from sklearn_jsae import graceful_stop
+    from sklearn_jsae.exceptions import TrainingStopped
+
+    try:
+        with graceful_stop():
+            return _main(out, kind)
+    except TrainingStopped as stopped:
+        rank = dist.get_rank()
+        with open(os.path.join(out, f"rank{rank}.stopped.json"), "w") as f:
+            json.dump(dict(step=stopped.step, wrote_checkpoint=stopped.checkpoint is not None), f)
+        dist.destroy_process_group()
+
+
+def _main(out, kind):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -307,6 +350,7 @@ def main(out, kind):
     backend.SYNC = os.environ.get("JSAE_SYNC", "allreduce")
     rank, world_size = init_process_group(timeout=float(os.environ.get("JSAE_TIMEOUT", "600")), device="cpu")
     _fail_hook(rank)
+    _slow_hook()
     _clock_hook(rank)
     if kind == "refusals":
         return refusals(out, rank, world_size)

@@ -33,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import distributed_worker as worker
@@ -181,6 +182,57 @@ def test_killed_rank_stops_the_job_and_it_resumes_to_the_same_model(tmp_path, tw
     header = checkpoint_header(tmp_path / "checkpoint")
     assert header["trainer"]["step_count"] == 12 and header["identity"]["world_size"] == 2
     torchrun(tmp_path / "out", "fit", **env)
+    for resumed in load(tmp_path / "out"):
+        assert_identical(resumed, two_ranks[0])
+
+
+def _stopped(out):
+    return [json.loads((out / f"rank{rank}.stopped.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.parametrize("kind", ["fit", "stream"])
+def test_a_sigterm_on_rank_0_stops_every_rank_after_the_same_step_and_the_job_resumes(tmp_path, two_ranks, kind):
+    """Inside graceful_stop, rank 0's SIGTERM before step 14 (checkpoints every 2 steps): every rank
+    saves after step 15 (rank 0 writes) and stops; the job run again ends with the uninterrupted
+    model.  Rank 1's signal alone changes nothing: rank 0's decides."""
+    straight = two_ranks
+    if kind == "stream":
+        torchrun(tmp_path / "straight", kind)
+        straight = load(tmp_path / "straight")
+    env = dict(JSAE_CHECKPOINT=str(tmp_path / "checkpoint"), JSAE_GRACEFUL="1")
+    torchrun(tmp_path / "out", kind, JSAE_FAIL="0:14:TERM", **env)
+    assert _stopped(tmp_path / "out") == [dict(step=15, wrote_checkpoint=True), dict(step=15, wrote_checkpoint=False)]
+    assert checkpoint_header(tmp_path / "checkpoint")["trainer"]["step_count"] == 15
+    assert not (tmp_path / "out" / "rank0.npz").exists()
+    torchrun(tmp_path / "out", kind, JSAE_FAIL="1:15:TERM", **env)
+    for rank, resumed in enumerate(load(tmp_path / "out")):
+        assert_identical(resumed, straight[rank], None if kind == "fit" else MODEL_KEYS)
+
+
+def test_torchruns_sigterm_reaches_every_rank_and_the_job_resumes(tmp_path, two_ranks):
+    """The scheduler signals torchrun, whose agent sends SIGTERM to every worker and kills them 30 s
+    later: each stops after one and the same step, with a checkpoint, well before that."""
+    env = _env(JSAE_CHECKPOINT=str(tmp_path / "checkpoint"), JSAE_GRACEFUL="1", JSAE_STEP_SECONDS="0.2")
+    (tmp_path / "out").mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(WORKER), str(tmp_path / "out"), "fit"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not checkpoint_paths(tmp_path / "checkpoint") and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the job ended before its first checkpoint"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    stopped = _stopped(tmp_path / "out")
+    assert stopped[0]["step"] == stopped[1]["step"] and stopped[0]["wrote_checkpoint"], stderr[-3000:]
+    assert 2 < stopped[0]["step"] < 50  # after the first checkpoint, before the end (5 epochs of 10 steps)
+    assert checkpoint_header(tmp_path / "checkpoint")["trainer"]["step_count"] == stopped[0]["step"]
+    torchrun(tmp_path / "out", "fit", JSAE_CHECKPOINT=str(tmp_path / "checkpoint"))
     for resumed in load(tmp_path / "out"):
         assert_identical(resumed, two_ranks[0])
 

@@ -36,6 +36,7 @@ import time
 import numpy as np
 import torch
 
+from . import stop
 from ..exceptions import CheckpointError  # noqa: F401  (raised here; public in sklearn_jsae.exceptions)
 from .files import (
     HOST,
@@ -345,6 +346,7 @@ class Checkpointer:
         self.folder = os.fspath(folder)
         self.steps, self.seconds = checkpoint_interval(every)
         self.agree = agree
+        self.stop_signal = self.stop_step = None  # a stop request seen by due(), honoured after the save
         self.last_saved = time.monotonic()
         self.identity = identity
         self.writer = bool(writer)
@@ -363,12 +365,34 @@ class Checkpointer:
                                  f"({exc.strerror or exc}); pass a folder you can write to.") from exc
 
     def due(self, step: int) -> bool:
-        """Whether to save after optimiser step ``step`` (in a data-parallel job every rank calls
-        this at every step: with a duration it is a collective)."""
+        """Whether to save after optimiser step ``step``: its interval has passed, or the process
+        was asked to stop (:func:`~sklearn_jsae._backend.stop.graceful_stop`; the fit then calls
+        :meth:`stop_if_requested` after the save).  In a data-parallel job every rank calls this at
+        every step and it is a collective: rank 0's clock and signal decide for all, so that every
+        rank saves and stops after the same step."""
         if self.steps is not None:
-            return step % self.steps == 0
-        due = time.monotonic() - self.last_saved >= self.seconds
-        return due if self.agree is None else bool(self.agree(due))
+            due = step % self.steps == 0
+        else:
+            due = time.monotonic() - self.last_saved >= self.seconds
+        signum = stop.requested() or 0
+        if self.agree is not None:
+            flags = int(self.agree(int(due) | signum << 1))
+            due, signum = bool(flags & 1), flags >> 1
+        if signum:
+            self.stop_signal, self.stop_step = signum, step
+        return due or bool(signum)
+
+    def stop_if_requested(self) -> None:
+        """Raise :class:`~sklearn_jsae.exceptions.TrainingStopped` when :meth:`due` saw a stop
+        request (call it once the checkpoint it asked for is written)."""
+        if self.stop_signal is None:
+            return
+        signum, self.stop_signal = self.stop_signal, None
+        written = self.path if self.writer else None
+        raise stop.stopped(signum, f"stopped by {stop.name(signum)} after optimiser step {self.stop_step}, "
+                                   f"with a checkpoint in {self.folder}: run the same fit again (same "
+                                   f"checkpoint_dir) to resume from that step.",
+                           step=self.stop_step, checkpoint=written)
 
     def save(self, trainer, position: dict, extra_tensors: dict | None = None) -> None:
         """Write the trainer's state and ``position`` (JSON) atomically (a no-op unless ``writer``)."""

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from ..exceptions import NonFiniteTrainingError
+from . import stop
 from .checkpoint import Checkpointer
 from .jacobian import map_and_local_weights
 from .mlp import placed
@@ -156,9 +157,9 @@ class _FileRows:
         """Rows at ``index`` (ascending), as a new array."""
         out = np.empty((len(index), self.row_bytes), dtype=np.uint8)
         breaks = np.flatnonzero(np.diff(index) != 1) + 1
-        for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(index)]):
-            wanted = (stop - start) * self.row_bytes
-            got = os.preadv(self.fd, [memoryview(out[start:stop]).cast("B")], self.offset + int(index[start]) * self.row_bytes)
+        for start, end in zip(np.r_[0, breaks], np.r_[breaks, len(index)]):
+            wanted = (end - start) * self.row_bytes
+            got = os.preadv(self.fd, [memoryview(out[start:end]).cast("B")], self.offset + int(index[start]) * self.row_bytes)
             if got != wanted:
                 raise OSError(f"short read from the activation store: {got} of {wanted} bytes")
         return out.view(self.dtype).reshape((len(index),) + self.row_shape)
@@ -516,40 +517,46 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
             check_resumed_together(parallel, trainer, checkpoint)
     shown = bool(config.verbose) and (parallel is None or parallel.is_main)
     bar = progress_bar(trainer.total_steps, trainer.step_count, shown)
-    try:
-        for epoch in range(first_epoch, config.max_iter):
-            if epoch_rng is not None:  # resuming inside an epoch: redraw its order
-                trainer.shuffling.set_state(epoch_rng)
-            epoch_rng = trainer.shuffling.get_state()
-            order = torch.randperm(rows.n, generator=trainer.shuffling, device="cpu")
-            for start in range(position, rows.n, config.batch_size):
-                index = order[start : start + config.batch_size]
-                share = None
-                if parallel is not None:  # this rank's share of the batch
-                    n_global = len(index)
-                    index, n_real = parallel.local_rows(index)
-                    share = (n_real, n_global)
-                outputs_and_weights = None
-                if precomputed is not None:
-                    outputs_and_weights = (
-                        outputs_rows.take(index), None if weights_rows is None else weights_rows.take(index)
-                    )
-                values = trainer.step(rows.take(index), index, outputs_and_weights, share=share)
-                show_step(bar, trainer, values, len(index) if share is None else share[1])
-                if checkpoint is not None and checkpoint.due(trainer.step_count) \
-                        and start + config.batch_size < rows.n:
-                    checkpoint.save(trainer, dict(epoch=epoch, row=start + config.batch_size),
-                                    dict(epoch_rng=epoch_rng))
-            record = trainer.close_record(epoch=epoch + 1)
-            position, epoch_rng = 0, None
-            if checkpoint is not None:
-                checkpoint.save(trainer, dict(epoch=epoch + 1, row=0))
-            if shown:
-                line = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch")
-                bar.write(f"epoch {epoch + 1}/{config.max_iter}: {line}")
-    finally:
-        if bar is not None:
-            bar.close()
+    # With a checkpoint, a stop request (graceful_stop: SIGTERM) ends the fit after a step and its save.
+    with stop.checkpointed_loop(parallel is not None) if checkpoint is not None \
+            else contextlib.nullcontext():
+        try:
+            for epoch in range(first_epoch, config.max_iter):
+                if epoch_rng is not None:  # resuming inside an epoch: redraw its order
+                    trainer.shuffling.set_state(epoch_rng)
+                epoch_rng = trainer.shuffling.get_state()
+                order = torch.randperm(rows.n, generator=trainer.shuffling, device="cpu")
+                for start in range(position, rows.n, config.batch_size):
+                    index = order[start : start + config.batch_size]
+                    share = None
+                    if parallel is not None:  # this rank's share of the batch
+                        n_global = len(index)
+                        index, n_real = parallel.local_rows(index)
+                        share = (n_real, n_global)
+                    outputs_and_weights = None
+                    if precomputed is not None:
+                        outputs_and_weights = (
+                            outputs_rows.take(index), None if weights_rows is None else weights_rows.take(index)
+                        )
+                    values = trainer.step(rows.take(index), index, outputs_and_weights, share=share)
+                    show_step(bar, trainer, values, len(index) if share is None else share[1])
+                    # (the epoch's last step saves below, after its record)
+                    if checkpoint is not None and checkpoint.due(trainer.step_count) \
+                            and start + config.batch_size < rows.n:
+                        checkpoint.save(trainer, dict(epoch=epoch, row=start + config.batch_size),
+                                        dict(epoch_rng=epoch_rng))
+                        checkpoint.stop_if_requested()
+                record = trainer.close_record(epoch=epoch + 1)
+                position, epoch_rng = 0, None
+                if checkpoint is not None:
+                    checkpoint.save(trainer, dict(epoch=epoch + 1, row=0))
+                    checkpoint.stop_if_requested()
+                if shown:
+                    line = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch")
+                    bar.write(f"epoch {epoch + 1}/{config.max_iter}: {line}")
+        finally:
+            if bar is not None:
+                bar.close()
     return trainer.result()
 
 
