@@ -334,15 +334,31 @@ def _first_rows_identity(first, parallel, needed: bool) -> str:
 
 def _check_shard(batches, parallel) -> None:
     """Refuse a stream that says it is another rank's shard (``rank`` / ``world_size`` attributes,
-    as :class:`~sklearn_jsae.hf.ActivationStream` has); other iterables are the caller's to shard."""
-    world_size = getattr(batches, "world_size", None)
-    if world_size is None:
-        return
-    rank = getattr(batches, "rank", None)
-    if (rank, world_size) != (parallel.rank, parallel.world_size):
+    as :class:`~sklearn_jsae.hf.ActivationStream` has); other iterables are the caller's to shard.
+
+    Every rank raises the same error: the ranks' shard attributes are gathered first.  A rank that
+    raised alone (every rank given rank 0's shard: rank 0 passes) left the others waiting in the
+    next collective for the process group's timeout, 10 minutes by default, before an error that
+    did not say why."""
+    def attribute(name):
+        value = getattr(batches, name, None)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else -1
+
+    given = (attribute("rank"), attribute("world_size")) if getattr(batches, "world_size", None) is not None \
+        else (parallel.rank, parallel.world_size)  # nothing to check: counts as right
+    if parallel.world_size == 1:
+        ranks, sizes = [given[0]], [given[1]]
+    else:
+        ranks = parallel.gather_counts(given[0], "comparing the ranks' stream shards")
+        sizes = parallel.gather_counts(given[1], "comparing the ranks' stream shards")
+    wrong = [(r, ranks[r], sizes[r]) for r in range(parallel.world_size)
+             if (ranks[r], sizes[r]) != (r, parallel.world_size)]
+    if wrong:
+        shown = lambda v: "?" if v < 0 else v  # noqa: E731 -- an attribute that is not a rank number
+        told = "; ".join(f"rank {r} of {parallel.world_size} was given the stream shard rank={shown(rank)}, "
+                         f"world_size={shown(size)}" for r, rank, size in wrong)
         raise ValueError(
-            f"distributed=True: rank {parallel.rank} of {parallel.world_size} was given the stream shard "
-            f"rank={rank}, world_size={world_size}; give each rank its own shard, e.g. "
+            f"distributed=True: {told}; give each rank its own shard, e.g. "
             f"ActivationStream(..., rank=torch.distributed.get_rank(), "
             f"world_size=torch.distributed.get_world_size())."
         )

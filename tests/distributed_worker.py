@@ -313,6 +313,9 @@ def refusals(out, rank, world_size):
             shard(rows), n_statistics=100))
     attempt("empty-shard", lambda: JacobianSparseAutoencoder(mlp, **STREAM_SETTINGS, distributed=True).fit_stream(
         [rows[:100]][rank::world_size], n_statistics=100))
+    # Every rank given rank 0's shard (rank= forgotten): rank 0's is right, so it alone went on.
+    attempt("rank-0-shard-everywhere", lambda: JacobianSparseAutoencoder(
+        mlp, **STREAM_SETTINGS, distributed=True).fit_stream(RowStream(rows, 40, 0, world_size), n_statistics=100))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(dict(outcome=outcome, seconds=seconds), f)
     if dist.is_initialized():

@@ -353,6 +353,16 @@ def test_an_empty_stream_shard_stops_every_rank_at_once_naming_it(refusals):
     assert max(seconds[0]["empty-shard"], seconds[1]["empty-shard"]) < 10  # not the 20 s timeout
 
 
+def test_a_shard_of_another_rank_stops_every_rank_at_once_naming_it(refusals):
+    """Every rank given rank 0's shard: rank 1 raised alone, and rank 0 waited in the next
+    collective for the process group's timeout, then failed without saying why."""
+    outcomes, seconds = refusals
+    _refused(outcomes, "rank-0-shard-everywhere", "rank 1 of 2 was given the stream shard rank=0, world_size=2; "
+             "give each rank its own shard")
+    assert "rank 0 of 2 was given" not in outcomes[0]["rank-0-shard-everywhere"]
+    assert max(seconds[0]["rank-0-shard-everywhere"], seconds[1]["rank-0-shard-everywhere"]) < 10
+
+
 def test_init_process_group_refuses_an_infinite_timeout(monkeypatch):
     """timeout=inf or 1e15 passed the check and overflowed torch's timedelta (a bare OverflowError)."""
     from sklearn_jsae.distributed import init_process_group
