@@ -1,16 +1,19 @@
 # `make run` compares a JSAE with a traditional SAE pair on the bundled real data; `make test` runs the tests.
-# Both create the virtual environment on first use.  torch is pinned to the CPU wheel 2.13.0 and
-# installed first, so that no later requirement pulls a multi-GB CUDA build.
+# Both create the virtual environment on first use.  torch is installed first and pinned to 2.13.0,
+# so that no later requirement pulls another build.  Which build pip gets is the configured index's:
+# stock PyPI serves the multi-GB CUDA wheel on Linux; for the CPU build there, create the environment
+# with `make run TORCH_INDEX=https://download.pytorch.org/whl/cpu` (not the default: CI reaches only PyPI).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+TORCH_INDEX ?=
 
 .PHONY: run test evaluate bench docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0$(if $(TORCH_INDEX), --index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test,hf,plot,distributed,corpora]"
 	touch $@
 

@@ -17,8 +17,8 @@ Each torch.distributed run is ``torchrun --standalone --nproc-per-node N`` of th
 CUDA machine, ``--device cuda --ranks 1`` runs the 1-GPU case (NCCL) against a one-process fit on
 the same GPU (``benchmarks/gpu.sh`` does)::
 
-    python benchmarks/scaling_out.py --out benchmarks/results/distributed.json
-    python benchmarks/scaling_out.py --device cuda --ranks 1 --skip-sweep --out $OUT/gpu_distributed.json
+    python benchmarks/scaling_out.py --out benchmarks/results/scaling_out.json
+    python benchmarks/scaling_out.py --device cuda --ranks 1 --skip-sweep --out $OUT/gpu_scaling_out.json
 """
 
 from __future__ import annotations

@@ -53,9 +53,10 @@ from ._validation import PENALTIES
 from .datasets import load_python_doc_texts
 
 _SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9}
-# Held-out sequences the summary's spliced cross-entropy runs on (five passes of the model each),
-# and held-out tokens of its other metrics (Jacobian sparsity and the rest; linearity; the
-# Jacobian-vs-intervention agreement), the sizes of `python -m sklearn_jsae evaluate`'s defaults.
+# Held-out sequences the summary's spliced cross-entropy runs on (five passes of the model each);
+# held-out tokens of its other metrics: up to 2,048 for Jacobian sparsity and the rest (twice
+# `python -m sklearn_jsae evaluate`'s default --n-test of 1,024), and, as evaluate's defaults, 32
+# for linearity and 512 for the Jacobian-vs-intervention agreement.
 HELD_OUT_SEQUENCES = 32
 EVALUATION_TOKENS, LINEARITY_TOKENS, INTERVENTION_TOKENS = 2048, 32, 512
 

@@ -632,6 +632,14 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
             ``jacobian_`` is the mean ``|J|`` over the last this many rows of the stream (over
             every ``s``-th of them beyond 65,536, as for ``fit``).
 
+        Returns
+        -------
+        self : JacobianSparseAutoencoder
+            With ``warm_start=True`` a fitted estimator continues from its weights (with a fresh
+            schedule), as ``fit`` does; otherwise a fresh model.
+
+        Notes
+        -----
         Training runs until the stream ends or ``n_tokens`` rows were used; the schedule spans
         ``n_tokens`` (open-ended without it, see ``n_tokens``).  ``history_`` gets one row per
         ``max(1, total_steps // 100)`` steps.  With ``checkpoint_dir``, a checkpoint also holds
@@ -639,8 +647,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         :class:`~sklearn_jsae.hf.ActivationStream` does) and the rows read but not yet used, so a
         killed run restarted with the same stream resumes without repeating or skipping a token;
         a stream without ``state_dict`` and ``load_state_dict`` cannot resume (a warning says so
-        when the fit starts, an error when it is restarted).  With ``warm_start=True``
-        a fitted estimator continues from its weights (with a fresh schedule), as ``fit`` does.
+        when the fit starts, an error when it is restarted).
         """
         from ._stream_fit import fit_stream
 

@@ -23,14 +23,15 @@ everything else::
     jacobian_                   shape of a JSAE's mean |J| matrix
     output_config               set_output(...) settings, when any
     sha256                      digest of every tensor's name, dtype, shape and bytes
+    document_sha256             SHA-256 of this document without its two digests (JSON, sorted
+                                keys); absent from format 1.0 files written before it was added
 
 ``sklearn_jsae.load(path)`` reads the header without executing anything, checks the format, the
-version, the digest, every tensor's shape and dtype against the JSON and every weight and scale
-for NaN or inf (which ``save`` refuses to write), and only then builds
-the estimator, so a damaged or foreign file raises :class:`~sklearn_jsae.exceptions.
-PersistenceError` and nothing is half-loaded.  Writes go to a temporary file in the target's
-folder, flushed and renamed over the target (``os.replace`` is atomic), so a crash leaves the old
-file or the new one.
+version, the two digests, every tensor's shape and dtype against the JSON and every weight and
+scale for NaN or inf (which ``save`` refuses to write), and only then builds the estimator, so a
+damaged or foreign file raises :class:`~sklearn_jsae.exceptions.PersistenceError` and nothing is
+half-loaded.  Writes go to a temporary file in the target's folder, flushed and renamed over the
+target (``os.replace`` is atomic), so a crash leaves the old file or the new one.
 
 The version rules are in :mod:`sklearn_jsae._persistence`.
 """

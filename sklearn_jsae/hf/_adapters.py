@@ -639,6 +639,8 @@ def mlp_hook_points(model, layer):
         Its ``forward`` returns the MLP output (n_seq, seq_len, d_model); replacing that return
         value in a forward hook splices a different MLP output into the model.
 
+    Notes
+    -----
     For every architecture with a single MLP module (GPT-2, GPT-NeoX, LLaMA, DistilBERT's
     ``ffn``, ...) both are that module (:func:`mlp_module`).  For BERT-style encoders the MLP is
     split across two modules: ``input_module`` is ``block.intermediate`` (dense + activation) and
