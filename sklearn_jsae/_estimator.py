@@ -483,7 +483,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         import torch
         from sklearn.utils.validation import check_is_fitted
 
-        from ._backend.mlp import placed
+        from ._backend.mlp import placed, without_autocast
         from ._backend.train import TrainResult, _Rows, data_statistics
 
         for name, sae in (("input_sae", input_sae), ("output_sae", output_sae)):
@@ -509,11 +509,13 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         if output_sae.n_features_in_ != d_out:
             raise ValueError(f"output_sae was fitted on {output_sae.n_features_in_} features, but mlp returns "
                              f"{d_out}: the output SAE must encode this MLP's outputs.")
-        # The scales fit measures: the centred RMS of X and of mlp(X), in float32 on the CPU.
+        # The scales fit measures: the centred RMS of X and of mlp(X), in float32 on the CPU (a
+        # caller's autocast off, as in fit).
         rows = _Rows(X, "cpu", torch.float32, resident=False)
-        _, scale_x = data_statistics(rows, spread_required="X given to from_saes sets the pair's data scales")
-        _, scale_y = data_statistics(rows, placed(mlp_map, "cpu", torch.float32),
-                                     spread_required="X given to from_saes sets the pair's data scales")
+        with without_autocast("cpu"):
+            _, scale_x = data_statistics(rows, spread_required="X given to from_saes sets the pair's data scales")
+            _, scale_y = data_statistics(rows, placed(mlp_map, "cpu", torch.float32),
+                                         spread_required="X given to from_saes sets the pair's data scales")
         result = TrainResult(input_sae._params(), output_sae._params(), scale_x, scale_y,
                              dead_fraction_input=input_sae.dead_fraction_,
                              dead_fraction_output=output_sae.dead_fraction_)
@@ -579,7 +581,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         _refuse_distributed_partial_fit(self)
         trainer = getattr(self, "_trainer", None)
         fitted = hasattr(self, "input_sae_")
-        X = _validate_X(self, X, reset=not fitted and trainer is None)
+        X = _validate_X(self, X, reset=not fitted and trainer is None, checked_in_batches=True)
         if trainer is None or trainer.broken or trainer.params != training_params(self):
             _warn_checkpoint_dir_unused(self)
             config, mlp_copy, mlp_map, d_out, probe_rows = self._prepare(X)

@@ -218,7 +218,7 @@ def start_trainer(config, X: np.ndarray, mlp_map, init=None, n_steps=None, paral
 
     import torch
 
-    from ._backend.mlp import placed
+    from ._backend.mlp import placed, without_autocast
     from ._backend.train import _Rows, data_statistics
     from ._backend.trainer import Trainer
 
@@ -229,11 +229,14 @@ def start_trainer(config, X: np.ndarray, mlp_map, init=None, n_steps=None, paral
     # (a warm start keeps its fitted scales and only needs the means)
     measured_x = init is None or init[2] is None
     measured_y = init is None or init[2] is None or init[3] is None
-    mean_x, scale_x = data_statistics(rows, parallel=parallel, spread_required=rows_are if measured_x else False)
-    mean_y = scale_y = None
-    if pair:  # the trainer keeps the map as given (not this copy on the device) for a checkpoint's scales
-        mean_y, scale_y = data_statistics(rows, placed(mlp_map, device, config.dtype), parallel=parallel,
-                                          spread_required=rows_are if measured_y else False)
+    # in the training dtype with a caller's autocast off, as fit measures them (_training_precision)
+    with without_autocast(device):
+        mean_x, scale_x = data_statistics(rows, parallel=parallel,
+                                          spread_required=rows_are if measured_x else False)
+        mean_y = scale_y = None
+        if pair:  # the trainer keeps the map as given (not this copy on the device) for a checkpoint's scales
+            mean_y, scale_y = data_statistics(rows, placed(mlp_map, device, config.dtype), parallel=parallel,
+                                              spread_required=rows_are if measured_y else False)
     if init is not None and init[2] is not None:  # an imported SAE has no scale: measured here, as fit does
         scale_x = init[2]
         scale_y = init[3] if init[3] is not None else scale_y
@@ -245,6 +248,24 @@ def start_trainer(config, X: np.ndarray, mlp_map, init=None, n_steps=None, paral
     return trainer
 
 
+def _check_finite_batch(x, rows, step: int) -> None:
+    """Raise NonFiniteTrainingError naming the first row of the batch ``x`` (rows numbered
+    ``rows``) that holds NaN or inf (or a value float32 made inf)."""
+    import torch
+
+    bad = ~torch.isfinite(x).all(dim=1)
+    if bool(bad.any()):
+        from .exceptions import NonFiniteTrainingError
+
+        where = bad.nonzero()[:, 0].cpu()
+        raise NonFiniteTrainingError(
+            f"training stopped at optimiser step {step}: X contains NaN or inf (or values beyond float32's "
+            f"range, {np.finfo(np.float32).max:.1e}, which float32 makes inf) in row {int(rows[where[0]])} of X "
+            f"({len(where)} row(s) of this batch). Remove, repair or rescale those rows.",
+            step=step, what="X",
+        )
+
+
 def train_rows(trainer, X: np.ndarray, bar=None, offset: int = 0, share=None) -> int:
     """One optimiser step per ``batch_size`` rows of X, in order (no shuffling: a stream or the
     caller mixes the data).  Returns the number of steps.  ``offset`` numbers the rows in error
@@ -254,12 +275,21 @@ def train_rows(trainer, X: np.ndarray, bar=None, offset: int = 0, share=None) ->
 
     from ._backend.train import _Rows, show_step
 
+    from ._backend.train import file_mapping
+
     config = trainer.config
     rows = _Rows(X, trainer.device, config.dtype, resident=False)  # one pass, in order
+    # A memmap was not scanned for NaN or inf when it was validated (that would read the whole
+    # store): each batch is checked here, naming the row, as fit's statistics pass does.  (A later
+    # partial_fit call measures no statistics: the step then blamed the MLP or the data's size.)
+    unscanned = file_mapping(X) is not None
     steps = 0
     for start in range(0, rows.n, config.batch_size):
         index = torch.arange(start, min(rows.n, start + config.batch_size), device="cpu")
-        values = trainer.step(rows.take(index), index + offset, share=share)
+        x = rows.take(index)
+        if unscanned:
+            _check_finite_batch(x, index + offset, trainer.step_count)
+        values = trainer.step(x, index + offset, share=share)
         show_step(bar, trainer, values, len(index) if share is None else share[1])
         steps += 1
     return steps

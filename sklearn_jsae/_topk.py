@@ -5,6 +5,7 @@ from __future__ import annotations
 import numbers
 import os
 import sys
+import threading
 
 import numpy as np
 import scipy.sparse as sp
@@ -367,7 +368,7 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         _refuse_distributed_partial_fit(self)
         trainer = getattr(self, "_trainer", None)
         fitted = hasattr(self, "components_")
-        X = _validate_X(self, X, reset=not fitted and trainer is None)
+        X = _validate_X(self, X, reset=not fitted and trainer is None, checked_in_batches=True)
         if trainer is None or trainer.broken or trainer.params != training_params(self):
             _warn_checkpoint_dir_unused(self)
             check_k(self.k, self.n_components)
@@ -423,6 +424,8 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
             With ``warm_start=True`` a fitted estimator continues from its weights (with a fresh
             schedule), as ``fit`` does; otherwise a fresh model.
 
+        Notes
+        -----
         Training runs until the stream ends or ``n_tokens`` rows were used; the schedule spans
         ``n_tokens`` (open-ended without it).  ``history_`` gets one row per
         ``max(1, total_steps // 100)`` steps.  With ``checkpoint_dir``, a checkpoint also holds
@@ -576,28 +579,58 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
 
 
 class _training_precision:
-    """Allow TF32 matmuls during a mixed-precision CUDA fit, restoring the caller's setting after.
+    """A fit trains in the precision its config names, whatever the caller's.
 
-    ``torch.backends.cuda.matmul.allow_tf32`` is process-wide: concurrent fits in threads share
-    it (a fit with mixed precision off may then run TF32 matmuls too).
+    * A caller's ``torch.autocast`` for the training device is off for the fit (the trainer turns
+      the configured bf16 autocast on around each forward pass): inside a caller's bf16 autocast
+      region a fit measured its data scales in bf16 and ``mixed_precision=False`` trained in bf16.
+    * A mixed-precision CUDA fit allows TF32 matmuls.  ``torch.backends.cuda.matmul.allow_tf32``
+      is process-wide and fits may overlap (threads: ``GridSearchCV`` under joblib's threading
+      backend), so the mixed-precision CUDA fits share one window, counted under a lock: the
+      first to enter saves the caller's value and sets it, the last to leave puts the saved value
+      back.  (Saved and restored per fit, fits A and B entering A, B and leaving A, B ran B with
+      TF32 off after A ended and left it on after both.)  While the window is open every fit of
+      the process runs TF32 matmuls, one with mixed precision off too, and a value the caller
+      sets meanwhile is overwritten at its end.
     """
+
+    _lock = threading.Lock()
+    _open = 0  # mixed-precision CUDA fits inside the TF32 window
+    _saved = None  # the caller's allow_tf32 from before the window opened
 
     def __init__(self, config):
         self.on = config.autocast_dtype is not None and config.device.startswith("cuda")
+        self.device = config.device
 
     def __enter__(self):
+        from ._backend.mlp import without_autocast
+
+        self.autocast_off = without_autocast(self.device)
+        self.autocast_off.__enter__()
         if self.on:
             import torch
 
-            self.previous = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = True
+            cls = _training_precision
+            with cls._lock:
+                if cls._open == 0:
+                    cls._saved = torch.backends.cuda.matmul.allow_tf32
+                    torch.backends.cuda.matmul.allow_tf32 = True
+                cls._open += 1
         return self
 
     def __exit__(self, *exc):
-        if self.on:
-            import torch
+        try:
+            if self.on:
+                import torch
 
-            torch.backends.cuda.matmul.allow_tf32 = self.previous
+                cls = _training_precision
+                with cls._lock:
+                    cls._open -= 1
+                    if cls._open == 0:
+                        torch.backends.cuda.matmul.allow_tf32 = cls._saved
+                        cls._saved = None
+        finally:
+            self.autocast_off.__exit__(*exc)
         return False
 
 
@@ -709,12 +742,20 @@ def _decode(codes, components, bias, name, latent_names):
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, by row
         out = codes @ components.astype(codes.dtype, copy=False)
         out = out.toarray() if sp.issparse(out) else np.asarray(out)
-        out = out + bias
-    finite = np.isfinite(out).all(axis=1)
-    if not finite.all():
-        row = int(np.flatnonzero(~finite)[0])
+        # In place where the sum keeps out's dtype: `out + bias` held a second reconstruction (twice
+        # the output's memory, gigabytes for a store's codes).
+        if np.result_type(out.dtype, bias.dtype) == out.dtype:
+            out += bias
+        else:
+            out = out + bias
+    # By blocks of about a million values: a bool array of the whole output was another quarter of it.
+    block = max(1, (1 << 20) // max(1, out.shape[1]))
+    bad = np.concatenate([np.flatnonzero(~np.isfinite(out[start:start + block]).all(axis=1)) + start
+                          for start in range(0, len(out), block)] or [np.empty(0, dtype=np.intp)])
+    if len(bad):
+        row = int(bad[0])
         raise ValueError(
-            f"the reconstruction of row {row} of {name} (and of {int((~finite).sum())} row(s) in all) "
+            f"the reconstruction of row {row} of {name} (and of {len(bad)} row(s) in all) "
             f"overflows {out.dtype}: its codes are far larger than any transform gives (largest "
             f"|code| {float(abs(codes).max()):.3g}). Pass codes from this estimator's transform, or "
             f"scale them down."

@@ -140,17 +140,14 @@ def plot_jacobian_histogram(models, X, *, thresholds=(0.01,), bins=60, min_value
     named = _named(models)
     if not named:
         raise ValueError("models is empty: pass a fitted JacobianSparseAutoencoder, a list or a dict of them.")
-    values = {}
-    for label, model in named:
-        _check_jsae(model, "every model")
-        factor = _resolve_scale(model, scale)
-        rows = _validate_X(model, X, reset=False)
-        values[label] = factor * np.abs(np.concatenate([J.ravel() for J, _, _ in model._iter_blocks(rows)]))
+    values = {label: _abs_entries(model, X, scale) for label, model in named}
     top = max(max(float(v.max()) for v in values.values() if v.size), min_value * 10)
     edges = np.geomspace(min_value, top * 1.0001, bins + 1)
     ax = _axes(ax)
     for label, v in values.items():
-        counts, _ = np.histogram(np.clip(v, min_value, None), bins=edges)
+        np.maximum(v, min_value, out=v)  # below min_value: the first bin (v is this call's own array)
+        # By blocks: np.histogram sorts a copy of what it is given for uneven bins.
+        counts = sum(np.histogram(v[start:start + (1 << 20)], bins=edges)[0] for start in range(0, v.size, 1 << 20))
         ax.stairs(counts / max(1, v.size), edges, linewidth=1.5, label=label)
     for tau in thresholds:
         ax.axvline(tau, color="grey", linestyle="--", linewidth=1)
@@ -160,6 +157,27 @@ def plot_jacobian_histogram(models, X, *, thresholds=(0.01,), bins=60, min_value
     ax.set_title("Normalised Jacobian magnitudes" if scale == "normalized" else "Jacobian magnitudes")
     ax.legend()
     return ax
+
+
+def _abs_entries(model, X, scale) -> np.ndarray:
+    """``factor · |J|`` of every active entry of ``model`` on X, in one array filled batch by batch.
+
+    A list of the batches' blocks, concatenated, then ``abs`` and the factor (each a new array)
+    held four copies of the entries at once: n · k² values, 4 KB a row at k = 32.  A memmap is read
+    and checked batch by batch, not converted whole (a float16 store)."""
+    _check_jsae(model, "every model")
+    factor = _resolve_scale(model, scale)
+    rows = _validate_X(model, X, reset=False, checked_in_batches=True)
+    v, filled = None, 0
+    for J, _, _ in model._iter_blocks(rows):
+        if v is None:  # every row's block is k_out x k_in
+            v = np.empty(rows.shape[0] * J.shape[1] * J.shape[2], dtype=J.dtype)
+        part = v[filled:filled + J.size]
+        np.abs(J.reshape(-1), out=part)
+        if factor != 1:
+            part *= factor
+        filled += J.size
+    return np.empty(0, dtype=np.float32) if v is None else v[:filled]
 
 
 def _pareto_mask(cost, gain):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .jacobian import jacobian_blocks
-from .mlp import placed
+from .mlp import placed, without_autocast
 from .sae import SAEParams, encode
 from .train import _Rows
 
@@ -56,6 +56,11 @@ def jacobian_batch_size(k_out: int, k_in: int, width: int) -> int:
     return max(1, _JACOBIAN_CHUNK_ELEMENTS // (max(k_out, k_in) * max(1, width)))
 
 
+# Every entry point below computes in float32 with the caller's autocast off (see
+# sklearn_jsae._backend.mlp.without_autocast); a generator turns it off per batch only, so that
+# its consumer's code between two batches keeps the caller's state.
+
+
 @torch.no_grad()
 def encode_rows(params: SAEParams, X: np.ndarray, k: int, device="cpu", batch_size=4096, mlp_map=None):
     """Codes of ``X`` (or of ``mlp_map(X)``) as numpy ``(values (n, k) float32, indices (n, k) int64)``."""
@@ -63,12 +68,14 @@ def encode_rows(params: SAEParams, X: np.ndarray, k: int, device="cpu", batch_si
     mlp_map = None if mlp_map is None else placed(mlp_map, device, torch.float32)
     rows = _Rows(X, device, torch.float32, resident=False)  # one pass in order: no copy of X
     values, indices = [], []
-    for start, x in numbered_batches(rows, batch_size):
-        v, i = encode(params, x if mlp_map is None else mapped(mlp_map, x, start), k)
-        refuse_non_finite(v, start, "the codes are",
-                          "the row's values overflow float32 in the encoder: is X on the scale the model was fitted on?")
-        values.append(v.cpu().numpy())
-        indices.append(i.cpu().numpy())
+    with without_autocast(device):
+        for start, x in numbered_batches(rows, batch_size):
+            v, i = encode(params, x if mlp_map is None else mapped(mlp_map, x, start), k)
+            refuse_non_finite(v, start, "the codes are",
+                              "the row's values overflow float32 in the encoder: is X on the scale the model was "
+                              "fitted on?")
+            values.append(v.cpu().numpy())
+            indices.append(i.cpu().numpy())
     return np.concatenate(values), np.concatenate(indices)
 
 
@@ -77,7 +84,9 @@ def map_rows(mlp_map, X: np.ndarray, device="cpu", batch_size=4096) -> np.ndarra
     """``mlp_map(X)`` as float32 numpy (n, d_out)."""
     mlp_map = placed(mlp_map, device, torch.float32)
     rows = _Rows(X, device, torch.float32, resident=False)  # one pass in order: no copy of X
-    return np.concatenate([mapped(mlp_map, x, start).cpu().numpy() for start, x in numbered_batches(rows, batch_size)])
+    with without_autocast(device):
+        return np.concatenate([mapped(mlp_map, x, start).cpu().numpy()
+                               for start, x in numbered_batches(rows, batch_size)])
 
 
 def iter_jacobian_blocks(mlp_map, params_x: SAEParams, params_y: SAEParams, X: np.ndarray, k: int,
@@ -94,7 +103,7 @@ def iter_jacobian_blocks(mlp_map, params_x: SAEParams, params_y: SAEParams, X: n
     batch_size = batch_size or jacobian_batch_size(k, k, width)
     rows = _Rows(X, device, torch.float32, resident=False)  # one pass in order: no copy of X
     for start, x in numbered_batches(rows, batch_size):
-        with torch.no_grad():
+        with torch.no_grad(), without_autocast(device):
             _, idx_x = encode(px, x, k)
             _, idx_y = encode(py, mapped(mlp_map, x, start), k)
             J = jacobian_blocks(mlp_map, x, px.W_dec, idx_x, py.W_enc, idx_y)

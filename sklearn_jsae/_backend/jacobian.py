@@ -43,13 +43,14 @@ route on a 2-core CPU, at a sixth of the authors' peak memory.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import warnings
 
 import torch
 
-from .chunks import add_rows_, run_chunks
+from .chunks import add_rows_, gather_rows, run_chunks
 from .mlp import AffineMap, CallableMap
 
 # Elements of one (chunk, k, width) intermediate of the fused penalty.  Small on the CPU,
@@ -70,7 +71,7 @@ def _project_active(rows: torch.Tensor, indices: torch.Tensor, projection: torch
     rows (n, d), indices (B, k) int64, projection (d, m) -> (B, k, m).
     """
     unique, inverse = unique_inverse(indices, rows.shape[0])
-    return (rows[unique] @ projection)[inverse]
+    return gather_rows(rows[unique] @ projection, inverse)
 
 
 def unique_inverse(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,6 +116,25 @@ def jvp(fn, primals, tangents):
         return torch_jvp(fn, primals, tangents)
 
 
+# The message pattern of load_forward_ad's filter.  The regex comment makes it unlike any other
+# filter's, so that adding it replaces no equal filter of the caller's and removing it removes
+# that very entry.
+_JIT_SCRIPT_DEPRECATED = r".*torch.jit.script.*deprecated(?#sklearn_jsae load_forward_ad)"
+
+
+def _remove_filter(pattern: str) -> None:
+    """Remove the filter whose message pattern is ``pattern`` from ``warnings.filters``, wherever the
+    filters other threads added since have moved it, leaving every other entry in place."""
+    entry = next((f for f in list(warnings.filters) if f[1] is not None and f[1].pattern == pattern), None)
+    if entry is None:  # another thread's warnings.resetwarnings() took it already
+        return
+    with contextlib.suppress(ValueError):  # (one list operation: atomic for other threads)
+        warnings.filters.remove(entry)
+    mutated = getattr(warnings, "_filters_mutated", None)  # what filterwarnings calls after a change
+    if mutated is not None:
+        mutated()
+
+
 @functools.lru_cache(maxsize=None)
 def load_forward_ad() -> None:
     """Run torch's one-time set-up of forward-mode AD with its own DeprecationWarning silenced.
@@ -123,10 +143,16 @@ def load_forward_ad() -> None:
     which warns that it is deprecated: under ``-W error::DeprecationWarning`` that import fails
     halfway, and the failure would be blamed on the user's MLP.  Call before any ``jvp``.
     """
-    with JVP_LOCK, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=DeprecationWarning)
-        zero = torch.zeros(1, dtype=torch.float32, device="cpu")
-        jvp(torch.sin, (zero,), (torch.ones_like(zero),))
+    # One filter inserted and that entry removed after, not warnings.catch_warnings(): that swaps
+    # the process-wide filter list and puts a copy back on exit, dropping the filters any other
+    # thread installed meanwhile.
+    with JVP_LOCK:
+        warnings.filterwarnings("ignore", message=_JIT_SCRIPT_DEPRECATED, category=DeprecationWarning)
+        try:
+            zero = torch.zeros(1, dtype=torch.float32, device="cpu")
+            jvp(torch.sin, (zero,), (torch.ones_like(zero),))
+        finally:
+            _remove_filter(_JIT_SCRIPT_DEPRECATED)
 
 
 def _jvp_columns(mlp, x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
@@ -173,8 +199,9 @@ def jacobian_blocks(
     """
     differentiable = torch.is_grad_enabled() and (W_dec_x.requires_grad or W_enc_y.requires_grad)
     if isinstance(mlp, CallableMap) or not getattr(mlp, "has_closed_form", False):
-        columns = _jvp_columns(mlp, x, W_dec_x[indices_x])  # (B, k_in, d_out)
-        return torch.bmm(W_enc_y[indices_y], columns.transpose(1, 2))
+        # gather_rows, not W[indices]: a backward that sums in the same order at every run
+        columns = _jvp_columns(mlp, x, gather_rows(W_dec_x, indices_x))  # (B, k_in, d_out)
+        return torch.bmm(gather_rows(W_enc_y, indices_y), columns.transpose(1, 2))
     if not differentiable:
         PA, inverse_x, PC, inverse_y, weights = _closed_form_factors(mlp, x, W_dec_x, indices_x, W_enc_y, indices_y)
         chunk = _chunk_samples(indices_x, indices_y, PA.shape[1], x.device, chunk_elements)
@@ -182,7 +209,7 @@ def jacobian_blocks(
     if isinstance(mlp, AffineMap):
         projection = torch.eye(mlp.d_in, dtype=x.dtype, device=x.device) if mlp.W is None else mlp.W
         A = _project_active(W_dec_x, indices_x, projection)  # (B, k_in, d_out)
-        E = W_enc_y[indices_y]  # (B, k_out, d_out)
+        E = gather_rows(W_enc_y, indices_y)  # (B, k_out, d_out)
         return torch.bmm(E, A.transpose(1, 2))
     weights = mlp.local_weights(x)  # (B, r, d_mlp)
     batch, r, d_mlp = weights.shape

@@ -12,12 +12,14 @@ Every function here evaluates the output SAE through ``e`` on the true MLP outpu
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from .inference import MLP_FIX, mapped, numbered_batches, refuse_non_finite
-from .mlp import placed
+from .mlp import placed, without_autocast
 from .sae import SAEParams, decode, encode, pre_activations
 from .train import _Rows
 
@@ -62,28 +64,29 @@ def reconstruction_statistics(params_x: SAEParams, params_y: SAEParams | None, m
         for name, p in tensors.items()
     }
     rows = _Rows(X, device, torch.float32, resident=False)  # one pass: no copy of X
-    for start, x in numbered_batches(rows, batch_size):
-        data = {"input": x}
-        if "output" in sides:
-            data["output"] = mapped(mlp_map, x, start)
-        for name, z in data.items():
-            params, k = tensors[name], sides[name][1]
-            values, indices = encode(params, z, k)
-            z_hat = decode(params, values, indices)
-            a = acc[name]
-            z64 = z.double()
-            if a["shift"] is None:
-                a["shift"] = z64.mean(0)
-                a["s1"] = torch.zeros_like(a["shift"])
-                a["s2"] = torch.zeros_like(a["shift"])
-            centred = z64 - a["shift"]
-            a["s1"] += centred.sum(0)
-            a["s2"] += (centred * centred).sum(0)
-            a["residual"] += float(((z64 - z_hat.double()) ** 2).sum())
-            a["n"] += z.shape[0]
-            active = values > 0
-            a["l0"] += int(active.sum())
-            a["fired"][indices[active]] = True
+    with without_autocast(device):  # float32 whatever the caller's autocast (see there)
+        for start, x in numbered_batches(rows, batch_size):
+            data = {"input": x}
+            if "output" in sides:
+                data["output"] = mapped(mlp_map, x, start)
+            for name, z in data.items():
+                params, k = tensors[name], sides[name][1]
+                values, indices = encode(params, z, k)
+                z_hat = decode(params, values, indices)
+                a = acc[name]
+                z64 = z.double()
+                if a["shift"] is None:
+                    a["shift"] = z64.mean(0)
+                    a["s1"] = torch.zeros_like(a["shift"])
+                    a["s2"] = torch.zeros_like(a["shift"])
+                centred = z64 - a["shift"]
+                a["s1"] += centred.sum(0)
+                a["s2"] += (centred * centred).sum(0)
+                a["residual"] += float(((z64 - z_hat.double()) ** 2).sum())
+                a["n"] += z.shape[0]
+                active = values > 0
+                a["l0"] += int(active.sum())
+                a["fired"][indices[active]] = True
     out = {}
     for name, a in acc.items():
         total = float((a["s2"] - a["s1"] * a["s1"] / a["n"]).clamp_min(0).sum())
@@ -112,21 +115,22 @@ def sweep_curves(mlp_map, params_x: SAEParams, params_y: SAEParams, k_y: int, x:
         max_rows = max(1, (1 << 22) // max(py.W_dec.shape[0], px.W_dec.shape[1], py.W_dec.shape[1]))
     step = max(1, max_rows // n_points)
     curves = []
-    for start in range(0, n_pairs, step):
-        sl = slice(start, start + step)
-        xb = torch.as_tensor(x[sl], dtype=torch.float32, device=device)
-        gb = torch.as_tensor(grid[sl], dtype=torch.float32, device=device)
-        cb = torch.as_tensor(current[sl], dtype=torch.float32, device=device)
-        direction = px.W_dec[torch.as_tensor(in_latent[sl], device=device)]  # (P, d_in)
-        shift = gb - cb[:, None]  # (P, M)
-        points = xb[:, None, :] + shift[..., None] * direction[:, None, :]  # (P, M, d_in)
-        y = mlp_map(points.reshape(-1, points.shape[-1]))
-        refuse_non_finite(y.reshape(points.shape[0], -1), start, "the mlp returned",
-                          "check the MLP at those inputs (an overflow, a log or a division of their values) "
-                          "or sweep a narrower range (sweep_min, sweep_pad).",
-                          where="a point of sweep {} (an input latent moved along its grid)")
-        latents = torch.as_tensor(out_latent[sl], device=device).repeat_interleave(n_points)[:, None]
-        curves.append(latent_values(py, y, k_y, latents).reshape(shift.shape).cpu().numpy())
+    with without_autocast(device):  # float32 whatever the caller's autocast
+        for start in range(0, n_pairs, step):
+            sl = slice(start, start + step)
+            xb = torch.as_tensor(x[sl], dtype=torch.float32, device=device)
+            gb = torch.as_tensor(grid[sl], dtype=torch.float32, device=device)
+            cb = torch.as_tensor(current[sl], dtype=torch.float32, device=device)
+            direction = px.W_dec[torch.as_tensor(in_latent[sl], device=device)]  # (P, d_in)
+            shift = gb - cb[:, None]  # (P, M)
+            points = xb[:, None, :] + shift[..., None] * direction[:, None, :]  # (P, M, d_in)
+            y = mlp_map(points.reshape(-1, points.shape[-1]))
+            refuse_non_finite(y.reshape(points.shape[0], -1), start, "the mlp returned",
+                              "check the MLP at those inputs (an overflow, a log or a division of their values) "
+                              "or sweep a narrower range (sweep_min, sweep_pad).",
+                              where="a point of sweep {} (an input latent moved along its grid)")
+            latents = torch.as_tensor(out_latent[sl], device=device).repeat_interleave(n_points)[:, None]
+            curves.append(latent_values(py, y, k_y, latents).reshape(shift.shape).cpu().numpy())
     return np.concatenate(curves) if curves else np.zeros((0, n_points), dtype=np.float32)
 
 
@@ -152,19 +156,21 @@ def unit_interventions(mlp_map, params_x: SAEParams, params_y: SAEParams, k_x: i
     batch_size = batch_size or max(1, (1 << 22) // max(1, k_x * max(n_out, mlp_map.d_in)))
     rows = _Rows(X, device, torch.float32, resident=False)
     for start, x in numbered_batches(rows, batch_size):
-        _, idx_x = encode(px, x, k_x)
-        y = mapped(mlp_map, x, start)
-        _, idx_y = encode(py, y, k_y)
-        J = jacobian_blocks(mlp_map, x, px.W_dec, idx_x, py.W_enc, idx_y)
-        refuse_non_finite(J, start, "the mlp's Jacobian is", MLP_FIX)
-        base = latent_values(py, y, k_y, idx_y)  # (B, k_y)
-        moved = x[:, None, :] - delta * px.W_dec[idx_x]  # (B, k_x, d_in)
-        y_moved = mlp_map(moved.reshape(-1, x.shape[1]))
-        refuse_non_finite(y_moved.reshape(x.shape[0], -1), start,
-                          "the mlp returned (on the row moved against an active input latent's direction)", MLP_FIX)
-        after = latent_values(py, y_moved, k_y, idx_y.repeat_interleave(k_x, dim=0))  # (B·k_x, k_y)
-        after = after.reshape(x.shape[0], k_x, k_y).transpose(1, 2)
-        observed = base[:, :, None] - after
+        # float32 whatever the caller's autocast; per batch, not across the yield (see inference)
+        with without_autocast(device):
+            _, idx_x = encode(px, x, k_x)
+            y = mapped(mlp_map, x, start)
+            _, idx_y = encode(py, y, k_y)
+            J = jacobian_blocks(mlp_map, x, px.W_dec, idx_x, py.W_enc, idx_y)
+            refuse_non_finite(J, start, "the mlp's Jacobian is", MLP_FIX)
+            base = latent_values(py, y, k_y, idx_y)  # (B, k_y)
+            moved = x[:, None, :] - delta * px.W_dec[idx_x]  # (B, k_x, d_in)
+            y_moved = mlp_map(moved.reshape(-1, x.shape[1]))
+            refuse_non_finite(y_moved.reshape(x.shape[0], -1), start,
+                              "the mlp returned (on the row moved against an active input latent's direction)", MLP_FIX)
+            after = latent_values(py, y_moved, k_y, idx_y.repeat_interleave(k_x, dim=0))  # (B·k_x, k_y)
+            after = after.reshape(x.shape[0], k_x, k_y).transpose(1, 2)
+            observed = base[:, :, None] - after
         yield J.cpu().numpy(), observed.cpu().numpy(), idx_y.cpu().numpy(), idx_x.cpu().numpy()
 
 
@@ -214,10 +220,14 @@ def _first_tensor(args, kwargs):
 
 
 def _reconstruct(params: SAEParams, k: int, z: torch.Tensor) -> torch.Tensor:
-    """SAE reconstruction of z (..., d) in z's dtype and device."""
+    """SAE reconstruction of z (..., d) in z's dtype and device.
+
+    The SAE computes in its parameters' dtype (float32) with the caller's autocast off; the
+    model around the splice runs as the caller runs it (under their autocast, if any)."""
     flat = z.reshape(-1, z.shape[-1]).to(params.W_dec.dtype)
-    values, indices = encode(params, flat, k)
-    return decode(params, values, indices).reshape(z.shape).to(z.dtype)
+    with without_autocast(z.device):
+        values, indices = encode(params, flat, k)
+        return decode(params, values, indices).reshape(z.shape).to(z.dtype)
 
 
 # pass name -> (what replaces the MLP input, what replaces the MLP output); None keeps it
@@ -254,8 +264,13 @@ def spliced_cross_entropies(model, input_module, output_module, params_x: SAEPar
     px = _tensor_params(params_x, device)
     py = _tensor_params(params_y, device)
     mode = {"value": "clean"}
+    # The hooks sit on the model, so they fire for whoever runs it: another spliced_ce_score (or
+    # any forward) of the same model in another thread would be spliced by this call's pass.
+    thread = threading.get_ident()
 
     def pre_hook(module, args, kwargs):
+        if threading.get_ident() != thread:
+            return None
         action = SPLICE_PASSES[mode["value"]][0]
         if action is None:
             return None
@@ -267,6 +282,8 @@ def spliced_cross_entropies(model, input_module, output_module, params_x: SAEPar
         return args, {**kwargs, key: replaced}
 
     def post_hook(module, args, output):
+        if threading.get_ident() != thread:
+            return None
         action = SPLICE_PASSES[mode["value"]][1]
         if action is None:
             return None

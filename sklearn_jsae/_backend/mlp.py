@@ -21,6 +21,7 @@ Weights are stored in the row-vector orientation used throughout the backend
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import numpy as np
 import math
@@ -340,6 +341,23 @@ def placed(mlp_map: _FrozenMap, device, dtype) -> _FrozenMap:
     return copy.deepcopy(mlp_map).to(device=device, dtype=dtype)
 
 
+def without_autocast(device):
+    """A region where a caller's ``torch.autocast`` for ``device``'s type is off.
+
+    autocast is the calling thread's state: a fit or a transform called inside the caller's
+    ``torch.autocast("cpu", dtype=torch.bfloat16)`` (a hook of a model run under autocast) ran
+    its matrix products in bf16, so that codes failed to become numpy arrays ("unsupported
+    ScalarType BFloat16"), scores differed and ``mixed_precision=False`` trained in bf16.  The
+    library's inference runs in float32 and training in the precision ``mixed_precision``
+    configures, whatever the caller's.  A no-op for device types without autocast (``meta``).
+    """
+    kind = torch.device(device).type
+    available = getattr(torch.amp, "is_autocast_available", None)  # (torch >= 2.4)
+    if not (available(kind) if available is not None else kind in ("cpu", "cuda")):
+        return contextlib.nullcontext()
+    return torch.autocast(kind, enabled=False)
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -386,8 +404,15 @@ def resolve_mlp(mlp, X_probe) -> tuple[object, _FrozenMap, int]:
     """Check a user's ``mlp`` against a few rows of X and freeze it.
 
     Returns ``(frozen CPU copy or None, backend map, d_out)``.  Raises TypeError /
-    ValueError naming ``mlp`` or ``X``, the offending value and the fix.
+    ValueError naming ``mlp`` or ``X``, the offending value and the fix.  The MLP is probed as
+    training runs it, in float32 with a caller's autocast off (:func:`without_autocast`): under a
+    bf16 one a callable's rows computed alone and in the batch round differently.
     """
+    with without_autocast("cpu"):
+        return _resolve_mlp(mlp, X_probe)
+
+
+def _resolve_mlp(mlp, X_probe) -> tuple[object, _FrozenMap, int]:
     d_in = X_probe.shape[1]
     if mlp is None:
         return None, AffineMap(d_in), d_in
@@ -468,7 +493,7 @@ def resolve_mlp(mlp, X_probe) -> tuple[object, _FrozenMap, int]:
             f"or a division of its values) and the input scale.", what="mlp output")
     hint = _whole_model_hint(mlp)
     if hint:  # it ran (a BERT block takes each row as a one-token sequence), but is likely a mistake
-        warnings.warn(f"mlp:{hint}", UserWarning, stacklevel=4)
+        warnings.warn(f"mlp:{hint}", UserWarning, stacklevel=5)
     backend_map = as_map(frozen, d_in, d_out)
     if isinstance(backend_map, CallableMap):
         backend_map.d_out = d_out

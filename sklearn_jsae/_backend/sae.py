@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from .chunks import add_rows_, run_chunks
+from .chunks import add_rows_, gather_rows, run_chunks
 
 
 @dataclass
@@ -95,8 +95,8 @@ def active_values(params: SAEParams, x: torch.Tensor, indices: torch.Tensor) -> 
 
     x (B, d), indices (B, k) -> values (B, k).
     """
-    rows = params.W_enc[indices]  # (B, k, d)
-    pre = torch.einsum("bd,bkd->bk", x - params.b_dec, rows) + params.b_enc[indices]
+    rows = gather_rows(params.W_enc, indices)  # (B, k, d), with a backward in a fixed order
+    pre = torch.einsum("bd,bkd->bk", x - params.b_dec, rows) + gather_rows(params.b_enc, indices)
     return F.relu(pre)
 
 

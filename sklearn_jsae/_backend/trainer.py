@@ -24,7 +24,7 @@ import torch
 
 from ..exceptions import NonFiniteTrainingError
 from .jacobian import map_and_local_weights
-from .mlp import placed
+from .mlp import placed, without_autocast
 from .optim import Adam
 from .sae import SAEParams
 from .step import jsae_step_losses, optimiser_step
@@ -76,12 +76,25 @@ def generators(config):
     return input_init, output_init, shuffling
 
 
+@contextlib.contextmanager
 def _autocast(device: torch.device, dtype: torch.dtype | None):
-    """Autocast of the forward pass to ``dtype`` on CUDA or the CPU; a no-op when ``dtype`` is None
-    or the device has no autocast (other device types run in the training dtype)."""
+    """Autocast of the forward pass to ``dtype`` on CUDA or the CPU; with ``dtype`` None (or on a
+    device without autocast) the training dtype, with a caller's autocast turned off: the
+    configured precision replaces the caller's, so a fit with ``mixed_precision=False`` inside a
+    caller's ``torch.autocast`` region trains in float32 (see
+    :func:`~sklearn_jsae._backend.mlp.without_autocast`)."""
     if dtype is None or device.type not in ("cuda", "cpu"):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+        with without_autocast(device):
+            yield
+        return
+    try:
+        with torch.autocast(device.type, dtype=dtype):
+            yield
+    finally:
+        # autocast keeps its casts of the parameters until the outermost autocast region ends; inside
+        # another region (a caller's, or _training_precision's autocast-off) that is not this one, and
+        # the next step would read this step's bf16 copies of weights the optimiser has since updated.
+        torch.clear_autocast_cache()
 
 
 def _non_finite(step: int, what: str, cause: str) -> NonFiniteTrainingError:
@@ -184,7 +197,13 @@ class Trainer:
         (a cached MLP pass), else computed here.  ``share`` (data-parallel only): ``(n_r, N)``,
         this rank's real rows among ``x_raw`` (0: ``x_raw`` is a stand-in row of weight 0) and the
         rows of the global batch.  Returns the step's loss terms as floats (over the global batch).
+
+        Runs with a caller's autocast off: only the forward pass runs under the configured one.
         """
+        with without_autocast(self.device):
+            return self._step(x_raw, index, outputs_and_weights, share)
+
+    def _step(self, x_raw, index, outputs_and_weights, share) -> dict:
         config = self.config
         self.position = self.rows_done // config.batch_size if self.schedule_by_rows else self.step_count
         if self.schedule_by_rows and self.total_steps is not None and self.position >= self.total_steps:

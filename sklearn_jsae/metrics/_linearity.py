@@ -167,7 +167,7 @@ def linearity(estimator, X, *, n_samples=256, n_pairs=None, n_points=100, sweep_
     tol = _check_positive_real(tol, "tol")
     return_curves = _check_bool(return_curves, "return_curves")
     rng = _check_random_state(random_state)
-    rows = np.sort(rng.choice(X.shape[0], size=min(n_samples, X.shape[0]), replace=False))
+    rows = _sample_rows(rng, X.shape[0], min(n_samples, X.shape[0]))
     # the sampled rows alone, read and checked (naming the row) as every pass over a store is
     sampled = _Rows(X, "cpu", torch.float32, resident=False)
     Xs = next(sampled.batches(len(rows), order=torch.from_numpy(rows), check_finite=True)).numpy()
@@ -210,3 +210,23 @@ def _value_of(values, indices, sample, latent):
     """values[sample, position of latent in indices[sample]] (0 if absent)."""
     match = indices[sample] == latent[:, None]
     return np.where(match.any(axis=1), (values[sample] * match).sum(axis=1), 0.0)
+
+
+# Up to this many rows, the sample is RandomState.choice's (a permutation of every row index, 8 MB
+# here), so the rows a seed picks are those of earlier versions; beyond it, a permutation of all
+# rows costs 8 bytes a row (2.4 GB and minutes for 300M tokens, to pick 256 rows).
+_PERMUTED_ROWS = 1 << 20
+
+
+def _sample_rows(rng: np.random.RandomState, n: int, size: int) -> np.ndarray:
+    """``size`` distinct row numbers of ``range(n)``, ascending, drawn with ``rng``: memory and time
+    O(size), not O(n), beyond :data:`_PERMUTED_ROWS` rows."""
+    if n <= _PERMUTED_ROWS or 2 * size > n:  # (most of the rows: the permutation is the draw's size anyway)
+        return np.sort(rng.choice(n, size=size, replace=False))
+    chosen = np.empty(0, dtype=np.int64)
+    while len(chosen) < size:  # size <= n_samples << n: a draw or two
+        draw = rng.randint(0, n, size=2 * (size - len(chosen)), dtype=np.int64)
+        chosen = np.concatenate([chosen, draw])
+        _, first = np.unique(chosen, return_index=True)
+        chosen = chosen[np.sort(first)]  # distinct, in the order drawn: the first ``size`` are a uniform sample
+    return np.sort(chosen[:size])
