@@ -17,6 +17,7 @@ tensors equal the MLP's input and output are taken.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 
@@ -99,15 +100,22 @@ def mlp_hookpoints(model, layer) -> MLPHookpoints:
 
     produced: list[tuple[str, object]] = []
     received: list[object] = []
+    # The hooks are on the user's model, which other threads may run meanwhile: they act on this
+    # thread's forward pass only (grab stopped another thread's forward with _Reached).
+    thread = threading.get_ident()
 
     def recorder(name):
         def hook(module, args, output):
+            if threading.get_ident() != thread:
+                return
             first = output[0] if isinstance(output, tuple) and output else output
             if isinstance(first, torch.Tensor):
                 produced.append((name, first))
         return hook
 
     def grab(module, args, kwargs):
+        if threading.get_ident() != thread:
+            return None
         received.append(args[0] if args else kwargs.get("hidden_states"))
         raise _Reached
 

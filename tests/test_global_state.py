@@ -6,10 +6,12 @@ order in which torch's threads add up a gradient, the process-wide warning filte
 pins one way a call used to leak into that state, or let it leak in:
 
 * ``spliced_ce_score``'s splice hooks fire only for its own thread's forward passes (two scores
-  computed at once, or a caller's forward of the same model meanwhile, were spliced by each other);
+  computed at once, or a caller's forward of the same model meanwhile, were spliced by each other),
+  and so do the hooks of interop's search for hook names (another thread's forward was stopped);
 * a caller's ambient ``torch.autocast`` changes nothing: inference runs in float32 and training in
-  the precision ``mixed_precision`` configures (inference raised "unsupported ScalarType BFloat16",
-  scores differed, ``mixed_precision=False`` trained in bf16);
+  the precision ``mixed_precision`` configures, and ``from_saes`` measures its scales in float32
+  (inference raised "unsupported ScalarType BFloat16", scores differed, ``mixed_precision=False``
+  trained in bf16);
 * overlapping mixed-precision CUDA fits share one TF32 window, so the flag stays on while any of
   them trains and the caller's value comes back after the last (saved and restored per fit, fits
   entering A, B and leaving A, B turned it off under B and left it on);
@@ -393,3 +395,40 @@ def test_spliced_ce_score_hooks_splice_only_their_own_threads_forwards():
         for run in got:
             assert run == expected
     assert all(same)
+
+
+def test_finding_hook_names_leaves_other_threads_forwards_of_the_model_alone(monkeypatch):
+    """interop's hook-name search hooks the user's model for one probe forward pass; a forward of
+    the same model in another thread meanwhile was stopped by its capture hook (an exception from
+    inside the model) instead of running to the end."""
+    transformers = pytest.importorskip("transformers")
+    from sklearn_jsae import _hookpoints
+    from sklearn_jsae.hf import _adapters
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32, vocab_size=60)
+    model = transformers.GPT2Model(config).eval()
+    ids = torch.arange(1, 9).unsqueeze(0)
+    with torch.no_grad():
+        expected = model(ids).last_hidden_state
+    others = []
+    real_run = _adapters.run_model
+
+    def run_with_another_threads_forward(*args, **kwargs):  # while the probe's hooks are in place
+        def forward():
+            try:
+                with torch.no_grad():
+                    others.append(model(ids).last_hidden_state)
+            except BaseException as exc:  # noqa: BLE001 -- what the other thread met is the finding
+                others.append(exc)
+
+        thread = threading.Thread(target=forward)
+        thread.start()
+        thread.join()
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(_adapters, "run_model", run_with_another_threads_forward)
+    hooks = _hookpoints.mlp_hookpoints(model, 1)
+    assert hooks.input == "h.1.ln_2"
+    assert len(others) == 1 and isinstance(others[0], torch.Tensor), others
+    torch.testing.assert_close(others[0], expected, rtol=0, atol=0)
