@@ -209,6 +209,31 @@ def test_global_sparsity_summed_in_parts_equals_one_sum(monkeypatch):
     assert parts == pytest.approx(once, abs=1e-12) and G_once.nnz > 0
 
 
+def test_global_sparsity_flushes_grow_with_the_running_total(monkeypatch):
+    """A flush rebuilds the running total, so a flush every fixed number of entries is quadratic in
+    the rows while the total grows (up to n_out · n_in entries); flushing when the pending entries
+    outnumber the total takes a logarithmic number of flushes, and the same matrix."""
+    from sklearn_jsae._backend import inference
+    from sklearn_jsae.metrics import _sparsity
+
+    X = np.random.default_rng(4).normal(size=(2000, 16)).astype(np.float32)
+    jsae = fitted(make_mlp(16, 32, 16), X, 4096, 3)  # 4096² latent pairs
+    monkeypatch.setattr(inference, "jacobian_batch_size", lambda *a: 4)  # 500 batches
+    monkeypatch.setattr(_sparsity, "GLOBAL_FLUSH_ENTRIES", 10**9)  # one sum at the end
+    once, G_once = global_jacobian_sparsity(jsae, X, thresholds=[0.0, 0.01], return_matrix=True)
+    monkeypatch.setattr(_sparsity, "GLOBAL_FLUSH_ENTRIES", 1)
+    flushes = []
+    real_sum = _sparsity._coo_sum
+    monkeypatch.setattr(_sparsity, "_coo_sum", lambda *a: flushes.append(1) or real_sum(*a))
+    parts, G_parts = global_jacobian_sparsity(jsae, X, thresholds=[0.0, 0.01], return_matrix=True)
+    # doubling until the total holds its S distinct pairs, then one flush per S entries: about
+    # log2(S / 36) + 18,000 / S flushes (was one per batch: 500)
+    S = G_once.nnz
+    assert S > 1000 and len(flushes) <= np.log2(S) + 18_000 / S + 2
+    np.testing.assert_allclose(G_parts.toarray(), G_once.toarray(), rtol=1e-12, atol=0)
+    assert parts == pytest.approx(once, abs=1e-12)
+
+
 def test_global_sparsity_never_forms_a_dense_pair_array():
     # 60,000 x 60,000 latent pairs: a dense float64 array would need 28.8 GB.
     X = np.random.default_rng(0).normal(size=(24, 3)).astype(np.float32)

@@ -17,8 +17,11 @@ from ._validation import _check_bool, _check_jsae, _check_thresholds
 
 # The paper's thresholds τ; documented in the package, which exports them.
 DEFAULT_THRESHOLDS = (0.005, 0.01, 0.015, 0.02)
-# The global matrix sums its pending entries into the running CSR total once this many are held:
-# one sum per batch would rebuild the total every batch, one sum at the end would hold all entries.
+# The global matrix sums its pending entries into the running CSR total once it holds this many
+# and at least as many as the total (as AbsJacobianSum does): one sum per batch would rebuild the
+# total every batch, one sum at the end would hold all entries, and a fixed size rebuilt a total
+# of up to n_out · n_in entries every 4M entries (quadratic in the rows until it fills).  Growing
+# with the total, the flushes cost O(entries) in all and hold at most as many pending entries.
 GLOBAL_FLUSH_ENTRIES = 1 << 22
 
 
@@ -196,7 +199,7 @@ def _sparsity_pass(source, X, thresholds, factors, *, per_sample=True, global_ma
             active_count += np.bincount(active_out, minlength=n_out)
             pending.append((values, i, j))
             pending_size += values.size
-            if pending_size >= GLOBAL_FLUSH_ENTRIES:
+            if pending_size >= max(GLOBAL_FLUSH_ENTRIES, total.nnz):
                 total = total + _coo_sum(pending, (n_out, n_in))
                 pending, pending_size = [], 0
     fractions = G = None
