@@ -802,6 +802,13 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         return encode_rows(self.output_sae_._params(), X, self.output_sae_._encoding_k(),
                            _inference_device(self), _INFERENCE_BATCH, mlp_map=self._mlp_map)
 
+    def _output_code_batches(self, X):
+        """``(first row, values, indices)`` numpy batches of :meth:`_output_codes`, in row order."""
+        from ._backend.inference import iter_codes
+
+        return iter_codes(self.output_sae_._params(), X, self.output_sae_._encoding_k(),
+                          _inference_device(self), _INFERENCE_BATCH, mlp_map=self._mlp_map)
+
     def _mlp_outputs(self, X):
         from ._backend.inference import map_rows
 
@@ -818,8 +825,8 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         dense float32 ndarray with ``sparse_output=False``."""
         check_is_fitted(self)
         X = _validate_X(self, X, reset=False, checked_in_batches=True)
-        values, indices = self.input_sae_._codes(X, _inference_device(self))
-        return _codes_output(self, values, indices, self._n_latents_in, InputCodes)
+        return _codes_output(self, self.input_sae_._code_batches(X, _inference_device(self)), X.shape[0],
+                             self.input_sae_._encoding_k(), self._n_latents_in, InputCodes)
 
     def transform_output(self, X):
         """Output-side codes of the true outputs mlp(X), (n_samples, n_output_components).
@@ -831,8 +838,8 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         """
         check_is_fitted(self)
         X_valid = _validate_X(self, X, reset=False, checked_in_batches=True)
-        values, indices = self._output_codes(X_valid)
-        codes = _codes_output(self, values, indices, self.output_sae_.components_.shape[0], OutputCodes)
+        codes = _codes_output(self, self._output_code_batches(X_valid), X_valid.shape[0],
+                              self.output_sae_._encoding_k(), self.output_sae_.components_.shape[0], OutputCodes)
         container = _get_output_config("transform", self)["dense"]
         if container != "default" and not self.sparse_output:
             adapter = ADAPTERS_MANAGER.adapters[container]

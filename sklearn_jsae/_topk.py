@@ -15,7 +15,7 @@ from sklearn.utils import check_array, check_random_state
 from . import _validation
 from ._persistence import PersistenceMixin
 from ._sklearn_compat import NumberInterval, StrOptions, _fit_context, _get_output_config, check_is_fitted, validate_data
-from ._sparse import topk_to_csr
+from ._sparse import CodesCSR
 from ._validation import check_finite_rows, check_float32_range, check_k
 
 _INFERENCE_BATCH = 4096
@@ -126,15 +126,21 @@ def _inference_device(estimator) -> str:
     return _validation.resolve_device(estimator.device, for_inference=True)
 
 
-def _codes_output(estimator, values, indices, n_latents, container=None):
-    """``(values, indices)`` as the estimator's ``sparse_output`` asks: CSR (or ``container``, a
-    CSR subclass), or a dense float32 ndarray."""
+def _codes_output(estimator, batches, n_rows, k, n_latents, container=None):
+    """Code batches ``(first row, values (B, k), indices (B, k))`` (from
+    :func:`~sklearn_jsae._backend.inference.iter_codes`) as the estimator's ``sparse_output``
+    asks: CSR (or ``container``, a CSR subclass), or a dense float32 ndarray.  Each batch goes into
+    the output as it comes, so the (n, k) codes are never held besides it."""
     if not estimator.sparse_output:
-        dense = np.zeros((values.shape[0], n_latents), dtype=np.float32)
-        np.put_along_axis(dense, indices, values, axis=1)
+        dense = np.zeros((n_rows, n_latents), dtype=np.float32)
+        for start, values, indices in batches:
+            np.put_along_axis(dense[start : start + len(values)], indices, values, axis=1)
         return dense
     _check_codes_output(estimator)
-    return topk_to_csr(values, indices, n_latents, container=container)
+    builder = CodesCSR(n_rows, n_latents, n_rows * k)  # at most k entries a row, trimmed in place
+    for _, values, indices in batches:
+        builder.add(values, indices)
+    return builder.finish(container)
 
 
 def _check_codes_output(estimator):
@@ -536,6 +542,13 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         return encode_rows(self._params(), X, self._encoding_k(), device or _inference_device(self),
                            _INFERENCE_BATCH)
 
+    def _code_batches(self, X, device=None):
+        """``(first row, values, indices)`` numpy batches of :meth:`_codes`, in row order."""
+        from ._backend.inference import iter_codes
+
+        return iter_codes(self._params(), X, self._encoding_k(), device or _inference_device(self),
+                          _INFERENCE_BATCH)
+
     def fit_transform(self, X, y=None, **fit_params):
         """``fit(X)`` then ``transform(X)``; a sparse ``sparse_output`` under a DataFrame output
         (``set_output``, ``set_config``) is refused before any training, not after it."""
@@ -547,8 +560,7 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         dense float32 ndarray with ``sparse_output=False``."""
         check_is_fitted(self)
         X = _validate_X(self, X, reset=False, checked_in_batches=True)
-        values, indices = self._codes(X)
-        return _codes_output(self, values, indices, self.components_.shape[0])
+        return _codes_output(self, self._code_batches(X), X.shape[0], self._encoding_k(), self.components_.shape[0])
 
     def inverse_transform(self, X):
         """Decode codes of shape (n_samples, n_components) (sparse or dense) to (n_samples, n_features)."""

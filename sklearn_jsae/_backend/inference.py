@@ -61,32 +61,53 @@ def jacobian_batch_size(k_out: int, k_in: int, width: int) -> int:
 # its consumer's code between two batches keeps the caller's state.
 
 
-@torch.no_grad()
-def encode_rows(params: SAEParams, X: np.ndarray, k: int, device="cpu", batch_size=4096, mlp_map=None):
-    """Codes of ``X`` (or of ``mlp_map(X)``) as numpy ``(values (n, k) float32, indices (n, k) int64)``."""
+def iter_codes(params: SAEParams, X: np.ndarray, k: int, device="cpu", batch_size=4096, mlp_map=None):
+    """Yield ``(first row, values (B, k) float32, indices (B, k) int64)`` numpy batches of the codes
+    of ``X`` (or of ``mlp_map(X)``), in row order: a consumer that keeps only what it builds from
+    them (a CSR, a dense array) never holds the (n, k) pair."""
     params = _as_tensor_params(params, device, torch.float32)
     mlp_map = None if mlp_map is None else placed(mlp_map, device, torch.float32)
     rows = _Rows(X, device, torch.float32, resident=False)  # one pass in order: no copy of X
-    values, indices = [], []
-    with without_autocast(device):
-        for start, x in numbered_batches(rows, batch_size):
+    for start, x in numbered_batches(rows, batch_size):
+        with torch.no_grad(), without_autocast(device):
             v, i = encode(params, x if mlp_map is None else mapped(mlp_map, x, start), k)
-            refuse_non_finite(v, start, "the codes are",
-                              "the row's values overflow float32 in the encoder: is X on the scale the model was "
-                              "fitted on?")
-            values.append(v.cpu().numpy())
-            indices.append(i.cpu().numpy())
-    return np.concatenate(values), np.concatenate(indices)
+        refuse_non_finite(v, start, "the codes are",
+                          "the row's values overflow float32 in the encoder: is X on the scale the model was "
+                          "fitted on?")
+        yield start, v.cpu().numpy(), i.cpu().numpy()
+
+
+def encode_rows(params: SAEParams, X: np.ndarray, k: int, device="cpu", batch_size=4096, mlp_map=None):
+    """Codes of ``X`` (or of ``mlp_map(X)``) as numpy ``(values (n, k) float32, indices (n, k) int64)``,
+    filled batch by batch into the two arrays (no list of batches and concatenated copy)."""
+    values = indices = None
+    n = X.shape[0]
+    for start, v, i in iter_codes(params, X, k, device, batch_size, mlp_map):
+        if values is None:
+            values = np.empty((n,) + v.shape[1:], dtype=v.dtype)
+            indices = np.empty((n,) + i.shape[1:], dtype=i.dtype)
+        values[start : start + len(v)] = v
+        indices[start : start + len(i)] = i
+    if values is None:  # no rows
+        return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
+    return values, indices
 
 
 @torch.no_grad()
 def map_rows(mlp_map, X: np.ndarray, device="cpu", batch_size=4096) -> np.ndarray:
-    """``mlp_map(X)`` as float32 numpy (n, d_out)."""
+    """``mlp_map(X)`` as float32 numpy (n, d_out), filled batch by batch into one array."""
     mlp_map = placed(mlp_map, device, torch.float32)
     rows = _Rows(X, device, torch.float32, resident=False)  # one pass in order: no copy of X
+    out = None
     with without_autocast(device):
-        return np.concatenate([mapped(mlp_map, x, start).cpu().numpy()
-                               for start, x in numbered_batches(rows, batch_size)])
+        for start, x in numbered_batches(rows, batch_size):
+            y = mapped(mlp_map, x, start).cpu().numpy()
+            if out is None:
+                out = np.empty((rows.n,) + y.shape[1:], dtype=y.dtype)
+            out[start : start + len(y)] = y
+    if out is None:  # no rows
+        return np.zeros((0, mlp_map.d_out), dtype=np.float32)
+    return out
 
 
 def iter_jacobian_blocks(mlp_map, params_x: SAEParams, params_y: SAEParams, X: np.ndarray, k: int,
