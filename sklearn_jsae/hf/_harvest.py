@@ -93,8 +93,8 @@ class _MemorySink:
     def result(self, dtype):
         """Each array concatenated from its chunks, whose list is then emptied: the chunks of the
         arrays already built are freed before the next is (all chunks and all arrays at once held
-        2.4 times the harvest; one array at a time about 1.5 times).  For harvests near memory's
-        size, ``out=`` writes a store instead."""
+        twice the harvest in numpy arrays; one array at a time about 1.5 times).  For harvests near
+        memory's size, ``out=`` writes a store instead."""
         out = {}
         for name, chunks in self.chunks.items():
             out[name] = np.concatenate(chunks) if chunks else None
