@@ -28,6 +28,7 @@ from sklearn_jsae._backend import stop
 from sklearn_jsae._backend import trainer as trainer_module
 from sklearn_jsae._backend.checkpoint import checkpoint_paths
 from sklearn_jsae.exceptions import TrainingStopped
+from test_checkpoints import _assert_same_model  # the model's arrays and history, bit for bit
 
 SETTINGS = dict(n_components=32, k=4, max_iter=2, batch_size=64, random_state=0, device="cpu", l1=0.5)
 N_ROWS = 320  # 5 steps per epoch, 10 in all
@@ -50,23 +51,6 @@ def _make(kind, mlp, **kw):
     if kind == "jsae":
         return JacobianSparseAutoencoder(mlp, **SETTINGS, **kw)
     return TopKSparseAutoencoder(**{k: v for k, v in SETTINGS.items() if k != "l1"}, **kw)
-
-
-def _arrays(est):
-    sides = (est.input_sae_, est.output_sae_) if hasattr(est, "input_sae_") else (est,)
-    arrays = {f"{i}{name}": getattr(side, name) for i, side in enumerate(sides)
-              for name in ("components_", "encoder_", "encoder_bias_", "decoder_bias_")}
-    if hasattr(est, "jacobian_"):
-        arrays["jacobian"] = est.jacobian_.toarray()
-    return arrays
-
-
-def _assert_same_model(a, b):
-    left, right = _arrays(a), _arrays(b)
-    for name in left:
-        np.testing.assert_array_equal(left[name], right[name], err_msg=name)
-    drop = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
-    assert drop(a.history_) == drop(b.history_)
 
 
 def _signal_before_step(monkeypatch, steps, signum=signal.SIGTERM):
