@@ -9,10 +9,14 @@ fraction of that copy:
 * ``metrics.linearity`` permuted every row index (8 bytes a row: 2.4 GB for 300M rows) to sample
   its 256 rows;
 * ``inverse_transform`` held two reconstructions and a bool array of the output at its peak;
+* a pass over a store in order (inference, the metrics, the data statistics) indexed every row
+  first (8 bytes a row);
 * ``transform`` / ``transform_output`` held the (n, k) codes twice and topk_to_csr's sort of them
   (3.6x the CSR), ``mlp_outputs`` its batches and their concatenation, ``jacobian`` its entries twice.
 """
 
+import subprocess
+import sys
 import tracemalloc
 import warnings
 
@@ -454,3 +458,25 @@ def test_an_in_memory_harvest_frees_each_arrays_chunks_before_building_the_next(
     assert out["X"].shape == out["Y"].shape == (81_920, 256) and out["token_ids"].shape == (81_920,)
     built = sum(a.nbytes for a in out.values())
     assert peak < 1.7 * built  # chunks and arrays all at once: 2x; X's chunks freed before Y is built: 1.5x
+
+
+def test_a_pass_over_a_store_in_order_does_not_index_every_row_first(tmp_path):
+    """Inference, the metrics and the data statistics read a store's rows in order through
+    ``_Rows.batches``, which built ``torch.arange(n)`` first: 8 bytes a row (8 GB before the first
+    batch of a 10⁹-row store).  Measured as the growth of a fresh process's peak RSS (torch's
+    allocations are not numpy's, so tracemalloc does not see them) over the first batches."""
+    n = 20_000_000
+    path = tmp_path / "store.npy"
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, 1))  # a sparse file: no disk
+    script = f"""
+import resource, numpy as np, torch
+from sklearn_jsae._backend.train import _Rows
+rows = _Rows(np.load({str(path)!r}, mmap_mode="r"), "cpu", torch.float32, resident=False)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+first, middle = next(rows.batches(4096, check_finite=True)), next(rows.batches(4096, span=({n // 2}, {n})))
+assert first.shape == middle.shape == (4096, 1)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) < 0.25 * 8 * n  # arange(n): 160 MB; the two batches' own arrays: < 1 MB

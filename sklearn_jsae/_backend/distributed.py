@@ -288,13 +288,19 @@ class DataParallel:
         self.all_reduce(t, what, op=dist.ReduceOp.MIN)
         return int(t[0]), -int(t[1])
 
-    def sum_statistics(self, total: torch.Tensor, total_sq: torch.Tensor, n: int):
-        """All-reduced float64 ``(Σ v, Σ v², n)`` of :func:`~sklearn_jsae._backend.train.data_statistics`."""
-        d = total.shape[0]
-        flat = torch.cat([total, total_sq, total.new_tensor([float(n)])]).to(self.device, torch.float64)
-        self.all_reduce(flat, "the data statistics all-reduce")
-        flat = flat.to(total.device)
-        return flat[:d], flat[d : 2 * d], int(round(float(flat[-1])))
+    def merge_statistics(self, mean: torch.Tensor, squared_deviations: torch.Tensor, n: int):
+        """The union's float64 ``(mean, Σ (v - mean)², n)`` from every rank's own, as
+        :func:`~sklearn_jsae._backend.train.data_statistics` measures them: Chan et al.'s merge,
+        ``M2 = Σ_r M2_r + n_r (mean_r - mean)²``, in two all-reduces (the mean first), with no
+        cancellation of large sums (all-reducing ``Σ v`` and ``Σ v²`` had it)."""
+        d = mean.shape[0]
+        weighted = torch.cat([mean * n, mean.new_tensor([float(n)])]).to(self.device, torch.float64)
+        self.all_reduce(weighted, "the data statistics all-reduce")
+        union_n = int(round(float(weighted[-1])))
+        union_mean = (weighted[:d] / union_n).to(mean.device)
+        spread = (squared_deviations + n * (mean - union_mean) ** 2).to(self.device, torch.float64)
+        self.all_reduce(spread, "the data statistics all-reduce")
+        return union_mean, spread.to(mean.device), union_n
 
     # ---- the training step ----------------------------------------------------------
     def attach(self, trainer) -> None:
