@@ -7,7 +7,9 @@ resumable run streamed from a model (see ``python -m sklearn_jsae train --help``
 
 Output piped into a reader that stops early (``| head``) ends the command quietly with status 1
 (Python's own recipe for a closed pipe); Ctrl-C ends it with one line on stderr (``train``'s
-line says how to resume), by SIGINT as Python's default does (status 130 in a shell).
+line says how to resume), by SIGINT as Python's default does (status 130 in a shell); SIGTERM
+ends every command the same way, by SIGTERM (``train`` after writing a checkpoint), with its
+temporary files removed.
 """
 
 from __future__ import annotations
@@ -19,11 +21,29 @@ import sys
 COMMANDS = ("evaluate", "train")
 
 
+def _stopping_on_sigterm():
+    """Around ``evaluate`` and the main job: a SIGTERM (``kill``, a scheduler's time limit) raises
+    :class:`~sklearn_jsae.exceptions.TrainingStopped` as Ctrl-C raises ``KeyboardInterrupt``, so
+    that the command's temporary cache is removed (Python's default ended the process with the
+    folder left behind, 45 MB for ``evaluate``) and it ends by SIGTERM.  ``train`` has its own
+    (:func:`~sklearn_jsae.graceful_stop`, which saves a checkpoint first).  No handler from a
+    thread other than the main one (an in-process ``main()``): only that one can install it."""
+    import contextlib
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return contextlib.nullcontext()
+    from ._backend.stop import graceful_stop
+
+    return graceful_stop()
+
+
 def _dispatch(argv):
     if argv and argv[0] == "evaluate":
         from ._evaluate import main as evaluate
 
-        return evaluate(argv[1:])
+        with _stopping_on_sigterm():
+            return evaluate(argv[1:])
     if argv and argv[0] == "train":
         from ._cli_train import main as train
 
@@ -38,7 +58,8 @@ def _dispatch(argv):
         return 2
     from ._main_job import main as main_job
 
-    return main_job(argv)
+    with _stopping_on_sigterm():
+        return main_job(argv)
 
 
 def main(argv=None):
@@ -65,13 +86,13 @@ def main(argv=None):
         raise
 
 
-def _run_as_program():
+def _run_as_program(argv=None):
     """``python -m sklearn_jsae``: on Ctrl-C the one line above instead of a traceback, then the
     process ends by SIGINT, as Python's default does, so that a shell loop over commands stops
     (an exit with status 130 would not stop it); on a SIGTERM that stopped ``train`` cleanly, by
     SIGTERM."""
     try:
-        sys.exit(main())
+        sys.exit(main(argv))
     except KeyboardInterrupt as interrupt:
         import signal
 

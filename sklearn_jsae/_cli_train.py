@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import decimal
 import itertools
 import json
 import numbers
@@ -54,6 +55,7 @@ from ._validation import PENALTIES
 from .datasets import load_python_doc_texts
 
 _SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9}
+_MAX_COUNT = 10**18
 # Held-out sequences the summary's spliced cross-entropy runs on (five passes of the model each);
 # held-out tokens of its other metrics: up to 2,048 for Jacobian sparsity and the rest (twice
 # `python -m sklearn_jsae evaluate`'s default --n-test of 1,024), and, as evaluate's defaults, 32
@@ -63,14 +65,26 @@ EVALUATION_TOKENS, LINEARITY_TOKENS, INTERVENTION_TOKENS = 2048, 32, 512
 
 
 def parse_count(text: str) -> int:
-    """``"10M"`` -> 10_000_000, ``"250k"`` -> 250_000, ``"4096"`` -> 4096."""
+    """``"10M"`` -> 10_000_000, ``"2.01M"`` -> 2_010_000, ``"250k"`` -> 250_000, ``"4096"`` -> 4096.
+
+    Decimal arithmetic: through a float ``"2.01M"`` was 2,009,999 (2.01 · 10⁶ rounds below) and
+    integers past 2⁵³ lost their last digits.  A count that is not whole (``"1.5"``) is an error.
+    """
     value = text.strip().lower().replace("_", "")
     factor = _SUFFIXES.get(value[-1:], 1)
     number = value[:-1] if value[-1:] in _SUFFIXES else value
     try:
-        count = int(float(number) * factor)
-    except (ValueError, OverflowError):  # OverflowError: inf, 1e400 (int() of an infinite float)
-        raise argparse.ArgumentTypeError(f"{text!r} is not a token count (e.g. 4096, 250k, 10M)") from None
+        exact = decimal.Decimal(number) * factor
+    except decimal.DecimalException:  # not a number, or beyond decimal's exponents (1e999999999k)
+        exact = None
+    if exact is None or not exact.is_finite():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count (e.g. 4096, 250k, 10M)")
+    if exact > _MAX_COUNT:  # and int() of 1e999999999 would build a billion-digit integer
+        raise argparse.ArgumentTypeError(f"{text!r} is more than 10^18 tokens; give a count that a run can reach")
+    if exact != exact.to_integral_value():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of tokens ({exact} tokens); "
+                                         f"give a whole count (e.g. {int(exact.to_integral_value()) or 1})")
+    count = int(exact)
     if count < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
     return count
@@ -208,18 +222,32 @@ def check_output_folder(parser: argparse.ArgumentParser, option: str, path: str)
 
 
 def check_output_file(parser: argparse.ArgumentParser, option: str, path: str) -> None:
-    """A usage error unless ``path`` can be written as a file: its folder exists (it is not created)
-    and is writable, and ``path`` is not a folder."""
-    folder = os.path.dirname(os.path.abspath(path))
+    """A usage error unless ``path`` can be written as a file, as
+    :func:`~sklearn_jsae._persistence.write_atomically` writes it: a regular file (or a new one, or
+    a link to one) through a temporary in its folder, which must exist (it is not created) and be
+    writable; anything else that exists (``/dev/stdout``, a FIFO) in place, so it alone must be
+    writable."""
+    from ._backend.files import not_a_regular_file
+
+    if not path:
+        parser.error(f"argument {option}: an empty path; give a file path")
     if os.path.isdir(path):
         parser.error(f"argument {option}: {path!r} is a folder; give a file path")
+    special = not_a_regular_file(path)
+    if special is not None:
+        if not os.access(path, os.W_OK):
+            parser.error(f"argument {option}: cannot write {path!r} (permission denied); give a writable path")
+        return
+    folder = os.path.dirname(os.path.realpath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        parser.error(f"argument {option}: cannot write {path!r}: {folder!r} is a file, not a folder; "
+                     f"give another path")
     if not os.path.isdir(folder):
         parser.error(f"argument {option}: the folder {folder!r} of {path!r} does not exist; create it first "
                      f"or give a path in an existing folder")
-    # An existing file (/dev/stdout, say) needs only to be writable itself, not its folder.
-    writable = os.access(path, os.W_OK) if os.path.exists(path) else os.access(folder, os.W_OK | os.X_OK)
-    if not writable:
-        parser.error(f"argument {option}: cannot write {path!r} (permission denied); give a writable path")
+    if not os.access(folder, os.W_OK | os.X_OK):  # the temporary is made there, then renamed
+        parser.error(f"argument {option}: cannot write {path!r} (permission denied in {folder!r}, where it is "
+                     f"written first); give a path in a writable folder")
 
 
 def _check_max_length(model, max_length: int) -> None:
@@ -342,12 +370,14 @@ def _held_out(path: str, n: int) -> list[str]:
 
 
 def _rounded(value):
-    """Metrics as JSON: floats to 4 decimals, counts (``n_tokens``) as ints, dict keys as str."""
+    """Metrics as JSON: floats to 4 significant digits, counts (``n_tokens``) as ints, dict keys as
+    str.  Significant digits, not decimals: the global Jacobian fraction of a 65,536-latent pair is
+    at most 2,048 · k² / 65,536² (4.9e-4 at k = 32), which 4 decimals wrote as 0.0."""
     if isinstance(value, dict):
         return {str(key): _rounded(item) for key, item in value.items()}
     if isinstance(value, numbers.Integral):
         return int(value)
-    return round(float(value), 4)
+    return float(f"{float(value):.4g}")
 
 
 def _held_out_sequences(texts: list[str], tokenizer, max_length: int, pack: bool, n: int = HELD_OUT_SEQUENCES):

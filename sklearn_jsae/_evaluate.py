@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -34,6 +33,7 @@ from .metrics import (
     randomize_mlp,
     reconstruction_metrics,
 )
+from ._backend.files import cache_folder
 from .metrics._sparsity import _jacobian_sparsity_views
 
 #: Farnik et al. (2025), Pythia-410m layer 15, 65,536 latents, k = 32 (None: not reported).
@@ -244,10 +244,10 @@ def _figures(directory, fitted, X_test, data_tokens=None):
 
 
 def _save(fig, directory, name):
-    path = os.path.join(directory, name)
+    from ._persistence import save_figure
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, os.path.join(directory, name), dpi=110)
 
 
 def main(argv=None):
@@ -262,19 +262,26 @@ def main(argv=None):
     for name in ("n_components", "k", "max_iter", "batch_size", "n_test", "linearity_samples",
                  "intervention_samples"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.n_train is not None and args.n_train < 1:  # a negative count sliced from the end
         parser.error(f"--n-train must be >= 1 (training tokens), got {args.n_train}")
     if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be >= 1")
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     # Everything the four fits and the outputs would refuse, before the first fit: a bad --json or
     # --figures would otherwise stop the command after all of its minutes of training.
     check_estimator_options(parser, dict(
         n_components=args.n_components, k=args.k, l1=args.l1, max_iter=args.max_iter,
         batch_size=args.batch_size, device=args.device, random_state=args.random_state, verbose=args.verbose))
+    if args.json == "" or args.figures == "":
+        parser.error(f"argument --{'json' if args.json == '' else 'figures'}: an empty path; give a "
+                     f"{'file' if args.json == '' else 'folder'} path")
     to_stdout = bool(args.json) and _is_stdout(args.json)
     if args.json and not to_stdout:
         check_output_file(parser, "--json", args.json)
+        start = _start_if_not_json(args.json)
+        if start is not None:
+            parser.error(f"argument --json: {args.json!r} holds something other than JSON (it starts "
+                         f"{start!r}), not an earlier report; remove it or give another path")
     if args.figures:
         check_output_folder(parser, "--figures", args.figures)
         import importlib.util
@@ -294,6 +301,20 @@ def main(argv=None):
         return _run(args, to_stdout)
     finally:
         torch.set_num_threads(threads)
+
+
+def _start_if_not_json(path):
+    """The first bytes of ``path`` when it is a regular file that holds something other than JSON (a
+    model given as ``--json model.safetensors`` was replaced by the report), else None."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(65536)
+    except OSError:
+        return None  # the writer's own error says why
+    text = head.decode("utf-8", errors="replace").lstrip()
+    return None if not text or text[0] in "{[" else head[:16]
 
 
 def _is_stdout(path):
@@ -340,7 +361,7 @@ def _evaluate(args, to_stdout):
     fitted, seconds, results = {}, {}, {}
     # The JSAE and the traditional pair on one MLP share its outputs and local weights: the
     # cache computes them once per MLP (the models are the same as without it).
-    with tempfile.TemporaryDirectory(prefix="jsae_evaluate_") as cache:
+    with cache_folder("evaluate") as cache:
         for kind, which in MODELS:
             estimator = JacobianSparseAutoencoder(
                 mlps[which], n_components=args.n_components, k=args.k, l1=args.l1 if kind == "jsae" else 0.0,
@@ -372,7 +393,14 @@ def _evaluate(args, to_stdout):
             if status == 0:
                 print(f"\nnumbers written to {args.json}")
     if args.figures:
-        saved = _figures(args.figures, fitted, X_test)
+        try:
+            saved = _figures(args.figures, fitted, X_test)
+        except OSError as exc:  # a full disk: write_failed's line names the file and what is intact
+            reason = exc.strerror or str(exc)
+            if args.figures not in reason:
+                reason = f"cannot write in {args.figures!r} ({reason})"
+            print(f"python -m sklearn_jsae evaluate: error: --figures: {reason}", file=sys.stderr)
+            return 1
         print("\nfigures: " + ", ".join(saved))
     return payload if to_stdout else status
 
@@ -404,4 +432,7 @@ def _write_json(path, payload):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # As `python -m sklearn_jsae evaluate`: a closed pipe, Ctrl-C and SIGTERM end it as they end that.
+    from sklearn_jsae.__main__ import _run_as_program
+
+    _run_as_program(["evaluate", *sys.argv[1:]])

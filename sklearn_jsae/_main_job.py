@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from ._backend.files import cache_folder
+
 THRESHOLDS = (0.005, 0.01, 0.015, 0.02)
 #: Where the figure goes unless ``--figure`` says otherwise (outside the working tree).
 # (a folder named "sklearn-jsae", not "sklearn_jsae": a script run from the temp folder would
@@ -181,8 +183,9 @@ def save_figure(results, X_test, path, l1):
     fig.tight_layout()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    from ._persistence import save_figure as save_atomically
+
+    return save_atomically(fig, path, dpi=110)
 
 
 def _figure_path(parser, path):
@@ -198,6 +201,8 @@ def _figure_path(parser, path):
         return None
     from matplotlib.backend_bases import FigureCanvasBase
 
+    if not path:
+        parser.error("argument --figure: an empty path; give a file path, or 'none' for no figure")
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         parser.error(f"argument --figure: {path!r} is a folder; give a file path, such as "
                      f"{os.path.join(path, os.path.basename(DEFAULT_FIGURE))!r}")
@@ -217,11 +222,15 @@ def _figure_path(parser, path):
                          f"path in one of " + ", ".join(f".{kind}" for kind in sorted(kinds))
                          + " (.png without a suffix)")
     # save_figure creates the folder: its nearest existing ancestor must be a writable folder.
-    existing = _nearest_existing(os.path.dirname(os.path.abspath(path)))
+    existing = _nearest_existing(os.path.dirname(os.path.realpath(path)))  # (a link's target is replaced)
     if not existing.is_dir():
         parser.error(f"argument --figure: cannot write {path!r}: {str(existing)!r} is a file, not a folder; "
                      f"give another path")
-    if not os.access(path if os.path.exists(path) else existing, os.W_OK):
+    from ._backend.files import not_a_regular_file
+
+    # A regular file is written beside itself and renamed over (save_figure), a device in place.
+    special = os.path.exists(path) and not_a_regular_file(path) is not None
+    if not os.access(path if special else existing, os.W_OK):
         parser.error(f"argument --figure: cannot write {path!r} (permission denied); give a writable path")
     return path
 
@@ -269,7 +278,7 @@ def _run(args):
           + f", random_state={args.random_state}; the only difference is l1")
     # The two fits share the MLP's outputs and local weights (they do not depend on l1): the
     # cache computes them once; the models are the same as without it.
-    with tempfile.TemporaryDirectory(prefix="jsae_main_") as cache:
+    with cache_folder("main") as cache:
         results = compare(X_train, X_test, data.mlp, l1=args.l1, random_state=args.random_state,
                           memory=cache, **settings)
     print()
@@ -279,6 +288,13 @@ def _run(args):
     if args.figure is None:
         print("no figure: matplotlib is not installed (pip install 'sklearn-jsae[plot]')")
     elif args.figure.lower() != "none":
-        path = save_figure(results, X_test, args.figure, args.l1)
+        try:
+            path = save_figure(results, X_test, args.figure, args.l1)
+        except OSError as exc:  # a full disk: write_failed's line names the file and what is intact
+            reason = exc.strerror or str(exc)
+            if repr(args.figure) not in reason:  # os.makedirs's own
+                reason = f"cannot write {args.figure!r} ({reason})"
+            print(f"python -m sklearn_jsae: error: --figure: {reason}", file=sys.stderr)
+            return 1
         print(f"figure (|J| histograms and fractions above tau): {path}")
     return 0

@@ -328,7 +328,8 @@ def read(path) -> tuple[dict, dict]:
         with safe_open(path, framework="np") as f:
             metadata = f.metadata() or {}
             arrays = {name: np.array(f.get_tensor(name), copy=True) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError, TypeError) as exc:  # (TypeError: a dtype numpy lacks, bf16)
+    # TypeError (AttributeError before safetensors 0.4.1): a dtype numpy lacks, bf16.
+    except (SafetensorError, OSError, ValueError, TypeError, AttributeError) as exc:
         raise PersistenceError(
             f"{path!r} cannot be read as a model file ({type(exc).__name__}: {exc}): it is "
             f"truncated or damaged, or not a file written by estimator.save(path) (those are "

