@@ -279,6 +279,13 @@ def _steps_or_duration(value: str):
     return every
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """``"4.56.0.dev0"`` -> ``(4, 56, 0)``: the release numbers of a version string."""
+    from packaging.version import Version
+
+    return Version(version).release
+
+
 def load_model(name: str, causal_lm: bool = False, dtype: str | None = None):
     """``(model, tokenizer)`` for a folder, a .gguf file or a bundled test model name; offline only.
     With ``causal_lm``, a model whose config names a ``...ForCausalLM`` class is loaded with its LM
@@ -314,12 +321,13 @@ def load_model(name: str, causal_lm: bool = False, dtype: str | None = None):
             if any(architecture.endswith("ForCausalLM")
                    for architecture in getattr(config, "architectures", None) or ()):
                 loader = transformers.AutoModelForCausalLM
+        dtype_key = "dtype" if _release(transformers.__version__) >= (4, 56) else "torch_dtype"  # (renamed in 4.56)
         if dtype is not None:
             import torch
 
-            kwargs["dtype"] = getattr(torch, dtype)
+            kwargs[dtype_key] = getattr(torch, dtype)
         model = loader.from_pretrained(path, **kwargs).eval()
-        kwargs.pop("dtype", None)
+        kwargs.pop(dtype_key, None)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError, pickle.UnpicklingError) as exc:  # an empty folder, a file that is no model,
         # pickled weights torch refuses to unpickle (weights_only): transformers' traceback
@@ -429,7 +437,7 @@ def _check_same_run(out: Path, args, finished: bool = False) -> None:
     if not config.exists() or not (finished or checkpoint_paths(out / "checkpoint")):
         return
     try:
-        started = json.loads(config.read_text())
+        started = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # a config cut short by a kill: the checkpoint's own identity still guards the fit
     if not isinstance(started, dict):  # valid JSON, but not what this command writes: not a kill's doing
@@ -497,7 +505,7 @@ def _main(args, out: Path) -> int:
     # summary and exited 0, as if it had run what it was asked.
     _check_same_run(out, args, finished=summary_path.exists())
     if summary_path.exists():
-        print(f"{out} already holds a finished run:\n{summary_path.read_text()}")
+        print(f"{out} already holds a finished run:\n{summary_path.read_text(encoding='utf-8')}")
         return 0
     _check_texts(args.texts)
     from ._backend.stop import graceful_stop

@@ -416,7 +416,7 @@ def _write_json(path, payload):
     text = json.dumps(payload, indent=2, default=float)
 
     def write(temporary):
-        with open(temporary, "w") as handle:
+        with open(temporary, "w", encoding="utf-8") as handle:
             handle.write(text)
 
     try:

@@ -98,7 +98,7 @@ def load_minilm_mlp(*, include_special_tokens=True, dtype=np.float32):
     include_special_tokens = _check_bool(include_special_tokens, "include_special_tokens")
     with np.load(DATA_DIR / f"{_MINILM}.npz") as stored:
         arrays = {key: stored[key] for key in stored.files}
-    metadata = json.loads((DATA_DIR / f"{_MINILM}.json").read_text())
+    metadata = json.loads((DATA_DIR / f"{_MINILM}.json").read_text(encoding="utf-8"))
     keep = slice(None)
     if not include_special_tokens:
         keep = ~np.isin(arrays["token_ids"], _SPECIAL_IDS)
@@ -120,7 +120,7 @@ def load_minilm_mlp(*, include_special_tokens=True, dtype=np.float32):
         positions=arrays["positions"][keep],
         sequence_ids=arrays["sequence_ids"][keep],
         metadata=metadata,
-        DESCR=(DATA_DIR / "PROVENANCE.md").read_text(),
+        DESCR=(DATA_DIR / "PROVENANCE.md").read_text(encoding="utf-8"),
     )
 
 

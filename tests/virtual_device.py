@@ -643,7 +643,8 @@ def _checked_backward_apply(self, *args):
     result = _real_backward_apply(self, *args)
     grads = result if isinstance(result, tuple) else (result,)
     for i, (grad, (node, input_nr)) in enumerate(zip(grads, self.next_functions)):
-        if node is None or not isinstance(grad, torch.Tensor):
+        # (torch 2.2, the oldest the package allows, has no _input_metadata: nothing to check against)
+        if node is None or not isinstance(grad, torch.Tensor) or not hasattr(node, "_input_metadata"):
             continue
         expected = node._input_metadata[input_nr].device
         if (expected.type == "meta") == isinstance(grad, VirtualTensor):

@@ -22,7 +22,7 @@ def umask() -> int:
     """The process's umask, read without changing it where the system says it (Linux's
     ``/proc/self/status``); elsewhere set and put back at once, under a lock."""
     try:
-        with open("/proc/self/status") as status:
+        with open("/proc/self/status", encoding="utf-8") as status:
             for line in status:
                 if line.startswith("Umask:"):
                     return int(line.split()[1], 8)
