@@ -348,7 +348,7 @@ def _texts(spec: str, out: Path):
     """The texts as a file or folder path (streamed lazily); ``pydoc`` is written once into the run folder."""
     if spec == "pydoc":
         path = out / "pydoc_texts.txt"
-        if not path.exists():  # a temporary per process (mkstemp): the ranks of a job may all write it
+        if not path.exists():  # a temporary per process: the ranks of a job may all write it
             _write_text(path, "\n".join(load_python_doc_texts()) + "\n")
         return str(path)
     _check_texts(spec)
@@ -358,8 +358,8 @@ def _texts(spec: str, out: Path):
 def _write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a fresh temporary in its folder, renamed over it.
 
-    The temporary is made with mkstemp (never a fixed name, so a symlink planted in the run folder
-    is not followed) and removed when the write fails (a full disk leaves no partial file behind,
+    The temporary is made with new_temporary (never a fixed name, so a symlink planted in the run
+    folder is not followed) and removed when the write fails (a full disk leaves no partial file behind,
     and the previous file, if any, intact).
     """
     from ._persistence import write_atomically

@@ -45,7 +45,6 @@ from ._topk import (
 )
 from ._validation import check_k
 
-_INFERENCE_BATCH = 4096
 # The most training rows ``jacobian_`` averages over.  Its sum has up to k² entries per row; with
 # wide dictionaries (the paper's 65,536 latents) and hundreds of millions of rows, a sum over all
 # of them would grow towards n_out · n_in entries (tens of GB) at the end of a fit.
@@ -800,19 +799,19 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         from ._backend.inference import encode_rows
 
         return encode_rows(self.output_sae_._params(), X, self.output_sae_._encoding_k(),
-                           _inference_device(self), _INFERENCE_BATCH, mlp_map=self._mlp_map)
+                           _inference_device(self), mlp_map=self._mlp_map)
 
     def _output_code_batches(self, X):
         """``(first row, values, indices)`` numpy batches of :meth:`_output_codes`, in row order."""
         from ._backend.inference import iter_codes
 
         return iter_codes(self.output_sae_._params(), X, self.output_sae_._encoding_k(),
-                          _inference_device(self), _INFERENCE_BATCH, mlp_map=self._mlp_map)
+                          _inference_device(self), mlp_map=self._mlp_map)
 
     def _mlp_outputs(self, X):
         from ._backend.inference import map_rows
 
-        return map_rows(self._mlp_map, X, _inference_device(self), _INFERENCE_BATCH)
+        return map_rows(self._mlp_map, X, _inference_device(self))
 
     def fit_transform(self, X, y=None, **fit_params):
         """``fit(X)`` then ``transform(X)``; a sparse ``sparse_output`` under a DataFrame output

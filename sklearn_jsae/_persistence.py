@@ -137,22 +137,28 @@ def write_atomically(path, write) -> str:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot write {path!r}: the folder {folder!r} does not exist; create it first "
                                 f"(os.makedirs) or pass a path in an existing folder.")
-    from ._backend.files import give_default_mode, remove_dead_temporaries, temporary_prefix, write_failed, writer_prefix
+    from ._backend.files import (
+        give_default_mode,
+        new_temporary,
+        remove_dead_temporaries,
+        temporary_prefix,
+        write_failed,
+        writer_prefix,
+    )
 
     # named after its writer: one a kill left behind (full size: it may be what fills the disk) is
     # removed by the next write of this path, before it writes
     remove_dead_temporaries(folder, temporary_prefix(path))
     try:
-        handle, temporary = tempfile.mkstemp(prefix=writer_prefix(temporary_prefix(path)), suffix=".tmp", dir=folder)
+        temporary = new_temporary(folder, writer_prefix(temporary_prefix(path)))
     except OSError as exc:  # a read-only folder, one without write permission
         raise write_failed(path, exc) from exc
-    os.close(handle)
     try:
         write(temporary)
         with open(temporary, "rb+") as f:
             os.fsync(f.fileno())
-        # After the write: mkstemp's 0600 (which safetensors' writer also sets) would leave the file
-        # unreadable to the owner's group.
+        # After the write: safetensors' writer sets 0600, which would leave the file unreadable
+        # to the owner's group.
         give_default_mode(temporary, replacing=path)
         os.replace(temporary, path)
     except Exception as exc:
@@ -183,12 +189,11 @@ def _write_through(path: str, write) -> str:
     one (a device, a FIFO), opened as ``open`` opens it."""
     import shutil
 
-    from ._backend.files import not_a_regular_file, write_failed
+    from ._backend.files import new_temporary, not_a_regular_file, write_failed
 
     temporary = None
     try:
-        handle, temporary = tempfile.mkstemp(suffix=".tmp")
-        os.close(handle)
+        temporary = new_temporary(tempfile.gettempdir(), "jsae_write_")
         write(temporary)
         with open(temporary, "rb") as source, open(path, "wb") as target:
             shutil.copyfileobj(source, target)

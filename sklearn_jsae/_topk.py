@@ -18,7 +18,6 @@ from ._sklearn_compat import NumberInterval, StrOptions, _fit_context, _get_outp
 from ._sparse import CodesCSR
 from ._validation import check_finite_rows, check_float32_range, check_k
 
-_INFERENCE_BATCH = 4096
 
 
 def _keep_state_on_error(fit):
@@ -539,15 +538,13 @@ class TopKSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixin, T
         estimator's; a JSAE passes its own for its two SAEs)."""
         from ._backend.inference import encode_rows
 
-        return encode_rows(self._params(), X, self._encoding_k(), device or _inference_device(self),
-                           _INFERENCE_BATCH)
+        return encode_rows(self._params(), X, self._encoding_k(), device or _inference_device(self))
 
     def _code_batches(self, X, device=None):
         """``(first row, values, indices)`` numpy batches of :meth:`_codes`, in row order."""
         from ._backend.inference import iter_codes
 
-        return iter_codes(self._params(), X, self._encoding_k(), device or _inference_device(self),
-                          _INFERENCE_BATCH)
+        return iter_codes(self._params(), X, self._encoding_k(), device or _inference_device(self))
 
     def fit_transform(self, X, y=None, **fit_params):
         """``fit(X)`` then ``transform(X)``; a sparse ``sparse_output`` under a DataFrame output
@@ -745,7 +742,10 @@ def _decode(codes, components, bias, name, latent_names):
             f"{name} must be 2-D codes of shape (n_samples, {components.shape[0]}); got a sparse array "
             f"of shape {codes.shape}. Pass codes from this estimator's transform."
         )
-    codes = check_array(codes, accept_sparse=("csr", "csc", "coo"), dtype=[np.float32, np.float64], input_name=name)
+    # order="C": numpy's product of a column-major array (what pandas 3 holds a frame built from an
+    # array as) rounds differently, and the same codes decoded to rows 1 ulp apart.
+    codes = check_array(codes, accept_sparse=("csr", "csc", "coo"), dtype=[np.float32, np.float64], order="C",
+                        input_name=name)
     if codes.shape[1] != components.shape[0]:
         raise ValueError(
             f"{name} has {codes.shape[1]} columns but the dictionary has n_components="

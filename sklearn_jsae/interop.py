@@ -189,11 +189,16 @@ def _write(path, weights_name, tensors, cfg, header=None) -> str:
     Both temporaries are written and synced before either rename (renames need no space), so an
     error while writing (a full disk, say) leaves the folder's previous pair as it was; only an
     interrupt between the two renames can leave a pair the import refuses."""
-    import tempfile
-
     from safetensors.numpy import save_file
 
-    from ._backend.files import give_default_mode, remove_dead_temporaries, temporary_prefix, write_failed, writer_prefix
+    from ._backend.files import (
+        give_default_mode,
+        new_temporary,
+        remove_dead_temporaries,
+        temporary_prefix,
+        write_failed,
+        writer_prefix,
+    )
 
     text = json.dumps(cfg, indent=2)
     # The digest of the cfg as it reads back, as the import computes it (keys become strings).
@@ -202,9 +207,7 @@ def _write(path, weights_name, tensors, cfg, header=None) -> str:
     temporaries = []
     try:
         for final in (weights_path, cfg_path):
-            handle, temporary = tempfile.mkstemp(prefix=writer_prefix(temporary_prefix(final)), suffix=".tmp", dir=path)
-            os.close(handle)
-            temporaries.append(temporary)
+            temporaries.append(new_temporary(path, writer_prefix(temporary_prefix(final))))
         weights_tmp, cfg_tmp = temporaries
         save_file(tensors, weights_tmp, metadata=header)
         with open(cfg_tmp, "w", encoding="utf-8") as f:
@@ -212,8 +215,8 @@ def _write(path, weights_name, tensors, cfg, header=None) -> str:
         for temporary, final in ((weights_tmp, weights_path), (cfg_tmp, cfg_path)):
             with open(temporary, "rb+") as f:
                 os.fsync(f.fileno())
-            # After the write: mkstemp's 0600 (which safetensors' writer also sets) would leave
-            # the file unreadable to the owner's group.
+            # After the write: safetensors' writer sets 0600, which would leave the file
+            # unreadable to the owner's group.
             give_default_mode(temporary, replacing=final)
         os.replace(weights_tmp, weights_path)
         os.replace(cfg_tmp, cfg_path)

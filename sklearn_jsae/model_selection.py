@@ -98,22 +98,27 @@ def _scored_jsae(estimator, X):
     """``(jsae, X)`` for a scorer: a fitted JSAE as it is, or the one JSAE step of a fitted
     ``Pipeline`` (a search over ``make_pipeline(..., JacobianSparseAutoencoder(...))``) with X
     sent through the steps before it, as the pipeline's own ``fit`` sent the training data."""
+    from sklearn.frozen import FrozenEstimator
     from sklearn.pipeline import Pipeline
 
     from ._estimator import JacobianSparseAutoencoder
 
+    def unfrozen(step):  # a fitted JSAE kept as it is in a pipeline (scikit-learn's FrozenEstimator)
+        return step.estimator if isinstance(step, FrozenEstimator) else step
+
     if isinstance(estimator, Pipeline):
-        at = [i for i, (_, step) in enumerate(estimator.steps) if isinstance(step, JacobianSparseAutoencoder)]
+        at = [i for i, (_, step) in enumerate(estimator.steps)
+              if isinstance(unfrozen(step), JacobianSparseAutoencoder)]
         if len(at) != 1:
             raise TypeError(
                 f"estimator is a Pipeline with {len(at)} JacobianSparseAutoencoder steps; the JSAE scorers "
                 f"score one: pass a pipeline with exactly one, or score its JSAE step directly."
             )
-        jsae = estimator.steps[at[0]][1]
+        jsae = unfrozen(estimator.steps[at[0]][1])
         _check_jsae(jsae, f"the pipeline's step {estimator.steps[at[0]][0]!r}")
         return jsae, (estimator[: at[0]].transform(X) if at[0] else X)
-    _check_jsae(estimator)
-    return estimator, X
+    _check_jsae(unfrozen(estimator))
+    return unfrozen(estimator), X
 
 
 class _JSAEScoring:

@@ -598,9 +598,9 @@ def test_a_temporary_another_live_process_is_writing_for_the_same_fit_is_left_al
     assert live.read_bytes() == elsewhere.read_bytes() == b"half a checkpoint"
     assert not dead.exists() and not abandoned.exists()
     written = []
-    real_mkstemp = checkpoint_module.tempfile.mkstemp
-    monkeypatch.setattr(checkpoint_module.tempfile, "mkstemp",
-                        lambda **kw: written.append(kw["prefix"]) or real_mkstemp(**kw))
+    real_new_temporary = checkpoint_module.new_temporary
+    monkeypatch.setattr(checkpoint_module, "new_temporary",
+                        lambda folder, prefix, *a: written.append(prefix) or real_new_temporary(folder, prefix, *a))
     with pytest.warns(UserWarning, match="holds checkpoints of other fits"):
         _checkpointed(X, mlp, tmp_path, random_state=1).fit(X)
     assert written and all(p.endswith(f".{checkpoint_module._HOST}-{os.getpid()}.") for p in written)

@@ -389,9 +389,60 @@ def test_topk_inverse_transform_accepts_dense_codes(X):
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def fitted_topk(X):
+    return TopKSparseAutoencoder(n_components=16, k=3, max_iter=2, random_state=0).fit(X)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 40), seed=st.integers(0, 2**16), dtype=st.sampled_from([np.float32, np.float64]))
+def test_codes_decode_to_the_same_rows_whatever_their_memory_layout(fitted_topk, rows, seed, dtype):
+    """The same codes decoded to rows 1 ulp apart when held column-major (numpy's product rounds
+    otherwise), and pandas 3 holds a frame built from an array so: a frame's decode differed from
+    its array's."""
+    rng = np.random.default_rng(seed)
+    codes = (rng.exponential(size=(rows, 16)) * (rng.random((rows, 16)) < 0.3)).astype(dtype)
+    expected = fitted_topk.inverse_transform(np.ascontiguousarray(codes))
+    for layout in (np.asfortranarray(codes), np.repeat(codes, 2, axis=1)[:, ::2]):  # column-major, strided
+        np.testing.assert_array_equal(fitted_topk.inverse_transform(layout), expected)
+
+
 def test_verbose_prints_epochs(X, capsys):
     TopKSparseAutoencoder(n_components=16, k=3, max_iter=2, verbose=1, random_state=0).fit(X)
     assert "epoch 2/2" in capsys.readouterr().out
+
+
+def test_inference_batches_follow_sklearns_working_memory(X, gelu_mlp, monkeypatch):
+    """Inference encoded 4,096 rows at a time whatever the dictionary's width (1 GiB of float32
+    pre-activations per batch at 65,536 latents) and whatever ``sklearn.set_config(working_memory=)``
+    said; the rows per batch now keep 8 bytes per latent and row within that budget."""
+    import sklearn
+
+    import sklearn_jsae._backend.inference as inference
+    from sklearn_jsae.metrics import reconstruction_metrics
+
+    assert inference.inference_rows(2048) == 4096  # narrow dictionaries: as before
+    assert inference.inference_rows(65536) == 2048  # scikit-learn's default budget, 1,024 MiB
+    with sklearn.config_context(working_memory=64):
+        assert inference.inference_rows(65536) == 128 and inference.inference_rows(1 << 40) == 1
+    jsae = _small(gelu_mlp, n_output_components=48).fit(X)
+    rows = X[:150]
+
+    def results():
+        return dict(codes=jsae.transform(rows).toarray(), output_codes=jsae.transform_output(rows).toarray(),
+                    J=jsae.jacobian(rows).todense(), fvu=reconstruction_metrics(jsae, rows))
+
+    whole = results()
+    encoded, real_encode = [], inference.encode
+    monkeypatch.setattr(inference, "encode", lambda params, x, k: (encoded.append(len(x)), real_encode(params, x, k))[1])
+    with sklearn.config_context(working_memory=8 * 48 * 10 / 2**20):  # 10 rows of the wider (output) side
+        got = results()
+    assert set(encoded) == {10, 15}  # 15 rows where only the input side (32 latents) is encoded
+    for name in ("codes", "output_codes", "J"):
+        np.testing.assert_allclose(got[name], whole[name], rtol=1e-5, atol=2e-6, err_msg=name)
+    for side in ("input", "output"):
+        for name, value in whole["fvu"][side].items():
+            assert got["fvu"][side][name] == pytest.approx(value, rel=1e-5, abs=1e-7), (side, name)
 
 
 @pytest.mark.parametrize("batch", [1, 7, 64])
@@ -399,15 +450,12 @@ def test_inference_in_many_batches_equals_inference_in_one(X, gelu_mlp, monkeypa
     """Every test array fits in one inference batch (4096 rows; Jacobians 2**25 elements): the
     batching is pinned here by shrinking both bounds to a few rows, which must change nothing."""
     import sklearn_jsae._backend.inference as inference
-    import sklearn_jsae._estimator as estimator_module
-    import sklearn_jsae._topk as topk_module
 
     jsae = _small(gelu_mlp).fit(X)
     rows = X[:150]
     whole = dict(codes=jsae.transform(rows), output_codes=jsae.transform_output(rows),
                  outputs=jsae.mlp_outputs(rows), J=jsae.jacobian(rows), mean=jsae._mean_abs_jacobian(rows))
-    for module in (estimator_module, topk_module):
-        monkeypatch.setattr(module, "_INFERENCE_BATCH", batch)
+    monkeypatch.setattr(inference, "INFERENCE_ROWS", batch)
     monkeypatch.setattr(inference, "_JACOBIAN_CHUNK_ELEMENTS", batch * jsae.k * 40)  # batch rows per block
     assert inference.jacobian_batch_size(jsae.k, jsae.k, 40) == batch
     for name, value in dict(codes=jsae.transform(rows), output_codes=jsae.transform_output(rows),

@@ -115,6 +115,21 @@ def test_scorers_score_the_jsae_step_of_a_pipeline_on_the_transformed_X(X, mlp):
     assert scorer(pipe, X) == scorer(pipe[-1], inner)
 
 
+def test_scorers_score_a_frozen_jsae_alone_or_in_a_pipeline(X, mlp):
+    """scikit-learn's FrozenEstimator keeps a fitted JSAE as it is in a pipeline fitted around it:
+    the scorers said "a Pipeline with 0 JacobianSparseAutoencoder steps", or, for the frozen JSAE
+    itself, "must be a fitted JacobianSparseAutoencoder ... Fit one first"."""
+    from sklearn.frozen import FrozenEstimator
+
+    jsae = JacobianSparseAutoencoder(mlp, **FAST).fit(X)
+    pipe = make_pipeline(StandardScaler(), FrozenEstimator(jsae)).fit(X)  # the scaler refits; the JSAE not
+    inner = pipe[:-1].transform(X)
+    assert make_scoring()(pipe, X) == make_scoring()(jsae, inner)
+    assert make_scoring()(FrozenEstimator(jsae), X) == make_scoring()(jsae, X)
+    scorer = make_jacobian_sparsity_scorer(scale="normalized")
+    assert scorer(FrozenEstimator(jsae), X) == scorer(jsae, X)
+
+
 def test_a_search_over_a_pipeline_scores_every_candidate(X, mlp):
     pipe = make_pipeline(StandardScaler(), JacobianSparseAutoencoder(mlp, **FAST))
     with warnings.catch_warnings():

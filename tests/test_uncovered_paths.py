@@ -152,15 +152,20 @@ def test_an_unreadable_checkpoint_of_another_name_does_not_stop_this_fit(X, mlp,
 
 
 def test_a_temporary_file_that_cannot_be_created_names_the_checkpoint(X, mlp, tmp_path, monkeypatch):
-    """Checkpointer.save: mkstemp failing (a disk full of inodes, a folder made read-only after the
-    start) raises the OSError naming the checkpoint file and that nothing else was touched."""
-    import tempfile
+    """Checkpointer.save: the temporary's creation failing (a disk full of inodes, a folder made
+    read-only after the start) raises the OSError naming the checkpoint file and that nothing else
+    was touched."""
+    import builtins
 
-    def no_space(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    real_open = builtins.open
+
+    def no_space(file, mode="r", *args, **kwargs):
+        if mode == "xb":  # the exclusive creation of the temporary
+            raise OSError(28, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
 
     est = _checkpointed(mlp, tmp_path)
-    monkeypatch.setattr(tempfile, "mkstemp", no_space)
+    monkeypatch.setattr(builtins, "open", no_space)
     with pytest.raises(OSError, match=r"cannot write '.*checkpoint-[0-9a-f]{16}\.safetensors' \(No space left on "
                                       r"device\): the previous checkpoint, if any, is left as it was") as info:
         est.fit(X)
@@ -344,16 +349,19 @@ def test_a_numpy_bool_parameter_is_saved_as_a_bool(X, tmp_path):
 
 
 def test_save_names_the_file_when_its_temporary_cannot_be_created(X, tmp_path, monkeypatch):
-    """write_atomically: mkstemp failing (a read-only folder) raises the OSError naming the path
-    being saved, and nothing is written."""
-    import tempfile
+    """write_atomically: the temporary's creation failing (a read-only folder) raises the OSError
+    naming the path being saved, and nothing is written."""
+    import builtins
 
     est = TopKSparseAutoencoder(**TOPK).fit(X)
+    real_open = builtins.open
 
-    def read_only(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
+    def read_only(file, mode="r", *args, **kwargs):
+        if mode == "xb":  # the exclusive creation of the temporary
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(builtins, "open", read_only)
     with pytest.raises(OSError, match=r"cannot write '.*model\.safetensors' \(Permission denied\)"):
         est.save(tmp_path / "model.safetensors")
     assert os.listdir(tmp_path) == []

@@ -23,6 +23,17 @@ def mlp():
     return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.GELU(), torch.nn.Linear(12, 5))
 
 
+@pytest.mark.parametrize("l1", [-5.0, np.nan, np.inf])
+def test_a_bad_l1_is_refused_even_without_parameter_validation(X, mlp, l1):
+    """Under skip_parameter_validation a negative or NaN l1 trained with no penalty at all while
+    the history and paper_lambda_ recorded it."""
+    import sklearn
+
+    with sklearn.config_context(skip_parameter_validation=True):
+        with pytest.raises(ValueError, match=r"l1=.* must be a finite number >= 0"):
+            JacobianSparseAutoencoder(mlp, l1=l1, **SMALL).fit(X)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_X_names_X(X, bad):
     X_bad = X.copy()

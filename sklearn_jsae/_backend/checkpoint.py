@@ -42,6 +42,7 @@ from .files import (
     HOST,
     STALE_SECONDS,
     give_default_mode,
+    new_temporary,
     not_a_regular_file,
     remove_dead_temporaries,
     write_failed,
@@ -418,15 +419,14 @@ class Checkpointer:
         kept = ("the previous checkpoint, if any, is left as it was (run the same fit again to resume from "
                 "it once the disk has room), and so is the estimator")
         try:
-            handle, temporary = tempfile.mkstemp(prefix=writer_prefix(prefix), suffix=".tmp", dir=self.folder)
+            temporary = new_temporary(self.folder, writer_prefix(prefix))
         except OSError as exc:
             raise write_failed(self.path, exc, kept) from exc
-        os.close(handle)
         try:
             save_file(tensors, temporary, metadata=metadata)
             with open(temporary, "rb+") as f:
                 os.fsync(f.fileno())
-            # after the write: safetensors (and mkstemp) leave it 0600
+            # after the write: safetensors leaves it 0600
             give_default_mode(temporary, replacing=self.path)
             os.replace(temporary, self.path)
         except Exception as exc:

@@ -1,13 +1,14 @@
 """The permissions of the files this package writes through a temporary (atomic) file.
 
-``tempfile.mkstemp`` creates its file readable by its owner alone (0600), whatever the umask, and
-the rename keeps that: a model, an export or a checkpoint written on a shared cluster could not be
+safetensors' writer (and ``tempfile.mkstemp``) creates its file readable by its owner alone (0600),
+whatever the umask, and the rename keeps that: a model, an export or a checkpoint written on a shared cluster could not be
 read by the owner's group, as a file written with ``open`` (0666 less the umask) can.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import re
@@ -49,7 +50,7 @@ def give_default_mode(path: str, replacing: str | None = None) -> None:
 
 def temporary_prefix(path: str) -> str:
     """The prefix of the temporaries written beside ``path`` (``.<name>.``), its name cut so that a
-    temporary's (the prefix, its writer's name, mkstemp's 8 characters and ``.tmp``) stays within
+    temporary's (the prefix, its writer's name, its 8 random characters and ``.tmp``) stays within
     the 255 bytes a file name may have: a legal name of 242-255 bytes could not be saved."""
     name = os.path.basename(path).encode()[:150].decode(errors="ignore")
     return f".{name}."
@@ -63,7 +64,7 @@ STALE_SECONDS = 3600
 
 
 def writer_prefix(prefix: str) -> str:
-    """``prefix`` with this process's name (machine and pid) for ``tempfile.mkstemp``: a temporary a
+    """``prefix`` with this process's name (machine and pid) for :func:`new_temporary`: a temporary a
     kill left behind (a SIGKILL runs no cleanup) is then known as a dead writer's, and removed by
     :func:`remove_dead_temporaries` at the next write of the same file."""
     return f"{prefix}{HOST}-{os.getpid()}."
@@ -94,8 +95,27 @@ def writer_alive(rest: str, path: str) -> bool:
     return True
 
 
-# What follows the prefix in a temporary's name: its writer (machine and pid) and mkstemp's
-# random characters, or those alone (written before writers were named).  Anything else that matches
+def new_temporary(folder: str, prefix: str, suffix: str = ".tmp") -> str:
+    """Create an empty file ``<folder>/<prefix><8 random characters><suffix>`` and return its path:
+    ``tempfile.mkstemp``'s guarantees (a name no one else has, created exclusively, so a planted
+    link is never followed) without a bare descriptor.  mkstemp's ``os.open`` hands one back that a
+    Ctrl-C arriving just then left open, with its file, until the process ended (14 of 400 random
+    interrupts of small checkpointed fits); ``open(..., "xb")`` wraps it as it is made, and it is
+    closed here.  The file's mode is a new file's (``open``'s), not mkstemp's 0600."""
+    import secrets
+
+    for _ in range(100):
+        path = os.path.join(folder, f"{prefix}{secrets.token_hex(4)}{suffix}")
+        try:
+            with open(path, "xb"):
+                return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no unused temporary name {prefix}*{suffix} in {folder!r}")
+
+
+# What follows the prefix in a temporary's name: its writer (machine and pid) and 8 random
+# characters, or those alone (written before writers were named).  Anything else that matches
 # the prefix is another file's (``.model.`` is also the start of ``.model.safetensors.``'s).
 _TEMPORARY_REST = re.compile(r"(?:[A-Za-z0-9_]+-\d+\.)?[A-Za-z0-9_]+\.tmp")
 
@@ -190,10 +210,12 @@ def lock_folder(folder) -> int | None:
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError as exc:
+        os.close(descriptor)
+        if isinstance(exc, BlockingIOError):
+            raise
+        return None
+    except BaseException:  # a Ctrl-C with the lock taken: nothing would ever let go of it
         os.close(descriptor)
         raise
-    except OSError:
-        os.close(descriptor)
-        return None
     return descriptor

@@ -56,19 +56,35 @@ def jacobian_batch_size(k_out: int, k_in: int, width: int) -> int:
     return max(1, _JACOBIAN_CHUNK_ELEMENTS // (max(k_out, k_in) * max(1, width)))
 
 
+#: Rows per inference batch (encoding, the MLP's pass, reconstruction) for narrow dictionaries.
+INFERENCE_ROWS = 4096
+
+
+def inference_rows(n_latents: int) -> int:
+    """Rows per inference batch: :data:`INFERENCE_ROWS`, or fewer where a batch's ``(rows, n_latents)`` float32
+    pre-activations and their top-k selection (about 8 bytes per latent and row) would exceed
+    scikit-learn's ``working_memory`` (1,024 MiB unless ``sklearn.set_config`` says otherwise).
+    A fixed 4,096 rows held 1 GiB of pre-activations per batch at the paper's 65,536 latents,
+    whatever the setting; at a tiny width the Jacobian's row bound alone allowed 131,072 rows."""
+    import sklearn
+
+    budget = sklearn.get_config()["working_memory"] * 2**20  # MiB
+    return int(min(INFERENCE_ROWS, max(1, budget // (8 * max(1, int(n_latents))))))
+
+
 # Every entry point below computes in float32 with the caller's autocast off (see
 # sklearn_jsae._backend.mlp.without_autocast); a generator turns it off per batch only, so that
 # its consumer's code between two batches keeps the caller's state.
 
 
-def iter_codes(params: SAEParams, X: np.ndarray, k: int, device="cpu", batch_size=4096, mlp_map=None):
+def iter_codes(params: SAEParams, X: np.ndarray, k: int, device="cpu", batch_size=None, mlp_map=None):
     """Yield ``(first row, values (B, k) float32, indices (B, k) int64)`` numpy batches of the codes
     of ``X`` (or of ``mlp_map(X)``), in row order: a consumer that keeps only what it builds from
     them (a CSR, a dense array) never holds the (n, k) pair."""
     params = _as_tensor_params(params, device, torch.float32)
     mlp_map = None if mlp_map is None else placed(mlp_map, device, torch.float32)
     rows = _Rows(X, device, torch.float32, resident=False)  # one pass in order: no copy of X
-    for start, x in numbered_batches(rows, batch_size):
+    for start, x in numbered_batches(rows, batch_size or inference_rows(params.W_enc.shape[0])):
         with torch.no_grad(), without_autocast(device):
             v, i = encode(params, x if mlp_map is None else mapped(mlp_map, x, start), k)
         refuse_non_finite(v, start, "the codes are",
@@ -77,7 +93,7 @@ def iter_codes(params: SAEParams, X: np.ndarray, k: int, device="cpu", batch_siz
         yield start, v.cpu().numpy(), i.cpu().numpy()
 
 
-def encode_rows(params: SAEParams, X: np.ndarray, k: int, device="cpu", batch_size=4096, mlp_map=None):
+def encode_rows(params: SAEParams, X: np.ndarray, k: int, device="cpu", batch_size=None, mlp_map=None):
     """Codes of ``X`` (or of ``mlp_map(X)``) as numpy ``(values (n, k) float32, indices (n, k) int64)``,
     filled batch by batch into the two arrays (no list of batches and concatenated copy)."""
     values = indices = None
@@ -94,13 +110,14 @@ def encode_rows(params: SAEParams, X: np.ndarray, k: int, device="cpu", batch_si
 
 
 @torch.no_grad()
-def map_rows(mlp_map, X: np.ndarray, device="cpu", batch_size=4096) -> np.ndarray:
-    """``mlp_map(X)`` as float32 numpy (n, d_out), filled batch by batch into one array."""
+def map_rows(mlp_map, X: np.ndarray, device="cpu", batch_size=None) -> np.ndarray:
+    """``mlp_map(X)`` as float32 numpy (n, d_out), filled batch by batch (:data:`INFERENCE_ROWS`
+    rows unless ``batch_size`` says otherwise) into one array."""
     mlp_map = placed(mlp_map, device, torch.float32)
     rows = _Rows(X, device, torch.float32, resident=False)  # one pass in order: no copy of X
     out = None
     with without_autocast(device):
-        for start, x in numbered_batches(rows, batch_size):
+        for start, x in numbered_batches(rows, batch_size or INFERENCE_ROWS):
             y = mapped(mlp_map, x, start).cpu().numpy()
             if out is None:
                 out = np.empty((rows.n,) + y.shape[1:], dtype=y.dtype)
@@ -121,7 +138,8 @@ def iter_jacobian_blocks(mlp_map, params_x: SAEParams, params_y: SAEParams, X: n
     py = _as_tensor_params(params_y, device, torch.float32)
     projection = getattr(mlp_map, "input_projection", None)
     width = projection.shape[1] if projection is not None else max(mlp_map.d_in, mlp_map.d_out)
-    batch_size = batch_size or jacobian_batch_size(k, k, width)
+    batch_size = batch_size or min(jacobian_batch_size(k, k, width),
+                                   inference_rows(max(px.W_enc.shape[0], py.W_enc.shape[0])))
     rows = _Rows(X, device, torch.float32, resident=False)  # one pass in order: no copy of X
     for start, x in numbered_batches(rows, batch_size):
         with torch.no_grad(), without_autocast(device):

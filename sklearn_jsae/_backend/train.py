@@ -97,6 +97,11 @@ class TrainConfig:
         for name, value in vars(self).items():
             if isinstance(value, np.generic):
                 setattr(self, name, value.item())
+        # Checked here too, not only by the estimators' parameter constraints, which
+        # sklearn.set_config(skip_parameter_validation=True) turns off: a negative or NaN l1 then
+        # trained with no penalty at all while the history and paper_lambda_ recorded it.
+        if not (isinstance(self.l1, (int, float)) and math.isfinite(self.l1) and self.l1 >= 0):
+            raise ValueError(f"l1={self.l1!r} must be a finite number >= 0 (0: a traditional SAE pair).")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from .._topk import _inference_device, _validate_X
 from ._validation import _check_positive_int
 
 
-def reconstruction_metrics(estimator, X, *, batch_size=4096):
+def reconstruction_metrics(estimator, X, *, batch_size=None):
     """Reconstruction quality of both SAEs of a fitted JSAE, in one pass over X.
 
     For each side (``"input"``: Z = X, ``"output"``: Z = mlp(X), the true outputs)::
@@ -29,7 +29,9 @@ def reconstruction_metrics(estimator, X, *, batch_size=4096):
     X : array-like of shape (n_samples, n_features_in_)
         A memory-mapped array (``np.load(path, mmap_mode="r")``) is read ``batch_size`` rows at a
         time, so a store larger than memory can be measured.
-    batch_size : int, default=4096
+    batch_size : int or None, default=None
+        Rows per batch; None: 4,096, or fewer for a dictionary so wide that a batch's
+        pre-activations would exceed scikit-learn's ``working_memory`` (``sklearn.set_config``).
 
     Returns
     -------
@@ -65,6 +67,10 @@ def reconstruction_metrics(estimator, X, *, batch_size=4096):
             f"estimator must be a fitted JacobianSparseAutoencoder or TopKSparseAutoencoder, got "
             f"{type(estimator).__name__}."
         )
+    if batch_size is None:
+        from .._backend.inference import inference_rows
+
+        batch_size = inference_rows(max(side.components_.shape[0] for side in sides if side is not None))
     batch_size = _check_positive_int(batch_size, "batch_size")
     # A memmap is read batch by batch (each batch checked for NaN / inf), never all at once.
     X = _validate_X(estimator, X, reset=False, checked_in_batches=True)
@@ -94,7 +100,7 @@ def reconstruction_metrics(estimator, X, *, batch_size=4096):
     return out
 
 
-def fraction_variance_unexplained(estimator, X, *, batch_size=4096):
+def fraction_variance_unexplained(estimator, X, *, batch_size=None):
     """Fraction of variance unexplained of each SAE: ``{"input": FVU_x, "output": FVU_y}``.
 
     ``FVU = Σ ||z - ẑ||² / Σ ||z - mean(z)||²`` over all rows and features of X (input SAE)
@@ -107,7 +113,8 @@ def fraction_variance_unexplained(estimator, X, *, batch_size=4096):
     ----------
     estimator : fitted JacobianSparseAutoencoder (or TopKSparseAutoencoder: "input" only)
     X : array-like of shape (n_samples, n_features_in_)
-    batch_size : int, default=4096
+    batch_size : int or None, default=None
+        Rows per batch, as for :func:`reconstruction_metrics`.
 
     Returns
     -------
