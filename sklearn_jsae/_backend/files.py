@@ -1,8 +1,9 @@
 """The permissions of the files this package writes through a temporary (atomic) file.
 
-safetensors' writer (and ``tempfile.mkstemp``) creates its file readable by its owner alone (0600),
-whatever the umask, and the rename keeps that: a model, an export or a checkpoint written on a shared cluster could not be
-read by the owner's group, as a file written with ``open`` (0666 less the umask) can.
+safetensors' writer (and ``tempfile.mkstemp``) creates its file readable by its owner alone
+(0600), whatever the umask, and the rename keeps that: a model, an export or a checkpoint written
+on a shared cluster could not be read by the owner's group, as a file written with ``open`` (0666
+less the umask) can.
 """
 
 from __future__ import annotations
