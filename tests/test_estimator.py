@@ -412,6 +412,23 @@ def test_verbose_prints_epochs(X, capsys):
     assert "epoch 2/2" in capsys.readouterr().out
 
 
+@settings(max_examples=200, deadline=None)
+@given(n_latents=st.integers(1, 1 << 24), mib=st.floats(1e-3, 1 << 16))
+def test_inference_rows_stay_within_the_working_memory(n_latents, mib):
+    """Rows per batch: at most INFERENCE_ROWS, at least one, within the budget at 8 bytes per latent
+    and row unless a single row exceeds it, and never more for a wider dictionary."""
+    import sklearn
+
+    from sklearn_jsae._backend.inference import INFERENCE_ROWS, inference_rows
+
+    with sklearn.config_context(working_memory=mib):
+        rows = inference_rows(n_latents)
+        assert 1 <= rows <= INFERENCE_ROWS
+        assert rows == 1 or rows * 8 * n_latents <= mib * 2**20
+        assert rows == INFERENCE_ROWS or (rows + 1) * 8 * n_latents > mib * 2**20  # no smaller than needed
+        assert inference_rows(n_latents + 1) <= rows
+
+
 def test_inference_batches_follow_sklearns_working_memory(X, gelu_mlp, monkeypatch):
     """Inference encoded 4,096 rows at a time whatever the dictionary's width (1 GiB of float32
     pre-activations per batch at 65,536 latents) and whatever ``sklearn.set_config(working_memory=)``
