@@ -730,6 +730,10 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
                                                result.input_scale, result.dead_fraction_input, device, n_iter)
         self.output_sae_ = self._side_estimator(n_output_components, result.output_params,
                                                 result.output_scale, result.dead_fraction_output, device, n_iter)
+        if hasattr(self, "feature_names_in_"):
+            # The input SAE reads the pair's X: a frame of it has the pair's columns.  Without them
+            # ``jsae.input_sae_.transform(df)`` warned that it "was fitted without feature names".
+            self.input_sae_.feature_names_in_ = self.feature_names_in_.copy()
         self.history_ = list(previous) + result.history
         for (side, prefix), earlier_side in zip(((self.input_sae_, "input"), (self.output_sae_, "output")), earlier[1:]):
             # A partial_fit call adds one row to the history: its sides' rows are those of the last

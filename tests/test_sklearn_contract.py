@@ -77,6 +77,20 @@ def test_the_side_saes_own_frames_of_codes_decode_through_the_pair(framed, df):
         np.testing.assert_allclose(decode(codes), side.inverse_transform(codes), rtol=1e-6, atol=1e-6)
 
 
+def test_the_input_sae_of_a_pair_fitted_on_a_frame_knows_its_columns(framed, df):
+    """``jsae.input_sae_`` reads the pair's X, but was "fitted without feature names": a frame of
+    that X warned, and a frame of other columns was encoded silently."""
+    side = copy.deepcopy(framed.input_sae_).set_output(transform="default")
+    np.testing.assert_array_equal(side.feature_names_in_, df.columns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        codes = side.transform(df)
+    np.testing.assert_array_equal(codes, np.asarray(framed.transform(df)))
+    with pytest.raises(ValueError, match="feature names should match"):
+        side.transform(df.rename(columns={"f0": "g0"}))
+    assert not hasattr(framed.output_sae_, "feature_names_in_")  # the MLP's outputs have no names
+
+
 def test_a_frame_of_another_width_is_named_by_its_width_not_its_names(framed, df):
     codes = framed.transform(df)
     with pytest.raises(ValueError, match="X has 31 columns but the dictionary has n_components=32"):
