@@ -19,7 +19,6 @@ from ._sparse import CodesCSR
 from ._validation import check_finite_rows, check_float32_range, check_k
 
 
-
 def _keep_state_on_error(fit):
     """Run ``fit`` with gradients on; on any error or interrupt restore the estimator's previous
     ``__dict__``, so that a failed fit never leaves a half-fitted estimator or damages a fitted one
