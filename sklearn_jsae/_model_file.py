@@ -31,7 +31,8 @@ version, the two digests, every tensor's shape and dtype against the JSON and ev
 scale for NaN or inf (which ``save`` refuses to write), and only then builds the estimator, so a
 damaged or foreign file raises :class:`~sklearn_jsae.exceptions.PersistenceError` and nothing is
 half-loaded.  Writes go to a temporary file in the target's folder, flushed and renamed over the
-target (``os.replace`` is atomic), so a crash leaves the old file or the new one.
+target (``os.replace`` is atomic), then the folder is synced, so a crash, or a power cut, leaves
+the old file or the new one.
 
 The version rules are in :mod:`sklearn_jsae._persistence`.
 """

@@ -141,6 +141,7 @@ def write_atomically(path, write) -> str:
         give_default_mode,
         new_temporary,
         remove_dead_temporaries,
+        sync_folder,
         temporary_prefix,
         write_failed,
         writer_prefix,
@@ -161,6 +162,7 @@ def write_atomically(path, write) -> str:
         # to the owner's group.
         give_default_mode(temporary, replacing=path)
         os.replace(temporary, path)
+        sync_folder(folder)
     except Exception as exc:
         # A full disk: safetensors raises its own SafetensorError (not an OSError, naming no path),
         # an fsync a bare OSError; both are said with the path.  Other errors are the caller's.

@@ -195,6 +195,7 @@ def _write(path, weights_name, tensors, cfg, header=None) -> str:
         give_default_mode,
         new_temporary,
         remove_dead_temporaries,
+        sync_folder,
         temporary_prefix,
         write_failed,
         writer_prefix,
@@ -220,6 +221,7 @@ def _write(path, weights_name, tensors, cfg, header=None) -> str:
             give_default_mode(temporary, replacing=final)
         os.replace(weights_tmp, weights_path)
         os.replace(cfg_tmp, cfg_path)
+        sync_folder(path)
     except Exception as e:
         # A full disk: safetensors raises its SafetensorError (not an OSError), an fsync an OSError.
         if not (isinstance(e, OSError) or type(e).__name__ == "SafetensorError"):

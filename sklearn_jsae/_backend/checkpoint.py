@@ -11,8 +11,8 @@ stream has read, and its shuffle buffer, for a stream).  Tensors go in safetenso
 JSON in the file's metadata, so loading a checkpoint never runs code (no pickle).
 
 Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the
-old checkpoint (``os.replace`` is atomic on POSIX): a kill at any moment leaves either the old
-checkpoint or the new one, never a mix.  A truncated, foreign or version-mismatched file in a
+old checkpoint (``os.replace`` is atomic on POSIX), and the folder is synced: a kill (or a power
+cut) at any moment leaves either the old checkpoint or the new one, never a mix.  A truncated, foreign or version-mismatched file in a
 fit's name, or its checkpoint from a job of another number of ranks, is refused with
 :class:`CheckpointError` naming what is wrong; nothing is half-loaded.
 
@@ -45,6 +45,7 @@ from .files import (
     new_temporary,
     not_a_regular_file,
     remove_dead_temporaries,
+    sync_folder,
     write_failed,
     writer_alive,
     writer_prefix,
@@ -429,6 +430,7 @@ class Checkpointer:
             # after the write: safetensors leaves it 0600
             give_default_mode(temporary, replacing=self.path)
             os.replace(temporary, self.path)
+            sync_folder(self.folder)
         except Exception as exc:
             # A full disk: safetensors' SafetensorError is not an OSError and names no path.
             if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":

@@ -115,6 +115,23 @@ def new_temporary(folder: str, prefix: str, suffix: str = ".tmp") -> str:
     raise FileExistsError(errno.EEXIST, f"no unused temporary name {prefix}*{suffix} in {folder!r}")
 
 
+def sync_folder(folder) -> None:
+    """``fsync`` the folder itself, after a rename in it: the renamed file's own ``fsync`` makes its
+    bytes durable, not its new name, which POSIX leaves to the folder's (after a power cut or a
+    kernel crash the folder could still list the old file, or none).  Nothing is done where a
+    folder cannot be opened or synced (Windows, some network file systems)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
 # What follows the prefix in a temporary's name: its writer (machine and pid) and 8 random
 # characters, or those alone (written before writers were named).  Anything else that matches
 # the prefix is another file's (``.model.`` is also the start of ``.model.safetensors.``'s).

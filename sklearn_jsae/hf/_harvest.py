@@ -79,6 +79,10 @@ class _NpyWriter:
         try:
             self.file.seek(0)
             self.file.write(prefix + body_len.to_bytes(2, "little") + header)
+            # On disk before it is renamed in (_swap_in): after a power cut the new name could
+            # otherwise stand for a file whose rows were never written (zeros, or nothing).
+            self.file.flush()
+            os.fsync(self.file.fileno())
         finally:
             self.file.close()  # flushes: a full disk raises here; the descriptor is released anyway
 
@@ -177,6 +181,9 @@ class _FileSink:
                 with contextlib.suppress(OSError):
                     os.replace(aside, writer.path)
             raise
+        from .._backend.files import sync_folder
+
+        sync_folder(self.folder)  # the new names, before the earlier files are removed
         for writer in writers:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(writer.path.with_name(f".{writer.path.name}.old"))
