@@ -9,7 +9,8 @@ Output piped into a reader that stops early (``| head``) ends the command quietl
 (Python's own recipe for a closed pipe); Ctrl-C ends it with one line on stderr (``train``'s
 line says how to resume), by SIGINT as Python's default does (status 130 in a shell); SIGTERM
 ends every command the same way, by SIGTERM (``train`` after writing a checkpoint), with its
-temporary files removed.
+temporary files removed.  A full disk (or quota, or a file system gone read-only) ends a command
+with the one line that says which file could not be written and what was kept, and status 1.
 """
 
 from __future__ import annotations
@@ -86,13 +87,28 @@ def main(argv=None):
         raise
 
 
+# Errors of the disk a command writes to, not of the command: said in one line, as a usage error is.
+_DISK_FULL = ("ENOSPC", "EDQUOT", "EROFS")
+
+
 def _run_as_program(argv=None):
     """``python -m sklearn_jsae``: on Ctrl-C the one line above instead of a traceback, then the
     process ends by SIGINT, as Python's default does, so that a shell loop over commands stops
     (an exit with status 130 would not stop it); on a SIGTERM that stopped ``train`` cleanly, by
-    SIGTERM."""
+    SIGTERM.  A full disk ends it with status 1 and the error's line alone (a traceback after
+    hours of ``train`` buried the line saying that its last checkpoint was kept)."""
+    import errno
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         sys.exit(main(argv))
+    except OSError as exc:
+        if exc.errno not in {getattr(errno, name) for name in _DISK_FULL if hasattr(errno, name)}:
+            raise
+        command = f"python -m sklearn_jsae{' ' + argv[0] if argv and argv[0] in COMMANDS else ''}"
+        where = f": {exc.filename!r}" if exc.filename else ""  # (write_failed's names it in its text)
+        print(f"{command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt as interrupt:
         import signal
 

@@ -286,11 +286,28 @@ def _release(version: str) -> tuple[int, ...]:
     return Version(version).release
 
 
-def load_model(name: str, causal_lm: bool = False, dtype: str | None = None):
+@contextlib.contextmanager
+def _transformers_progress_bars(shown: bool):
+    """transformers' own progress bars (5.x draws one while it loads the weights) on or off for
+    the block, as they were after it: ``--quiet`` promises no progress bar."""
+    from transformers.utils import logging as transformers_logging
+
+    was_shown = transformers_logging.is_progress_bar_enabled()
+    if not shown:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_shown and not shown:
+            transformers_logging.enable_progress_bar()
+
+
+def load_model(name: str, causal_lm: bool = False, dtype: str | None = None, quiet: bool = False):
     """``(model, tokenizer)`` for a folder, a .gguf file or a bundled test model name; offline only.
     With ``causal_lm``, a model whose config names a ``...ForCausalLM`` class is loaded with its LM
     head (for the spliced cross-entropy; harvesting reads it as it reads the base model).  ``dtype``
     (``"float32"``, ``"bfloat16"``, ``"float16"``) is the weights' dtype; None keeps the file's.
+    ``quiet``: without transformers' progress bars.
 
     Offline by ``local_files_only=True`` on every ``from_pretrained``, not by ``HF_HUB_OFFLINE``:
     the commands also run in-process (``sklearn_jsae.__main__.main(argv)``), and the variable (or
@@ -326,9 +343,10 @@ def load_model(name: str, causal_lm: bool = False, dtype: str | None = None):
             import torch
 
             kwargs[dtype_key] = getattr(torch, dtype)
-        model = loader.from_pretrained(path, **kwargs).eval()
-        kwargs.pop(dtype_key, None)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, **kwargs)
+        with _transformers_progress_bars(shown=not quiet):
+            model = loader.from_pretrained(path, **kwargs).eval()
+            kwargs.pop(dtype_key, None)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError, pickle.UnpicklingError) as exc:  # an empty folder, a file that is no model,
         # pickled weights torch refuses to unpickle (weights_only): transformers' traceback
         raise SystemExit(f"--model {name!r} cannot be read as a model ({type(exc).__name__}: "
@@ -572,7 +590,7 @@ def _run(args, out: Path, summary_path: Path) -> int:
     except ValueError as exc:
         _usage_error(str(exc))
     rank, world_size, distributed = _job(args)
-    model, tokenizer = load_model(args.model, causal_lm=True, dtype=args.model_dtype)
+    model, tokenizer = load_model(args.model, causal_lm=True, dtype=args.model_dtype, quiet=args.quiet)
     model.to(_model_device(args.device, distributed))  # the stream runs it where the JSAE trains
     try:  # a --layer the model does not have, or options the stream refuses: before the run's config is written
         mlp = mlp_of(model, args.layer)

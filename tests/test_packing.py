@@ -557,3 +557,24 @@ def test_a_byte_order_mark_is_not_part_of_the_first_text(tmp_path, name):
     path = tmp_path / name
     path.write_bytes(gzip.compress(content.encode()) if name.endswith(".gz") else content.encode())
     assert list(texts_of_file(path)) == texts
+
+
+@pytest.mark.parametrize("corpus", ["corpus.txt", "corpus.jsonl.gz"])
+def test_a_corpus_read_part_way_closes_quietly_at_the_interpreters_exit(tmp_path, corpus):
+    """A corpus generator kept alive to the end (by an error's traceback, as after a full disk in
+    ``train``) was closed at the interpreter's exit, where its except clause's imports fail: the
+    command's last line was followed by "Exception ignored ... ImportError: sys.meta_path is None"."""
+    import gzip
+    import subprocess
+    import sys
+
+    path = tmp_path / corpus
+    text = "one text\ntwo texts\n"
+    if corpus.endswith(".gz"):
+        path.write_bytes(gzip.compress(b'{"text": "one text"}\n{"text": "two texts"}\n'))
+    else:
+        path.write_text(text, encoding="utf-8")
+    script = ("import sys\nfrom sklearn_jsae.hf._corpus import texts_of_file\n"
+              "kept = texts_of_file(sys.argv[1])\nassert next(kept) == 'one text'\n")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr

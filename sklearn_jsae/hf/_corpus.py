@@ -155,6 +155,11 @@ def texts_of_file(path):
             yield from _parquet_texts(path, where)
         else:
             yield from _lines_texts(path, name, where)
+    except GeneratorExit:
+        # Closed before its end (a stream stopped early, or finalised at the interpreter's exit,
+        # where _read_errors' imports fail: "Exception ignored ... ImportError: sys.meta_path is
+        # None" after a command's last line): matched here, before that clause is evaluated.
+        raise
     except _read_errors() as error:
         # The codec's or pyarrow's own error names neither the file nor, in a folder, the shard.
         at = (f" after row {where['row']}" if where["row"]
