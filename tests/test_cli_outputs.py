@@ -275,3 +275,70 @@ def test_evaluate_run_as_its_own_module_ends_quietly_when_its_reader_stops():
     err = process.stderr.read().decode()
     assert process.wait(timeout=300) == 1
     assert "Error" not in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_device_that_refuses_the_write_is_named_and_left_a_device(tmp_path, capsys):
+    """``/dev/full`` (every write: ENOSPC) is written in place, as a FIFO is: the error names it and
+    says that it was written in place."""
+    from sklearn_jsae import TopKSparseAutoencoder
+
+    sae = TopKSparseAutoencoder(n_components=8, k=2, max_iter=1, device="cpu", random_state=0)
+    with pytest.warns(Warning):
+        sae.fit(np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32))
+    with pytest.raises(OSError, match=r"cannot write '/dev/full' \(No space left on device\): it is a character "
+                                      r"device, written in place, and the write did not complete") as info:
+        sae.save("/dev/full")
+    assert info.value.errno == errno.ENOSPC
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+
+
+def test_a_figure_folder_that_cannot_be_made_is_named(tmp_path, monkeypatch, capsys):
+    """os.makedirs's own error (the disk full as the figure's folder is made) names no path: the
+    line says which figure could not be written."""
+    pytest.importorskip("matplotlib")
+    figure = tmp_path / "new" / "comparison.png"
+
+    real_makedirs = os.makedirs
+
+    def full(path, *args, **kwargs):  # (the cache's folder is made as usual)
+        if os.fspath(path) == str(figure.parent):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_makedirs(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", full)
+    assert main([*MAIN_JOB, "--figure", str(figure)]) == 1
+    assert capsys.readouterr().err.strip() == (f"python -m sklearn_jsae: error: --figure: cannot write "
+                                               f"{str(figure)!r} (No space left on device)")
+
+
+def test_figures_evaluate_cannot_write_for_a_reason_naming_no_file_name_the_folder(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "figures"
+    folder.mkdir()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_evaluate, "_figures", full)
+    assert main([*EVALUATE, "--figures", str(folder)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"python -m sklearn_jsae evaluate: error: --figures: cannot write in {str(folder)!r} (No space left on device)")
+
+
+def test_an_output_file_check_refuses_an_empty_path_and_a_device_it_cannot_write(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from sklearn_jsae._cli_train import check_output_file
+
+    parser = argparse.ArgumentParser(prog="evaluate")
+    with pytest.raises(SystemExit):
+        check_output_file(parser, "--json", "")
+    assert "argument --json: an empty path; give a file path" in capsys.readouterr().err
+    fifo = tmp_path / "report.fifo"
+    os.mkfifo(fifo)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: os.fspath(path) != str(fifo) and real_access(path, mode))
+    with pytest.raises(SystemExit):  # (root may write anything: the refusal is what access() says)
+        check_output_file(parser, "--json", str(fifo))
+    assert f"argument --json: cannot write {str(fifo)!r} (permission denied); give a writable path" in (
+        capsys.readouterr().err)

@@ -289,3 +289,15 @@ def test_the_data_scale_of_rows_far_from_zero_is_exact(offset, world_size, batch
     for mean, scale in _statistics_on_ranks(X, batch_size, world_size):  # every rank gets the union's
         np.testing.assert_allclose(mean.numpy(), reference_mean, rtol=1e-14)
         assert scale == pytest.approx(reference_scale, rel=1e-10)
+
+
+def test_a_rank_without_rows_to_measure_says_so_before_the_merge():
+    """A rank whose part is empty cannot join the statistics' merge with a mean: it raises naming
+    itself and the rows, before any collective."""
+    barrier, slots = threading.Barrier(2), [None, None]
+    X = np.random.default_rng(0).normal(size=(1, 3))
+    with pytest.raises(ValueError, match=r"distributed=True: rank 1 has no rows to measure the data statistics on "
+                                         r"\(1 rows for 2 ranks\); give every rank at least one row"):
+        data_statistics(_Rows(X, "cpu", torch.float64), batch_size=4, part=(1, 1),
+                        parallel=_ThreadRanks(1, 2, barrier, slots))
+    assert slots == [None, None]  # nothing was all-reduced

@@ -988,3 +988,18 @@ def test_a_folder_lock_interrupted_as_it_is_taken_is_let_go(tmp_path, monkeypatc
     held = lock_folder(tmp_path)  # free again
     assert held is not None
     os.close(held)
+
+
+def test_a_folder_whose_temporary_names_are_all_taken_raises_naming_it(tmp_path, monkeypatch):
+    """new_temporary tries 100 random names; a folder where every one is taken (a random source
+    gone wrong) raises FileExistsError naming the folder, not an endless loop."""
+    import secrets
+
+    from sklearn_jsae._backend.files import new_temporary
+
+    (tmp_path / ".m.same.tmp").write_bytes(b"someone else's")
+    drawn = []
+    monkeypatch.setattr(secrets, "token_hex", lambda n: drawn.append(n) or "same")
+    with pytest.raises(FileExistsError, match=rf"no unused temporary name \.m\.\*\.tmp in {re.escape(repr(str(tmp_path)))}"):
+        new_temporary(str(tmp_path), ".m.")
+    assert len(drawn) == 100 and (tmp_path / ".m.same.tmp").read_bytes() == b"someone else's"
