@@ -210,3 +210,26 @@ def test_the_filter_the_warning_suggests_silences_it(tmp_path, X):
         warnings.filterwarnings("ignore", category=sklearn.exceptions.ConvergenceWarning)
         warnings.filterwarnings("ignore", pattern)
         TopKSparseAutoencoder(**{**FAST, "k": 2}, checkpoint_dir=tmp_path).fit(X)
+
+
+def test_a_pair_fits_on_a_polars_frame_and_gives_and_decodes_polars_codes_by_name(X, mlp):
+    """scikit-learn's ``set_output(transform="polars")``: the pair reads a polars frame's columns,
+    returns its codes as polars frames named by latent, and decodes them by name, as for pandas."""
+    import polars as pl
+
+    frame = pl.DataFrame(X, schema=[f"f{i}" for i in range(X.shape[1])])
+    jsae = JacobianSparseAutoencoder(mlp, **FAST, sparse_output=False).set_output(transform="polars").fit(frame)
+    plain = JacobianSparseAutoencoder(mlp, **FAST, sparse_output=False).fit(X)
+    assert list(jsae.feature_names_in_) == frame.columns == list(jsae.input_sae_.feature_names_in_)
+    codes, output_codes = jsae.transform(frame), jsae.transform_output(frame)
+    assert isinstance(codes, pl.DataFrame) and codes.columns == list(jsae.get_feature_names_out())
+    assert output_codes.columns == list(jsae.get_output_feature_names_out())
+    np.testing.assert_array_equal(codes.to_numpy(), plain.transform(X))  # the same fit as on the array
+    np.testing.assert_array_equal(jsae.inverse_transform(codes), plain.inverse_transform(plain.transform(X)))
+    np.testing.assert_allclose(jsae.inverse_transform_output(output_codes),
+                               plain.inverse_transform_output(plain.transform_output(X)), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="with other names"):
+        jsae.inverse_transform(codes.rename({name: "x" + name for name in codes.columns}))
+    with pytest.raises(ValueError, match="holds output-side codes"):
+        jsae.inverse_transform(output_codes)
+    assert make_scoring()(jsae, frame) == make_scoring()(plain, X)
