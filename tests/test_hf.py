@@ -1492,7 +1492,6 @@ def test_a_harvest_whose_first_write_fails_leaves_no_partial_file(tmp_path, monk
 
     model, _, _ = _tiny("gpt2")
     ids, mask = _ids(n_seq=2)
-    real_fdopen = os.fdopen
 
     class NoSpace:
         def __init__(self, file):
@@ -1504,7 +1503,7 @@ def test_a_harvest_whose_first_write_fails_leaves_no_partial_file(tmp_path, monk
         def close(self):
             self.file.close()
 
-    monkeypatch.setattr(_harvest.os, "fdopen", lambda fd, mode: NoSpace(real_fdopen(fd, mode)))
+    monkeypatch.setattr(_harvest, "open", lambda path, mode: NoSpace(open(path, mode)), raising=False)
     store = tmp_path / "acts"
     with pytest.raises(OSError, match="No space left"):
         harvest(model, 1, input_ids=ids, attention_mask=mask, out=store, progress=False)

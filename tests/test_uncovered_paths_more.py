@@ -96,18 +96,18 @@ def test_a_partial_file_created_by_another_writer_stops_the_harvest_and_leaves_t
     are unchanged and the folder's lock is released (the next harvest into it works)."""
     harvest(gpt2, 1, input_ids=ids, out=tmp_path, progress=False)
     before = _files(tmp_path)
-    real_open = os.open
+    from sklearn_jsae.hf import _harvest
 
-    def raced(path, *args, **kwargs):
+    def raced(path, mode="r", *args, **kwargs):
         if str(path).endswith(".Y.npy.partial"):
             raise FileExistsError(17, "File exists")
-        return real_open(path, *args, **kwargs)
+        return open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(os, "open", raced)
+    monkeypatch.setattr(_harvest, "open", raced, raising=False)
     with pytest.raises(FileExistsError, match=r"\.Y\.npy\.partial was created by something else while harvest "
                                               r"was starting; make sure nothing else writes into"):
         harvest(gpt2, 1, input_ids=ids[:1], out=tmp_path, progress=False)
-    monkeypatch.setattr(os, "open", real_open)
+    monkeypatch.undo()
     assert _files(tmp_path) == before  # no partial file left, the earlier files as they were
     X, _ = harvest(gpt2, 1, input_ids=ids[:1], out=tmp_path, progress=False)  # not locked any more
     assert X.shape == (5, 16)

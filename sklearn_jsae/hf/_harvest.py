@@ -43,15 +43,16 @@ class _NpyWriter:
         # symlink planted to redirect the write) and create a new file, following nothing.
         with contextlib.suppress(FileNotFoundError):
             os.remove(self.partial)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+        # "x": O_CREAT | O_EXCL, which refuses any existing name, a link included.  Opened as a file
+        # object at once: os.open's bare descriptor, wrapped by fdopen a line later, leaked if a
+        # Ctrl-C came in between.
         try:
-            fd = os.open(self.partial, flags, 0o666)
+            self.file = open(self.partial, "xb")
         except FileExistsError as e:
             raise FileExistsError(
                 e.errno, f"{self.partial} was created by something else while harvest was starting; "
                 f"make sure nothing else writes into {path.parent} and harvest again."
             ) from e
-        self.file = os.fdopen(fd, "wb")
         try:
             self.file.write(b"\0" * _HEADER_BYTES)
         except BaseException:
