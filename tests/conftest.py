@@ -43,3 +43,16 @@ def caller_state():
     yield
     torch.set_num_threads(threads)
     matplotlib.use(backend)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """``evaluate``'s data loading or any JSAE fit fails the test: a command's checks must come
+    before any work."""
+    from sklearn_jsae import JacobianSparseAutoencoder, _evaluate
+
+    def refuse(*args, **kwargs):
+        pytest.fail("work started before the options were checked")
+
+    monkeypatch.setattr(_evaluate, "_load", refuse)
+    monkeypatch.setattr(JacobianSparseAutoencoder, "fit", refuse)

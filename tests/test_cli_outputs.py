@@ -27,18 +27,6 @@ EVALUATE = ["evaluate", "--synthetic", "--n-components", "24", "--k", "2", "--ma
             "--n-test", "64", "--linearity-samples", "8", "--intervention-samples", "16", "--threads", "1"]
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    """Loading the data or fitting a model fails the test: the checks must come before any work."""
-    from sklearn_jsae import JacobianSparseAutoencoder
-
-    def refuse(*args, **kwargs):
-        pytest.fail("work started before the options were checked")
-
-    monkeypatch.setattr(_evaluate, "_load", refuse)
-    monkeypatch.setattr(JacobianSparseAutoencoder, "fit", refuse)
-
-
 def _full_disk_savefig(monkeypatch):
     """Figures write half of a PNG, then raise ENOSPC, as matplotlib does on a full disk."""
     pytest.importorskip("matplotlib")

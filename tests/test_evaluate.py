@@ -96,19 +96,6 @@ def test_bad_options_exit_with_a_usage_error(capsys):
         assert f"--n-train must be >= 1 (training tokens), got {count}" in capsys.readouterr().err
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    """Loading the data or fitting a model fails the test: the checks must come before any work."""
-    from sklearn_jsae import JacobianSparseAutoencoder
-    from sklearn_jsae import _evaluate
-
-    def refuse(*args, **kwargs):
-        pytest.fail("work started before the options were checked")
-
-    monkeypatch.setattr(_evaluate, "_load", refuse)
-    monkeypatch.setattr(JacobianSparseAutoencoder, "fit", refuse)
-
-
 @pytest.mark.parametrize("given, shown", [
     (["--l1", "-1"], "argument --l1: The 'l1' parameter of JacobianSparseAutoencoder must be a float in the "
                      "range [0.0, inf). Got -1.0"),
