@@ -1,10 +1,14 @@
 """Bad input gets a clear error naming the parameter or array, the value and the fix,
 and a failed or interrupted fit never leaves a half-fitted or damaged estimator."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
-from sklearn.exceptions import NotFittedError
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
 
 from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
 from sklearn_jsae.exceptions import NonFiniteTrainingError
@@ -431,6 +435,88 @@ def test_a_first_step_that_diverges_does_not_blame_the_learning_rate(X):
     sae = TopKSparseAutoencoder(**SMALL).fit(X)
     with pytest.raises(NonFiniteTrainingError, match=r"starting model's error, before any update .* warm start"):
         sae.set_params(warm_start=True).fit(X * 1e4)
+
+
+def _cubed(t):
+    return t ** 3
+
+
+def _state(estimator):
+    sides = (estimator.input_sae_, estimator.output_sae_) if hasattr(estimator, "input_sae_") else (estimator,)
+    return [(side.components_.copy(), side.scale_) for side in sides]
+
+
+@settings(max_examples=12, deadline=None)
+@given(exponent=st.integers(19, 37), pair=st.booleans(), call=st.sampled_from(["partial_fit", "warm_start"]))
+def test_rows_beyond_an_earlier_calls_scale_name_that_scale_not_the_data_or_mlp(X, exponent, pair, call):
+    """Finite rows that overflow float32 only over the scale c_x measured by an earlier call
+    (partial_fit and warm_start keep it) were blamed on the MLP ("the MLP overflows"; it was the
+    identity) or on X ("values too large for the training dtype"; they were 1e-12 of float32's
+    range).  The error names the scale and the way out, and the model is left as it was."""
+    model = JacobianSparseAutoencoder(**SMALL) if pair else TopKSparseAutoencoder(**SMALL)
+    with pytest.warns(ConvergenceWarning):
+        model.fit(X * 1e-20)
+    before = _state(model)
+    far = X * np.float32(10.0 ** exponent)
+    with pytest.raises(NonFiniteTrainingError) as info:
+        if call == "partial_fit":
+            model.partial_fit(far)
+        else:
+            model.set_params(warm_start=True).fit(far)
+    message = str(info.value)
+    assert "of X are not finite in training units" in message
+    scale_x = before[0][1]
+    assert re.search(r"those rows of X are finite \(up to \|x\| = [0-9.]+e\+\d+\) but overflow float32 over "
+                     + re.escape(f"the input scale c_x = {scale_x:.3g};"), message), message
+    assert 1e-21 < scale_x < 1e-19
+    assert "warm_start=False" in message and "MLP overflows" not in message and "training dtype" not in message
+    after = _state(model)
+    assert all(np.array_equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(before, after))
+
+
+def test_mlp_outputs_beyond_an_earlier_calls_output_scale_name_c_y(X):
+    """An MLP whose outputs grow faster than its inputs (x³) on data 10¹³ times larger than the
+    first call's: the inputs fit float32 over c_x, the outputs not over c_y.  The MLP itself is
+    finite there, so the error names c_y, not "the MLP overflows"."""
+    jsae = JacobianSparseAutoencoder(_cubed, **SMALL)
+    with pytest.warns(ConvergenceWarning):
+        jsae.fit(X * 1e-10)
+    before = _state(jsae)
+    with pytest.raises(NonFiniteTrainingError, match=r"the mlp returned NaN or inf on rows \[") as info:
+        jsae.partial_fit(X * 1e3)
+    assert re.search(r"the mlp's outputs on those rows are finite \(up to \|y\| = [0-9.]+e\+\d+\) but overflow "
+                     r"float32 over the output scale c_y = [0-9.]+e-\d+", str(info.value)), str(info.value)
+    assert "MLP overflows" not in str(info.value)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(before, _state(jsae)))
+
+
+def test_a_loss_that_overflows_on_data_far_from_the_scales_names_the_scales(X):
+    """Inputs and outputs finite in training units but squared beyond float32 (x³ on data 10¹²
+    times the first call's): the loss overflows before any update, and the cause is the scales,
+    with both training-unit maxima, not "X or the mlp's outputs hold extreme values"."""
+    jsae = JacobianSparseAutoencoder(_cubed, **SMALL)
+    with pytest.warns(ConvergenceWarning):
+        jsae.fit(X * 1e-10)
+    with pytest.raises(NonFiniteTrainingError, match=r"the loss terms \[.*'mse_output'\] are NaN or inf") as info:
+        jsae.set_params(warm_start=True).fit(X * 1e2)
+    assert re.search(r"in training units \|x\| / c_x reaches [0-9.]+e\+1\d \(c_x = [0-9.]+e-1\d\) and \|y\| / c_y reaches "
+                     r"[0-9.]+e\+3\d", str(info.value)), str(info.value)
+    assert "warm_start=False" in str(info.value)
+
+
+@pytest.mark.parametrize("Estimator", [TopKSparseAutoencoder, JacobianSparseAutoencoder])
+def test_an_outlier_of_a_fresh_fit_stays_far_below_the_scale_diagnosis(Estimator):
+    """The scale diagnosis needs values beyond FAR_FROM_SCALE in training units, which a fit's own
+    data does not reach: a row 10¹⁵ times the others holds nearly all the variance, and is still
+    a few hundred c_x from the mean; such a fit trains."""
+    from sklearn_jsae._backend.trainer import FAR_FROM_SCALE
+
+    X = np.random.default_rng(0).normal(size=(4096, 6)).astype(np.float32)
+    X[7] *= 1e15
+    model = Estimator(**SMALL).fit(X)
+    sae = model.input_sae_ if hasattr(model, "input_sae_") else model
+    assert np.isfinite(sae.components_).all()
+    assert 10 < np.abs(X / sae.scale_).max() < FAR_FROM_SCALE / 1e5
 
 
 # --------------------------------------------------------------------------- types and dtypes

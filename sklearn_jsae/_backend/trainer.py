@@ -37,6 +37,14 @@ _FLOAT32_TINY, _FLOAT32_MAX = float(torch.finfo(torch.float32).smallest_normal) 
 # reconstruction 10^4 times worse than the mean only happens when the optimiser has diverged.
 DIVERGED_MSE = 1e4
 
+# A fit's own data has a per-feature RMS of 1 in training units (``X / c_x``): even one value
+# holding all the variance of 10^8 rows of 10^4 features stays below 10^6.  A batch beyond this
+# was not scaled by its own data's scales, but by an earlier call's.
+FAR_FROM_SCALE = 1e8
+_OTHER_SCALE = ("the scales were measured on the data of an earlier call (partial_fit, warm_start=True and a "
+                "checkpoint keep a fit's scales): fit a new model (warm_start=False) on data of this scale, or "
+                "rescale X to that of the earlier data.")
+
 # Warm-ups of an open-ended fit (partial_fit without n_tokens): the paper's 1% and 5% of its
 # 73k steps are 730 and 3,650 steps; an open-ended fit may be far shorter, so shorter ramps.
 OPEN_LR_WARMUP_STEPS = 100
@@ -226,7 +234,7 @@ class Trainer:
             with _autocast(self.device, config.autocast_dtype):
                 loss, terms, fired = jsae_step_losses(self.side_x, self.side_y, self.normalised_map, x,
                                                       config.k, **step_args)
-            values = self._check_losses(loss, terms, x, index, outputs_and_weights)
+            values = self._check_losses(loss, terms, x_raw, x, index, outputs_and_weights)
             norms = optimiser_step(loss, self.optimiser, self.sides, config.max_grad_norm)
             hits = []
             for i, (idx, val) in enumerate(fired):
@@ -242,7 +250,7 @@ class Trainer:
                                                       **step_args)
 
             def check(global_values):
-                return self._check_losses(loss, terms, x, index, outputs_and_weights, values=global_values)
+                return self._check_losses(loss, terms, x_raw, x, index, outputs_and_weights, values=global_values)
 
             values, hits, norms = parallel.optimiser_step(self, loss, terms, fired, share, check)
             rows = share[1]
@@ -291,6 +299,27 @@ class Trainer:
             cause = "a reconstruction term's gradient overflows: X holds extreme values; check or rescale X."
         return _non_finite(self.step_count, "a gradient is NaN or inf (the loss was finite)", cause)
 
+    def _scale_cause(self, raw, what: str, symbol: str, side: str, scale: float) -> str:
+        """Why rows that are finite as given overflow in training units (``raw / c``)."""
+        if not bool(torch.isfinite(raw).all()):
+            return f"{what} hold values too large for the training dtype; check or rescale X."
+        largest = float(raw.abs().max()) if raw.numel() else float("nan")
+        return (f"{what} are finite (up to |{symbol}| = {largest:.3g}) but overflow float32 over the {side} "
+                f"scale c_{symbol} = {scale:.3g}; {_OTHER_SCALE}")
+
+    def _far_from_scales(self, x, y) -> str | None:
+        """The cause of an overflowing loss when the batch, in training units, lies far beyond the
+        scales (a fit's own data stays near 1 there), else None."""
+        far = []
+        for t, symbol, scale in ((x, "x", self.scale_x), (y, "y", self.scale_y)):
+            finite = t[torch.isfinite(t)] if t is not None else None
+            largest = float(finite.abs().max()) if finite is not None and finite.numel() else 0.0
+            if largest > FAR_FROM_SCALE:
+                far.append(f"|{symbol}| / c_{symbol} reaches {largest:.3g} (c_{symbol} = {scale:.3g})")
+        if not far:
+            return None
+        return f"in training units {' and '.join(far)}, where a fit's own data stays near 1; {_OTHER_SCALE}"
+
     def _heavy_weight(self) -> str | None:
         """The largest loss weight above 1 (``l1`` of the penalty, ``aux_coef`` of AuxK) as "<name>=<value>
         weighs <its term>", or None: when every term is finite and the loss is not, only a weight can
@@ -303,10 +332,11 @@ class Trainer:
         value, name, term = max(weights)
         return f"{name}={value:g} weighs {term}" if value > 1 else None
 
-    def _check_losses(self, loss, terms, x, index, outputs_and_weights, values=None) -> dict:
+    def _check_losses(self, loss, terms, x_raw, x, index, outputs_and_weights, values=None) -> dict:
         """The step's terms as floats; raise :class:`NonFiniteTrainingError` if one is non-finite
         or the fit has diverged.  ``values`` (data-parallel: the all-reduced terms) replaces this
-        batch's own; the batch then only serves to name the rows behind a non-finite value."""
+        batch's own; the batch (``x_raw`` and its normalised ``x``) then only serves to name the rows
+        and the cause behind a non-finite value."""
         if values is None:
             values = {"loss": float(loss.detach())}
             values.update({name: float(value.detach()) for name, value in terms.items()})
@@ -325,20 +355,37 @@ class Trainer:
                     f"the error of predicting the mean", cause)
             return values
         bad = sorted(name for name, v in values.items() if not math.isfinite(v))
+
+        def rows_of(finite_rows):
+            return (index[~finite_rows] if index is not None else torch.nonzero(~finite_rows).flatten())[:5].tolist()
+
+        # The input first: the MLP's outputs are computed from it, and cannot be finite without it.
+        finite_rows = torch.isfinite(x).all(dim=1).cpu()
+        if not bool(finite_rows.all()):
+            raw = x_raw[~finite_rows.to(x_raw.device)]
+            raise _non_finite(self.step_count, f"rows {rows_of(finite_rows)} of X are not finite in training units "
+                              f"(X / c_x)", self._scale_cause(raw, "those rows of X", "x", "input", self.scale_x))
         if self.pair and outputs_and_weights is not None:
             finite_rows = torch.isfinite(outputs_and_weights[0]).all(dim=1).cpu()
             if not bool(finite_rows.all()):
-                where = (index[~finite_rows] if index is not None else torch.nonzero(~finite_rows).flatten())
-                raise _non_finite(self.step_count, f"the mlp returned NaN or inf on rows {where[:5].tolist()} of X",
-                                  "the MLP overflows or divides by zero on those rows; check it there.")
-        if not bool(torch.isfinite(x).all()):
-            raise _non_finite(self.step_count, "the normalised input batch is not finite",
-                              "X holds values too large for the training dtype.")
+                cause = "the MLP overflows or divides by zero on those rows; check it there."
+                try:  # the MLP on those rows as given: finite there, only the output scale overflows
+                    with torch.no_grad():
+                        y_raw = placed(self.mlp_map, self.device, self.dtype)(x_raw[~finite_rows.to(x_raw.device)][:64])
+                    if bool(torch.isfinite(y_raw).all()):
+                        cause = self._scale_cause(y_raw, "the mlp's outputs on those rows", "y", "output", self.scale_y)
+                except Exception:  # noqa: BLE001 - only a better message is lost: the error below is raised anyway
+                    pass
+                raise _non_finite(self.step_count, f"the mlp returned NaN or inf on rows {rows_of(finite_rows)} of X",
+                                  cause)
         heavy = self._heavy_weight()
         if bad == ["loss"] and heavy is not None:  # every term finite, their weighted sum is not
             raise _non_finite(self.step_count, "the loss is NaN or inf while each of its terms is finite",
                               f"{heavy} so heavily that the weighted sum overflows float32; lower it.")
-        if not self.optimiser.steps:  # no update yet: the learning rate has done nothing
+        far = self._far_from_scales(x, outputs_and_weights[0] if self.pair and outputs_and_weights else None)
+        if far is not None:
+            cause = far
+        elif not self.optimiser.steps:  # no update yet: the learning rate has done nothing
             # (a term itself is NaN or inf here, so no weight is to blame: lowering it cannot help)
             cause = ("the starting model's loss on this data overflows: X or the mlp's outputs hold extreme "
                      "values; check or rescale them.")
