@@ -7,7 +7,6 @@ import numbers
 import os
 import sys
 import tempfile
-import warnings
 
 import joblib
 import numpy as np
@@ -44,6 +43,7 @@ from ._topk import (
     _validate_X,
 )
 from ._validation import check_k
+from ._warnings import warn
 
 # The most training rows ``jacobian_`` averages over.  Its sum has up to k² entries per row; with
 # wide dictionaries (the paper's 65,536 latents) and hundreds of millions of rows, a sum over all
@@ -110,8 +110,8 @@ def _cached_mlp_pass(memory):
             # What an entry that unpickles holds is not checked by joblib: a damaged one (a flipped
             # bit made an output inf, and the fit "diverged" blaming learning_rate) would fail every
             # later fit.  It is cleared and computed again.
-            warnings.warn(f"the memory cache's MLP pass for this X {problem}; it is computed again "
-                          f"(in {getattr(memory, 'location', memory)!r}).", UserWarning, stacklevel=4)
+            warn(f"the memory cache's MLP pass for this X {problem}; it is computed again "
+                 f"(in {getattr(memory, 'location', memory)!r}).")
             cached.call_and_shelve(*args, mlp_map=mlp_map).clear()
             result = cached(*args, mlp_map=mlp_map)
         return result
@@ -708,11 +708,11 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         _check_warm_shape(self.n_output_features_, d_out, "the mlp's output width", continuing)
         scale_y = self.output_sae_.scale_
         if _mlp_changed(self._mlp_map, mlp_map, self._probe_rows):
-            warnings.warn(
+            warn(
                 f"{'warm_start=True' if continuing == 'fit' else 'partial_fit'} with an mlp that computes "
                 "something else than the fitted one on "
                 "the first training rows; the output scale c_y is re-measured from the new "
-                "outputs and training continues from the fitted SAEs.", UserWarning, stacklevel=4,
+                "outputs and training continues from the fitted SAEs."
             )
             scale_y = None
         return (self.input_sae_._params(), self.output_sae_._params(), self.input_sae_.scale_, scale_y)

@@ -44,12 +44,12 @@ import json
 import math
 import numbers
 import os
-import warnings
 
 import numpy as np
 
 from . import _persistence
 from ._persistence import write_atomically
+from ._warnings import warn
 from .exceptions import PersistenceError
 
 FORMAT = "sklearn-jsae"
@@ -97,7 +97,7 @@ def _encode_param(value):
 _NEVER_SAVED = frozenset({"mlp", "memory"})
 
 
-def _params_doc(estimator, stacklevel: int) -> tuple[dict, dict]:
+def _params_doc(estimator) -> tuple[dict, dict]:
     """``(params, dropped)``: JSON-ready parameters and ``{name: repr}`` of those left out
     (``stacklevel`` points the warning at the caller of ``save``)."""
     params, dropped = {}, {}
@@ -112,11 +112,10 @@ def _params_doc(estimator, stacklevel: int) -> tuple[dict, dict]:
             params[name] = _encode_param(value)
         except TypeError:
             dropped[name] = repr(value)[:200]
-            warnings.warn(
+            warn(
                 f"{type(estimator).__name__}.save: parameter {name}={value!r:.80} cannot be written "
                 f"to the file (not a number, string, bool, None or RandomState); the loaded model "
-                f"gets the default. Set it again after sklearn_jsae.load.",
-                UserWarning, stacklevel=stacklevel,
+                f"gets the default. Set it again after sklearn_jsae.load."
             )
     return params, dropped
 
@@ -130,7 +129,7 @@ def _fitted_common(estimator) -> dict:
 
 
 def _sae_doc(sae, prefix: str, arrays: dict) -> dict:
-    params, dropped = _params_doc(sae, stacklevel=6)  # _sae_doc, document, save, .save, caller
+    params, dropped = _params_doc(sae)
     fitted = _fitted_common(sae)
     fitted["scale_"] = None if sae.scale_ is None else float(sae.scale_)
     fitted["dead_fraction_"] = float(sae.dead_fraction_)
@@ -177,7 +176,7 @@ def document(estimator) -> tuple[dict, dict]:
     if isinstance(estimator, JacobianSparseAutoencoder):
         from ._backend import mlp_io
 
-        params, dropped = _params_doc(estimator, stacklevel=5)
+        params, dropped = _params_doc(estimator)
         fitted = _fitted_common(estimator)
         fitted["n_output_features_"] = int(estimator.n_output_features_)
         # The l1 this fit trained with (paper_lambda_), which set_params may have changed since.

@@ -16,13 +16,13 @@ A checkpoint gathers every rank's stream state and pending rows into rank 0's on
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Mapping
 
 import numpy as np
 
 from ._backend import stop
 from ._validation import MIN_STEPS
+from ._warnings import warn
 
 
 def _unpack(chunk, number: int):
@@ -159,11 +159,11 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int | None 
     if n_steps is not None and n_steps < MIN_STEPS:  # as fit warns: a stream's length is its n_tokens
         from sklearn.exceptions import ConvergenceWarning
 
-        warnings.warn(
+        warn(
             f"this fit runs only {n_steps} optimiser steps (n_tokens={n_tokens}, batch_size="
             f"{estimator.batch_size}); below {MIN_STEPS} steps the SAEs are usually far from converged (score "
             f"well below its plateau). Use batch_size<={max(1, n_tokens // MIN_STEPS)} or stream more tokens.",
-            ConvergenceWarning, stacklevel=3)
+            ConvergenceWarning)
 
     # The first rows: they fix the data scales and probe the MLP, and are trained on after.
     while stream.n_pending < n_statistics and stream.read(reset=not warm and stream.n_pending == 0):
@@ -212,8 +212,8 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int | None 
                 f"this stream ({type(batches).__name__}) has no state_dict/load_state_dict")
             fix = ("" if stream.resume_problem() else " Stream with sklearn_jsae.hf.ActivationStream, or any "
                    "iterable with those two methods, to resume.")
-            warnings.warn(f"checkpoint_dir is set, but {why}: checkpoints are written, but a killed run cannot "
-                          f"resume from them.{fix}", UserWarning, stacklevel=3)
+            warn(f"checkpoint_dir is set, but {why}: checkpoints are written, but a killed run cannot "
+                 f"resume from them.{fix}")
         if parallel is not None:
             check_resumed_together(parallel, trainer, checkpoint)
     record_every = max(1, (n_steps or 10_000) // 100)
@@ -261,8 +261,8 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int | None 
         raise CheckpointError("the checkpoint is already at the end of this stream: nothing left to train.") \
             if checkpoint is not None else ValueError("batches produced no rows to train on.")
     if n_tokens is not None and used < n_tokens:
-        warnings.warn(f"the stream ended after {used} tokens, before n_tokens={n_tokens}; the schedule "
-                      f"did not finish its decay.", UserWarning, stacklevel=3)
+        warn(f"the stream ended after {used} tokens, before n_tokens={n_tokens}; the schedule "
+             f"did not finish its decay.")
     estimator._trainer = None
     finish(trainer.result(), tail.rows())
     return estimator

@@ -656,12 +656,12 @@ def _training_device(estimator) -> str:
 def _warn_checkpoint_dir_unused(estimator) -> None:
     """``partial_fit`` saves no checkpoints: say so once, when it starts its optimiser."""
     if estimator.checkpoint_dir is not None:
-        import warnings
+        from ._warnings import warn
 
-        warnings.warn(
+        warn(
             f"checkpoint_dir={estimator.checkpoint_dir!r} is not used by partial_fit (it is for fit and "
             f"fit_stream): the estimator itself holds the state between calls; save or pickle it to keep "
-            f"it, or train with fit_stream to checkpoint a stream.", UserWarning, stacklevel=4,
+            f"it, or train with fit_stream to checkpoint a stream."
         )
 
 

@@ -4,9 +4,10 @@ import at module level)."""
 from __future__ import annotations
 
 import re
-import warnings
 
 import numpy as np
+
+from ._warnings import warn
 
 
 # Fewer optimiser steps than this in a fit warn.  Measured with the card's call
@@ -56,10 +57,8 @@ def resolve_device(device: str, *, for_inference: bool = False) -> str:
         else f"this machine has {count} CUDA device(s), numbered 0 to {count - 1}"
     )
     if for_inference:
-        warnings.warn(
-            f"device={device!r} but {reason}; running on the CPU instead (set device='cpu' or "
-            f"'auto' to silence this).", UserWarning, stacklevel=3,
-        )
+        warn(f"device={device!r} but {reason}; running on the CPU instead (set device='cpu' or "
+             f"'auto' to silence this).")
         return "cpu"
     raise ValueError(f"device={device!r} but {reason}; use device='cpu', device='auto' or a valid index.")
 
@@ -114,7 +113,7 @@ def check_float32_range(X, name: str = "X") -> None:
             )
 
 
-def warn_if_few_steps(n_samples: int, batch_size: int, max_iter: int, stacklevel: int = 5) -> int:
+def warn_if_few_steps(n_samples: int, batch_size: int, max_iter: int) -> int:
     """Warn (``ConvergenceWarning``) when a fit would run fewer than :data:`MIN_STEPS` optimiser
     steps; returns the number of steps."""
     from sklearn.exceptions import ConvergenceWarning
@@ -125,10 +124,10 @@ def warn_if_few_steps(n_samples: int, batch_size: int, max_iter: int, stacklevel
         needed_epochs = -(-MIN_STEPS // per_epoch)
         smaller_batch = n_samples * max_iter // MIN_STEPS
         fixes = ([f"batch_size<={smaller_batch}"] if smaller_batch >= 1 else []) + [f"max_iter>={needed_epochs}"]
-        warnings.warn(
+        warn(
             f"this fit runs only {steps} optimiser steps ({n_samples} samples, batch_size={batch_size}, "
             f"max_iter={max_iter}); below {MIN_STEPS} steps the SAEs are usually far from converged "
             f"(score well below its plateau). Use {' or '.join(fixes)}, or more samples.",
-            ConvergenceWarning, stacklevel=stacklevel,
+            ConvergenceWarning,
         )
     return steps

@@ -436,9 +436,10 @@ def test_harvest_stops_after_n_tokens_and_warns_when_input_runs_out():
     )
     assert X.shape == (17, 32) and Y.shape == (17, 32)
     np.testing.assert_array_equal(tokens, ids[mask.bool()][:17].numpy())
-    with pytest.warns(UserWarning, match=r"captured 44 tokens, fewer than n_tokens=1000"):
+    with pytest.warns(UserWarning, match=r"captured 44 tokens, fewer than n_tokens=1000") as record:
         X, _ = harvest(model, 0, input_ids=ids, attention_mask=mask, n_tokens=1000, progress=False)
     assert len(X) == 44
+    assert [w.filename for w in record] == [__file__]  # the caller's line, not the package's
 
 
 def test_harvest_shows_its_progress_by_default_and_runs_without_tqdm(capsys, monkeypatch):

@@ -36,6 +36,7 @@ import time
 import numpy as np
 import torch
 
+from .._warnings import warn
 from . import stop
 from ..exceptions import CheckpointError  # noqa: F401  (raised here; public in sklearn_jsae.exceptions)
 from .files import (
@@ -472,7 +473,6 @@ class Checkpointer:
         """The folder's unnamed checkpoint (written before checkpoints were named by their fit) if it
         is this fit's; raises if another job size wrote this fit; None otherwise (a warning names
         the other fits' checkpoints, which this fit does not resume)."""
-        import warnings
 
         others = checkpoint_paths(self.folder)
         for path in others:
@@ -486,12 +486,12 @@ class Checkpointer:
             if not differs and os.path.basename(path) == FILENAME:
                 return path
         if others:
-            warnings.warn(
+            warn(
                 f"checkpoint_dir={self.folder!r} holds checkpoints of other fits (other data, MLP or "
                 f"settings) and none of this one: this fit starts afresh, in its own file next to them "
                 f"(a fit resumes only with the same data, MLP and settings; in a search whose fits share "
                 f"the folder this is expected: filter it with warnings.filterwarnings('ignore', "
-                f"'checkpoint_dir=.* holds checkpoints of other fits')).", UserWarning, stacklevel=4)
+                f"'checkpoint_dir=.* holds checkpoints of other fits')).")
         return None
 
     def restore(self, trainer) -> tuple[dict, dict] | None:

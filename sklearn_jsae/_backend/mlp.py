@@ -25,11 +25,12 @@ import contextlib
 import copy
 import numpy as np
 import math
-import warnings
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .._warnings import warn
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "tanh", "sigmoid")
 
@@ -493,7 +494,7 @@ def _resolve_mlp(mlp, X_probe) -> tuple[object, _FrozenMap, int]:
             f"or a division of its values) and the input scale.", what="mlp output")
     hint = _whole_model_hint(mlp)
     if hint:  # it ran (a BERT block takes each row as a one-token sequence), but is likely a mistake
-        warnings.warn(f"mlp:{hint}", UserWarning, stacklevel=5)
+        warn(f"mlp:{hint}")
     backend_map = as_map(frozen, d_in, d_out)
     if isinstance(backend_map, CallableMap):
         backend_map.d_out = d_out

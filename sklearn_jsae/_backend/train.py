@@ -356,7 +356,7 @@ _NO_SPREAD, _CANCELLATION = 1e-5, 1e-7
 
 
 def _warn_no_spread(outputs: bool, variance: float, mean_square: float) -> None:
-    import warnings
+    from .._warnings import warn
 
     spread = f"spread {math.sqrt(variance):.3g} around a mean of RMS {math.sqrt(mean_square):.3g}"
     if outputs:
@@ -366,7 +366,7 @@ def _warn_no_spread(outputs: bool, variance: float, mean_square: float) -> None:
         message = (f"X has (almost) no variance ({spread}): in float32, the training dtype, its rows are (almost) "
                    f"equal and the input SAE can only learn their mean; centre X in float64 first "
                    f"(X - X.mean(axis=0)) or check the data.")
-    warnings.warn(message, UserWarning, stacklevel=2)
+    warn(message)
 
 
 @dataclass

@@ -274,13 +274,13 @@ class Trainer:
         if self.warned_past_schedule:
             return
         self.warned_past_schedule = True
-        import warnings
+        from .._warnings import warn
 
-        warnings.warn(
+        warn(
             f"this fit has trained on {self.rows_done} rows, the n_tokens={self.total_steps * self.config.batch_size} "
             f"(rounded up to whole batches) its schedule spans: the learning rate is 0 from here on and further "
-            f"rows change nothing. Set n_tokens to the rows all partial_fit calls will see, or start a new fit.",
-            UserWarning, stacklevel=5)
+            f"rows change nothing. Set n_tokens to the rows all partial_fit calls will see, or start a new fit."
+        )
 
     def _non_finite_update(self, gradients_finite: bool) -> NonFiniteTrainingError:
         """The error for a step whose loss was finite but whose gradients (a term overflowed, most

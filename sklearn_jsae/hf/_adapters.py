@@ -119,12 +119,12 @@ def _warn_attached_saes(model, what: str) -> None:
     with their reconstructions spliced in, not the model itself."""
     attached = getattr(model, "acts_to_saes", None)
     if isinstance(attached, dict) and attached:
-        import warnings
+        from .._warnings import warn
 
-        warnings.warn(
+        warn(
             f"{type(model).__name__} has SAEs attached at {sorted(attached)}: they run in every forward "
             f"pass, so {what} the model with their reconstructions spliced in. Call model.reset_saes() "
-            f"first for the model's own activations.", UserWarning, stacklevel=3)
+            f"first for the model's own activations.")
 
 
 def _is_transformer_lens(model) -> bool:

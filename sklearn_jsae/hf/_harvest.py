@@ -8,12 +8,12 @@ import itertools
 import numbers
 import os
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .._warnings import warn
 from ._adapters import _eval_mode, _layout, _unwrap, _warn_attached_saes, run_model
 
 __all__ = ["harvest"]
@@ -731,12 +731,8 @@ def harvest(
             + (" or special (exclude_special_tokens=True)." if special is not None else ".")
         )
     if n_tokens is not None and written < n_tokens:
-        warnings.warn(
-            f"harvest captured {written} tokens, fewer than n_tokens={n_tokens}: the input ran out. "
-            f"Pass more texts / input_ids for more.",
-            UserWarning,
-            stacklevel=2,
-        )
+        warn(f"harvest captured {written} tokens, fewer than n_tokens={n_tokens}: the input ran out. "
+             f"Pass more texts / input_ids for more.")
     try:
         result = sink.result(store)
     except BaseException:
