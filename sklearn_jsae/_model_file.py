@@ -98,8 +98,8 @@ _NEVER_SAVED = frozenset({"mlp", "memory"})
 
 
 def _params_doc(estimator) -> tuple[dict, dict]:
-    """``(params, dropped)``: JSON-ready parameters and ``{name: repr}`` of those left out
-    (``stacklevel`` points the warning at the caller of ``save``)."""
+    """``(params, dropped)``: JSON-ready parameters and ``{name: repr}`` of those left out (each
+    with a warning at the caller of ``save``)."""
     params, dropped = {}, {}
     for name, value in estimator.get_params(deep=False).items():
         if name == "mlp":

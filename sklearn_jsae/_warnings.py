@@ -7,8 +7,8 @@ one: the user read ``sklearn_jsae/_backend/train.py:343`` instead of the line of
 and a ``warnings.filterwarnings(..., module=...)`` on their own module missed it.  Here the level
 is counted at run time, to the first frame outside this package (and outside torch,
 ``contextlib`` and scikit-learn's method wrappers, whose frames a hook, a context manager or a
-decorator put in between).  Python 3.12's
-``skip_file_prefixes`` does the same, but the package supports 3.10.
+decorator put in between).  Python 3.12's ``skip_file_prefixes`` does the same, but the package
+supports 3.10.
 """
 
 from __future__ import annotations
