@@ -17,6 +17,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -440,6 +441,56 @@ def test_harvest_stops_after_n_tokens_and_warns_when_input_runs_out():
         X, _ = harvest(model, 0, input_ids=ids, attention_mask=mask, n_tokens=1000, progress=False)
     assert len(X) == 44
     assert [w.filename for w in record] == [__file__]  # the caller's line, not the package's
+
+
+@settings(max_examples=20, deadline=None)
+@given(n_tokens=st.integers(1, 60), batch_size=st.integers(1, 4), dtype=st.sampled_from([np.float32, np.float16]),
+       room=st.booleans())
+def test_a_harvest_of_n_tokens_fills_arrays_of_that_size_with_the_chunked_harvests_rows(n_tokens, batch_size, dtype,
+                                                                                         room):
+    """With n_tokens the arrays are allocated once and filled in place (cut to the rows captured
+    when the input runs out first, 44 tokens here); without room for them, the rows go in chunks
+    as without n_tokens.  Either way the rows, their order and dtypes are the chunked harvest's."""
+    from unittest import mock
+
+    from sklearn_jsae.hf import _harvest
+
+    model, _, _ = _tiny("llama")
+    ids, mask = _ids(n_seq=4)
+    X_all, Y_all, t_all = harvest(model, 1, input_ids=ids, attention_mask=mask, batch_size=3, dtype=dtype,
+                                  return_tokens=True, progress=False)
+    with mock.patch.object(_harvest, "_room_for", wraps=_harvest._room_for if room else lambda n, rows: None), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # n_tokens > 44: "the input ran out"
+        X, Y, t = harvest(model, 1, input_ids=ids, attention_mask=mask, n_tokens=n_tokens, batch_size=batch_size,
+                          dtype=dtype, return_tokens=True, progress=False)
+    n = min(n_tokens, len(X_all))
+    for got, expected in ((X, X_all), (Y, Y_all), (t, t_all)):
+        assert got.dtype == expected.dtype and got.shape == (n,) + expected.shape[1:]
+        np.testing.assert_array_equal(got, expected[:n])
+        assert got.flags.c_contiguous and got.flags.writeable
+
+
+def test_a_harvest_of_n_tokens_holds_its_rows_once():
+    """The peak of numpy's allocations (tracemalloc) during a harvest of n_tokens is about the
+    result; the chunks and their concatenation, without n_tokens, held it about twice."""
+    import tracemalloc
+
+    model, _, _ = _tiny("llama")
+    ids = torch.randint(2, V - 1, (2_000, 32), generator=torch.Generator().manual_seed(0))
+
+    def peak_over_result(n_tokens):
+        tracemalloc.start()
+        try:
+            X, Y = harvest(model, 1, input_ids=ids, n_tokens=n_tokens, batch_size=32, progress=False)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert len(X) == 64_000
+        return peak / (X.nbytes + Y.nbytes)
+
+    ratio = peak_over_result(64_000), peak_over_result(None)
+    assert ratio[0] < 1.15 and ratio[1] > 1.4, ratio  # with n_tokens: the arrays and a batch on its way in
 
 
 def test_harvest_shows_its_progress_by_default_and_runs_without_tqdm(capsys, monkeypatch):

@@ -42,11 +42,15 @@ def worker_state_budget() -> int:
     (at least 1 GiB).  A backward pass's state is a full-size gradient accumulator (the Jacobian
     penalty's is |U|·(r + 1)·d_mlp floats: 1.9 GB at 65,536 latents and d_mlp = 4,096), so one
     per thread would need 30 GB on 16 threads; past the budget fewer workers run."""
+    return max(1 << 30, physical_memory() // 8)
+
+
+def physical_memory() -> int:
+    """The machine's memory in bytes; 16 GiB where the system does not say (not POSIX)."""
     try:
-        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # not POSIX: assume a 16 GiB machine
-        memory = 16 << 30
-    return max(1 << 30, memory // 8)
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 16 << 30
 
 
 def run_chunks(batch: int, chunk: int, make_state, work, device, state_bytes: int = 0) -> list:

@@ -88,26 +88,64 @@ class _NpyWriter:
             self.file.close()  # flushes: a full disk raises here; the descriptor is released anyway
 
 
+def _room_for(n_rows: int, example: np.ndarray) -> np.ndarray | None:
+    """An empty array of ``n_rows`` rows shaped and typed as ``example``'s, or None where it would
+    take more than half the machine's memory (a generous ``n_tokens`` with little input) or the
+    system refuses it.  Its pages are only taken as rows are written into them."""
+    from .._backend.chunks import physical_memory
+
+    shape = (n_rows,) + example.shape[1:]
+    if int(np.prod(shape, dtype=np.int64)) * example.dtype.itemsize > physical_memory() // 2:
+        return None
+    try:
+        return np.empty(shape, dtype=example.dtype)
+    except MemoryError:
+        return None
+
+
 class _MemorySink:
-    def __init__(self):
+    """The harvest in memory.  With ``n_tokens``, each array is allocated once, at that many rows,
+    on its first rows, and filled in place: the chunks and their concatenation held the harvest
+    twice at the end (measured: 389 MB more at the peak for 166 MB of X and Y).  Without it, or
+    where the array would not fit, the rows are kept in chunks and concatenated at the end."""
+
+    def __init__(self, n_tokens: int | None = None):
+        self.n_tokens = n_tokens
         self.chunks = {"X": [], "Y": [], "token_ids": []}
+        self.filled = {}  # name: [array of n_tokens rows, rows written]
 
     def append(self, name, rows):
-        self.chunks[name].append(rows)
+        if self.n_tokens is not None and name not in self.filled and not self.chunks[name]:
+            array = _room_for(self.n_tokens, rows)
+            if array is not None:
+                self.filled[name] = [array, 0]
+        if name in self.filled:
+            entry = self.filled[name]
+            entry[0][entry[1] : entry[1] + len(rows)] = rows  # harvest never passes n_tokens
+            entry[1] += len(rows)
+        else:
+            self.chunks[name].append(rows)
 
     def result(self, dtype):
-        """Each array concatenated from its chunks, whose list is then emptied: the chunks of the
-        arrays already built are freed before the next is (all chunks and all arrays at once held
-        twice the harvest in numpy arrays; one array at a time about 1.5 times).  For harvests near
-        memory's size, ``out=`` writes a store instead."""
+        """Each array: the filled one cut to its rows (in place: no copy), or the chunks
+        concatenated, whose list is then emptied, so that the chunks of the arrays already built
+        are freed before the next is (all chunks and all arrays at once held twice the harvest;
+        one array at a time about 1.5 times).  For harvests near memory's size, ``out=`` writes a
+        store instead."""
         out = {}
         for name, chunks in self.chunks.items():
-            out[name] = np.concatenate(chunks) if chunks else None
-            chunks.clear()
+            if name in self.filled:
+                array, rows = self.filled.pop(name)
+                if rows < len(array):  # the input ran out first: give back the rest
+                    array.resize((rows,) + array.shape[1:], refcheck=False)  # no view of it exists
+                out[name] = array
+            else:
+                out[name] = np.concatenate(chunks) if chunks else None
+                chunks.clear()
         return out
 
     def abort(self):
-        pass
+        self.filled.clear()
 
 
 class _FileSink:
@@ -557,7 +595,10 @@ def harvest(
         value raises ``ValueError``); None means every token is real.
     n_tokens : int, optional
         Stop after this many captured tokens; None means all of them.  If the input runs
-        out first a ``UserWarning`` says how many were captured.
+        out first a ``UserWarning`` says how many were captured.  In memory (``out=None``) the
+        arrays are then allocated once at this size and filled in place, so the harvest is held
+        once; without it the rows are gathered in chunks and concatenated at the end, about 1.5
+        times the result at the peak.
     batch_size : int, default=8
         Sequences per forward pass.
     max_length : int or None, default=128
@@ -671,7 +712,7 @@ def harvest(
         captured["y"] = output[0] if isinstance(output, (tuple, list)) else output
         raise _HarvestStop
 
-    sink = _FileSink(_out_folder(out), store) if out is not None else _MemorySink()
+    sink = _FileSink(_out_folder(out), store) if out is not None else _MemorySink(n_tokens)
     bar = _progress_bar(progress, n_tokens)
     handles = [
         layout.input_module.register_forward_pre_hook(grab_input, with_kwargs=True),
