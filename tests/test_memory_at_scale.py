@@ -12,7 +12,8 @@ fraction of that copy:
 * a pass over a store in order (inference, the metrics, the data statistics) indexed every row
   first (8 bytes a row);
 * ``transform`` / ``transform_output`` held the (n, k) codes twice and topk_to_csr's sort of them
-  (3.6x the CSR), ``mlp_outputs`` its batches and their concatenation, ``jacobian`` its entries twice.
+  (3.6x the CSR), ``mlp_outputs`` its batches and their concatenation, ``jacobian`` its entries twice;
+* a fit's epoch order was an int64 permutation of every row (8 bytes a row: 2.4 GB at 3e8 rows).
 """
 
 import subprocess
@@ -22,12 +23,16 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sklearn_jsae import JacobianSparseAutoencoder, TopKSparseAutoencoder
+from sklearn_jsae._backend import train as train_module
+from sklearn_jsae._backend.train import epoch_order
 from sklearn_jsae.exceptions import NonFiniteTrainingError
 from sklearn_jsae.metrics import _linearity
+from test_checkpoints import _assert_same_model  # the model's arrays and history, bit for bit
 
 
 def _peak_bytes(call):
@@ -480,3 +485,53 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) < 0.25 * 8 * n  # arange(n): 160 MB; the two batches' own arrays: < 1 MB
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 300_000), seed=st.integers(0, 2**63 - 1))
+def test_an_epoch_order_in_int32_is_the_int64_permutation_and_leaves_the_generator_alike(n, seed):
+    """Every seed's batch order (and so every model and figure made with it) is what int64 gave."""
+    int64_generator = torch.Generator().manual_seed(seed)
+    expected = torch.randperm(n, generator=int64_generator)
+    generator = torch.Generator().manual_seed(seed)
+    order = epoch_order(n, generator)
+    assert order.dtype == torch.int32 and order.element_size() * order.numel() == 4 * n
+    assert torch.equal(order.long(), expected)
+    assert torch.equal(generator.get_state(), int64_generator.get_state())
+
+
+def test_an_epoch_order_past_int32_is_int64(monkeypatch):
+    monkeypatch.setattr(train_module, "INT32_ROWS", 99)
+    assert epoch_order(99, torch.Generator().manual_seed(0)).dtype == torch.int32
+    order = epoch_order(100, torch.Generator().manual_seed(0))
+    assert order.dtype == torch.int64
+    assert torch.equal(order, torch.randperm(100, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("kind", ["topk", "jsae"])
+def test_a_fit_with_int32_epoch_orders_equals_one_with_int64(kind, monkeypatch):
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(700, 12)).astype(np.float32)
+
+    def fitted():
+        params = dict(n_components=24, k=4, max_iter=3, batch_size=128, random_state=3)
+        model = (TopKSparseAutoencoder(**params) if kind == "topk"
+                 else JacobianSparseAutoencoder(mlp=lambda v: torch.tanh(v) * 2.0, l1=0.5, **params))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return model.fit(X)
+
+    drawn = []
+    randperm = torch.randperm
+
+    def recording_randperm(*args, **kwargs):
+        drawn.append(kwargs.get("dtype"))
+        return randperm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randperm", recording_randperm)
+    default = fitted()
+    assert drawn == [torch.int32] * 3
+    monkeypatch.setattr(train_module, "INT32_ROWS", 0)  # every order in int64, as before
+    before = fitted()
+    assert drawn[3:] == [torch.int64] * 3
+    _assert_same_model(default, before)

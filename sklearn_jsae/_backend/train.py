@@ -544,9 +544,9 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
                 if epoch_rng is not None:  # resuming inside an epoch: redraw its order
                     trainer.shuffling.set_state(epoch_rng)
                 epoch_rng = trainer.shuffling.get_state()
-                order = torch.randperm(rows.n, generator=trainer.shuffling, device="cpu")
+                order = epoch_order(rows.n, trainer.shuffling)
                 for start in range(position, rows.n, config.batch_size):
-                    index = order[start : start + config.batch_size]
+                    index = order[start : start + config.batch_size].long()
                     share = None
                     if parallel is not None:  # this rank's share of the batch
                         n_global = len(index)
@@ -577,6 +577,22 @@ def train(X: np.ndarray, mlp_map, config: TrainConfig, init: tuple | None = None
             if bar is not None:
                 bar.close()
     return trainer.result()
+
+
+# The most rows an int32 epoch order can number.
+INT32_ROWS = torch.iinfo(torch.int32).max
+
+
+def epoch_order(n: int, generator: torch.Generator) -> torch.Tensor:
+    """An epoch's order of the rows ``0 .. n-1``: ``torch.randperm(n)`` from ``generator`` (CPU).
+
+    Held for the whole epoch, so its size is what an epoch costs beyond the batches: in int32 it is
+    4 bytes a row (1.2 GB at 3e8 rows) where int64 takes 8.  Both dtypes draw the same permutation
+    and leave ``generator`` in the same state (``tests/test_training_order.py`` pins it), so every
+    seed's batch order, and every model and figure made with it, is the same as with int64.
+    """
+    dtype = torch.int32 if n <= INT32_ROWS else torch.int64
+    return torch.randperm(n, generator=generator, device="cpu", dtype=dtype)
 
 
 def check_resumed_together(parallel, trainer, checkpoint) -> None:
