@@ -471,26 +471,84 @@ def test_a_harvest_of_n_tokens_fills_arrays_of_that_size_with_the_chunked_harves
         assert got.flags.c_contiguous and got.flags.writeable
 
 
-def test_a_harvest_of_n_tokens_holds_its_rows_once():
-    """The peak of numpy's allocations (tracemalloc) during a harvest of n_tokens is about the
-    result; the chunks and their concatenation, without n_tokens, held it about twice."""
+@pytest.mark.parametrize("kind", ["n_tokens", "id array", "rows read once"])
+def test_a_harvest_of_a_known_size_holds_its_rows_once(kind):
+    """The peak of numpy's allocations (tracemalloc) during a harvest of n_tokens, or of an input
+    whose size bounds its tokens (an id array), is about the result; the chunks and their
+    concatenation, where nothing says the size (rows read once, from a generator), about 1.5
+    times (all chunks and the arrays at once held it twice)."""
     import tracemalloc
 
     model, _, _ = _tiny("llama")
     ids = torch.randint(2, V - 1, (2_000, 32), generator=torch.Generator().manual_seed(0))
+    given = dict(input_ids=(row for row in ids)) if kind == "rows read once" else dict(input_ids=ids)
+    tracemalloc.start()
+    try:
+        X, Y = harvest(model, 1, n_tokens=64_000 if kind == "n_tokens" else None, batch_size=32, progress=False,
+                       **given)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(X) == 64_000
+    ratio = peak / (X.nbytes + Y.nbytes)
+    if kind == "rows read once":
+        assert ratio > 1.4, ratio
+    else:
+        assert ratio < 1.15, ratio  # the arrays and a batch on its way in
 
-    def peak_over_result(n_tokens):
-        tracemalloc.start()
-        try:
-            X, Y = harvest(model, 1, input_ids=ids, n_tokens=n_tokens, batch_size=32, progress=False)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-        assert len(X) == 64_000
-        return peak / (X.nbytes + Y.nbytes)
 
-    ratio = peak_over_result(64_000), peak_over_result(None)
-    assert ratio[0] < 1.15 and ratio[1] > 1.4, ratio  # with n_tokens: the arrays and a batch on its way in
+@settings(max_examples=25, deadline=None)
+@given(bound=st.one_of(st.none(), st.integers(1, 120)), form=st.sampled_from(["array", "rows"]),
+       batch_size=st.integers(1, 4), dtype=st.sampled_from([np.float32, np.float16]))
+def test_a_harvest_filled_up_to_any_bound_has_the_chunked_harvests_rows(bound, form, batch_size, dtype):
+    """Allocated at a bound above the rows (cut at the end), exactly at them, or below them (the
+    rows so far become the first chunk), or in chunks: the same rows, order and dtypes."""
+    from unittest import mock
+
+    from sklearn_jsae.hf import _harvest
+
+    model, _, _ = _tiny("llama")
+    ids, mask = _ids(n_seq=4)
+    given = (dict(input_ids=ids, attention_mask=mask) if form == "array"
+             else dict(input_ids=[row[m.bool()].tolist() for row, m in zip(ids, mask)]))
+    with mock.patch.object(_harvest, "_token_bound", lambda *args: None):
+        expected = harvest(model, 1, batch_size=3, dtype=dtype, return_tokens=True, progress=False, **given)
+    assert _harvest._token_bound(None, given["input_ids"], 128, False, None) >= len(expected[0])
+    with mock.patch.object(_harvest, "_token_bound", lambda *args: bound):
+        got = harvest(model, 1, batch_size=batch_size, dtype=dtype, return_tokens=True, progress=False, **given)
+    for array, reference in zip(got, expected):
+        assert array.dtype == reference.dtype and array.shape == reference.shape
+        np.testing.assert_array_equal(array, reference)
+        assert array.flags.c_contiguous and array.flags.writeable and array.flags.owndata
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_seq=st.integers(1, 30), length=st.integers(1, 50), ragged=st.booleans(), seed=st.integers(0, 1000))
+def test_the_token_bound_of_ids_is_every_cell_or_every_rows_length(n_seq, length, ragged, seed):
+    from sklearn_jsae.hf._harvest import _token_bound
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, length + 1, n_seq) if ragged else np.full(n_seq, length)
+    rows = [list(rng.integers(0, V, n)) for n in lengths]
+    assert _token_bound(None, rows, 128, False, None) == int(lengths.sum())
+    assert _token_bound(None, tuple(np.array(r) for r in rows), None, False, None) == int(lengths.sum())
+    assert _token_bound(None, np.zeros((n_seq, length), int), 128, False, None) == n_seq * length
+    assert _token_bound(None, torch.zeros(length, dtype=torch.long), 128, False, None) == length
+    assert _token_bound(None, (r for r in rows), 128, False, None) is None  # read once: not counted first
+
+
+def test_the_token_bound_of_texts_is_their_count_times_the_cut():
+    from types import SimpleNamespace
+
+    from sklearn_jsae.hf._harvest import _token_bound
+
+    tokenizer = SimpleNamespace(model_max_length=512)
+    assert _token_bound(["a", "b", "c"], None, 128, False, tokenizer) == 384
+    assert _token_bound(("a", "b"), None, None, False, tokenizer) == 1024  # the tokenizer's own limit
+    assert _token_bound("one text", None, 16, False, tokenizer) == 16
+    assert _token_bound(["a"], None, None, False, SimpleNamespace(model_max_length=int(1e30))) is None
+    assert _token_bound(["a"], None, 128, True, tokenizer) is None  # packing keeps every token
+    assert _token_bound(iter(["a"]), None, 128, False, tokenizer) is None  # a corpus, read lazily
 
 
 def test_harvest_shows_its_progress_by_default_and_runs_without_tqdm(capsys, monkeypatch):
@@ -1190,6 +1248,24 @@ def test_minilm_harvest_and_mlp_of_agree(minilm):
         error = np.abs(mlp(torch.from_numpy(X)).numpy() - Y).max()
     print(f"MiniLM layer 3: max |mlp_of(X) - harvested Y| = {error:.3g}")
     assert error < 1e-4
+
+
+@pytest.mark.realmodel
+def test_minilm_harvest_of_texts_fills_arrays_at_their_bound_with_the_chunked_rows(minilm):
+    """A list of texts bounds its tokens by max_length each: the arrays are allocated at that bound
+    and cut to the rows, which are the chunked harvest's."""
+    from unittest import mock
+
+    from sklearn_jsae.hf import _harvest
+
+    model, tokenizer = minilm
+    texts = prose(12)
+    got = harvest(model, 3, texts, tokenizer=tokenizer, batch_size=4, return_tokens=True, progress=False)
+    assert len(got[0]) <= _harvest._token_bound(texts, None, 128, False, tokenizer) == 12 * 128
+    with mock.patch.object(_harvest, "_token_bound", lambda *args: None):
+        expected = harvest(model, 3, texts, tokenizer=tokenizer, batch_size=4, return_tokens=True, progress=False)
+    for array, reference in zip(got, expected):
+        np.testing.assert_array_equal(array, reference)
 
 
 @pytest.mark.realmodel

@@ -104,27 +104,35 @@ def _room_for(n_rows: int, example: np.ndarray) -> np.ndarray | None:
 
 
 class _MemorySink:
-    """The harvest in memory.  With ``n_tokens``, each array is allocated once, at that many rows,
-    on its first rows, and filled in place: the chunks and their concatenation held the harvest
-    twice at the end (measured: 389 MB more at the peak for 166 MB of X and Y).  Without it, or
-    where the array would not fit, the rows are kept in chunks and concatenated at the end."""
+    """The harvest in memory.  Given ``capacity`` (``n_tokens``, or a bound on the input's tokens:
+    :func:`_token_bound`), each array is allocated once, at that many rows, on its first rows, and
+    filled in place; pages no row reaches are never taken, and the rest is given back at the end.
+    The chunks and their concatenation held the harvest about 1.5 to 2 times at the end (measured:
+    389 MB more at the peak for 166 MB of X and Y).  Without a capacity, where the array would not
+    fit, or past its capacity, the rows are kept in chunks and concatenated at the end."""
 
-    def __init__(self, n_tokens: int | None = None):
-        self.n_tokens = n_tokens
+    def __init__(self, capacity: int | None = None):
+        self.capacity = capacity
         self.chunks = {"X": [], "Y": [], "token_ids": []}
-        self.filled = {}  # name: [array of n_tokens rows, rows written]
+        self.filled = {}  # name: [array of capacity rows, rows written]
 
     def append(self, name, rows):
-        if self.n_tokens is not None and name not in self.filled and not self.chunks[name]:
-            array = _room_for(self.n_tokens, rows)
+        if self.capacity is not None and name not in self.filled and not self.chunks[name]:
+            array = _room_for(self.capacity, rows)
             if array is not None:
                 self.filled[name] = [array, 0]
         if name in self.filled:
-            entry = self.filled[name]
-            entry[0][entry[1] : entry[1] + len(rows)] = rows  # harvest never passes n_tokens
-            entry[1] += len(rows)
-        else:
-            self.chunks[name].append(rows)
+            array, written = entry = self.filled[name]
+            if written + len(rows) <= len(array):
+                array[written : written + len(rows)] = rows
+                entry[1] += len(rows)
+                return
+            # More rows than the bound said (it never happens with n_tokens, which harvest cuts
+            # at): the rows so far become the first chunk.
+            del self.filled[name]
+            array.resize((written,) + array.shape[1:], refcheck=False)
+            self.chunks[name].append(array)
+        self.chunks[name].append(rows)
 
     def result(self, dtype):
         """Each array: the filled one cut to its rows (in place: no copy), or the chunks
@@ -136,7 +144,7 @@ class _MemorySink:
         for name, chunks in self.chunks.items():
             if name in self.filled:
                 array, rows = self.filled.pop(name)
-                if rows < len(array):  # the input ran out first: give back the rest
+                if rows < len(array):  # fewer rows than the capacity: give back the rest
                     array.resize((rows,) + array.shape[1:], refcheck=False)  # no view of it exists
                 out[name] = array
             else:
@@ -146,6 +154,25 @@ class _MemorySink:
 
     def abort(self):
         self.filled.clear()
+
+
+def _token_bound(texts, input_ids, max_length, pack, tokenizer) -> int | None:
+    """At most how many tokens ``harvest`` can capture from its input, where that is known without
+    reading it: the cells of an id array (its padding included), the ids of a list of rows, or a
+    list of texts times the length each is cut to.  None for anything else (a corpus read
+    lazily, a dataset's column, packed texts, which keep every token)."""
+    if input_ids is not None:
+        if _is_id_array(input_ids):
+            return int(np.prod(input_ids.shape, dtype=np.int64))
+        if isinstance(input_ids, (list, tuple)):
+            return sum(len(row) if hasattr(row, "__len__") else 1 for row in input_ids)
+        return None
+    if pack or not isinstance(texts, (str, list, tuple)):
+        return None
+    limit = max_length if max_length is not None else getattr(tokenizer, "model_max_length", None)
+    if not isinstance(limit, int) or limit > 1_000_000:  # transformers' "no limit" is about 1e30
+        return None
+    return (1 if isinstance(texts, str) else len(texts)) * limit
 
 
 class _FileSink:
@@ -597,8 +624,11 @@ def harvest(
         Stop after this many captured tokens; None means all of them.  If the input runs
         out first a ``UserWarning`` says how many were captured.  In memory (``out=None``) the
         arrays are then allocated once at this size and filled in place, so the harvest is held
-        once; without it the rows are gathered in chunks and concatenated at the end, about 1.5
-        times the result at the peak.
+        once.  Without it they are allocated at a bound the input gives without being read (the
+        cells of an id array, the ids of a list of rows, a list of texts times ``max_length``;
+        only the pages rows reach are taken, the rest given back at the end); where there is
+        none (a corpus path, a dataset's column, ``pack=True``) the rows are gathered in chunks
+        and concatenated at the end, about 1.5 times the result at the peak.
     batch_size : int, default=8
         Sequences per forward pass.
     max_length : int or None, default=128
@@ -712,7 +742,11 @@ def harvest(
         captured["y"] = output[0] if isinstance(output, (tuple, list)) else output
         raise _HarvestStop
 
-    sink = _FileSink(_out_folder(out), store) if out is not None else _MemorySink(n_tokens)
+    if out is not None:
+        sink = _FileSink(_out_folder(out), store)
+    else:
+        bound = _token_bound(texts, input_ids, max_length, pack, tokenizer)
+        sink = _MemorySink(n_tokens if bound is None or (n_tokens is not None and n_tokens < bound) else bound)
     bar = _progress_bar(progress, n_tokens)
     handles = [
         layout.input_module.register_forward_pre_hook(grab_input, with_kwargs=True),
