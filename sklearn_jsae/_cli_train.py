@@ -140,6 +140,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # Integer options the stream and the summary need at least this large (the estimator checks its own).
+# The names --model takes besides a path (load_model).
+BUNDLED_MODELS = ("minilm", "smollm2")
+
 # held_out_texts: the summary measures the trained model on them (0 failed after the whole run).
 _LEAST = dict(held_out_texts=1, buffer_size=1, max_length=1, sequences_per_forward=1)
 
@@ -158,6 +161,12 @@ def _check_options(parser: argparse.ArgumentParser, args) -> None:
     if not args.dist_timeout <= MAX_TIMEOUT:  # inf and 1e15 overflowed torch's timedelta mid-start
         parser.error(f"argument --dist-timeout: must be a finite number of seconds, at most {MAX_TIMEOUT:g} "
                      f"(about 3 years), got {args.dist_timeout}")
+    # Before the run folder is made and the pydoc texts written in it (a mistyped path left a folder
+    # of 5 MB of texts behind, and exited with status 1, not a usage error's 2).
+    if args.model not in BUNDLED_MODELS and not os.path.exists(args.model):
+        parser.error(f"argument --model: {args.model!r} is no folder or file, nor one of the bundled models "
+                     f"{', '.join(map(repr, BUNDLED_MODELS))} (models are never downloaded here); give a Hugging "
+                     f"Face model folder or a .gguf file.")
     chosen = dict(l1=args.l1, learning_rate=args.learning_rate, penalty=args.penalty)
     chosen = {name: value for name, value in chosen.items() if value is not None}
     check_estimator_options(parser, dict(

@@ -167,9 +167,13 @@ def test_token_counts_and_bad_arguments(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", "lots", "--out", str(tmp_path)])
     assert "is not a token count" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="no such folder or file"):
-        main(["train", "--model", str(tmp_path / "nothing"), "--layer", "0", "--n-tokens", "10",
-              "--out", str(tmp_path / "run")])
+    for model in (tmp_path / "nothing", tmp_path / "absent.gguf", "minilm2"):
+        with pytest.raises(SystemExit) as stopped:
+            main(["train", "--model", str(model), "--layer", "0", "--n-tokens", "10", "--out", str(tmp_path / "run")])
+        assert stopped.value.code == 2  # a usage error, before the run folder is made or the texts written in it
+        assert not (tmp_path / "run").exists()
+        assert (f"argument --model: {str(model)!r} is no folder or file, nor one of the bundled models "
+                f"'minilm', 'smollm2'") in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--model", "minilm", "--layer", "3", "--n-tokens", "10", "--penalty", "gain",
               "--out", str(tmp_path / "run")])
@@ -333,8 +337,9 @@ def test_the_train_command_leaves_the_hub_online_for_its_caller(tmp_path, monkey
     failed; it now reads models with local_files_only=True instead."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    with pytest.raises(SystemExit, match="no such folder or file"):
-        main(["train", "--model", str(tmp_path / "nothing"), "--layer", "0", "--n-tokens", "10",
+    (tmp_path / "model").mkdir()  # a folder without a model: load_model fails
+    with pytest.raises(SystemExit, match="cannot be read as a model"):
+        main(["train", "--model", str(tmp_path / "model"), "--layer", "0", "--n-tokens", "10",
               "--out", str(tmp_path / "run")])
     assert "HF_HUB_OFFLINE" not in os.environ
 
