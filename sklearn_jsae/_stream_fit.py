@@ -382,19 +382,11 @@ def _save(checkpoint, trainer, stream, used, tail, d, parallel=None):
     checkpoint.save(trainer, position, {name: torch.from_numpy(value) for name, value in extra.items()})
 
 
-def _own_extra(rank: int):
-    """Which extra tensors of a stream checkpoint ``rank`` loads: a data-parallel checkpoint holds
-    every rank's stream state and rows (``rank<r>.*``: 8 ranks of 65,536-row buffers of d = 1,024
-    are 2 GB), of which each rank needs its own."""
-    own = f"rank{rank}."
-    return lambda name: not name.startswith("rank") or name.startswith(own)
-
-
 def _restore(checkpoint, trainer, stream, batches, d, parallel=None):
     """Load the checkpoint into ``trainer`` and ``batches``; ``(used, tail)`` or None."""
     from ._backend.checkpoint import CheckpointError
 
-    restored = checkpoint.restore(trainer, keep_extra=_own_extra(0 if parallel is None else parallel.rank))
+    restored = checkpoint.restore(trainer)
     if restored is None:
         return None
     position, extra = _checked_position(checkpoint, *restored, d, parallel)

@@ -881,45 +881,6 @@ def test_a_checkpoint_damaged_on_disk_is_refused_by_its_digest_and_left_as_it_is
     _refused(lambda: _checkpointed(X, mlp, tmp_path).fit(X), path, "its digest .* is missing")
 
 
-def test_a_checkpoint_read_for_some_of_its_tensors_still_checks_every_tensors_digest(X, mlp, tmp_path):
-    """A rank of a data-parallel stream fit loads its own rows of the checkpoint (``keep``), not every
-    rank's; a damaged tensor it does not load is still refused by the digest."""
-    _checkpointed(X, mlp, tmp_path).fit(X)
-    path = _the_checkpoint(tmp_path)
-    header, tensors = _read_checkpoint(path)
-    g = torch.Generator().manual_seed(0)
-    for rank in range(3):
-        tensors[f"extra.rank{rank}.pending"] = torch.randn(5 + rank, X.shape[1], generator=g)
-    _write_checkpoint(path, header, tensors)
-    clean = path.read_bytes()
-    own = sklearn_jsae._stream_fit._own_extra(1)
-    keep = lambda name: not name.startswith("extra.") or own(name[len("extra."):])  # noqa: E731
-
-    _, everything = checkpoint_module._read_file(str(path), with_tensors=True)
-    assert set(everything) == set(tensors)
-    _, kept = checkpoint_module._read_file(str(path), with_tensors=True, keep=keep)
-    assert set(tensors) - set(kept) == {"extra.rank0.pending", "extra.rank2.pending"}
-    for name, t in kept.items():
-        assert torch.equal(t, tensors[name]), name
-
-    header_length = int.from_bytes(clean[:8], "little")
-    start, _ = json.loads(clean[8 : 8 + header_length])["extra.rank2.pending"]["data_offsets"]
-    damaged = bytearray(clean)
-    damaged[8 + header_length + start + 3] ^= 0x40  # rank 2's rows, which rank 1 does not load
-    path.write_bytes(bytes(damaged))
-    with pytest.raises(CheckpointError, match="do not match the digest recorded when it was written"):
-        checkpoint_module._read_file(str(path), with_tensors=True, keep=keep)
-
-
-@settings(max_examples=60, deadline=None)
-@given(rank=st.integers(0, 40), other=st.integers(0, 40),
-       name=st.sampled_from(["pending", "tail", "stream.buffer", "stream.rng"]))
-def test_a_rank_keeps_its_own_and_the_shared_extra_tensors_of_a_stream_checkpoint(rank, other, name):
-    own = sklearn_jsae._stream_fit._own_extra(rank)
-    assert own(name)  # a one-process checkpoint's rows
-    assert own(f"rank{other}.{name}") == (other == rank)  # rank1 does not keep rank10's
-
-
 def _as_version_1(path, change=None):
     """Rewrite the checkpoint ``path`` as version 1 wrote it (no digest), after ``change(header,
     tensors)``."""

@@ -223,14 +223,10 @@ def _digest(header_text: str, tensors: dict) -> str:
     Adam's moments (half the time of writing them; a CPU step at that size takes seconds)."""
     digest = hashlib.sha256(header_text.encode())
     for name in sorted(tensors):
-        _digest_tensor(digest, name, tensors[name])
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # any dtype (bf16 too), without a copy
     return digest.hexdigest()
-
-
-def _digest_tensor(digest, name: str, t: torch.Tensor) -> None:
-    t = t.detach().cpu().contiguous()
-    digest.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-    digest.update(t.reshape(-1).view(torch.uint8).numpy())  # any dtype (bf16 too), without a copy
 
 
 # The fix named in every refusal of a damaged checkpoint (the file is left as it is).
@@ -243,11 +239,9 @@ def damaged(path: str, what: str) -> CheckpointError:
     return CheckpointError(f"{path} is damaged or was not written by this fit: {what}. {_REMOVE}")
 
 
-def _read_file(path: str, with_tensors: bool, keep=None) -> tuple[dict, dict]:
+def _read_file(path: str, with_tensors: bool) -> tuple[dict, dict]:
     """``(header, tensors)`` of a checkpoint file (``tensors`` empty without ``with_tensors``: the
-    header alone is cheap to read; with ``keep``, a predicate on the names, only the tensors it
-    keeps, while the digest still covers every one: a rank of a data-parallel stream fit loads its
-    own rows, not every rank's).  Raises :class:`CheckpointError` for anything but a readable
+    header alone is cheap to read).  Raises :class:`CheckpointError` for anything but a readable
     checkpoint of this format and a readable version, whose digest (with ``with_tensors``) matches
     its content; the header's sections are JSON objects."""
     from safetensors import SafetensorError, safe_open
@@ -258,12 +252,7 @@ def _read_file(path: str, with_tensors: bool, keep=None) -> tuple[dict, dict]:
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors, digest = {}, hashlib.sha256(metadata.get(FORMAT, "").encode())
-            for name in sorted(f.keys()) if with_tensors else ():
-                t = f.get_tensor(name)  # one at a time: a tensor not kept is freed after its digest
-                _digest_tensor(digest, name, t)
-                if keep is None or keep(name):
-                    tensors[name] = t
+            tensors = {name: f.get_tensor(name) for name in f.keys()} if with_tensors else {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
             f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}); it may be "
@@ -295,7 +284,7 @@ def _read_file(path: str, with_tensors: bool, keep=None) -> tuple[dict, dict]:
     if version >= 2 and with_tensors:
         if not isinstance(metadata.get(DIGEST), str):
             raise damaged(path, f"its digest ({DIGEST!r} metadata) is missing")
-        if metadata[DIGEST] != digest.hexdigest():
+        if metadata[DIGEST] != _digest(metadata[FORMAT], tensors):
             raise damaged(path, "its header and tensors do not match the digest recorded when it was written "
                                 "(the file was altered or corrupted on disk after it was saved)")
     for section in ("identity", "trainer", "position"):
@@ -454,9 +443,8 @@ class Checkpointer:
         remove_dead_temporaries(self.folder, prefix)
         self.last_saved = time.monotonic()  # after the write: a slow write does not eat the interval
 
-    def read(self, keep=None) -> tuple[dict, dict] | None:
-        """``(header, tensors)`` of this fit's checkpoint, None if the folder has none; with
-        ``keep``, the tensors whose names it keeps (:func:`_read_file`).
+    def read(self) -> tuple[dict, dict] | None:
+        """``(header, tensors)`` of this fit's checkpoint, None if the folder has none.
 
         Raises :class:`CheckpointError` for a file in this fit's name that is not a readable
         checkpoint of this format and version or belongs to another fit, and when the folder holds
@@ -469,7 +457,7 @@ class Checkpointer:
             path = self._legacy_or_other_fits()
             if path is None:
                 return None
-        header, tensors = _read_file(path, with_tensors=True, keep=keep)
+        header, tensors = _read_file(path, with_tensors=True)
         differs = _differences(self.identity, header)
         if "world_size" in differs:
             raise _other_world_size(path, header, self.identity)
@@ -506,15 +494,12 @@ class Checkpointer:
                 f"'checkpoint_dir=.* holds checkpoints of other fits')).")
         return None
 
-    def restore(self, trainer, keep_extra=None) -> tuple[dict, dict] | None:
+    def restore(self, trainer) -> tuple[dict, dict] | None:
         """Load the folder's checkpoint into ``trainer``; returns ``(position, extra tensors)`` or
-        None when there is no checkpoint (with ``keep_extra``, a predicate on the extra tensors'
-        names without their ``extra.`` prefix, only those it keeps).  Checks every tensor's shape
-        and dtype, that the state's tensors and scales are finite and the trainer's header is well
-        formed, before touching the trainer: a damaged checkpoint raises :class:`CheckpointError`
-        and is left as it is."""
-        found = self.read(None if keep_extra is None else
-                          lambda name: not name.startswith("extra.") or keep_extra(name[len("extra."):]))
+        None when there is no checkpoint.  Checks every tensor's shape and dtype, that the state's
+        tensors and scales are finite and the trainer's header is well formed, before touching the
+        trainer: a damaged checkpoint raises :class:`CheckpointError` and is left as it is."""
+        found = self.read()
         if found is None:
             return None
         header, tensors = found
