@@ -139,10 +139,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Integer options the stream and the summary need at least this large (the estimator checks its own).
 # The names --model takes besides a path (load_model).
 BUNDLED_MODELS = ("minilm", "smollm2")
 
+# Integer options the stream and the summary need at least this large (the estimator checks its own).
 # held_out_texts: the summary measures the trained model on them (0 failed after the whole run).
 _LEAST = dict(held_out_texts=1, buffer_size=1, max_length=1, sequences_per_forward=1)
 

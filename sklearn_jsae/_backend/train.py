@@ -588,7 +588,7 @@ def epoch_order(n: int, generator: torch.Generator) -> torch.Tensor:
 
     Held for the whole epoch, so its size is what an epoch costs beyond the batches: in int32 it is
     4 bytes a row (1.2 GB at 3e8 rows) where int64 takes 8.  Both dtypes draw the same permutation
-    and leave ``generator`` in the same state (``tests/test_training_order.py`` pins it), so every
+    and leave ``generator`` in the same state (``tests/test_memory_at_scale.py`` pins it), so every
     seed's batch order, and every model and figure made with it, is the same as with int64.
     """
     dtype = torch.int32 if n <= INT32_ROWS else torch.int64
