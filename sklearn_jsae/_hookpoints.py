@@ -17,8 +17,9 @@ tensors equal the MLP's input and output are taken.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
+
+from ._thread_hooks import this_threads_forward_hook, this_threads_pre_hook
 
 
 @dataclass
@@ -100,32 +101,27 @@ def mlp_hookpoints(model, layer) -> MLPHookpoints:
 
     produced: list[tuple[str, object]] = []
     received: list[object] = []
-    # The hooks are on the user's model, which other threads may run meanwhile: they act on this
-    # thread's forward pass only (grab stopped another thread's forward with _Reached).
-    thread = threading.get_ident()
 
     def recorder(name):
         def hook(module, args, output):
-            if threading.get_ident() != thread:
-                return
             first = output[0] if isinstance(output, tuple) and output else output
             if isinstance(first, torch.Tensor):
                 produced.append((name, first))
         return hook
 
     def grab(module, args, kwargs):
-        if threading.get_ident() != thread:
-            return None
         received.append(args[0] if args else kwargs.get("hidden_states"))
         raise _Reached
 
     lens = _is_transformer_lens(inner)
     # TransformerLens hooks only its HookPoint modules, and an unfolded LayerNorm's output is none
     # (its hook_normalized comes before the affine weights): then there is no input hook name
-    handles = [module.register_forward_hook(recorder(f"{block_name}.{name}" if name else block_name))
+    # The hooks are on the user's model, which other threads may run meanwhile: they act on this
+    # thread's forward pass only (grab stopped another thread's forward with _Reached).
+    handles = [this_threads_forward_hook(module, recorder(f"{block_name}.{name}" if name else block_name))
                for name, module in _named_modules(layout.block)
                if id(module) not in inside_mlp and (not lens or type(module).__name__ == "HookPoint")]
-    handles.append(layout.input_module.register_forward_pre_hook(grab, with_kwargs=True))
+    handles.append(this_threads_pre_hook(layout.input_module, grab))
     parameter = next(inner.parameters())
     config = getattr(inner, "config", None) or getattr(inner, "cfg", None)  # Hugging Face / TransformerLens
     vocab = int(getattr(config, "vocab_size", None) or getattr(config, "d_vocab", None) or 8)
@@ -182,8 +178,9 @@ def _bridge_hook_names(bridge, layout, ids) -> tuple[str | None, str | None]:
         seen["output"] = first.detach().clone()
 
     block = f"blocks.{layout.layer}."
-    handles = [layout.input_module.register_forward_pre_hook(grab_input, with_kwargs=True),
-               layout.output_module.register_forward_hook(grab_output)]
+    # on this thread's forward only, as above: another thread's forward meanwhile is not the probe's
+    handles = [this_threads_pre_hook(layout.input_module, grab_input),
+               this_threads_forward_hook(layout.output_module, grab_output)]
     try:
         with torch.no_grad(), _eval_mode(inner):
             # no names_filter: with one the cache leaves out alias names (hook_mlp_in)

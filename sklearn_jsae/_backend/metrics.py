@@ -12,12 +12,11 @@ Every function here evaluates the output SAE through ``e`` on the true MLP outpu
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .._thread_hooks import this_threads_forward_hook, this_threads_pre_hook
 from .inference import MLP_FIX, mapped, numbered_batches, refuse_non_finite
 from .mlp import placed, without_autocast
 from .sae import SAEParams, decode, encode, pre_activations
@@ -264,13 +263,8 @@ def spliced_cross_entropies(model, input_module, output_module, params_x: SAEPar
     px = _tensor_params(params_x, device)
     py = _tensor_params(params_y, device)
     mode = {"value": "clean"}
-    # The hooks sit on the model, so they fire for whoever runs it: another spliced_ce_score (or
-    # any forward) of the same model in another thread would be spliced by this call's pass.
-    thread = threading.get_ident()
 
     def pre_hook(module, args, kwargs):
-        if threading.get_ident() != thread:
-            return None
         action = SPLICE_PASSES[mode["value"]][0]
         if action is None:
             return None
@@ -282,8 +276,6 @@ def spliced_cross_entropies(model, input_module, output_module, params_x: SAEPar
         return args, {**kwargs, key: replaced}
 
     def post_hook(module, args, output):
-        if threading.get_ident() != thread:
-            return None
         action = SPLICE_PASSES[mode["value"]][1]
         if action is None:
             return None
@@ -291,10 +283,9 @@ def spliced_cross_entropies(model, input_module, output_module, params_x: SAEPar
         replaced = torch.zeros_like(tensor) if action == "zero" else _reconstruct(py, k_y, tensor)
         return (replaced,) + tuple(output[1:]) if isinstance(output, tuple) else replaced
 
-    handles = [
-        input_module.register_forward_pre_hook(pre_hook, with_kwargs=True),
-        output_module.register_forward_hook(post_hook),
-    ]
+    # The hooks sit on the model, so they fire for whoever runs it: another spliced_ce_score (or
+    # any forward) of the same model in another thread would be spliced by this call's pass.
+    handles = [this_threads_pre_hook(input_module, pre_hook), this_threads_forward_hook(output_module, post_hook)]
     sums = dict.fromkeys(SPLICE_PASSES, 0.0)
     n_tokens = 0
     try:

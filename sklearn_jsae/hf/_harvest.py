@@ -7,12 +7,12 @@ import contextlib
 import itertools
 import numbers
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .._thread_hooks import this_threads_forward_hook, this_threads_pre_hook
 from .._warnings import warn
 from ._adapters import _eval_mode, _layout, _unwrap, _warn_attached_saes, run_model
 
@@ -727,18 +727,11 @@ def harvest(
     runner = _unwrap(model)
     device = next(runner.parameters()).device
     captured = {}
-    # The hooks sit on the model, so they fire for whoever runs it: another harvest (or any
-    # forward) of the same model in another thread would put its rows here, or be stopped.
-    thread = threading.get_ident()
 
     def grab_input(module, args, kwargs):
-        if threading.get_ident() != thread:
-            return
         captured["x"] = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
 
     def grab_output(module, args, output):
-        if threading.get_ident() != thread:
-            return
         captured["y"] = output[0] if isinstance(output, (tuple, list)) else output
         raise _HarvestStop
 
@@ -748,10 +741,10 @@ def harvest(
         bound = _token_bound(texts, input_ids, max_length, pack, tokenizer)
         sink = _MemorySink(n_tokens if bound is None or (n_tokens is not None and n_tokens < bound) else bound)
     bar = _progress_bar(progress, n_tokens)
-    handles = [
-        layout.input_module.register_forward_pre_hook(grab_input, with_kwargs=True),
-        layout.output_module.register_forward_hook(grab_output),
-    ]
+    # The hooks sit on the model, so they fire for whoever runs it: another harvest (or any
+    # forward) of the same model in another thread would put its rows here, or be stopped.
+    handles = [this_threads_pre_hook(layout.input_module, grab_input),
+               this_threads_forward_hook(layout.output_module, grab_output)]
     written = first_row = 0
     try:
         with torch.no_grad(), _eval_mode(runner):

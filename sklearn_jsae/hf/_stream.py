@@ -30,11 +30,11 @@ import hashlib
 import itertools
 import numbers
 import os
-import threading
 
 import numpy as np
 import torch
 
+from .._thread_hooks import this_threads_forward_hook, this_threads_pre_hook
 from ._adapters import _eval_mode, _input_width, _layout, _unwrap, _warn_attached_saes, run_model
 from ._corpus import check_corpus_path, texts_of_file
 from ._harvest import (_array_block, _as_rows, _check_positive_int, _check_room_for_text, _check_token_arrays,
@@ -264,22 +264,17 @@ class ActivationStream:
         runner = _unwrap(self.model)
         device = next(runner.parameters()).device
         captured = {}
-        # The hooks sit on the model, so they fire for whoever runs it: a harvest (or any forward)
-        # of the same model in another thread would put its rows here, or be stopped.
-        thread = threading.get_ident()
 
         def grab_input(module, args, kwargs):
-            if threading.get_ident() != thread:
-                return
             captured["x"] = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
 
         def stop(module, args, output):
-            if threading.get_ident() != thread:
-                return
             raise _HarvestStop
 
-        handles = [self.layout.input_module.register_forward_pre_hook(grab_input, with_kwargs=True),
-                   self.layout.output_module.register_forward_hook(stop)]
+        # The hooks sit on the model, so they fire for whoever runs it: a harvest (or any forward)
+        # of the same model in another thread would put its rows here, or be stopped.
+        handles = [this_threads_pre_hook(self.layout.input_module, grab_input),
+                   this_threads_forward_hook(self.layout.output_module, stop)]
         try:
             with _eval_mode(runner):
                 try:
