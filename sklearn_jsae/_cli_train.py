@@ -30,8 +30,9 @@ document is dropped (without it each text is one sequence, truncated).
 Data-parallel: started by ``torchrun`` (``torchrun --nproc-per-node N -m sklearn_jsae train ...``)
 every rank streams its own shard of the texts (``ActivationStream(rank=r, world_size=N)``), the
 estimator trains with ``distributed=True`` (``--batch-size`` is the global batch, split between
-the ranks; ``--buffer-size`` is each rank's), rank 0 writes the checkpoints and the run folder's
-files, and the same command resumes with the same number of ranks.
+the ranks; ``--buffer-size`` is each rank's), rank 0 writes the checkpoints (each rank its own
+buffer's file beside them) and the run folder's files, and the same command resumes with the same
+number of ranks.
 """
 
 from __future__ import annotations

@@ -313,7 +313,8 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         model up to float rounding).  ``fit_stream``: each rank passes its own shard of the
         stream (``ActivationStream(..., rank=r, world_size=W)``) and ``batch_size`` is the global
         batch.  ``device="auto"`` or ``"cuda"`` trains rank ``r`` on ``cuda:LOCAL_RANK`` (NCCL),
-        the CPU on gloo.  Only rank 0 writes checkpoints, and a job restarted with the same
+        the CPU on gloo.  Rank 0 writes the checkpoint (in ``fit_stream`` each rank also writes
+        its stream's buffer to a file of its own beside it), and a job restarted with the same
         number of ranks resumes from them; a rank that dies or hangs makes the others stop with
         :class:`~sklearn_jsae.distributed.DistributedTrainingError`.  ``partial_fit`` refuses it.
         See the User Guide's "Scaling out".

@@ -9,8 +9,10 @@ trained on or pending: restoring both continues exactly where the run stopped.
 Data-parallel (``distributed=True``): every rank reads its own shard of the stream and, at each
 step, takes its share of the global ``batch_size`` rows; the ranks exchange how many rows they
 have (a rank whose shard ran dry trains a stand-in row with weight 0) and stop when none has any.
-A checkpoint gathers every rank's stream state and pending rows into rank 0's one file, under
-``rank<r>.`` names, so that all ranks resume from the same step.
+A checkpoint is rank 0's file (the trainer, every rank's stream position) and one file per rank
+beside it with that rank's stream arrays and pending rows (each rank writes its own, so no rank
+holds another's rows), so that all ranks resume from the same step.  Checkpoints of earlier
+versions, with every rank's arrays under ``rank<r>.`` names in the one file, still resume.
 """
 
 from __future__ import annotations
@@ -365,21 +367,28 @@ def _check_shard(batches, parallel) -> None:
 
 
 def _save(checkpoint, trainer, stream, used, tail, d, parallel=None):
+    import secrets
+
     import torch
 
     state, arrays = stream.state()
     extra = {f"stream.{name}": np.ascontiguousarray(value) for name, value in arrays.items()}
     extra["pending"] = np.ascontiguousarray(stream.pending_rows(d))
     extra["tail"] = np.ascontiguousarray(tail)
+    extra = {name: torch.from_numpy(value) for name, value in extra.items()}
     position = dict(used=used, stream=state, exhausted=stream.exhausted)
-    if parallel is not None:  # every rank's position into rank 0's one file
-        gathered = parallel.gather_object((position, extra), "gathering the ranks' stream positions")
-        if not parallel.is_main:
-            return
-        position = dict(used=used, ranks=[rank_position for rank_position, _ in gathered])
-        extra = {f"rank{r}.{name}": value
-                 for r, (_, arrays) in enumerate(gathered) for name, value in arrays.items()}
-    checkpoint.save(trainer, position, {name: torch.from_numpy(value) for name, value in extra.items()})
+    if parallel is None or parallel.world_size == 1:  # a 1-rank job's is the one-process fit's file
+        checkpoint.save(trainer, position, extra)
+        return
+    # Each rank writes its own arrays to a file of its own, named by rank 0's token for this save;
+    # rank 0 gathers only the ranks' JSON positions and the files' names and digests.
+    token = parallel.broadcast_int(secrets.randbits(60) if parallel.is_main else 0,
+                                   "agreeing on the name of this checkpoint's rank files")
+    shard = checkpoint.save_shard(parallel.rank, token, extra)
+    gathered = parallel.gather_object(dict(position, shard=shard), "gathering the ranks' stream positions")
+    if parallel.is_main:
+        replaced, checkpoint.shards = checkpoint.shards, {rank["shard"]["file"] for rank in gathered}
+        checkpoint.save(trainer, dict(used=used, ranks=gathered), replaced_shards=replaced)
 
 
 def _restore(checkpoint, trainer, stream, batches, d, parallel=None):
@@ -426,9 +435,15 @@ def _checked_position(checkpoint, position, extra, d, parallel):
         ranks = position["ranks"]
         if not isinstance(ranks, list) or rank >= len(ranks) or not isinstance(ranks[rank], dict):
             raise damaged(path, f"its position holds no stream position for rank {rank}")
-        prefix = f"rank{rank}."
+        # the shards this checkpoint names go once the next one is written
+        checkpoint.shards = {r["shard"]["file"] for r in ranks if isinstance(r, dict)
+                             and isinstance(r.get("shard"), dict) and isinstance(r["shard"].get("file"), str)}
         position = ranks[rank]
-        extra = {name[len(prefix):]: t for name, t in extra.items() if name.startswith(prefix)}
+        if "shard" in position:  # version 3: this rank's arrays are a file of their own
+            extra = checkpoint.read_shard(rank, position["shard"])
+        else:  # version 2: every rank's arrays in the one file, under rank<r>. names
+            prefix = f"rank{rank}."
+            extra = {name[len(prefix):]: t for name, t in extra.items() if name.startswith(prefix)}
     used = position.get("used")
     if isinstance(used, bool) or not isinstance(used, int) or used < 0:
         raise damaged(path, f"its position has used={used!r}, not a number of rows")

@@ -244,11 +244,26 @@ def test_stream_fit_on_two_shards_resumes_to_the_same_model(tmp_path):
     assert straight[0]["history_tokens"].sum() == worker.STREAM_ROWS  # every row once, none twice
     env = dict(JSAE_CHECKPOINT=str(tmp_path / "checkpoint"))
     assert torchrun(tmp_path / "out", "stream", check=False, JSAE_FAIL="1:11:KILL", **env).returncode != 0
-    position = checkpoint_header(tmp_path / "checkpoint")["position"]
+    header = checkpoint_header(tmp_path / "checkpoint")
+    position = header["position"]
     assert position["used"] == 10 * 64 and len(position["ranks"]) == 2
+    # each rank's stream arrays in a file of its own beside rank 0's (format version 3)
+    assert header["version"] == 3 and _rank_files(tmp_path / "checkpoint") == _named_rank_files(header)
+    assert [".rank0-" in name for name in sorted(_named_rank_files(header))] == [True, False]
     torchrun(tmp_path / "out", "stream", **env)
     for rank, resumed in enumerate(load(tmp_path / "out")):
         assert_identical(resumed, straight[rank])
+    # the resumed checkpoint's rank files went once the next checkpoint named its own
+    final = checkpoint_header(tmp_path / "checkpoint")
+    assert _rank_files(tmp_path / "checkpoint") == _named_rank_files(final) != _named_rank_files(header)
+
+
+def _rank_files(folder):
+    return {name for name in os.listdir(folder) if name.endswith(".shard")}
+
+
+def _named_rank_files(header):
+    return {rank["shard"]["file"] for rank in header["position"]["ranks"]}
 
 
 def test_a_duration_checkpoints_on_rank_0s_clock_and_the_job_resumes(tmp_path):

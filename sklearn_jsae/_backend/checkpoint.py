@@ -1,4 +1,5 @@
-"""Checkpoints that survive a kill: one safetensors file per fit, replaced atomically.
+"""Checkpoints that survive a kill: one safetensors file per fit, replaced atomically (and, for
+a data-parallel stream fit, a file per rank with its stream arrays: :meth:`Checkpointer.save_shard`).
 
 A checkpoint folder holds any number of fits' checkpoints side by side, each named by a hash of
 its fit's identity (:func:`checkpoint_name`): the folds and candidates of a search that share one
@@ -26,6 +27,7 @@ tensors and scales.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -55,10 +57,25 @@ from .files import (
 FORMAT = "sklearn_jsae.checkpoint"
 # Version 2 adds the digest (metadata key DIGEST); version 1 files, without one, are still read.
 VERSION = 2
-READABLE_VERSIONS = (1, 2)
 DIGEST = f"{FORMAT}.sha256"
+# Version 3: a data-parallel stream checkpoint whose ranks' stream positions are files of their own,
+# <checkpoint file>.rank<r>-<save token>.shard beside it, named with their digests in its position.
+SHARDED_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+SHARD_SUFFIX = ".shard"
+_SHARD_NAME = re.compile(r"checkpoint-[0-9a-f]{16}\.safetensors\.rank\d+-[0-9a-f]{15}\.shard")
 # Before checkpoints were named by their fit, a folder held one, under this name; it still resumes.
 FILENAME = "checkpoint.safetensors"
+
+
+def _named_shards(position: dict) -> set[str]:
+    """The shard files a checkpoint's ``position`` names (none but a data-parallel stream's)."""
+    ranks = position.get("ranks")
+    if not isinstance(ranks, list):
+        return set()
+    return {rank["shard"]["file"] for rank in ranks
+            if isinstance(rank, dict) and isinstance(rank.get("shard"), dict)
+            and isinstance(rank["shard"].get("file"), str)}
 
 
 def checkpoint_name(identity: dict) -> str:
@@ -337,12 +354,13 @@ class Checkpointer:
         ``world_size``: its data position (a stream's per-rank state) belongs to that number of
         ranks.
     writer : bool, default=True
-        Whether :meth:`save` writes.  In a data-parallel job only rank 0 writes (every rank holds
-        the same state); every rank reads the one file to resume.
+        Whether :meth:`save` writes.  In a data-parallel job only rank 0 writes the checkpoint
+        (every rank holds the same trainer state) and every rank reads it to resume; a stream
+        fit's ranks each write and read their own stream arrays (:meth:`save_shard`).
     agree : callable or None, default=None
         For a duration in a data-parallel job: ``agree(due)`` returns rank 0's ``due`` on every rank.
-        Saving is collective (every rank's stream position goes to rank 0) and the ranks' clocks
-        differ, so rank 0's clock decides, at every step, for all.
+        Saving is collective (every rank's stream position goes to rank 0, which names the ranks'
+        files) and the ranks' clocks differ, so rank 0's clock decides, at every step, for all.
     """
 
     def __init__(self, folder, every, identity: dict, writer: bool = True, agree=None):
@@ -350,6 +368,7 @@ class Checkpointer:
         self.steps, self.seconds = checkpoint_interval(every)
         self.agree = agree
         self.stop_signal = self.stop_step = None  # a stop request seen by due(), honoured after the save
+        self.shards = set()  # the rank files of the checkpoint on disk (resumed or last written)
         self.last_saved = time.monotonic()
         self.identity = identity
         self.writer = bool(writer)
@@ -397,10 +416,13 @@ class Checkpointer:
                                    f"checkpoint_dir) to resume from that step.",
                            step=self.stop_step, checkpoint=written)
 
-    def save(self, trainer, position: dict, extra_tensors: dict | None = None) -> None:
-        """Write the trainer's state and ``position`` (JSON) atomically (a no-op unless ``writer``)."""
-        from safetensors.torch import save_file
+    def save(self, trainer, position: dict, extra_tensors: dict | None = None, replaced_shards=()) -> None:
+        """Write the trainer's state and ``position`` (JSON) atomically (a no-op unless ``writer``).
 
+        A data-parallel stream's ``position`` names each rank's shard (:meth:`save_shard`); once
+        the new checkpoint is in place the shards of ``replaced_shards`` (file names: those of the
+        checkpoint it replaces) are removed, and so are this fit's shards no checkpoint names
+        that are untouched for an hour (a job killed between its shards and this file)."""
         from .. import __version__
 
         if not self.writer:
@@ -409,39 +431,112 @@ class Checkpointer:
         tensors, meta = trainer.state_dict()
         for name, t in (extra_tensors or {}).items():
             tensors[f"extra.{name}"] = t.detach().cpu().contiguous()
-        header = dict(format=FORMAT, version=VERSION, library_version=__version__, identity=self.identity,
-                      trainer=meta, position=position)
+        named = _named_shards(position)
+        # Files with shards are version 3, so that a version that reads only version 2 refuses them
+        # by their version rather than as a checkpoint without its ranks' rows.
+        header = dict(format=FORMAT, version=SHARDED_VERSION if named else VERSION, library_version=__version__,
+                      identity=self.identity, trainer=meta, position=position)
         text = json.dumps(header)
-        metadata = {FORMAT: text, DIGEST: _digest(text, tensors)}
-        # The temporary is named after this fit's file and its writer (machine and process), so that
-        # one a kill left behind (a SIGKILL runs no cleanup) is found and removed by this fit's next
-        # save, while other fits' temporaries, and those of another live process training this same
-        # fit (identical candidates of a search in parallel), are left alone.
-        prefix = f".{os.path.basename(self.path)}."
-        kept = ("the previous checkpoint, if any, is left as it was (run the same fit again to resume from "
-                "it once the disk has room), and so is the estimator")
+        self._write(self.path, tensors, {FORMAT: text, DIGEST: _digest(text, tensors)},
+                    "the previous checkpoint, if any, is left as it was (run the same fit again to resume from "
+                    "it once the disk has room), and so is the estimator")
+        self._remove_old_shards(replaced_shards, keep=named)
+        self.last_saved = time.monotonic()  # after the write: a slow write does not eat the interval
+
+    def _write(self, path: str, tensors: dict, metadata: dict, kept: str) -> None:
+        """Write a safetensors file atomically: a temporary, flushed, then renamed over ``path``
+        and the folder synced; ``kept`` says what a failed write left, in its error."""
+        from safetensors.torch import save_file
+
+        # The temporary is named after the file and its writer (machine and process), so that one
+        # a kill left behind (a SIGKILL runs no cleanup) is found and removed by the next save of
+        # that file, while other fits' temporaries, and those of another live process training this
+        # same fit (identical candidates of a search in parallel), are left alone.
+        prefix = f".{os.path.basename(path)}."
         try:
             temporary = new_temporary(self.folder, writer_prefix(prefix))
         except OSError as exc:
-            raise write_failed(self.path, exc, kept) from exc
+            raise write_failed(path, exc, kept) from exc
         try:
             save_file(tensors, temporary, metadata=metadata)
             with open(temporary, "rb+") as f:
                 os.fsync(f.fileno())
             # after the write: safetensors leaves it 0600
-            give_default_mode(temporary, replacing=self.path)
-            os.replace(temporary, self.path)
+            give_default_mode(temporary, replacing=path)
+            os.replace(temporary, path)
             sync_folder(self.folder)
         except Exception as exc:
             # A full disk: safetensors' SafetensorError is not an OSError and names no path.
             if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":
-                raise write_failed(self.path, exc, kept) from exc
+                raise write_failed(path, exc, kept) from exc
             raise
         finally:
             if os.path.exists(temporary):
                 os.remove(temporary)
         remove_dead_temporaries(self.folder, prefix)
-        self.last_saved = time.monotonic()  # after the write: a slow write does not eat the interval
+
+    def save_shard(self, rank: int, token: int, tensors: dict) -> dict:
+        """Write one rank's part of a data-parallel stream checkpoint (its stream's arrays and
+        pending rows) to a file of its own, on every rank (``writer`` or not); returns what the
+        checkpoint records of it: ``{"file": name, "sha256": digest}``.
+
+        ``token`` (rank 0's, the same on every rank) names this save, so a save never overwrites
+        the shards the checkpoint on disk names: a kill between the shards and the checkpoint
+        leaves the previous checkpoint whole.  Each rank writes its own rows, so no rank holds
+        another's: gathering every rank's shuffle buffer into rank 0's file took
+        ``world_size · buffer_size · d · 4`` bytes of rank 0's memory (2.1 GB for 8 ranks of
+        65,536 rows of 1,024 floats), pickled through the process group, at every save."""
+        tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        digest = _digest("", tensors)
+        name = f"{os.path.basename(self.path)}.rank{int(rank)}-{int(token):015x}{SHARD_SUFFIX}"
+        self._write(os.path.join(self.folder, name), tensors, {f"{FORMAT}.shard": json.dumps(dict(rank=rank))},
+                    "the checkpoint on disk, if any, is left as it was (it names its own ranks' files), and so "
+                    "is the estimator")
+        return {"file": name, "sha256": digest}
+
+    def read_shard(self, rank: int, shard) -> dict:
+        """The tensors of ``rank``'s shard that the checkpoint read last (:attr:`resumed_from`)
+        names as ``shard``, checked against the digest it records; :class:`CheckpointError` for a
+        record that is not this fit's shard of that rank, a missing file or altered content."""
+        from safetensors import SafetensorError, safe_open
+
+        path = self.resumed_from
+        prefix = f"{os.path.basename(self.path)}.rank{int(rank)}-"
+        if (not isinstance(shard, dict) or not isinstance(shard.get("file"), str)
+                or not isinstance(shard.get("sha256"), str) or not _SHARD_NAME.fullmatch(shard["file"])
+                or not shard["file"].startswith(prefix)):
+            raise damaged(path, f"its record of rank {rank}'s file is {shard!r}, not a file named {prefix}*"
+                                f"{SHARD_SUFFIX} with its digest")
+        shard_path = os.path.join(self.folder, shard["file"])
+        if not os.path.exists(shard_path):
+            raise damaged(path, f"rank {rank}'s part of it, {shard_path}, is missing (each rank's stream position "
+                                f"is a file of its own beside the checkpoint: copy or keep them together)")
+        kind = not_a_regular_file(shard_path)
+        if kind is not None:
+            raise damaged(path, f"rank {rank}'s part of it, {shard_path}, is {kind}")
+        try:
+            with safe_open(shard_path, framework="pt") as f:
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise damaged(path, f"rank {rank}'s part of it, {shard_path}, cannot be read "
+                                f"({type(exc).__name__}: {exc})") from exc
+        if _digest("", tensors) != shard["sha256"]:
+            raise damaged(path, f"rank {rank}'s part of it, {shard_path}, does not match the digest the checkpoint "
+                                f"recorded (altered or corrupted on disk, or another save's)")
+        return tensors
+
+    def _remove_old_shards(self, replaced, keep) -> None:
+        """Remove the shards ``replaced`` (file names), and this fit's shards not in ``keep`` that
+        are untouched for an hour (their job was killed between its shards and its checkpoint; a
+        younger one may be a live job's of this same fit)."""
+        mine = f"{os.path.basename(self.path)}.rank"
+        for name in os.listdir(self.folder):
+            if not name.startswith(mine) or not _SHARD_NAME.fullmatch(name) or name in keep:
+                continue
+            path = os.path.join(self.folder, name)
+            with contextlib.suppress(FileNotFoundError):
+                if name in replaced or time.time() - os.path.getmtime(path) > STALE_SECONDS:
+                    os.remove(path)
 
     def read(self) -> tuple[dict, dict] | None:
         """``(header, tensors)`` of this fit's checkpoint, None if the folder has none.
