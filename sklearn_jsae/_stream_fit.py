@@ -427,7 +427,7 @@ def _checked_position(checkpoint, position, extra, d, parallel):
     another width."""
     import torch
 
-    from ._backend.checkpoint import damaged
+    from ._backend.checkpoint import damaged, named_shards
 
     path = checkpoint.resumed_from
     if "ranks" in position:  # a data-parallel checkpoint (the identity's world_size matched)
@@ -435,9 +435,7 @@ def _checked_position(checkpoint, position, extra, d, parallel):
         ranks = position["ranks"]
         if not isinstance(ranks, list) or rank >= len(ranks) or not isinstance(ranks[rank], dict):
             raise damaged(path, f"its position holds no stream position for rank {rank}")
-        # the shards this checkpoint names go once the next one is written
-        checkpoint.shards = {r["shard"]["file"] for r in ranks if isinstance(r, dict)
-                             and isinstance(r.get("shard"), dict) and isinstance(r["shard"].get("file"), str)}
+        checkpoint.shards = named_shards(position)  # the rank files that go once the next checkpoint lands
         position = ranks[rank]
         if "shard" in position:  # version 3: this rank's arrays are a file of their own
             extra = checkpoint.read_shard(rank, position["shard"])

@@ -68,7 +68,7 @@ _SHARD_NAME = re.compile(r"checkpoint-[0-9a-f]{16}\.safetensors\.rank\d+-[0-9a-f
 FILENAME = "checkpoint.safetensors"
 
 
-def _named_shards(position: dict) -> set[str]:
+def named_shards(position: dict) -> set[str]:
     """The shard files a checkpoint's ``position`` names (none but a data-parallel stream's)."""
     ranks = position.get("ranks")
     if not isinstance(ranks, list):
@@ -431,7 +431,7 @@ class Checkpointer:
         tensors, meta = trainer.state_dict()
         for name, t in (extra_tensors or {}).items():
             tensors[f"extra.{name}"] = t.detach().cpu().contiguous()
-        named = _named_shards(position)
+        named = named_shards(position)
         # Files with shards are version 3, so that a version that reads only version 2 refuses them
         # by their version rather than as a checkpoint without its ranks' rows.
         header = dict(format=FORMAT, version=SHARDED_VERSION if named else VERSION, library_version=__version__,
