@@ -205,7 +205,7 @@ def fit_stream(estimator, batches, n_statistics: int, jacobian_rows: int | None 
     used = 0
     tail = _LastRows(jacobian_rows or 0, first.shape[1])
     if checkpoint is not None:
-        restored = _restore(checkpoint, trainer, stream, batches, first.shape[1], parallel)
+        restored = _restore_together(checkpoint, trainer, stream, batches, first.shape[1], parallel)
         if restored is not None:
             used, rows = restored
             tail.add(rows)
@@ -389,6 +389,32 @@ def _save(checkpoint, trainer, stream, used, tail, d, parallel=None):
     if parallel.is_main:
         replaced, checkpoint.shards = checkpoint.shards, {rank["shard"]["file"] for rank in gathered}
         checkpoint.save(trainer, dict(used=used, ranks=gathered), replaced_shards=replaced)
+
+
+def _restore_together(checkpoint, trainer, stream, batches, d, parallel):
+    """:func:`_restore` on every rank, whose refusal (:class:`CheckpointError`) every rank raises.
+
+    Each rank reads its own rank file: one missing or damaged on one rank raised there alone,
+    and the other ranks waited in the next collective for the process group's timeout (600 s by
+    default) before an error that did not say why."""
+    from ._backend.checkpoint import CheckpointError
+
+    if parallel is None or parallel.world_size == 1:
+        return _restore(checkpoint, trainer, stream, batches, d, parallel)
+    try:
+        restored, refusal = _restore(checkpoint, trainer, stream, batches, d, parallel), None
+    except CheckpointError as exc:
+        restored, refusal = None, exc
+    refused = [rank for rank, flag in enumerate(parallel.gather_counts(int(refusal is not None),
+                                                                         "agreeing on the ranks' resume")) if flag]
+    if refusal is not None:
+        raise refusal
+    if refused:
+        raise CheckpointError(
+            f"rank(s) {', '.join(map(str, refused))} of this job cannot resume from the checkpoint in "
+            f"checkpoint_dir={checkpoint.folder!r} (their error names the file and what is wrong), so no rank "
+            f"trains; this rank, {parallel.rank}, read its part.")
+    return restored
 
 
 def _restore(checkpoint, trainer, stream, batches, d, parallel=None):

@@ -29,6 +29,7 @@ What is checked:
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -250,6 +251,13 @@ def test_stream_fit_on_two_shards_resumes_to_the_same_model(tmp_path):
     # each rank's stream arrays in a file of its own beside rank 0's (format version 3)
     assert header["version"] == 3 and _rank_files(tmp_path / "checkpoint") == _named_rank_files(header)
     assert [".rank0-" in name for name in sorted(_named_rank_files(header))] == [True, False]
+    # rank 1's file missing (a copy of the folder without it): every rank stops at once, naming it
+    shutil.copytree(tmp_path / "checkpoint", tmp_path / "partial")
+    [rank_1_file] = [name for name in _named_rank_files(header) if ".rank1-" in name]
+    (tmp_path / "partial" / rank_1_file).unlink()
+    refused = torchrun(tmp_path / "refused", "stream", check=False, JSAE_CHECKPOINT=str(tmp_path / "partial"))
+    assert refused.returncode != 0 and f"{rank_1_file}, is missing" in refused.stderr
+    assert "rank(s) 1 of this job cannot resume" in refused.stderr  # rank 0's own error, not a timeout
     torchrun(tmp_path / "out", "stream", **env)
     for rank, resumed in enumerate(load(tmp_path / "out")):
         assert_identical(resumed, straight[rank])
