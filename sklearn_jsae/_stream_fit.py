@@ -405,15 +405,15 @@ def _restore_together(checkpoint, trainer, stream, batches, d, parallel):
         restored, refusal = _restore(checkpoint, trainer, stream, batches, d, parallel), None
     except CheckpointError as exc:
         restored, refusal = None, exc
-    refused = [rank for rank, flag in enumerate(parallel.gather_counts(int(refusal is not None),
-                                                                         "agreeing on the ranks' resume")) if flag]
+    flags = parallel.gather_counts(int(refusal is not None), "agreeing on the ranks' resume")
+    refused = [rank for rank, flag in enumerate(flags) if flag]
     if refusal is not None:
         raise refusal
     if refused:
         raise CheckpointError(
             f"rank(s) {', '.join(map(str, refused))} of this job cannot resume from the checkpoint in "
-            f"checkpoint_dir={checkpoint.folder!r} (their error names the file and what is wrong), so no rank "
-            f"trains; this rank, {parallel.rank}, read its part.")
+            f"checkpoint_dir={checkpoint.folder!r} (their error names the file and what is wrong), so no "
+            f"rank trains; this rank, {parallel.rank}, read its part.")
     return restored
 
 

@@ -484,7 +484,8 @@ def _spliced_scores(model, ids, watch):
     from sklearn_jsae.hf import harvest, mlp_of
     from sklearn_jsae.metrics import spliced_ce_score
     X, _ = harvest(model, 1, input_ids=ids, progress=False)
-    jsae = JacobianSparseAutoencoder(mlp=mlp_of(model, 1), n_components=32, k=4, max_iter=1, random_state=0).fit(X)
+    jsae = JacobianSparseAutoencoder(mlp=mlp_of(model, 1), n_components=32, k=4, max_iter=1, random_state=0)
+    jsae.fit(X)
     watch()
     return spliced_ce_score(model, 1, jsae, ids, batch_size=4)
 

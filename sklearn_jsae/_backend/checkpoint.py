@@ -434,12 +434,12 @@ class Checkpointer:
         named = named_shards(position)
         # Files with shards are version 3, so that a version that reads only version 2 refuses them
         # by their version rather than as a checkpoint without its ranks' rows.
-        header = dict(format=FORMAT, version=SHARDED_VERSION if named else VERSION, library_version=__version__,
-                      identity=self.identity, trainer=meta, position=position)
+        header = dict(format=FORMAT, version=SHARDED_VERSION if named else VERSION,
+                      library_version=__version__, identity=self.identity, trainer=meta, position=position)
         text = json.dumps(header)
         self._write(self.path, tensors, {FORMAT: text, DIGEST: _digest(text, tensors)},
-                    "the previous checkpoint, if any, is left as it was (run the same fit again to resume from "
-                    "it once the disk has room), and so is the estimator")
+                    "the previous checkpoint, if any, is left as it was (run the same fit again to resume "
+                    "from it once the disk has room), and so is the estimator")
         self._remove_old_shards(replaced_shards, keep=named)
         self.last_saved = time.monotonic()  # after the write: a slow write does not eat the interval
 
@@ -489,9 +489,10 @@ class Checkpointer:
         tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
         digest = _digest("", tensors)
         name = f"{os.path.basename(self.path)}.rank{int(rank)}-{int(token):015x}{SHARD_SUFFIX}"
-        self._write(os.path.join(self.folder, name), tensors, {f"{FORMAT}.shard": json.dumps(dict(rank=rank))},
-                    "the checkpoint on disk, if any, is left as it was (it names its own ranks' files), and so "
-                    "is the estimator")
+        self._write(os.path.join(self.folder, name), tensors,
+                    {f"{FORMAT}.shard": json.dumps(dict(rank=rank))},
+                    "the checkpoint on disk, if any, is left as it was (it names its own ranks' files), and "
+                    "so is the estimator")
         return {"file": name, "sha256": digest}
 
     def read_shard(self, rank: int, shard) -> dict:
@@ -509,8 +510,9 @@ class Checkpointer:
                                 f"{SHARD_SUFFIX} with its digest")
         shard_path = os.path.join(self.folder, shard["file"])
         if not os.path.exists(shard_path):
-            raise damaged(path, f"rank {rank}'s part of it, {shard_path}, is missing (each rank's stream position "
-                                f"is a file of its own beside the checkpoint: copy or keep them together)")
+            raise damaged(path, f"rank {rank}'s part of it, {shard_path}, is missing (each rank's stream "
+                                f"position is a file of its own beside the checkpoint: copy or keep them "
+                                f"together)")
         kind = not_a_regular_file(shard_path)
         if kind is not None:
             raise damaged(path, f"rank {rank}'s part of it, {shard_path}, is {kind}")
@@ -521,8 +523,8 @@ class Checkpointer:
             raise damaged(path, f"rank {rank}'s part of it, {shard_path}, cannot be read "
                                 f"({type(exc).__name__}: {exc})") from exc
         if _digest("", tensors) != shard["sha256"]:
-            raise damaged(path, f"rank {rank}'s part of it, {shard_path}, does not match the digest the checkpoint "
-                                f"recorded (altered or corrupted on disk, or another save's)")
+            raise damaged(path, f"rank {rank}'s part of it, {shard_path}, does not match the digest the "
+                                f"checkpoint recorded (altered or corrupted on disk, or another save's)")
         return tensors
 
     def _remove_old_shards(self, replaced, keep) -> None:

@@ -285,7 +285,8 @@ def spliced_cross_entropies(model, input_module, output_module, params_x: SAEPar
 
     # The hooks sit on the model, so they fire for whoever runs it: another spliced_ce_score (or
     # any forward) of the same model in another thread would be spliced by this call's pass.
-    handles = [this_threads_pre_hook(input_module, pre_hook), this_threads_forward_hook(output_module, post_hook)]
+    handles = [this_threads_pre_hook(input_module, pre_hook),
+               this_threads_forward_hook(output_module, post_hook)]
     sums = dict.fromkeys(SPLICE_PASSES, 0.0)
     n_tokens = 0
     try:
