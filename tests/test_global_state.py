@@ -357,19 +357,35 @@ def test_first_jvp_keeps_the_warning_filters_other_threads_add(monkeypatch):
 # ------------------------------------------------------------- hooks on a shared model
 
 
+def _tiny_gpt2_lm():
+    """``(model, ids)``: a tiny random GPT-2 language model and 16 sequences of 12 token ids."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32, vocab_size=60,
+                                     bos_token_id=59, eos_token_id=59)
+    return transformers.GPT2LMHeadModel(config).eval(), np.random.default_rng(0).integers(0, 59, size=(16, 12))
+
+
+def _recording_forward(model, ids, output, others):
+    """A function that runs ``model(ids)`` without gradients and appends ``output(result)``, or the
+    exception it met (what another thread meets is the finding), to ``others``."""
+    def forward():
+        try:
+            with torch.no_grad():
+                others.append(output(model(ids)))
+        except BaseException as exc:  # noqa: BLE001
+            others.append(exc)
+    return forward
+
+
 def test_spliced_ce_score_hooks_splice_only_their_own_threads_forwards():
     """Two spliced_ce_score calls on one model at once (two estimators, two threads) give their
     sequential values, and a caller's plain forward of the model in a third thread meanwhile
     gives its clean logits."""
-    transformers = pytest.importorskip("transformers")
+    model, ids = _tiny_gpt2_lm()
     from sklearn_jsae.hf import harvest, mlp_of
     from sklearn_jsae.metrics import spliced_ce_score
 
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32, vocab_size=60,
-                                     bos_token_id=59, eos_token_id=59)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    ids = np.random.default_rng(0).integers(0, 59, size=(16, 12))
     X, _ = harvest(model, 1, input_ids=ids, progress=False)
     mlp = mlp_of(model, 1)
     estimators = [JacobianSparseAutoencoder(mlp=mlp, n_components=32, k=k, max_iter=1, random_state=seed).fit(X)
@@ -425,14 +441,7 @@ def test_finding_hook_names_leaves_other_threads_forwards_of_the_model_alone(mon
     real_run = _adapters.run_model
 
     def run_with_another_threads_forward(*args, **kwargs):  # while the probe's hooks are in place
-        def forward():
-            try:
-                with torch.no_grad():
-                    others.append(model(ids).last_hidden_state)
-            except BaseException as exc:  # noqa: BLE001 -- what the other thread met is the finding
-                others.append(exc)
-
-        thread = threading.Thread(target=forward)
+        thread = threading.Thread(target=_recording_forward(model, ids, lambda out: out.last_hidden_state, others))
         thread.start()
         thread.join()
         return real_run(*args, **kwargs)
@@ -495,23 +504,12 @@ def test_a_forward_in_another_thread_while_the_hooks_are_registered_runs_clean(c
     """Every call that hooks the user's model (harvest, a stream's capture, the hook-name probe,
     spliced_ce_score) leaves a forward of that model in another thread, made to run between the two
     steps of torch's registration of the call's pre-hook, unchanged and free of errors."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32, vocab_size=60,
-                                     bos_token_id=59, eos_token_id=59)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    ids = np.random.default_rng(0).integers(0, 59, size=(16, 12))
+    model, ids = _tiny_gpt2_lm()
     plain_ids = torch.as_tensor(ids[:2])
     with torch.no_grad():
         clean = model(plain_ids).logits
     others = []
-
-    def forward():
-        try:
-            with torch.no_grad():
-                others.append(model(plain_ids).logits)
-        except BaseException as exc:  # noqa: BLE001 -- what the other thread met is the finding
-            others.append(exc)
+    forward = _recording_forward(model, plain_ids, lambda out: out.logits, others)
 
     def watch():  # from here on, the call's own registrations
         for module in model.modules():
