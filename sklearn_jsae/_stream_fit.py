@@ -387,8 +387,7 @@ def _save(checkpoint, trainer, stream, used, tail, d, parallel=None):
     shard = checkpoint.save_shard(parallel.rank, token, extra)
     gathered = parallel.gather_object(dict(position, shard=shard), "gathering the ranks' stream positions")
     if parallel.is_main:
-        replaced, checkpoint.shards = checkpoint.shards, {rank["shard"]["file"] for rank in gathered}
-        checkpoint.save(trainer, dict(used=used, ranks=gathered), replaced_shards=replaced)
+        checkpoint.save(trainer, dict(used=used, ranks=gathered))
 
 
 def _restore_together(checkpoint, trainer, stream, batches, d, parallel):
@@ -453,7 +452,7 @@ def _checked_position(checkpoint, position, extra, d, parallel):
     another width."""
     import torch
 
-    from ._backend.checkpoint import damaged, named_shards
+    from ._backend.checkpoint import damaged
 
     path = checkpoint.resumed_from
     if "ranks" in position:  # a data-parallel checkpoint (the identity's world_size matched)
@@ -461,7 +460,6 @@ def _checked_position(checkpoint, position, extra, d, parallel):
         ranks = position["ranks"]
         if not isinstance(ranks, list) or rank >= len(ranks) or not isinstance(ranks[rank], dict):
             raise damaged(path, f"its position holds no stream position for rank {rank}")
-        checkpoint.shards = named_shards(position)  # the rank files that go once the next checkpoint lands
         position = ranks[rank]
         if "shard" in position:  # version 3: this rank's arrays are a file of their own
             extra = checkpoint.read_shard(rank, position["shard"])

@@ -68,7 +68,7 @@ _SHARD_NAME = re.compile(r"checkpoint-[0-9a-f]{16}\.safetensors\.rank\d+-[0-9a-f
 FILENAME = "checkpoint.safetensors"
 
 
-def named_shards(position: dict) -> set[str]:
+def _named_shards(position: dict) -> set[str]:
     """The shard files a checkpoint's ``position`` names (none but a data-parallel stream's)."""
     ranks = position.get("ranks")
     if not isinstance(ranks, list):
@@ -416,13 +416,13 @@ class Checkpointer:
                                    f"checkpoint_dir) to resume from that step.",
                            step=self.stop_step, checkpoint=written)
 
-    def save(self, trainer, position: dict, extra_tensors: dict | None = None, replaced_shards=()) -> None:
+    def save(self, trainer, position: dict, extra_tensors: dict | None = None) -> None:
         """Write the trainer's state and ``position`` (JSON) atomically (a no-op unless ``writer``).
 
         A data-parallel stream's ``position`` names each rank's shard (:meth:`save_shard`); once
-        the new checkpoint is in place the shards of ``replaced_shards`` (file names: those of the
-        checkpoint it replaces) are removed, and so are this fit's shards no checkpoint names
-        that are untouched for an hour (a job killed between its shards and this file)."""
+        the new checkpoint is in place the shards of the checkpoint it replaces (:attr:`shards`:
+        the one last read or written) are removed, and so are this fit's shards no checkpoint
+        names that are untouched for an hour (a job killed between its shards and this file)."""
         from .. import __version__
 
         if not self.writer:
@@ -431,7 +431,7 @@ class Checkpointer:
         tensors, meta = trainer.state_dict()
         for name, t in (extra_tensors or {}).items():
             tensors[f"extra.{name}"] = t.detach().cpu().contiguous()
-        named = named_shards(position)
+        named = _named_shards(position)
         # Files with shards are version 3, so that a version that reads only version 2 refuses them
         # by their version rather than as a checkpoint without its ranks' rows.
         header = dict(format=FORMAT, version=SHARDED_VERSION if named else VERSION,
@@ -440,7 +440,8 @@ class Checkpointer:
         self._write(self.path, tensors, {FORMAT: text, DIGEST: _digest(text, tensors)},
                     "the previous checkpoint, if any, is left as it was (run the same fit again to resume "
                     "from it once the disk has room), and so is the estimator")
-        self._remove_old_shards(replaced_shards, keep=named)
+        self._remove_old_shards(self.shards, keep=named)
+        self.shards = named
         self.last_saved = time.monotonic()  # after the write: a slow write does not eat the interval
 
     def _write(self, path: str, tensors: dict, metadata: dict, kept: str) -> None:
@@ -564,6 +565,7 @@ class Checkpointer:
                 f"has this fit's name (copied or renamed by hand?). Remove it to start this fit afresh."
             )
         self.resumed_from = path
+        self.shards = _named_shards(header["position"])  # they go once the next checkpoint is in place
         return header, tensors
 
     def _legacy_or_other_fits(self) -> str | None:
