@@ -384,10 +384,34 @@ def _save(checkpoint, trainer, stream, used, tail, d, parallel=None):
     # rank 0 gathers only the ranks' JSON positions and the files' names and digests.
     token = parallel.broadcast_int(secrets.randbits(60) if parallel.is_main else 0,
                                    "agreeing on the name of this checkpoint's rank files")
-    shard = checkpoint.save_shard(parallel.rank, token, extra)
+    shard = _save_shard_together(checkpoint, parallel, token, extra)
     gathered = parallel.gather_object(dict(position, shard=shard), "gathering the ranks' stream positions")
-    if parallel.is_main:
-        checkpoint.save(trainer, dict(used=used, ranks=gathered))
+    # On every rank: rank 0 writes, and every rank learns whether it could (Checkpointer.save).
+    checkpoint.save(trainer, dict(used=used, ranks=gathered) if parallel.is_main else None)
+
+
+def _save_shard_together(checkpoint, parallel, token: int, extra: dict) -> dict:
+    """This rank's :meth:`~sklearn_jsae._backend.checkpoint.Checkpointer.save_shard`, whose failure
+    (a full disk) every rank raises: the rank that failed its own error, the others an error naming
+    it.  A failure raised on that rank alone left the others waiting in the next collective for the
+    process group's timeout (600 s by default) before an error that did not say why.  The rank files
+    this save did write are removed: no checkpoint names them."""
+    from ._backend.checkpoint import failure_number, peer_write_failed
+
+    try:
+        shard, failure = checkpoint.save_shard(parallel.rank, token, extra), None
+    except Exception as exc:  # noqa: BLE001 -- raised below, on this rank, once every rank knows
+        shard, failure = None, exc
+    numbers = parallel.gather_counts(failure_number(failure), "agreeing on the ranks' checkpoint writes")
+    failed = [rank for rank, number in enumerate(numbers) if number]
+    if not failed:
+        return shard
+    if shard is not None:
+        checkpoint.discard_shard(shard)
+    if failure is not None:
+        raise failure
+    raise peer_write_failed(numbers[failed[0]], f"rank(s) {', '.join(map(str, failed))} of {parallel.world_size} "
+                                                f"could not write their part of the checkpoint", checkpoint.folder)
 
 
 def _restore_together(checkpoint, trainer, stream, batches, d, parallel):

@@ -306,6 +306,46 @@ def refusals(out, rank, world_size):
         outcome[f"{name}-warned"] = any("holds checkpoints of other fits" in str(w.message) for w in caught)
         attempt(f"{name}-fresh", lambda source=source: stream_fit(source, checkpoint=False))
 
+    # A checkpoint write that fails on one rank (a full disk): a stream's rank file on rank 1, an
+    # array fit's checkpoint on rank 0, each at the fit's second save.  Every rank stops at once;
+    # the job run again resumes from the first save, to the model of a fit never interrupted.
+    from sklearn_jsae._backend import checkpoint as checkpoint_module
+    from sklearn_jsae._backend.files import write_failed
+
+    def full_disk_at_second_save(method, failing_rank):
+        real = getattr(checkpoint_module.Checkpointer, method)
+        calls = []
+
+        def failing(self, *args, **kwargs):
+            calls.append(1)
+            if rank == failing_rank and len(calls) == 2:
+                raise write_failed(os.path.join(self.folder, "written"), OSError(28, "No space left on device"),
+                                   "kept")
+            return real(self, *args, **kwargs)
+
+        setattr(checkpoint_module.Checkpointer, method, failing)
+        return lambda: setattr(checkpoint_module.Checkpointer, method, real)
+
+    write_fits = {
+        "shard-write-fails": ("save_shard", 1, lambda folder, checkpoint=True: JacobianSparseAutoencoder(
+            mlp, **dict(STREAM_SETTINGS, n_tokens=640), distributed=True,
+            **(dict(checkpoint_dir=folder, checkpoint_every=2) if checkpoint else {})).fit_stream(
+                shard(rows), n_statistics=100)),
+        "checkpoint-write-fails": ("_write", 0, lambda folder, checkpoint=True: JacobianSparseAutoencoder(
+            mlp, **dict(quick, max_iter=2), distributed=True,
+            **(dict(checkpoint_dir=folder, checkpoint_every=3) if checkpoint else {})).fit(X)),
+    }
+    for name, (method, failing_rank, fit) in write_fits.items():
+        folder = os.path.join(out, name)
+        restore = full_disk_at_second_save(method, failing_rank)
+        try:
+            attempt(name, lambda fit=fit, folder=folder: fit(folder))
+        finally:
+            restore()
+        outcome[f"{name}-files"] = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        attempt(f"{name}-resumed", lambda fit=fit, folder=folder: fit(folder))
+        attempt(f"{name}-fresh", lambda fit=fit: fit(None, checkpoint=False))
+
     # Last, as the old code desynchronised the ranks on them: n_tokens per rank (its shard's
     # length, say), and a stream with fewer batches than ranks (rank 1's shard is empty).
     attempt("n-tokens-per-rank", lambda: JacobianSparseAutoencoder(

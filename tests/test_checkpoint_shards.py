@@ -180,3 +180,50 @@ def test_a_version_2_checkpoint_with_every_ranks_arrays_in_one_file_still_resume
         position, extra = _read_rank(tmp_path, rank)
         assert position["stream"] == {"next": rank}
         torch.testing.assert_close(extra["pending"], arrays[rank]["pending"], rtol=0, atol=0)
+
+
+@settings(max_examples=12, deadline=None)
+@given(number=st.sampled_from([0, 5, 13, 28, -1]))
+def test_rank_0s_write_outcome_reaches_every_rank_through_agree(number):
+    """In a data-parallel job only rank 0 writes the checkpoint; its outcome travels to the other
+    ranks (``agree``: rank 0's value on every rank), which raise the same kind of error, so that a
+    full disk on rank 0 no longer leaves them waiting in the next step for the process group's
+    timeout.  ``number``: 0 a write that succeeds, an error number, or -1 an error that is not an
+    ``OSError``."""
+    from sklearn_jsae._backend.files import write_failed
+
+    trainer = _trainer()
+    with tempfile.TemporaryDirectory() as folder:
+        sent = []
+        writer = Checkpointer(folder, 1, IDENTITY, agree=lambda value: sent.append(value) or value)
+        real = writer._write
+
+        def write(path, *args):
+            if number > 0:
+                raise write_failed(path, OSError(number, os.strerror(number)), "kept")
+            if number < 0:
+                raise RuntimeError("a bug")
+            return real(path, *args)
+
+        writer._write = write
+        if number == 0:
+            writer.save(trainer, dict(used=1))
+        else:
+            with pytest.raises(OSError if number > 0 else RuntimeError) as raised:
+                writer.save(trainer, dict(used=1))
+            assert (raised.value.errno == number) if number > 0 else str(raised.value) == "a bug"
+        assert sent == [number]
+        assert os.path.exists(writer.path) == (number == 0)
+
+        reader = Checkpointer(folder, 1, IDENTITY, writer=False, agree=lambda value: (value, number)[1])
+        if number == 0:
+            reader.save(trainer, None)
+            return
+        with pytest.raises(OSError if number > 0 else RuntimeError) as raised:
+            reader.save(trainer, None)
+        message = str(raised.value)
+        assert f"rank 0 of this job could not write the checkpoint {writer.path!r}" in message
+        assert f"checkpoint_dir={folder!r}, if any, is left as it was" in message
+        assert "same number of ranks and checkpoint_dir" in message
+        if number > 0:
+            assert raised.value.errno == number and os.strerror(number) in message

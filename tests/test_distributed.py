@@ -386,6 +386,34 @@ def test_a_shard_of_another_rank_stops_every_rank_at_once_naming_it(refusals):
     assert max(seconds[0]["rank-0-shard-everywhere"], seconds[1]["rank-0-shard-everywhere"]) < 10
 
 
+@pytest.mark.parametrize("scenario, failing_rank, part", [
+    ("shard-write-fails", 1, "could not write their part of the checkpoint"),
+    ("checkpoint-write-fails", 0, "could not write the checkpoint"),
+])
+def test_a_checkpoint_write_that_fails_on_one_rank_stops_every_rank_at_once(refusals, scenario, failing_rank,
+                                                                            part):
+    """A full disk at the second save, on one rank: that rank raised its OSError alone, and the
+    others went on to the next collective and waited there for the process group's timeout.  Now
+    every rank raises at once, the others naming the rank that failed, and the job run again
+    resumes from the first save to the model of a fit never interrupted."""
+    outcomes, seconds = refusals
+    other = 1 - failing_rank
+    assert outcomes[failing_rank][scenario].startswith("OSError: [Errno 28] cannot write ")
+    message = outcomes[other][scenario]
+    assert message.startswith(f"OSError: [Errno 28] rank{'(s)' if failing_rank else ''} {failing_rank} of "), message
+    for phrase in (part, "No space left on device", "every rank stops here", "is left as it was",
+                   "same number of ranks and checkpoint_dir"):
+        assert phrase in message, message
+    assert max(seconds[0][scenario], seconds[1][scenario]) < 10  # not the 20 s timeout
+    for outcome in outcomes:
+        assert outcome[f"{scenario}-resumed"].startswith("trained ")
+        assert outcome[f"{scenario}-resumed"] == outcome[f"{scenario}-fresh"] == outcomes[0][f"{scenario}-fresh"]
+    files = outcomes[0][f"{scenario}-files"]  # rank 0's view, after it raised
+    assert sum(name.endswith(".safetensors") for name in files) == 1, files
+    # the failed save's rank file on rank 0 is removed; the first save's two stay
+    assert sum(name.endswith(".shard") for name in files) == (2 if scenario == "shard-write-fails" else 0), files
+
+
 def test_init_process_group_refuses_an_infinite_timeout(monkeypatch):
     """timeout=inf or 1e15 passed the check and overflowed torch's timedelta (a bare OverflowError)."""
     from sklearn_jsae.distributed import init_process_group

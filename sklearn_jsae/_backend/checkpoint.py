@@ -28,6 +28,7 @@ tensors and scales.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -66,6 +67,26 @@ SHARD_SUFFIX = ".shard"
 _SHARD_NAME = re.compile(r"checkpoint-[0-9a-f]{16}\.safetensors\.rank\d+-[0-9a-f]{15}\.shard")
 # Before checkpoints were named by their fit, a folder held one, under this name; it still resumes.
 FILENAME = "checkpoint.safetensors"
+
+
+def failure_number(exc: BaseException | None) -> int:
+    """What a rank tells the others of its write: 0 for none failed, an ``OSError``'s error number,
+    -1 for another error."""
+    if exc is None:
+        return 0
+    return (exc.errno or errno.EIO) if isinstance(exc, OSError) else -1
+
+
+def peer_write_failed(number: int, what: str, folder: str) -> Exception:
+    """The error the other ranks raise when ``what`` (a phrase: "rank 0 of this job could not
+    write the checkpoint ...") failed with :func:`failure_number` ``number`` on another rank: an
+    ``OSError`` of that number, or a ``RuntimeError``."""
+    reason = f"{os.strerror(number)}; its error says more" if number > 0 else "its error says why"
+    message = (f"{what} ({reason}): every rank stops here; the checkpoint in checkpoint_dir={folder!r}, if "
+               f"any, is left as it was, and so is the estimator.  Fix what that rank's error names (a full "
+               f"disk: free space, or write elsewhere), then run the same job again (same number of ranks "
+               f"and checkpoint_dir) to resume from that checkpoint.")
+    return OSError(number, message) if number > 0 else RuntimeError(message)
 
 
 def _named_shards(position: dict) -> set[str]:
@@ -358,9 +379,12 @@ class Checkpointer:
         (every rank holds the same trainer state) and every rank reads it to resume; a stream
         fit's ranks each write and read their own stream arrays (:meth:`save_shard`).
     agree : callable or None, default=None
-        For a duration in a data-parallel job: ``agree(due)`` returns rank 0's ``due`` on every rank.
-        Saving is collective (every rank's stream position goes to rank 0, which names the ranks'
-        files) and the ranks' clocks differ, so rank 0's clock decides, at every step, for all.
+        In a data-parallel job: ``agree(value)`` returns rank 0's ``value`` on every rank.  Saving is
+        collective (every rank's stream position goes to rank 0, which names the ranks' files) and
+        the ranks' clocks differ, so rank 0's clock decides, at every step, for all; and every rank
+        learns whether rank 0's write succeeded, so that a failed write (a full disk) stops every
+        rank at once with an error that says so, where the others went on to the next step and
+        waited there for the process group's timeout (600 s by default).
     """
 
     def __init__(self, folder, every, identity: dict, writer: bool = True, agree=None):
@@ -423,11 +447,32 @@ class Checkpointer:
         the new checkpoint is in place the shards of the checkpoint it replaces (:attr:`shards`:
         the one last read or written) are removed, and so are this fit's shards no checkpoint
         names that are untouched for an hour (a job killed between its shards and this file)."""
-        from .. import __version__
-
         if not self.writer:
+            self._learn_rank_0s_write()
             self.last_saved = time.monotonic()
             return
+        try:
+            self._save(trainer, position, extra_tensors)
+        except Exception as exc:
+            if self.agree is not None:
+                self.agree(failure_number(exc))
+            raise
+        if self.agree is not None:
+            self.agree(0)
+
+    def _learn_rank_0s_write(self) -> None:
+        """On a rank that does not write: raise when rank 0's write failed (an ``OSError`` with its
+        error number, a ``RuntimeError`` for another error)."""
+        if self.agree is None:
+            return
+        number = int(self.agree(0))
+        if number:
+            raise peer_write_failed(number, f"rank 0 of this job could not write the checkpoint {self.path!r}",
+                                    self.folder)
+
+    def _save(self, trainer, position: dict, extra_tensors: dict | None) -> None:
+        from .. import __version__
+
         tensors, meta = trainer.state_dict()
         for name, t in (extra_tensors or {}).items():
             tensors[f"extra.{name}"] = t.detach().cpu().contiguous()
@@ -495,6 +540,12 @@ class Checkpointer:
                     "the checkpoint on disk, if any, is left as it was (it names its own ranks' files), and "
                     "so is the estimator")
         return {"file": name, "sha256": digest}
+
+    def discard_shard(self, shard: dict) -> None:
+        """Remove the file of :meth:`save_shard`'s record ``shard``, which no checkpoint names (the
+        save it was written for failed on another rank)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self.folder, shard["file"]))
 
     def read_shard(self, rank: int, shard) -> dict:
         """The tensors of ``rank``'s shard that the checkpoint read last (:attr:`resumed_from`)
