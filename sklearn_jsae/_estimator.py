@@ -207,6 +207,9 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         ``nn.Sequential(nn.Linear, act, nn.Linear)`` with GELU (exact or tanh), ReLU,
         SiLU, Tanh or Sigmoid, and the modules of :mod:`sklearn_jsae.mlp` use the
         closed form; anything else uses exact forward-mode JVPs (slower).  Never modified.
+        A module is copied to the fit's device; a callable that is not a module (``lambda x:
+        model.mlp(x)``) runs where the tensors it reads are: on the fit's device, or on the CPU
+        (rows are moved there and back, with a warning that this is slow).
     n_components : int, default=2048
         Latents of the input SAE.
     n_output_components : int or None, default=None
@@ -665,7 +668,7 @@ class JacobianSparseAutoencoder(PersistenceMixin, ClassNamePrefixFeaturesOutMixi
         device = _training_device(self)
         with np.errstate(over="ignore"):  # rows beyond float32's range: resolve_mlp names them
             probe_rows = np.array(X[: min(8, X.shape[0])], dtype=np.float32)
-        mlp_copy, mlp_map, d_out = resolve_mlp(self.mlp, probe_rows)
+        mlp_copy, mlp_map, d_out = resolve_mlp(self.mlp, probe_rows, device)
         return self._train_config(device), mlp_copy, mlp_map, d_out, probe_rows
 
     def _prepare_stream(self, first, warm):

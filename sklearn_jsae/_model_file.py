@@ -606,8 +606,10 @@ def _attach_mlp(jsae, mlp, saved_outputs) -> None:
     from ._backend.mlp_io import UnsavedMLP, probe_outputs
     from .exceptions import NonFiniteTrainingError
 
-    try:
-        mlp_copy, mlp_map, d_out = resolve_mlp(mlp, jsae._probe_rows)
+    from ._topk import _inference_device
+
+    try:  # probed for the device the loaded model computes on (a callable runs where its tensors are)
+        mlp_copy, mlp_map, d_out = resolve_mlp(mlp, jsae._probe_rows, _inference_device(jsae))
     except NonFiniteTrainingError as exc:  # no training here: the caller's mlp is the fault
         raise ValueError(str(exc)) from None
     if d_out != jsae.n_output_features_:

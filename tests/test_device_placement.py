@@ -136,6 +136,56 @@ def test_a_pair_from_saes_on_another_device(X, monkeypatch):
     _assert_same(got, expected)
 
 
+def _gelu_mlp(device="cpu"):
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    return module.to(device)
+
+
+def test_a_callable_over_a_cpu_module_trains_on_another_device_with_a_warning(X, monkeypatch):
+    """``mlp=lambda x: module(x)`` with the module on the CPU, in a fit on the accelerator: moving
+    the map moved nothing the lambda reads, and the first MLP pass mixed devices ('Expected all
+    tensors to be on the same device').  It now runs on the CPU, rows moved there and back (with a
+    warning that this is slow), and gives the CPU fit's model, bit for bit."""
+    module = _gelu_mlp()
+    expected = _surface(JacobianSparseAutoencoder(lambda x: module(x), device="cpu", **SETTINGS).fit(X), X,
+                        with_metrics=True)
+    monkeypatch.setattr(_validation, "resolve_device", lambda device, for_inference=False: "meta")
+    with virtual_device():
+        with pytest.warns(UserWarning, match=r"mlp \(.*<lambda>\) is a callable that runs on the CPU but not on "
+                                             r"meta, where this fit runs .*Move the tensors it uses to meta"):
+            jsae = JacobianSparseAutoencoder(lambda x: module(x), device="cuda", **SETTINGS).fit(X)
+        got = _surface(jsae, X, with_metrics=True)
+    assert jsae.device_ == "meta" and jsae._mlp_map.home == "cpu"
+    _assert_same(got, expected)
+
+
+def test_a_callable_over_a_module_on_the_device_trains_there(X, monkeypatch):
+    """``mlp=lambda x: model.mlp(x)`` with the model on the GPU the fit trains on: the MLP was
+    probed on CPU rows first, and the fit was refused ("mlp failed on a float32 torch tensor ...
+    numpy functions are not supported").  It now runs where its tensors are, and gives the model of
+    the CPU fit of the same lambda over the same weights on the CPU, bit for bit."""
+    expected_module = _gelu_mlp()
+    expected = _surface(JacobianSparseAutoencoder(lambda x: expected_module(x), device="cpu", **SETTINGS).fit(X),
+                        X, with_metrics=True)
+    monkeypatch.setattr(_validation, "resolve_device", lambda device, for_inference=False: "meta")
+    with virtual_device():
+        module = _gelu_mlp(VIRTUAL)
+        jsae = JacobianSparseAutoencoder(lambda x: module(x), device="cuda", **SETTINGS).fit(X)
+        got = _surface(jsae, X, with_metrics=True)
+        assert jsae._mlp_map.home == "meta"
+        # Where it runs on both (a function of its input alone), it runs wherever its input is.
+        anywhere = JacobianSparseAutoencoder(lambda x: torch.tanh(x) * 1.5, device="cuda", **SETTINGS).fit(X)
+        assert anywhere._mlp_map.home is None
+        # On the CPU, a callable over the device's tensors is refused, saying why.
+        monkeypatch.setattr(_validation, "resolve_device", lambda device, for_inference=False: "cpu")
+        with pytest.raises(ValueError, match=r"It reads tensors on another device than its input's: a callable that "
+                                             r"is not an nn.Module runs where its own tensors are.*here cpu"):
+            JacobianSparseAutoencoder(lambda x: module(x), device="cpu", **SETTINGS).fit(X)
+    _assert_same(got, expected)
+
+
 def test_single_sae_on_another_device(X, on_virtual_device):
     sae = TopKSparseAutoencoder(**SETTINGS).fit(X)
     assert sae.transform(X).shape == (160, 24) and np.isfinite(sae.score(X))

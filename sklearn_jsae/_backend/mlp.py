@@ -272,17 +272,33 @@ class CallableMap(_FrozenMap):
     """Any differentiable torch callable ``(B, d_in) -> (B, d_out)``; Jacobians by forward-mode AD.
 
     The callable must treat rows independently (one token per row), as an MLP does.
+
+    ``home``: the device the callable runs on, or None when it runs on any (its input's).  A plain
+    function or callable object is not an ``nn.Module``, so moving the map does not move the
+    tensors it reads (``lambda x: model.mlp(x)`` over a model on a GPU, or on the CPU in a GPU
+    fit); :func:`resolve_mlp` finds where it runs, and its rows are moved there and its outputs
+    back (``Tensor.to`` is differentiable in both modes, so Jacobians go through the move).
     """
 
     has_closed_form = False
 
-    def __init__(self, fn, d_in: int, d_out: int, input_scale: float = 1.0, output_scale: float = 1.0):
+    def __init__(self, fn, d_in: int, d_out: int, input_scale: float = 1.0, output_scale: float = 1.0,
+                 home: str | None = None):
         super().__init__()
         self.fn = fn
         self.d_in, self.d_out = d_in, d_out
         self.input_scale, self.output_scale = float(input_scale), float(output_scale)
+        self.home = home
 
     def forward(self, x):
+        y = self._at_home(x)
+        if self.home is not None and isinstance(y, torch.Tensor) and y.device != x.device:
+            y = y.to(x.device)
+        return y
+
+    def _at_home(self, x):
+        if self.home is not None:
+            x = x.to(self.home)
         if self.input_scale == 1.0 and self.output_scale == 1.0:
             y = self.fn(x)
         else:
@@ -295,7 +311,8 @@ class CallableMap(_FrozenMap):
 
     def rescaled(self, input_scale, output_scale):
         return CallableMap(
-            self.fn, self.d_in, self.d_out, self.input_scale * input_scale, self.output_scale * output_scale
+            self.fn, self.d_in, self.d_out, self.input_scale * input_scale, self.output_scale * output_scale,
+            self.home,
         )
 
 
@@ -401,19 +418,65 @@ def _whole_model_hint(mlp) -> str:
             f"Pass the MLP, e.g. sklearn_jsae.hf.mlp_of(model, layer) for a Hugging Face model.")
 
 
-def resolve_mlp(mlp, X_probe) -> tuple[object, _FrozenMap, int]:
+def resolve_mlp(mlp, X_probe, device="cpu") -> tuple[object, _FrozenMap, int]:
     """Check a user's ``mlp`` against a few rows of X and freeze it.
 
     Returns ``(frozen CPU copy or None, backend map, d_out)``.  Raises TypeError /
     ValueError naming ``mlp`` or ``X``, the offending value and the fix.  The MLP is probed as
     training runs it, in float32 with a caller's autocast off (:func:`without_autocast`): under a
-    bf16 one a callable's rows computed alone and in the batch round differently.
+    bf16 one a callable's rows computed alone and in the batch round differently.  ``device``:
+    where the map will run; a callable that is not a module runs where its own tensors are
+    (:class:`CallableMap`'s ``home``, found by :func:`_callable_home`).
     """
     with without_autocast("cpu"):
-        return _resolve_mlp(mlp, X_probe)
+        return _resolve_mlp(mlp, X_probe, str(device))
 
 
-def _resolve_mlp(mlp, X_probe) -> tuple[object, _FrozenMap, int]:
+def _runs_on(fn, probe: torch.Tensor, device: str) -> BaseException | None:
+    """None if ``fn`` runs on ``probe`` moved to ``device``, else what it raised."""
+    try:
+        with torch.no_grad(), without_autocast(device):
+            fn(probe.to(device))
+    except Exception as exc:  # noqa: BLE001 -- the user's code; the caller says what failed
+        return exc
+    return None
+
+
+def _device_hint(exc: BaseException, device: str) -> str:
+    """Advice for a probe that failed on tensors of another device (a callable over a model on a GPU,
+    in a fit on the CPU)."""
+    if "device" not in str(exc):
+        return ""
+    return (f" It reads tensors on another device than its input's: a callable that is not an nn.Module runs "
+            f"where its own tensors are, on the CPU or on the device the fit runs on (here {device}); fit "
+            f"with device= theirs, or move them.")
+
+
+def _callable_home(frozen, probe: torch.Tensor, device: str) -> str | None:
+    """Where a callable that is not a module runs: None where it runs on the CPU and on ``device``
+    (a function of its input alone, ``torch.tanh``), ``device`` where only there (it reads tensors
+    on that device: ``lambda x: model.mlp(x)`` with the model on the GPU the fit trains on), the
+    CPU where only there (tensors on the CPU, in a fit on a GPU: it works, slowly, with a warning).
+    The CPU's error stands when it runs on neither (the probe that follows raises it)."""
+    if isinstance(frozen, nn.Module) or torch.device(device).type == "cpu":
+        return None  # a module moves with the map; on the CPU there is nowhere else to run
+    failed_on_cpu = _runs_on(frozen, probe, "cpu")
+    failed_on_device = _runs_on(frozen, probe, device)
+    if failed_on_cpu is None and failed_on_device is not None:
+        reason = (str(failed_on_device).splitlines() or [""])[0]
+        reason = reason if len(reason) <= 200 else reason[:200] + "..."
+        warn(f"mlp ({getattr(frozen, '__qualname__', type(frozen).__name__)}) is a callable that runs on the "
+             f"CPU but not on {device}, where this fit runs ({type(failed_on_device).__name__}: "
+             f"{reason}): every pass of the MLP moves its rows to the CPU and back and "
+             f"computes there, slowly.  Move the tensors it uses to {device} (model.to({device!r})), or pass "
+             f"the nn.Module itself (mlp=module: it moves with the fit).")
+        return "cpu"
+    if failed_on_cpu is not None and failed_on_device is None:
+        return device
+    return None
+
+
+def _resolve_mlp(mlp, X_probe, device="cpu") -> tuple[object, _FrozenMap, int]:
     d_in = X_probe.shape[1]
     if mlp is None:
         return None, AffineMap(d_in), d_in
@@ -449,6 +512,8 @@ def _resolve_mlp(mlp, X_probe) -> tuple[object, _FrozenMap, int]:
     frozen = frozen_copy(mlp)
     probe = torch.from_numpy(np.array(X_probe, dtype=np.float32))
     probe_map = as_map(frozen, d_in, 0)
+    if isinstance(probe_map, CallableMap):
+        probe_map.home = _callable_home(frozen, probe, device)
     probe_fn = placed(probe_map, "cpu", torch.float32) if isinstance(probe_map, _FrozenMap) else probe_map
     try:
         with torch.no_grad():
@@ -458,7 +523,7 @@ def _resolve_mlp(mlp, X_probe) -> tuple[object, _FrozenMap, int]:
             f"mlp failed on a float32 torch tensor of shape {tuple(probe.shape)} taken from X: "
             f"{type(exc).__name__}: {exc}. mlp must map (n, {d_in}) torch tensors to (n, d_out) "
             f"torch tensors; numpy functions are not supported (Jacobians need torch autograd)."
-            f"{_whole_model_hint(mlp)}"
+            f"{_whole_model_hint(mlp)}{_device_hint(exc, device)}"
         ) from exc
     if not isinstance(out, torch.Tensor):
         raise TypeError(
@@ -497,7 +562,7 @@ def _resolve_mlp(mlp, X_probe) -> tuple[object, _FrozenMap, int]:
         warn(f"mlp:{hint}")
     backend_map = as_map(frozen, d_in, d_out)
     if isinstance(backend_map, CallableMap):
-        backend_map.d_out = d_out
+        backend_map.d_out, backend_map.home = d_out, probe_map.home
         # Checked as training runs it: on the float32 copy training places on its device.
         training_map = placed(backend_map, "cpu", torch.float32)
         _check_rows_independent(training_map, probe, out)
