@@ -3,6 +3,7 @@
 Skipped cleanly where CUDA is not available (CI has no GPU).
 """
 
+import copy
 import pickle
 
 import numpy as np
@@ -225,3 +226,22 @@ def test_a_cuda_model_streams_trains_and_scores_as_the_train_command_runs_it():
     cpu_scores = spliced_ce_score(model, 1, jsae, ids[:8])
     for name in ("ce_clean", "ce_input", "ce_output", "ce_zero_output"):
         assert abs(gpu_scores[name] - cpu_scores[name]) < 1e-3, name
+
+
+def test_a_callable_runs_where_its_module_is(problem):
+    """``mlp=lambda x: module(x)`` is not a module, so the fit cannot move what it reads: over a
+    module on the GPU it trains there, over one on the CPU it trains on the GPU and computes the
+    MLP on the CPU (with a warning); both give the CPU fit's score (float32, TF32 off)."""
+    mlp, X = problem
+    settings = dict(n_components=64, k=4, max_iter=3, batch_size=256, random_state=0, mixed_precision=False)
+    cpu = JacobianSparseAutoencoder(mlp=lambda x: mlp(x), device="cpu", **settings).fit(X)
+    on_gpu = copy.deepcopy(mlp).to("cuda")
+    there = JacobianSparseAutoencoder(mlp=lambda x: on_gpu(x), device="cuda", **settings).fit(X)
+    assert there._mlp_map.home == "cuda:0"
+    with pytest.warns(UserWarning, match="is a callable that runs on the CPU but not on cuda:0"):
+        moved = JacobianSparseAutoencoder(mlp=lambda x: mlp(x), device="cuda", **settings).fit(X)
+    assert moved._mlp_map.home == "cpu"
+    for fitted in (there, moved):
+        assert abs(cpu.score(X) - fitted.score(X)) < 0.02
+        J = fitted.jacobian(X[:64])
+        assert J.shape == (64, 64, 64) and np.isfinite(J.data).all()
