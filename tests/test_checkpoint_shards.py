@@ -106,6 +106,34 @@ def test_a_save_killed_between_the_rank_files_and_rank_0s_file_leaves_the_previo
     assert set(_shard_files(tmp_path)) == third  # the killed save's files, an hour old, are gone too
 
 
+def test_rank_files_that_cannot_be_removed_do_not_stop_the_save(tmp_path, monkeypatch):
+    """Removing the replaced checkpoint's rank files comes after the new checkpoint is in place: a
+    PermissionError there failed the save (and, in a job, stopped every rank, told that the
+    checkpoint could not be written).  They are left for a later save, which removes them."""
+    trainer, writer = _trainer(), Checkpointer(tmp_path, 1, IDENTITY)
+    first = _save(writer, trainer, 1, [_rank_arrays(rank, seed=1) for rank in range(2)])
+    real_remove = os.remove
+
+    def refuse(path, *args, **kwargs):
+        if str(path).endswith(checkpoint_module.SHARD_SUFFIX):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.os, "remove", refuse)
+    arrays = [_rank_arrays(rank, seed=2) for rank in range(2)]
+    second = _save(writer, trainer, 2, arrays)
+    assert set(_shard_files(tmp_path)) == first | second
+    for rank in range(2):  # the new checkpoint is the one read back
+        _, extra = _read_rank(tmp_path, rank)
+        torch.testing.assert_close(extra["pending"], arrays[rank]["pending"], rtol=0, atol=0)
+    monkeypatch.setattr(checkpoint_module.os, "remove", real_remove)
+    old = time.time() - checkpoint_module.STALE_SECONDS - 60
+    for name in first:
+        os.utime(tmp_path / name, (old, old))
+    third = _save(writer, trainer, 3, [_rank_arrays(rank, seed=3) for rank in range(2)])
+    assert set(_shard_files(tmp_path)) == third
+
+
 def test_other_fits_rank_files_are_left_alone(tmp_path):
     trainer = _trainer()
     other = Checkpointer(tmp_path, 1, dict(IDENTITY, data="other rows"))

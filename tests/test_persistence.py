@@ -861,6 +861,28 @@ def test_a_save_removes_the_temporary_a_killed_save_left_and_names_its_own(tmp_p
     assert prefixes and all(p.endswith(f".{HOST}-{os.getpid()}.") for p in prefixes)
 
 
+def test_a_dead_writers_temporary_that_cannot_be_removed_does_not_fail_the_save(tmp_path, monkeypatch):
+    """The clean-up of a killed save's temporary runs after the new file is in place; a
+    PermissionError there (another user's file in a shared folder) raised from a save that had
+    succeeded.  The file is left, and the model is saved."""
+    from sklearn_jsae._backend import files
+
+    model, _ = fit_model("topk")
+    path = tmp_path / "model.safetensors"
+    dead, live = _dead_and_live_temporaries(tmp_path, path.name)
+    real_remove = os.remove
+
+    def refuse(target, *args, **kwargs):
+        if os.fspath(target) == os.fspath(dead):
+            raise PermissionError(13, "Permission denied", os.fspath(target))
+        return real_remove(target, *args, **kwargs)
+
+    monkeypatch.setattr(files.os, "remove", refuse)
+    loaded = load(model.save(path))
+    np.testing.assert_array_equal(loaded.components_, model.components_)
+    assert dead.exists() and live.exists()
+
+
 def test_a_save_leaves_the_temporaries_of_a_path_that_only_starts_like_its_own(tmp_path):
     """``.model.`` (the temporaries of ``model``) is also the start of ``.model.safetensors.``'s: a
     save of ``model`` deleted another save's temporary of ``model.safetensors`` mid-write."""

@@ -582,13 +582,16 @@ class Checkpointer:
     def _remove_old_shards(self, replaced, keep) -> None:
         """Remove the shards ``replaced`` (file names), and this fit's shards not in ``keep`` that
         are untouched for an hour (their job was killed between its shards and its checkpoint; a
-        younger one may be a live job's of this same fit)."""
+        younger one may be a live job's of this same fit).  A file that cannot be removed (its
+        permissions) is left for a later save: the new checkpoint is in place, and a clean-up that
+        fails must not stop the fit (in a data-parallel job every rank would stop, told that the
+        checkpoint could not be written)."""
         mine = f"{os.path.basename(self.path)}.rank"
         for name in os.listdir(self.folder):
             if not name.startswith(mine) or not _SHARD_NAME.fullmatch(name) or name in keep:
                 continue
             path = os.path.join(self.folder, name)
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 if name in replaced or time.time() - os.path.getmtime(path) > STALE_SECONDS:
                     os.remove(path)
 

@@ -141,11 +141,13 @@ _TEMPORARY_REST = re.compile(r"(?:[A-Za-z0-9_]+-\d+\.)?[A-Za-z0-9_]+\.tmp")
 def remove_dead_temporaries(folder: str, prefix: str) -> None:
     """Remove the temporaries ``<prefix>*.tmp`` in ``folder`` whose writers are dead (killed part-way
     through a write); live writers' (another process writing the same file now), and files whose
-    names only start like this path's temporaries, are left alone."""
+    names only start like this path's temporaries, are left alone.  Called once the new file is in
+    place: one that cannot be removed (another user's, in a shared folder) is left, rather than
+    failing a write that succeeded."""
     for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*.tmp")):
         rest = os.path.basename(stale)[len(prefix):]
         if _TEMPORARY_REST.fullmatch(rest) and not writer_alive(rest, stale):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 os.remove(stale)
 
 
